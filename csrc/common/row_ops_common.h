@@ -1,0 +1,97 @@
+// Host-side pieces shared by the CPU, CUDA and emulated-CUDA implementations
+// of the row ops: argument checks (same messages everywhere), the 2-D row
+// view of an (..., V) tensor, and the dtype dispatch.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+
+namespace logitkit {
+
+// Checks the logits-like input `x` of op `op` (argument name `arg`).
+inline void check_logits(const at::Tensor& x, const char* op, const char* arg) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "logitkit.", op, ": ", arg,
+                   " must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK_VALUE(x.dim() >= 1, "logitkit.", op, ": ", arg,
+                    " must have at least one dimension (the last one is the vocabulary), got a 0-d tensor");
+}
+
+inline void check_temperature(double temperature, const char* op) {
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0, "logitkit.", op,
+                    ": temperature must be a finite number > 0, got ", temperature);
+}
+
+// Checks that `other` (argument `arg`) matches `reference` (argument `ref_arg`)
+// in device and dtype, and has the given sizes.
+inline void check_companion(const at::Tensor& other, const char* arg, const at::Tensor& reference, const char* ref_arg,
+                            at::IntArrayRef sizes, const char* op) {
+  TORCH_CHECK_VALUE(other.device() == reference.device(), "logitkit.", op, ": ", arg, " is on ", other.device(),
+                    " but ", ref_arg, " is on ", reference.device());
+  TORCH_CHECK_TYPE(other.scalar_type() == reference.scalar_type(), "logitkit.", op, ": ", arg, " has dtype ",
+                   other.scalar_type(), " but ", ref_arg, " has dtype ", reference.scalar_type());
+  TORCH_CHECK_VALUE(other.sizes() == sizes, "logitkit.", op, ": ", arg, " must have shape ", sizes, ", got ",
+                    other.sizes());
+}
+
+// A (rows, cols) view of a (..., cols) tensor with unit stride along the row.
+// Keeps the caller's storage when the leading dims collapse to one row stride
+// (e.g. logits[:, -1, :]); otherwise uses a contiguous copy.
+struct Rows {
+  at::Tensor tensor;  // keeps the storage alive
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int64_t row_stride = 0;
+};
+
+inline Rows as_rows(const at::Tensor& x) {
+  Rows r;
+  r.cols = x.size(-1);
+  r.rows = r.cols == 0 ? 0 : x.numel() / r.cols;
+  at::Tensor t = x;
+  bool usable = x.dim() == 0 || x.stride(-1) == 1 || r.cols == 1;
+  int64_t row_stride = r.cols;
+  if (usable && x.dim() >= 2) {
+    // Leading dims collapse if, skipping size-1 dims, stride[i] = stride[i+1] * size[i+1].
+    int64_t expected = -1;
+    for (int64_t d = x.dim() - 2; d >= 0; --d) {
+      if (x.size(d) == 1) continue;
+      if (expected == -1) {
+        row_stride = x.stride(d);
+      } else if (x.stride(d) != expected) {
+        usable = false;
+        break;
+      }
+      expected = x.stride(d) * x.size(d);
+    }
+  }
+  if (!usable) {
+    t = x.contiguous();
+    row_stride = r.cols;
+  }
+  r.tensor = t;
+  r.row_stride = row_stride;
+  return r;
+}
+
+// Shape of the per-row results of an (..., V) input: (...).
+inline std::vector<int64_t> row_result_shape(const at::Tensor& x) {
+  auto sizes = x.sizes().vec();
+  sizes.pop_back();
+  return sizes;
+}
+
+}  // namespace logitkit
+
+// Dispatch over the three logit dtypes logitkit supports.
+// (Callers check the dtype first, so the switch's own error never shows.)
+#define LOGITKIT_DISPATCH_LOGIT_TYPES(dtype, ...) \
+  AT_DISPATCH_SWITCH(dtype, "logitkit", AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                                       AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
+                                       AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))

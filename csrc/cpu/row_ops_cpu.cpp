@@ -1,0 +1,390 @@
+// CPU kernels of the row ops, vectorised with ATen's at::vec and parallel
+// over rows (and over slices of a row when there are fewer rows than
+// threads). Compiled once per CPU capability (see row_ops_cpu.h).
+//
+// Data flow per row: the row is walked in tiles of kTile elements that are
+// converted to fp32 (and scaled by 1/T) into a stack buffer, so bf16/fp16
+// inputs never get a full-size fp32 copy. Pass 1 folds each tile into the
+// mergeable state of csrc/core/softmax_state.h (one tile max, one rescale,
+// one exp per element); pass 2 re-reads the row, which is still in the
+// core's cache because both passes of a row run back to back on one thread.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include "../core/softmax_state.h"
+#include "row_ops_cpu.h"
+
+#ifndef CPU_CAPABILITY
+#error "row_ops_cpu.cpp must be compiled with CPU_CAPABILITY set (see CMakeLists.txt)"
+#endif
+
+namespace logitkit::cpu::CPU_CAPABILITY {
+namespace {
+
+using FVec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = FVec::size();
+constexpr int64_t kTile = 2048;              // elements per tile (8 KiB of fp32)
+constexpr int64_t kMinSliceElements = 32768;  // smallest share of a row given to one thread
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+int64_t round_up_to_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+// exp with ~20 ulp error (ATen's exp_u20, the one ATen's own softmax uses);
+// returns 0 for -inf. Callers never pass NaN (NaN rows are handled apart).
+inline FVec vexp(const FVec& x) { return x.exp_u20(); }
+
+// dst[0..n) = src[0..n) * scale in fp32, padded with `pad` up to a multiple of kLanes.
+template <class scalar_t>
+void load_tile(const scalar_t* src, int64_t n, float scale, float pad, float* dst) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const FVec s(scale);
+    for (; i + kLanes <= n; i += kLanes) (FVec::loadu(src + i) * s).store(dst + i);
+  } else {
+    using BVec = at::vec::Vectorized<scalar_t>;
+    const FVec s(scale);
+    for (; i + BVec::size() <= n; i += BVec::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(BVec::loadu(src + i));
+      (lo * s).store(dst + i);
+      (hi * s).store(dst + i + kLanes);
+    }
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]) * scale;
+  for (int64_t j = n; j < round_up_to_lanes(n); ++j) dst[j] = pad;
+}
+
+template <class scalar_t>
+void store_tile(const float* src, int64_t n, scalar_t* dst) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (; i + kLanes <= n; i += kLanes) FVec::loadu(src + i).store(dst + i);
+  } else {
+    using BVec = at::vec::Vectorized<scalar_t>;
+    for (; i + BVec::size() <= n; i += BVec::size()) {
+      at::vec::convert_from_float<scalar_t>(FVec::loadu(src + i), FVec::loadu(src + i + kLanes)).store(dst + i);
+    }
+  }
+  for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+}
+
+// ---------------------------------------------------------------------------
+// Tile reductions and maps. `n` is a multiple of kLanes (tiles are padded).
+// ---------------------------------------------------------------------------
+
+// Folds a tile of scaled logits z into the softmax state.
+void accumulate_softmax_state(core::SoftmaxState& state, const float* z, int64_t n) {
+  FVec vmax(kNegInf);
+  for (int64_t i = 0; i < n; i += kLanes) vmax = at::vec::maximum(vmax, FVec::loadu(z + i));
+  const float tile_max = at::vec::vec_reduce_all<float>([](FVec a, FVec b) { return at::vec::maximum(a, b); }, vmax);
+  if (std::isnan(tile_max)) {  // at::vec::maximum propagates NaN: the row is NaN
+    state.sum_exp = std::numeric_limits<float>::quiet_NaN();
+    return;
+  }
+  if (tile_max == kNegInf) return;  // fully masked tile
+  if (tile_max == std::numeric_limits<float>::infinity()) {
+    state.max = tile_max;  // the row is undefined (see softmax_state.h); its outputs are NaN
+    return;
+  }
+  const float m = std::max(state.max, tile_max);
+  const float f = core::rescale_factor(state.max, m);
+  const FVec vm(m);
+  const FVec lowest(std::numeric_limits<float>::lowest());
+  FVec vs(0.0f), vb(0.0f);
+  for (int64_t i = 0; i < n; i += kLanes) {
+    // Clamping -inf to the lowest finite value keeps d * exp(d) at 0, not NaN.
+    const FVec d = at::vec::maximum(FVec::loadu(z + i) - vm, lowest);
+    const FVec e = vexp(d);
+    vs = vs + e;
+    vb = at::vec::fmadd(d, e, vb);
+  }
+  auto sum = [](FVec a, FVec b) { return a + b; };
+  const float tile_s = at::vec::vec_reduce_all<float>(sum, vs);
+  const float tile_b = at::vec::vec_reduce_all<float>(sum, vb);
+  if (state.max == std::numeric_limits<float>::infinity()) return;
+  state.sum_shifted = core::rescaled_shifted(state, m, f) + tile_b;
+  state.sum_exp = state.sum_exp * f + tile_s;
+  state.max = m;
+}
+
+struct RowSum {
+  float value;
+};
+
+// ---------------------------------------------------------------------------
+// Op policies. Each names its state, how a tile folds into it, and either the
+// per-element output (map ops) or the per-row result (reduce ops).
+// ---------------------------------------------------------------------------
+
+struct SoftmaxReduction {
+  using State = core::SoftmaxState;
+  static constexpr bool kScaleA = true;  // a holds logits: scale by 1/T on load
+  static constexpr float kPadA = kNegInf;
+  static State identity() { return core::empty_state(); }
+  static State merge(const State& x, const State& y) { return core::merge(x, y); }
+  static void accumulate(State& s, const float* a, const float*, int64_t n) { accumulate_softmax_state(s, a, n); }
+};
+
+template <bool kDot>
+struct SumReduction {
+  using State = RowSum;
+  static constexpr bool kScaleA = false;
+  static constexpr float kPadA = 0.0f;
+  static State identity() { return RowSum{0.0f}; }
+  static State merge(const State& x, const State& y) { return RowSum{x.value + y.value}; }
+  static void accumulate(State& s, const float* a, const float* b, int64_t n) {
+    FVec acc(0.0f);
+    for (int64_t i = 0; i < n; i += kLanes) {
+      acc = kDot ? at::vec::fmadd(FVec::loadu(a + i), FVec::loadu(b + i), acc) : acc + FVec::loadu(a + i);
+    }
+    s.value += at::vec::vec_reduce_all<float>([](FVec x, FVec y) { return x + y; }, acc);
+  }
+};
+
+// Map ops: out = f(constants, a, b) over a tile; constants hold NaN for rows
+// whose distribution is undefined (NaN or +inf logits), then out is NaN.
+struct SoftmaxMap : SoftmaxReduction {
+  struct Constants {
+    float normaliser;
+  };
+  static Constants constants(const State& s, float, float) { return {core::normaliser(s)}; }
+  static bool undefined(const Constants& c) { return std::isnan(c.normaliser); }
+  static void map(const Constants& c, const float* z, const float*, float* out, int64_t n) {
+    const FVec lse(c.normaliser);
+    for (int64_t i = 0; i < n; i += kLanes) vexp(FVec::loadu(z + i) - lse).store(out + i);
+  }
+};
+
+struct LogSoftmaxMap : SoftmaxReduction {
+  struct Constants {
+    float normaliser;
+  };
+  static Constants constants(const State& s, float, float) { return {core::normaliser(s)}; }
+  static bool undefined(const Constants& c) { return std::isnan(c.normaliser); }
+  static void map(const Constants& c, const float* z, const float*, float* out, int64_t n) {
+    const FVec lse(c.normaliser);
+    for (int64_t i = 0; i < n; i += kLanes) (FVec::loadu(z + i) - lse).store(out + i);
+  }
+};
+
+// g p / T
+struct LogsumexpGradMap : SoftmaxReduction {
+  struct Constants {
+    float normaliser, scale;
+  };
+  static Constants constants(const State& s, float row_grad, float inv_t) {
+    return {core::normaliser(s), row_grad * inv_t};
+  }
+  static bool undefined(const Constants& c) { return std::isnan(c.normaliser) || std::isnan(c.scale); }
+  static void map(const Constants& c, const float* z, const float*, float* out, int64_t n) {
+    const FVec lse(c.normaliser), scale(c.scale);
+    for (int64_t i = 0; i < n; i += kLanes) (scale * vexp(FVec::loadu(z + i) - lse)).store(out + i);
+  }
+};
+
+// -(g/T) p (log p + H), 0 where p = 0
+struct EntropyGradMap : SoftmaxReduction {
+  struct Constants {
+    float normaliser, entropy, scale;
+  };
+  static Constants constants(const State& s, float row_grad, float inv_t) {
+    return {core::normaliser(s), core::entropy(s), row_grad * inv_t};
+  }
+  static bool undefined(const Constants& c) {
+    return std::isnan(c.normaliser) || std::isnan(c.entropy) || std::isnan(c.scale);
+  }
+  static void map(const Constants& c, const float* z, const float*, float* out, int64_t n) {
+    const FVec lse(c.normaliser), h(c.entropy), neg_scale(-c.scale);
+    const FVec lowest(std::numeric_limits<float>::lowest());
+    for (int64_t i = 0; i < n; i += kLanes) {
+      const FVec log_p = at::vec::maximum(FVec::loadu(z + i) - lse, lowest);
+      const FVec p = vexp(log_p);
+      (neg_scale * p * (log_p + h)).store(out + i);
+    }
+  }
+};
+
+// a = dy, b = y: y (dy - sum dy*y) / T
+struct SoftmaxGradMap : SumReduction<true> {
+  struct Constants {
+    float dot, inv_t;
+  };
+  static Constants constants(const State& s, float, float inv_t) { return {s.value, inv_t}; }
+  static bool undefined(const Constants&) { return false; }
+  static void map(const Constants& c, const float* dy, const float* y, float* out, int64_t n) {
+    const FVec dot(c.dot), inv_t(c.inv_t);
+    for (int64_t i = 0; i < n; i += kLanes) (inv_t * FVec::loadu(y + i) * (FVec::loadu(dy + i) - dot)).store(out + i);
+  }
+};
+
+// a = dy, b = y = log p: (dy - exp(y) sum dy) / T
+struct LogSoftmaxGradMap : SumReduction<false> {
+  struct Constants {
+    float sum, inv_t;
+  };
+  static Constants constants(const State& s, float, float inv_t) { return {s.value, inv_t}; }
+  static bool undefined(const Constants&) { return false; }
+  static void map(const Constants& c, const float* dy, const float* y, float* out, int64_t n) {
+    const FVec sum(c.sum), inv_t(c.inv_t);
+    for (int64_t i = 0; i < n; i += kLanes) {
+      // exp(y) for y = NaN is computed by the scalar path: keep NaN visible.
+      const FVec yv = FVec::loadu(y + i);
+      (inv_t * (FVec::loadu(dy + i) - vexp(yv) * sum)).store(out + i);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Drivers
+// ---------------------------------------------------------------------------
+
+// How a (rows, cols) problem is cut into parallel work: each row into
+// `slices` slices of `slice` elements.
+struct Plan {
+  int64_t slices;
+  int64_t slice;
+};
+
+Plan plan_slices(int64_t rows, int64_t cols) {
+  const int64_t threads = at::get_num_threads();
+  int64_t slices = 1;
+  if (rows < threads) {
+    slices = std::min((threads + rows - 1) / rows, std::max<int64_t>(1, cols / kMinSliceElements));
+  }
+  int64_t slice = (cols + slices - 1) / slices;
+  slice = (slice + kTile - 1) / kTile * kTile;  // slices start on tile boundaries
+  return Plan{(cols + slice - 1) / slice, slice};
+}
+
+// Reduces elements [begin, end) of row `row` of a (and b) into a state.
+template <class Op, class scalar_t>
+typename Op::State reduce_range(const Rows& a, const Rows* b, int64_t row, int64_t begin, int64_t end, float inv_t) {
+  alignas(64) float ta[kTile];
+  alignas(64) float tb[kTile];
+  const scalar_t* pa = a.tensor.data_ptr<scalar_t>() + row * a.row_stride;
+  const scalar_t* pb = b != nullptr ? b->tensor.data_ptr<scalar_t>() + row * b->row_stride : nullptr;
+  typename Op::State state = Op::identity();
+  for (int64_t t = begin; t < end; t += kTile) {
+    const int64_t n = std::min(kTile, end - t);
+    load_tile(pa + t, n, Op::kScaleA ? inv_t : 1.0f, Op::kPadA, ta);
+    if (pb != nullptr) load_tile(pb + t, n, 1.0f, 0.0f, tb);
+    Op::accumulate(state, ta, tb, round_up_to_lanes(n));
+  }
+  return state;
+}
+
+// Writes out[row, begin:end) = Op::map(constants, a, b).
+template <class Op, class scalar_t>
+void map_range(const Op&, const typename Op::Constants& c, const MapArgs<scalar_t>& args, int64_t row, int64_t begin,
+               int64_t end) {
+  alignas(64) float ta[kTile];
+  alignas(64) float tb[kTile];
+  alignas(64) float to[kTile];
+  const Rows& a = *args.a;
+  const scalar_t* pa = a.tensor.data_ptr<scalar_t>() + row * a.row_stride;
+  const scalar_t* pb = args.b != nullptr ? args.b->tensor.template data_ptr<scalar_t>() + row * args.b->row_stride : nullptr;
+  scalar_t* po = args.out + row * a.cols;
+  if (Op::undefined(c)) {
+    std::fill(po + begin, po + end, static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN()));
+    return;
+  }
+  for (int64_t t = begin; t < end; t += kTile) {
+    const int64_t n = std::min(kTile, end - t);
+    load_tile(pa + t, n, Op::kScaleA ? args.inv_temperature : 1.0f, Op::kPadA, ta);
+    if (pb != nullptr) load_tile(pb + t, n, 1.0f, 0.0f, tb);
+    Op::map(c, ta, tb, to, round_up_to_lanes(n));
+    store_tile(to, n, po + t);
+  }
+}
+
+template <class Op, class scalar_t>
+typename Op::Constants row_constants(const typename Op::State& state, const MapArgs<scalar_t>& args, int64_t row) {
+  const float g = args.row_grad != nullptr ? static_cast<float>(args.row_grad[row]) : 0.0f;
+  return Op::constants(state, g, args.inv_temperature);
+}
+
+template <class Op, class scalar_t>
+void run_map(const Op& op, const MapArgs<scalar_t>& args) {
+  const Rows& a = *args.a;
+  const Plan plan = plan_slices(a.rows, a.cols);
+  if (plan.slices == 1) {
+    // Both passes of a row back to back on one thread: pass 2 reads from cache.
+    at::parallel_for(0, a.rows, 1, [&](int64_t first, int64_t last) {
+      for (int64_t r = first; r < last; ++r) {
+        const auto state = reduce_range<Op, scalar_t>(a, args.b, r, 0, a.cols, args.inv_temperature);
+        map_range(op, row_constants<Op>(state, args, r), args, r, 0, a.cols);
+      }
+    });
+    return;
+  }
+  std::vector<typename Op::State> partial(a.rows * plan.slices);
+  at::parallel_for(0, a.rows * plan.slices, 1, [&](int64_t first, int64_t last) {
+    for (int64_t w = first; w < last; ++w) {
+      const int64_t r = w / plan.slices, begin = (w % plan.slices) * plan.slice;
+      partial[w] = reduce_range<Op, scalar_t>(a, args.b, r, begin, std::min(a.cols, begin + plan.slice),
+                                              args.inv_temperature);
+    }
+  });
+  at::parallel_for(0, a.rows * plan.slices, 1, [&](int64_t first, int64_t last) {
+    for (int64_t w = first; w < last; ++w) {
+      const int64_t r = w / plan.slices, begin = (w % plan.slices) * plan.slice;
+      typename Op::State state = Op::identity();
+      for (int64_t k = 0; k < plan.slices; ++k) state = Op::merge(state, partial[r * plan.slices + k]);
+      map_range(op, row_constants<Op>(state, args, r), args, r, begin, std::min(a.cols, begin + plan.slice));
+    }
+  });
+}
+
+template <class scalar_t>
+void map(MapKind kind, const MapArgs<scalar_t>& args) {
+  switch (kind) {
+    case MapKind::softmax: return run_map(SoftmaxMap{}, args);
+    case MapKind::log_softmax: return run_map(LogSoftmaxMap{}, args);
+    case MapKind::logsumexp_grad: return run_map(LogsumexpGradMap{}, args);
+    case MapKind::entropy_grad: return run_map(EntropyGradMap{}, args);
+    case MapKind::softmax_grad: return run_map(SoftmaxGradMap{}, args);
+    case MapKind::log_softmax_grad: return run_map(LogSoftmaxGradMap{}, args);
+  }
+}
+
+template <class scalar_t>
+void reduce(ResultKind kind, const ResultArgs<scalar_t>& args) {
+  const Rows& a = *args.a;
+  const Plan plan = plan_slices(a.rows, a.cols);
+  std::vector<core::SoftmaxState> partial(a.rows * plan.slices);
+  at::parallel_for(0, a.rows * plan.slices, 1, [&](int64_t first, int64_t last) {
+    for (int64_t w = first; w < last; ++w) {
+      const int64_t r = w / plan.slices, begin = (w % plan.slices) * plan.slice;
+      partial[w] = reduce_range<SoftmaxReduction, scalar_t>(a, nullptr, r, begin,
+                                                            std::min(a.cols, begin + plan.slice), args.inv_temperature);
+    }
+  });
+  for (int64_t r = 0; r < a.rows; ++r) {
+    core::SoftmaxState s = core::empty_state();
+    for (int64_t k = 0; k < plan.slices; ++k) s = core::merge(s, partial[r * plan.slices + k]);
+    switch (kind) {
+      case ResultKind::logsumexp: static_cast<scalar_t*>(args.out)[r] = static_cast<scalar_t>(core::log_sum_exp(s)); break;
+      case ResultKind::entropy: static_cast<float*>(args.out)[r] = core::entropy(s); break;
+      case ResultKind::stats: {
+        float* o = static_cast<float*>(args.out) + 3 * r;
+        o[0] = s.max;
+        o[1] = s.sum_exp;
+        o[2] = s.sum_shifted;
+        break;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+const RowKernelTable row_kernels = {
+    &map<float>, &map<c10::BFloat16>, &map<c10::Half>, &reduce<float>, &reduce<c10::BFloat16>, &reduce<c10::Half>,
+};
+
+}  // namespace logitkit::cpu::CPU_CAPABILITY

@@ -1,0 +1,62 @@
+// The Python extension module logitkit._C_emulated: logitkit's CUDA kernels
+// compiled for the host through the SIMT emulator (csrc/simt), registered
+// for CPU tensors under the `logitkit_emulated` op namespace with the same
+// schemas as `logitkit`. Test infrastructure: it is slow by design (one OS
+// thread per CUDA thread).
+#include <cstdint>
+#include <string>
+
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include "../ops/schemas.h"
+#include "../simt/device_context.h"
+
+TORCH_LIBRARY(logitkit_emulated, m) { logitkit::define_schemas(m); }
+
+namespace {
+
+void configure(int threads_per_block, int64_t max_elements_per_block, const std::string& schedule, uint64_t seed) {
+  if (threads_per_block < 1 || threads_per_block > 1024) {
+    throw pybind11::value_error("threads_per_block must be in [1, 1024]");
+  }
+  if (max_elements_per_block < 0) throw pybind11::value_error("max_elements_per_block must be >= 0");
+  auto& s = lk_simt::settings();
+  if (schedule == "in_order") {
+    s.schedule = lk_simt::Schedule::in_order;
+  } else if (schedule == "reversed") {
+    s.schedule = lk_simt::Schedule::reversed;
+  } else if (schedule == "random") {
+    s.schedule = lk_simt::Schedule::random;
+  } else {
+    throw pybind11::value_error("schedule must be 'in_order', 'reversed' or 'random', got '" + schedule + "'");
+  }
+  s.seed = seed;
+  auto& shape = logitkit::simt::emulated_launch_shape();
+  shape.threads_per_block = threads_per_block;
+  shape.max_elements_per_block = max_elements_per_block;
+}
+
+pybind11::dict current_configuration() {
+  const auto& s = lk_simt::settings();
+  const auto& shape = logitkit::simt::emulated_launch_shape();
+  static const char* names[] = {"in_order", "reversed", "random"};
+  pybind11::dict d;
+  d["threads_per_block"] = shape.threads_per_block.load();
+  d["max_elements_per_block"] = shape.max_elements_per_block.load();
+  d["schedule"] = names[static_cast<int>(s.schedule)];
+  d["seed"] = s.seed;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C_emulated, module) {
+  module.doc() = "logitkit CUDA kernels run on the CPU through the SIMT emulator (torch.ops.logitkit_emulated)";
+  module.def("configure", &configure, pybind11::arg("threads_per_block") = 80,
+             pybind11::arg("max_elements_per_block") = 0, pybind11::arg("schedule") = "in_order",
+             pybind11::arg("seed") = 0,
+             "Launch shape and thread schedule of emulated launches. threads_per_block that is not a multiple of "
+             "32 gives a partial last warp; max_elements_per_block > 0 splits each row over several blocks.");
+  module.def("configuration", &current_configuration);
+}

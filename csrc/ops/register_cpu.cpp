@@ -1,0 +1,58 @@
+// The `logitkit` library: its schemas (from csrc/ops/schemas.h) and its CPU
+// kernels, picking the instruction-set copy of the CPU kernels that matches
+// ATen's runtime CPU capability (so ATEN_CPU_CAPABILITY=avx2 etc. applies).
+#include <string>
+
+#include <ATen/Version.h>
+#include <torch/library.h>
+
+#include "../cpu/row_ops_cpu.h"
+#include "schemas.h"
+
+namespace logitkit::cpu {
+
+const RowKernelTable& selected_row_kernels() {
+  static const RowKernelTable* table = [] {
+#if LOGITKIT_CPU_X86_VARIANTS
+    const std::string capability = at::get_cpu_capability();
+    if (capability == "AVX512") return &AVX512::row_kernels;
+    if (capability == "AVX2") return &AVX2::row_kernels;
+#endif
+    return &DEFAULT::row_kernels;
+  }();
+  return *table;
+}
+
+std::string selected_cpu_capability() {
+  const RowKernelTable* t = &selected_row_kernels();
+#if LOGITKIT_CPU_X86_VARIANTS
+  if (t == &AVX512::row_kernels) return "AVX512";
+  if (t == &AVX2::row_kernels) return "AVX2";
+#endif
+  (void)t;
+  return "DEFAULT";
+}
+
+// The backend of RowOpFrontends for CPU tensors.
+struct CpuBackend {
+  template <class scalar_t>
+  static void map(MapKind kind, const MapArgs<scalar_t>& args) {
+    const RowKernelTable& t = selected_row_kernels();
+    if constexpr (std::is_same_v<scalar_t, float>) t.map_float(kind, args);
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) t.map_bfloat16(kind, args);
+    if constexpr (std::is_same_v<scalar_t, c10::Half>) t.map_half(kind, args);
+  }
+  template <class scalar_t>
+  static void reduce(ResultKind kind, const ResultArgs<scalar_t>& args) {
+    const RowKernelTable& t = selected_row_kernels();
+    if constexpr (std::is_same_v<scalar_t, float>) t.reduce_float(kind, args);
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) t.reduce_bfloat16(kind, args);
+    if constexpr (std::is_same_v<scalar_t, c10::Half>) t.reduce_half(kind, args);
+  }
+};
+
+}  // namespace logitkit::cpu
+
+TORCH_LIBRARY(logitkit, m) { logitkit::define_schemas(m); }
+
+TORCH_LIBRARY_IMPL(logitkit, CPU, m) { logitkit::RowOpFrontends<logitkit::cpu::CpuBackend>::register_all(m); }

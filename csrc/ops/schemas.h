@@ -1,0 +1,31 @@
+// The one place where logitkit's operator schemas are written.
+//
+// define_schemas() is applied to two libraries:
+//   * `logitkit`            (csrc/ops/register.cpp): the product ops, with CPU
+//                           and CUDA kernels registered per dispatch key;
+//   * `logitkit_emulated`   (csrc/emu/module.cpp): the same schemas, whose CPU
+//                           kernels are the CUDA kernels run through the SIMT
+//                           emulator, for the test suite.
+// Fake (meta) kernels and autograd are registered from Python
+// (python/logitkit/_registration.py) for both.
+#pragma once
+
+#include <torch/library.h>
+
+namespace logitkit {
+
+inline void define_schemas(torch::Library& m) {
+  // Row ops over the last dimension (the vocabulary).
+  m.def("softmax(Tensor x, float temperature=1.0) -> Tensor");
+  m.def("log_softmax(Tensor x, float temperature=1.0) -> Tensor");
+  m.def("logsumexp(Tensor x, float temperature=1.0) -> Tensor");
+  m.def("entropy(Tensor logits, float temperature=1.0) -> Tensor");
+  m.def("softmax_stats(Tensor x, float temperature=1.0) -> Tensor");
+  // Their backwards (used by the registered autograd formulas).
+  m.def("softmax_backward(Tensor grad, Tensor output, float temperature) -> Tensor");
+  m.def("log_softmax_backward(Tensor grad, Tensor output, float temperature) -> Tensor");
+  m.def("logsumexp_backward(Tensor grad, Tensor x, float temperature) -> Tensor");
+  m.def("entropy_backward(Tensor grad, Tensor logits, float temperature) -> Tensor");
+}
+
+}  // namespace logitkit

@@ -1,0 +1,60 @@
+// Host-side launch context of a CUDA op: device guard, current stream, SM
+// count and launch checks. Under the SIMT emulator these are stand-ins, so the
+// host wrappers of the CUDA kernels compile (and are tested) unchanged.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "simt.h"
+
+#if LK_EMULATED_CUDA
+#include <atomic>
+#else
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace logitkit::simt {
+
+#if LK_EMULATED_CUDA
+
+// Launch shape overrides for the emulated build, set by the test suite so
+// that small inputs still exercise partial warps and multi-block rows.
+struct EmulatedLaunchShape {
+  std::atomic<int> threads_per_block{80};     // 2.5 warps: the last warp is partial
+  std::atomic<int64_t> max_elements_per_block{0};  // 0: no extra split
+};
+inline EmulatedLaunchShape& emulated_launch_shape() {
+  static EmulatedLaunchShape shape;
+  return shape;
+}
+
+class DeviceContext {
+ public:
+  explicit DeviceContext(const at::Tensor&) {}
+  cudaStream_t stream() const { return nullptr; }
+  int multiprocessors() const { return 2; }
+  void check_launch() const {}
+};
+
+#else
+
+class DeviceContext {
+ public:
+  explicit DeviceContext(const at::Tensor& t) : guard_(t.device()) {}
+  cudaStream_t stream() const { return c10::cuda::getCurrentCUDAStream().stream(); }
+  int multiprocessors() const {
+    int count = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, guard_.current_device().index()));
+    return count;
+  }
+  void check_launch() const { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
+
+ private:
+  c10::cuda::CUDAGuard guard_;
+};
+
+#endif
+
+}  // namespace logitkit::simt

@@ -1,0 +1,30 @@
+"""logitkit: kernels for the vocabulary dimension of language models.
+
+Streaming softmax / log-softmax / log-sum-exp, one-pass entropy and the
+mergeable softmax state, on CPU (vectorised, multi-threaded) and CUDA. Ops
+live under ``torch.ops.logitkit``; this module is the documented Python API.
+"""
+from ._loader import build_info
+from .ops import (
+    entropy,
+    log_softmax,
+    logsumexp,
+    merge_stats,
+    softmax,
+    softmax_stats,
+    stats_entropy,
+    stats_logsumexp,
+)
+from ._build_config import VERSION as __version__
+
+__all__ = [
+    "build_info",
+    "entropy",
+    "log_softmax",
+    "logsumexp",
+    "merge_stats",
+    "softmax",
+    "softmax_stats",
+    "stats_entropy",
+    "stats_logsumexp",
+]
