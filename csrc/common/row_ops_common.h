@@ -14,11 +14,28 @@
 
 namespace logitkit {
 
+// A dtype as Python users spell it (torch.float64, not Double).
+inline std::string python_dtype_name(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(dtype);
+  }
+}
+
 // Checks the logits-like input `x` of op `op` (argument name `arg`).
 inline void check_logits(const at::Tensor& x, const char* op, const char* arg) {
   const auto dtype = x.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "logitkit.", op, ": ", arg,
-                   " must be float32, bfloat16 or float16, got ", dtype);
+                   " must be float32, bfloat16 or float16, got ", python_dtype_name(dtype));
   TORCH_CHECK_VALUE(x.dim() >= 1, "logitkit.", op, ": ", arg,
                     " must have at least one dimension (the last one is the vocabulary), got a 0-d tensor");
 }
@@ -35,7 +52,8 @@ inline void check_companion(const at::Tensor& other, const char* arg, const at::
   TORCH_CHECK_VALUE(other.device() == reference.device(), "logitkit.", op, ": ", arg, " is on ", other.device(),
                     " but ", ref_arg, " is on ", reference.device());
   TORCH_CHECK_TYPE(other.scalar_type() == reference.scalar_type(), "logitkit.", op, ": ", arg, " has dtype ",
-                   other.scalar_type(), " but ", ref_arg, " has dtype ", reference.scalar_type());
+                   python_dtype_name(other.scalar_type()), " but ", ref_arg, " has dtype ",
+                   python_dtype_name(reference.scalar_type()));
   TORCH_CHECK_VALUE(other.sizes() == sizes, "logitkit.", op, ": ", arg, " must have shape ", sizes, ", got ",
                     other.sizes());
 }

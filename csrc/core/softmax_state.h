@@ -105,10 +105,22 @@ LK_MATH_HD float log_sum_exp(const SoftmaxState& st) {
   return st.max == pos_infinity() ? pos_infinity() : st.max + logf(st.sum_exp);
 }
 
-// The normaliser used to write softmax / log-softmax outputs: like
-// log_sum_exp, but NaN for a row holding +inf (whose distribution is undefined).
-LK_MATH_HD float normaliser(const SoftmaxState& st) {
-  return st.max == pos_infinity() ? quiet_nan() : st.max + logf(st.sum_exp);
+// The normaliser used to write softmax / log-softmax outputs, kept as the
+// pair (m, log s): log p_i = (z_i - m) - log s. Subtracting m first is exact
+// for z_i near m (Sterbenz), so large logits (|z| ~ 1e4) lose no precision,
+// unlike z_i - lse. For a row holding +inf (undefined distribution) both
+// fields are NaN, so every output of the row is NaN.
+struct Normaliser {
+  float max;
+  float log_sum;
+  LK_MATH_HD float log_prob(float z) const { return (z - max) - log_sum; }
+  // True when every output of the row is NaN: NaN/+inf logits, or all -inf.
+  LK_MATH_HD bool undefined() const { return max != max || log_sum != log_sum || max == neg_infinity(); }
+};
+
+LK_MATH_HD Normaliser normaliser(const SoftmaxState& st) {
+  if (st.max == pos_infinity()) return Normaliser{quiet_nan(), quiet_nan()};
+  return Normaliser{st.max, logf(st.sum_exp)};
 }
 
 // Shannon entropy in nats, H = log s - b / s. NaN for an all -inf row and for
@@ -123,8 +135,7 @@ LK_MATH_HD float entropy(const SoftmaxState& st) {
 //   d H / d x_i         = -(1/T) p_i (log p_i + H)        (0 where p_i = 0)
 //   softmax backward:     dx_i = y_i (dy_i - sum_j dy_j y_j) / T
 //   log_softmax backward: dx_i = (dy_i - exp(y_i) sum_j dy_j) / T
-LK_MATH_HD float entropy_grad_term(float z, float lse, float entropy_value) {
-  const float log_p = z - lse;
+LK_MATH_HD float entropy_grad_term(float log_p, float entropy_value) {
   const float p = expf(log_p);
   return p == 0.0f ? 0.0f : -p * (log_p + entropy_value);
 }

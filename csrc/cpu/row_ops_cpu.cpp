@@ -148,61 +148,66 @@ struct SumReduction {
 
 // Map ops: out = f(constants, a, b) over a tile; constants hold NaN for rows
 // whose distribution is undefined (NaN or +inf logits), then out is NaN.
+// log p_i = (z_i - m) - log s, see core::Normaliser.
+inline FVec log_probs(const core::Normaliser& c, const float* z) {
+  return (FVec::loadu(z) - FVec(c.max)) - FVec(c.log_sum);
+}
+
+// A row whose normaliser is undefined (NaN or +inf logits) produces all NaN.
+bool undefined_row(const core::Normaliser& c) { return c.undefined(); }
+
 struct SoftmaxMap : SoftmaxReduction {
-  struct Constants {
-    float normaliser;
-  };
-  static Constants constants(const State& s, float, float) { return {core::normaliser(s)}; }
-  static bool undefined(const Constants& c) { return std::isnan(c.normaliser); }
+  using Constants = core::Normaliser;
+  static Constants constants(const State& s, float, float) { return core::normaliser(s); }
+  static bool undefined(const Constants& c) { return undefined_row(c); }
   static void map(const Constants& c, const float* z, const float*, float* out, int64_t n) {
-    const FVec lse(c.normaliser);
-    for (int64_t i = 0; i < n; i += kLanes) vexp(FVec::loadu(z + i) - lse).store(out + i);
+    for (int64_t i = 0; i < n; i += kLanes) vexp(log_probs(c, z + i)).store(out + i);
   }
 };
 
 struct LogSoftmaxMap : SoftmaxReduction {
-  struct Constants {
-    float normaliser;
-  };
-  static Constants constants(const State& s, float, float) { return {core::normaliser(s)}; }
-  static bool undefined(const Constants& c) { return std::isnan(c.normaliser); }
+  using Constants = core::Normaliser;
+  static Constants constants(const State& s, float, float) { return core::normaliser(s); }
+  static bool undefined(const Constants& c) { return undefined_row(c); }
   static void map(const Constants& c, const float* z, const float*, float* out, int64_t n) {
-    const FVec lse(c.normaliser);
-    for (int64_t i = 0; i < n; i += kLanes) (FVec::loadu(z + i) - lse).store(out + i);
+    for (int64_t i = 0; i < n; i += kLanes) log_probs(c, z + i).store(out + i);
   }
 };
 
 // g p / T
 struct LogsumexpGradMap : SoftmaxReduction {
   struct Constants {
-    float normaliser, scale;
+    core::Normaliser normaliser;
+    float scale;
   };
   static Constants constants(const State& s, float row_grad, float inv_t) {
     return {core::normaliser(s), row_grad * inv_t};
   }
-  static bool undefined(const Constants& c) { return std::isnan(c.normaliser) || std::isnan(c.scale); }
+  static bool undefined(const Constants& c) { return undefined_row(c.normaliser) || std::isnan(c.scale); }
   static void map(const Constants& c, const float* z, const float*, float* out, int64_t n) {
-    const FVec lse(c.normaliser), scale(c.scale);
-    for (int64_t i = 0; i < n; i += kLanes) (scale * vexp(FVec::loadu(z + i) - lse)).store(out + i);
+    const FVec scale(c.scale);
+    for (int64_t i = 0; i < n; i += kLanes) (scale * vexp(log_probs(c.normaliser, z + i))).store(out + i);
   }
 };
 
 // -(g/T) p (log p + H), 0 where p = 0
 struct EntropyGradMap : SoftmaxReduction {
   struct Constants {
-    float normaliser, entropy, scale;
+    core::Normaliser normaliser;
+    float entropy, scale;
   };
   static Constants constants(const State& s, float row_grad, float inv_t) {
     return {core::normaliser(s), core::entropy(s), row_grad * inv_t};
   }
   static bool undefined(const Constants& c) {
-    return std::isnan(c.normaliser) || std::isnan(c.entropy) || std::isnan(c.scale);
+    return undefined_row(c.normaliser) || std::isnan(c.entropy) || std::isnan(c.scale);
   }
   static void map(const Constants& c, const float* z, const float*, float* out, int64_t n) {
-    const FVec lse(c.normaliser), h(c.entropy), neg_scale(-c.scale);
+    const FVec h(c.entropy), neg_scale(-c.scale);
     const FVec lowest(std::numeric_limits<float>::lowest());
     for (int64_t i = 0; i < n; i += kLanes) {
-      const FVec log_p = at::vec::maximum(FVec::loadu(z + i) - lse, lowest);
+      // Clamp -inf to the lowest float so that p * log p is 0, not NaN.
+      const FVec log_p = at::vec::maximum(log_probs(c.normaliser, z + i), lowest);
       const FVec p = vexp(log_p);
       (neg_scale * p * (log_p + h)).store(out + i);
     }
@@ -232,9 +237,7 @@ struct LogSoftmaxGradMap : SumReduction<false> {
   static void map(const Constants& c, const float* dy, const float* y, float* out, int64_t n) {
     const FVec sum(c.sum), inv_t(c.inv_t);
     for (int64_t i = 0; i < n; i += kLanes) {
-      // exp(y) for y = NaN is computed by the scalar path: keep NaN visible.
-      const FVec yv = FVec::loadu(y + i);
-      (inv_t * (FVec::loadu(dy + i) - vexp(yv) * sum)).store(out + i);
+      (inv_t * (FVec::loadu(dy + i) - vexp(FVec::loadu(y + i)) * sum)).store(out + i);
     }
   }
 };

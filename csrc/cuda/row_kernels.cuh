@@ -196,22 +196,20 @@ struct SumReduction {
 // Elementwise outputs (pass 2a). z = x / T throughout.
 // ---------------------------------------------------------------------------
 
-// softmax: p_i = exp(z_i - lse)
+// softmax: p_i = exp((z_i - m) - log s)
 struct SoftmaxOutput : SoftmaxReduction {
-  struct RowConstants {
-    float normaliser;
-  };
-  LK_HOST_DEVICE RowConstants row_constants(const State& s, int64_t) const { return {core::normaliser(s)}; }
-  LK_HOST_DEVICE float output(const RowConstants& c, float x, float) const { return expf(x * inv_temperature - c.normaliser); }
+  using RowConstants = core::Normaliser;
+  LK_HOST_DEVICE RowConstants row_constants(const State& s, int64_t) const { return core::normaliser(s); }
+  LK_HOST_DEVICE float output(const RowConstants& c, float x, float) const {
+    return expf(c.log_prob(x * inv_temperature));
+  }
 };
 
-// log_softmax: z_i - lse
+// log_softmax: (z_i - m) - log s
 struct LogSoftmaxOutput : SoftmaxReduction {
-  struct RowConstants {
-    float normaliser;
-  };
-  LK_HOST_DEVICE RowConstants row_constants(const State& s, int64_t) const { return {core::normaliser(s)}; }
-  LK_HOST_DEVICE float output(const RowConstants& c, float x, float) const { return x * inv_temperature - c.normaliser; }
+  using RowConstants = core::Normaliser;
+  LK_HOST_DEVICE RowConstants row_constants(const State& s, int64_t) const { return core::normaliser(s); }
+  LK_HOST_DEVICE float output(const RowConstants& c, float x, float) const { return c.log_prob(x * inv_temperature); }
 };
 
 // d lse / d x_i = g * p_i / T, with g the incoming per-row gradient.
@@ -219,13 +217,14 @@ template <class grad_t>
 struct LogsumexpGradOutput : SoftmaxReduction {
   const grad_t* grad;  // one value per row
   struct RowConstants {
-    float normaliser, scale;
+    core::Normaliser normaliser;
+    float scale;
   };
   LK_HOST_DEVICE RowConstants row_constants(const State& s, int64_t row) const {
-    return {core::log_sum_exp(s), static_cast<float>(grad[row]) * inv_temperature};
+    return {core::normaliser(s), static_cast<float>(grad[row]) * inv_temperature};
   }
   LK_HOST_DEVICE float output(const RowConstants& c, float x, float) const {
-    return c.scale * expf(x * inv_temperature - c.normaliser);
+    return c.scale * expf(c.normaliser.log_prob(x * inv_temperature));
   }
 };
 
@@ -234,13 +233,14 @@ template <class grad_t>
 struct EntropyGradOutput : SoftmaxReduction {
   const grad_t* grad;
   struct RowConstants {
-    float normaliser, entropy, scale;
+    core::Normaliser normaliser;
+    float entropy, scale;
   };
   LK_HOST_DEVICE RowConstants row_constants(const State& s, int64_t row) const {
     return {core::normaliser(s), core::entropy(s), static_cast<float>(grad[row]) * inv_temperature};
   }
   LK_HOST_DEVICE float output(const RowConstants& c, float x, float) const {
-    return c.scale * core::entropy_grad_term(x * inv_temperature, c.normaliser, c.entropy);
+    return c.scale * core::entropy_grad_term(c.normaliser.log_prob(x * inv_temperature), c.entropy);
   }
 };
 
