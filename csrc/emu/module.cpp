@@ -6,13 +6,20 @@
 #include <cstdint>
 #include <string>
 
+#include <vector>
+
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <torch/library.h>
 
 #include "../ops/schemas.h"
 #include "../simt/device_context.h"
 
 TORCH_LIBRARY(logitkit_emulated, m) { logitkit::define_schemas(m); }
+
+namespace logitkit::emu_selftest {
+std::vector<int64_t> run(const std::string& name, int threads, int blocks);
+}
 
 namespace {
 
@@ -46,6 +53,7 @@ pybind11::dict current_configuration() {
   d["max_elements_per_block"] = shape.max_elements_per_block.load();
   d["schedule"] = names[static_cast<int>(s.schedule)];
   d["seed"] = s.seed;
+  d["deadlock_timeout_s"] = s.timeout_seconds;
   return d;
 }
 
@@ -59,4 +67,9 @@ PYBIND11_MODULE(_C_emulated, module) {
              "Launch shape and thread schedule of emulated launches. threads_per_block that is not a multiple of "
              "32 gives a partial last warp; max_elements_per_block > 0 splits each row over several blocks.");
   module.def("configuration", &current_configuration);
+  module.def(
+      "set_deadlock_timeout", [](double seconds) { lk_simt::settings().timeout_seconds = seconds; },
+      pybind11::arg("seconds"), "Seconds a barrier may wait before the launch fails as a deadlock.");
+  module.def("selftest", &logitkit::emu_selftest::run, pybind11::arg("name"), pybind11::arg("threads"),
+             pybind11::arg("blocks") = 1, "Runs one of the emulator's self-test kernels (tests/test_emulator.py).");
 }

@@ -1,0 +1,120 @@
+// Small kernels that check the SIMT emulator itself (tests/test_emulator.py):
+// the semantics of the warp intrinsics, block reductions over partial warps,
+// atomics and dynamic shared memory, and that misuse (divergent barriers,
+// wrong shuffle masks, deadlocks) is reported instead of mis-executed.
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "../simt/simt.h"
+
+namespace logitkit::emu_selftest {
+namespace {
+
+using simt::lane_rank;
+using simt::warp_live_mask;
+
+// Per thread, 9 results: shfl(src=lane^7 % lanes), shfl_up(1), shfl_down(3),
+// shfl_xor(5), shfl_down(1, width 8), ballot(lane % 3 == 0), any(lane == 2),
+// all(lane < 40), activemask.
+constexpr int kIntrinsicResults = 9;
+
+__global__ void warp_intrinsics_kernel(int64_t* out) {
+  const int t = threadIdx.x;
+  const unsigned mask = warp_live_mask();
+  const int lane = lane_rank();
+  const int lanes = simt::lanes_in_warp();
+  int64_t* o = out + (static_cast<int64_t>(blockIdx.x) * blockDim.x + t) * kIntrinsicResults;
+  o[0] = __shfl_sync(mask, t, (lane ^ 7) % lanes);
+  o[1] = __shfl_up_sync(mask, t, 1);
+  o[2] = __shfl_down_sync(mask, t, 3);
+  o[3] = __shfl_xor_sync(mask, t, 5);
+  o[4] = __shfl_down_sync(mask, t, 1, 8);
+  o[5] = __ballot_sync(mask, lane % 3 == 0);
+  o[6] = __any_sync(mask, lane == 2);
+  o[7] = __all_sync(mask, lane < 40);
+  o[8] = __activemask();
+}
+
+// Block sum of (thread index + 1) through simt::block_reduce, plus an
+// atomicAdd of every thread into a grid-wide counter, plus a round trip
+// through dynamic shared memory (each thread reads its neighbour's slot after
+// a barrier).
+__global__ void block_reduce_kernel(int64_t* block_sums, unsigned long long* grid_counter, int64_t* neighbours) {
+  __shared__ int64_t scratch[simt::kReduceScratchSize];
+  LK_DYNAMIC_SHARED(int64_t, slots);
+  const int t = threadIdx.x;
+  slots[t] = 1000LL * blockIdx.x + t;
+  const int64_t sum = simt::block_reduce(
+      static_cast<int64_t>(t + 1), [](int64_t a, int64_t b) { return a + b; }, int64_t{0}, scratch);
+  if (t == 0) block_sums[blockIdx.x] = sum;
+  atomicAdd(grid_counter, 1ULL);
+  __syncthreads();
+  neighbours[static_cast<int64_t>(blockIdx.x) * blockDim.x + t] = slots[(t + 1) % blockDim.x];
+}
+
+// Misuse: odd and even threads wait at two different __syncthreads.
+__global__ void divergent_barrier_kernel() {
+  if (threadIdx.x % 2 == 0) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+}
+
+// Misuse: a full mask in a block whose last warp is partial.
+__global__ void full_mask_in_partial_warp_kernel(int* out) {
+  out[threadIdx.x] = __shfl_down_sync(0xFFFFFFFFu, static_cast<int>(threadIdx.x), 1);
+}
+
+// Misuse: thread 0 waits at __syncthreads while its warp waits for it in __syncwarp.
+__global__ void deadlock_kernel() {
+  if (threadIdx.x == 0) {
+    __syncthreads();
+  } else {
+    __syncwarp(warp_live_mask());
+  }
+}
+
+}  // namespace
+
+// Runs one self-test kernel; returns its int64 results (flattened).
+std::vector<int64_t> run(const std::string& name, int threads, int blocks) {
+  if (name == "warp_intrinsics") {
+    std::vector<int64_t> out(static_cast<size_t>(threads) * blocks * kIntrinsicResults, -1);
+    auto* kernel = &warp_intrinsics_kernel;
+    LK_LAUNCH_KERNEL(kernel, dim3(blocks), dim3(threads), 0, nullptr, out.data());
+    return out;
+  }
+  if (name == "block_reduce") {
+    std::vector<int64_t> sums(blocks, -1);
+    std::vector<int64_t> neighbours(static_cast<size_t>(threads) * blocks, -1);
+    unsigned long long counter = 0;
+    auto* kernel = &block_reduce_kernel;
+    LK_LAUNCH_KERNEL(kernel, dim3(blocks), dim3(threads), threads * sizeof(int64_t), nullptr, sums.data(), &counter,
+                     neighbours.data());
+    sums.push_back(static_cast<int64_t>(counter));
+    sums.insert(sums.end(), neighbours.begin(), neighbours.end());
+    return sums;
+  }
+  if (name == "divergent_barrier") {
+    auto* kernel = &divergent_barrier_kernel;
+    LK_LAUNCH_KERNEL(kernel, dim3(blocks), dim3(threads), 0, nullptr);
+    return {};
+  }
+  if (name == "full_mask_in_partial_warp") {
+    std::vector<int> out(threads);
+    auto* kernel = &full_mask_in_partial_warp_kernel;
+    LK_LAUNCH_KERNEL(kernel, dim3(blocks), dim3(threads), 0, nullptr, out.data());
+    return {};
+  }
+  if (name == "deadlock") {
+    auto* kernel = &deadlock_kernel;
+    LK_LAUNCH_KERNEL(kernel, dim3(blocks), dim3(threads), 0, nullptr);
+    return {};
+  }
+  throw std::invalid_argument("unknown self-test kernel '" + name + "'");
+}
+
+}  // namespace logitkit::emu_selftest

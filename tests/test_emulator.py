@@ -1,0 +1,96 @@
+"""The SIMT emulator that runs our CUDA kernels on the CPU: intrinsic
+semantics, partial warps, schedules, and detection of misuse."""
+from __future__ import annotations
+
+import pytest
+
+from logitkit import _loader
+
+emu = _loader._C_emulated
+pytestmark = pytest.mark.skipif(emu is None, reason="emulated-CUDA module not built")
+
+SCHEDULES = ["in_order", "reversed", "random"]
+
+
+@pytest.fixture(autouse=True)
+def restore_configuration():
+    yield
+    emu.configure(threads_per_block=80, max_elements_per_block=0, schedule="random", seed=1)
+    emu.set_deadlock_timeout(30.0)
+
+
+def expected_intrinsics(t: int, threads: int):
+    """What a GPU returns for warp_intrinsics_kernel's thread t (CUDA Programming Guide semantics)."""
+    warp_start = (t // 32) * 32
+    lanes = min(32, threads - warp_start)
+    lane = t - warp_start
+    live = range(lanes)
+    ballot = sum(1 << l for l in live if l % 3 == 0)
+
+    def down(delta, width=32):
+        seg = (lane // width) * width
+        return warp_start + lane + delta if lane + delta < seg + width and lane + delta < lanes else None
+
+    src_xor = lane ^ 5
+    return [
+        warp_start + ((lane ^ 7) % lanes),
+        warp_start + lane - 1 if lane >= 1 else t,
+        down(3),
+        warp_start + src_xor if src_xor < lanes else None,
+        down(1, 8),
+        ballot,
+        int(lanes > 2),
+        int(lanes <= 40),
+        None,  # __activemask: lanes that already returned are gone, as on a GPU
+    ]
+
+
+@pytest.mark.parametrize("threads", [32, 64, 70, 5])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_warp_intrinsics(threads, schedule):
+    emu.configure(schedule=schedule, seed=7)
+    out = emu.selftest("warp_intrinsics", threads, 2)
+    for b in range(2):
+        for t in range(threads):
+            got = out[(b * threads + t) * 9:(b * threads + t + 1) * 9]
+            for i, (g, e) in enumerate(zip(got, expected_intrinsics(t, threads))):
+                if e is None:
+                    continue  # the source lane does not exist: undefined on a GPU
+                assert g == e, f"thread {t} result {i}: got {g}, expected {e}"
+
+
+@pytest.mark.parametrize("threads", [1, 31, 33, 80, 256, 1000])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_block_reduce_atomics_and_dynamic_shared(threads, schedule):
+    emu.configure(schedule=schedule, seed=threads)
+    blocks = 3
+    out = emu.selftest("block_reduce", threads, blocks)
+    sums, counter, neighbours = out[:blocks], out[blocks], out[blocks + 1:]
+    assert sums == [threads * (threads + 1) // 2] * blocks
+    assert counter == threads * blocks
+    for b in range(blocks):
+        for t in range(threads):
+            assert neighbours[b * threads + t] == 1000 * b + (t + 1) % threads
+
+
+def test_divergent_barrier_is_reported():
+    with pytest.raises(RuntimeError, match="divergent __syncthreads"):
+        emu.selftest("divergent_barrier", 64)
+
+
+def test_wrong_shuffle_mask_is_reported():
+    with pytest.raises(RuntimeError, match=r"passed mask 0xffffffff but the warp's live lanes are 0x0000ffff"):
+        emu.selftest("full_mask_in_partial_warp", 48)
+
+
+def test_deadlock_is_reported_not_hung():
+    emu.set_deadlock_timeout(0.5)
+    with pytest.raises(RuntimeError, match="deadlock"):
+        emu.selftest("deadlock", 64)
+
+
+def test_bad_configuration():
+    with pytest.raises(ValueError, match="threads_per_block"):
+        emu.configure(threads_per_block=0)
+    with pytest.raises(ValueError, match="schedule"):
+        emu.configure(schedule="sideways")
