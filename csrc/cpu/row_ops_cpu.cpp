@@ -77,19 +77,28 @@ void store_tile(const float* src, int64_t n, scalar_t* dst) {
 // Tile reductions and maps. `n` is a multiple of kLanes (tiles are padded).
 // ---------------------------------------------------------------------------
 
-// Folds a tile of scaled logits z into the softmax state.
-void accumulate_softmax_state(core::SoftmaxState& state, const float* z, int64_t n) {
+// Folds a tile of scaled logits z into the softmax state and returns the max
+// m the tile's exponentials are taken against (the running max). With
+// kShifted the state's sum_shifted (needed by entropy) is kept too; with
+// `exps` non-null, exp(z_i - m) is stored there (softmax reuses it).
+// Returns -inf for a fully masked tile, NaN if the row became undefined.
+template <bool kShifted>
+float accumulate_softmax_state(core::SoftmaxState& state, const float* z, int64_t n, float* exps) {
   FVec vmax(kNegInf);
   for (int64_t i = 0; i < n; i += kLanes) vmax = at::vec::maximum(vmax, FVec::loadu(z + i));
   const float tile_max = at::vec::vec_reduce_all<float>([](FVec a, FVec b) { return at::vec::maximum(a, b); }, vmax);
+  constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
   if (std::isnan(tile_max)) {  // at::vec::maximum propagates NaN: the row is NaN
-    state.sum_exp = std::numeric_limits<float>::quiet_NaN();
-    return;
+    state.sum_exp = kNaN;
+    return kNaN;
   }
-  if (tile_max == kNegInf) return;  // fully masked tile
   if (tile_max == std::numeric_limits<float>::infinity()) {
     state.max = tile_max;  // the row is undefined (see softmax_state.h); its outputs are NaN
-    return;
+    return kNaN;
+  }
+  if (tile_max == kNegInf || state.max == std::numeric_limits<float>::infinity()) {
+    if (exps != nullptr) std::fill(exps, exps + n, 0.0f);
+    return kNegInf;  // fully masked tile
   }
   const float m = std::max(state.max, tile_max);
   const float f = core::rescale_factor(state.max, m);
@@ -97,19 +106,20 @@ void accumulate_softmax_state(core::SoftmaxState& state, const float* z, int64_t
   const FVec lowest(std::numeric_limits<float>::lowest());
   FVec vs(0.0f), vb(0.0f);
   for (int64_t i = 0; i < n; i += kLanes) {
-    // Clamping -inf to the lowest finite value keeps d * exp(d) at 0, not NaN.
-    const FVec d = at::vec::maximum(FVec::loadu(z + i) - vm, lowest);
+    const FVec d = FVec::loadu(z + i) - vm;
     const FVec e = vexp(d);
     vs = vs + e;
-    vb = at::vec::fmadd(d, e, vb);
+    if (exps != nullptr) e.store(exps + i);
+    // Clamping -inf to the lowest finite value keeps d * exp(d) at 0, not NaN.
+    if constexpr (kShifted) vb = at::vec::fmadd(at::vec::maximum(d, lowest), e, vb);
   }
   auto sum = [](FVec a, FVec b) { return a + b; };
-  const float tile_s = at::vec::vec_reduce_all<float>(sum, vs);
-  const float tile_b = at::vec::vec_reduce_all<float>(sum, vb);
-  if (state.max == std::numeric_limits<float>::infinity()) return;
-  state.sum_shifted = core::rescaled_shifted(state, m, f) + tile_b;
-  state.sum_exp = state.sum_exp * f + tile_s;
+  if constexpr (kShifted) {
+    state.sum_shifted = core::rescaled_shifted(state, m, f) + at::vec::vec_reduce_all<float>(sum, vb);
+  }
+  state.sum_exp = state.sum_exp * f + at::vec::vec_reduce_all<float>(sum, vs);
   state.max = m;
+  return m;
 }
 
 struct RowSum {
@@ -121,13 +131,17 @@ struct RowSum {
 // per-element output (map ops) or the per-row result (reduce ops).
 // ---------------------------------------------------------------------------
 
+// The softmax state of z = a / T; kShifted: also sum_shifted (for entropy).
+template <bool kShifted>
 struct SoftmaxReduction {
   using State = core::SoftmaxState;
   static constexpr bool kScaleA = true;  // a holds logits: scale by 1/T on load
   static constexpr float kPadA = kNegInf;
   static State identity() { return core::empty_state(); }
   static State merge(const State& x, const State& y) { return core::merge(x, y); }
-  static void accumulate(State& s, const float* a, const float*, int64_t n) { accumulate_softmax_state(s, a, n); }
+  static void accumulate(State& s, const float* a, const float*, int64_t n) {
+    accumulate_softmax_state<kShifted>(s, a, n, nullptr);
+  }
 };
 
 template <bool kDot>
@@ -156,7 +170,7 @@ inline FVec log_probs(const core::Normaliser& c, const float* z) {
 // A row whose normaliser is undefined (NaN or +inf logits) produces all NaN.
 bool undefined_row(const core::Normaliser& c) { return c.undefined(); }
 
-struct SoftmaxMap : SoftmaxReduction {
+struct SoftmaxMap : SoftmaxReduction<false> {
   using Constants = core::Normaliser;
   static Constants constants(const State& s, float, float) { return core::normaliser(s); }
   static bool undefined(const Constants& c) { return undefined_row(c); }
@@ -165,7 +179,7 @@ struct SoftmaxMap : SoftmaxReduction {
   }
 };
 
-struct LogSoftmaxMap : SoftmaxReduction {
+struct LogSoftmaxMap : SoftmaxReduction<false> {
   using Constants = core::Normaliser;
   static Constants constants(const State& s, float, float) { return core::normaliser(s); }
   static bool undefined(const Constants& c) { return undefined_row(c); }
@@ -175,7 +189,7 @@ struct LogSoftmaxMap : SoftmaxReduction {
 };
 
 // g p / T
-struct LogsumexpGradMap : SoftmaxReduction {
+struct LogsumexpGradMap : SoftmaxReduction<false> {
   struct Constants {
     core::Normaliser normaliser;
     float scale;
@@ -191,7 +205,7 @@ struct LogsumexpGradMap : SoftmaxReduction {
 };
 
 // -(g/T) p (log p + H), 0 where p = 0
-struct EntropyGradMap : SoftmaxReduction {
+struct EntropyGradMap : SoftmaxReduction<true> {
   struct Constants {
     core::Normaliser normaliser;
     float entropy, scale;
@@ -311,10 +325,57 @@ typename Op::Constants row_constants(const typename Op::State& state, const MapA
   return Op::constants(state, g, args.inv_temperature);
 }
 
+// Rows up to this long take the one-exp softmax path (its per-thread fp32
+// row buffer is at most 16 MiB).
+constexpr int64_t kMaxCachedRow = int64_t{1} << 22;
+
+// Softmax of whole rows with one exp per element: pass 1 keeps exp(z - m_t)
+// of every tile in a per-thread fp32 row buffer (m_t: the running max when
+// tile t was read); pass 2 only rescales, p = exp(z - m_t) * exp(m_t - m - log s),
+// instead of re-reading the input and taking a second exp.
+template <class scalar_t>
+void softmax_rows_one_exp(const MapArgs<scalar_t>& args, int64_t first, int64_t last) {
+  const Rows& a = *args.a;
+  const int64_t tiles = (a.cols + kTile - 1) / kTile;
+  thread_local std::vector<float> exps;
+  thread_local std::vector<float> tile_max;
+  exps.resize(tiles * kTile);
+  tile_max.resize(tiles);
+  alignas(64) float z[kTile];
+  for (int64_t r = first; r < last; ++r) {
+    const scalar_t* x = a.tensor.data_ptr<scalar_t>() + r * a.row_stride;
+    scalar_t* out = args.out + r * a.cols;
+    core::SoftmaxState state = core::empty_state();
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t n = std::min(kTile, a.cols - t * kTile);
+      load_tile(x + t * kTile, n, args.inv_temperature, kNegInf, z);
+      tile_max[t] = accumulate_softmax_state<false>(state, z, round_up_to_lanes(n), exps.data() + t * kTile);
+    }
+    const core::Normaliser c = core::normaliser(state);
+    if (c.undefined()) {
+      std::fill(out, out + a.cols, static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN()));
+      continue;
+    }
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t n = std::min(kTile, a.cols - t * kTile);
+      const FVec factor(tile_max[t] == kNegInf ? 0.0f : std::exp((tile_max[t] - c.max) - c.log_sum));
+      float* e = exps.data() + t * kTile;
+      for (int64_t i = 0; i < round_up_to_lanes(n); i += kLanes) (FVec::loadu(e + i) * factor).store(e + i);
+      store_tile(e, n, out + t * kTile);
+    }
+  }
+}
+
 template <class Op, class scalar_t>
 void run_map(const Op& op, const MapArgs<scalar_t>& args) {
   const Rows& a = *args.a;
   const Plan plan = plan_slices(a.rows, a.cols);
+  if constexpr (std::is_same_v<Op, SoftmaxMap>) {
+    if (plan.slices == 1 && a.cols <= kMaxCachedRow) {
+      at::parallel_for(0, a.rows, 1, [&](int64_t first, int64_t last) { softmax_rows_one_exp(args, first, last); });
+      return;
+    }
+  }
   if (plan.slices == 1) {
     // Both passes of a row back to back on one thread: pass 2 reads from cache.
     at::parallel_for(0, a.rows, 1, [&](int64_t first, int64_t last) {
@@ -355,18 +416,29 @@ void map(MapKind kind, const MapArgs<scalar_t>& args) {
   }
 }
 
+// Per-row softmax states of slices of rows, in parallel; kShifted as in SoftmaxReduction.
+template <bool kShifted, class scalar_t>
+void slice_states(const ResultArgs<scalar_t>& args, const Plan& plan, std::vector<core::SoftmaxState>& partial) {
+  const Rows& a = *args.a;
+  at::parallel_for(0, a.rows * plan.slices, 1, [&](int64_t first, int64_t last) {
+    for (int64_t w = first; w < last; ++w) {
+      const int64_t r = w / plan.slices, begin = (w % plan.slices) * plan.slice;
+      partial[w] = reduce_range<SoftmaxReduction<kShifted>, scalar_t>(
+          a, nullptr, r, begin, std::min(a.cols, begin + plan.slice), args.inv_temperature);
+    }
+  });
+}
+
 template <class scalar_t>
 void reduce(ResultKind kind, const ResultArgs<scalar_t>& args) {
   const Rows& a = *args.a;
   const Plan plan = plan_slices(a.rows, a.cols);
   std::vector<core::SoftmaxState> partial(a.rows * plan.slices);
-  at::parallel_for(0, a.rows * plan.slices, 1, [&](int64_t first, int64_t last) {
-    for (int64_t w = first; w < last; ++w) {
-      const int64_t r = w / plan.slices, begin = (w % plan.slices) * plan.slice;
-      partial[w] = reduce_range<SoftmaxReduction, scalar_t>(a, nullptr, r, begin,
-                                                            std::min(a.cols, begin + plan.slice), args.inv_temperature);
-    }
-  });
+  if (kind == ResultKind::logsumexp) {
+    slice_states<false>(args, plan, partial);
+  } else {
+    slice_states<true>(args, plan, partial);
+  }
   for (int64_t r = 0; r < a.rows; ++r) {
     core::SoftmaxState s = core::empty_state();
     for (int64_t k = 0; k < plan.slices; ++k) s = core::merge(s, partial[r * plan.slices + k]);
