@@ -14,6 +14,8 @@ from .ops import (
     softmax_stats,
     stats_entropy,
     stats_logsumexp,
+    top_h,
+    top_h_mask,
 )
 from ._build_config import VERSION as __version__
 
@@ -27,4 +29,6 @@ __all__ = [
     "softmax_stats",
     "stats_entropy",
     "stats_logsumexp",
+    "top_h",
+    "top_h_mask",
 ]

@@ -120,3 +120,57 @@ def stats_entropy(stats: torch.Tensor) -> torch.Tensor:
     m, s, b = stats.unbind(-1)
     h = torch.log(s) - b / s
     return torch.where(m == float("inf"), torch.full_like(h, float("nan")), h)
+
+
+# ---------------------------------------------------------------------------
+# Top-H truncation
+# ---------------------------------------------------------------------------
+
+
+def top_h_mask(
+    logits: torch.Tensor,
+    alpha: float,
+    *,
+    temperature: float = 1.0,
+    rule: str = "hf",
+    cap: int | None = None,
+) -> torch.Tensor:
+    """The boolean keep mask of Top-H truncation, same shape as ``logits``.
+
+    Rules (exact definitions in shared/notes/top-h.md), with z = logits / T:
+
+    * ``"hf"``: transformers' ``TopHLogitsWarper(top_h=alpha)`` applied to
+      ``logits / temperature`` (in transformers' chain it runs after the
+      temperature warper, so pass the raw logits and the temperature here):
+      the K = min(cap, V) largest z, q = softmax over those K only, keep the
+      sorted prefix whose cumulative sum of -q log q is <= alpha * H(q).
+    * ``"official"``: the authors' reference processor: p = softmax(z) over the
+      whole vocabulary, the K most probable tokens, keep the longest sorted
+      prefix with sum -p log p <= alpha * (the same sum over the K tokens).
+    * ``"exact"``: the paper's objective over the whole vocabulary (no cap):
+      the largest sorted prefix whose renormalised entropy is <= alpha * H(p).
+
+    ``cap`` (default 100) applies to "hf" and "official" and is ignored by
+    "exact". At least one token (the most probable) is always kept; a token of
+    probability exactly 0 (in float32) is never kept otherwise. Ties: among
+    equal logits the lower vocabulary index ranks first. A row holding NaN or
+    +inf has no defined distribution: its mask is all False. A row of only
+    -inf keeps token 0. ``alpha`` must be in (0, 1], ``temperature`` > 0.
+    Not differentiable.
+    """
+    return _ops.top_h_mask(logits, float(alpha), float(temperature), str(rule), -1 if cap is None else int(cap))
+
+
+def top_h(
+    logits: torch.Tensor,
+    alpha: float,
+    *,
+    temperature: float = 1.0,
+    rule: str = "hf",
+    cap: int | None = None,
+    filter_value: float = float("-inf"),
+) -> torch.Tensor:
+    """Top-H truncation: ``logits`` (unchanged, not divided by the temperature)
+    where :func:`top_h_mask` keeps the token, ``filter_value`` elsewhere."""
+    mask = top_h_mask(logits, alpha, temperature=temperature, rule=rule, cap=cap)
+    return torch.where(mask, logits, torch.tensor(filter_value, dtype=logits.dtype, device=logits.device))
