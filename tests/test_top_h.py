@@ -311,3 +311,85 @@ def test_compile_fullgraph():
     f = torch.compile(lambda x: logitkit.top_h(x, 0.4, temperature=1.5, rule="exact"), fullgraph=True)
     x = torch.randn(4, 300)
     assert torch.equal(f(x), logitkit.top_h(x, 0.4, temperature=1.5, rule="exact"))
+
+
+# ---------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", ["hf", "official", "exact"])
+def test_sample_chi_square(rule):
+    g = torch.Generator().manual_seed(123)
+    V, T, alpha = 12, 1.3, 0.8
+    x = torch.randn(V, generator=g) * 1.5
+    keep = logitkit.top_h_mask(x, alpha, temperature=T, rule=rule)
+    n = 40000
+    tokens = logitkit.sample(x.expand(n, V), temperature=T, top_h=alpha, rule=rule, generator=g)
+    counts = torch.bincount(tokens, minlength=V).double()
+    assert counts[~keep].sum() == 0  # never a dropped token
+    p = torch.softmax(torch.where(keep, x.double() / T, torch.tensor(-math.inf, dtype=torch.float64)), 0)
+    kept = keep.nonzero().flatten()
+    expected = p[kept] * n
+    chi2 = float(((counts[kept] - expected) ** 2 / expected).sum())
+    dof = max(1, kept.numel() - 1)
+    # 99.99% quantile of chi-square is below dof + 8 sqrt(2 dof) + 15 for these dof.
+    assert chi2 < dof + 8 * math.sqrt(2 * dof) + 15, (chi2, dof)
+
+
+def test_sample_reproducible_and_special_rows():
+    x = torch.randn(5, 300)
+    x[2, 4] = math.nan
+    a = logitkit.sample(x, temperature=0.8, top_h=0.5, generator=torch.Generator().manual_seed(9))
+    b = logitkit.sample(x, temperature=0.8, top_h=0.5, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(a, b) and a.shape == (5,) and a.dtype == torch.int64
+    assert a[2] == -1
+    keep = logitkit.top_h_mask(x, 0.5, temperature=0.8)
+    for r in (0, 1, 3, 4):
+        assert keep[r, a[r]]
+    plain = logitkit.sample(x[[0, 1]], temperature=2.0, generator=torch.Generator().manual_seed(1))
+    assert ((plain >= 0) & (plain < 300)).all()
+
+
+# ---------------------------------------------------------------------------
+# transformers integration
+# ---------------------------------------------------------------------------
+
+
+def test_transformers_processor_matches_theirs():
+    Warper = _transformers_warper()
+    if Warper is None:
+        pytest.skip("transformers with TopHLogitsWarper is not installed")
+    from logitkit.integrations.transformers import OfficialTopHLogitsWarper, TopHLogitsWarper
+
+    g = torch.Generator().manual_seed(4)
+    scores = torch.randn(4, 500, generator=g) * 2
+    ids = torch.zeros(4, 1, dtype=torch.long)
+    assert torch.equal(TopHLogitsWarper(0.4)(ids, scores), Warper(top_h=0.4)(ids, scores))
+    official = OfficialTopHLogitsWarper(0.4, temperature=1.5)(ids, scores)
+    assert torch.equal(official != -math.inf, logitkit.top_h_mask(scores, 0.4, temperature=1.5, rule="official"))
+
+
+def test_transformers_generate_same_tokens():
+    Warper = _transformers_warper()
+    if Warper is None:
+        pytest.skip("transformers with TopHLogitsWarper is not installed")
+    import transformers
+    from transformers import LogitsProcessorList
+
+    from logitkit.integrations.transformers import TopHLogitsWarper
+
+    config = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    outs = []
+    for proc in (TopHLogitsWarper(0.6), Warper(top_h=0.6)):
+        torch.manual_seed(42)
+        outs.append(
+            model.generate(
+                prompt, do_sample=True, max_new_tokens=8, logits_processor=LogitsProcessorList([proc]),
+                top_k=None, top_p=None, temperature=1.0, pad_token_id=0,
+            )
+        )
+    assert torch.equal(outs[0], outs[1])
