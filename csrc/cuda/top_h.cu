@@ -20,20 +20,25 @@
 //     (count, sum e, sum d e) with e = exp(z - m), d = z - m, the reference m
 //     coming from the softmax state of pass 1. H(q_S) increases with S (note),
 //     so the first failing bin holds the cut.
-// The selection stops early once the cut bin holds a single token (that
-// token is then dropped) or, for the count predicate, once K tokens are
-// already above it. At the last digit the cut bin is a single key value (a tie
+// "exact" stops early once the cut bin holds a single token (that token is
+// then dropped); the capped rules always resolve all digits, and gather the
+// selected keys during the last digit pass: keys above the candidate range
+// directly, keys inside it from the last histogram (whose bins are single key
+// values). At the last digit the cut bin is a single key value (a tie
 // group): the rule says how many of it to keep (j), and the write pass keeps
 // the j lowest indices of the group by an ordered block-wide count.
 //
 // Passes over the row (reads of the logits; every pass is a streaming read):
 //   pass 1     softmax state (max, sum exp, sum shifted) [+ the first digit
 //              histogram for the capped rules, which need no reference max]
-//   digits     "exact": up to 3 histogram passes; capped: up to 2 more
-//   gather     capped rules only: the K selected keys into shared memory
+//   digits     "exact": up to 3 histogram passes (early exit);
+//              capped: 2 more (digits 2 and 3, the last one also gathering),
+//              or, when V <= K, none and one gather pass instead
 //   write      the mask (reads the row once more)
-// Worst case: "exact" 5 (1 + 3 + write), capped 5 (1 + 2 + gather + write).
-// Typical rows stop after one or two digits: 3-4 passes. (Issue target: 4.)
+// Worst case: capped rules 4 (1 + 2 + write); "exact" 5 (1 + 3 + write),
+// typically 3-4 because the cut bin usually holds one token after the first
+// or second digit. (Issue target: 4; "exact" misses it in the worst case: its
+// first digit needs the reference max m of pass 1 for its bin sums.)
 //
 // fp32 arithmetic (shared-memory float atomics for the bin sums, so the sums'
 // rounding, not the kept set on tie-free rows away from the boundary, can vary
@@ -81,17 +86,17 @@ struct Cut {
   int64_t tie_keep;
   int64_t tie_total;   // tokens with tie_key in the row
   int64_t selected;    // capped rules: tokens with key >= full_from
-  int done;
+  int done;            // 0 while searching, then 1 + the digit level that resolved the cut
 };
 
 // The rule's predicate over the statistics of a candidate prefix set.
 struct CountPredicate {
   int64_t k;
   LK_DEVICE bool exceeds(const BinTotals& t) const { return t.count > k; }
-  // Nothing of the failing bin can be kept: K tokens are already above it.
-  LK_DEVICE bool bin_fully_dropped(const BinTotals& above, int64_t bin_count) const {
-    return above.count >= k || bin_count == 1;
-  }
+  // No early stop: the capped rules always resolve all three digits, because
+  // the last digit's histogram then spells out the selected keys exactly (see
+  // the kernel), which saves the gather pass.
+  LK_DEVICE bool bin_fully_dropped(const BinTotals&, int64_t) const { return false; }
   // How many tokens of a tie group (of `group` tokens with equal logit) fit.
   LK_DEVICE int64_t tie_keep(const BinTotals& above, int64_t, float, float) const { return k - above.count; }
 };
@@ -175,11 +180,11 @@ LK_DEVICE inline void walk_bins(const Predicate& pred, int level, uint32_t& pref
       cut.tie_total = bin_count[b];
       cut.tie_keep = pred.tie_keep(above, bin_count[b], expf(d), d);
       cut.selected = above.count;
-      cut.done = 1;
+      cut.done = level + 1;
     } else if (pred.bin_fully_dropped(above, bin_count[b])) {
       cut.full_from = (static_cast<uint64_t>(bin_prefix) + 1) << shift;
       cut.selected = above.count;
-      cut.done = 1;
+      cut.done = level + 1;
     } else {
       prefix = bin_prefix;  // refine inside this bin with the next digit
     }
@@ -188,7 +193,7 @@ LK_DEVICE inline void walk_bins(const Predicate& pred, int level, uint32_t& pref
   // Every candidate fits: keep all keys with the current prefix.
   cut.full_from = level == 0 ? 0 : static_cast<uint64_t>(prefix) << prefix_shift;
   cut.selected = above.count;
-  cut.done = 1;
+  cut.done = level + 1;
 }
 
 template <class scalar_t>
@@ -252,6 +257,7 @@ __global__ void top_h_kernel(RowsView<scalar_t> rows, int64_t cols, core::TopHRu
     above = BinTotals{0, 0.0f, 0.0f};
     cut = Cut{0, 0, 0, 0, 0, 0};
     shared_prefix = 0;
+    gathered = 0;
   }
   for (int level = 0; level < kDigitCount; ++level) {
     if (level > 0 || !capped) {
@@ -263,7 +269,14 @@ __global__ void top_h_kernel(RowsView<scalar_t> rows, int64_t cols, core::TopHRu
       for (int64_t i = tid; i < cols; i += stride) {
         const float xv = load_logit(x, i);
         const uint32_t key = core::orderable_key(xv);
-        if (level > 0 && (key >> prefix_shift) != prefix) continue;
+        if (level > 0 && (key >> prefix_shift) != prefix) {
+          // Capped rules, last digit: keys above the candidate range are
+          // selected for sure; collect them now (no separate gather pass).
+          if (capped && level == kDigitCount - 1 && (key >> prefix_shift) > prefix) {
+            candidates[atomicAdd(&gathered, 1)] = key;
+          }
+          continue;
+        }
         const int bin = static_cast<int>((key >> shift) & ((1u << digit_bits(level)) - 1u));
         if (capped) {
           atomicAdd(&bin_count[bin], 1u);
@@ -291,17 +304,27 @@ __global__ void top_h_kernel(RowsView<scalar_t> rows, int64_t cols, core::TopHRu
   }
 
   if (capped) {
-    // ---- gather: the K selected keys, then sort and scan them ----
-    if (tid == 0) gathered = 0;
-    __syncthreads();
-    for (int64_t i = tid; i < cols; i += stride) {
-      const uint32_t key = core::orderable_key(load_logit(x, i));
-      if (key >= cut.full_from) candidates[atomicAdd(&gathered, 1)] = key;
+    // ---- the K selected keys, then sort and scan them ----
+    if (cut.done == kDigitCount) {
+      // Resolved at the last digit: the keys above the candidate range were
+      // gathered during that pass, and the last histogram holds each key of
+      // the range exactly (bin b <-> key prefix * 1024 + b), with counts.
+      if (tid == 0) {
+        int64_t n = gathered;
+        const uint32_t range_base = cut.tie_key & ~1023u;
+        for (uint32_t b = 1023; b > (cut.tie_key & 1023u); --b) {
+          for (unsigned c = 0; c < bin_count[b]; ++c) candidates[n++] = range_base | b;
+        }
+        for (int64_t j = 0; j < cut.tie_keep; ++j) candidates[n++] = cut.tie_key;
+      }
+    } else {
+      // Resolved at the first digit (V <= K: every token is selected): one
+      // gather pass.
+      for (int64_t i = tid; i < cols; i += stride) {
+        const uint32_t key = core::orderable_key(load_logit(x, i));
+        if (key >= cut.full_from) candidates[atomicAdd(&gathered, 1)] = key;
+      }
     }
-    __syncthreads();
-    // The tie group at the K boundary contributes its first tie_keep tokens;
-    // for the values only their count matters.
-    for (int64_t j = tid; j < cut.tie_keep; j += stride) candidates[cut.selected + j] = cut.tie_key;
     __syncthreads();
     // Rank sort, descending (equal keys in slot order): K^2 / threads compares.
     for (int64_t a = tid; a < k; a += stride) {
