@@ -5,9 +5,10 @@
 // selection, not by vectorisable arithmetic).
 //
 // No full sort of the vocabulary:
-//   * capped rules: std::nth_element puts the K largest tokens (by the order
-//     "larger logit first, then lower index") in front in expected O(V), then
-//     only those K are sorted (O(K log K)) and scanned (capped_keep_count).
+//   * capped rules: a one-pass threshold filter plus std::nth_element on a
+//     buffer of at most ~4K tokens selects the K largest (order "larger logit
+//     first, then lower index") in expected O(V); only those K are sorted
+//     (O(K log K)) and scanned (capped_keep_count).
 //   * "exact": the kept set is the largest prefix S_k of the sorted order with
 //     H(q_k) <= alpha H(p), and H(q_k) is increasing in k (note). A
 //     quickselect on that predicate finds k: partition the undecided range
@@ -53,13 +54,28 @@ struct RowScratch {
   std::vector<Token> tokens;
 };
 
-// Capped rules: the K best tokens, sorted, then the prefix scan.
+// Capped rules: the K best tokens, sorted, then the prefix scan. One pass
+// with a running threshold t: a token below t is beaten by K buffered tokens
+// and can never be selected; when the buffer reaches 4K, nth_element keeps
+// its K best and raises t to the K-th best logit. Expected O(V) with about
+// one comparison per token.
 void capped_row(RowScratch& s, int64_t cols, const TopHParams& p, float full_lse, bool* out) {
-  s.tokens.resize(cols);
-  for (int64_t i = 0; i < cols; ++i) s.tokens[i] = Token{s.x[i], i};
   const int64_t k = p.k;
+  s.tokens.clear();
+  float threshold = -std::numeric_limits<float>::infinity();
+  auto shrink = [&] {
+    std::nth_element(s.tokens.begin(), s.tokens.begin() + (k - 1), s.tokens.end(), ranks_before);
+    threshold = s.tokens[k - 1].x;
+    s.tokens.resize(k);
+  };
+  for (int64_t i = 0; i < cols; ++i) {
+    if (s.x[i] >= threshold) {
+      s.tokens.push_back(Token{s.x[i], i});
+      if (static_cast<int64_t>(s.tokens.size()) >= 4 * k + 64) shrink();
+    }
+  }
   auto first = s.tokens.begin();
-  if (k < cols) std::nth_element(first, first + k, s.tokens.end(), ranks_before);
+  if (static_cast<int64_t>(s.tokens.size()) > k) std::nth_element(first, first + k, s.tokens.end(), ranks_before);
   std::sort(first, first + k, ranks_before);
   const float inv_t = p.inv_temperature;
   const int64_t kept = core::capped_keep_count([&](int64_t i) { return s.tokens[i].x * inv_t; }, k, p.rule,
@@ -120,20 +136,26 @@ void top_h_rows(const Rows& r, const TopHParams& p, bool* out) {
       bool* o = out + row * cols;
       std::fill(o, o + cols, false);
       bool undefined = false;
+      float row_max = core::neg_infinity();
       for (int64_t i = 0; i < cols; ++i) {
         const float x = static_cast<float>(src[i]);
         s.x[i] = x;
         s.z[i] = x * p.inv_temperature;
         undefined = undefined || std::isnan(x) || x == std::numeric_limits<float>::infinity();
+        row_max = std::max(row_max, x);
       }
       if (undefined) continue;  // all False
-      core::SoftmaxState st = core::empty_state();
-      for (int64_t i = 0; i < cols; i += 4096) {
-        core::accumulate(st, s.z.data() + i, static_cast<int>(std::min<int64_t>(4096, cols - i)));
-      }
-      if (st.max == core::neg_infinity()) {
+      if (row_max == core::neg_infinity()) {
         o[0] = true;  // all -inf: the at-least-one token is the first one
         continue;
+      }
+      // The softmax state (full-vocabulary normaliser and entropy): not
+      // needed by "hf", whose normaliser is over the K selected tokens.
+      core::SoftmaxState st = core::empty_state();
+      if (p.rule != core::TopHRule::hf) {
+        for (int64_t i = 0; i < cols; i += 4096) {
+          core::accumulate(st, s.z.data() + i, static_cast<int>(std::min<int64_t>(4096, cols - i)));
+        }
       }
       if (p.rule == core::TopHRule::exact) {
         exact_row(s, cols, p, st, o);
