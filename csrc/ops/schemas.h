@@ -26,6 +26,10 @@ inline void define_schemas(torch::Library& m) {
   m.def("log_softmax_backward(Tensor grad, Tensor output, float temperature) -> Tensor");
   m.def("logsumexp_backward(Tensor grad, Tensor x, float temperature) -> Tensor");
   m.def("entropy_backward(Tensor grad, Tensor logits, float temperature) -> Tensor");
+  // Top-H truncation (shared/notes/top-h.md): the boolean keep mask of each
+  // row under rule "hf", "official" or "exact"; cap = -1: the rule's default
+  // (100) for the capped rules, ignored by "exact". Not differentiable.
+  m.def("top_h_mask(Tensor logits, float alpha, float temperature=1.0, str rule=\"hf\", int cap=-1) -> Tensor");
 }
 
 }  // namespace logitkit

@@ -11,9 +11,12 @@ from .ops import (
     logsumexp,
     merge_stats,
     softmax,
+    sample,
     softmax_stats,
     stats_entropy,
     stats_logsumexp,
+    top_h,
+    top_h_mask,
 )
 from ._build_config import VERSION as __version__
 
@@ -24,7 +27,10 @@ __all__ = [
     "logsumexp",
     "merge_stats",
     "softmax",
+    "sample",
     "softmax_stats",
     "stats_entropy",
     "stats_logsumexp",
+    "top_h",
+    "top_h_mask",
 ]

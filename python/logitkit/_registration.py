@@ -27,6 +27,21 @@ def check_temperature(temperature: float, op: str) -> None:
         raise ValueError(f"logitkit.{op}: temperature must be a finite number > 0, got {temperature}")
 
 
+TOP_H_RULES = ("hf", "official", "exact")
+
+
+def check_top_h_args(logits: torch.Tensor, alpha: float, temperature: float, rule: str, cap: int) -> None:
+    """The argument checks of top_h_mask, with the C++ kernels' messages."""
+    check_logits(logits, "top_h_mask", "logits")
+    if not (alpha > 0 and alpha <= 1):
+        raise ValueError(f"logitkit.top_h_mask: alpha must be in (0, 1], got {alpha}")
+    check_temperature(temperature, "top_h_mask")
+    if rule not in TOP_H_RULES:
+        raise ValueError(f"logitkit.top_h_mask: rule must be 'hf', 'official' or 'exact', got '{rule}'")
+    if cap != -1 and cap < 1:
+        raise ValueError(f"logitkit.top_h_mask: cap must be >= 1 (or -1 for the rule's default), got {cap}")
+
+
 def _register(ns: str) -> None:
     ops = getattr(torch.ops, ns)
     lib = f"{ns}::"
@@ -76,6 +91,11 @@ def _register(ns: str) -> None:
     backward_fake("log_softmax_backward", "output", per_row_grad=False)
     backward_fake("logsumexp_backward", "x", per_row_grad=True)
     backward_fake("entropy_backward", "x", per_row_grad=True)
+
+    @torch.library.register_fake(lib + "top_h_mask")
+    def _(logits, alpha, temperature=1.0, rule="hf", cap=-1):
+        check_top_h_args(logits, alpha, temperature, rule, cap)
+        return logits.new_empty(logits.shape, dtype=torch.bool)
 
     # ---- autograd -----------------------------------------------------------
     def save_output(ctx, inputs, output):

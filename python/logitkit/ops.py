@@ -120,3 +120,102 @@ def stats_entropy(stats: torch.Tensor) -> torch.Tensor:
     m, s, b = stats.unbind(-1)
     h = torch.log(s) - b / s
     return torch.where(m == float("inf"), torch.full_like(h, float("nan")), h)
+
+
+# ---------------------------------------------------------------------------
+# Top-H truncation
+# ---------------------------------------------------------------------------
+
+
+def top_h_mask(
+    logits: torch.Tensor,
+    alpha: float,
+    *,
+    temperature: float = 1.0,
+    rule: str = "hf",
+    cap: int | None = None,
+) -> torch.Tensor:
+    """The boolean keep mask of Top-H truncation, same shape as ``logits``.
+
+    Rules (exact definitions in shared/notes/top-h.md), with z = logits / T:
+
+    * ``"hf"``: transformers' ``TopHLogitsWarper(top_h=alpha)`` applied to
+      ``logits / temperature`` (in transformers' chain it runs after the
+      temperature warper, so pass the raw logits and the temperature here):
+      the K = min(cap, V) largest z, q = softmax over those K only, keep the
+      sorted prefix whose cumulative sum of -q log q is <= alpha * H(q).
+    * ``"official"``: the authors' reference processor: p = softmax(z) over the
+      whole vocabulary, the K most probable tokens, keep the longest sorted
+      prefix with sum -p log p <= alpha * (the same sum over the K tokens).
+    * ``"exact"``: the paper's objective over the whole vocabulary (no cap):
+      the largest sorted prefix whose renormalised entropy is <= alpha * H(p).
+
+    ``cap`` (default 100) applies to "hf" and "official" and is ignored by
+    "exact". At least one token (the most probable) is always kept; a token of
+    probability exactly 0 (in float32) is never kept otherwise. Ties: among
+    equal logits the lower vocabulary index ranks first. A row holding NaN or
+    +inf has no defined distribution: its mask is all False. A row of only
+    -inf keeps token 0. ``alpha`` must be in (0, 1], ``temperature`` > 0.
+    Not differentiable.
+    """
+    return _ops.top_h_mask(logits, float(alpha), float(temperature), str(rule), -1 if cap is None else int(cap))
+
+
+def top_h(
+    logits: torch.Tensor,
+    alpha: float,
+    *,
+    temperature: float = 1.0,
+    rule: str = "hf",
+    cap: int | None = None,
+    filter_value: float = float("-inf"),
+) -> torch.Tensor:
+    """Top-H truncation: ``logits`` (unchanged, not divided by the temperature)
+    where :func:`top_h_mask` keeps the token, ``filter_value`` elsewhere."""
+    mask = top_h_mask(logits, alpha, temperature=temperature, rule=rule, cap=cap)
+    return torch.where(mask, logits, torch.tensor(filter_value, dtype=logits.dtype, device=logits.device))
+
+
+def sample(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_h: float | None = None,
+    rule: str = "hf",
+    cap: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draws one token per row from softmax(logits / temperature), restricted to
+    the Top-H kept set when ``top_h`` (alpha) is given (plain temperature
+    sampling otherwise).
+
+    Shape (..., V) -> (...), int64. One uniform number per row comes from
+    ``generator`` (or torch's default generator of the device), so the same
+    generator state gives the same tokens; rows are independent. The draw is an
+    inverse-CDF lookup (``searchsorted`` into the cumulative kept probabilities)
+    without any host synchronisation. A row without a defined distribution (NaN
+    or +inf logits) gives -1.
+    """
+    from ._registration import check_logits, check_temperature
+
+    check_logits(logits, "sample", "logits")
+    check_temperature(float(temperature), "sample")
+    z = logits.float() / temperature
+    if top_h is not None:
+        keep = top_h_mask(logits, top_h, temperature=temperature, rule=rule, cap=cap)
+        z = z.masked_fill(~keep, float("-inf"))
+    else:
+        keep = ~(torch.isnan(z) | (z == float("inf"))).any(-1, keepdim=True).expand_as(z)
+    probs = torch.softmax(z, -1)
+    cdf = torch.cumsum(probs, -1)
+    u = torch.rand(logits.shape[:-1] + (1,), generator=generator, device=logits.device, dtype=torch.float32)
+    # u * total guards against a last cumulative value slightly below 1.
+    token = torch.searchsorted(cdf, u * cdf[..., -1:], right=True).squeeze(-1)
+    # Dropped tokens have probability 0, so the cumulative sum is flat over
+    # them and searchsorted lands on a kept token; only u * total rounding up
+    # to the total could run past the end: take the last kept token then.
+    positions = torch.arange(logits.shape[-1], device=logits.device)
+    last_kept = torch.where(probs > 0, positions, torch.zeros_like(positions)).amax(-1)
+    token = torch.minimum(token, last_kept)
+    defined = keep.any(-1)
+    return torch.where(defined, token, torch.full_like(token, -1))

@@ -1,0 +1,420 @@
+// CUDA kernel of top_h_mask (rules "hf", "official", "exact"; definitions in
+// shared/notes/top-h.md, shared math in csrc/core/top_h.h), registered for the
+// CUDA key of `logitkit`. Like row_ops.cu, this file is also compiled by the
+// host compiler through the SIMT emulator (csrc/emu/top_h_emulated.cpp) and
+// registered for CPU tensors under `logitkit_emulated`.
+//
+// Design: one block per row, no sort of the vocabulary. Tokens are compared by
+// 32-bit orderable keys of their logit (core::orderable_key), ties broken by
+// the lower index. The cut is found by a radix selection over the key bits in
+// three digits (11 + 11 + 10 bits): each digit pass builds a 2048-bin shared
+// histogram of the tokens whose key matches the digits fixed so far, then one
+// thread walks the bins from the largest key down, accumulating the rule's
+// statistics, and fixes the bin where the rule's predicate first fails.
+//   * capped rules: the predicate is "more than K tokens" (select the top K);
+//     bins hold counts. The K selected keys are then gathered into shared
+//     memory, sorted there (rank sort, K <= kMaxCudaCap) and scanned
+//     (core::capped_keep_count), which fixes the final cut.
+//   * "exact": the predicate is H(q_S) > alpha H(p), with
+//     H(q_S) = log E_S - D_S / E_S (core::renormalised_entropy); bins hold
+//     (count, sum e, sum d e) with e = exp(z - m), d = z - m, the reference m
+//     coming from the softmax state of pass 1. H(q_S) increases with S (note),
+//     so the first failing bin holds the cut.
+// "exact" stops early once the cut bin holds a single token (that token is
+// then dropped); the capped rules always resolve all digits, and gather the
+// selected keys during the last digit pass: keys above the candidate range
+// directly, keys inside it from the last histogram (whose bins are single key
+// values). At the last digit the cut bin is a single key value (a tie
+// group): the rule says how many of it to keep (j), and the write pass keeps
+// the j lowest indices of the group by an ordered block-wide count.
+//
+// Passes over the row (reads of the logits; every pass is a streaming read):
+//   pass 1     softmax state (max, sum exp, sum shifted) [+ the first digit
+//              histogram for the capped rules, which need no reference max]
+//   digits     "exact": up to 3 histogram passes (early exit);
+//              capped: 2 more (digits 2 and 3, the last one also gathering),
+//              or, when V <= K, none and one gather pass instead
+//   write      the mask (reads the row once more)
+// Worst case: capped rules 4 (1 + 2 + write); "exact" 5 (1 + 3 + write),
+// typically 3-4 because the cut bin usually holds one token after the first
+// or second digit. (Issue target: 4; "exact" misses it in the worst case: its
+// first digit needs the reference max m of pass 1 for its bin sums.)
+//
+// fp32 arithmetic (shared-memory float atomics for the bin sums, so the sums'
+// rounding, not the kept set on tie-free rows away from the boundary, can vary
+// between runs), 64-bit element indices, rows up to 2^31 - 1 elements.
+#include <algorithm>
+
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "../common/top_h_frontend.h"
+#include "../core/top_h.h"
+#include "../simt/device_context.h"
+#include "row_kernels.cuh"
+
+namespace logitkit::kernels {
+
+// Largest K the capped rules support on CUDA (shared-memory candidate list).
+constexpr int64_t kMaxCudaCap = 2048;
+
+constexpr int kDigitCount = 3;
+constexpr int kBins = 2048;
+
+LK_DEVICE inline int digit_shift(int level) { return level == 0 ? 21 : (level == 1 ? 10 : 0); }
+LK_DEVICE inline int digit_bits(int level) { return level == 2 ? 10 : 11; }
+
+LK_DEVICE inline int popcount32(unsigned v) {
+#if LK_EMULATED_CUDA
+  return __builtin_popcount(v);
+#else
+  return __popc(v);
+#endif
+}
+
+// Statistics of a set of tokens, accumulated over bins.
+struct BinTotals {
+  int64_t count;
+  float e;  // sum exp(z - m)       ("exact" only)
+  float d;  // sum (z - m) exp(z - m)
+};
+
+// Result of the selection, in shared memory.
+struct Cut {
+  uint64_t full_from;  // keys >= full_from are kept (64-bit: "none" is 2^32)
+  uint32_t tie_key;    // tokens with this key: the first tie_keep by index are kept
+  int64_t tie_keep;
+  int64_t tie_total;   // tokens with tie_key in the row
+  int64_t selected;    // capped rules: tokens with key >= full_from
+  int done;            // 0 while searching, then 1 + the digit level that resolved the cut
+};
+
+// The rule's predicate over the statistics of a candidate prefix set.
+struct CountPredicate {
+  int64_t k;
+  LK_DEVICE bool exceeds(const BinTotals& t) const { return t.count > k; }
+  // No early stop: the capped rules always resolve all three digits, because
+  // the last digit's histogram then spells out the selected keys exactly (see
+  // the kernel), which saves the gather pass.
+  LK_DEVICE bool bin_fully_dropped(const BinTotals&, int64_t) const { return false; }
+  // How many tokens of a tie group (of `group` tokens with equal logit) fit.
+  LK_DEVICE int64_t tie_keep(const BinTotals& above, int64_t, float, float) const { return k - above.count; }
+};
+
+struct EntropyPredicate {
+  float budget;  // alpha H(p), see core::exact_budget
+  LK_DEVICE bool exceeds(const BinTotals& t) const {
+    return t.e > 0.0f && core::renormalised_entropy(t.e, t.d) > budget;
+  }
+  // The failing bin's single token would exceed the budget on its own.
+  LK_DEVICE bool bin_fully_dropped(const BinTotals&, int64_t bin_count) const { return bin_count == 1; }
+  // Largest j in [0, group] with H(above + j tokens of (e, d)) <= budget
+  // (monotone in j: binary search).
+  LK_DEVICE int64_t tie_keep(const BinTotals& above, int64_t group, float e, float d) const {
+    int64_t lo = 0, hi = group;
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo + 1) / 2;
+      const float es = above.e + static_cast<float>(mid) * e;
+      const float ds = above.d + static_cast<float>(mid) * d * e;
+      if (core::renormalised_entropy(es, ds) <= budget) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    return lo;
+  }
+};
+
+// Block-wide ordered count: every thread passes a flag for element
+// base + threadIdx.x of one tile; returns the number of flagged elements of
+// the tile before it (in index order), and adds the tile's total to `running`
+// (same value in every thread). `warp_counts` is shared, kMaxWarpsPerBlock.
+LK_DEVICE inline int64_t ordered_rank(bool flag, int64_t& running, int* warp_counts) {
+  const unsigned ballot = __ballot_sync(simt::warp_live_mask(), flag);
+  const int lane = simt::lane_rank();
+  const int below_in_warp = popcount32(ballot & ((1u << lane) - 1u));
+  if (lane == 0) warp_counts[simt::warp_rank()] = popcount32(ballot);
+  __syncthreads();
+  int64_t before = running, total = running;
+  for (int w = 0; w < simt::warps_per_block(); ++w) {
+    if (w < simt::warp_rank()) before += warp_counts[w];
+    total += warp_counts[w];
+  }
+  __syncthreads();  // warp_counts is rewritten by the next tile
+  running = total;
+  return before + below_in_warp;
+}
+
+template <class scalar_t>
+LK_DEVICE inline float load_logit(const scalar_t* row, int64_t i) {
+  return static_cast<float>(row[i]);
+}
+
+// The radix-selection step after one digit's histogram: one thread walks the
+// bins from the top. `above` holds the totals of the tokens above the current
+// candidate range and is updated to the tokens above the failing bin.
+template <class Predicate>
+LK_DEVICE inline void walk_bins(const Predicate& pred, int level, uint32_t& prefix, BinTotals& above,
+                                const unsigned* bin_count, const float* bin_e, const float* bin_d, float m, float inv_t,
+                                Cut& cut) {
+  const int shift = digit_shift(level);
+  const int bins = 1 << digit_bits(level);
+  const int prefix_shift = shift + digit_bits(level);
+  for (int b = bins - 1; b >= 0; --b) {
+    BinTotals with = above;
+    with.count += bin_count[b];
+    with.e += bin_e[b];
+    with.d += bin_d[b];
+    if (!pred.exceeds(with)) {
+      above = with;
+      continue;
+    }
+    const uint32_t bin_prefix = (prefix << digit_bits(level)) | static_cast<uint32_t>(b);
+    if (level == kDigitCount - 1) {
+      // A single key value: keep the first j tokens of its tie group.
+      const float z = core::key_to_float(bin_prefix) * inv_t;
+      const float d = z - m;
+      cut.full_from = static_cast<uint64_t>(bin_prefix) + 1;
+      cut.tie_key = bin_prefix;
+      cut.tie_total = bin_count[b];
+      cut.tie_keep = pred.tie_keep(above, bin_count[b], expf(d), d);
+      cut.selected = above.count;
+      cut.done = level + 1;
+    } else if (pred.bin_fully_dropped(above, bin_count[b])) {
+      cut.full_from = (static_cast<uint64_t>(bin_prefix) + 1) << shift;
+      cut.selected = above.count;
+      cut.done = level + 1;
+    } else {
+      prefix = bin_prefix;  // refine inside this bin with the next digit
+    }
+    return;
+  }
+  // Every candidate fits: keep all keys with the current prefix.
+  cut.full_from = level == 0 ? 0 : static_cast<uint64_t>(prefix) << prefix_shift;
+  cut.selected = above.count;
+  cut.done = level + 1;
+}
+
+template <class scalar_t>
+__global__ void top_h_kernel(RowsView<scalar_t> rows, int64_t cols, core::TopHRule rule, float alpha, float inv_t,
+                             int64_t k, bool* mask) {
+  const bool capped = rule != core::TopHRule::exact;
+  const int64_t row = blockIdx.x;
+  const scalar_t* x = rows.row(row);
+  bool* out = mask + row * cols;
+  const int64_t tid = threadIdx.x;
+  const int64_t stride = blockDim.x;
+
+  __shared__ unsigned bin_count[kBins];
+  __shared__ float bin_e[kBins];
+  __shared__ float bin_d[kBins];
+  __shared__ core::SoftmaxState scratch[simt::kReduceScratchSize];
+  __shared__ int warp_counts[simt::kMaxWarpsPerBlock];
+  __shared__ Cut cut;
+  __shared__ int gathered;
+  LK_DYNAMIC_SHARED(uint32_t, candidates);  // 2 * k keys (capped rules)
+  uint32_t* sorted = candidates + k;
+
+  auto clear_bins = [&] {
+    for (int64_t b = tid; b < kBins; b += stride) {
+      bin_count[b] = 0;
+      bin_e[b] = 0.0f;
+      bin_d[b] = 0.0f;
+    }
+  };
+
+  // ---- pass 1: softmax state (+ first digit counts for the capped rules) ----
+  clear_bins();
+  __syncthreads();
+  core::SoftmaxState st = core::empty_state();
+  for (int64_t i = tid; i < cols; i += stride) {
+    const float xv = load_logit(x, i);
+    const float z = xv * inv_t;
+    core::accumulate(st, &z, 1);
+    if (capped) atomicAdd(&bin_count[core::orderable_key(xv) >> digit_shift(0)], 1u);
+  }
+  st = simt::block_reduce(st, [](const core::SoftmaxState& a, const core::SoftmaxState& b) { return core::merge(a, b); },
+                          core::empty_state(), scratch);
+  const float m = st.max;
+  if (st.sum_exp != st.sum_exp || m == core::pos_infinity()) {
+    // NaN or +inf in the row: no defined distribution, nothing is kept.
+    for (int64_t i = tid; i < cols; i += stride) out[i] = false;
+    return;
+  }
+  if (m == core::neg_infinity()) {
+    for (int64_t i = tid; i < cols; i += stride) out[i] = i == 0;  // all -inf: keep token 0
+    return;
+  }
+
+  // ---- digit passes: radix selection of the cut ----
+  const CountPredicate count_pred{k};
+  const EntropyPredicate entropy_pred{core::exact_budget(alpha, core::entropy(st))};
+  uint32_t prefix = 0;  // digits fixed so far (same in every thread: read back from shared memory)
+  __shared__ uint32_t shared_prefix;
+  __shared__ BinTotals above;
+  if (tid == 0) {
+    above = BinTotals{0, 0.0f, 0.0f};
+    cut = Cut{0, 0, 0, 0, 0, 0};
+    shared_prefix = 0;
+    gathered = 0;
+  }
+  for (int level = 0; level < kDigitCount; ++level) {
+    if (level > 0 || !capped) {
+      __syncthreads();  // previous readers of the bins are done
+      clear_bins();
+      __syncthreads();
+      const int shift = digit_shift(level);
+      const int prefix_shift = shift + digit_bits(level);
+      for (int64_t i = tid; i < cols; i += stride) {
+        const float xv = load_logit(x, i);
+        const uint32_t key = core::orderable_key(xv);
+        if (level > 0 && (key >> prefix_shift) != prefix) {
+          // Capped rules, last digit: keys above the candidate range are
+          // selected for sure; collect them now (no separate gather pass).
+          if (capped && level == kDigitCount - 1 && (key >> prefix_shift) > prefix) {
+            candidates[atomicAdd(&gathered, 1)] = key;
+          }
+          continue;
+        }
+        const int bin = static_cast<int>((key >> shift) & ((1u << digit_bits(level)) - 1u));
+        if (capped) {
+          atomicAdd(&bin_count[bin], 1u);
+        } else {
+          const float d = xv * inv_t - m;
+          const float e = expf(d);
+          if (e == 0.0f) continue;  // zero probability: never a candidate
+          atomicAdd(&bin_count[bin], 1u);
+          atomicAdd(&bin_e[bin], e);
+          atomicAdd(&bin_d[bin], d * e);
+        }
+      }
+    }
+    __syncthreads();
+    if (tid == 0) {
+      if (capped) {
+        walk_bins(count_pred, level, shared_prefix, above, bin_count, bin_e, bin_d, m, inv_t, cut);
+      } else {
+        walk_bins(entropy_pred, level, shared_prefix, above, bin_count, bin_e, bin_d, m, inv_t, cut);
+      }
+    }
+    __syncthreads();
+    if (cut.done) break;
+    prefix = shared_prefix;
+  }
+
+  if (capped) {
+    // ---- the K selected keys, then sort and scan them ----
+    if (cut.done == kDigitCount) {
+      // Resolved at the last digit: the keys above the candidate range were
+      // gathered during that pass, and the last histogram holds each key of
+      // the range exactly (bin b <-> key prefix * 1024 + b), with counts.
+      if (tid == 0) {
+        int64_t n = gathered;
+        const uint32_t range_base = cut.tie_key & ~1023u;
+        for (uint32_t b = 1023; b > (cut.tie_key & 1023u); --b) {
+          for (unsigned c = 0; c < bin_count[b]; ++c) candidates[n++] = range_base | b;
+        }
+        for (int64_t j = 0; j < cut.tie_keep; ++j) candidates[n++] = cut.tie_key;
+      }
+    } else {
+      // Resolved at the first digit (V <= K: every token is selected): one
+      // gather pass.
+      for (int64_t i = tid; i < cols; i += stride) {
+        const uint32_t key = core::orderable_key(load_logit(x, i));
+        if (key >= cut.full_from) candidates[atomicAdd(&gathered, 1)] = key;
+      }
+    }
+    __syncthreads();
+    // Rank sort, descending (equal keys in slot order): K^2 / threads compares.
+    for (int64_t a = tid; a < k; a += stride) {
+      int64_t rank = 0;
+      for (int64_t b = 0; b < k; ++b) {
+        rank += candidates[b] > candidates[a] || (candidates[b] == candidates[a] && b < a);
+      }
+      sorted[rank] = candidates[a];
+    }
+    __syncthreads();
+    if (tid == 0) {
+      const int64_t kept = core::capped_keep_count(
+          [&](int64_t i) { return core::key_to_float(sorted[i]) * inv_t; }, k, rule, core::log_sum_exp(st), alpha);
+      const uint32_t last = sorted[kept - 1];
+      int64_t equal_kept = 0, equal_selected = 0;
+      for (int64_t i = 0; i < k; ++i) {
+        equal_selected += sorted[i] == last;
+        equal_kept += i < kept && sorted[i] == last;
+      }
+      // Tokens with key `last` in the row: all of them were selected unless
+      // `last` is the tie key at the K boundary.
+      const int64_t total = (cut.tie_keep > 0 && last == cut.tie_key) ? cut.tie_total : equal_selected;
+      cut.full_from = static_cast<uint64_t>(last) + 1;
+      cut.tie_key = last;
+      cut.tie_keep = equal_kept;
+      cut.tie_total = total;
+    }
+    __syncthreads();
+  }
+
+  // ---- write pass ----
+  const uint64_t full_from = cut.full_from;
+  const uint32_t tie_key = cut.tie_key;
+  const int64_t tie_keep = cut.tie_keep;
+  const bool need_rank = tie_keep > 0 && tie_keep < cut.tie_total;
+  int64_t running = 0;
+  for (int64_t base = 0; base < cols; base += stride) {
+    const int64_t i = base + tid;
+    const bool valid = i < cols;
+    const float xv = valid ? load_logit(x, i) : 0.0f;
+    const uint32_t key = core::orderable_key(xv);
+    // "exact" never keeps a zero probability (they were not candidates).
+    const bool positive = capped || expf(xv * inv_t - m) > 0.0f;
+    bool keep = valid && positive && key >= full_from;
+    const bool tie = valid && positive && key == tie_key && tie_keep > 0;
+    if (need_rank) {
+      const int64_t rank = ordered_rank(tie, running, warp_counts);  // a block-wide collective: all threads call it
+      keep = keep || (tie && rank < tie_keep);
+    } else {
+      keep = keep || tie;
+    }
+    if (valid) out[i] = keep;
+  }
+}
+
+}  // namespace logitkit::kernels
+
+namespace logitkit::cuda_impl {
+namespace {
+
+struct CudaTopHBackend {
+  template <class scalar_t>
+  static void top_h_mask(const Rows& r, const TopHParams& p, bool* out) {
+    TORCH_CHECK_VALUE(r.rows <= 2147483647LL, "logitkit.top_h_mask: at most 2^31 - 1 rows are supported on CUDA");
+    TORCH_CHECK_VALUE(r.cols <= 2147483647LL, "logitkit.top_h_mask: at most 2^31 - 1 tokens per row on CUDA");
+    const bool capped = p.rule != core::TopHRule::exact;
+    TORCH_CHECK_VALUE(!capped || p.k <= kernels::kMaxCudaCap, "logitkit.top_h_mask: cap at most ",
+                      kernels::kMaxCudaCap, " is supported on CUDA, got ", p.k);
+    const simt::DeviceContext ctx(r.tensor);
+#if LK_EMULATED_CUDA
+    const int threads = simt::emulated_launch_shape().threads_per_block.load();
+#else
+    const int threads = r.cols >= 16384 ? 1024 : (r.cols >= 2048 ? 512 : 128);
+#endif
+    const size_t shared_bytes = capped ? static_cast<size_t>(2 * p.k) * sizeof(uint32_t) : 0;
+    const kernels::RowsView<scalar_t> view{r.tensor.data_ptr<scalar_t>(), r.row_stride};
+    auto* kernel = &kernels::top_h_kernel<scalar_t>;
+    LK_LAUNCH_KERNEL(kernel, dim3(static_cast<unsigned>(r.rows)), dim3(threads), shared_bytes, ctx.stream(), view,
+                     r.cols, p.rule, p.alpha, p.inv_temperature, p.k, out);
+    ctx.check_launch();
+  }
+};
+
+}  // namespace
+}  // namespace logitkit::cuda_impl
+
+#if LK_EMULATED_CUDA
+#define LOGITKIT_TOP_H_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(logitkit_emulated, CPU, m)
+#else
+#define LOGITKIT_TOP_H_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(logitkit, CUDA, m)
+#endif
+
+LOGITKIT_TOP_H_LIBRARY_IMPL(m) { logitkit::TopHFrontend<logitkit::cuda_impl::CudaTopHBackend>::register_all(m); }

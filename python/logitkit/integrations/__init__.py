@@ -1,0 +1,1 @@
+"""Optional integrations of logitkit with other libraries (imported lazily)."""

@@ -1,0 +1,395 @@
+"""Tests of Top-H truncation (logitkit.top_h / top_h_mask) on every backend:
+CPU kernels, the CUDA kernel run through the SIMT emulator, and real CUDA
+when present. The references below follow shared/notes/top-h.md literally:
+they sort (stable: among equal logits the lower index first) and scan, in
+float64."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import logitkit
+from logitkit import _loader
+
+# ---------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------
+
+BACKENDS = ["cpu", "emulated"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def run_mask(backend, x, alpha, temperature=1.0, rule="hf", cap=-1):
+    if backend == "cpu":
+        return torch.ops.logitkit.top_h_mask(x, alpha, temperature, rule, cap)
+    if backend == "emulated":
+        if _loader._C_emulated is None:
+            pytest.skip("emulated CUDA module not built")
+        return torch.ops.logitkit_emulated.top_h_mask(x, alpha, temperature, rule, cap)
+    return torch.ops.logitkit.top_h_mask(x.cuda(), alpha, temperature, rule, cap).cpu()
+
+
+@pytest.fixture(autouse=True)
+def _emulator_shape():
+    if _loader._C_emulated is not None:
+        # 80 threads: the last warp is partial; random start order with yields.
+        _loader._C_emulated.configure(threads_per_block=80, max_elements_per_block=0, schedule="random", seed=7)
+    yield
+    if _loader._C_emulated is not None:
+        _loader._C_emulated.configure()
+
+
+# ---------------------------------------------------------------------------
+# float64 references: (sorted order, kept count, criterion c_k, threshold tau)
+# with "keep sorted token k iff c_k <= tau" (a prefix), token 0 always kept and
+# zero probabilities (in float32) never kept.
+# ---------------------------------------------------------------------------
+
+
+def _h(p):
+    return torch.where(p > 0, -p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p))
+
+
+def reference(x, alpha, temperature, rule, cap=-1):
+    """x: 1-D row. Returns (order, kept, c, tau, positive)."""
+    order = torch.sort(x.double(), descending=True, stable=True).indices
+    z = x.double()[order] / temperature
+    V = x.numel()
+    if rule in ("hf", "official"):
+        K = min(100 if cap == -1 else cap, V)
+        order, z = order[:K], z[:K]
+        p = torch.softmax(z, 0) if rule == "hf" else torch.softmax(x.double() / temperature, 0)[order]
+        h = _h(p)
+        tau = alpha * h.sum().item()
+        c = torch.cumsum(h, 0)
+    else:
+        p = torch.softmax(z, 0)
+        h = _h(p)
+        tau = math.inf if alpha == 1.0 else alpha * h.sum().item()
+        mass = torch.cumsum(p, 0)
+        c = torch.cumsum(h, 0) / mass + torch.log(mass)
+    positive = p.float() > 0
+    ok = (c <= tau) & positive
+    ok[0] = True
+    fails = (~ok).nonzero()
+    kept = int(fails[0]) if fails.numel() else ok.numel()
+    return order, kept, c, tau, positive
+
+
+def assert_matches_reference(mask_row, x, alpha, temperature, rule, cap=-1, tol=1e-4):
+    if x.numel() and (torch.isnan(x).any() or (x == math.inf).any()):
+        assert not mask_row.any()
+        return
+    if x.numel() and (x == -math.inf).all():
+        assert mask_row.tolist() == [True] + [False] * (x.numel() - 1)
+        return
+    order, kept, c, tau, positive = reference(x, alpha, temperature, rule, cap)
+    got = int(mask_row.sum())
+    expected_set = torch.zeros_like(mask_row)
+    expected_set[order[:got]] = True
+    assert torch.equal(mask_row, expected_set), f"kept set is not the top-{got} prefix of the sorted order ({rule})"
+    if got != kept:
+        # Only acceptable when the criterion is within rounding of tau at the cut.
+        lo, hi = min(got, kept), max(got, kept)
+        for k in range(lo, hi):
+            assert bool(positive[k]), f"{rule}: kept {got}, reference {kept} (zero-probability token)"
+            assert abs(c[k].item() - tau) <= tol * (1 + abs(tau)), (
+                f"{rule}: kept {got} tokens, reference {kept}; c[{k}]={c[k].item():.9g} tau={tau:.9g}"
+            )
+
+
+# ---------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------
+
+
+def make_rows(V, temperature, seed):
+    """A few rows of one shape: plain, wide, peaked (probabilities underflow to
+    0 after the top 3), and with -inf entries."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randn(V, generator=g) * 2, torch.randn(V, generator=g) * 6]
+    peaked = torch.randn(V, generator=g)
+    peaked[: min(3, V)] += 150 * temperature
+    rows.append(peaked)
+    masked = torch.randn(V, generator=g) * 3
+    masked[torch.rand(V, generator=g) < 0.3] = -math.inf
+    if V > 1:
+        masked[V // 2] = 4.0  # at least one finite entry
+    rows.append(masked)
+    return torch.stack(rows)
+
+
+TEMPERATURES = [0.3, 0.7, 1.0, 1.5, 3.0]
+
+
+def _check_rows(backend, x, alpha, T, rule, cap=-1):
+    mask = run_mask(backend, x, alpha, T, rule, cap)
+    assert mask.dtype == torch.bool and mask.shape == x.shape
+    for r in range(x.shape[0]):
+        assert_matches_reference(mask[r], x[r], alpha, T, rule, cap)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rule", ["hf", "official", "exact"])
+@pytest.mark.parametrize("V", [1, 2, 99, 100, 101, 1000])
+@pytest.mark.parametrize("alpha", [0.05, 0.4, 0.9, 1.0])
+def test_against_reference(backend, rule, V, alpha):
+    T = TEMPERATURES[(V + int(alpha * 100)) % len(TEMPERATURES)]
+    x = make_rows(V, T, seed=V * 31 + int(alpha * 1000))
+    _check_rows(backend, x, alpha, T, rule)
+
+
+@pytest.mark.parametrize("rule", ["hf", "official", "exact"])
+@pytest.mark.parametrize("T", TEMPERATURES)
+def test_large_vocab_cpu(rule, T):
+    x = make_rows(50257, T, seed=int(T * 10))
+    _check_rows("cpu", x, 0.4, T, rule)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rule", ["hf", "official"])
+def test_cap(backend, rule):
+    x = make_rows(300, 1.0, seed=3)
+    for cap in (1, 7, 250, 1000):
+        _check_rows(backend, x, 0.7, 1.0, rule, cap)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rule", ["hf", "official", "exact"])
+def test_emulated_multi_tile_and_schedules(backend, rule):
+    """Rows longer than many tiles, various block sizes and thread orders."""
+    if backend != "emulated":
+        pytest.skip("emulator-specific launch shapes")
+    x = make_rows(700, 1.5, seed=11)
+    for threads, schedule in ((32, "in_order"), (45, "reversed"), (96, "random")):
+        _loader._C_emulated.configure(threads_per_block=threads, schedule=schedule, seed=threads)
+        _check_rows(backend, x, 0.6, 1.5, rule)
+
+
+# ---------------------------------------------------------------------------
+# transformers' own TopHLogitsWarper (rule "hf")
+# ---------------------------------------------------------------------------
+
+
+def _transformers_warper():
+    try:
+        from transformers.generation.logits_process import TopHLogitsWarper
+    except Exception:  # pragma: no cover - transformers missing or too old
+        return None
+    return TopHLogitsWarper
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("V", [2, 99, 100, 101, 1000])
+@pytest.mark.parametrize("alpha", [0.05, 0.4, 0.9, 1.0])
+def test_hf_against_transformers(backend, V, alpha):
+    Warper = _transformers_warper()
+    if Warper is None:
+        pytest.skip("transformers with TopHLogitsWarper is not installed")
+    T = 1.5
+    g = torch.Generator().manual_seed(V + int(alpha * 100))
+    x = torch.randn(6, V, generator=g) * 3
+    theirs = Warper(top_h=alpha)(torch.zeros(6, 1, dtype=torch.long), x / T) != -math.inf
+    ours = run_mask(backend, x, alpha, T, "hf")
+    diff = (ours != theirs).sum(-1)
+    # alpha = 1: float32 rounding of their cumulative sum may drop the last token (note).
+    assert int(diff.max()) <= (1 if alpha == 1.0 else 0), diff
+
+
+# ---------------------------------------------------------------------------
+# Ties, special rows, bad input
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rule", ["hf", "official", "exact"])
+def test_ties_lower_index_first(backend, rule):
+    g = torch.Generator().manual_seed(5)
+    rows = []
+    for _ in range(3):
+        x = torch.randint(-3, 4, (150,), generator=g).float()  # many exact ties everywhere
+        rows.append(x)
+    rows.append(torch.zeros(150))  # all equal
+    x = torch.stack(rows)
+    for alpha in (0.2, 0.5, 0.95):
+        _check_rows(backend, x, alpha, 1.0, rule)
+    # All-equal row: a prefix of the lowest indices is kept.
+    mask = run_mask(backend, x, 0.5, 1.0, rule)[3]
+    k = int(mask.sum())
+    assert k >= 1 and mask[:k].all() and not mask[k:].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rule", ["hf", "official", "exact"])
+def test_special_rows(backend, rule):
+    V = 130
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(6, V, generator=g)
+    x[1, 17] = math.nan
+    x[2, :] = -math.inf
+    x[3, 5] = math.inf
+    x[4, :] = -math.inf
+    x[4, 77] = 1.0  # a single finite token
+    x[5, 40] = 200.0  # one-hot after underflow
+    mask = run_mask(backend, x, 0.5, 1.0, rule)
+    assert not mask[1].any() and not mask[3].any()  # NaN / +inf: nothing kept
+    assert mask[2].tolist() == [True] + [False] * (V - 1)  # all -inf: token 0
+    assert mask[4].nonzero().flatten().tolist() == [77]
+    assert mask[5].nonzero().flatten().tolist() == [40]
+    # The NaN row does not affect the others.
+    clean = x.clone()
+    clean[1] = 0.0
+    clean[3] = 0.0
+    other = run_mask(backend, clean, 0.5, 1.0, rule)
+    for r in (0, 2, 4, 5):
+        assert torch.equal(mask[r], other[r])
+    for r in (0,):
+        assert_matches_reference(mask[r], x[r], 0.5, 1.0, rule)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dtypes_shapes_and_top_h(backend):
+    if backend == "emulated":
+        pytest.skip("the Python wrappers dispatch on the product namespace")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 257, generator=g) * 2
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        xd = x.to(dtype)
+        if backend == "cuda":
+            xd = xd.cuda()
+        mask = logitkit.top_h_mask(xd, 0.4, temperature=1.3, rule="exact")
+        assert mask.shape == x.shape
+        for r in range(6):
+            assert_matches_reference(mask.reshape(6, -1)[r].cpu(), xd.reshape(6, -1)[r].float().cpu(), 0.4, 1.3, "exact")
+        out = logitkit.top_h(xd, 0.4, temperature=1.3, rule="hf", filter_value=-1e4)
+        m2 = logitkit.top_h_mask(xd, 0.4, temperature=1.3, rule="hf")
+        assert out.dtype == dtype
+        assert torch.equal(out[m2], xd[m2]) and (out[~m2] == -1e4).all()
+    # Non-contiguous input (a slice of the last position).
+    seq = torch.randn(3, 5, 64, generator=g)
+    if backend == "cuda":
+        seq = seq.cuda()
+    assert torch.equal(logitkit.top_h_mask(seq[:, -1, :], 0.5), logitkit.top_h_mask(seq[:, -1, :].contiguous(), 0.5))
+    # Empty inputs.
+    assert logitkit.top_h_mask(torch.empty(0, 10), 0.5).shape == (0, 10)
+    assert logitkit.top_h_mask(torch.empty(3, 0), 0.5).shape == (3, 0)
+
+
+@pytest.mark.parametrize("ns", _loader.OP_NAMESPACES)
+def test_bad_input(ns):
+    op = getattr(torch.ops, ns).top_h_mask
+    x = torch.randn(2, 10)
+    for alpha in (0.0, -0.1, 1.5, math.nan):
+        with pytest.raises(ValueError, match="alpha"):
+            op(x, alpha, 1.0, "hf", -1)
+    for T in (0.0, -1.0, math.inf):
+        with pytest.raises(ValueError, match="temperature"):
+            op(x, 0.5, T, "hf", -1)
+    with pytest.raises(ValueError, match="rule"):
+        op(x, 0.5, 1.0, "top-p", -1)
+    with pytest.raises(ValueError, match="cap"):
+        op(x, 0.5, 1.0, "hf", 0)
+    with pytest.raises(TypeError, match="float32"):
+        op(torch.randint(0, 5, (2, 10)), 0.5, 1.0, "hf", -1)
+    with pytest.raises(ValueError, match="alpha"):
+        logitkit.top_h(x, 2.0)
+    with pytest.raises(ValueError, match="rule"):
+        logitkit.top_h_mask(x, 0.5, rule="nope")
+
+
+@pytest.mark.parametrize("ns", _loader.OP_NAMESPACES)
+def test_opcheck(ns):
+    op = getattr(torch.ops, ns).top_h_mask
+    g = torch.Generator().manual_seed(2)
+    for rule in ("hf", "official", "exact"):
+        x = torch.randn(3, 37, generator=g)
+        torch.library.opcheck(op, (x, 0.5, 1.2, rule, 10))
+
+
+def test_compile_fullgraph():
+    f = torch.compile(lambda x: logitkit.top_h(x, 0.4, temperature=1.5, rule="exact"), fullgraph=True)
+    x = torch.randn(4, 300)
+    assert torch.equal(f(x), logitkit.top_h(x, 0.4, temperature=1.5, rule="exact"))
+
+
+# ---------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", ["hf", "official", "exact"])
+def test_sample_chi_square(rule):
+    g = torch.Generator().manual_seed(123)
+    V, T, alpha = 12, 1.3, 0.8
+    x = torch.randn(V, generator=g) * 1.5
+    keep = logitkit.top_h_mask(x, alpha, temperature=T, rule=rule)
+    n = 40000
+    tokens = logitkit.sample(x.expand(n, V), temperature=T, top_h=alpha, rule=rule, generator=g)
+    counts = torch.bincount(tokens, minlength=V).double()
+    assert counts[~keep].sum() == 0  # never a dropped token
+    p = torch.softmax(torch.where(keep, x.double() / T, torch.tensor(-math.inf, dtype=torch.float64)), 0)
+    kept = keep.nonzero().flatten()
+    expected = p[kept] * n
+    chi2 = float(((counts[kept] - expected) ** 2 / expected).sum())
+    dof = max(1, kept.numel() - 1)
+    # 99.99% quantile of chi-square is below dof + 8 sqrt(2 dof) + 15 for these dof.
+    assert chi2 < dof + 8 * math.sqrt(2 * dof) + 15, (chi2, dof)
+
+
+def test_sample_reproducible_and_special_rows():
+    x = torch.randn(5, 300)
+    x[2, 4] = math.nan
+    a = logitkit.sample(x, temperature=0.8, top_h=0.5, generator=torch.Generator().manual_seed(9))
+    b = logitkit.sample(x, temperature=0.8, top_h=0.5, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(a, b) and a.shape == (5,) and a.dtype == torch.int64
+    assert a[2] == -1
+    keep = logitkit.top_h_mask(x, 0.5, temperature=0.8)
+    for r in (0, 1, 3, 4):
+        assert keep[r, a[r]]
+    plain = logitkit.sample(x[[0, 1]], temperature=2.0, generator=torch.Generator().manual_seed(1))
+    assert ((plain >= 0) & (plain < 300)).all()
+
+
+# ---------------------------------------------------------------------------
+# transformers integration
+# ---------------------------------------------------------------------------
+
+
+def test_transformers_processor_matches_theirs():
+    Warper = _transformers_warper()
+    if Warper is None:
+        pytest.skip("transformers with TopHLogitsWarper is not installed")
+    from logitkit.integrations.transformers import OfficialTopHLogitsWarper, TopHLogitsWarper
+
+    g = torch.Generator().manual_seed(4)
+    scores = torch.randn(4, 500, generator=g) * 2
+    ids = torch.zeros(4, 1, dtype=torch.long)
+    assert torch.equal(TopHLogitsWarper(0.4)(ids, scores), Warper(top_h=0.4)(ids, scores))
+    official = OfficialTopHLogitsWarper(0.4, temperature=1.5)(ids, scores)
+    assert torch.equal(official != -math.inf, logitkit.top_h_mask(scores, 0.4, temperature=1.5, rule="official"))
+
+
+def test_transformers_generate_same_tokens():
+    Warper = _transformers_warper()
+    if Warper is None:
+        pytest.skip("transformers with TopHLogitsWarper is not installed")
+    import transformers
+    from transformers import LogitsProcessorList
+
+    from logitkit.integrations.transformers import TopHLogitsWarper
+
+    config = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    outs = []
+    for proc in (TopHLogitsWarper(0.6), Warper(top_h=0.6)):
+        torch.manual_seed(42)
+        outs.append(
+            model.generate(
+                prompt, do_sample=True, max_new_tokens=8, logits_processor=LogitsProcessorList([proc]),
+                top_k=None, top_p=None, temperature=1.0, pad_token_id=0,
+            )
+        )
+    assert torch.equal(outs[0], outs[1])
