@@ -43,12 +43,11 @@ inline FVec vexp(const FVec& x) { return x.exp_u20(); }
 template <class scalar_t>
 void load_tile(const scalar_t* src, int64_t n, float scale, float pad, float* dst) {
   int64_t i = 0;
+  const FVec s(scale);
   if constexpr (std::is_same_v<scalar_t, float>) {
-    const FVec s(scale);
     for (; i + kLanes <= n; i += kLanes) (FVec::loadu(src + i) * s).store(dst + i);
   } else {
     using BVec = at::vec::Vectorized<scalar_t>;
-    const FVec s(scale);
     for (; i + BVec::size() <= n; i += BVec::size()) {
       auto [lo, hi] = at::vec::convert_to_float<scalar_t>(BVec::loadu(src + i));
       (lo * s).store(dst + i);
@@ -59,18 +58,32 @@ void load_tile(const scalar_t* src, int64_t n, float scale, float pad, float* ds
   for (int64_t j = n; j < round_up_to_lanes(n); ++j) dst[j] = pad;
 }
 
+// The fp32 tile of src[0..n) * scale: src itself when it already is one
+// (fp32, scale 1, no padding needed), else a converted copy in `buffer`.
 template <class scalar_t>
-void store_tile(const float* src, int64_t n, scalar_t* dst) {
-  int64_t i = 0;
+const float* tile_of(const scalar_t* src, int64_t n, float scale, float pad, float* buffer) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    for (; i + kLanes <= n; i += kLanes) FVec::loadu(src + i).store(dst + i);
+    if (scale == 1.0f && n % kLanes == 0) return src;
+  }
+  load_tile(src, n, scale, pad, buffer);
+  return buffer;
+}
+
+// dst[0..n) = src[0..n) * scale, converted to scalar_t.
+template <class scalar_t>
+void store_tile(const float* src, int64_t n, float scale, scalar_t* dst) {
+  int64_t i = 0;
+  const FVec s(scale);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (; i + kLanes <= n; i += kLanes) (FVec::loadu(src + i) * s).store(dst + i);
   } else {
     using BVec = at::vec::Vectorized<scalar_t>;
     for (; i + BVec::size() <= n; i += BVec::size()) {
-      at::vec::convert_from_float<scalar_t>(FVec::loadu(src + i), FVec::loadu(src + i + kLanes)).store(dst + i);
+      at::vec::convert_from_float<scalar_t>(FVec::loadu(src + i) * s, FVec::loadu(src + i + kLanes) * s)
+          .store(dst + i);
     }
   }
-  for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+  for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i] * scale);
 }
 
 // ---------------------------------------------------------------------------
@@ -288,9 +301,9 @@ typename Op::State reduce_range(const Rows& a, const Rows* b, int64_t row, int64
   typename Op::State state = Op::identity();
   for (int64_t t = begin; t < end; t += kTile) {
     const int64_t n = std::min(kTile, end - t);
-    load_tile(pa + t, n, Op::kScaleA ? inv_t : 1.0f, Op::kPadA, ta);
-    if (pb != nullptr) load_tile(pb + t, n, 1.0f, 0.0f, tb);
-    Op::accumulate(state, ta, tb, round_up_to_lanes(n));
+    const float* va = tile_of(pa + t, n, Op::kScaleA ? inv_t : 1.0f, Op::kPadA, ta);
+    const float* vb = pb != nullptr ? tile_of(pb + t, n, 1.0f, 0.0f, tb) : nullptr;
+    Op::accumulate(state, va, vb, round_up_to_lanes(n));
   }
   return state;
 }
@@ -312,10 +325,16 @@ void map_range(const Op&, const typename Op::Constants& c, const MapArgs<scalar_
   }
   for (int64_t t = begin; t < end; t += kTile) {
     const int64_t n = std::min(kTile, end - t);
-    load_tile(pa + t, n, Op::kScaleA ? args.inv_temperature : 1.0f, Op::kPadA, ta);
-    if (pb != nullptr) load_tile(pb + t, n, 1.0f, 0.0f, tb);
-    Op::map(c, ta, tb, to, round_up_to_lanes(n));
-    store_tile(to, n, po + t);
+    const float* va = tile_of(pa + t, n, Op::kScaleA ? args.inv_temperature : 1.0f, Op::kPadA, ta);
+    const float* vb = pb != nullptr ? tile_of(pb + t, n, 1.0f, 0.0f, tb) : nullptr;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (n % kLanes == 0) {  // write straight into the output
+        Op::map(c, va, vb, po + t, n);
+        continue;
+      }
+    }
+    Op::map(c, va, vb, to, round_up_to_lanes(n));
+    store_tile(to, n, 1.0f, po + t);
   }
 }
 
@@ -348,8 +367,8 @@ void softmax_rows_one_exp(const MapArgs<scalar_t>& args, int64_t first, int64_t 
     core::SoftmaxState state = core::empty_state();
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t n = std::min(kTile, a.cols - t * kTile);
-      load_tile(x + t * kTile, n, args.inv_temperature, kNegInf, z);
-      tile_max[t] = accumulate_softmax_state<false>(state, z, round_up_to_lanes(n), exps.data() + t * kTile);
+      const float* zt = tile_of(x + t * kTile, n, args.inv_temperature, kNegInf, z);
+      tile_max[t] = accumulate_softmax_state<false>(state, zt, round_up_to_lanes(n), exps.data() + t * kTile);
     }
     const core::Normaliser c = core::normaliser(state);
     if (c.undefined()) {
@@ -358,10 +377,8 @@ void softmax_rows_one_exp(const MapArgs<scalar_t>& args, int64_t first, int64_t 
     }
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t n = std::min(kTile, a.cols - t * kTile);
-      const FVec factor(tile_max[t] == kNegInf ? 0.0f : std::exp((tile_max[t] - c.max) - c.log_sum));
-      float* e = exps.data() + t * kTile;
-      for (int64_t i = 0; i < round_up_to_lanes(n); i += kLanes) (FVec::loadu(e + i) * factor).store(e + i);
-      store_tile(e, n, out + t * kTile);
+      const float factor = tile_max[t] == kNegInf ? 0.0f : std::exp((tile_max[t] - c.max) - c.log_sum);
+      store_tile(exps.data() + t * kTile, n, factor, out + t * kTile);
     }
   }
 }

@@ -253,19 +253,19 @@ def _reference_entropy(x: torch.Tensor) -> torch.Tensor:
 
 
 def _register_builtin_cases() -> None:
-    """The ops available in logitkit today."""
-    last_dim = {  # op -> (logitkit function, eager formula); the eager formula in fp64 is the reference
-        "softmax": (logitkit.softmax, lambda x: torch.softmax(x, -1)),
-        "log_softmax": (logitkit.log_softmax, lambda x: torch.log_softmax(x, -1)),
-        "logsumexp": (logitkit.logsumexp, lambda x: torch.logsumexp(x, -1)),
-    }
-    for name, (fn, eager) in last_dim.items():
-        model = row_to_row_bytes if name in ("softmax", "log_softmax") else row_reduction_bytes
-        register(Case(name, make_logits, fn, {"eager": eager}, eager, model, default=name != "logsumexp"))
-    register(Case(
-        "entropy", make_logits, logitkit.entropy, {"eager": _eager_entropy}, _reference_entropy,
-        functools.partial(row_reduction_bytes, out_dtype=torch.float32),  # entropy is always float32
-    ))
+    """The ops available in logitkit today. For the last-dimension ops the reference is the eager
+    formula itself, evaluated on float64 inputs."""
+    softmax_eager = lambda x: torch.softmax(x, -1)  # noqa: E731
+    log_softmax_eager = lambda x: torch.log_softmax(x, -1)  # noqa: E731
+    logsumexp_eager = lambda x: torch.logsumexp(x, -1)  # noqa: E731
+    entropy_bytes = functools.partial(row_reduction_bytes, out_dtype=torch.float32)  # always float32
+    for name, fn, eager, reference, model, default in (
+        ("softmax", logitkit.softmax, softmax_eager, softmax_eager, row_to_row_bytes, True),
+        ("log_softmax", logitkit.log_softmax, log_softmax_eager, log_softmax_eager, row_to_row_bytes, True),
+        ("entropy", logitkit.entropy, _eager_entropy, _reference_entropy, entropy_bytes, True),
+        ("logsumexp", logitkit.logsumexp, logsumexp_eager, logsumexp_eager, row_reduction_bytes, False),
+    ):
+        register(Case(name, make_logits, fn, {"eager": eager}, reference, model, default=default))
 
 
 _register_builtin_cases()
@@ -503,7 +503,8 @@ def compare(out: Any, ref: Any, atol: float, rtol: float) -> tuple[float, float]
         err = torch.where(both_nan, torch.zeros_like(o), (o - r).abs()).nan_to_num(nan=math.inf)
         both_same_inf = (o == r) & r.isinf()
         err = torch.where(both_same_inf, torch.zeros_like(err), err)
-        ratio = err / (atol + rtol * r.abs().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0))
+        bound = atol + rtol * r.abs().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        ratio = torch.where(err == 0, torch.zeros_like(err), err / bound)  # no 0/0 when atol = 0
         if err.numel():
             max_err = max(max_err, float(err.max()))
             max_ratio = max(max_ratio, float(ratio.max()))
@@ -808,12 +809,12 @@ def print_report(env: dict, results: list[Result], plain: bool = False, file=Non
     file = file or sys.stdout
     cols, cells = table_columns(env), table_rows(env, results)
     bad = [r for r in results if r.status != "OK"]
+    numeric = {c for c in cols if c not in ("op", "dtype", "impl", "status")}
     if _rich() is not None and not plain:
         from rich.table import Table
         console = _console(file)
         console.print(environment_summary(env), highlight=False, markup=False)
         table = Table(show_lines=False, header_style="bold")
-        numeric = set(cols[2:4] + cols[5:-1])
         for c in cols:
             table.add_column(c, justify="right" if c in numeric else "left", no_wrap=True)
         keys = [(r.op, r.dtype, r.rows, r.vocab) for r in results]
@@ -828,10 +829,9 @@ def print_report(env: dict, results: list[Result], plain: bool = False, file=Non
     else:
         print(environment_summary(env), file=file)
         widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(cols)]
-        print("  ".join(c.ljust(w) for c, w in zip(cols, widths)), file=file)
-        print("  ".join("-" * w for w in widths), file=file)
-        for row in cells:
-            print("  ".join(v.ljust(w) for v, w in zip(row, widths)), file=file)
+        just = [str.rjust if c in numeric else str.ljust for c in cols]
+        for row in [cols, ["-" * w for w in widths], *cells]:
+            print("  ".join(j(v, w) for j, v, w in zip(just, row, widths)).rstrip(), file=file)
         for r in bad:
             print(_problem_line(r), file=file)
 
