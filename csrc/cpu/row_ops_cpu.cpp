@@ -241,26 +241,26 @@ struct EntropyGradMap : SoftmaxReduction<true> {
   }
 };
 
-// a = dy, b = y: y (dy - sum dy*y) / T
-struct SoftmaxGradMap : SumReduction<true> {
+// The backward maps of softmax / log_softmax: row constant sum_j dy_j (y_j).
+template <bool kDot>
+struct OutputGradMap : SumReduction<kDot> {
   struct Constants {
-    float dot, inv_t;
+    float sum, inv_t;
   };
-  static Constants constants(const State& s, float, float inv_t) { return {s.value, inv_t}; }
+  static Constants constants(const RowSum& s, float, float inv_t) { return {s.value, inv_t}; }
   static bool undefined(const Constants&) { return false; }
+};
+
+// a = dy, b = y: y (dy - sum dy*y) / T
+struct SoftmaxGradMap : OutputGradMap<true> {
   static void map(const Constants& c, const float* dy, const float* y, float* out, int64_t n) {
-    const FVec dot(c.dot), inv_t(c.inv_t);
+    const FVec dot(c.sum), inv_t(c.inv_t);
     for (int64_t i = 0; i < n; i += kLanes) (inv_t * FVec::loadu(y + i) * (FVec::loadu(dy + i) - dot)).store(out + i);
   }
 };
 
 // a = dy, b = y = log p: (dy - exp(y) sum dy) / T
-struct LogSoftmaxGradMap : SumReduction<false> {
-  struct Constants {
-    float sum, inv_t;
-  };
-  static Constants constants(const State& s, float, float inv_t) { return {s.value, inv_t}; }
-  static bool undefined(const Constants&) { return false; }
+struct LogSoftmaxGradMap : OutputGradMap<false> {
   static void map(const Constants& c, const float* dy, const float* y, float* out, int64_t n) {
     const FVec sum(c.sum), inv_t(c.inv_t);
     for (int64_t i = 0; i < n; i += kLanes) {
