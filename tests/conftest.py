@@ -53,9 +53,10 @@ BACKENDS = [
 def backend(request) -> Backend:
     b = request.param
     if b.namespace == "logitkit_emulated":
-        # Default emulated launch shape: 80 threads (a partial last warp) and
-        # rows split over several blocks; a seeded random thread schedule.
-        _loader._C_emulated.configure(threads_per_block=80, max_elements_per_block=0, schedule="random", seed=1)
+        # Default emulated launch shape: 80 threads (a partial last warp);
+        # rows longer than 4096 split over several blocks; a seeded random
+        # thread schedule.
+        _loader._C_emulated.configure(threads_per_block=80, max_elements_per_block=4096, schedule="random", seed=1)
     return b
 
 

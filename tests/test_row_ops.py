@@ -152,6 +152,36 @@ def test_merge_stats_with_empty_shards():
     assert logitkit.stats_logsumexp(logitkit.merge_stats([empty, empty])).item() == NEG_INF
 
 
+@pytest.mark.parametrize(
+    "threads, per_block, schedule",
+    [(32, 64, "in_order"), (48, 96, "reversed"), (80, 400, "random"), (129, 1000, "random"), (256, 0, "random")],
+)
+def test_emulated_launch_shapes(threads, per_block, schedule):
+    """The CUDA kernels under several block sizes (partial warps) and row splits
+    (several blocks per row, a partial last slice), with each thread schedule."""
+    from logitkit import _loader
+
+    if _loader._C_emulated is None:
+        pytest.skip("emulated-CUDA module not built")
+    ops = torch.ops.logitkit_emulated
+    _loader._C_emulated.configure(threads_per_block=threads, max_elements_per_block=per_block,
+                                  schedule=schedule, seed=threads)
+    try:
+        x = random_logits(2, 1001, torch.bfloat16)
+        x[1, ::7] = NEG_INF
+        x_misaligned = random_logits(2, 1003, torch.float16)[:, 1:]  # rows start off a 16-byte boundary
+        for op in REFERENCES:
+            for inp in (x, x_misaligned):
+                atol, rtol = TOLERANCES[op][inp.dtype]
+                assert_close(getattr(ops, op)(inp, 1.1), REFERENCES[op](inp, 1.1), atol, rtol, f"{op} {threads}")
+        y = ops.softmax(x.float(), 1.0)
+        g = torch.randn_like(y)
+        expected = y.double() * (g.double() - (g.double() * y.double()).sum(-1, keepdim=True))
+        assert_close(ops.softmax_backward(g, y, 1.0), expected, 1e-6, 1e-4, "softmax_backward")
+    finally:
+        _loader._C_emulated.configure(threads_per_block=80, max_elements_per_block=4096, schedule="random", seed=1)
+
+
 # ---------------------------------------------------------------------------
 # Special values
 # ---------------------------------------------------------------------------

@@ -128,7 +128,7 @@ __global__ void row_partials_kernel(Op op, RowsView<scalar_t> a, RowsView<scalar
   if (threadIdx.x == 0) partials[row * gridDim.y + split] = state;
 }
 
-// Merges the partial states of one row in split order.
+// Merges the partial states of one row in split order (one thread).
 template <class Op>
 LK_DEVICE inline typename Op::State merge_row_partials(const Op& op, const typename Op::State* partials, int64_t row,
                                                        int64_t splits) {
@@ -140,11 +140,19 @@ LK_DEVICE inline typename Op::State merge_row_partials(const Op& op, const typen
 template <class Op, class scalar_t, class out_t>
 __global__ void row_map_kernel(Op op, RowsView<scalar_t> a, RowsView<scalar_t> b, int64_t cols, int64_t chunk,
                                const typename Op::State* partials, out_t* out) {
+  using State = typename Op::State;
   const int64_t row = blockIdx.x;
-  const int64_t split = blockIdx.y;
-  const int64_t begin = split * chunk;
+  const int64_t splits = gridDim.y;
+  const int64_t begin = blockIdx.y * chunk;
   const int64_t end = begin + chunk < cols ? begin + chunk : cols;
-  const auto constants = op.row_constants(merge_row_partials(op, partials, row, gridDim.y), row);
+  // The block merges its row's partial states: strided over threads, then a
+  // block reduction (a fixed tree, so every block of the row gets the same bits).
+  State state = op.identity();
+  for (int64_t k = threadIdx.x; k < splits; k += blockDim.x) state = op.merge(state, partials[row * splits + k]);
+  __shared__ State scratch[simt::kReduceScratchSize];
+  state = simt::block_reduce(
+      state, [&](const State& x, const State& y) { return op.merge(x, y); }, op.identity(), scratch);
+  const auto constants = op.row_constants(state, row);
   out_t* out_row = out + row * cols;
   for_each_pack(a.row(row), b.row(row), begin, end, [&](int64_t i, const float* va, const float* vb, int n) {
     float result[kMaxPack];

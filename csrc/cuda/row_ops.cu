@@ -27,7 +27,8 @@ struct LaunchPlan {
 };
 
 // One block per (row, slice). Enough slices that rows * splits fills the GPU
-// about twice, but each block keeps >= 16 packs per thread of work.
+// about twice (batch-1 decoding still uses many SMs), but each thread keeps
+// at least 4 packs (16-byte loads) of work.
 LaunchPlan plan_launch(int64_t rows, int64_t cols, int element_bytes, const simt::DeviceContext& ctx) {
   LaunchPlan plan;
   const int64_t pack = 16 / element_bytes;
@@ -41,7 +42,7 @@ LaunchPlan plan_launch(int64_t rows, int64_t cols, int element_bytes, const simt
 #else
   plan.threads = cols >= 16384 ? 512 : (cols >= 2048 ? 256 : 128);
   const int64_t target_blocks = 2LL * ctx.multiprocessors();
-  const int64_t min_per_block = 16LL * plan.threads * pack;
+  const int64_t min_per_block = 4LL * plan.threads * pack;
   const int64_t wanted = (target_blocks + rows - 1) / rows;
   const int64_t affordable = std::max<int64_t>(1, cols / min_per_block);
   plan.splits = std::max<int64_t>(1, std::min(wanted, affordable));
