@@ -36,6 +36,10 @@ namespace logitkit::kernels {
 // Largest number of elements one 16-byte load brings (8 for 2-byte types).
 constexpr int kMaxPack = 8;
 
+// Most threads per block the launch plans use; kernels declare it with
+// __launch_bounds__ so that nvcc keeps register use launchable at that size.
+constexpr int kMaxRowThreads = 512;
+
 template <class scalar_t>
 struct PackWidth {
   static constexpr int value = 16 / static_cast<int>(sizeof(scalar_t));
@@ -112,7 +116,7 @@ LK_DEVICE inline void store_values(scalar_t* out, int64_t i, const float* values
 }
 
 template <class Op, class scalar_t>
-__global__ void row_partials_kernel(Op op, RowsView<scalar_t> a, RowsView<scalar_t> b, int64_t cols, int64_t chunk,
+__global__ void __launch_bounds__(kMaxRowThreads) row_partials_kernel(Op op, RowsView<scalar_t> a, RowsView<scalar_t> b, int64_t cols, int64_t chunk,
                                     typename Op::State* partials) {
   using State = typename Op::State;
   const int64_t row = blockIdx.x;
@@ -138,7 +142,7 @@ LK_DEVICE inline typename Op::State merge_row_partials(const Op& op, const typen
 }
 
 template <class Op, class scalar_t, class out_t>
-__global__ void row_map_kernel(Op op, RowsView<scalar_t> a, RowsView<scalar_t> b, int64_t cols, int64_t chunk,
+__global__ void __launch_bounds__(kMaxRowThreads) row_map_kernel(Op op, RowsView<scalar_t> a, RowsView<scalar_t> b, int64_t cols, int64_t chunk,
                                const typename Op::State* partials, out_t* out) {
   using State = typename Op::State;
   const int64_t row = blockIdx.x;

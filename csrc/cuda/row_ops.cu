@@ -40,7 +40,7 @@ LaunchPlan plan_launch(int64_t rows, int64_t cols, int element_bytes, const simt
   (void)pack;
   (void)ctx;
 #else
-  plan.threads = cols >= 16384 ? 512 : (cols >= 2048 ? 256 : 128);
+  plan.threads = cols >= 16384 ? kernels::kMaxRowThreads : (cols >= 2048 ? 256 : 128);
   const int64_t target_blocks = 2LL * ctx.multiprocessors();
   const int64_t min_per_block = 4LL * plan.threads * pack;
   const int64_t wanted = (target_blocks + rows - 1) / rows;
