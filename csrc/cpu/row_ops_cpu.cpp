@@ -39,34 +39,66 @@ int64_t round_up_to_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes
 // returns 0 for -inf. Callers never pass NaN (NaN rows are handled apart).
 inline FVec vexp(const FVec& x) { return x.exp_u20(); }
 
-// dst[0..n) = src[0..n) * scale in fp32, padded with `pad` up to a multiple of kLanes.
+float reduce_max(const FVec& v) {
+  return at::vec::vec_reduce_all<float>([](FVec a, FVec b) { return at::vec::maximum(a, b); }, v);
+}
+
+// Max of z[0..n), n a multiple of kLanes; NaN if any element is NaN.
+float tile_max(const float* z, int64_t n) {
+  FVec vmax(kNegInf);
+  for (int64_t i = 0; i < n; i += kLanes) vmax = at::vec::maximum(vmax, FVec::loadu(z + i));
+  return reduce_max(vmax);
+}
+
+// dst[0..n) = src[0..n) * scale in fp32, padded with `pad` up to a multiple of
+// kLanes. Returns the max of the converted values (free while converting).
 template <class scalar_t>
-void load_tile(const scalar_t* src, int64_t n, float scale, float pad, float* dst) {
+float load_tile(const scalar_t* src, int64_t n, float scale, float pad, float* dst) {
   int64_t i = 0;
   const FVec s(scale);
+  FVec vmax(kNegInf);
   if constexpr (std::is_same_v<scalar_t, float>) {
-    for (; i + kLanes <= n; i += kLanes) (FVec::loadu(src + i) * s).store(dst + i);
+    for (; i + kLanes <= n; i += kLanes) {
+      const FVec v = FVec::loadu(src + i) * s;
+      v.store(dst + i);
+      vmax = at::vec::maximum(vmax, v);
+    }
   } else {
     using BVec = at::vec::Vectorized<scalar_t>;
     for (; i + BVec::size() <= n; i += BVec::size()) {
       auto [lo, hi] = at::vec::convert_to_float<scalar_t>(BVec::loadu(src + i));
-      (lo * s).store(dst + i);
-      (hi * s).store(dst + i + kLanes);
+      lo = lo * s;
+      hi = hi * s;
+      lo.store(dst + i);
+      hi.store(dst + i + kLanes);
+      vmax = at::vec::maximum(vmax, at::vec::maximum(lo, hi));
     }
   }
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]) * scale;
+  float m = reduce_max(vmax);
+  for (; i < n; ++i) {
+    dst[i] = static_cast<float>(src[i]) * scale;
+    m = std::isnan(dst[i]) ? dst[i] : std::max(m, dst[i]);
+  }
   for (int64_t j = n; j < round_up_to_lanes(n); ++j) dst[j] = pad;
+  return m;
 }
 
-// The fp32 tile of src[0..n) * scale: src itself when it already is one
-// (fp32, scale 1, no padding needed), else a converted copy in `buffer`.
+// A tile of src[0..n) * scale in fp32, with the max of its first n values.
+struct Tile {
+  const float* values;  // padded with `pad` to a multiple of kLanes
+  float max;
+};
+
+// src itself when it already is an fp32 tile (scale 1, no padding needed),
+// else a converted copy in `buffer`. The max is computed for a direct tile
+// only when `with_max` (a converted copy gets it for free).
 template <class scalar_t>
-const float* tile_of(const scalar_t* src, int64_t n, float scale, float pad, float* buffer) {
+Tile tile_of(const scalar_t* src, int64_t n, float scale, float pad, float* buffer, bool with_max) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (scale == 1.0f && n % kLanes == 0) return src;
+    if (scale == 1.0f && n % kLanes == 0) return Tile{src, with_max ? tile_max(src, n) : 0.0f};
   }
-  load_tile(src, n, scale, pad, buffer);
-  return buffer;
+  const float m = load_tile(src, n, scale, pad, buffer);
+  return Tile{buffer, m};
 }
 
 // dst[0..n) = src[0..n) * scale, converted to scalar_t.
@@ -96,24 +128,23 @@ void store_tile(const float* src, int64_t n, float scale, scalar_t* dst) {
 // `exps` non-null, exp(z_i - m) is stored there (softmax reuses it).
 // Returns -inf for a fully masked tile, NaN if the row became undefined.
 template <bool kShifted>
-float accumulate_softmax_state(core::SoftmaxState& state, const float* z, int64_t n, float* exps) {
-  FVec vmax(kNegInf);
-  for (int64_t i = 0; i < n; i += kLanes) vmax = at::vec::maximum(vmax, FVec::loadu(z + i));
-  const float tile_max = at::vec::vec_reduce_all<float>([](FVec a, FVec b) { return at::vec::maximum(a, b); }, vmax);
+float accumulate_softmax_state(core::SoftmaxState& state, const Tile& tile, int64_t n, float* exps) {
+  const float* z = tile.values;
+  const float max_of_tile = tile.max;
   constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-  if (std::isnan(tile_max)) {  // at::vec::maximum propagates NaN: the row is NaN
+  if (std::isnan(max_of_tile)) {  // at::vec::maximum propagates NaN: the row is NaN
     state.sum_exp = kNaN;
     return kNaN;
   }
-  if (tile_max == std::numeric_limits<float>::infinity()) {
-    state.max = tile_max;  // the row is undefined (see softmax_state.h); its outputs are NaN
+  if (max_of_tile == std::numeric_limits<float>::infinity()) {
+    state.max = max_of_tile;  // the row is undefined (see softmax_state.h); its outputs are NaN
     return kNaN;
   }
-  if (tile_max == kNegInf || state.max == std::numeric_limits<float>::infinity()) {
+  if (max_of_tile == kNegInf || state.max == std::numeric_limits<float>::infinity()) {
     if (exps != nullptr) std::fill(exps, exps + n, 0.0f);
     return kNegInf;  // fully masked tile
   }
-  const float m = std::max(state.max, tile_max);
+  const float m = std::max(state.max, max_of_tile);
   const float f = core::rescale_factor(state.max, m);
   const FVec vm(m);
   const FVec lowest(std::numeric_limits<float>::lowest());
@@ -150,9 +181,10 @@ struct SoftmaxReduction {
   using State = core::SoftmaxState;
   static constexpr bool kScaleA = true;  // a holds logits: scale by 1/T on load
   static constexpr float kPadA = kNegInf;
+  static constexpr bool kNeedsMax = true;  // accumulate needs each tile's max
   static State identity() { return core::empty_state(); }
   static State merge(const State& x, const State& y) { return core::merge(x, y); }
-  static void accumulate(State& s, const float* a, const float*, int64_t n) {
+  static void accumulate(State& s, const Tile& a, const Tile&, int64_t n) {
     accumulate_softmax_state<kShifted>(s, a, n, nullptr);
   }
 };
@@ -162,9 +194,12 @@ struct SumReduction {
   using State = RowSum;
   static constexpr bool kScaleA = false;
   static constexpr float kPadA = 0.0f;
+  static constexpr bool kNeedsMax = false;
   static State identity() { return RowSum{0.0f}; }
   static State merge(const State& x, const State& y) { return RowSum{x.value + y.value}; }
-  static void accumulate(State& s, const float* a, const float* b, int64_t n) {
+  static void accumulate(State& s, const Tile& ta, const Tile& tb, int64_t n) {
+    const float* a = ta.values;
+    const float* b = tb.values;
     FVec acc(0.0f);
     for (int64_t i = 0; i < n; i += kLanes) {
       acc = kDot ? at::vec::fmadd(FVec::loadu(a + i), FVec::loadu(b + i), acc) : acc + FVec::loadu(a + i);
@@ -301,8 +336,8 @@ typename Op::State reduce_range(const Rows& a, const Rows* b, int64_t row, int64
   typename Op::State state = Op::identity();
   for (int64_t t = begin; t < end; t += kTile) {
     const int64_t n = std::min(kTile, end - t);
-    const float* va = tile_of(pa + t, n, Op::kScaleA ? inv_t : 1.0f, Op::kPadA, ta);
-    const float* vb = pb != nullptr ? tile_of(pb + t, n, 1.0f, 0.0f, tb) : nullptr;
+    const Tile va = tile_of(pa + t, n, Op::kScaleA ? inv_t : 1.0f, Op::kPadA, ta, Op::kNeedsMax);
+    const Tile vb = pb != nullptr ? tile_of(pb + t, n, 1.0f, 0.0f, tb, false) : Tile{nullptr, 0.0f};
     Op::accumulate(state, va, vb, round_up_to_lanes(n));
   }
   return state;
@@ -325,8 +360,8 @@ void map_range(const Op&, const typename Op::Constants& c, const MapArgs<scalar_
   }
   for (int64_t t = begin; t < end; t += kTile) {
     const int64_t n = std::min(kTile, end - t);
-    const float* va = tile_of(pa + t, n, Op::kScaleA ? args.inv_temperature : 1.0f, Op::kPadA, ta);
-    const float* vb = pb != nullptr ? tile_of(pb + t, n, 1.0f, 0.0f, tb) : nullptr;
+    const float* va = tile_of(pa + t, n, Op::kScaleA ? args.inv_temperature : 1.0f, Op::kPadA, ta, false).values;
+    const float* vb = pb != nullptr ? tile_of(pb + t, n, 1.0f, 0.0f, tb, false).values : nullptr;
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (n % kLanes == 0) {  // write straight into the output
         Op::map(c, va, vb, po + t, n);
@@ -357,9 +392,9 @@ void softmax_rows_one_exp(const MapArgs<scalar_t>& args, int64_t first, int64_t 
   const Rows& a = *args.a;
   const int64_t tiles = (a.cols + kTile - 1) / kTile;
   thread_local std::vector<float> exps;
-  thread_local std::vector<float> tile_max;
+  thread_local std::vector<float> reference_max;  // m_t of each tile
   exps.resize(tiles * kTile);
-  tile_max.resize(tiles);
+  reference_max.resize(tiles);
   alignas(64) float z[kTile];
   for (int64_t r = first; r < last; ++r) {
     const scalar_t* x = a.tensor.data_ptr<scalar_t>() + r * a.row_stride;
@@ -367,8 +402,8 @@ void softmax_rows_one_exp(const MapArgs<scalar_t>& args, int64_t first, int64_t 
     core::SoftmaxState state = core::empty_state();
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t n = std::min(kTile, a.cols - t * kTile);
-      const float* zt = tile_of(x + t * kTile, n, args.inv_temperature, kNegInf, z);
-      tile_max[t] = accumulate_softmax_state<false>(state, zt, round_up_to_lanes(n), exps.data() + t * kTile);
+      const Tile zt = tile_of(x + t * kTile, n, args.inv_temperature, kNegInf, z, true);
+      reference_max[t] = accumulate_softmax_state<false>(state, zt, round_up_to_lanes(n), exps.data() + t * kTile);
     }
     const core::Normaliser c = core::normaliser(state);
     if (c.undefined()) {
@@ -377,7 +412,7 @@ void softmax_rows_one_exp(const MapArgs<scalar_t>& args, int64_t first, int64_t 
     }
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t n = std::min(kTile, a.cols - t * kTile);
-      const float factor = tile_max[t] == kNegInf ? 0.0f : std::exp((tile_max[t] - c.max) - c.log_sum);
+      const float factor = reference_max[t] == kNegInf ? 0.0f : std::exp((reference_max[t] - c.max) - c.log_sum);
       store_tile(exps.data() + t * kTile, n, factor, out + t * kTile);
     }
   }
