@@ -6,6 +6,7 @@
 #include <ATen/Version.h>
 #include <torch/library.h>
 
+#include "../cpu/linear_ce_cpu.h"
 #include "../cpu/row_ops_cpu.h"
 #include "schemas.h"
 
@@ -19,6 +20,20 @@ const RowKernelTable& selected_row_kernels() {
     if (capability == "AVX2") return &AVX2::row_kernels;
 #endif
     return &DEFAULT::row_kernels;
+  }();
+  return *table;
+}
+
+// The linear cross-entropy chunk kernels of the same instruction set.
+const LceKernelTable& selected_lce_kernels() {
+  static const LceKernelTable* table = [] {
+    const RowKernelTable* rows = &selected_row_kernels();
+#if LOGITKIT_CPU_X86_VARIANTS
+    if (rows == &AVX512::row_kernels) return &AVX512::lce_kernels;
+    if (rows == &AVX2::row_kernels) return &AVX2::lce_kernels;
+#endif
+    (void)rows;
+    return &DEFAULT::lce_kernels;
   }();
   return *table;
 }
@@ -51,8 +66,17 @@ struct CpuBackend {
   }
 };
 
+// The backend of LinearCeFrontends for CPU tensors.
+struct CpuLceBackend {
+  static void forward_chunk(const LceChunk& c, const at::Tensor&) { selected_lce_kernels().forward_chunk(c); }
+  static void backward_chunk(const LceChunk& c, const at::Tensor&) { selected_lce_kernels().backward_chunk(c); }
+};
+
 }  // namespace logitkit::cpu
 
 TORCH_LIBRARY(logitkit, m) { logitkit::define_schemas(m); }
 
-TORCH_LIBRARY_IMPL(logitkit, CPU, m) { logitkit::RowOpFrontends<logitkit::cpu::CpuBackend>::register_all(m); }
+TORCH_LIBRARY_IMPL(logitkit, CPU, m) {
+  logitkit::RowOpFrontends<logitkit::cpu::CpuBackend>::register_all(m);
+  logitkit::LinearCeFrontends<logitkit::cpu::CpuLceBackend>::register_all(m);
+}

@@ -30,6 +30,23 @@ inline void define_schemas(torch::Library& m) {
   // row under rule "hf", "official" or "exact"; cap = -1: the rule's default
   // (100) for the capped rules, ignored by "exact". Not differentiable.
   m.def("top_h_mask(Tensor logits, float alpha, float temperature=1.0, str rule=\"hf\", int cap=-1) -> Tensor");
+
+  // Memory-light linear cross-entropy (csrc/common/linear_ce_driver.h): the
+  // logits x = hidden @ weight^T + bias are only ever formed chunk by chunk.
+  // hidden (N, D), weight (V, D), target (N) int64. softcap = 0: none.
+  //   linear_ce_stats    -> (N, 5) fp32 per-token state
+  //                         [max z, sum exp(z - max), sum (z - max) exp(z - max), z_target, sum_c w_c z_c]
+  //   linear_ce_backward -> (grad_hidden, grad_weight, grad_bias) from the per-token
+  //                         normaliser (N, 2) [max z, log sum exp(z - max)] and
+  //                         coefficients (N, 4) [a, e, beta, sigma];
+  //                         grad_bias has shape (V) if bias_grad else (0).
+  m.def(
+      "linear_ce_stats(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, Tensor? class_weight, "
+      "int ignore_index, float softcap, float temperature, int chunk_budget) -> Tensor");
+  m.def(
+      "linear_ce_backward(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, Tensor? class_weight, "
+      "Tensor normaliser, Tensor coefficients, float softcap, float temperature, int chunk_budget, bool bias_grad) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 }  // namespace logitkit

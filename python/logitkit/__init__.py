@@ -5,6 +5,7 @@ mergeable softmax state, on CPU (vectorised, multi-threaded) and CUDA. Ops
 live under ``torch.ops.logitkit``; this module is the documented Python API.
 """
 from ._loader import build_info
+from .linear_ce import DEFAULT_CHUNK_BUDGET, LinearCrossEntropyLoss, linear_cross_entropy, linear_log_probs_and_entropy
 from .ops import (
     entropy,
     log_softmax,
@@ -21,7 +22,11 @@ from .ops import (
 from ._build_config import VERSION as __version__
 
 __all__ = [
+    "DEFAULT_CHUNK_BUDGET",
+    "LinearCrossEntropyLoss",
     "build_info",
+    "linear_cross_entropy",
+    "linear_log_probs_and_entropy",
     "entropy",
     "log_softmax",
     "logsumexp",

@@ -97,6 +97,29 @@ def _register(ns: str) -> None:
         check_top_h_args(logits, alpha, temperature, rule, cap)
         return logits.new_empty(logits.shape, dtype=torch.bool)
 
+    # Linear cross-entropy (python/logitkit/linear_ce.py owns their autograd).
+    def check_linear_ce(hidden, weight, target, op):
+        check_logits(hidden, op, "hidden")
+        if hidden.dim() != 2 or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+            raise ValueError(f"logitkit.{op}: hidden must be (N, D) and weight (V, D)")
+        if target.dtype != torch.int64 or target.shape != hidden.shape[:1]:
+            raise ValueError(f"logitkit.{op}: target must be torch.int64 of shape ({hidden.shape[0]})")
+
+    @torch.library.register_fake(lib + "linear_ce_stats")
+    def _(hidden, weight, target, bias, class_weight, ignore_index, softcap, temperature, chunk_budget):
+        check_linear_ce(hidden, weight, target, "linear_cross_entropy")
+        return hidden.new_empty((hidden.shape[0], 5), dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "linear_ce_backward")
+    def _(hidden, weight, target, bias, class_weight, normaliser, coefficients, softcap, temperature, chunk_budget,
+          bias_grad):
+        check_linear_ce(hidden, weight, target, "linear_cross_entropy_backward")
+        return (
+            hidden.new_empty(hidden.shape),
+            weight.new_empty(weight.shape),
+            hidden.new_empty((weight.shape[0] if bias_grad else 0,)),
+        )
+
     # ---- autograd -----------------------------------------------------------
     def save_output(ctx, inputs, output):
         ctx.temperature = inputs[1] if len(inputs) > 1 else 1.0

@@ -1,0 +1,100 @@
+// Per-element math of the memory-light linear cross-entropy, shared by the
+// CPU and CUDA chunk kernels (host + device).
+//
+// A chunk ("tile") of raw logits x = hidden_chunk @ weight_chunk^T (+ bias),
+// rows = tokens, columns = vocabulary entries [col_begin, col_begin + cols),
+// is turned into the loss's logits by
+//   u = x / T                               (temperature)
+//   z = c * tanh(u / c)   if softcap c > 0, else z = u
+// with dz/dx = (1 - (z / c)^2) / T  (resp. 1 / T).
+//
+// Forward, per token, over all tiles of its row (merged across tiles with
+// the softmax-state merge of softmax_state.h):
+//   m, s, b            the softmax state of z (lse = m + log s, H = log s - b/s)
+//   z_target           z at the target column (NaN until a tile holds it)
+//   weighted_sum       sum_c w_c z_c (w: class weights, 1 without them)
+// These five floats per token are all that is kept for the backward.
+//
+// Backward. Every loss logitkit builds on these tiles has a gradient of the
+// form (p = softmax(z), lse and H per token, y the target)
+//   dL/dz_c = p_c (a + e (z_c - lse)) - beta [c == y] - sigma w_c
+// with four per-token coefficients (a, e, beta, sigma) computed from O(N)
+// tensors by the caller:
+//   cross-entropy with label smoothing eps, class weights w, z-loss zeta and
+//   upstream gradient g (L = (1-eps) w_y (lse - z_y)
+//                            + eps/V sum_c w_c (lse - z_c) + zeta lse^2):
+//       a = g ((1-eps) w_y + eps/V W + 2 zeta lse),  e = 0,
+//       beta = g (1-eps) w_y,  sigma = g eps / V,   W = sum_c w_c;
+//   log-probability and entropy with upstream gradients g_l and g_h
+//   (L = g_l (z_y - lse) + g_h H, dH/dz_c = -p_c (z_c - lse + H)):
+//       a = -g_l - g_h H,  e = -g_h,  beta = -g_l,  sigma = 0.
+// z_c - lse is evaluated as (z_c - m) - log s (core::Normaliser): exact for
+// z_c near the max m, where z_c - lse would lose ulp(lse) to rounding.
+// At the target column, a p_y - beta is evaluated as
+//   beta (p_y - 1) + (a - beta) p_y,  with p_y - 1 = expm1(z_y - lse)
+// in fp32, so that p_y -> 1 loses nothing to cancellation (the bf16
+// "p_y - 1" bug users report elsewhere).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "softmax_state.h"
+
+namespace logitkit::core {
+
+// Layout of the per-token forward state (fp32, kLceStateWidth per token).
+enum LceStateField : int { kLceMax = 0, kLceSumExp, kLceSumShifted, kLceTargetLogit, kLceWeightedSum, kLceStateWidth };
+
+// Layout of the per-token backward coefficients (fp32, kLceCoefWidth per token).
+enum LceCoefField : int { kLceCoefProb = 0, kLceCoefEntropy, kLceCoefTarget, kLceCoefSmooth, kLceCoefWidth };
+
+// The map x -> z (temperature, then optional softcap) and its derivative.
+struct LogitTransform {
+  float inv_temperature;
+  float softcap;  // 0: no softcap
+
+  LK_MATH_HD float apply(float x) const {
+    const float u = x * inv_temperature;
+    return softcap > 0.0f ? softcap * tanhf(u / softcap) : u;
+  }
+  // dz/dx expressed through z (no second tanh).
+  LK_MATH_HD float derivative(float z) const {
+    if (softcap > 0.0f) {
+      const float r = z / softcap;
+      return inv_temperature * (1.0f - r * r);
+    }
+    return inv_temperature;
+  }
+};
+
+struct LceCoefficients {
+  float prob, entropy, target, smooth;  // a, e, beta, sigma
+};
+
+// dL/dz_c for one element (see the header comment). `shifted` = z_c - lse.
+LK_MATH_HD float lce_grad_z(const LceCoefficients& k, float shifted, bool is_target, float class_weight) {
+  const float p = expf(shifted);
+  float g = p * (k.prob + k.entropy * shifted) - k.smooth * class_weight;
+  if (is_target) {
+    // a p - beta = beta (p - 1) + (a - beta) p, with p - 1 = expm1(z - lse).
+    g = k.target * expm1f(shifted) + p * ((k.prob - k.target) + k.entropy * shifted) - k.smooth * class_weight;
+  }
+  return g;
+}
+
+// One tile of logits and everything a chunk kernel needs.
+struct LceChunk {
+  float* logits = nullptr;          // (rows, cols), contiguous fp32
+  int64_t rows = 0;                 // tokens in the tile
+  int64_t cols = 0;                 // vocabulary entries in the tile
+  int64_t col_begin = 0;            // first vocabulary index of the tile
+  const int64_t* target = nullptr;  // rows targets (any value; matched against the columns)
+  const float* class_weight = nullptr;  // V fp32 weights, or nullptr (all 1)
+  LogitTransform transform{1.0f, 0.0f};
+  float* state = nullptr;           // forward: rows x kLceStateWidth
+  const float* normaliser = nullptr;  // backward: rows x 2, [m, log s] of the token
+  const float* coefficients = nullptr;  // backward: rows x kLceCoefWidth
+};
+
+}  // namespace logitkit::core

@@ -1,0 +1,150 @@
+// CPU chunk kernels of the linear cross-entropy, vectorised with at::vec and
+// parallel over the tile's rows (tokens). The math is csrc/core/linear_ce.h;
+// the tile is fp32 and contiguous, so each row is processed in place.
+//
+// forward_chunk, per row: (1) z = softcap(x / T) in place and the tile max;
+// (2) s = sum exp(z - m_tile), b = sum (z - m_tile) exp(z - m_tile),
+// sum_c w_c z_c; the tile's state is then merged into the token's running
+// state (core::merge), and z at the target column is picked up.
+// backward_chunk, per row: x <- (dL/dz)(z) * dz/dx, the target column redone
+// in scalar code with the expm1 form of p_y - 1.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include "linear_ce_cpu.h"
+
+#ifndef CPU_CAPABILITY
+#error "linear_ce_cpu.cpp must be compiled with CPU_CAPABILITY set (see CMakeLists.txt)"
+#endif
+
+namespace logitkit::cpu::CPU_CAPABILITY {
+namespace {
+
+using FVec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = FVec::size();
+constexpr int64_t kRowGrain = 32768;  // elements of work per parallel task, at least
+
+int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, kRowGrain / std::max<int64_t>(1, cols)); }
+
+// z = softcap(x / T), vectorised.
+inline FVec transform(const FVec& x, const core::LogitTransform& t) {
+  const FVec u = x * FVec(t.inv_temperature);
+  if (t.softcap > 0.0f) return FVec(t.softcap) * (u * FVec(1.0f / t.softcap)).tanh();
+  return u;
+}
+
+// dz/dx through z, vectorised.
+inline FVec transform_derivative(const FVec& z, const core::LogitTransform& t) {
+  if (t.softcap > 0.0f) {
+    const FVec r = z * FVec(1.0f / t.softcap);
+    return FVec(t.inv_temperature) * (FVec(1.0f) - r * r);
+  }
+  return FVec(t.inv_temperature);
+}
+
+inline float reduce_sum(const FVec& v) {
+  return at::vec::vec_reduce_all<float>([](FVec a, FVec b) { return a + b; }, v);
+}
+
+void forward_row(const LceChunk& c, int64_t r) {
+  float* z = c.logits + r * c.cols;
+  const int64_t n = c.cols;
+  const int64_t body = n / kLanes * kLanes;
+  // (1) transform in place, tile max.
+  FVec vmax(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < body; i += kLanes) {
+    const FVec v = transform(FVec::loadu(z + i), c.transform);
+    v.store(z + i);
+    vmax = at::vec::maximum(vmax, v);
+  }
+  float tile_max = at::vec::vec_reduce_all<float>([](FVec a, FVec b) { return at::vec::maximum(a, b); }, vmax);
+  for (int64_t i = body; i < n; ++i) {
+    z[i] = c.transform.apply(z[i]);
+    tile_max = std::isnan(z[i]) ? z[i] : std::max(tile_max, z[i]);
+  }
+  // (2) sums against the tile max.
+  const FVec vm(tile_max);
+  FVec vs(0.0f), vb(0.0f), vw(0.0f);
+  const float* w = c.class_weight != nullptr ? c.class_weight + c.col_begin : nullptr;
+  for (int64_t i = 0; i < body; i += kLanes) {
+    const FVec zi = FVec::loadu(z + i);
+    const FVec d = zi - vm;
+    const FVec e = d.exp_u20();
+    vs = vs + e;
+    vb = at::vec::fmadd(d, e, vb);
+    vw = w != nullptr ? at::vec::fmadd(FVec::loadu(w + i), zi, vw) : vw + zi;
+  }
+  float s = reduce_sum(vs), b = reduce_sum(vb), ws = reduce_sum(vw);
+  for (int64_t i = body; i < n; ++i) {
+    const float d = z[i] - tile_max;
+    const float e = std::exp(d);
+    s += e;
+    b += d * e;
+    ws += (w != nullptr ? w[i] : 1.0f) * z[i];
+  }
+  // Merge into the token's running state.
+  float* st = c.state + r * core::kLceStateWidth;
+  const core::SoftmaxState merged = core::merge(core::SoftmaxState{st[core::kLceMax], st[core::kLceSumExp],
+                                                                   st[core::kLceSumShifted]},
+                                                core::SoftmaxState{tile_max, s, b});
+  st[core::kLceMax] = merged.max;
+  st[core::kLceSumExp] = merged.sum_exp;
+  st[core::kLceSumShifted] = merged.sum_shifted;
+  st[core::kLceWeightedSum] += ws;
+  const int64_t y = c.target[r] - c.col_begin;
+  if (y >= 0 && y < n) st[core::kLceTargetLogit] = z[y];
+}
+
+void backward_row(const LceChunk& c, int64_t r) {
+  float* x = c.logits + r * c.cols;
+  const int64_t n = c.cols;
+  const int64_t body = n / kLanes * kLanes;
+  const float* kp = c.coefficients + r * core::kLceCoefWidth;
+  const core::LceCoefficients k{kp[core::kLceCoefProb], kp[core::kLceCoefEntropy], kp[core::kLceCoefTarget],
+                                kp[core::kLceCoefSmooth]};
+  const float m = c.normaliser[2 * r], log_s = c.normaliser[2 * r + 1];
+  const float* w = c.class_weight != nullptr ? c.class_weight + c.col_begin : nullptr;
+  const int64_t y = c.target[r] - c.col_begin;
+  const bool has_target = y >= 0 && y < n;
+  const float x_target = has_target ? x[y] : 0.0f;
+  const FVec a(k.prob), e(k.entropy), sigma(k.smooth), vm(m), vlog_s(log_s);
+  for (int64_t i = 0; i < body; i += kLanes) {
+    const FVec z = transform(FVec::loadu(x + i), c.transform);
+    const FVec shifted = (z - vm) - vlog_s;  // z - lse, exact near the max
+    const FVec p = shifted.exp_u20();
+    FVec g = p * at::vec::fmadd(e, shifted, a);
+    g = g - sigma * (w != nullptr ? FVec::loadu(w + i) : FVec(1.0f));
+    (g * transform_derivative(z, c.transform)).store(x + i);
+  }
+  for (int64_t i = body; i < n; ++i) {
+    const float z = c.transform.apply(x[i]);
+    x[i] = core::lce_grad_z(k, (z - m) - log_s, false, w != nullptr ? w[i] : 1.0f) * c.transform.derivative(z);
+  }
+  if (has_target) {  // the exact form of a p_y - beta
+    const float z = c.transform.apply(x_target);
+    x[y] = core::lce_grad_z(k, (z - m) - log_s, true, w != nullptr ? w[y] : 1.0f) * c.transform.derivative(z);
+  }
+}
+
+void forward_chunk(const LceChunk& c) {
+  at::parallel_for(0, c.rows, row_grain(c.cols), [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) forward_row(c, r);
+  });
+}
+
+void backward_chunk(const LceChunk& c) {
+  at::parallel_for(0, c.rows, row_grain(c.cols), [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) backward_row(c, r);
+  });
+}
+
+}  // namespace
+
+const LceKernelTable lce_kernels = {&forward_chunk, &backward_chunk};
+
+}  // namespace logitkit::cpu::CPU_CAPABILITY
