@@ -5,6 +5,7 @@ mergeable softmax state, on CPU (vectorised, multi-threaded) and CUDA. Ops
 live under ``torch.ops.logitkit``; this module is the documented Python API.
 """
 from ._loader import build_info
+from .cross_entropy import cross_entropy
 from .linear_ce import DEFAULT_CHUNK_BUDGET, LinearCrossEntropyLoss, linear_cross_entropy, linear_log_probs_and_entropy
 from .ops import (
     entropy,
@@ -25,6 +26,7 @@ __all__ = [
     "DEFAULT_CHUNK_BUDGET",
     "LinearCrossEntropyLoss",
     "build_info",
+    "cross_entropy",
     "linear_cross_entropy",
     "linear_log_probs_and_entropy",
     "entropy",
