@@ -522,21 +522,24 @@ template <class T>
 inline T atomicAdd(T* address, T value) {
   return std::atomic_ref<T>(*address).fetch_add(value);
 }
-template <class T>
-inline T atomicMax(T* address, T value) {
+namespace lk_simt {
+// Stores `value` while replaces(old, value) holds (compare-and-swap loop); returns the old value.
+template <class T, class Replaces>
+inline T atomic_store_if(T* address, T value, Replaces replaces) {
   std::atomic_ref<T> ref(*address);
   T old = ref.load();
-  while (old < value && !ref.compare_exchange_weak(old, value)) {
+  while (replaces(old, value) && !ref.compare_exchange_weak(old, value)) {
   }
   return old;
 }
+}  // namespace lk_simt
+template <class T>
+inline T atomicMax(T* address, T value) {
+  return lk_simt::atomic_store_if(address, value, [](T old, T v) { return old < v; });
+}
 template <class T>
 inline T atomicMin(T* address, T value) {
-  std::atomic_ref<T> ref(*address);
-  T old = ref.load();
-  while (value < old && !ref.compare_exchange_weak(old, value)) {
-  }
-  return old;
+  return lk_simt::atomic_store_if(address, value, [](T old, T v) { return v < old; });
 }
 template <class T>
 inline T atomicCAS(T* address, T compare, T value) {
