@@ -19,6 +19,7 @@
 
 #include "../core/softmax_state.h"
 #include "row_ops_cpu.h"
+#include "vec_tiles.h"
 
 #ifndef CPU_CAPABILITY
 #error "row_ops_cpu.cpp must be compiled with CPU_CAPABILITY set (see CMakeLists.txt)"
@@ -27,36 +28,7 @@
 namespace logitkit::cpu::CPU_CAPABILITY {
 namespace {
 
-using FVec = at::vec::Vectorized<float>;
-constexpr int64_t kLanes = FVec::size();
-constexpr int64_t kTile = 2048;              // elements per tile (8 KiB of fp32)
 constexpr int64_t kMinSliceElements = 32768;  // smallest share of a row given to one thread
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-int64_t round_up_to_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
-
-// exp with ~20 ulp error (ATen's exp_u20, the one ATen's own softmax uses);
-// returns 0 for -inf. Callers never pass NaN (NaN rows are handled apart).
-inline FVec vexp(const FVec& x) { return x.exp_u20(); }
-
-// dst[0..n) = src[0..n) * scale in fp32, padded with `pad` up to a multiple of kLanes.
-template <class scalar_t>
-void load_tile(const scalar_t* src, int64_t n, float scale, float pad, float* dst) {
-  int64_t i = 0;
-  const FVec s(scale);
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    for (; i + kLanes <= n; i += kLanes) (FVec::loadu(src + i) * s).store(dst + i);
-  } else {
-    using BVec = at::vec::Vectorized<scalar_t>;
-    for (; i + BVec::size() <= n; i += BVec::size()) {
-      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(BVec::loadu(src + i));
-      (lo * s).store(dst + i);
-      (hi * s).store(dst + i + kLanes);
-    }
-  }
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]) * scale;
-  for (int64_t j = n; j < round_up_to_lanes(n); ++j) dst[j] = pad;
-}
 
 // The fp32 tile of src[0..n) * scale: src itself when it already is one
 // (fp32, scale 1, no padding needed), else a converted copy in `buffer`.

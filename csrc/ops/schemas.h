@@ -30,6 +30,13 @@ inline void define_schemas(torch::Library& m) {
   // row under rule "hf", "official" or "exact"; cap = -1: the rule's default
   // (100) for the capped rules, ignored by "exact". Not differentiable.
   m.def("top_h_mask(Tensor logits, float alpha, float temperature=1.0, str rule=\"hf\", int cap=-1) -> Tensor");
+  // Sampling: one token per row (int64, shape logits.shape[:-1]) from
+  // softmax(logits / temperature) restricted to the Top-H kept set (alpha,
+  // rule, cap as for top_h_mask; alpha = None: no truncation), by inverse CDF
+  // at `uniform` (float32 in [0, 1), one per row, drawn by the caller).
+  // -1 for a row without a defined distribution (NaN or +inf logits).
+  m.def("sample(Tensor logits, Tensor uniform, float? alpha, float temperature=1.0, str rule=\"hf\", "
+        "int cap=-1) -> Tensor");
 }
 
 }  // namespace logitkit
