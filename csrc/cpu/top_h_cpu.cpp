@@ -29,7 +29,7 @@
 //     vectorised pass computes d_i = z_i - m and e_i = exp(d_i) and buckets the
 //     tokens by d (kBucketsPerNat buckets per nat; a monotone map of x, so
 //     buckets are contiguous in rank order and ties share a bucket), summing
-//     (count, sum e, sum d e) per bucket. H(p) and every H(q) of a prefix of
+//     (sum e, sum d e) per bucket. H(p) and every H(q) of a prefix of
 //     whole buckets follow from those sums (H(q_S) = log E_S - D_S / E_S);
 //     the walk over the buckets finds the first bucket whose inclusion
 //     breaks the budget. Only that bucket's tokens are gathered, and a
@@ -48,6 +48,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -89,11 +90,9 @@ constexpr int kBuckets = 108 * 16;
 constexpr uint16_t kNoBucket = 0xFFFF;  // zero probability: never a candidate
 
 struct Sums {
-  int64_t count = 0;
   double e = 0.0;  // sum exp(d)
   double d = 0.0;  // sum d exp(d)
   Sums& operator+=(const Sums& o) {
-    count += o.count;
     e += o.e;
     d += o.d;
     return *this;
@@ -192,7 +191,7 @@ int64_t keep_in_bucket(std::vector<Token>& tokens, Sums above, double budget, fl
     for (int64_t i = lo; i <= mid; ++i) {
       const float d = tokens[i].x * inv_t - m;
       const float e = std::exp(d);
-      with += Sums{1, e, static_cast<double>(d) * e};
+      with += Sums{e, static_cast<double>(d) * e};
     }
     if (with.entropy() <= budget) {
       lo = mid + 1;  // the prefix up to the pivot fits: everything ranked up to it is kept
@@ -214,7 +213,7 @@ Token exact_cut(RowScratch& s, int64_t cols, const TopHParams& p, float m) {
       if (e[j] > 0.0f) {
         const int b = std::min(kBuckets - 1, static_cast<int>(-d[j] * kBucketsPerNat));
         s.bucket[t + j] = static_cast<uint16_t>(b);
-        s.buckets[b] += Sums{1, e[j], static_cast<double>(d[j]) * e[j]};
+        s.buckets[b] += Sums{e[j], static_cast<double>(d[j]) * e[j]};
       } else {
         s.bucket[t + j] = kNoBucket;
       }
@@ -229,7 +228,7 @@ Token exact_cut(RowScratch& s, int64_t cols, const TopHParams& p, float m) {
   Sums above, above_last;
   int cut_bucket = -1, last_bucket = -1;
   for (int b = 0; b < kBuckets; ++b) {
-    if (s.buckets[b].count == 0) continue;
+    if (s.buckets[b].e == 0.0) continue;  // empty
     Sums with = above;
     with += s.buckets[b];
     if (with.entropy() > budget) {
@@ -244,16 +243,24 @@ Token exact_cut(RowScratch& s, int64_t cols, const TopHParams& p, float m) {
     cut_bucket = last_bucket;
     above = above_last;
   }
-  // Pass 2 (scalar, over the bucket indices): gather the cut bucket, and find
-  // the last-ranked token before it (in case none of the bucket fits).
+  // Pass 2: gather the cut bucket, and find the last-ranked token before it
+  // (in case none of the bucket fits). A vector of tokens is skipped when all
+  // its d lie safely below the cut bucket (bucket >= cut + 2 > cut); the
+  // others are decided exactly from their stored buckets.
   s.tokens.clear();
   Token before{kPosInf, -1};
-  for (int64_t i = 0; i < cols; ++i) {
-    const int b = s.bucket[i];
-    if (b == cut_bucket) {
-      s.tokens.push_back(Token{s.x[i], i});
-    } else if (b < cut_bucket && s.x[i] <= before.x) {
-      before = Token{s.x[i], i};  // a lower logit, or an equal one at a higher index: ranks later
+  const FVec vt(inv_t), vm(m), skip_below(-static_cast<float>(cut_bucket + 2) / kBucketsPerNat);
+  constexpr int kAllBelow = (1 << kLanes) - 1;  // zero_mask() when no lane passes
+  for (int64_t i0 = 0; i0 < cols; i0 += kLanes) {
+    const FVec d = FVec::loadu(s.x.data() + i0) * vt - vm;
+    if ((d > skip_below).zero_mask() == kAllBelow) continue;
+    for (int64_t i = i0; i < std::min(cols, i0 + kLanes); ++i) {
+      const int b = s.bucket[i];
+      if (b == cut_bucket) {
+        s.tokens.push_back(Token{s.x[i], i});
+      } else if (b < cut_bucket && s.x[i] <= before.x) {
+        before = Token{s.x[i], i};  // a lower logit, or an equal one at a higher index: ranks later
+      }
     }
   }
   const int64_t kept = keep_in_bucket(s.tokens, above, budget, inv_t, m);
@@ -315,19 +322,15 @@ float kept_weights(const RowScratch& s, int64_t t, int64_t n, const RowCut& cut,
   for (int64_t j = 0; j < n; j += kLanes) {
     const int64_t i = t + j;
     const FVec x = FVec::loadu(s.x.data() + i);
-    FVec e = vexp(x * vt - vm);
-    if (i + kLanes - 1 <= c) {
-      e = FVec::blendv(zero, e, x >= upto);
-    } else if (i > c) {
-      e = FVec::blendv(zero, e, x >= after);
-    } else {  // the one vector holding the cut index
-      e.store(w + j);
-      for (int64_t l = 0; l < kLanes; ++l) {
-        const float bound = i + l <= c ? cut.lower_bound_upto() : cut.lower_bound_after();
-        if (!(s.x[i + l] >= bound)) w[j + l] = 0.0f;
-      }
-      e = FVec::loadu(w + j);
+    FVec bound = upto;
+    if (i > c) {
+      bound = after;
+    } else if (i + kLanes - 1 > c) {  // the one vector holding the cut index: per-lane bounds
+      alignas(64) float lanes[kLanes];
+      for (int64_t l = 0; l < kLanes; ++l) lanes[l] = i + l <= c ? cut.lower_bound_upto() : cut.lower_bound_after();
+      bound = FVec::loadu(lanes);
     }
+    const FVec e = FVec::blendv(zero, vexp(x * vt - vm), x >= bound);
     e.store(w + j);
     acc = acc + e;
   }
