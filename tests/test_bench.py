@@ -155,6 +155,45 @@ def test_failing_implementation_is_an_error(monkeypatch, tmp_path):
     assert next(r for r in doc["results"] if r["impl"] == "eager")["status"] == "OK"
 
 
+def test_top_h_cases_pass_their_guards(tmp_path):
+    rc, doc = _run([*FAST, "top_h", "top_h_official", "top_h_exact", "sample", "--dtype", "fp32"], tmp_path)
+    assert rc == 0, [(r["op"], r["impl"], r["status"], r["error"]) for r in doc["results"]]
+    impls = {(r["op"], r["impl"]) for r in doc["results"]}
+    assert ("top_h_official", "official-loop") in impls and ("top_h_exact", "sort-scan") in impls
+    expected = "transformers" if bench._transformers_top_h_warper() else "sort-scan"
+    assert ("top_h", expected) in impls and ("sample", expected) in impls
+
+
+def test_top_h_guards_flag_wrong_kept_sets_and_tokens():
+    x = torch.randn(8, 500, dtype=torch.float64) * 3
+    keep = bench.top_h_keep_reference(x, 0.4, 1.5, "hf")
+    check = bench._top_h_keep_check(0.4)
+    assert check(x.masked_fill(~keep, -math.inf), keep, (x,)) == (0.0, 0.0)
+    official = bench.top_h_keep_reference(x, 0.4, 1.5, "official")
+    assert not torch.equal(official, keep)
+    assert check(x.masked_fill(~official, -math.inf), keep, (x,))[1] > 1
+    # alpha = 1 allows one differing token per row (the capped rules' equality at the cut), not two
+    one_off = keep.clone()
+    one_off[0, keep[0].nonzero()[-1]] = False
+    assert bench._top_h_keep_check(1.0)(x.masked_fill(~one_off, -math.inf), keep, (x,))[1] <= 1
+    assert check(x.masked_fill(~one_off, -math.inf), keep, (x,))[1] > 1
+    first_kept = keep.float().argmax(-1)
+    assert bench._sample_check(first_kept, keep, (x,)) == (0.0, 0.0)
+    first_dropped = (~keep).float().argmax(-1)
+    assert bench._sample_check(first_dropped, keep, (x,))[1] > 1
+    assert bench._sample_check(torch.full((8,), -1), keep, (x,))[1] > 1
+
+
+def test_official_loop_matches_the_reference():
+    x = torch.randn(5, 300) * 3
+    x[1, :] = x[1, 0]  # not tie-free: skip the row below
+    out = bench.official_top_h_loop(x, 0.4, 1.5)
+    keep = bench.top_h_keep_reference(x.double(), 0.4, 1.5, "official")
+    for r in (0, 2, 3, 4):
+        assert torch.equal(out[r].isfinite(), keep[r])
+        assert torch.equal(out[r][keep[r]], x[r][keep[r]])
+
+
 def test_compare_tolerance_and_special_values():
     ref = torch.tensor([1.0, 100.0, float("nan"), float("-inf")], dtype=torch.float64)
     err, ratio = bench.compare(ref.float() + torch.tensor([0.0, 0.5, 0.0, 0.0]), ref, atol=0.0, rtol=1e-2)
@@ -179,13 +218,18 @@ def test_compare_tolerance_and_special_values():
     ("entropy", "bf16", 3 * 1000 * 2 + 3 * 4),  # entropy is always written in float32
     ("logsumexp", "fp32", 3 * 1000 * 4 + 3 * 4),
     ("logsumexp", "bf16", 3 * 1000 * 2 + 3 * 2),  # logsumexp keeps the input dtype
+    ("top_h", "fp32", 2 * 3 * 1000 * 4),  # read the logits, write the filtered logits
+    ("top_h_official", "bf16", 2 * 3 * 1000 * 2),
+    ("top_h_exact", "fp16", 2 * 3 * 1000 * 2),
+    ("sample", "fp32", 3 * 1000 * 4 + 3 * (4 + 8)),  # + one float32 uniform in, one int64 token out per row
+    ("sample", "bf16", 3 * 1000 * 2 + 3 * (4 + 8)),
 ])
 def test_bytes_moved(op, dtype, expected):
     assert bench.bytes_moved(op, 3, 1000, dtype) == expected
 
 
 def test_every_registered_op_has_a_bytes_model_test():
-    tested = {"softmax", "log_softmax", "entropy", "logsumexp"}
+    tested = {"softmax", "log_softmax", "entropy", "logsumexp", "top_h", "top_h_official", "top_h_exact", "sample"}
     assert set(bench.CASES) <= tested, "add a test_bytes_moved case for the new op"
 
 

@@ -299,18 +299,47 @@ def test_bad_input(ns):
 
 
 @pytest.mark.parametrize("ns", _loader.OP_NAMESPACES)
+def test_sample_bad_input(ns):
+    op = getattr(torch.ops, ns).sample
+    x, u = torch.randn(2, 10), torch.rand(2)
+    with pytest.raises(ValueError, match="logitkit.sample: alpha"):
+        op(x, u, 1.5, 1.0, "hf", -1)
+    with pytest.raises(ValueError, match="logitkit.sample: temperature"):
+        op(x, u, None, 0.0, "hf", -1)
+    with pytest.raises(ValueError, match="logitkit.sample: rule"):
+        op(x, u, 0.5, 1.0, "nope", -1)
+    with pytest.raises(ValueError, match="uniform must have shape"):
+        op(x, torch.rand(3), 0.5, 1.0, "hf", -1)
+    with pytest.raises(TypeError, match="uniform must be float32"):
+        op(x, u.double(), 0.5, 1.0, "hf", -1)
+    with pytest.raises(TypeError, match="float32"):
+        logitkit.sample(torch.randint(0, 5, (2, 10)))
+    with pytest.raises(ValueError, match="alpha"):
+        logitkit.sample(x, top_h=0.0)
+
+
+@pytest.mark.parametrize("ns", _loader.OP_NAMESPACES)
 def test_opcheck(ns):
     op = getattr(torch.ops, ns).top_h_mask
     g = torch.Generator().manual_seed(2)
     for rule in ("hf", "official", "exact"):
         x = torch.randn(3, 37, generator=g)
         torch.library.opcheck(op, (x, 0.5, 1.2, rule, 10))
+        u = torch.rand(3, generator=g)
+        torch.library.opcheck(getattr(torch.ops, ns).sample, (x, u, 0.5, 1.2, rule, 10))
+    torch.library.opcheck(getattr(torch.ops, ns).sample, (x, u, None, 1.2, "hf", -1))
 
 
 def test_compile_fullgraph():
     f = torch.compile(lambda x: logitkit.top_h(x, 0.4, temperature=1.5, rule="exact"), fullgraph=True)
     x = torch.randn(4, 300)
     assert torch.equal(f(x), logitkit.top_h(x, 0.4, temperature=1.5, rule="exact"))
+    # (dynamo cannot trace a torch.Generator argument; compiled code may draw
+    # its uniforms with its own RNG, so check the tokens, not the stream)
+    draw = torch.compile(lambda x: logitkit.sample(x, temperature=0.7, top_h=0.6), fullgraph=True)
+    tokens = draw(x)
+    keep = logitkit.top_h_mask(x, 0.6, temperature=0.7)
+    assert tokens.shape == (4,) and keep[torch.arange(4), tokens].all()
 
 
 # ---------------------------------------------------------------------------
@@ -335,6 +364,89 @@ def test_sample_chi_square(rule):
     dof = max(1, kept.numel() - 1)
     # 99.99% quantile of chi-square is below dof + 8 sqrt(2 dof) + 15 for these dof.
     assert chi2 < dof + 8 * math.sqrt(2 * dof) + 15, (chi2, dof)
+
+
+def run_sample(backend, x, u, alpha, temperature=1.0, rule="hf", cap=-1):
+    if backend == "cpu":
+        return torch.ops.logitkit.sample(x, u, alpha, temperature, rule, cap)
+    if backend == "emulated":
+        if _loader._C_emulated is None:
+            pytest.skip("emulated CUDA module not built")
+        return torch.ops.logitkit_emulated.sample(x, u, alpha, temperature, rule, cap)
+    return torch.ops.logitkit.sample(x.cuda(), u.cuda(), alpha, temperature, rule, cap).cpu()
+
+
+def kept_probabilities(x, alpha, temperature, rule, backend):
+    """float64 softmax(x / T) over the kept set of each row (all tokens when alpha is None)."""
+    keep = torch.ones_like(x, dtype=torch.bool) if alpha is None else run_mask(backend, x, alpha, temperature, rule)
+    z = torch.where(keep, x.double() / temperature, torch.tensor(-math.inf, dtype=torch.float64))
+    return torch.softmax(z, -1), keep
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rule,alpha", [("hf", 0.8), ("official", 0.5), ("exact", 0.4), ("exact", 1.0), ("hf", None)])
+@pytest.mark.parametrize("V", [12, 700])
+def test_sample_stratified_inverse_cdf(backend, rule, alpha, V):
+    """n rows of the same logits at stratified u = (j + 1/2) / n: the draw is the
+    inverse CDF, so each kept token is drawn n * p times up to +-1 (rounding of
+    the CDF at a stratum boundary), and a dropped token never."""
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(V, generator=g) * 1.5
+    x[V // 3] = -math.inf
+    n, T = (24 if backend == "emulated" else 600), 1.3  # the emulator runs one OS thread per CUDA thread
+    u = (torch.arange(n, dtype=torch.float64) + 0.5).div(n).float()
+    tokens = run_sample(backend, x.expand(n, V), u, alpha, T, rule)
+    p, keep = kept_probabilities(x[None], alpha, T, rule, backend)
+    counts = torch.bincount(tokens, minlength=V).double()
+    assert counts[~keep[0]].sum() == 0 and counts[V // 3] == 0
+    assert (counts - n * p[0]).abs().max() <= 1.01
+    # Inverse CDF is monotone in u.
+    assert (tokens.diff() >= 0).all() or (tokens[: n // 2].diff() >= 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rule", ["hf", "exact"])
+def test_sample_draw_matches_cdf(backend, rule):
+    """Random rows, random u: the drawn token's CDF interval holds u (up to
+    rounding); u = 0 gives the first kept token, u just below 1 one whose
+    kept successors have negligible mass."""
+    g = torch.Generator().manual_seed(11)
+    V = 1200 if backend == "emulated" else 128256
+    x = torch.randn(6, V, generator=g) * 2
+    u = torch.rand(6, generator=g)
+    u[0], u[1] = 0.0, 1.0 - 2.0**-24
+    for alpha in (0.9, None):
+        tokens = run_sample(backend, x, u, alpha, 0.8, rule)
+        p, keep = kept_probabilities(x, alpha, 0.8, rule, backend)
+        cdf = torch.cumsum(p, -1)
+        for r in range(6):
+            t = int(tokens[r])
+            assert keep[r, t] and p[r, t] > 0
+            lo, hi = (cdf[r, t - 1].item() if t > 0 else 0.0), cdf[r, t].item()
+            assert lo - 1e-5 <= u[r].item() <= hi + 1e-5, (r, t, lo, hi, u[r].item())
+        kept = keep[0].nonzero().flatten()
+        assert int(tokens[0]) == int(kept[0])
+        assert p[1, int(tokens[1]) + 1 :].sum() <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sample_special_rows(backend):
+    x = torch.randn(5, 50)
+    x[0, 7] = math.nan
+    x[1, 3] = math.inf
+    x[2] = -math.inf
+    x[3, :40] = -math.inf
+    u = torch.full((5,), 0.999)
+    for alpha in (0.5, None):
+        for rule in ("hf", "official", "exact"):
+            tokens = run_sample(backend, x, u, alpha, 1.0, rule)
+            assert tokens[:3].tolist() == [-1, -1, 0]
+            assert 40 <= int(tokens[3]) < 50
+    assert run_sample(backend, torch.empty(3, 0), torch.rand(3), 0.5).tolist() == [-1, -1, -1]
+    assert run_sample(backend, torch.empty(0, 4), torch.rand(0), 0.5).shape == (0,)
+    y = torch.randn(2, 3, 40, dtype=torch.bfloat16)
+    t = run_sample(backend, y, torch.rand(2, 3), 0.7, 1.0, "exact")
+    assert t.shape == (2, 3) and t.dtype == torch.int64
 
 
 def test_sample_reproducible_and_special_rows():

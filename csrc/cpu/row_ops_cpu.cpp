@@ -19,6 +19,7 @@
 
 #include "../core/softmax_state.h"
 #include "row_ops_cpu.h"
+#include "vec_tiles.h"
 
 #ifndef CPU_CAPABILITY
 #error "row_ops_cpu.cpp must be compiled with CPU_CAPABILITY set (see CMakeLists.txt)"
@@ -27,61 +28,7 @@
 namespace logitkit::cpu::CPU_CAPABILITY {
 namespace {
 
-using FVec = at::vec::Vectorized<float>;
-constexpr int64_t kLanes = FVec::size();
-constexpr int64_t kTile = 2048;              // elements per tile (8 KiB of fp32)
 constexpr int64_t kMinSliceElements = 32768;  // smallest share of a row given to one thread
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-int64_t round_up_to_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
-
-// exp with ~20 ulp error (ATen's exp_u20, the one ATen's own softmax uses);
-// returns 0 for -inf. Callers never pass NaN (NaN rows are handled apart).
-inline FVec vexp(const FVec& x) { return x.exp_u20(); }
-
-float reduce_max(const FVec& v) {
-  return at::vec::vec_reduce_all<float>([](FVec a, FVec b) { return at::vec::maximum(a, b); }, v);
-}
-
-// Max of z[0..n), n a multiple of kLanes; NaN if any element is NaN.
-float tile_max(const float* z, int64_t n) {
-  FVec vmax(kNegInf);
-  for (int64_t i = 0; i < n; i += kLanes) vmax = at::vec::maximum(vmax, FVec::loadu(z + i));
-  return reduce_max(vmax);
-}
-
-// dst[0..n) = src[0..n) * scale in fp32, padded with `pad` up to a multiple of
-// kLanes. Returns the max of the converted values (free while converting).
-template <class scalar_t>
-float load_tile(const scalar_t* src, int64_t n, float scale, float pad, float* dst) {
-  int64_t i = 0;
-  const FVec s(scale);
-  FVec vmax(kNegInf);
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    for (; i + kLanes <= n; i += kLanes) {
-      const FVec v = FVec::loadu(src + i) * s;
-      v.store(dst + i);
-      vmax = at::vec::maximum(vmax, v);
-    }
-  } else {
-    using BVec = at::vec::Vectorized<scalar_t>;
-    for (; i + BVec::size() <= n; i += BVec::size()) {
-      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(BVec::loadu(src + i));
-      lo = lo * s;
-      hi = hi * s;
-      lo.store(dst + i);
-      hi.store(dst + i + kLanes);
-      vmax = at::vec::maximum(vmax, at::vec::maximum(lo, hi));
-    }
-  }
-  float m = reduce_max(vmax);
-  for (; i < n; ++i) {
-    dst[i] = static_cast<float>(src[i]) * scale;
-    m = std::isnan(dst[i]) ? dst[i] : std::max(m, dst[i]);
-  }
-  for (int64_t j = n; j < round_up_to_lanes(n); ++j) dst[j] = pad;
-  return m;
-}
 
 // A tile of src[0..n) * scale in fp32, with the max of its first n values.
 struct Tile {

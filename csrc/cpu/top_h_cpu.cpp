@@ -1,44 +1,67 @@
-// CPU kernel of top_h_mask (rules "hf", "official", "exact"; definitions in
-// shared/notes/top-h.md, shared math in csrc/core/top_h.h). Parallel over rows
+// CPU kernels of top_h_mask and sample (rules "hf", "official", "exact";
+// definitions in shared/notes/top-h.md, shared math in csrc/core/top_h.h).
+// Compiled once per CPU capability (see top_h_cpu.h), vectorised with at::vec
+// where the work is arithmetic (max, exp, kept weights). Parallel over rows
 // with at::parallel_for; each row is handled by one thread with thread-local
-// scratch buffers. Compiled once with default flags (the work is dominated by
-// selection, not by vectorisable arithmetic).
+// scratch buffers (no allocation per row once they have grown).
 //
-// No full sort of the vocabulary:
+// Every rule keeps a prefix of the rank order "larger logit first, then lower
+// index", so a row's kept set is described by its last kept token c:
+//   keep i  <=>  x_i > x_c, or x_i == x_c and i <= c          (RowCut)
+// Both ops first find that cut, then
+//   * top_h_mask writes the mask from it;
+//   * sample makes one vectorised pass computing the kept weights
+//     w_i = exp(z_i - m) (z = x / T, m = max z) and the kept mass of every
+//     tile, then draws by inverse CDF: the tile where the running mass first
+//     exceeds u * total, then the first token inside it whose running sum
+//     exceeds that target. A dropped token has weight 0 and a token of zero
+//     weight never makes the running sum exceed the target, so neither is
+//     ever returned; when rounding runs past the end (u * total rounds up to
+//     total, or the in-tile sums round differently from the tile's), the
+//     last token of positive weight is returned.
+//
+// Finding the cut, without sorting the vocabulary:
 //   * capped rules: a one-pass threshold filter plus std::nth_element on a
-//     buffer of at most ~4K tokens selects the K largest (order "larger logit
-//     first, then lower index") in expected O(V); only those K are sorted
-//     (O(K log K)) and scanned (capped_keep_count).
-//   * "exact": the kept set is the largest prefix S_k of the sorted order with
-//     H(q_k) <= alpha H(p), and H(q_k) is increasing in k (note). A
-//     quickselect on that predicate finds k: partition the undecided range
-//     around its middle rank with nth_element, evaluate H of "decided-kept +
-//     upper part + pivot" (one sum over the upper part), and recurse into the
-//     half that holds the cut. Each step costs O(size of the range), which
-//     halves, so the whole search is expected O(V) (about 2 V comparisons
-//     plus V exps), without sorting anything.
+//     buffer of at most ~4K tokens selects the K largest in expected O(V);
+//     only those K are sorted (O(K log K)) and scanned (capped_keep_count).
+//   * "exact": the kept set is the largest prefix S_k of the rank order with
+//     H(q_k) <= alpha H(p), and H(q_k) is increasing in k (note). One
+//     vectorised pass computes d_i = z_i - m and e_i = exp(d_i) and buckets the
+//     tokens by d (kBucketsPerNat buckets per nat; a monotone map of x, so
+//     buckets are contiguous in rank order and ties share a bucket), summing
+//     (sum e, sum d e) per bucket. H(p) and every H(q) of a prefix of
+//     whole buckets follow from those sums (H(q_S) = log E_S - D_S / E_S);
+//     the walk over the buckets finds the first bucket whose inclusion
+//     breaks the budget. Only that bucket's tokens are gathered, and a
+//     quickselect on the predicate resolves the cut inside it: partition the
+//     undecided range around its middle rank with nth_element, evaluate H of
+//     "decided-kept + upper part + pivot", recurse into the half that holds
+//     the cut (expected O(bucket size)).
 //
 // Special rows (same on every backend):
 //   * a row holding a NaN or +inf logit has no defined distribution: its mask
-//     is all False (top_h then returns filter_value for the whole row);
+//     is all False and sample returns -1;
 //   * a row whose logits are all -inf keeps token 0 only (at-least-one rule,
-//     ties broken by the lower index);
+//     ties broken by the lower index), and sample returns 0;
 //   * zero probabilities (exp underflow in fp32, or -inf) are never kept,
 //     except the one token kept by the at-least-one rule.
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include "../common/top_h_frontend.h"
-#include "../core/softmax_state.h"
 #include "../core/top_h.h"
+#include "top_h_cpu.h"
+#include "vec_tiles.h"
 
-namespace logitkit::cpu {
+namespace logitkit::cpu::CPU_CAPABILITY {
 namespace {
+
+constexpr float kPosInf = std::numeric_limits<float>::infinity();
 
 struct Token {
   float x;  // input logit (fp32)
@@ -48,21 +71,67 @@ struct Token {
 // The rank order of the note: larger logit first, then lower vocabulary index.
 inline bool ranks_before(const Token& a, const Token& b) { return a.x > b.x || (a.x == b.x && a.index < b.index); }
 
-struct RowScratch {
-  std::vector<float> x;  // the row in fp32
-  std::vector<float> z;  // x / T
-  std::vector<Token> tokens;
+// The kept set of a row: every token ranked at or before `last` (see the top
+// of the file). Not `defined` for a row without a distribution (NaN, +inf).
+struct RowCut {
+  bool defined;
+  Token last;
+  // Token i is kept iff x_i >= lower_bound(i): x_c up to index c, the next
+  // float above x_c after it.
+  float lower_bound_upto() const { return last.x; }
+  float lower_bound_after() const { return std::nextafter(last.x, kPosInf); }
 };
+
+// "exact": bucket of a token by d = z - m <= 0: floor(-d * kBucketsPerNat).
+// exp(d) underflows to 0 below d ~ -104, so kBuckets covers every token of
+// positive probability (the last bucket also takes anything lower).
+constexpr float kBucketsPerNat = 16.0f;
+constexpr int kBuckets = 108 * 16;
+constexpr uint16_t kNoBucket = 0xFFFF;  // zero probability: never a candidate
+
+struct Sums {
+  double e = 0.0;  // sum exp(d)
+  double d = 0.0;  // sum d exp(d)
+  Sums& operator+=(const Sums& o) {
+    e += o.e;
+    d += o.d;
+    return *this;
+  }
+  double entropy() const { return core::renormalised_entropy(e, d); }
+};
+
+struct RowScratch {
+  std::vector<float> x;            // the row in fp32, padded with -inf to a multiple of kLanes
+  std::vector<Token> tokens;       // selection buffer
+  std::vector<uint16_t> bucket;    // "exact": bucket of each token
+  std::vector<Sums> buckets;       // "exact": per-bucket sums
+  std::vector<float> tile_mass;    // sample: kept mass of each tile
+  alignas(64) float a[kTile];      // tile buffers
+  alignas(64) float b[kTile];
+};
+
+// Loads the row into s.x and returns its max (NaN if it holds a NaN).
+template <class scalar_t>
+float load_row(const scalar_t* src, int64_t cols, RowScratch& s) {
+  FVec vmax(kNegInf);
+  for (int64_t t = 0; t < cols; t += kTile) {
+    const int64_t n = std::min(kTile, cols - t);
+    float* dst = s.x.data() + t;
+    load_tile(src + t, n, 1.0f, kNegInf, dst);
+    for (int64_t i = 0; i < n; i += kLanes) vmax = at::vec::maximum(vmax, FVec::loadu(dst + i));
+  }
+  return at::vec::vec_reduce_all<float>([](FVec a, FVec b) { return at::vec::maximum(a, b); }, vmax);
+}
 
 // Capped rules: the K best tokens, sorted, then the prefix scan. One pass
 // with a running threshold t: a token below t is beaten by K buffered tokens
 // and can never be selected; when the buffer reaches 4K, nth_element keeps
 // its K best and raises t to the K-th best logit. Expected O(V) with about
 // one comparison per token.
-void capped_row(RowScratch& s, int64_t cols, const TopHParams& p, float full_lse, bool* out) {
+Token capped_cut(RowScratch& s, int64_t cols, const TopHParams& p, float full_lse) {
   const int64_t k = p.k;
   s.tokens.clear();
-  float threshold = -std::numeric_limits<float>::infinity();
+  float threshold = kNegInf;
   auto shrink = [&] {
     std::nth_element(s.tokens.begin(), s.tokens.begin() + (k - 1), s.tokens.end(), ranks_before);
     threshold = s.tokens[k - 1].x;
@@ -80,100 +149,251 @@ void capped_row(RowScratch& s, int64_t cols, const TopHParams& p, float full_lse
   const float inv_t = p.inv_temperature;
   const int64_t kept = core::capped_keep_count([&](int64_t i) { return s.tokens[i].x * inv_t; }, k, p.rule,
                                                full_lse, p.alpha);
-  for (int64_t i = 0; i < kept; ++i) out[s.tokens[i].index] = true;
+  return s.tokens[kept - 1];
 }
 
-// "exact": quickselect on the monotone entropy predicate (see top of file).
-// Sums are in double (e_i and d_i themselves are fp32, as on CUDA).
-void exact_row(RowScratch& s, int64_t cols, const TopHParams& p, const core::SoftmaxState& st, bool* out) {
-  const float m = st.max;
-  const double budget = core::exact_budget(p.alpha, core::entropy(st));
-  // Only tokens of non-zero probability are candidates.
-  s.tokens.clear();
-  for (int64_t i = 0; i < cols; ++i) {
-    if (expf(s.z[i] - m) > 0.0f) s.tokens.push_back(Token{s.x[i], i});
+// Visits the padded row tile by tile with d = x * inv_t - m and e = exp(d)
+// computed (vectorised) into the scratch tile buffers: visit(t, d, e, n).
+template <class Visit>
+void for_each_exp_tile(RowScratch& s, float inv_t, float m, Visit visit) {
+  const int64_t padded = static_cast<int64_t>(s.x.size());
+  const FVec vt(inv_t), vm(m);
+  for (int64_t t = 0; t < padded; t += kTile) {
+    const int64_t n = std::min(kTile, padded - t);
+    for (int64_t j = 0; j < n; j += kLanes) {
+      const FVec d = FVec::loadu(s.x.data() + t + j) * vt - vm;
+      d.store(s.a + j);
+      vexp(d).store(s.b + j);
+    }
+    visit(t, s.a, s.b, n);
   }
-  const float inv_t = p.inv_temperature;
-  auto add = [&](const Token& t, double& e_sum, double& d_sum) {
-    const float d = t.x * inv_t - m;
-    const float e = expf(d);
-    e_sum += e;
-    d_sum += static_cast<double>(d) * e;
-  };
-  // tokens[0, lo) are kept for sure (and ranked before everything else),
-  // tokens[hi, n) dropped for sure; (e_kept, d_kept) are the sums over [0, lo).
-  auto begin = s.tokens.begin();
-  int64_t lo = 0, hi = static_cast<int64_t>(s.tokens.size());
-  double e_kept = 0.0, d_kept = 0.0;
+}
+
+// "official": log sum exp(z) over the whole row.
+float full_log_sum_exp(RowScratch& s, float inv_t, float m) {
+  FVec acc(0.0f);
+  for_each_exp_tile(s, inv_t, m, [&](int64_t, const float*, const float* e, int64_t n) {
+    for (int64_t j = 0; j < n; j += kLanes) acc = acc + FVec::loadu(e + j);
+  });
+  return m + std::log(vsum(acc));
+}
+
+// "exact" inside one bucket: tokens[lo, hi) are the bucket's tokens, above
+// holds the sums of everything ranked before them. Returns how many of them
+// are kept (quickselect on the monotone entropy predicate, see the top).
+int64_t keep_in_bucket(std::vector<Token>& tokens, Sums above, double budget, float inv_t, float m) {
+  auto begin = tokens.begin();
+  int64_t lo = 0, hi = static_cast<int64_t>(tokens.size());
   while (lo < hi) {
     const int64_t mid = lo + (hi - lo) / 2;
     std::nth_element(begin + lo, begin + mid, begin + hi, ranks_before);
-    double e_sum = e_kept, d_sum = d_kept;
-    for (int64_t i = lo; i <= mid; ++i) add(s.tokens[i], e_sum, d_sum);
-    if (core::renormalised_entropy(e_sum, d_sum) <= budget) {
-      lo = mid + 1;  // S up to the pivot fits: everything ranked up to it is kept
-      e_kept = e_sum;
-      d_kept = d_sum;
+    Sums with = above;
+    for (int64_t i = lo; i <= mid; ++i) {
+      const float d = tokens[i].x * inv_t - m;
+      const float e = std::exp(d);
+      with += Sums{e, static_cast<double>(d) * e};
+    }
+    if (with.entropy() <= budget) {
+      lo = mid + 1;  // the prefix up to the pivot fits: everything ranked up to it is kept
+      above = with;
     } else {
       hi = mid;  // the pivot's prefix is too wide: the cut is above the pivot
     }
   }
-  // The most probable token always fits (its renormalised entropy is 0 and
-  // the budget is >= 0), so lo >= 1 here.
-  for (int64_t i = 0; i < lo; ++i) out[s.tokens[i].index] = true;
+  return lo;
 }
 
-template <class scalar_t>
-void top_h_rows(const Rows& r, const TopHParams& p, bool* out) {
-  const int64_t cols = r.cols;
+Token exact_cut(RowScratch& s, int64_t cols, const TopHParams& p, float m) {
+  const float inv_t = p.inv_temperature;
+  // Pass 1 (vectorised exp, scalar scatter): the bucket sums.
+  s.buckets.assign(kBuckets, Sums{});
+  s.bucket.resize(s.x.size());
+  for_each_exp_tile(s, inv_t, m, [&](int64_t t, const float* d, const float* e, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) {
+      if (e[j] > 0.0f) {
+        const int b = std::min(kBuckets - 1, static_cast<int>(-d[j] * kBucketsPerNat));
+        s.bucket[t + j] = static_cast<uint16_t>(b);
+        s.buckets[b] += Sums{e[j], static_cast<double>(d[j]) * e[j]};
+      } else {
+        s.bucket[t + j] = kNoBucket;
+      }
+    }
+  });
+  Sums all;
+  for (const Sums& b : s.buckets) all += b;
+  const double budget = core::exact_budget(p.alpha, static_cast<float>(all.entropy()));
+  // The walk: whole buckets are kept while H of the prefix fits; the cut is
+  // inside the first bucket that breaks the budget (or, when everything
+  // fits, at the end of the last non-empty bucket).
+  Sums above, above_last;
+  int cut_bucket = -1, last_bucket = -1;
+  for (int b = 0; b < kBuckets; ++b) {
+    if (s.buckets[b].e == 0.0) continue;  // empty
+    Sums with = above;
+    with += s.buckets[b];
+    if (with.entropy() > budget) {
+      cut_bucket = b;
+      break;
+    }
+    above_last = above;
+    above = with;
+    last_bucket = b;
+  }
+  if (cut_bucket < 0) {
+    cut_bucket = last_bucket;
+    above = above_last;
+  }
+  // Pass 2: gather the cut bucket, and find the last-ranked token before it
+  // (in case none of the bucket fits). A vector of tokens is skipped when all
+  // its d lie safely below the cut bucket (bucket >= cut + 2 > cut); the
+  // others are decided exactly from their stored buckets.
+  s.tokens.clear();
+  Token before{kPosInf, -1};
+  const FVec vt(inv_t), vm(m), skip_below(-static_cast<float>(cut_bucket + 2) / kBucketsPerNat);
+  constexpr int kAllBelow = (1 << kLanes) - 1;  // zero_mask() when no lane passes
+  for (int64_t i0 = 0; i0 < cols; i0 += kLanes) {
+    const FVec d = FVec::loadu(s.x.data() + i0) * vt - vm;
+    if ((d > skip_below).zero_mask() == kAllBelow) continue;
+    for (int64_t i = i0; i < std::min(cols, i0 + kLanes); ++i) {
+      const int b = s.bucket[i];
+      if (b == cut_bucket) {
+        s.tokens.push_back(Token{s.x[i], i});
+      } else if (b < cut_bucket && s.x[i] <= before.x) {
+        before = Token{s.x[i], i};  // a lower logit, or an equal one at a higher index: ranks later
+      }
+    }
+  }
+  const int64_t kept = keep_in_bucket(s.tokens, above, budget, inv_t, m);
+  if (kept == 0 && before.index >= 0) return before;
+  // The bucket's kept tokens are tokens[0, kept) (in some order): the cut is
+  // the one ranked last. (kept == 0 with nothing before cannot happen: the
+  // most probable token always fits, its renormalised entropy being 0.)
+  return *std::max_element(s.tokens.begin(), s.tokens.begin() + std::max<int64_t>(kept, 1), ranks_before);
+}
+
+RowCut row_cut(RowScratch& s, int64_t cols, const TopHParams& p, float max_x) {
+  if (std::isnan(max_x) || max_x == kPosInf) return RowCut{false, {}};
+  if (max_x == kNegInf) return RowCut{true, Token{kNegInf, 0}};  // all -inf: token 0 only
+  if (!p.truncate) return RowCut{true, Token{kNegInf, cols - 1}};  // every token
+  const float m = max_x * p.inv_temperature;  // max z
+  if (p.rule == core::TopHRule::exact) return RowCut{true, exact_cut(s, cols, p, m)};
+  // "hf" normalises over the K selected tokens only: no full softmax pass.
+  const float lse = p.rule == core::TopHRule::official ? full_log_sum_exp(s, p.inv_temperature, m) : 0.0f;
+  return RowCut{true, capped_cut(s, cols, p, lse)};
+}
+
+// Runs finish(row, scratch, cut, max_x) for every row, in parallel.
+template <class scalar_t, class Finish>
+void for_each_row_cut(const Rows& r, const TopHParams& p, Finish finish) {
   const scalar_t* data = r.tensor.data_ptr<scalar_t>();
   at::parallel_for(0, r.rows, 1, [&](int64_t first, int64_t last) {
-    RowScratch s;
-    s.x.resize(cols);
-    s.z.resize(cols);
+    auto s = std::make_unique<RowScratch>();
+    s->x.resize(round_up_to_lanes(r.cols));
     for (int64_t row = first; row < last; ++row) {
-      const scalar_t* src = data + row * r.row_stride;
-      bool* o = out + row * cols;
-      std::fill(o, o + cols, false);
-      bool undefined = false;
-      float row_max = core::neg_infinity();
-      for (int64_t i = 0; i < cols; ++i) {
-        const float x = static_cast<float>(src[i]);
-        s.x[i] = x;
-        s.z[i] = x * p.inv_temperature;
-        undefined = undefined || std::isnan(x) || x == std::numeric_limits<float>::infinity();
-        row_max = std::max(row_max, x);
-      }
-      if (undefined) continue;  // all False
-      if (row_max == core::neg_infinity()) {
-        o[0] = true;  // all -inf: the at-least-one token is the first one
-        continue;
-      }
-      // The softmax state (full-vocabulary normaliser and entropy): not
-      // needed by "hf", whose normaliser is over the K selected tokens.
-      core::SoftmaxState st = core::empty_state();
-      if (p.rule != core::TopHRule::hf) {
-        for (int64_t i = 0; i < cols; i += 4096) {
-          core::accumulate(st, s.z.data() + i, static_cast<int>(std::min<int64_t>(4096, cols - i)));
-        }
-      }
-      if (p.rule == core::TopHRule::exact) {
-        exact_row(s, cols, p, st, o);
-      } else {
-        capped_row(s, cols, p, core::log_sum_exp(st), o);
-      }
+      const float max_x = load_row(data + row * r.row_stride, r.cols, *s);
+      finish(row, *s, row_cut(*s, r.cols, p, max_x), max_x);
     }
   });
 }
 
-struct CpuTopHBackend {
-  template <class scalar_t>
-  static void top_h_mask(const Rows& r, const TopHParams& p, bool* out) {
-    top_h_rows<scalar_t>(r, p, out);
+template <class scalar_t>
+void mask_rows(const Rows& r, const TopHParams& p, bool* out) {
+  const int64_t cols = r.cols;
+  for_each_row_cut<scalar_t>(r, p, [&](int64_t row, const RowScratch& s, const RowCut& cut, float) {
+    bool* o = out + row * cols;
+    if (!cut.defined) {
+      std::fill(o, o + cols, false);
+      return;
+    }
+    const int64_t split = std::min(cols, cut.last.index + 1);
+    const float upto = cut.lower_bound_upto(), after = cut.lower_bound_after();
+    for (int64_t i = 0; i < split; ++i) o[i] = s.x[i] >= upto;
+    for (int64_t i = split; i < cols; ++i) o[i] = s.x[i] >= after;
+  });
+}
+
+// The kept weights exp(x_i * inv_t - m) of the tile [t, t + n) of the padded
+// row into w (0 for dropped tokens); returns their sum.
+float kept_weights(const RowScratch& s, int64_t t, int64_t n, const RowCut& cut, float inv_t, float m, float* w) {
+  const FVec vt(inv_t), vm(m), zero(0.0f);
+  const FVec upto(cut.lower_bound_upto()), after(cut.lower_bound_after());
+  const int64_t c = cut.last.index;
+  FVec acc(0.0f);
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const int64_t i = t + j;
+    const FVec x = FVec::loadu(s.x.data() + i);
+    FVec bound = upto;
+    if (i > c) {
+      bound = after;
+    } else if (i + kLanes - 1 > c) {  // the one vector holding the cut index: per-lane bounds
+      alignas(64) float lanes[kLanes];
+      for (int64_t l = 0; l < kLanes; ++l) lanes[l] = i + l <= c ? cut.lower_bound_upto() : cut.lower_bound_after();
+      bound = FVec::loadu(lanes);
+    }
+    const FVec e = FVec::blendv(zero, vexp(x * vt - vm), x >= bound);
+    e.store(w + j);
+    acc = acc + e;
   }
-};
+  return vsum(acc);
+}
+
+// Inverse-CDF draw at u in [0, 1) from the kept weights (see the top).
+int64_t sample_row(RowScratch& s, const RowCut& cut, float inv_t, float m, float u) {
+  const int64_t padded = static_cast<int64_t>(s.x.size());
+  const int64_t tiles = (padded + kTile - 1) / kTile;
+  s.tile_mass.resize(tiles);
+  float total = 0.0f;
+  for (int64_t t = 0; t < tiles; ++t) {
+    s.tile_mass[t] = kept_weights(s, t * kTile, std::min(kTile, padded - t * kTile), cut, inv_t, m, s.a);
+    total += s.tile_mass[t];
+  }
+  const float target = u * total;
+  // The tile where the running mass first exceeds the target, else (rounding
+  // past the end) the last tile of positive mass, searched for its last
+  // positive weight (target +inf).
+  float before = 0.0f, in_tile_target = kPosInf;
+  int64_t tile = -1;
+  for (int64_t t = 0; t < tiles; ++t) {
+    if (!(s.tile_mass[t] > 0.0f)) continue;
+    tile = t;
+    if (before + s.tile_mass[t] > target) {
+      in_tile_target = target;
+      break;
+    }
+    before += s.tile_mass[t];
+  }
+  const int64_t begin = tile * kTile, n = std::min(kTile, padded - begin);
+  kept_weights(s, begin, n, cut, inv_t, m, s.a);
+  float running = before;
+  int64_t last_positive = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    if (!(s.a[j] > 0.0f)) continue;
+    running += s.a[j];
+    last_positive = j;
+    if (running > in_tile_target) break;
+  }
+  return begin + last_positive;
+}
+
+template <class scalar_t>
+void sample_rows(const Rows& r, const TopHParams& p, const float* uniform, int64_t* out) {
+  for_each_row_cut<scalar_t>(r, p, [&](int64_t row, RowScratch& s, const RowCut& cut, float max_x) {
+    if (!cut.defined) {
+      out[row] = -1;
+    } else if (max_x == kNegInf) {
+      out[row] = 0;  // all -inf: the at-least-one token
+    } else {
+      out[row] = sample_row(s, cut, p.inv_temperature, max_x * p.inv_temperature, uniform[row]);
+    }
+  });
+}
 
 }  // namespace
-}  // namespace logitkit::cpu
 
-TORCH_LIBRARY_IMPL(logitkit, CPU, m) { logitkit::TopHFrontend<logitkit::cpu::CpuTopHBackend>::register_all(m); }
+const TopHKernelTable top_h_kernels = {
+    {&mask_rows<float>, &sample_rows<float>},
+    {&mask_rows<c10::BFloat16>, &sample_rows<c10::BFloat16>},
+    {&mask_rows<c10::Half>, &sample_rows<c10::Half>},
+};
+
+}  // namespace logitkit::cpu::CPU_CAPABILITY

@@ -40,6 +40,11 @@
 // or second digit. (Issue target: 4; "exact" misses it in the worst case: its
 // first digit needs the reference max m of pass 1 for its bin sums.)
 //
+// sample (sample_kernel) runs the same selection (select_cut; only pass 1
+// without truncation), then a mass pass and a draw pass that stops at the
+// tile holding the drawn token, instead of the write pass: worst case one
+// pass more than the mask (plain sampling: 3).
+//
 // fp32 arithmetic (shared-memory float atomics for the bin sums, so the sums'
 // rounding, not the kept set on tie-free rows away from the boundary, can vary
 // between runs), 64-bit element indices, rows up to 2^31 - 1 elements.
@@ -79,6 +84,9 @@ struct BinTotals {
   float d;  // sum (z - m) exp(z - m)
 };
 
+// What kind of distribution a row has (see the special rows in ops.py).
+enum class RowKind : int { defined, undefined /* NaN or +inf */, all_masked /* all -inf */ };
+
 // Result of the selection, in shared memory.
 struct Cut {
   uint64_t full_from;  // keys >= full_from are kept (64-bit: "none" is 2^32)
@@ -87,6 +95,8 @@ struct Cut {
   int64_t tie_total;   // tokens with tie_key in the row
   int64_t selected;    // capped rules: tokens with key >= full_from
   int done;            // 0 while searching, then 1 + the digit level that resolved the cut
+  RowKind kind;
+  float m;             // max z of the row (the reference of the weights exp(z - m))
 };
 
 // The rule's predicate over the statistics of a candidate prefix set.
@@ -196,13 +206,16 @@ LK_DEVICE inline void walk_bins(const Predicate& pred, int level, uint32_t& pref
   cut.done = level + 1;
 }
 
+// Finds the kept set of the block's row x (passes 1 and the digit passes of
+// the top of the file) and leaves it in `cut` (shared memory, read by every
+// thread after the call). Without truncation (plain sampling) only pass 1
+// runs and every token is kept.
 template <class scalar_t>
-__global__ void top_h_kernel(RowsView<scalar_t> rows, int64_t cols, core::TopHRule rule, float alpha, float inv_t,
-                             int64_t k, bool* mask) {
-  const bool capped = rule != core::TopHRule::exact;
-  const int64_t row = blockIdx.x;
-  const scalar_t* x = rows.row(row);
-  bool* out = mask + row * cols;
+LK_DEVICE inline void select_cut(const scalar_t* x, int64_t cols, const TopHParams& p, Cut& cut) {
+  const core::TopHRule rule = p.rule;
+  const bool capped = p.truncate && rule != core::TopHRule::exact;
+  const float alpha = p.alpha, inv_t = p.inv_temperature;
+  const int64_t k = p.k;
   const int64_t tid = threadIdx.x;
   const int64_t stride = blockDim.x;
 
@@ -210,8 +223,6 @@ __global__ void top_h_kernel(RowsView<scalar_t> rows, int64_t cols, core::TopHRu
   __shared__ float bin_e[kBins];
   __shared__ float bin_d[kBins];
   __shared__ core::SoftmaxState scratch[simt::kReduceScratchSize];
-  __shared__ int warp_counts[simt::kMaxWarpsPerBlock];
-  __shared__ Cut cut;
   __shared__ int gathered;
   LK_DYNAMIC_SHARED(uint32_t, candidates);  // 2 * k keys (capped rules)
   uint32_t* sorted = candidates + k;
@@ -237,15 +248,16 @@ __global__ void top_h_kernel(RowsView<scalar_t> rows, int64_t cols, core::TopHRu
   st = simt::block_reduce(st, [](const core::SoftmaxState& a, const core::SoftmaxState& b) { return core::merge(a, b); },
                           core::empty_state(), scratch);
   const float m = st.max;
-  if (st.sum_exp != st.sum_exp || m == core::pos_infinity()) {
-    // NaN or +inf in the row: no defined distribution, nothing is kept.
-    for (int64_t i = tid; i < cols; i += stride) out[i] = false;
-    return;
+  if (tid == 0) {
+    // NaN or +inf in the row: no defined distribution. All -inf: token 0 only.
+    RowKind kind = RowKind::defined;
+    if (st.sum_exp != st.sum_exp || m == core::pos_infinity()) kind = RowKind::undefined;
+    if (m == core::neg_infinity()) kind = RowKind::all_masked;
+    cut = Cut{0, 0, 0, 0, 0, 0, kind, m};
   }
-  if (m == core::neg_infinity()) {
-    for (int64_t i = tid; i < cols; i += stride) out[i] = i == 0;  // all -inf: keep token 0
-    return;
-  }
+  __syncthreads();
+  if (cut.kind != RowKind::defined || !p.truncate) return;  // plain sampling: full_from = 0 keeps everything
+  __syncthreads();  // every thread has read cut.kind before thread 0 rewrites cut
 
   // ---- digit passes: radix selection of the cut ----
   const CountPredicate count_pred{k};
@@ -255,7 +267,7 @@ __global__ void top_h_kernel(RowsView<scalar_t> rows, int64_t cols, core::TopHRu
   __shared__ BinTotals above;
   if (tid == 0) {
     above = BinTotals{0, 0.0f, 0.0f};
-    cut = Cut{0, 0, 0, 0, 0, 0};
+    cut = Cut{0, 0, 0, 0, 0, 0, RowKind::defined, m};
     shared_prefix = 0;
     gathered = 0;
   }
@@ -354,31 +366,128 @@ __global__ void top_h_kernel(RowsView<scalar_t> rows, int64_t cols, core::TopHRu
     }
     __syncthreads();
   }
+}
 
+// The keep decisions of a row's tokens from its cut, one tile of blockDim
+// consecutive tokens at a time: every thread calls next() for every tile
+// (a block-wide collective when a tie group must be ranked in index order).
+struct KeepTest {
+  uint64_t full_from;
+  uint32_t tie_key;
+  int64_t tie_keep;
+  bool need_rank;       // only part of the tie group is kept
+  bool check_positive;  // "exact": zero probabilities were not candidates
+  float inv_t, m;
+  int64_t running = 0;  // tie tokens in the tiles before (same in every thread)
+
+  LK_DEVICE KeepTest(const Cut& cut, const TopHParams& p)
+      : full_from(cut.full_from),
+        tie_key(cut.tie_key),
+        tie_keep(cut.tie_keep),
+        need_rank(cut.tie_keep > 0 && cut.tie_keep < cut.tie_total),
+        check_positive(p.truncate && p.rule == core::TopHRule::exact),
+        inv_t(p.inv_temperature),
+        m(cut.m) {}
+
+  LK_DEVICE bool next(bool valid, float xv, int* warp_counts) {
+    const uint32_t key = core::orderable_key(xv);
+    const bool positive = !check_positive || expf(xv * inv_t - m) > 0.0f;
+    const bool keep = valid && positive && key >= full_from;
+    const bool tie = valid && positive && key == tie_key && tie_keep > 0;
+    if (!need_rank) return keep || tie;
+    const int64_t rank = ordered_rank(tie, running, warp_counts);
+    return keep || (tie && rank < tie_keep);
+  }
+};
+
+template <class scalar_t>
+__global__ void top_h_mask_kernel(RowsView<scalar_t> rows, int64_t cols, TopHParams p, bool* mask) {
+  const scalar_t* x = rows.row(blockIdx.x);
+  bool* out = mask + static_cast<int64_t>(blockIdx.x) * cols;
+  const int64_t tid = threadIdx.x, stride = blockDim.x;
+  __shared__ Cut cut;
+  __shared__ int warp_counts[simt::kMaxWarpsPerBlock];
+  select_cut(x, cols, p, cut);
+  if (cut.kind != RowKind::defined) {
+    // NaN or +inf: nothing is kept; all -inf: token 0 only.
+    for (int64_t i = tid; i < cols; i += stride) out[i] = cut.kind == RowKind::all_masked && i == 0;
+    return;
+  }
   // ---- write pass ----
-  const uint64_t full_from = cut.full_from;
-  const uint32_t tie_key = cut.tie_key;
-  const int64_t tie_keep = cut.tie_keep;
-  const bool need_rank = tie_keep > 0 && tie_keep < cut.tie_total;
-  int64_t running = 0;
+  KeepTest keep(cut, p);
+  for (int64_t base = 0; base < cols; base += stride) {
+    const int64_t i = base + tid;
+    const bool valid = i < cols;
+    const bool kept = keep.next(valid, valid ? load_logit(x, i) : 0.0f, warp_counts);
+    if (valid) out[i] = kept;
+  }
+}
+
+// One token per row by inverse CDF over the kept weights w_i = exp(z_i - m)
+// (dropped tokens: w = 0). After the selection, two more passes:
+//   mass pass    total = sum of w, and the last index of positive weight;
+//   draw pass    tile by tile, a block-wide inclusive scan of w on top of the
+//                mass of the tiles before; the token is the first one of
+//                positive weight whose running sum exceeds u * total. The
+//                pass stops at that tile.
+// A token of zero weight is never returned. When rounding runs past the end
+// (u * total rounds up to total, or the scan's sums round below the mass
+// pass's), the last token of positive weight is returned.
+template <class scalar_t>
+__global__ void sample_kernel(RowsView<scalar_t> rows, int64_t cols, TopHParams p, const float* uniform,
+                              int64_t* tokens) {
+  const int64_t row = blockIdx.x;
+  const scalar_t* x = rows.row(row);
+  const int64_t tid = threadIdx.x, stride = blockDim.x;
+  __shared__ Cut cut;
+  __shared__ int warp_counts[simt::kMaxWarpsPerBlock];
+  __shared__ float float_scratch[simt::kReduceScratchSize];
+  __shared__ int64_t index_scratch[simt::kReduceScratchSize];
+  select_cut(x, cols, p, cut);
+  if (cut.kind != RowKind::defined) {
+    if (tid == 0) tokens[row] = cut.kind == RowKind::all_masked ? 0 : -1;
+    return;
+  }
+  const float inv_t = p.inv_temperature, m = cut.m;
+  constexpr int64_t kNone = -1, kNoIndex = INT64_MAX;
+  auto max_index = [](int64_t a, int64_t b) { return a > b ? a : b; };
+  auto min_index = [](int64_t a, int64_t b) { return a < b ? a : b; };
+
+  // ---- mass pass ----
+  KeepTest mass_keep(cut, p);
+  float mass = 0.0f;
+  int64_t last_positive = kNone;
   for (int64_t base = 0; base < cols; base += stride) {
     const int64_t i = base + tid;
     const bool valid = i < cols;
     const float xv = valid ? load_logit(x, i) : 0.0f;
-    const uint32_t key = core::orderable_key(xv);
-    // "exact" never keeps a zero probability (they were not candidates).
-    const bool positive = capped || expf(xv * inv_t - m) > 0.0f;
-    bool keep = valid && positive && key >= full_from;
-    const bool tie = valid && positive && key == tie_key && tie_keep > 0;
-    if (need_rank) {
-      const int64_t rank = ordered_rank(tie, running, warp_counts);  // a block-wide collective: all threads call it
-      keep = keep || (tie && rank < tie_keep);
-    } else {
-      keep = keep || tie;
-    }
-    if (valid) out[i] = keep;
+    const float w = mass_keep.next(valid, xv, warp_counts) ? expf(xv * inv_t - m) : 0.0f;
+    mass += w;
+    if (w > 0.0f) last_positive = i;
   }
+  const float total = simt::block_reduce(mass, [](float a, float b) { return a + b; }, 0.0f, float_scratch);
+  last_positive = simt::block_reduce(last_positive, max_index, kNone, index_scratch);
+  const float target = uniform[row] * total;
+
+  // ---- draw pass ----
+  KeepTest draw_keep(cut, p);
+  float before = 0.0f;  // kept mass of the tiles before (same in every thread)
+  int64_t found = kNone;
+  for (int64_t base = 0; base < cols && found == kNone; base += stride) {
+    const int64_t i = base + tid;
+    const bool valid = i < cols;
+    const float xv = valid ? load_logit(x, i) : 0.0f;
+    const float w = draw_keep.next(valid, xv, warp_counts) ? expf(xv * inv_t - m) : 0.0f;
+    float tile_mass;
+    const float running = before + simt::block_inclusive_scan(w, float_scratch, tile_mass);
+    const bool crosses = w > 0.0f && running > target;
+    const int64_t first = simt::block_reduce(crosses ? i : kNoIndex, min_index, kNoIndex, index_scratch);
+    found = first == kNoIndex ? kNone : first;
+    before += tile_mass;
+  }
+  if (tid == 0) tokens[row] = found != kNone ? found : last_positive;
 }
+
 
 }  // namespace logitkit::kernels
 
@@ -388,10 +497,21 @@ namespace {
 struct CudaTopHBackend {
   template <class scalar_t>
   static void top_h_mask(const Rows& r, const TopHParams& p, bool* out) {
-    TORCH_CHECK_VALUE(r.rows <= 2147483647LL, "logitkit.top_h_mask: at most 2^31 - 1 rows are supported on CUDA");
-    TORCH_CHECK_VALUE(r.cols <= 2147483647LL, "logitkit.top_h_mask: at most 2^31 - 1 tokens per row on CUDA");
-    const bool capped = p.rule != core::TopHRule::exact;
-    TORCH_CHECK_VALUE(!capped || p.k <= kernels::kMaxCudaCap, "logitkit.top_h_mask: cap at most ",
+    launch<scalar_t>(r, p, "top_h_mask", &kernels::top_h_mask_kernel<scalar_t>, out);
+  }
+
+  template <class scalar_t>
+  static void sample(const Rows& r, const TopHParams& p, const float* uniform, int64_t* out) {
+    launch<scalar_t>(r, p, "sample", &kernels::sample_kernel<scalar_t>, uniform, out);
+  }
+
+  // One block per row; dynamic shared memory for the capped rules' candidates.
+  template <class scalar_t, class Kernel, class... Outputs>
+  static void launch(const Rows& r, const TopHParams& p, const char* op, Kernel* kernel, Outputs... outputs) {
+    TORCH_CHECK_VALUE(r.rows <= 2147483647LL, "logitkit.", op, ": at most 2^31 - 1 rows are supported on CUDA");
+    TORCH_CHECK_VALUE(r.cols <= 2147483647LL, "logitkit.", op, ": at most 2^31 - 1 tokens per row on CUDA");
+    const bool capped = p.truncate && p.rule != core::TopHRule::exact;
+    TORCH_CHECK_VALUE(!capped || p.k <= kernels::kMaxCudaCap, "logitkit.", op, ": cap at most ",
                       kernels::kMaxCudaCap, " is supported on CUDA, got ", p.k);
     const simt::DeviceContext ctx(r.tensor);
 #if LK_EMULATED_CUDA
@@ -401,9 +521,8 @@ struct CudaTopHBackend {
 #endif
     const size_t shared_bytes = capped ? static_cast<size_t>(2 * p.k) * sizeof(uint32_t) : 0;
     const kernels::RowsView<scalar_t> view{r.tensor.data_ptr<scalar_t>(), r.row_stride};
-    auto* kernel = &kernels::top_h_kernel<scalar_t>;
     LK_LAUNCH_KERNEL(kernel, dim3(static_cast<unsigned>(r.rows)), dim3(threads), shared_bytes, ctx.stream(), view,
-                     r.cols, p.rule, p.alpha, p.inv_temperature, p.k, out);
+                     r.cols, p, outputs...);
     ctx.check_launch();
   }
 };

@@ -47,6 +47,14 @@ inline void define_schemas(torch::Library& m) {
       "linear_ce_backward(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, Tensor? class_weight, "
       "Tensor normaliser, Tensor coefficients, float softcap, float temperature, int chunk_budget, bool bias_grad) "
       "-> (Tensor, Tensor, Tensor)");
+
+  // Sampling: one token per row (int64, shape logits.shape[:-1]) from
+  // softmax(logits / temperature) restricted to the Top-H kept set (alpha,
+  // rule, cap as for top_h_mask; alpha = None: no truncation), by inverse CDF
+  // at `uniform` (float32 in [0, 1), one per row, drawn by the caller).
+  // -1 for a row without a defined distribution (NaN or +inf logits).
+  m.def("sample(Tensor logits, Tensor uniform, float? alpha, float temperature=1.0, str rule=\"hf\", "
+        "int cap=-1) -> Tensor");
 }
 
 }  // namespace logitkit

@@ -106,4 +106,33 @@ LK_DEVICE inline T block_reduce(T value, Merge merge, T identity, T* scratch) {
   return result;
 }
 
+// Inclusive prefix sum over the block's threads in thread order (1-D
+// block): returns value_0 + ... + value_self and sets `total` to the sum over
+// the whole block (the same in every thread). Warps scan with shuffles
+// (Hillis-Steele: after the step with offset o every lane holds the sum of the
+// 2o lanes ending at it), then each thread adds the totals of the warps
+// before its own. `scratch` is shared memory of kReduceScratchSize elements.
+// Starts and ends with a barrier, so the caller may reuse `scratch` right away.
+template <class T>
+LK_DEVICE inline T block_inclusive_scan(T value, T* scratch, T& total) {
+  const unsigned mask = warp_live_mask();
+  const int lane = lane_rank();
+#pragma unroll
+  for (int offset = 1; offset < kWarpSize; offset *= 2) {
+    const T other = __shfl_up_sync(mask, value, offset);
+    if (lane >= offset) value += other;
+  }
+  __syncthreads();  // scratch may still be read by a previous collective
+  if (lane == lanes_in_warp() - 1) scratch[warp_rank()] = value;
+  __syncthreads();
+  T warps_before = T(0), sum = T(0);
+  for (int w = 0; w < warps_per_block(); ++w) {
+    if (w < warp_rank()) warps_before += scratch[w];
+    sum += scratch[w];
+  }
+  __syncthreads();
+  total = sum;
+  return warps_before + value;
+}
+
 }  // namespace logitkit::simt

@@ -30,16 +30,19 @@ def check_temperature(temperature: float, op: str) -> None:
 TOP_H_RULES = ("hf", "official", "exact")
 
 
-def check_top_h_args(logits: torch.Tensor, alpha: float, temperature: float, rule: str, cap: int) -> None:
-    """The argument checks of top_h_mask, with the C++ kernels' messages."""
-    check_logits(logits, "top_h_mask", "logits")
-    if not (alpha > 0 and alpha <= 1):
-        raise ValueError(f"logitkit.top_h_mask: alpha must be in (0, 1], got {alpha}")
-    check_temperature(temperature, "top_h_mask")
+def check_top_h_args(
+    logits: torch.Tensor, alpha: float | None, temperature: float, rule: str, cap: int, op: str = "top_h_mask"
+) -> None:
+    """The argument checks of top_h_mask and sample (alpha None: no
+    truncation), with the C++ kernels' messages."""
+    check_logits(logits, op, "logits")
+    if alpha is not None and not (alpha > 0 and alpha <= 1):
+        raise ValueError(f"logitkit.{op}: alpha must be in (0, 1], got {alpha}")
+    check_temperature(temperature, op)
     if rule not in TOP_H_RULES:
-        raise ValueError(f"logitkit.top_h_mask: rule must be 'hf', 'official' or 'exact', got '{rule}'")
+        raise ValueError(f"logitkit.{op}: rule must be 'hf', 'official' or 'exact', got '{rule}'")
     if cap != -1 and cap < 1:
-        raise ValueError(f"logitkit.top_h_mask: cap must be >= 1 (or -1 for the rule's default), got {cap}")
+        raise ValueError(f"logitkit.{op}: cap must be >= 1 (or -1 for the rule's default), got {cap}")
 
 
 def _register(ns: str) -> None:
@@ -119,6 +122,20 @@ def _register(ns: str) -> None:
             weight.new_empty(weight.shape),
             hidden.new_empty((weight.shape[0] if bias_grad else 0,)),
         )
+
+    @torch.library.register_fake(lib + "sample")
+    def _(logits, uniform, alpha, temperature=1.0, rule="hf", cap=-1):
+        check_top_h_args(logits, alpha, temperature, rule, cap, "sample")
+        batch = logits.shape[:-1]
+        if uniform.device != logits.device:
+            raise ValueError(f"logitkit.sample: uniform is on {uniform.device} but logits is on {logits.device}")
+        if uniform.dtype != torch.float32:
+            raise TypeError(f"logitkit.sample: uniform must be float32, got {uniform.dtype}")
+        if uniform.shape != batch:
+            raise ValueError(
+                f"logitkit.sample: uniform must have shape {list(batch)} (one number per row), got {list(uniform.shape)}"
+            )
+        return logits.new_empty(batch, dtype=torch.int64)
 
     # ---- autograd -----------------------------------------------------------
     def save_output(ctx, inputs, output):

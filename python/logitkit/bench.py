@@ -186,6 +186,10 @@ class Case:
         bytes_model: the bytes an ideal implementation reads + writes, ``(rows, vocab, dtype)``.
         tolerance: ``(atol, rtol)`` per input dtype for the correctness guard.
         default: whether the op runs when no op is named on the command line.
+        check: replaces :func:`compare` in the correctness guard when the outputs are not numbers
+            to compare within tolerances (kept sets, sampled tokens): called as
+            ``check(output, reference, inputs)``, returns ``(max error, error ratio)`` like
+            :func:`compare` (the output passes when the ratio is <= 1).
     """
 
     name: str
@@ -196,6 +200,7 @@ class Case:
     bytes_model: BytesModel
     tolerance: Mapping[torch.dtype, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_TOLERANCE))
     default: bool = True
+    check: Callable[[Any, Any, tuple], tuple[float, float]] | None = None
 
 
 #: All registered cases, by name, in registration order.
@@ -269,6 +274,170 @@ def _register_builtin_cases() -> None:
 
 
 _register_builtin_cases()
+
+
+# --------------------------------------------------------------------------- #
+# Top-H truncation and sampling (shared/notes/top-h.md)
+# --------------------------------------------------------------------------- #
+
+#: The Top-H benchmark setting: alpha and temperature of the issue's target shape.
+TOP_H_ALPHA = 0.4
+TOP_H_TEMPERATURE = 1.5
+TOP_H_CAP = 100
+
+
+def _transformers_top_h_warper() -> Callable[..., Any] | None:
+    """transformers' ``TopHLogitsWarper`` class, or None when transformers (>= 5) is missing."""
+    try:
+        from transformers.generation.logits_process import TopHLogitsWarper
+    except Exception:  # noqa: BLE001 - not installed, or too old to have it
+        return None
+    return TopHLogitsWarper
+
+
+def _h(p: torch.Tensor) -> torch.Tensor:
+    """-p log p with h(0) = 0."""
+    return torch.where(p > 0, -p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p))
+
+
+def top_h_keep_reference(x: torch.Tensor, alpha: float, temperature: float, rule: str) -> torch.Tensor:
+    """The note's definition of a rule, by sorting and scanning (float64 when ``x`` is): the boolean
+    keep mask. Ties: stable sort (lower index first); token 0 of the order always kept; zero
+    probabilities never kept otherwise."""
+    order = torch.sort(x, dim=-1, descending=True, stable=True).indices
+    z = torch.gather(x, -1, order) / temperature
+    if rule == "exact":
+        p = torch.softmax(z, -1)
+        h = _h(p)
+        mass = torch.cumsum(p, -1)
+        crit = torch.cumsum(h, -1) / mass + torch.log(mass)  # H(q_k) = sum h / M + log M
+        tau = torch.full_like(mass[..., :1], math.inf) if alpha >= 1 else alpha * h.sum(-1, keepdim=True)
+    else:
+        k = min(TOP_H_CAP, x.shape[-1])
+        order, z = order[..., :k], z[..., :k]
+        if rule == "hf":
+            p = torch.softmax(z, -1)
+        else:
+            p = torch.exp(z - torch.logsumexp(x / temperature, -1, keepdim=True))
+        h = _h(p)
+        crit, tau = torch.cumsum(h, -1), alpha * h.sum(-1, keepdim=True)
+    ok = (crit <= tau) & (p > 0)
+    ok[..., 0] = True
+    prefix = torch.cumprod(ok.to(torch.int64), -1).bool()  # the kept tokens are a prefix
+    keep = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    return keep.scatter(-1, order, prefix)
+
+
+def official_top_h_loop(x: torch.Tensor, alpha: float, temperature: float) -> torch.Tensor:
+    """The authors' reference processor as its code runs it (note, rule "official"): one row at a
+    time, p = softmax(z) over the full vocabulary, the K = 100 most probable tokens, then a Python
+    loop over them accumulating -p log p with a host read per token, stopping at the first token
+    whose addition exceeds alpha * (the same sum over all K). Returns the logits with -inf outside
+    the kept set. Written without the defects the note lists (any batch size, alpha = 1, p = 0,
+    V < 100)."""
+    out = torch.full_like(x, -math.inf)
+    for r in range(x.shape[0]):
+        p = torch.softmax(x[r].float() / temperature, -1)
+        top_p, top_i = torch.topk(p, min(TOP_H_CAP, x.shape[-1]))
+        h = _h(top_p)
+        tau = alpha * float(h.sum())
+        kept, c = 1, float(h[0])
+        while kept < top_p.numel() and float(top_p[kept]) > 0 and c + float(h[kept]) <= tau:
+            c += float(h[kept])
+            kept += 1
+        out[r, top_i[:kept]] = x[r, top_i[:kept]]
+    return out
+
+
+def _top_h_keep_check(alpha: float) -> Callable[[Any, Any, tuple], tuple[float, float]]:
+    """Guard of a Top-H mask case: the output's kept set (finite entries) against the reference's
+    mask, row by row. At alpha = 1 the capped rules' last comparison is an equality, so a float32
+    implementation may keep one token fewer (note): one differing token per row is allowed there,
+    none otherwise. Returns (max differing tokens in a row, that / (allowed + 1/2))."""
+    allowed = 1 if alpha >= 1 else 0
+
+    def check(out: torch.Tensor, ref_keep: torch.Tensor, inputs: tuple) -> tuple[float, float]:
+        keep = out.isfinite()
+        if keep.shape != ref_keep.shape:
+            return math.inf, math.inf
+        worst = float((keep != ref_keep.to(keep.device)).sum(-1).max()) if keep.numel() else 0.0
+        return worst, worst / (allowed + 0.5)
+
+    return check
+
+
+def _sample_check(out: torch.Tensor, ref_keep: torch.Tensor, inputs: tuple) -> tuple[float, float]:
+    """Guard of a sampling case: every drawn token lies in its row's kept set. Returns (number of
+    rows whose token was dropped or out of range, the same as the ratio)."""
+    rows = ref_keep.shape[0]
+    if out.shape != (rows,):
+        return math.inf, math.inf
+    tokens = out.to(ref_keep.device)
+    valid = (tokens >= 0) & (tokens < ref_keep.shape[-1])
+    inside = ref_keep[torch.arange(rows, device=ref_keep.device), tokens.clamp(0, ref_keep.shape[-1] - 1)]
+    bad = float((~(valid & inside)).sum())
+    return bad, bad
+
+
+def top_h_mask_bytes(rows: int, vocab: int, dtype: torch.dtype) -> int:
+    """Bytes model of a Top-H mask (``top_h``): read the logits, write the filtered logits."""
+    return row_to_row_bytes(rows, vocab, dtype)
+
+
+def sample_bytes(rows: int, vocab: int, dtype: torch.dtype) -> int:
+    """Bytes model of sampling: read the logits and one float32 uniform per row, write one int64
+    token per row."""
+    return rows * vocab * _itemsize(dtype) + rows * (4 + 8)
+
+
+def _register_top_h_cases() -> None:
+    """``top_h`` (rule "hf"), ``top_h_official``, ``top_h_exact`` and ``sample`` (Top-H "hf" sampling)
+    at alpha :data:`TOP_H_ALPHA`, temperature :data:`TOP_H_TEMPERATURE`. Baselines: transformers'
+    ``TopHLogitsWarper`` applied to logits / T (its place after the temperature warper) when
+    transformers is installed, plus softmax + multinomial for sampling; the per-row loop of the
+    authors' processor for the "official" rule; a sort-and-scan in plain PyTorch (float32) for
+    "exact" and wherever transformers is missing."""
+    alpha, T = TOP_H_ALPHA, TOP_H_TEMPERATURE
+    Warper = _transformers_top_h_warper()
+    no_ids = torch.zeros(1, 1, dtype=torch.long)
+
+    def sort_and_scan(rule: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        def eager(x: torch.Tensor) -> torch.Tensor:
+            return x.masked_fill(~top_h_keep_reference(x.float(), alpha, T, rule), -math.inf)
+        return eager
+
+    def transformers_mask(x: torch.Tensor) -> torch.Tensor:
+        return Warper(top_h=alpha)(no_ids, x / T)
+
+    def reference(rule: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda x: top_h_keep_reference(x, alpha, T, rule)
+
+    hf_baselines = {"transformers": transformers_mask} if Warper else {"sort-scan": sort_and_scan("hf")}
+    check = _top_h_keep_check(alpha)
+    for name, rule, baselines in (
+        ("top_h", "hf", hf_baselines),
+        ("top_h_official", "official", {"official-loop": lambda x: official_top_h_loop(x, alpha, T)}),
+        ("top_h_exact", "exact", {"sort-scan": sort_and_scan("exact")}),
+    ):
+        fn = functools.partial(logitkit.top_h, alpha=alpha, temperature=T, rule=rule)
+        register(Case(name, make_logits, fn, baselines, reference(rule), top_h_mask_bytes, default=False,
+                      check=check))
+
+    def sample_logitkit(x: torch.Tensor) -> torch.Tensor:
+        return logitkit.sample(x, temperature=T, top_h=alpha)
+
+    def draw(filtered: torch.Tensor) -> torch.Tensor:
+        return torch.multinomial(torch.softmax(filtered.float(), -1), 1).squeeze(-1)
+
+    if Warper:
+        sample_baselines = {"transformers": lambda x: draw(transformers_mask(x))}
+    else:
+        sample_baselines = {"sort-scan": lambda x: draw(sort_and_scan("hf")(x) / T)}
+    register(Case("sample", make_logits, sample_logitkit, sample_baselines, reference("hf"), sample_bytes,
+                  default=False, check=_sample_check))
+
+
+_register_top_h_cases()
 
 # --------------------------------------------------------------------------- #
 # environment
@@ -647,7 +816,11 @@ def run_case(case: Case, pool: list[tuple], rows: int, vocab: int, dtype: torch.
         progress.step(f"{case.name} {common['dtype']} {rows}x{vocab} {impl}")
         res = Result(impl=impl, **common)
         try:
-            res.max_abs_err, res.max_tol_ratio = compare(fn(*pool[0]), reference, atol, rtol)
+            out = fn(*pool[0])
+            if case.check is not None:
+                res.max_abs_err, res.max_tol_ratio = case.check(out, reference, pool[0])
+            else:
+                res.max_abs_err, res.max_tol_ratio = compare(out, reference, atol, rtol)
             res.status = "OK" if res.max_tol_ratio <= 1.0 else "MISMATCH"
             if cfg.memory:
                 res.peak_mem_bytes = probe(fn, pool[0])

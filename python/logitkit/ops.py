@@ -191,31 +191,18 @@ def sample(
 
     Shape (..., V) -> (...), int64. One uniform number per row comes from
     ``generator`` (or torch's default generator of the device), so the same
-    generator state gives the same tokens; rows are independent. The draw is an
-    inverse-CDF lookup (``searchsorted`` into the cumulative kept probabilities)
-    without any host synchronisation. A row without a defined distribution (NaN
-    or +inf logits) gives -1.
+    generator state gives the same tokens; rows are independent. The fused
+    kernel finds the kept set's threshold, then draws by inverse CDF over the
+    kept weights exp(z - max z) (no softmax tensor, no host synchronisation):
+    the first kept token whose running weight exceeds u * (kept mass). A
+    dropped token, or one of probability 0, is never drawn. A row without a
+    defined distribution (NaN or +inf logits) gives -1; a row of only -inf
+    gives 0.
     """
-    from ._registration import check_logits, check_temperature
+    from ._registration import check_top_h_args
 
-    check_logits(logits, "sample", "logits")
-    check_temperature(float(temperature), "sample")
-    z = logits.float() / temperature
-    if top_h is not None:
-        keep = top_h_mask(logits, top_h, temperature=temperature, rule=rule, cap=cap)
-        z = z.masked_fill(~keep, float("-inf"))
-    else:
-        keep = ~(torch.isnan(z) | (z == float("inf"))).any(-1, keepdim=True).expand_as(z)
-    probs = torch.softmax(z, -1)
-    cdf = torch.cumsum(probs, -1)
-    u = torch.rand(logits.shape[:-1] + (1,), generator=generator, device=logits.device, dtype=torch.float32)
-    # u * total guards against a last cumulative value slightly below 1.
-    token = torch.searchsorted(cdf, u * cdf[..., -1:], right=True).squeeze(-1)
-    # Dropped tokens have probability 0, so the cumulative sum is flat over
-    # them and searchsorted lands on a kept token; only u * total rounding up
-    # to the total could run past the end: take the last kept token then.
-    positions = torch.arange(logits.shape[-1], device=logits.device)
-    last_kept = torch.where(probs > 0, positions, torch.zeros_like(positions)).amax(-1)
-    token = torch.minimum(token, last_kept)
-    defined = keep.any(-1)
-    return torch.where(defined, token, torch.full_like(token, -1))
+    cap_arg = -1 if cap is None else int(cap)
+    alpha = None if top_h is None else float(top_h)
+    check_top_h_args(logits, alpha, float(temperature), str(rule), cap_arg, "sample")
+    u = torch.rand(logits.shape[:-1], generator=generator, device=logits.device, dtype=torch.float32)
+    return _ops.sample(logits, u, alpha, float(temperature), str(rule), cap_arg)
