@@ -17,8 +17,9 @@
 //     (core::capped_keep_count), which fixes the final cut.
 //   * "exact": the predicate is H(q_S) > alpha H(p), with
 //     H(q_S) = log E_S - D_S / E_S (core::renormalised_entropy); bins hold
-//     (count, sum e, sum d e) with e = exp(z - m), d = z - m, the reference m
-//     coming from the softmax state of pass 1. H(q_S) increases with S (note),
+//     (count, sum e, sum d e) with e = exp(z - m), d = z - m, m the row max
+//     of z (the first digit's bins are built in pass 1, before m is known,
+//     and rescaled to m; see below). H(q_S) increases with S (note),
 //     so the first failing bin holds the cut.
 // "exact" stops early once the cut bin holds a single token (that token is
 // then dropped); the capped rules always resolve all digits, and gather the
@@ -29,16 +30,22 @@
 // the j lowest indices of the group by an ordered block-wide count.
 //
 // Passes over the row (reads of the logits; every pass is a streaming read):
-//   pass 1     softmax state (max, sum exp, sum shifted) [+ the first digit
-//              histogram for the capped rules, which need no reference max]
-//   digits     "exact": up to 3 histogram passes (early exit);
+//   pass 1     softmax state (max, sum exp, sum shifted) + the first digit's
+//              histogram. Capped rules count keys; "exact" sums
+//              exp(z - r_b), (z - r_b) exp(z - r_b) relative to a per-bin
+//              reference r_b >= every z of the bin (the bin's upper end, known
+//              from the key alone), and rescales the bins to the row max m
+//              after the pass (the softmax-state merge).
+//   digits     "exact": up to 2 more histogram passes (early exit);
 //              capped: 2 more (digits 2 and 3, the last one also gathering),
 //              or, when V <= K, none and one gather pass instead
 //   write      the mask (reads the row once more)
-// Worst case: capped rules 4 (1 + 2 + write); "exact" 5 (1 + 3 + write),
-// typically 3-4 because the cut bin usually holds one token after the first
-// or second digit. (Issue target: 4; "exact" misses it in the worst case: its
-// first digit needs the reference max m of pass 1 for its bin sums.)
+// Worst case: 4 passes (1 + 2 + write) for every rule; "exact" typically 2-3
+// because the cut bin usually holds one token after the first or second
+// digit. Exception: "exact" on a row whose top bin spans more than
+// kMaxReferenceGap = 30 in z (|max z| above ~120): r_b - m may then be large
+// enough for that bin's small terms to underflow, so the first digit is
+// rebuilt relative to m: 5 passes for such rows.
 //
 // sample (sample_kernel) runs the same selection (select_cut; only pass 1
 // without truncation), then a mass pass and a draw pass that stops at the
@@ -68,6 +75,18 @@ constexpr int kBins = 2048;
 
 LK_DEVICE inline int digit_shift(int level) { return level == 0 ? 21 : (level == 1 ? 10 : 0); }
 LK_DEVICE inline int digit_bits(int level) { return level == 2 ? 10 : 11; }
+
+// "exact", first digit: the reference r of a bin's sums exp(z - r), taken
+// before the row max is known: z of the largest float whose key falls in the
+// bin (>= every z in the bin), clamped to the largest finite float.
+constexpr float kMaxReferenceGap = 30.0f;  // r - m above this: the bin is rebuilt relative to m
+
+LK_DEVICE inline float first_digit_reference(int bin, float inv_t) {
+  const uint32_t top_key = (static_cast<uint32_t>(bin) << digit_shift(0)) | ((1u << digit_shift(0)) - 1u);
+  const float upper = core::key_to_float(top_key);
+  const float finite = upper == upper && upper <= 3.402823466e38f ? upper : 3.402823466e38f;
+  return finite * inv_t;
+}
 
 LK_DEVICE inline int popcount32(unsigned v) {
 #if LK_EMULATED_CUDA
@@ -116,8 +135,14 @@ struct EntropyPredicate {
   LK_DEVICE bool exceeds(const BinTotals& t) const {
     return t.e > 0.0f && core::renormalised_entropy(t.e, t.d) > budget;
   }
-  // The failing bin's single token would exceed the budget on its own.
-  LK_DEVICE bool bin_fully_dropped(const BinTotals&, int64_t bin_count) const { return bin_count == 1; }
+  // The failing bin's single token would exceed the budget on its own,
+  // unless it is the row's most probable token (nothing above it), which
+  // always fits: the first digit's sums are rescaled from another reference,
+  // so its H may round slightly above a budget of 0; refining (relative to m)
+  // then keeps it.
+  LK_DEVICE bool bin_fully_dropped(const BinTotals& above, int64_t bin_count) const {
+    return bin_count == 1 && above.e > 0.0f;
+  }
   // Largest j in [0, group] with H(above + j tokens of (e, d)) <= budget
   // (monotone in j: binary search).
   LK_DEVICE int64_t tie_keep(const BinTotals& above, int64_t group, float e, float d) const {
@@ -235,15 +260,30 @@ LK_DEVICE inline void select_cut(const scalar_t* x, int64_t cols, const TopHPara
     }
   };
 
-  // ---- pass 1: softmax state (+ first digit counts for the capped rules) ----
+  // ---- pass 1: softmax state + the first digit's histogram ----
+  // The first digit needs no reference max: capped rules count; "exact"
+  // sums relative to each bin's own upper end (first_digit_reference), and
+  // rescales the bins to m once m is known.
+  const bool exact = p.truncate && !capped;
+  __shared__ int refresh_first_digit;
   clear_bins();
+  if (tid == 0) refresh_first_digit = 0;
   __syncthreads();
   core::SoftmaxState st = core::empty_state();
   for (int64_t i = tid; i < cols; i += stride) {
     const float xv = load_logit(x, i);
     const float z = xv * inv_t;
     core::accumulate(st, &z, 1);
-    if (capped) atomicAdd(&bin_count[core::orderable_key(xv) >> digit_shift(0)], 1u);
+    const int bin = static_cast<int>(core::orderable_key(xv) >> digit_shift(0));
+    if (capped) atomicAdd(&bin_count[bin], 1u);
+    if (exact && xv != core::neg_infinity()) {
+      const float d = z - first_digit_reference(bin, inv_t);  // <= 0
+      const float e = expf(d);
+      if (e == 0.0f) continue;
+      atomicAdd(&bin_count[bin], 1u);
+      atomicAdd(&bin_e[bin], e);
+      atomicAdd(&bin_d[bin], d * e);
+    }
   }
   st = simt::block_reduce(st, [](const core::SoftmaxState& a, const core::SoftmaxState& b) { return core::merge(a, b); },
                           core::empty_state(), scratch);
@@ -257,6 +297,22 @@ LK_DEVICE inline void select_cut(const scalar_t* x, int64_t cols, const TopHPara
   }
   __syncthreads();
   if (cut.kind != RowKind::defined || !p.truncate) return;  // plain sampling: full_from = 0 keeps everything
+  if (exact) {
+    // Rescale the first digit's bin sums from their references r to m, as
+    // merging softmax states: e *= exp(r - m), d = exp(r - m) (d + (r - m) e).
+    // Only the bin holding m can have r > m; when its span in z is too wide
+    // (r - m > kMaxReferenceGap), its tokens far below r may have underflowed:
+    // rebuild the first digit relative to m instead (one more pass).
+    for (int64_t b = tid; b < kBins; b += stride) {
+      if (bin_count[b] == 0) continue;
+      const float r = first_digit_reference(static_cast<int>(b), inv_t);
+      if (r - m > kMaxReferenceGap) atomicExch(&refresh_first_digit, 1);
+      const core::SoftmaxState relative{r, bin_e[b], bin_d[b]};
+      const float f = core::rescale_factor(r, m);
+      bin_e[b] = relative.sum_exp * f;
+      bin_d[b] = core::rescaled_shifted(relative, m, f);
+    }
+  }
   __syncthreads();  // every thread has read cut.kind before thread 0 rewrites cut
 
   // ---- digit passes: radix selection of the cut ----
@@ -272,7 +328,7 @@ LK_DEVICE inline void select_cut(const scalar_t* x, int64_t cols, const TopHPara
     gathered = 0;
   }
   for (int level = 0; level < kDigitCount; ++level) {
-    if (level > 0 || !capped) {
+    if (level > 0 || refresh_first_digit) {
       __syncthreads();  // previous readers of the bins are done
       clear_bins();
       __syncthreads();
