@@ -150,6 +150,28 @@ def test_many_token_chunks_cpu():
     run_case(cpu, make_problem(lead=(300,), d=8, v=50, bias=True), reduction="mean", chunk_budget=4 * 40 * 3)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_and_recompute_paths_agree(backend, reduction):
+    # Reduced losses with every gradient wanted take the fused path (gradients
+    # formed in the forward) on CPU tensors; a frozen bias takes the recompute
+    # path. Both against each other, for grad_output = 1 (the stored gradients
+    # handed over as they are), repeated backward (retain_graph) and a scaled loss.
+    hidden, weight, target, bias, cw = make_problem(bias=True, class_weight=True, ignore=(2,))
+    kw = dict(class_weight=backend.tensor(cw), reduction=reduction, label_smoothing=0.1, z_loss=1e-2, softcap=4.0,
+              temperature=0.8, chunk_budget=4 * 40)
+    h, w, b = (backend.tensor(x).requires_grad_() for x in (hidden, weight, bias))
+    loss = lce(backend, h, w, backend.tensor(target), bias=b, **kw)
+    loss.backward(retain_graph=True)
+    first = [x.grad.clone() for x in (h, w, b)]
+    loss.backward()  # accumulates the same gradients again
+    for x, g in zip((h, w, b), first):
+        assert_close(x.grad, 2 * g, 1e-6, 1e-6, "second backward")
+    h2, w2 = (backend.tensor(x).requires_grad_() for x in (hidden, weight))
+    (3.0 * lce(backend, h2, w2, backend.tensor(target), bias=backend.tensor(bias), **kw)).backward()
+    for x, g in zip((h2, w2), first):
+        assert_close(x.grad, 3 * g, 1e-5 * g.abs().max().item(), 1e-5, "recompute path, scaled")
+
+
 @pytest.mark.parametrize("shape", [{"v": 1}, {"d": 1}, {"v": 1, "d": 1}, {"lead": (7,)}, {"lead": (2, 3, 2)}],
                          ids=str)
 def test_edge_shapes(backend, shape):

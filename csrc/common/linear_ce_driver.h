@@ -6,8 +6,15 @@
 //   linear_ce_backward  gradients for hidden, weight (and bias) from the
 //                       per-token normaliser (m, log s) and coefficients
 //                       (a, e, beta, sigma)
+//   linear_ce_fused     the forward state and the gradients in one pass, for
+//                       losses whose upstream gradient is known in the
+//                       forward (reduced losses: coefficients for
+//                       grad_output = 1); no logits are recomputed
 //
-// Both walk the (N, V) logits in tiles of at most chunk_budget bytes of fp32:
+// stats and backward walk the (N, V) logits in tiles of at most chunk_budget
+// bytes of fp32 (token chunks outer, vocabulary chunks inner); fused walks
+// blocks of whole vocabulary rows (the softmax of a token must be complete
+// before its gradient exists), see lce_fused_rows. In every case:
 // the tile's raw logits come from an ATen GEMM (BLAS / cuBLAS) into a reused
 // fp32 workspace, then the backend's fused chunk kernel does everything else
 // in place. No N x V buffer exists at any time, and nothing here reads device
@@ -21,6 +28,7 @@
 // A backend supplies
 //   static void forward_chunk(const LceChunk&, const at::Tensor& tile);   // folds a tile into `state`
 //   static void backward_chunk(const LceChunk&, const at::Tensor& tile);  // tile <- dL/dx in place
+//   static constexpr bool kForwardLeavesZ;  // forward_chunk overwrites the tile's x with z
 // (`tile` is the workspace tensor behind LceChunk::logits: device, stream.)
 #pragma once
 
@@ -34,6 +42,7 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/TensorOptions.h>
 #include <torch/library.h>
@@ -58,6 +67,24 @@ inline LceTiling lce_tiling(int64_t n, int64_t v, int64_t chunk_budget) {
   const int64_t cols = std::min(v, std::max<int64_t>(1, elements / std::max<int64_t>(1, std::min<int64_t>(n, 256))));
   const int64_t rows = std::min(n, std::max<int64_t>(1, elements / cols));
   return {rows, cols};
+}
+
+// Tokens per block of the fused op: as many whole fp32 vocabulary rows as
+// the budget holds (at least one). Each block costs three GEMMs (logits,
+// grad_hidden, a rank-`rows` update of grad_weight), so more rows per block
+// means fewer passes over weight and grad_weight.
+inline int64_t lce_fused_rows(int64_t n, int64_t v, int64_t chunk_budget) {
+  const int64_t row_bytes = v * static_cast<int64_t>(sizeof(float));
+  return std::max<int64_t>(1, std::min(n, chunk_budget / row_bytes));
+}
+
+// Vocabulary rows of weight upcast to fp32 at a time for bf16/fp16 inputs in
+// the fused op (the fp32 copy stays within the budget); fp32 weight is used
+// in place, in one piece.
+inline int64_t lce_weight_slab(const at::Tensor& weight, int64_t chunk_budget) {
+  if (weight.scalar_type() == at::kFloat) return weight.size(0);
+  const int64_t row_bytes = weight.size(1) * static_cast<int64_t>(sizeof(float));
+  return std::max<int64_t>(1, std::min(weight.size(0), chunk_budget / row_bytes));
 }
 
 // The checked, contiguous inputs of an op.
@@ -129,6 +156,16 @@ struct LinearCeFrontends {
     }
   }
 
+  // tile <- h @ w^T (+ bias[v0 : v0 + cols]): the raw logits of the fp32
+  // hidden rows h against the fp32 weight rows w = weight[v0 : v0 + cols].
+  static void raw_logits(const LceInputs& in, at::Tensor& tile, int64_t v0, const at::Tensor& h, const at::Tensor& w) {
+    if (in.bias.defined()) {
+      at::addmm_out(tile, in.bias.narrow(0, v0, w.size(0)), h, w.t());
+    } else {
+      at::mm_out(tile, h, w.t());
+    }
+  }
+
   // Visits the tiles in order (token chunks outer, vocabulary chunks inner);
   // visit(tile, t0, v0, hidden_rows_fp32, weight_rows_fp32) gets the tile
   // holding x = hidden[t0:t0+rows] @ weight[v0:v0+cols]^T + bias[v0:v0+cols].
@@ -143,11 +180,7 @@ struct LinearCeFrontends {
         const int64_t cols = std::min(tiling.cols, in.v - v0);
         const at::Tensor w = in.weight.narrow(0, v0, cols).to(at::kFloat);
         at::Tensor tile = workspace.narrow(0, 0, rows * cols).view({rows, cols});
-        if (in.bias.defined()) {
-          at::addmm_out(tile, in.bias.narrow(0, v0, cols), h, w.t());
-        } else {
-          at::mm_out(tile, h, w.t());
-        }
+        raw_logits(in, tile, v0, h, w);
         visit(tile, t0, v0, h, w);
       }
     }
@@ -166,20 +199,25 @@ struct LinearCeFrontends {
     return c;
   }
 
+  // The per-token forward state before any tile: empty softmax state.
+  static at::Tensor empty_state(const LceInputs& in) {
+    at::Tensor state = at::empty({in.n, core::kLceStateWidth}, in.hidden.options().dtype(at::kFloat));
+    state.select(1, core::kLceMax).fill_(-std::numeric_limits<float>::infinity());
+    state.select(1, core::kLceSumExp).zero_();
+    state.select(1, core::kLceSumShifted).zero_();
+    state.select(1, core::kLceTargetLogit).fill_(std::numeric_limits<float>::quiet_NaN());  // NaN: target not in [0, V)
+    state.select(1, core::kLceWeightedSum).zero_();
+    return state;
+  }
+
   static at::Tensor stats(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& class_weight,
                           int64_t ignore_index, double softcap, double temperature, int64_t chunk_budget) {
     constexpr const char* op = "linear_cross_entropy";
     const LceInputs in = check_inputs(hidden, weight, target, bias, class_weight, softcap, temperature, chunk_budget, op);
     check_targets(in, ignore_index, op);
-    at::Tensor state = at::empty({in.n, core::kLceStateWidth}, in.hidden.options().dtype(at::kFloat));
+    at::Tensor state = empty_state(in);
     if (in.n == 0) return state;
-    constexpr float nan = std::numeric_limits<float>::quiet_NaN();
-    state.select(1, core::kLceMax).fill_(-std::numeric_limits<float>::infinity());
-    state.select(1, core::kLceSumExp).zero_();
-    state.select(1, core::kLceSumShifted).zero_();
-    state.select(1, core::kLceTargetLogit).fill_(nan);  // stays NaN for targets outside [0, V)
-    state.select(1, core::kLceWeightedSum).zero_();
     for_each_tile(in, chunk_budget, [&](at::Tensor& tile, int64_t t0, int64_t v0, const at::Tensor&, const at::Tensor&) {
       LceChunk c = make_chunk(in, tile, t0, v0, softcap, temperature);
       c.state = state.data_ptr<float>() + t0 * core::kLceStateWidth;
@@ -188,25 +226,49 @@ struct LinearCeFrontends {
     return state;
   }
 
+  static void check_per_token(const at::Tensor& t, const LceInputs& in, int64_t width, const char* op,
+                              const char* arg) {
+    TORCH_CHECK_VALUE(t.device() == in.hidden.device() && t.scalar_type() == at::kFloat && t.dim() == 2 &&
+                          t.size(0) == in.n && t.size(1) == width,
+                      "logitkit.", op, ": ", arg, " must be float32 of shape (", in.n, ", ", width, ") on ",
+                      in.hidden.device());
+  }
+
+  // Gradient accumulators (fp32; for fp32 inputs they are the results).
+  struct Grads {
+    at::Tensor hidden, weight, bias;
+
+    Grads(const LceInputs& in, bool bias_grad) {
+      const auto f32 = in.hidden.options().dtype(at::kFloat);
+      hidden = at::zeros({in.n, in.d}, f32);
+      weight = at::zeros({in.v, in.d}, f32);
+      bias = at::zeros({bias_grad ? in.v : 0}, f32);
+    }
+
+    // With g = dL/dx for tokens [t0, t0 + rows) and vocabulary entries
+    // [v0, v0 + cols) (x = h w^T + b):  dL/dh += g w,  dL/dw += g^T h,
+    // dL/db += column sums of g.
+    void add(const at::Tensor& g, int64_t t0, int64_t v0, const at::Tensor& h, const at::Tensor& w) {
+      const int64_t rows = g.size(0), cols = g.size(1);
+      hidden.narrow(0, t0, rows).addmm_(g, w);
+      weight.narrow(0, v0, cols).addmm_(g.t(), h);
+      if (bias.numel() > 0) bias.narrow(0, v0, cols).add_(g.sum(0));
+    }
+
+    std::tuple<at::Tensor, at::Tensor, at::Tensor> results(at::ScalarType dtype) const {
+      return {hidden.to(dtype), weight.to(dtype), bias.to(dtype)};
+    }
+  };
+
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
       const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target, const std::optional<at::Tensor>& bias,
       const std::optional<at::Tensor>& class_weight, const at::Tensor& normaliser, const at::Tensor& coefficients,
       double softcap, double temperature, int64_t chunk_budget, bool bias_grad) {
     constexpr const char* op = "linear_cross_entropy_backward";
     const LceInputs in = check_inputs(hidden, weight, target, bias, class_weight, softcap, temperature, chunk_budget, op);
-    TORCH_CHECK_VALUE(normaliser.device() == hidden.device() && normaliser.scalar_type() == at::kFloat &&
-                          normaliser.dim() == 2 && normaliser.size(0) == in.n && normaliser.size(1) == 2,
-                      "logitkit.", op, ": normaliser must be float32 of shape (", in.n, ", 2) on ", hidden.device());
-    TORCH_CHECK_VALUE(coefficients.device() == hidden.device() && coefficients.scalar_type() == at::kFloat &&
-                          coefficients.dim() == 2 && coefficients.size(0) == in.n &&
-                          coefficients.size(1) == core::kLceCoefWidth,
-                      "logitkit.", op, ": coefficients must be float32 of shape (", in.n, ", ", core::kLceCoefWidth,
-                      ") on ", hidden.device());
-    const auto f32 = in.hidden.options().dtype(at::kFloat);
-    // fp32 accumulators; for fp32 inputs they are the results themselves.
-    at::Tensor grad_hidden = at::zeros({in.n, in.d}, f32);
-    at::Tensor grad_weight = at::zeros({in.v, in.d}, f32);
-    at::Tensor grad_bias = at::zeros({bias_grad ? in.v : 0}, f32);
+    check_per_token(normaliser, in, 2, op, "normaliser");
+    check_per_token(coefficients, in, core::kLceCoefWidth, op, "coefficients");
+    Grads grads(in, bias_grad);
     if (in.n > 0) {
       const at::Tensor norm_c = normaliser.contiguous();
       const at::Tensor coef_c = coefficients.contiguous();
@@ -216,19 +278,74 @@ struct LinearCeFrontends {
                       c.normaliser = norm_c.data_ptr<float>() + 2 * t0;
                       c.coefficients = coef_c.data_ptr<float>() + t0 * core::kLceCoefWidth;
                       Backend::backward_chunk(c, tile);  // tile <- dL/dx
-                      const int64_t rows = tile.size(0), cols = tile.size(1);
-                      grad_hidden.narrow(0, t0, rows).addmm_(tile, w);
-                      grad_weight.narrow(0, v0, cols).addmm_(tile.t(), h);
-                      if (bias_grad) grad_bias.narrow(0, v0, cols).add_(tile.sum(0));
+                      grads.add(tile, t0, v0, h, w);
                     });
     }
-    const auto dtype = hidden.scalar_type();
-    return {grad_hidden.to(dtype), grad_weight.to(dtype), grad_bias.to(dtype)};
+    return grads.results(hidden.scalar_type());
+  }
+
+  // Forward state and gradients in one pass. The coefficients are those of
+  // the backward except that the first one is a + a_lse * lse, with a_lse
+  // (`prob_per_lse`, (N, 1)) the part that depends on the token's lse (the
+  // z-loss): lse is only known once the token's whole row has been seen.
+  // Per block of `rows` tokens (lce_fused_rows):
+  //   tile (rows, V)  <- raw logits, one GEMM per weight slab
+  //   state           <- forward_chunk over the whole rows (exact lse)
+  //   tile            <- dL/dx (backward_chunk, coefficients resolved with lse)
+  //   grads           += tile-slab GEMMs
+  // so each token's logits are formed once: three GEMM-equivalents in all.
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused(
+      const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target, const std::optional<at::Tensor>& bias,
+      const std::optional<at::Tensor>& class_weight, int64_t ignore_index, const at::Tensor& coefficients,
+      const at::Tensor& prob_per_lse, double softcap, double temperature, int64_t chunk_budget, bool bias_grad) {
+    constexpr const char* op = "linear_cross_entropy";
+    const LceInputs in = check_inputs(hidden, weight, target, bias, class_weight, softcap, temperature, chunk_budget, op);
+    check_targets(in, ignore_index, op);
+    check_per_token(coefficients, in, core::kLceCoefWidth, op, "coefficients");
+    check_per_token(prob_per_lse, in, 1, op, "prob_per_lse");
+    at::Tensor state = empty_state(in);
+    Grads grads(in, bias_grad);
+    const int64_t block = lce_fused_rows(in.n, in.v, chunk_budget);
+    const int64_t slab = lce_weight_slab(in.weight, chunk_budget);
+    at::Tensor workspace = at::empty({in.n > 0 ? block * in.v : 0}, in.hidden.options().dtype(at::kFloat));
+    // Visits the weight slabs: visit(v0, fp32 weight rows [v0, v0 + cols)).
+    auto for_each_slab = [&](auto&& visit) {
+      for (int64_t v0 = 0; v0 < in.v; v0 += slab) {
+        visit(v0, in.weight.narrow(0, v0, std::min(slab, in.v - v0)).to(at::kFloat));
+      }
+    };
+    for (int64_t t0 = 0; t0 < in.n; t0 += block) {
+      const int64_t rows = std::min(block, in.n - t0);
+      const at::Tensor h = in.hidden.narrow(0, t0, rows).to(at::kFloat);
+      at::Tensor tile = workspace.narrow(0, 0, rows * in.v).view({rows, in.v});
+      for_each_slab([&](int64_t v0, const at::Tensor& w) {
+        at::Tensor part = tile.narrow(1, v0, w.size(0));
+        raw_logits(in, part, v0, h, w);
+      });
+      LceChunk c = make_chunk(in, tile, t0, 0, softcap, temperature);
+      const at::Tensor st = state.narrow(0, t0, rows);
+      c.state = st.data_ptr<float>();
+      Backend::forward_chunk(c, tile);
+      // The rows are complete: normaliser (m, log s) and the coefficients with
+      // a = a + a_lse * lse, lse = m + log s (small per-token ATen ops).
+      const at::Tensor m = st.select(1, core::kLceMax), log_s = st.select(1, core::kLceSumExp).log();
+      const at::Tensor norm = at::stack({m, log_s}, 1);
+      at::Tensor coef = coefficients.narrow(0, t0, rows).clone();
+      coef.select(1, core::kLceCoefProb).addcmul_(prob_per_lse.narrow(0, t0, rows).select(1, 0), m.add(log_s));
+      c.normaliser = norm.data_ptr<float>();
+      c.coefficients = coef.data_ptr<float>();
+      c.holds_z = Backend::kForwardLeavesZ;  // z or still x in the tile
+      Backend::backward_chunk(c, tile);  // tile <- dL/dx
+      for_each_slab([&](int64_t v0, const at::Tensor& w) { grads.add(tile.narrow(1, v0, w.size(0)), t0, v0, h, w); });
+    }
+    auto [grad_hidden, grad_weight, grad_bias] = grads.results(hidden.scalar_type());
+    return {state, grad_hidden, grad_weight, grad_bias};
   }
 
   static void register_all(torch::Library& m) {
     m.impl("linear_ce_stats", &stats);
     m.impl("linear_ce_backward", &backward);
+    m.impl("linear_ce_fused", &fused);
   }
 };
 

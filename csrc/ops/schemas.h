@@ -30,6 +30,13 @@ inline void define_schemas(torch::Library& m) {
   // row under rule "hf", "official" or "exact"; cap = -1: the rule's default
   // (100) for the capped rules, ignored by "exact". Not differentiable.
   m.def("top_h_mask(Tensor logits, float alpha, float temperature=1.0, str rule=\"hf\", int cap=-1) -> Tensor");
+  // Sampling: one token per row (int64, shape logits.shape[:-1]) from
+  // softmax(logits / temperature) restricted to the Top-H kept set (alpha,
+  // rule, cap as for top_h_mask; alpha = None: no truncation), by inverse CDF
+  // at `uniform` (float32 in [0, 1), one per row, drawn by the caller).
+  // -1 for a row without a defined distribution (NaN or +inf logits).
+  m.def("sample(Tensor logits, Tensor uniform, float? alpha, float temperature=1.0, str rule=\"hf\", "
+        "int cap=-1) -> Tensor");
 
   // Memory-light linear cross-entropy (csrc/common/linear_ce_driver.h): the
   // logits x = hidden @ weight^T + bias are only ever formed chunk by chunk.
@@ -40,6 +47,9 @@ inline void define_schemas(torch::Library& m) {
   //                         normaliser (N, 2) [max z, log sum exp(z - max)] and
   //                         coefficients (N, 4) [a, e, beta, sigma];
   //                         grad_bias has shape (V) if bias_grad else (0).
+  //   linear_ce_fused    -> (state, grad_hidden, grad_weight, grad_bias): both at
+  //                         once, with coefficients (N, 4) whose first column is
+  //                         completed by prob_per_lse (N, 1) * lse in the op.
   m.def(
       "linear_ce_stats(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, Tensor? class_weight, "
       "int ignore_index, float softcap, float temperature, int chunk_budget) -> Tensor");
@@ -47,14 +57,10 @@ inline void define_schemas(torch::Library& m) {
       "linear_ce_backward(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, Tensor? class_weight, "
       "Tensor normaliser, Tensor coefficients, float softcap, float temperature, int chunk_budget, bool bias_grad) "
       "-> (Tensor, Tensor, Tensor)");
-
-  // Sampling: one token per row (int64, shape logits.shape[:-1]) from
-  // softmax(logits / temperature) restricted to the Top-H kept set (alpha,
-  // rule, cap as for top_h_mask; alpha = None: no truncation), by inverse CDF
-  // at `uniform` (float32 in [0, 1), one per row, drawn by the caller).
-  // -1 for a row without a defined distribution (NaN or +inf logits).
-  m.def("sample(Tensor logits, Tensor uniform, float? alpha, float temperature=1.0, str rule=\"hf\", "
-        "int cap=-1) -> Tensor");
+  m.def(
+      "linear_ce_fused(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, Tensor? class_weight, "
+      "int ignore_index, Tensor coefficients, Tensor prob_per_lse, float softcap, float temperature, int chunk_budget, "
+      "bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 }  // namespace logitkit
