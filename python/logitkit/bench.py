@@ -98,6 +98,7 @@ function, eager baselines, float64 reference, bytes model, tolerances).
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import ctypes
 import dataclasses
@@ -360,21 +361,38 @@ def _top_h_keep_check(alpha: float) -> Callable[[Any, Any, tuple], tuple[float, 
         keep = out.isfinite()
         if keep.shape != ref_keep.shape:
             return math.inf, math.inf
-        worst = float((keep != ref_keep.to(keep.device)).sum(-1).max()) if keep.numel() else 0.0
+        if not keep.numel():
+            return 0.0, 0.0
+        # Tokens kept by one side only, less the pairs of equal logits: low-precision logits (bf16)
+        # hold exact ties, and which of two equal logits a baseline keeps is unspecified.
+        x = inputs[0].to(keep.device).float()
+        ref_keep_d = ref_keep.to(keep.device)
+        only_out, only_ref = keep & ~ref_keep_d, ref_keep_d & ~keep
+        worst = 0.0
+        for r in (only_out | only_ref).any(-1).nonzero().flatten().tolist():
+            a = collections.Counter(x[r][only_out[r]].tolist())
+            b = collections.Counter(x[r][only_ref[r]].tolist())
+            worst = max(worst, float(sum(((a - b) + (b - a)).values())))
         return worst, worst / (allowed + 0.5)
 
     return check
 
 
 def _sample_check(out: torch.Tensor, ref_keep: torch.Tensor, inputs: tuple) -> tuple[float, float]:
-    """Guard of a sampling case: every drawn token lies in its row's kept set. Returns (number of
+    """Guard of a sampling case: every drawn token lies in its row's kept set (up to ties of equal
+    logits). Returns (number of
     rows whose token was dropped or out of range, the same as the ratio)."""
     rows = ref_keep.shape[0]
     if out.shape != (rows,):
         return math.inf, math.inf
     tokens = out.to(ref_keep.device)
     valid = (tokens >= 0) & (tokens < ref_keep.shape[-1])
-    inside = ref_keep[torch.arange(rows, device=ref_keep.device), tokens.clamp(0, ref_keep.shape[-1] - 1)]
+    # Tie-aware, as in the mask check: the kept set is a prefix by value, so a token is inside it
+    # when its logit is at least the smallest kept logit of its row.
+    x = inputs[0].to(ref_keep.device).float()
+    smallest_kept = torch.where(ref_keep, x, math.inf).amin(-1)
+    rows_index = torch.arange(rows, device=ref_keep.device)
+    inside = x[rows_index, tokens.clamp(0, ref_keep.shape[-1] - 1)] >= smallest_kept
     bad = float((~(valid & inside)).sum())
     return bad, bad
 
@@ -406,8 +424,10 @@ def _register_top_h_cases() -> None:
             return x.masked_fill(~top_h_keep_reference(x.float(), alpha, T, rule), -math.inf)
         return eager
 
+    # transformers' generate() casts the next-token logits to float32 before its
+    # processors run, so the baselines see float32 (as the reference does).
     def transformers_mask(x: torch.Tensor) -> torch.Tensor:
-        return Warper(top_h=alpha)(no_ids, x / T)
+        return Warper(top_h=alpha)(no_ids, x.float() / T)
 
     def reference(rule: str) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda x: top_h_keep_reference(x, alpha, T, rule)
@@ -416,7 +436,7 @@ def _register_top_h_cases() -> None:
     check = _top_h_keep_check(alpha)
     for name, rule, baselines in (
         ("top_h", "hf", hf_baselines),
-        ("top_h_official", "official", {"official-loop": lambda x: official_top_h_loop(x, alpha, T)}),
+        ("top_h_official", "official", {"official-loop": lambda x: official_top_h_loop(x.float(), alpha, T)}),
         ("top_h_exact", "exact", {"sort-scan": sort_and_scan("exact")}),
     ):
         fn = functools.partial(logitkit.top_h, alpha=alpha, temperature=T, rule=rule)
