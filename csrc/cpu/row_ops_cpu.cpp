@@ -209,8 +209,11 @@ struct SoftmaxMap : SoftmaxReduction<false> {
   using Constants = core::Normaliser;
   static Constants constants(const State& s, float, float) { return core::normaliser(s); }
   static bool undefined(const Constants& c) { return undefined_row(c); }
+  static FVec map_one(const Constants& c, const FVec& z) {
+    return vexp((z - FVec(c.max)) - FVec(c.log_sum));
+  }
   static void map(const Constants& c, const float* z, const float*, float* out, int64_t n) {
-    for (int64_t i = 0; i < n; i += kLanes) vexp(log_probs(c, z + i)).store(out + i);
+    for (int64_t i = 0; i < n; i += kLanes) map_one(c, FVec::loadu(z + i)).store(out + i);
   }
 };
 
@@ -218,8 +221,9 @@ struct LogSoftmaxMap : SoftmaxReduction<false> {
   using Constants = core::Normaliser;
   static Constants constants(const State& s, float, float) { return core::normaliser(s); }
   static bool undefined(const Constants& c) { return undefined_row(c); }
+  static FVec map_one(const Constants& c, const FVec& z) { return (z - FVec(c.max)) - FVec(c.log_sum); }
   static void map(const Constants& c, const float* z, const float*, float* out, int64_t n) {
-    for (int64_t i = 0; i < n; i += kLanes) log_probs(c, z + i).store(out + i);
+    for (int64_t i = 0; i < n; i += kLanes) map_one(c, FVec::loadu(z + i)).store(out + i);
   }
 };
 
@@ -346,7 +350,25 @@ void map_range(const Op&, const typename Op::Constants& c, const MapArgs<scalar_
     return;
   }
   const bool streaming = a.cols * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamingRowBytes;
-  for (int64_t t = begin; t < end; t += kTile) {
+  int64_t first_tile = begin;
+  if constexpr (requires(const FVec& v) { Op::map_one(c, v); }) {
+    // Single-input maps run straight from the input to the output, one
+    // vector at a time (no fp32 tile round trips); the tail takes the tile path.
+    const FVec scale(Op::kScaleA ? args.inv_temperature : 1.0f);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      for (; first_tile + kLanes <= end; first_tile += kLanes) {
+        store_output(Op::map_one(c, FVec::loadu(pa + first_tile) * scale), po + first_tile, streaming);
+      }
+    } else {
+      using BVec = at::vec::Vectorized<scalar_t>;
+      for (; first_tile + BVec::size() <= end; first_tile += BVec::size()) {
+        auto [lo, hi] = at::vec::convert_to_float<scalar_t>(BVec::loadu(pa + first_tile));
+        store_output(at::vec::convert_from_float<scalar_t>(Op::map_one(c, lo * scale), Op::map_one(c, hi * scale)),
+                     po + first_tile, streaming);
+      }
+    }
+  }
+  for (int64_t t = first_tile; t < end; t += kTile) {
     const int64_t n = std::min(kTile, end - t);
     const float* va = tile_of(pa + t, n, Op::kScaleA ? args.inv_temperature : 1.0f, Op::kPadA, ta, false).values;
     const float* vb = pb != nullptr ? tile_of(pb + t, n, 1.0f, 0.0f, tb, false).values : nullptr;
