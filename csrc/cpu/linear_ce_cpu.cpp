@@ -17,6 +17,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include "linear_ce_cpu.h"
+#include "vec_tiles.h"
 
 #ifndef CPU_CAPABILITY
 #error "linear_ce_cpu.cpp must be compiled with CPU_CAPABILITY set (see CMakeLists.txt)"
@@ -25,8 +26,6 @@
 namespace logitkit::cpu::CPU_CAPABILITY {
 namespace {
 
-using FVec = at::vec::Vectorized<float>;
-constexpr int64_t kLanes = FVec::size();
 constexpr int64_t kRowGrain = 32768;  // elements of work per parallel task, at least
 
 int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, kRowGrain / std::max<int64_t>(1, cols)); }
@@ -47,10 +46,6 @@ inline FVec transform_derivative(const FVec& z, const core::LogitTransform& t) {
   return FVec(t.inv_temperature);
 }
 
-inline float reduce_sum(const FVec& v) {
-  return at::vec::vec_reduce_all<float>([](FVec a, FVec b) { return a + b; }, v);
-}
-
 void forward_row(const LceChunk& c, int64_t r) {
   float* z = c.logits + r * c.cols;
   const int64_t n = c.cols;
@@ -62,7 +57,7 @@ void forward_row(const LceChunk& c, int64_t r) {
     v.store(z + i);
     vmax = at::vec::maximum(vmax, v);
   }
-  float tile_max = at::vec::vec_reduce_all<float>([](FVec a, FVec b) { return at::vec::maximum(a, b); }, vmax);
+  float tile_max = reduce_max(vmax);
   for (int64_t i = body; i < n; ++i) {
     z[i] = c.transform.apply(z[i]);
     tile_max = std::isnan(z[i]) ? z[i] : std::max(tile_max, z[i]);
@@ -74,12 +69,12 @@ void forward_row(const LceChunk& c, int64_t r) {
   for (int64_t i = 0; i < body; i += kLanes) {
     const FVec zi = FVec::loadu(z + i);
     const FVec d = zi - vm;
-    const FVec e = d.exp_u20();
+    const FVec e = vexp(d);
     vs = vs + e;
     vb = at::vec::fmadd(d, e, vb);
     vw = w != nullptr ? at::vec::fmadd(FVec::loadu(w + i), zi, vw) : vw + zi;
   }
-  float s = reduce_sum(vs), b = reduce_sum(vb), ws = reduce_sum(vw);
+  float s = vsum(vs), b = vsum(vb), ws = vsum(vw);
   for (int64_t i = body; i < n; ++i) {
     const float d = z[i] - tile_max;
     const float e = std::exp(d);
@@ -117,7 +112,7 @@ void backward_row(const LceChunk& c, int64_t r) {
     const FVec v = FVec::loadu(x + i);
     const FVec z = c.holds_z ? v : transform(v, c.transform);
     const FVec shifted = (z - vm) - vlog_s;  // z - lse, exact near the max
-    const FVec p = shifted.exp_u20();
+    const FVec p = vexp(shifted);
     FVec g = p * at::vec::fmadd(e, shifted, a);
     g = g - sigma * (w != nullptr ? FVec::loadu(w + i) : FVec(1.0f));
     (g * transform_derivative(z, c.transform)).store(x + i);

@@ -144,11 +144,8 @@ float accumulate_softmax_state(core::SoftmaxState& state, const Tile& tile, int6
     // Clamping -inf to the lowest finite value keeps d * exp(d) at 0, not NaN.
     if constexpr (kShifted) vb = at::vec::fmadd(at::vec::maximum(d, lowest), e, vb);
   }
-  auto sum = [](FVec a, FVec b) { return a + b; };
-  if constexpr (kShifted) {
-    state.sum_shifted = core::rescaled_shifted(state, m, f) + at::vec::vec_reduce_all<float>(sum, vb);
-  }
-  state.sum_exp = state.sum_exp * f + at::vec::vec_reduce_all<float>(sum, vs);
+  if constexpr (kShifted) state.sum_shifted = core::rescaled_shifted(state, m, f) + vsum(vb);
+  state.sum_exp = state.sum_exp * f + vsum(vs);
   state.max = m;
   return m;
 }
@@ -191,7 +188,7 @@ struct SumReduction {
     for (int64_t i = 0; i < n; i += kLanes) {
       acc = kDot ? at::vec::fmadd(FVec::loadu(a + i), FVec::loadu(b + i), acc) : acc + FVec::loadu(a + i);
     }
-    s.value += at::vec::vec_reduce_all<float>([](FVec x, FVec y) { return x + y; }, acc);
+    s.value += vsum(acc);
   }
 };
 

@@ -113,14 +113,13 @@ struct RowScratch {
 // Loads the row into s.x and returns its max (NaN if it holds a NaN).
 template <class scalar_t>
 float load_row(const scalar_t* src, int64_t cols, RowScratch& s) {
-  FVec vmax(kNegInf);
+  float row_max = kNegInf;
   for (int64_t t = 0; t < cols; t += kTile) {
     const int64_t n = std::min(kTile, cols - t);
-    float* dst = s.x.data() + t;
-    load_tile(src + t, n, 1.0f, kNegInf, dst);
-    for (int64_t i = 0; i < n; i += kLanes) vmax = at::vec::maximum(vmax, FVec::loadu(dst + i));
+    const float tile_max = load_tile(src + t, n, 1.0f, kNegInf, s.x.data() + t);  // NaN if the tile holds one
+    row_max = std::isnan(tile_max) ? tile_max : std::max(row_max, tile_max);  // a NaN row_max stays NaN
   }
-  return at::vec::vec_reduce_all<float>([](FVec a, FVec b) { return at::vec::maximum(a, b); }, vmax);
+  return row_max;
 }
 
 // Capped rules: the K best tokens, sorted, then the prefix scan. One pass
