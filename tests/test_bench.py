@@ -20,7 +20,7 @@ ENV_FIELDS = {
 }
 RESULT_FIELDS = {
     "op", "dtype", "rows", "vocab", "impl", "median_ms", "p20_ms", "p80_ms", "gbps", "pct_copy",
-    "pct_peak", "speedup_vs_eager", "max_abs_err", "max_tol_ratio", "atol", "rtol", "status", "error",
+    "gflops", "pct_peak", "speedup_vs_eager", "max_abs_err", "max_tol_ratio", "atol", "rtol", "status", "error",
     "peak_mem_bytes", "bytes_moved", "input_bytes", "buffers", "samples", "inner",
 }
 FAST = ["--quick", "--device", "cpu", "--no-progress", "--repeats", "2", "--warmup", "1"]
@@ -223,14 +223,44 @@ def test_compare_tolerance_and_special_values():
     ("top_h_exact", "fp16", 2 * 3 * 1000 * 2),
     ("sample", "fp32", 3 * 1000 * 4 + 3 * (4 + 8)),  # + one float32 uniform in, one int64 token out per row
     ("sample", "bf16", 3 * 1000 * 2 + 3 * (4 + 8)),
+    # read hidden (3 x D) and weight (1000 x D), write their gradients, read 3 int64 targets
+    ("linear_ce", "fp32", 2 * (3 + 1000) * bench.LINEAR_CE_HIDDEN * 4 + 3 * 8),
+    ("linear_ce", "bf16", 2 * (3 + 1000) * bench.LINEAR_CE_HIDDEN * 2 + 3 * 8),
 ])
 def test_bytes_moved(op, dtype, expected):
     assert bench.bytes_moved(op, 3, 1000, dtype) == expected
 
 
 def test_every_registered_op_has_a_bytes_model_test():
-    tested = {"softmax", "log_softmax", "entropy", "logsumexp", "top_h", "top_h_official", "top_h_exact", "sample"}
+    tested = {"softmax", "log_softmax", "entropy", "logsumexp", "top_h", "top_h_official", "top_h_exact", "sample",
+              "linear_ce"}
     assert set(bench.CASES) <= tested, "add a test_bytes_moved case for the new op"
+
+
+def test_linear_ce_flops_model():
+    # the three GEMMs of the materialised loss, 2 N D V flops each
+    assert bench.CASES["linear_ce"].flops_model(3, 1000, torch.float32) == 6 * 3 * 1000 * bench.LINEAR_CE_HIDDEN
+
+
+def test_linear_ce_case_runs_and_reports_transient_memory(tmp_path, capsys):
+    rc, doc = _run([*FAST, "linear_ce", "--dtype", "fp32", "--rows", "8,16", "--vocab", "300", "--hidden", "64",
+                    "--plain"], tmp_path)
+    assert rc == 0, [(r["impl"], r["status"], r["error"]) for r in doc["results"]]
+    assert doc["config"]["hidden"] == 64
+    impls = {r["impl"] for r in doc["results"]}
+    assert {"logitkit", "materialised"} <= impls
+    for r in doc["results"]:
+        assert r["status"] == "OK" and r["gflops"] == pytest.approx(6 * r["rows"] * 300 * 64 / (r["median_ms"] * 1e-3) / 1e9)
+        assert r["samples"] <= 3  # max_repeats of the case
+    assert "GFLOP/s" in capsys.readouterr().out
+
+
+def test_memory_probe_can_exclude_outputs():
+    probe = bench.MemoryProbe(torch.device("cpu"))
+    if not probe.available:
+        pytest.skip(probe.method)
+    nbytes = 24 << 20
+    assert probe(lambda n: torch.ones(n, dtype=torch.uint8), (nbytes,), exclude_outputs=True) < (4 << 20)
 
 
 def test_register_rejects_duplicates():
@@ -266,6 +296,11 @@ def test_plots(tmp_path):
     results = [bench.Result("softmax", "fp32", 1, v, impl, median_ms=v / 1e4, gbps=v / 1e4)
                for v in (1000, 2000) for impl in ("logitkit", "eager")]
     paths = bench.write_plots(tmp_path / "sweep.png", env, results)
-    assert [p.name for p in paths] == ["sweep_time.png", "sweep_gbps.png"]
+    assert [p.name for p in paths] == ["sweep_time.png", "sweep_gbps.png"]  # one row count: no memory plot
+    assert all(p.stat().st_size > 0 for p in paths)
+    swept = [bench.Result("linear_ce", "fp32", n, 1000, impl, median_ms=n / 1e3, gbps=1.0, peak_mem_bytes=n << 20)
+             for n in (256, 512, 1024) for impl in ("logitkit", "materialised")]
+    paths = bench.write_plots(tmp_path / "lce.png", env, swept)
+    assert [p.name for p in paths] == ["lce_time.png", "lce_gbps.png", "lce_memory.png"]
     assert all(p.stat().st_size > 0 for p in paths)
     assert bench.plot_paths(tmp_path / "dir")[0] == tmp_path / "dir" / "bench_time.png"

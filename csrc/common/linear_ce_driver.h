@@ -6,29 +6,31 @@
 //   linear_ce_backward  gradients for hidden, weight (and bias) from the
 //                       per-token normaliser (m, log s) and coefficients
 //                       (a, e, beta, sigma)
-//   linear_ce_fused     the forward state and the gradients in one pass, for
-//                       losses whose upstream gradient is known in the
-//                       forward (reduced losses: coefficients for
-//                       grad_output = 1); no logits are recomputed
 //
-// stats and backward walk the (N, V) logits in tiles of at most chunk_budget
-// bytes of fp32 (token chunks outer, vocabulary chunks inner); fused walks
-// blocks of whole vocabulary rows (the softmax of a token must be complete
-// before its gradient exists), see lce_fused_rows. In every case:
-// the tile's raw logits come from an ATen GEMM (BLAS / cuBLAS) into a reused
-// fp32 workspace, then the backend's fused chunk kernel does everything else
-// in place. No N x V buffer exists at any time, and nothing here reads device
-// memory from the host (no synchronisation on CUDA).
+// Both walk the (N, V) logits in tiles (lce_tiling: everything transient fits
+// chunk_budget bytes), vocabulary chunks outer, token chunks inner: the
+// tile's raw logits come from an ATen GEMM (BLAS / cuBLAS) into a reused fp32
+// workspace, then the backend's fused chunk kernel does everything else in
+// place; the backward adds two gradient GEMMs per tile. Four
+// GEMM-equivalents in all (forward, recompute, grad_hidden, grad_weight),
+// each on large square-ish tiles. No N x V buffer exists at any time, and
+// nothing here reads device memory from the host (no synchronisation on CUDA).
 //
-// bf16/fp16 inputs: the GEMMs run in fp32 on upcast copies of the tile's
-// hidden rows and weight rows (bf16 GEMM is far slower than fp32 on CPUs, and
-// fp32 logits keep the softmax exact); gradients are accumulated in fp32 and
-// cast to the input dtype once at the end.
+// (A fused variant that forms each block of whole vocabulary rows once and
+// turns it into gradients in the forward saves one GEMM-equivalent but needs
+// rows x V fp32 per block: within a budget of a few MiB its GEMMs see ~16
+// tokens at a time and re-stream weight and grad_weight per block. Measured
+// on CPU at N = D = 1024, V = 128256 fp32, it was slower than these tiles at
+// every budget up to 32 MiB (7.5 s at 8 MiB, 4.45 s at 32 MiB, against 4.2 s
+// for the tiles at 8 MiB), so it was removed.)
+//
+// bf16/fp16 inputs: the GEMMs run in fp32 on upcast copies (hidden once,
+// each chunk's weight rows once), which keeps the logits exact in fp32;
+// gradients are accumulated in fp32 (see Grads) and cast once.
 //
 // A backend supplies
 //   static void forward_chunk(const LceChunk&, const at::Tensor& tile);   // folds a tile into `state`
 //   static void backward_chunk(const LceChunk&, const at::Tensor& tile);  // tile <- dL/dx in place
-//   static constexpr bool kForwardLeavesZ;  // forward_chunk overwrites the tile's x with z
 // (`tile` is the workspace tensor behind LceChunk::logits: device, stream.)
 #pragma once
 
@@ -42,7 +44,6 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/TensorOptions.h>
 #include <torch/library.h>
@@ -54,37 +55,38 @@ namespace logitkit {
 
 using core::LceChunk;
 
-// Tile shape for a budget: the fp32 logits tile holds at most budget / 4
-// elements. Columns first get up to budget / min(N, 256) (long rows keep the
-// per-tile softmax merge cheap and the GEMMs large); rows fill the rest.
+// Tile shape for a budget. A tile covers `rows` tokens x `cols` vocabulary
+// entries; the tiles are visited vocabulary chunk by vocabulary chunk (see
+// for_each_tile), and everything transient per tile must fit the budget:
+//   rows * cols        fp32 logits tile
+//   cols * 2D          bf16/fp16 inputs only: the chunk's weight rows in fp32
+//                      and the fp32 accumulator of its grad_weight rows
+// (fp32 inputs use weight and grad_weight in place). Among the feasible
+// shapes it takes the one with the most GEMM work per byte moved: each tile
+// costs 6 rows cols D flops for 16 D (rows + cols) bytes of hidden, weight and
+// gradient traffic, so it maximises rows cols / (rows + cols); row counts
+// tried are N and the powers of two below it.
 struct LceTiling {
   int64_t rows;
   int64_t cols;
 };
 
-inline LceTiling lce_tiling(int64_t n, int64_t v, int64_t chunk_budget) {
+inline LceTiling lce_tiling(int64_t n, int64_t v, int64_t d, int64_t chunk_budget, bool upcast) {
   const int64_t elements = std::max<int64_t>(1, chunk_budget / static_cast<int64_t>(sizeof(float)));
-  const int64_t cols = std::min(v, std::max<int64_t>(1, elements / std::max<int64_t>(1, std::min<int64_t>(n, 256))));
-  const int64_t rows = std::min(n, std::max<int64_t>(1, elements / cols));
-  return {rows, cols};
-}
-
-// Tokens per block of the fused op: as many whole fp32 vocabulary rows as
-// the budget holds (at least one). Each block costs three GEMMs (logits,
-// grad_hidden, a rank-`rows` update of grad_weight), so more rows per block
-// means fewer passes over weight and grad_weight.
-inline int64_t lce_fused_rows(int64_t n, int64_t v, int64_t chunk_budget) {
-  const int64_t row_bytes = v * static_cast<int64_t>(sizeof(float));
-  return std::max<int64_t>(1, std::min(n, chunk_budget / row_bytes));
-}
-
-// Vocabulary rows of weight upcast to fp32 at a time for bf16/fp16 inputs in
-// the fused op (the fp32 copy stays within the budget); fp32 weight is used
-// in place, in one piece.
-inline int64_t lce_weight_slab(const at::Tensor& weight, int64_t chunk_budget) {
-  if (weight.scalar_type() == at::kFloat) return weight.size(0);
-  const int64_t row_bytes = weight.size(1) * static_cast<int64_t>(sizeof(float));
-  return std::max<int64_t>(1, std::min(weight.size(0), chunk_budget / row_bytes));
+  const int64_t per_col = upcast ? 2 * d : 0;
+  LceTiling best{1, 1};
+  double best_score = -1.0;
+  auto consider = [&](int64_t rows) {
+    const int64_t cols = std::clamp<int64_t>(elements / (rows + per_col), 1, v);
+    const double score = static_cast<double>(rows) * cols / static_cast<double>(rows + cols);
+    if (score > best_score) {
+      best = {rows, cols};
+      best_score = score;
+    }
+  };
+  consider(std::max<int64_t>(n, 1));
+  for (int64_t rows = 1; rows < n; rows *= 2) consider(rows);
+  return best;
 }
 
 // The checked, contiguous inputs of an op.
@@ -166,24 +168,33 @@ struct LinearCeFrontends {
     }
   }
 
-  // Visits the tiles in order (token chunks outer, vocabulary chunks inner);
-  // visit(tile, t0, v0, hidden_rows_fp32, weight_rows_fp32) gets the tile
-  // holding x = hidden[t0:t0+rows] @ weight[v0:v0+cols]^T + bias[v0:v0+cols].
+  // bf16/fp16 inputs: the GEMMs run in fp32 on upcast copies.
+  static bool upcast(const LceInputs& in) { return in.hidden.scalar_type() != at::kFloat; }
+
+  // Visits the tiles vocabulary chunk by vocabulary chunk, token chunks inner,
+  // so that a chunk's weight rows are upcast once and its grad_weight rows are
+  // complete (every token seen) when the chunk ends.
+  // visit(tile, t0, v0, h, w) gets the tile holding
+  // x = hidden[t0:t0+rows] @ weight[v0:v0+cols]^T + bias[v0:v0+cols], with h, w
+  // the fp32 hidden and weight rows of the tile. `hidden32` is hidden in fp32.
   template <class Visit>
-  static void for_each_tile(const LceInputs& in, int64_t chunk_budget, Visit&& visit) {
-    const LceTiling tiling = lce_tiling(in.n, in.v, chunk_budget);
+  static void for_each_tile(const LceInputs& in, const at::Tensor& hidden32, const LceTiling& tiling, Visit&& visit) {
     at::Tensor workspace = at::empty({tiling.rows * tiling.cols}, in.hidden.options().dtype(at::kFloat));
-    for (int64_t t0 = 0; t0 < in.n; t0 += tiling.rows) {
-      const int64_t rows = std::min(tiling.rows, in.n - t0);
-      const at::Tensor h = in.hidden.narrow(0, t0, rows).to(at::kFloat);  // a view for fp32 inputs
-      for (int64_t v0 = 0; v0 < in.v; v0 += tiling.cols) {
-        const int64_t cols = std::min(tiling.cols, in.v - v0);
-        const at::Tensor w = in.weight.narrow(0, v0, cols).to(at::kFloat);
+    for (int64_t v0 = 0; v0 < in.v; v0 += tiling.cols) {
+      const int64_t cols = std::min(tiling.cols, in.v - v0);
+      const at::Tensor w = in.weight.narrow(0, v0, cols).to(at::kFloat);  // a view for fp32 inputs
+      for (int64_t t0 = 0; t0 < in.n; t0 += tiling.rows) {
+        const int64_t rows = std::min(tiling.rows, in.n - t0);
+        const at::Tensor h = hidden32.narrow(0, t0, rows);
         at::Tensor tile = workspace.narrow(0, 0, rows * cols).view({rows, cols});
         raw_logits(in, tile, v0, h, w);
         visit(tile, t0, v0, h, w);
       }
     }
+  }
+
+  static LceTiling tiling_of(const LceInputs& in, int64_t chunk_budget) {
+    return lce_tiling(in.n, in.v, in.d, chunk_budget, upcast(in));
   }
 
   static LceChunk make_chunk(const LceInputs& in, at::Tensor& tile, int64_t t0, int64_t v0, double softcap,
@@ -218,7 +229,8 @@ struct LinearCeFrontends {
     check_targets(in, ignore_index, op);
     at::Tensor state = empty_state(in);
     if (in.n == 0) return state;
-    for_each_tile(in, chunk_budget, [&](at::Tensor& tile, int64_t t0, int64_t v0, const at::Tensor&, const at::Tensor&) {
+    for_each_tile(in, in.hidden.to(at::kFloat), tiling_of(in, chunk_budget),
+                  [&](at::Tensor& tile, int64_t t0, int64_t v0, const at::Tensor&, const at::Tensor&) {
       LceChunk c = make_chunk(in, tile, t0, v0, softcap, temperature);
       c.state = state.data_ptr<float>() + t0 * core::kLceStateWidth;
       Backend::forward_chunk(c, tile);
@@ -234,29 +246,50 @@ struct LinearCeFrontends {
                       in.hidden.device());
   }
 
-  // Gradient accumulators (fp32; for fp32 inputs they are the results).
+  // The gradients, filled tile by tile in for_each_tile's order. For a tile
+  // with g = dL/dx (tokens [t0, t0 + rows), vocabulary [v0, v0 + cols),
+  // x = h w^T + b):  dL/dh += g w,  dL/dw += g^T h,  dL/db += column sums of g.
+  // The first vocabulary chunk writes grad_hidden and the first token chunk a
+  // chunk's grad_weight rows (no zero fill). Accumulation is in fp32: for
+  // fp32 inputs in the results themselves; for bf16/fp16 in an fp32
+  // grad_hidden (N x D) and an fp32 block of the current chunk's grad_weight
+  // rows, cast into grad_weight once the chunk has seen every token.
   struct Grads {
-    at::Tensor hidden, weight, bias;
+    at::Tensor hidden;        // (N, D) fp32
+    at::Tensor weight;        // (V, D), the input dtype
+    at::Tensor weight_chunk;  // (tiling.cols, D) fp32 accumulator, bf16/fp16 only
+    at::Tensor bias;          // (V) fp32, or (0) without a bias gradient
+    int64_t n;
 
-    Grads(const LceInputs& in, bool bias_grad) {
+    Grads(const LceInputs& in, const LceTiling& tiling, bool bias_grad) : n(in.n) {
       const auto f32 = in.hidden.options().dtype(at::kFloat);
-      hidden = at::zeros({in.n, in.d}, f32);
-      weight = at::zeros({in.v, in.d}, f32);
+      hidden = at::empty({in.n, in.d}, f32);
+      weight = in.n > 0 ? at::empty({in.v, in.d}, in.weight.options()) : at::zeros({in.v, in.d}, in.weight.options());
+      if (upcast(in)) weight_chunk = at::empty({tiling.cols, in.d}, f32);
       bias = at::zeros({bias_grad ? in.v : 0}, f32);
     }
 
-    // With g = dL/dx for tokens [t0, t0 + rows) and vocabulary entries
-    // [v0, v0 + cols) (x = h w^T + b):  dL/dh += g w,  dL/dw += g^T h,
-    // dL/db += column sums of g.
     void add(const at::Tensor& g, int64_t t0, int64_t v0, const at::Tensor& h, const at::Tensor& w) {
       const int64_t rows = g.size(0), cols = g.size(1);
-      hidden.narrow(0, t0, rows).addmm_(g, w);
-      weight.narrow(0, v0, cols).addmm_(g.t(), h);
+      at::Tensor dh = hidden.narrow(0, t0, rows);
+      if (v0 == 0) {
+        at::mm_out(dh, g, w);
+      } else {
+        dh.addmm_(g, w);
+      }
+      const bool in_place = !weight_chunk.defined();
+      at::Tensor dw = in_place ? weight.narrow(0, v0, cols) : weight_chunk.narrow(0, 0, cols);
+      if (t0 == 0) {
+        at::mm_out(dw, g.t(), h);
+      } else {
+        dw.addmm_(g.t(), h);
+      }
+      if (!in_place && t0 + rows == n) weight.narrow(0, v0, cols).copy_(dw);
       if (bias.numel() > 0) bias.narrow(0, v0, cols).add_(g.sum(0));
     }
 
     std::tuple<at::Tensor, at::Tensor, at::Tensor> results(at::ScalarType dtype) const {
-      return {hidden.to(dtype), weight.to(dtype), bias.to(dtype)};
+      return {hidden.to(dtype), weight, bias.to(dtype)};
     }
   };
 
@@ -268,11 +301,12 @@ struct LinearCeFrontends {
     const LceInputs in = check_inputs(hidden, weight, target, bias, class_weight, softcap, temperature, chunk_budget, op);
     check_per_token(normaliser, in, 2, op, "normaliser");
     check_per_token(coefficients, in, core::kLceCoefWidth, op, "coefficients");
-    Grads grads(in, bias_grad);
+    const LceTiling tiling = tiling_of(in, chunk_budget);
+    Grads grads(in, tiling, bias_grad);
     if (in.n > 0) {
       const at::Tensor norm_c = normaliser.contiguous();
       const at::Tensor coef_c = coefficients.contiguous();
-      for_each_tile(in, chunk_budget,
+      for_each_tile(in, in.hidden.to(at::kFloat), tiling,
                     [&](at::Tensor& tile, int64_t t0, int64_t v0, const at::Tensor& h, const at::Tensor& w) {
                       LceChunk c = make_chunk(in, tile, t0, v0, softcap, temperature);
                       c.normaliser = norm_c.data_ptr<float>() + 2 * t0;
@@ -284,68 +318,9 @@ struct LinearCeFrontends {
     return grads.results(hidden.scalar_type());
   }
 
-  // Forward state and gradients in one pass. The coefficients are those of
-  // the backward except that the first one is a + a_lse * lse, with a_lse
-  // (`prob_per_lse`, (N, 1)) the part that depends on the token's lse (the
-  // z-loss): lse is only known once the token's whole row has been seen.
-  // Per block of `rows` tokens (lce_fused_rows):
-  //   tile (rows, V)  <- raw logits, one GEMM per weight slab
-  //   state           <- forward_chunk over the whole rows (exact lse)
-  //   tile            <- dL/dx (backward_chunk, coefficients resolved with lse)
-  //   grads           += tile-slab GEMMs
-  // so each token's logits are formed once: three GEMM-equivalents in all.
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused(
-      const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target, const std::optional<at::Tensor>& bias,
-      const std::optional<at::Tensor>& class_weight, int64_t ignore_index, const at::Tensor& coefficients,
-      const at::Tensor& prob_per_lse, double softcap, double temperature, int64_t chunk_budget, bool bias_grad) {
-    constexpr const char* op = "linear_cross_entropy";
-    const LceInputs in = check_inputs(hidden, weight, target, bias, class_weight, softcap, temperature, chunk_budget, op);
-    check_targets(in, ignore_index, op);
-    check_per_token(coefficients, in, core::kLceCoefWidth, op, "coefficients");
-    check_per_token(prob_per_lse, in, 1, op, "prob_per_lse");
-    at::Tensor state = empty_state(in);
-    Grads grads(in, bias_grad);
-    const int64_t block = lce_fused_rows(in.n, in.v, chunk_budget);
-    const int64_t slab = lce_weight_slab(in.weight, chunk_budget);
-    at::Tensor workspace = at::empty({in.n > 0 ? block * in.v : 0}, in.hidden.options().dtype(at::kFloat));
-    // Visits the weight slabs: visit(v0, fp32 weight rows [v0, v0 + cols)).
-    auto for_each_slab = [&](auto&& visit) {
-      for (int64_t v0 = 0; v0 < in.v; v0 += slab) {
-        visit(v0, in.weight.narrow(0, v0, std::min(slab, in.v - v0)).to(at::kFloat));
-      }
-    };
-    for (int64_t t0 = 0; t0 < in.n; t0 += block) {
-      const int64_t rows = std::min(block, in.n - t0);
-      const at::Tensor h = in.hidden.narrow(0, t0, rows).to(at::kFloat);
-      at::Tensor tile = workspace.narrow(0, 0, rows * in.v).view({rows, in.v});
-      for_each_slab([&](int64_t v0, const at::Tensor& w) {
-        at::Tensor part = tile.narrow(1, v0, w.size(0));
-        raw_logits(in, part, v0, h, w);
-      });
-      LceChunk c = make_chunk(in, tile, t0, 0, softcap, temperature);
-      const at::Tensor st = state.narrow(0, t0, rows);
-      c.state = st.data_ptr<float>();
-      Backend::forward_chunk(c, tile);
-      // The rows are complete: normaliser (m, log s) and the coefficients with
-      // a = a + a_lse * lse, lse = m + log s (small per-token ATen ops).
-      const at::Tensor m = st.select(1, core::kLceMax), log_s = st.select(1, core::kLceSumExp).log();
-      const at::Tensor norm = at::stack({m, log_s}, 1);
-      at::Tensor coef = coefficients.narrow(0, t0, rows).clone();
-      coef.select(1, core::kLceCoefProb).addcmul_(prob_per_lse.narrow(0, t0, rows).select(1, 0), m.add(log_s));
-      c.normaliser = norm.data_ptr<float>();
-      c.coefficients = coef.data_ptr<float>();
-      c.holds_z = Backend::kForwardLeavesZ;  // z or still x in the tile
-      Backend::backward_chunk(c, tile);  // tile <- dL/dx
-      for_each_slab([&](int64_t v0, const at::Tensor& w) { grads.add(tile.narrow(1, v0, w.size(0)), t0, v0, h, w); });
-    }
-    auto [grad_hidden, grad_weight, grad_bias] = grads.results(hidden.scalar_type());
-    return {state, grad_hidden, grad_weight, grad_bias};
-  }
-
   static void register_all(torch::Library& m) {
     m.impl("linear_ce_stats", &stats);
     m.impl("linear_ce_backward", &backward);
-    m.impl("linear_ce_fused", &fused);
   }
 };
 

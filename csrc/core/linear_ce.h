@@ -95,12 +95,6 @@ struct LceChunk {
   float* state = nullptr;           // forward: rows x kLceStateWidth
   const float* normaliser = nullptr;  // backward: rows x 2, [m, log s] of the token
   const float* coefficients = nullptr;  // backward: rows x kLceCoefWidth
-  // backward: the tile holds z already (the forward kernel's in-place
-  // output, as in the fused op) rather than the raw logits x.
-  bool holds_z = false;
-
-  // z of a tile element in the backward.
-  LK_MATH_HD float backward_z(float v) const { return holds_z ? v : transform.apply(v); }
 };
 
 }  // namespace logitkit::core

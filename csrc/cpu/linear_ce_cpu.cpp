@@ -110,7 +110,7 @@ void backward_row(const LceChunk& c, int64_t r) {
   const FVec a(k.prob), e(k.entropy), sigma(k.smooth), vm(m), vlog_s(log_s);
   for (int64_t i = 0; i < body; i += kLanes) {
     const FVec v = FVec::loadu(x + i);
-    const FVec z = c.holds_z ? v : transform(v, c.transform);
+    const FVec z = transform(v, c.transform);
     const FVec shifted = (z - vm) - vlog_s;  // z - lse, exact near the max
     const FVec p = vexp(shifted);
     FVec g = p * at::vec::fmadd(e, shifted, a);
@@ -118,11 +118,11 @@ void backward_row(const LceChunk& c, int64_t r) {
     (g * transform_derivative(z, c.transform)).store(x + i);
   }
   for (int64_t i = body; i < n; ++i) {
-    const float z = c.backward_z(x[i]);
+    const float z = c.transform.apply(x[i]);
     x[i] = core::lce_grad_z(k, (z - m) - log_s, false, w != nullptr ? w[i] : 1.0f) * c.transform.derivative(z);
   }
   if (has_target) {  // the exact form of a p_y - beta
-    const float z = c.backward_z(x_target);
+    const float z = c.transform.apply(x_target);
     x[y] = core::lce_grad_z(k, (z - m) - log_s, true, w != nullptr ? w[y] : 1.0f) * c.transform.derivative(z);
   }
 }

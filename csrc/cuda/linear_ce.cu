@@ -23,7 +23,6 @@ int lce_threads(int64_t cols) {
 }
 
 struct CudaLceBackend {
-  static constexpr bool kForwardLeavesZ = false;  // lce_forward_kernel only reads the tile
   static void launch(void (*kernel)(core::LceChunk), const LceChunk& c, const at::Tensor& tile) {
     TORCH_CHECK_VALUE(c.rows <= 2147483647LL, "logitkit: at most 2^31 - 1 tokens per chunk on CUDA, got ", c.rows);
     const simt::DeviceContext ctx(tile);

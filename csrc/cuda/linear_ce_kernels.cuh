@@ -68,7 +68,7 @@ __global__ void lce_backward_kernel(core::LceChunk c) {
   const int64_t y = c.target[row] - c.col_begin;
   const float* w = c.class_weight != nullptr ? c.class_weight + c.col_begin : nullptr;
   for (int64_t i = threadIdx.x; i < c.cols; i += blockDim.x) {
-    const float z = c.backward_z(x[i]);
+    const float z = c.transform.apply(x[i]);
     // z - lse as (z - m) - log s: exact for z near the max.
     x[i] = core::lce_grad_z(k, (z - m) - log_s, i == y, w != nullptr ? w[i] : 1.0f) * c.transform.derivative(z);
   }

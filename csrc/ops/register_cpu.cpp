@@ -80,7 +80,6 @@ struct CpuBackend {
 
 // The backend of LinearCeFrontends for CPU tensors.
 struct CpuLceBackend {
-  static constexpr bool kForwardLeavesZ = true;  // forward_row transforms the tile in place
   static void forward_chunk(const LceChunk& c, const at::Tensor&) { selected_lce_kernels().forward_chunk(c); }
   static void backward_chunk(const LceChunk& c, const at::Tensor&) { selected_lce_kernels().backward_chunk(c); }
 };

@@ -47,9 +47,6 @@ inline void define_schemas(torch::Library& m) {
   //                         normaliser (N, 2) [max z, log sum exp(z - max)] and
   //                         coefficients (N, 4) [a, e, beta, sigma];
   //                         grad_bias has shape (V) if bias_grad else (0).
-  //   linear_ce_fused    -> (state, grad_hidden, grad_weight, grad_bias): both at
-  //                         once, with coefficients (N, 4) whose first column is
-  //                         completed by prob_per_lse (N, 1) * lse in the op.
   m.def(
       "linear_ce_stats(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, Tensor? class_weight, "
       "int ignore_index, float softcap, float temperature, int chunk_budget) -> Tensor");
@@ -57,10 +54,6 @@ inline void define_schemas(torch::Library& m) {
       "linear_ce_backward(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, Tensor? class_weight, "
       "Tensor normaliser, Tensor coefficients, float softcap, float temperature, int chunk_budget, bool bias_grad) "
       "-> (Tensor, Tensor, Tensor)");
-  m.def(
-      "linear_ce_fused(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, Tensor? class_weight, "
-      "int ignore_index, Tensor coefficients, Tensor prob_per_lse, float softcap, float temperature, int chunk_budget, "
-      "bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 }  // namespace logitkit

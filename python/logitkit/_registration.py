@@ -136,16 +136,6 @@ def _register(ns: str) -> None:
                 f"logitkit.sample: uniform must have shape {list(batch)} (one number per row), got {list(uniform.shape)}"
             )
         return logits.new_empty(batch, dtype=torch.int64)
-    @torch.library.register_fake(lib + "linear_ce_fused")
-    def _(hidden, weight, target, bias, class_weight, ignore_index, coefficients, prob_per_lse, softcap, temperature,
-          chunk_budget, bias_grad):
-        check_linear_ce(hidden, weight, target, "linear_cross_entropy")
-        return (
-            hidden.new_empty((hidden.shape[0], 5), dtype=torch.float32),
-            hidden.new_empty(hidden.shape),
-            weight.new_empty(weight.shape),
-            hidden.new_empty((weight.shape[0] if bias_grad else 0,)),
-        )
 
     # ---- autograd -----------------------------------------------------------
     def save_output(ctx, inputs, output):

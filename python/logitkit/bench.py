@@ -7,6 +7,7 @@ Usage (also ``python -m logitkit.bench``)::
     logitkit-bench --quick                  # tiny smoke run (a few seconds)
     logitkit-bench --full --json run.json   # vocab {32000,50257,128256,262144} x rows {1,64}
     logitkit-bench --compile                # also time torch.compile of the eager reference
+    logitkit-bench linear_ce --rows 1024 --vocab 128256   # loss fwd+bwd from hidden states (D = --hidden)
 
 For every case (op, dtype, rows, vocab) the run
 
@@ -24,7 +25,16 @@ For every case (op, dtype, rows, vocab) the run
 
 Implementations ("impl" column): ``logitkit``; ``eager`` (what a user writes
 in plain PyTorch, same dtype as the input); with ``--compile`` also
-``compiled`` (``torch.compile`` of the eager reference).
+``compiled`` (``torch.compile`` of the eager reference). Top-H ops compare with
+transformers' warper, a per-row loop of the authors' processor and a
+sort-and-scan. ``linear_ce`` (rows = tokens N, vocab = V, hidden size
+``--hidden`` D, default 1024) times one forward + backward of a summed loss
+returning (loss, grad_hidden, grad_weight), against the materialised
+``F.cross_entropy(hidden @ weight.T, target)`` and PyTorch's chunked
+``F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())``; its
+"mem" column is the peak above the inputs *and* the gradients (the transient
+memory), its GFLOP/s column counts the materialised loss's three GEMMs
+(6 N D V), and it runs at most 3 timed samples.
 
 Roofline: each op has a bytes-moved model (:func:`bytes_moved`): the bytes an
 ideal implementation must read and write once. ``GB/s`` is that model divided
@@ -68,12 +78,13 @@ JSON schema (``--json PATH``; ``schema_version`` 1)::
       },
       "config": {"mode": "default" | "quick" | "full", "ops": [str], "dtypes": [str],
                  "rows": [int], "vocab": [int], "repeats": int, "warmup": int,
-                 "compile": bool, "seed": int, "argv": [str]},
+                 "compile": bool, "seed": int, "hidden": int, "argv": [str]},
       "results": [{
         "op": str, "dtype": "fp32" | "bf16" | "fp16", "rows": int, "vocab": int,
         "impl": "logitkit" | "eager" | "compiled" | ...,
         "median_ms": float | null, "p20_ms": float | null, "p80_ms": float | null,
         "gbps": float | null,               # bytes_moved / median
+        "gflops": float | null,             # flops model / median (GEMM-bound ops only)
         "pct_copy": float | null,           # gbps / copy_bandwidth_gbps * 100
         "pct_peak": float | null,           # gbps / datasheet_peak_gbps * 100
         "speedup_vs_eager": float | null,   # eager median / this median
@@ -191,6 +202,12 @@ class Case:
             to compare within tolerances (kept sets, sampled tokens): called as
             ``check(output, reference, inputs)``, returns ``(max error, error ratio)`` like
             :func:`compare` (the output passes when the ratio is <= 1).
+        flops_model: ``(rows, vocab, dtype) -> flops`` of the op's essential arithmetic, for ops
+            whose cost is compute (GEMMs) rather than memory traffic; gives the GFLOP/s column.
+        memory_excludes_outputs: the "mem" column counts bytes above the inputs *and outputs*
+            (for ops whose outputs are gradients: the transient memory users compare).
+        max_repeats: cap on the timed samples, with a single warm-up call (ops that take seconds
+            per call).
     """
 
     name: str
@@ -202,6 +219,9 @@ class Case:
     tolerance: Mapping[torch.dtype, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_TOLERANCE))
     default: bool = True
     check: Callable[[Any, Any, tuple], tuple[float, float]] | None = None
+    flops_model: BytesModel | None = None
+    memory_excludes_outputs: bool = False
+    max_repeats: int | None = None
 
 
 #: All registered cases, by name, in registration order.
@@ -460,6 +480,77 @@ def _register_top_h_cases() -> None:
 _register_top_h_cases()
 
 # --------------------------------------------------------------------------- #
+# linear cross-entropy, forward + backward
+# --------------------------------------------------------------------------- #
+
+#: Hidden size D of the ``linear_ce`` case (``--hidden``); rows = tokens N, vocab = V.
+LINEAR_CE_HIDDEN = 1024
+
+
+def make_linear_ce_inputs(rows: int, vocab: int, dtype: torch.dtype, device: torch.device,
+                          gen: torch.Generator) -> tuple:
+    """hidden (N, D) ~ N(0, 1), weight (V, D) ~ N(0, (LOGIT_SCALE^2 / D)) so that the logits have
+    std :data:`LOGIT_SCALE`, both in ``dtype``; target (N,) uniform in [0, V)."""
+    d = LINEAR_CE_HIDDEN
+    hidden = torch.randn(rows, d, device=device, generator=gen).to(dtype)
+    weight = (torch.randn(vocab, d, device=device, generator=gen) * (LOGIT_SCALE / math.sqrt(d))).to(dtype)
+    target = torch.randint(0, vocab, (rows,), device=device, generator=gen)
+    return hidden, weight, target
+
+
+def forward_backward(loss_fn: Callable[..., torch.Tensor]) -> Callable[..., tuple]:
+    """``(hidden, weight, target) -> (loss, grad_hidden, grad_weight)`` of a summed loss: one
+    forward and one backward, as a training step runs them."""
+    def step(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> tuple:
+        with torch.enable_grad():
+            h = hidden.detach().requires_grad_()
+            w = weight.detach().requires_grad_()
+            loss = loss_fn(h, w, target)
+            loss.backward()
+        return loss.detach(), h.grad, w.grad
+    return step
+
+
+def linear_ce_bytes(rows: int, vocab: int, dtype: torch.dtype) -> int:
+    """Bytes model of linear cross-entropy forward + backward: read hidden, weight and target once,
+    write grad_hidden and grad_weight once (no N x V traffic at all)."""
+    d, item = LINEAR_CE_HIDDEN, _itemsize(dtype)
+    return 2 * (rows + vocab) * d * item + rows * 8
+
+
+def linear_ce_flops(rows: int, vocab: int, dtype: torch.dtype) -> int:
+    """FLOP model: the three GEMMs of the materialised loss (logits, grad_hidden, grad_weight),
+    2 N D V each. (logitkit recomputes the logits in the backward: 8 N D V in all.)"""
+    return 6 * rows * vocab * LINEAR_CE_HIDDEN
+
+
+def _register_linear_ce_case() -> None:
+    """``linear_ce``: loss (reduction "sum", so gradients are O(1) for the guard) and its gradients
+    for hidden and weight. Baselines: the materialised ``F.cross_entropy(hidden @ weight.T,
+    target)`` in the input dtype, and PyTorch's chunked ``F.linear_cross_entropy`` with its
+    default ``LinearCrossEntropyOptions()`` when this torch has it."""
+    import torch.nn.functional as F
+
+    baselines = {"materialised": forward_backward(
+        lambda h, w, t: F.cross_entropy(h @ w.T, t, reduction="sum"))}
+    options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if options is not None and hasattr(F, "linear_cross_entropy"):
+        baselines["torch-chunked"] = forward_backward(
+            lambda h, w, t: F.linear_cross_entropy(h, w, t, reduction="sum", options=options()))
+    reference = forward_backward(lambda h, w, t: F.cross_entropy(h @ w.T, t, reduction="sum"))
+    # Outputs: the loss (~ N log V), grad_hidden and grad_weight (O(1) elements). bf16/fp16: the
+    # materialised baseline rounds its logits to the input dtype, so its gradients are off by a
+    # few percent of their scale; the atol covers that, the rtol the outputs' own rounding.
+    tolerance = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (5e-2, 2e-2), torch.float16: (1e-2, 2e-2)}
+    register(Case("linear_ce", make_linear_ce_inputs,
+                  forward_backward(lambda h, w, t: logitkit.linear_cross_entropy(h, w, t, reduction="sum")),
+                  baselines, reference, linear_ce_bytes, tolerance=tolerance, default=False,
+                  flops_model=linear_ce_flops, memory_excludes_outputs=True, max_repeats=3))
+
+
+_register_linear_ce_case()
+
+# --------------------------------------------------------------------------- #
 # environment
 # --------------------------------------------------------------------------- #
 
@@ -637,7 +728,9 @@ class MemoryProbe:
         text = Path("/proc/self/status").read_text()
         return {key: int(re.search(key + r":\s+(\d+) kB", text).group(1)) * 1024 for key in ("VmRSS", "VmHWM")}
 
-    def __call__(self, fn: Callable[..., Any], args: tuple) -> int | None:
+    def __call__(self, fn: Callable[..., Any], args: tuple, exclude_outputs: bool = False) -> int | None:
+        """Peak bytes of ``fn(*args)`` above what existed before it (minus the bytes of the tensors
+        it returns with ``exclude_outputs``)."""
         if not self.available:
             return None
         gc.collect()
@@ -654,6 +747,8 @@ class MemoryProbe:
             before = self._rss()["VmRSS"]
             out = fn(*args)
             peak = self._rss()["VmHWM"] - before
+        if exclude_outputs:
+            peak -= sum(t.nbytes for t in _flatten(out))
         del out
         return max(0, int(peak))
 
@@ -717,6 +812,7 @@ class Result:
     p20_ms: float | None = None
     p80_ms: float | None = None
     gbps: float | None = None
+    gflops: float | None = None
     pct_copy: float | None = None
     pct_peak: float | None = None
     speedup_vs_eager: float | None = None
@@ -752,6 +848,7 @@ class Config:
     compile: bool = False
     memory: bool = True
     seed: int = 0
+    hidden: int = LINEAR_CE_HIDDEN  # D of linear_ce
     mode: str = "default"
     argv: list[str] = field(default_factory=list)
 
@@ -843,15 +940,21 @@ def run_case(case: Case, pool: list[tuple], rows: int, vocab: int, dtype: torch.
                 res.max_abs_err, res.max_tol_ratio = compare(out, reference, atol, rtol)
             res.status = "OK" if res.max_tol_ratio <= 1.0 else "MISMATCH"
             if cfg.memory:
-                res.peak_mem_bytes = probe(fn, pool[0])
-            timing = measure(fn, pool, cfg.device, repeats=cfg.repeats, warmup=cfg.warmup,
-                             warmup_s=cfg.warmup_s, min_sample_s=cfg.min_sample_s)
+                res.peak_mem_bytes = probe(fn, pool[0], case.memory_excludes_outputs)
+            if case.max_repeats:  # seconds per call: few samples, one warm-up call
+                repeats, warmup, warmup_s = min(cfg.repeats, case.max_repeats), 1, 0.0
+            else:
+                repeats, warmup, warmup_s = cfg.repeats, cfg.warmup, cfg.warmup_s
+            timing = measure(fn, pool, cfg.device, repeats=repeats, warmup=warmup, warmup_s=warmup_s,
+                             min_sample_s=cfg.min_sample_s)
         except Exception as exc:  # noqa: BLE001 - report and carry on with the other impls
             res.status, res.error = "ERROR", f"{type(exc).__name__}: {exc}".strip()[:500]
         else:
             res.median_ms, res.p20_ms, res.p80_ms = (timing.percentile(q) * 1e3 for q in (50, 20, 80))
             res.samples, res.inner = len(timing.samples), timing.inner
             res.gbps = res.bytes_moved / (res.median_ms * 1e-3) / 1e9
+            if case.flops_model is not None:
+                res.gflops = case.flops_model(rows, vocab, dtype) / (res.median_ms * 1e-3) / 1e9
         results.append(res)
     base = next((r for r in results if r.impl == next(iter(case.baselines))), None)
     for r in results:
@@ -890,6 +993,8 @@ def collect_environment(cfg: Config, copy_gbps: float, copy_bytes: int, rotate_b
 
 def run_benchmark(cfg: Config, progress: bool = True) -> tuple[dict, list[Result]]:
     """Runs every case of ``cfg``; returns ``(environment, results)`` (results in table order)."""
+    global LINEAR_CE_HIDDEN
+    LINEAR_CE_HIDDEN = cfg.hidden  # read by the linear_ce input maker and models
     if cfg.device.type == "cuda":
         torch.cuda.set_device(cfg.device)
     llc = llc_bytes(cfg.device)
@@ -961,21 +1066,31 @@ def _fmt_bytes(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 2**20:.1f} MiB"
 
 
-def table_columns(env: dict) -> list[str]:
+def _has_flops(results: Iterable[Result]) -> bool:
+    return any(r.gflops is not None for r in results)
+
+
+def table_columns(env: dict, results: Iterable[Result] = ()) -> list[str]:
     cols = ["op", "dtype", "rows", "vocab", "impl", "median ms", "p20", "p80", "GB/s", "% copy"]
     if env.get("datasheet_peak_gbps"):
         cols.append("% peak")
+    if _has_flops(results):
+        cols.append("GFLOP/s")
     return cols + ["speed-up", "max abs err", "mem", "status"]
 
 
 def table_rows(env: dict, results: Iterable[Result]) -> list[list[str]]:
     """The table's cells as strings, one list per result, in :func:`table_columns` order."""
     rows = []
+    results = list(results)
+    flops = _has_flops(results)
     for r in results:
         cells = [r.op, r.dtype, str(r.rows), str(r.vocab), r.impl, _fmt_ms(r.median_ms), _fmt_ms(r.p20_ms),
                  _fmt_ms(r.p80_ms), _fmt(r.gbps, ".1f"), _fmt(r.pct_copy, ".0f", "%")]
         if env.get("datasheet_peak_gbps"):
             cells.append(_fmt(r.pct_peak, ".0f", "%"))
+        if flops:
+            cells.append(_fmt(r.gflops, ".1f"))
         status = r.status if r.status != "MISMATCH" else "MISMATCH !!"
         cells += [_fmt(r.speedup_vs_eager, ".2f", "x"), _fmt(r.max_abs_err, ".1e"), _fmt_bytes(r.peak_mem_bytes),
                   status]
@@ -1000,7 +1115,7 @@ def environment_summary(env: dict) -> str:
 def print_report(env: dict, results: list[Result], plain: bool = False, file=None) -> None:
     """Prints the environment summary, the results table and any mismatch/error details."""
     file = file or sys.stdout
-    cols, cells = table_columns(env), table_rows(env, results)
+    cols, cells = table_columns(env, results), table_rows(env, results)
     bad = [r for r in results if r.status != "OK"]
     numeric = {c for c in cols if c not in ("op", "dtype", "impl", "status")}
     if _rich() is not None and not plain:
@@ -1050,7 +1165,7 @@ def summary(results: list[Result]) -> dict:
 def _config_json(cfg: Config) -> dict:
     return {"mode": cfg.mode, "ops": cfg.ops, "dtypes": cfg.dtypes, "rows": cfg.rows, "vocab": cfg.vocab,
             "repeats": cfg.repeats, "warmup": cfg.warmup, "compile": cfg.compile, "seed": cfg.seed,
-            "argv": cfg.argv}
+            "hidden": cfg.hidden, "argv": cfg.argv}
 
 
 def write_json(path: str | os.PathLike, cfg: Config, env: dict, results: list[Result]) -> None:
@@ -1069,17 +1184,50 @@ def write_csv(path: str | os.PathLike, env: dict, results: list[Result]) -> None
             writer.writerow({**dataclasses.asdict(r), **env_cols})
 
 
-def plot_paths(path: str | os.PathLike) -> tuple[Path, Path]:
-    """``x.png`` -> (``x_time.png``, ``x_gbps.png``); a path without ``.png`` is a directory."""
+def plot_paths(path: str | os.PathLike) -> tuple[Path, Path, Path]:
+    """``x.png`` -> (``x_time.png``, ``x_gbps.png``, ``x_memory.png``); a path without ``.png`` is
+    a directory."""
     p = Path(path)
+    kinds = ("time", "gbps", "memory")
     if p.suffix.lower() == ".png":
-        return p.with_name(p.stem + "_time.png"), p.with_name(p.stem + "_gbps.png")
-    return p / "bench_time.png", p / "bench_gbps.png"
+        return tuple(p.with_name(f"{p.stem}_{k}.png") for k in kinds)
+    return tuple(p / f"bench_{k}.png" for k in kinds)
+
+
+def _plot_memory_vs_rows(target: Path, env: dict, results: list[Result], plt) -> bool:
+    """Peak memory against rows (tokens N for linear_ce), one panel per op swept over more than
+    one row count, one line per (impl, dtype, vocab). False when no op was swept over rows."""
+    ops = [op for op in dict.fromkeys(r.op for r in results)
+           if len({r.rows for r in results if r.op == op and r.peak_mem_bytes is not None}) > 1]
+    if not ops:
+        return False
+    fig, axes = plt.subplots(1, len(ops), figsize=(5 * len(ops), 4), squeeze=False)
+    for ax, op in zip(axes[0], ops):
+        lines: dict[tuple, list[Result]] = {}
+        for r in results:
+            if r.op == op and r.peak_mem_bytes is not None:
+                lines.setdefault((r.impl, r.dtype, r.vocab), []).append(r)
+        for (impl, dt, vocab), rs in lines.items():
+            rs.sort(key=lambda r: r.rows)
+            ax.plot([r.rows for r in rs], [max(r.peak_mem_bytes, 1) / 2**20 for r in rs], marker="o",
+                    linestyle="-" if impl == "logitkit" else "--", label=f"{impl} {dt} V={vocab}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(op)
+        ax.set_xlabel("rows (tokens)")
+        ax.set_ylabel("peak memory (MiB)" + (" above inputs and outputs" if op == "linear_ce" else " above inputs"))
+        ax.legend(fontsize="x-small")
+    fig.suptitle(f"logitkit-bench on {env['device_name']}", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(target, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def write_plots(path: str | os.PathLike, env: dict, results: list[Result]) -> list[Path] | None:
     """Two PNGs (median time, effective GB/s) against vocabulary size, one panel per op and one
-    line per (impl, dtype, rows). Returns the paths, or None when matplotlib is missing."""
+    line per (impl, dtype, rows); a third (peak memory against rows) when an op was run at more
+    than one row count. Returns the paths written, or None when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -1117,7 +1265,7 @@ def write_plots(path: str | os.PathLike, env: dict, results: list[Result]) -> li
         fig.tight_layout()
         fig.savefig(target, dpi=120)
         plt.close(fig)
-    return list(out)
+    return list(out[:2]) + ([out[2]] if _plot_memory_vs_rows(out[2], env, results, plt) else [])
 
 # --------------------------------------------------------------------------- #
 # command line
@@ -1184,6 +1332,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory probe")
     parser.add_argument("--rotate-mib", type=int,
                         help="input bytes to rotate over per case (default max(64, 2 x last-level cache) MiB)")
+    parser.add_argument("--hidden", type=int, default=LINEAR_CE_HIDDEN,
+                        help=f"hidden size D of the linear_ce op (default {LINEAR_CE_HIDDEN}; rows = tokens N, "
+                             "vocab = V)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for CPU runs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random logits")
     parser.add_argument("--json", metavar="PATH", help="write all results and the environment as JSON")
@@ -1214,6 +1365,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Name
     warmup = args.warmup if args.warmup is not None else preset["warmup"]
     if repeats < 1 or warmup < 1:
         parser.error("--repeats and --warmup must be >= 1")
+    if args.hidden < 1:
+        parser.error("--hidden must be >= 1")
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")
@@ -1233,6 +1386,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Name
         compile=args.compile,
         memory=args.memory,
         seed=args.seed,
+        hidden=args.hidden,
         mode=args.mode,
         argv=list(sys.argv[1:] if argv is None else argv),
     )

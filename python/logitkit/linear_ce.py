@@ -1,24 +1,19 @@
 """Memory-light linear cross-entropy: the loss of ``hidden @ weight.T + bias``
 without ever materialising the N x V logits.
 
-Reduced losses ("mean"/"sum") on CPU with gradients wanted for every input
-take the fused path: the upstream gradient is a single scalar, so the forward
-walks blocks of whole vocabulary rows (as many tokens as ``chunk_budget``
-holds), finishes each token's softmax, and turns the block into
-``dL/dlogits`` and gradient GEMMs right away (three GEMM-equivalents, like the
-materialised loss); the backward only scales the stored gradients by
-grad_output (hands them over as they are when it is 1). Otherwise:
-
-The forward walks the logits in tiles of at most ``chunk_budget`` bytes of
-fp32 (an ATen GEMM per tile into one reused workspace, then a fused logitkit
-kernel that applies temperature and softcap, merges the tile into each
-token's online softmax state, gathers the target logit and the label-smoothing
-sum). It keeps five fp32 numbers per token for the backward, which recomputes
-each tile's logits, turns them into ``dL/dlogits`` in place (fused kernel) and
-accumulates ``grad_hidden``, ``grad_weight`` (and ``grad_bias``) with GEMMs in
-fp32. Memory above the inputs and gradients: one tile (``chunk_budget``), fp32
-copies of the tile's hidden/weight rows for bf16/fp16 inputs, fp32 gradient
-accumulators for bf16/fp16 inputs, and O(N) per-token state.
+The forward walks the logits in tiles (vocabulary chunks outer, token chunks
+inner; everything transient fits ``chunk_budget`` bytes): an ATen GEMM per
+tile into one reused fp32 workspace, then a fused logitkit kernel that applies
+temperature and softcap, merges the tile into each token's online softmax
+state, gathers the target logit and the label-smoothing sum. It keeps five
+fp32 numbers per token for the backward, which recomputes each tile's logits,
+turns them into ``dL/dlogits`` in place (fused kernel) and accumulates
+``grad_hidden``, ``grad_weight`` (and ``grad_bias``) with GEMMs in fp32: four
+GEMM-equivalents in all, each on large tiles. Memory above the inputs and
+gradients: ``chunk_budget`` (the tile, and for bf16/fp16 inputs the fp32
+copies of a chunk's weight rows and its grad_weight accumulator), O(N) per-token
+state, and for bf16/fp16 inputs fp32 copies of hidden and of grad_hidden
+(N x D each).
 """
 from __future__ import annotations
 
@@ -28,13 +23,11 @@ import torch
 
 from . import _registration  # noqa: F401  (fake kernels of the ops)
 
-# Bytes of fp32 logits per tile / block. 32 MiB holds 64 whole rows of a
-# 128256-entry vocabulary, so the fused path's GEMMs see 64 tokens at a time
-# (fewer tokens per block means more passes over weight and grad_weight);
-# measured at N = 1024, D = 1024, V = 128256 fp32 on CPU: ~60 MiB above the
-# inputs and gradients (6% of the materialised logits' 1 GiB), 64 MiB gives
-# ~117 MiB and is ~20% faster.
-DEFAULT_CHUNK_BUDGET = 32 * 1024 * 1024
+# Bytes of transient memory per tile. Measured at N = 1024, D = 1024,
+# V = 128256 on CPU (fp32, fwd+bwd, see bench/README.md): time is flat from
+# 4 MiB up (tiles of 1024 tokens x 1024-2048 vocabulary entries keep the GEMMs
+# compute-bound), so the default stays small.
+DEFAULT_CHUNK_BUDGET = 4 * 1024 * 1024
 _REDUCTIONS = ("none", "mean", "sum")
 
 
@@ -78,12 +71,11 @@ def _target_weights(t1, valid, class_weight, vocab):
     return class_weight.float()[safe] * valid
 
 
-def _ce_coefficients(g, t1, w_y, vocab, class_weight, ignore_index, eps, z_loss):
+def _ce_coefficients(g, t1, w_y, lse, vocab, class_weight, ignore_index, eps, z_loss):
     """Backward coefficients of the cross-entropy for the per-token upstream gradient g.
 
     dL/dz_c = p_c (a + e (z_c - lse)) - beta [c = y] - sigma w_c (csrc/core/linear_ce.h) with
-    e = 0 and a = a_0 + a_lse * lse: returns (N, 4) [a_0, 0, beta, sigma] and a_lse (N, 1),
-    the z-loss part of a, which the fused op completes once it knows lse.
+    e = 0: returns (N, 4) [a, 0, beta, sigma].
     """
     valid = t1 != ignore_index
     g = torch.where(valid, g, torch.zeros_like(g))
@@ -96,28 +88,14 @@ def _ce_coefficients(g, t1, w_y, vocab, class_weight, ignore_index, eps, z_loss)
     if eps > 0:  # eps/V sum_c w_c (lse - z_c): a += eps/V W, sigma = eps/V
         total_w = float(vocab) if class_weight is None else class_weight.float().sum()
         a = a + g * ((eps / vocab) * total_w)
-    coefficients = torch.stack([a, torch.zeros_like(a), beta, g * (eps / vocab)], -1)
-    return coefficients, (g * (2.0 * z_loss)).unsqueeze(-1)  # d(zeta lse^2)/dlse = 2 zeta lse
-
-
-def _use_fused(ctx, hidden, bias, reduction):
-    """Whether the forward computes the gradients too (see _LinearCrossEntropy)."""
-    return (reduction != "none" and hidden.device.type == "cpu" and ctx.needs_input_grad[0]
-            and ctx.needs_input_grad[1] and (bias is None or ctx.needs_input_grad[2])
-            and not torch.compiler.is_compiling())
+    if z_loss > 0:  # d(zeta lse^2)/dlse = 2 zeta lse
+        a = a + g * (2.0 * z_loss) * lse
+    return torch.stack([a, torch.zeros_like(a), beta, g * (eps / vocab)], -1)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Two strategies:
-
-    * fused (reduced loss on CPU, gradients wanted for hidden, weight and bias
-      alike, eager mode): the upstream gradient of a "mean"/"sum" loss is one
-      scalar, so the forward computes the gradients for grad_output = 1 while
-      it has each block of logits (linear_ce_fused: three GEMM-equivalents, no
-      recomputation), and the backward only scales them;
-    * recompute (everything else, and CUDA): the forward keeps the per-token
-      state, the backward recomputes the logits tile by tile.
-    """
+    """Forward: per-token state (linear_ce_stats); backward: the logits are
+    recomputed tile by tile (linear_ce_backward)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, class_weight, namespace, ignore_index, reduction, label_smoothing,
@@ -129,17 +107,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid = t1 != ignore_index
         w_y = _target_weights(t1, valid, class_weight, vocab)
         eps = label_smoothing
-        ctx.fused = _use_fused(ctx, hidden, bias, reduction)
-        if ctx.fused:
-            # Upstream gradient of each token's loss for grad_output = 1.
-            g = torch.ones_like(w_y) if reduction == "sum" else (1.0 / w_y.sum()).expand_as(w_y)
-            coefficients, prob_per_lse = _ce_coefficients(g, t1, w_y, vocab, class_weight, ignore_index, eps, z_loss)
-            stats, grad_h, grad_w, grad_b = ops.linear_ce_fused(
-                h2, weight, t1, bias, class_weight, ignore_index, coefficients, prob_per_lse, softcap, temperature,
-                chunk_budget, bias is not None)
-        else:
-            stats = ops.linear_ce_stats(h2, weight, t1, bias, class_weight, ignore_index, softcap, temperature,
-                                        chunk_budget)
+        stats = ops.linear_ce_stats(h2, weight, t1, bias, class_weight, ignore_index, softcap, temperature,
+                                    chunk_budget)
         m, log_s, lse = _normaliser_from_stats(stats)
         # F.cross_entropy: (1 - eps) w_y (lse - z_y) + eps/V sum_c w_c (lse - z_c); plus the z-loss.
         # lse - z_y as (m - z_y) + log s: no ulp(lse) rounding when p_y -> 1.
@@ -156,10 +125,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             out = loss.sum()
         else:
             out = loss.sum() / w_y.sum()  # 0 / 0 = NaN for an all-ignored batch, as F.cross_entropy
-        if ctx.fused:
-            ctx.save_for_backward(grad_h.reshape(hidden.shape), grad_w, grad_b if bias is not None else None)
-        else:
-            ctx.save_for_backward(h2, weight, bias, t1, class_weight, torch.stack([m, log_s], -1), w_y)
+        ctx.save_for_backward(h2, weight, bias, t1, class_weight, torch.stack([m, log_s], -1), w_y)
         ctx.config = (namespace, ignore_index, reduction, eps, softcap, z_loss, temperature, chunk_budget)
         ctx.hidden_shape = hidden.shape
         lse_out = lse.reshape(target.shape)
@@ -168,8 +134,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_lse):
-        if ctx.fused:
-            return _LinearCrossEntropy._scale_fused(ctx, grad_loss)
         h2, weight, bias, t1, class_weight, normaliser, w_y = ctx.saved_tensors
         lse = normaliser[:, 0] + normaliser[:, 1]
         namespace, ignore_index, reduction, eps, softcap, z_loss, temperature, chunk_budget = ctx.config
@@ -181,9 +145,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             g = g.expand(n)
         else:
             g = (g / w_y.sum()).expand(n)
-        coefficients, prob_per_lse = _ce_coefficients(g, t1, w_y, weight.shape[0], class_weight, ignore_index, eps,
-                                                      z_loss)
-        coefficients[:, 0] += prob_per_lse[:, 0] * lse
+        coefficients = _ce_coefficients(g, t1, w_y, lse, weight.shape[0], class_weight, ignore_index, eps, z_loss)
         bias_grad = bias is not None and ctx.needs_input_grad[2]
         grad_h, grad_w, grad_b = getattr(torch.ops, namespace).linear_ce_backward(
             h2, weight, t1, bias, class_weight, normaliser, coefficients, softcap, temperature, chunk_budget, bias_grad)
@@ -193,16 +155,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_b if bias_grad else None,
             None, None, None, None, None, None, None, None, None, None,
         )
-
-    @staticmethod
-    def _scale_fused(ctx, grad_loss):
-        grads = list(ctx.saved_tensors)
-        # grad_output = 1 (plain loss.backward()): hand the stored gradients
-        # over as they are, so that autograd can adopt them as .grad without a
-        # copy. (The fused path only runs on CPU, where this read is free.)
-        if grad_loss.item() != 1.0:
-            grads = [None if x is None else x * grad_loss for x in grads]
-        return (*grads, None, None, None, None, None, None, None, None, None, None)
 
 
 def _linear_cross_entropy(namespace, hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean",
@@ -241,16 +193,13 @@ def linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_index=-100
             class weights; the z-loss term is divided by the same number).
         return_lse: also return the per-token log-sum-exp of z (float32, shape of
             ``target``, not differentiable).
-        chunk_budget: bytes of the fp32 logits tile (default 32 MiB: 64 whole
-            rows of a 128256-entry vocabulary for the fused path); memory
-            above inputs and gradients is bounded by about twice it plus O(N)
-            fp32 state (and fp32 weight slabs / gradient accumulators for
-            bf16/fp16 inputs). Fused path ("mean"/"sum" on CPU, gradients
-            for hidden, weight and bias alike, eager): gradients are computed
-            in the forward and held until the backward (gradient-sized);
-            a grad_output other than 1 costs one scaled copy of them. The
-            recompute path ("none", partial gradients, CUDA, torch.compile)
-            recomputes the logits in the backward (four GEMM-equivalents).
+        chunk_budget: bytes of transient memory per tile (default 4 MiB):
+            the fp32 logits tile, plus for bf16/fp16 inputs the fp32 copies
+            of the tile's weight rows and grad_weight accumulator. Memory
+            above inputs and gradients is this plus O(N) fp32 state, plus
+            for bf16/fp16 inputs fp32 copies of hidden and grad_hidden
+            (N x D each). The backward recomputes the logits tile by tile
+            (four GEMM-equivalents in all).
 
     All-ignored batch: ``"sum"`` gives 0, ``"none"`` zeros, ``"mean"`` NaN (0/0,
     exactly as ``F.cross_entropy``); gradients are 0 in all three cases.
