@@ -370,3 +370,22 @@ def test_log_probs_and_entropy(backend):
     (lp_ref * g_lp.double() + ent_ref * g_ent.double()).sum().backward()
     for name, x, xr in (("hidden", h, hr), ("weight", w, wr), ("bias", b, br)):
         assert_close(x.grad, xr.grad, 2e-5 * xr.grad.abs().max().item(), 2e-5, f"grad {name}")
+
+
+@pytest.mark.parametrize("threads, schedule", [(32, "in_order"), (129, "random"), (256, "reversed")])
+def test_emulated_launch_shapes(threads, schedule):
+    """The CUDA chunk kernels under block sizes of 1, 5 (partial last warp) and 8 warps with each
+    thread schedule: every option, so every field of the per-token state (softmax state, target
+    logit, label-smoothing sum) goes through the block reduction."""
+    from conftest import Backend, emulated_configure
+    from logitkit import _loader
+
+    if _loader._C_emulated is None:
+        pytest.skip("emulated-CUDA module not built")
+    emulated = Backend("emulated-cuda", "cpu", "logitkit_emulated")
+    emulated_configure(threads_per_block=threads, max_elements_per_block=4096, schedule=schedule, seed=threads)
+    try:
+        problem_kw, options = split_options(OPTIONS["all"])
+        run_case(emulated, make_problem(v=300, **problem_kw), reduction="mean", **options)
+    finally:
+        emulated_configure(threads_per_block=80, max_elements_per_block=4096, schedule="random", seed=1)

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #include <cuda_runtime.h>
@@ -60,15 +61,20 @@ LK_DEVICE inline unsigned warp_live_mask() {
   return lanes == kWarpSize ? 0xFFFFFFFFu : ((1u << lanes) - 1u);
 }
 
-// Shuffles a trivially copyable struct made of 4-byte words.
+// Shuffles a trivially copyable struct made of 4-byte words. The words are
+// copied with memcpy, not read through a reinterpret_cast'ed pointer: that
+// would break strict aliasing (g++ -O2 then dropped the last word of a
+// 16-byte struct in the emulated build).
 template <class T>
 LK_DEVICE inline T shuffle_down_words(unsigned mask, const T& value, int delta) {
   static_assert(sizeof(T) % 4 == 0, "shuffle_down_words needs a struct of 4-byte words");
-  T result;
-  const unsigned* in = reinterpret_cast<const unsigned*>(&value);
-  unsigned* out = reinterpret_cast<unsigned*>(&result);
+  constexpr int kWords = static_cast<int>(sizeof(T) / 4);
+  unsigned words[kWords];
+  memcpy(words, &value, sizeof(T));
 #pragma unroll
-  for (int w = 0; w < static_cast<int>(sizeof(T) / 4); ++w) out[w] = __shfl_down_sync(mask, in[w], delta);
+  for (int w = 0; w < kWords; ++w) words[w] = __shfl_down_sync(mask, words[w], delta);
+  T result;
+  memcpy(&result, words, sizeof(T));
   return result;
 }
 
