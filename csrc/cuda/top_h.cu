@@ -31,26 +31,44 @@
 //
 // Passes over the row (reads of the logits; every pass is a streaming read):
 //   pass 1     softmax state (max, sum exp, sum shifted) + the first digit's
-//              histogram. Capped rules count keys; "exact" sums
-//              exp(z - r_b), (z - r_b) exp(z - r_b) relative to a per-bin
-//              reference r_b >= every z of the bin (the bin's upper end, known
-//              from the key alone), and rescales the bins to the row max m
-//              after the pass (the softmax-state merge).
-//   digits     "exact": up to 2 more histogram passes (early exit);
-//              capped: 2 more (digits 2 and 3, the last one also gathering),
-//              or, when V <= K, none and one gather pass instead
+//              histogram. Capped rules count keys. "exact" needs, per bin,
+//              (count, sum e, sum d e) relative to the row max m, which is not
+//              known yet; it uses the softmax-state merge instead:
+//                * each thread keeps its tokens of the highest first-digit bin
+//                  it has seen so far (its "top bin") as an online softmax
+//                  state (relative to their own max), not in the histogram;
+//                * every other token goes to the shared bin sums relative to
+//                  the bin's reference r_b = z of the bin's upper end (known
+//                  from the key alone); a thread's top-bin state is flushed
+//                  there too when a token of a higher bin arrives.
+//              After the pass one block reduction ("higher bin wins, equal
+//              bins merge") gives B*, the bin of the row max, with its exact
+//              state relative to m. Every bin b < B* has r_b <= m (its upper
+//              end lies below the row max), so its sums relative to r_b
+//              rescale to m (the merge: e *= exp(r_b - m),
+//              d = exp(r_b - m) (d + (r_b - m) e)) without losing terms that
+//              would not underflow relative to m anyway. Only B* could have
+//              r_b far above m (a first-digit bin spans a quarter of a binary
+//              octave, e.g. x in [1024, 1280)), and B* never uses r_b.
+//   digits     "exact": up to 2 more histogram passes, relative to m (early
+//              exit); capped: 2 more (digits 2 and 3, the last one also
+//              gathering), or, when V <= K, none and one gather pass instead
 //   write      the mask (reads the row once more)
-// Worst case: 4 passes (1 + 2 + write) for every rule; "exact" typically 2-3
-// because the cut bin usually holds one token after the first or second
-// digit. Exception: "exact" on a row whose top bin spans more than
-// kMaxReferenceGap = 30 in z (|max z| above ~120): r_b - m may then be large
-// enough for that bin's small terms to underflow, so the first digit is
-// rebuilt relative to m: 5 passes for such rows.
+// Mask: at most 4 passes (1 + 2 digits + write) for every rule and every
+// row; "exact" typically 2-3, because the cut bin usually holds one token
+// after the first or second digit; capped rules with V <= K: 3.
 //
 // sample (sample_kernel) runs the same selection (select_cut; only pass 1
-// without truncation), then a mass pass and a draw pass that stops at the
-// tile holding the drawn token, instead of the write pass: worst case one
-// pass more than the mask (plain sampling: 3).
+// without truncation), then a draw pass that stops at the tile holding the
+// drawn token, instead of the write pass. The kept mass the draw needs
+// (sum of exp(z - m) over the kept set) comes out of the selection (Cut::mass),
+// so no pass of its own:
+//   plain sampling   the row's softmax state sum_exp (relative to m), pass 1;
+//   "exact"          the walk's sums above the cut (+ the kept part of the tie
+//                    group at the last digit);
+//   capped rules     the sum over the kept sorted keys in shared memory.
+// Sample: at most 4 passes for "exact" and the capped rules (1 + 2 digits +
+// draw), 2 for plain sampling; the draw pass reads on average part of the row.
 //
 // fp32 arithmetic (shared-memory float atomics for the bin sums, so the sums'
 // rounding, not the kept set on tie-free rows away from the boundary, can vary
@@ -76,11 +94,14 @@ constexpr int kBins = 2048;
 LK_DEVICE inline int digit_shift(int level) { return level == 0 ? 21 : (level == 1 ? 10 : 0); }
 LK_DEVICE inline int digit_bits(int level) { return level == 2 ? 10 : 11; }
 
+// Most threads per block the launch uses (declared by the kernels with
+// __launch_bounds__, so that nvcc keeps register use launchable at that size).
+constexpr int kMaxTopHThreads = 1024;
+
 // "exact", first digit: the reference r of a bin's sums exp(z - r), taken
 // before the row max is known: z of the largest float whose key falls in the
-// bin (>= every z in the bin), clamped to the largest finite float.
-constexpr float kMaxReferenceGap = 30.0f;  // r - m above this: the bin is rebuilt relative to m
-
+// bin (>= every z in the bin), clamped to the largest finite float. Used only
+// for bins below the bin of the row max, where r <= m (see the top).
 LK_DEVICE inline float first_digit_reference(int bin, float inv_t) {
   const uint32_t top_key = (static_cast<uint32_t>(bin) << digit_shift(0)) | ((1u << digit_shift(0)) - 1u);
   const float upper = core::key_to_float(top_key);
@@ -103,6 +124,34 @@ struct BinTotals {
   float d;  // sum (z - m) exp(z - m)
 };
 
+// "exact", pass 1: a thread's tokens of the highest first-digit bin it has
+// seen so far, as an online softmax state relative to their own max.
+struct TopBinState {
+  int bin;         // -1: no token yet
+  unsigned count;  // tokens accumulated, including any whose weight underflows
+  core::SoftmaxState st;
+};
+
+LK_DEVICE inline TopBinState empty_top_bin() { return TopBinState{-1, 0u, core::empty_state()}; }
+
+// The block reduction's combine: the higher bin wins, equal bins merge.
+LK_DEVICE inline TopBinState merge_top_bins(const TopBinState& a, const TopBinState& b) {
+  if (a.bin != b.bin) return a.bin > b.bin ? a : b;
+  return TopBinState{a.bin, a.count + b.count, core::merge(a.st, b.st)};
+}
+
+// Adds a top-bin state to its bin's shared sums, rescaled from the state's
+// max m_t to the bin's reference r >= m_t (the softmax-state merge):
+// e *= exp(m_t - r), d = exp(m_t - r) (d + (m_t - r) e).
+LK_DEVICE inline void flush_top_bin(const TopBinState& t, float inv_t, unsigned* bin_count, float* bin_e,
+                                    float* bin_d) {
+  const float r = first_digit_reference(t.bin, inv_t);
+  const float f = core::rescale_factor(t.st.max, r);
+  atomicAdd(&bin_count[t.bin], t.count);
+  atomicAdd(&bin_e[t.bin], t.st.sum_exp * f);
+  atomicAdd(&bin_d[t.bin], core::rescaled_shifted(t.st, r, f));
+}
+
 // What kind of distribution a row has (see the special rows in ops.py).
 enum class RowKind : int { defined, undefined /* NaN or +inf */, all_masked /* all -inf */ };
 
@@ -116,6 +165,7 @@ struct Cut {
   int done;            // 0 while searching, then 1 + the digit level that resolved the cut
   RowKind kind;
   float m;             // max z of the row (the reference of the weights exp(z - m))
+  float mass;          // sum of exp(z - m) over the kept set (what sampling draws from)
 };
 
 // The rule's predicate over the statistics of a candidate prefix set.
@@ -137,9 +187,9 @@ struct EntropyPredicate {
   }
   // The failing bin's single token would exceed the budget on its own,
   // unless it is the row's most probable token (nothing above it), which
-  // always fits: the first digit's sums are rescaled from another reference,
-  // so its H may round slightly above a budget of 0; refining (relative to m)
-  // then keeps it.
+  // always fits: should rounding of merged sums put its H above a budget of
+  // 0, refining (relative to m) keeps it. A bin's count may include tokens of
+  // weight 0 (first digit, see pass 1): a count above 1 then only refines.
   LK_DEVICE bool bin_fully_dropped(const BinTotals& above, int64_t bin_count) const {
     return bin_count == 1 && above.e > 0.0f;
   }
@@ -188,7 +238,9 @@ LK_DEVICE inline float load_logit(const scalar_t* row, int64_t i) {
 
 // The radix-selection step after one digit's histogram: one thread walks the
 // bins from the top. `above` holds the totals of the tokens above the current
-// candidate range and is updated to the tokens above the failing bin.
+// candidate range and is updated to the tokens above the failing bin. When
+// the cut is resolved, cut.mass = the kept tokens' sum of exp(z - m) ("exact";
+// the capped rules' bins hold no sums, their mass is set after the sort).
 template <class Predicate>
 LK_DEVICE inline void walk_bins(const Predicate& pred, int level, uint32_t& prefix, BinTotals& above,
                                 const unsigned* bin_count, const float* bin_e, const float* bin_d, float m, float inv_t,
@@ -207,18 +259,22 @@ LK_DEVICE inline void walk_bins(const Predicate& pred, int level, uint32_t& pref
     }
     const uint32_t bin_prefix = (prefix << digit_bits(level)) | static_cast<uint32_t>(b);
     if (level == kDigitCount - 1) {
-      // A single key value: keep the first j tokens of its tie group.
+      // A single key value: keep the first j tokens of its tie group. Its
+      // weight is the draw pass's expf(x / T - m) of the same float x.
       const float z = core::key_to_float(bin_prefix) * inv_t;
       const float d = z - m;
+      const float e = expf(d);
       cut.full_from = static_cast<uint64_t>(bin_prefix) + 1;
       cut.tie_key = bin_prefix;
       cut.tie_total = bin_count[b];
-      cut.tie_keep = pred.tie_keep(above, bin_count[b], expf(d), d);
+      cut.tie_keep = pred.tie_keep(above, bin_count[b], e, d);
       cut.selected = above.count;
+      cut.mass = above.e + static_cast<float>(cut.tie_keep) * e;
       cut.done = level + 1;
     } else if (pred.bin_fully_dropped(above, bin_count[b])) {
       cut.full_from = (static_cast<uint64_t>(bin_prefix) + 1) << shift;
       cut.selected = above.count;
+      cut.mass = above.e;
       cut.done = level + 1;
     } else {
       prefix = bin_prefix;  // refine inside this bin with the next digit
@@ -228,6 +284,7 @@ LK_DEVICE inline void walk_bins(const Predicate& pred, int level, uint32_t& pref
   // Every candidate fits: keep all keys with the current prefix.
   cut.full_from = level == 0 ? 0 : static_cast<uint64_t>(prefix) << prefix_shift;
   cut.selected = above.count;
+  cut.mass = above.e;
   cut.done = level + 1;
 }
 
@@ -261,15 +318,15 @@ LK_DEVICE inline void select_cut(const scalar_t* x, int64_t cols, const TopHPara
   };
 
   // ---- pass 1: softmax state + the first digit's histogram ----
-  // The first digit needs no reference max: capped rules count; "exact"
-  // sums relative to each bin's own upper end (first_digit_reference), and
-  // rescales the bins to m once m is known.
+  // The first digit needs no reference max: capped rules count; "exact" sums
+  // relative to each bin's own upper end r_b (first_digit_reference), except
+  // each thread's top bin, kept as a softmax state (see the top of the file).
   const bool exact = p.truncate && !capped;
-  __shared__ int refresh_first_digit;
+  __shared__ TopBinState top_scratch[simt::kReduceScratchSize];
   clear_bins();
-  if (tid == 0) refresh_first_digit = 0;
   __syncthreads();
   core::SoftmaxState st = core::empty_state();
+  TopBinState mine = empty_top_bin();  // "exact": this thread's top bin
   for (int64_t i = tid; i < cols; i += stride) {
     const float xv = load_logit(x, i);
     const float z = xv * inv_t;
@@ -277,40 +334,69 @@ LK_DEVICE inline void select_cut(const scalar_t* x, int64_t cols, const TopHPara
     const int bin = static_cast<int>(core::orderable_key(xv) >> digit_shift(0));
     if (capped) atomicAdd(&bin_count[bin], 1u);
     if (exact && xv != core::neg_infinity()) {
-      const float d = z - first_digit_reference(bin, inv_t);  // <= 0
-      const float e = expf(d);
-      if (e == 0.0f) continue;
-      atomicAdd(&bin_count[bin], 1u);
-      atomicAdd(&bin_e[bin], e);
-      atomicAdd(&bin_d[bin], d * e);
+      if (bin < mine.bin) {
+        // Below this thread's top bin, hence below the row max's bin:
+        // r_b <= m, so exp(z - r_b) >= exp(z - m) and dropping an underflow
+        // here loses no term that relative to m would be positive.
+        const float d = z - first_digit_reference(bin, inv_t);  // <= 0
+        const float e = expf(d);
+        if (e == 0.0f) continue;
+        atomicAdd(&bin_count[bin], 1u);
+        atomicAdd(&bin_e[bin], e);
+        atomicAdd(&bin_d[bin], d * e);
+        continue;
+      }
+      if (bin > mine.bin) {  // a new top bin: the previous one goes to the histogram
+        if (mine.bin >= 0) flush_top_bin(mine, inv_t, bin_count, bin_e, bin_d);
+        mine = TopBinState{bin, 0u, core::empty_state()};
+      }
+      core::accumulate(mine.st, &z, 1);
+      ++mine.count;
     }
   }
   st = simt::block_reduce(st, [](const core::SoftmaxState& a, const core::SoftmaxState& b) { return core::merge(a, b); },
                           core::empty_state(), scratch);
   const float m = st.max;
+  // "exact": B* = the highest top bin of the block = the bin of the row max,
+  // with the state of all its tokens (its max is m).
+  TopBinState best = empty_top_bin();
+  if (exact) {
+    best = simt::block_reduce(
+        mine, [](const TopBinState& a, const TopBinState& b) { return merge_top_bins(a, b); }, empty_top_bin(),
+        top_scratch);
+  }
   if (tid == 0) {
     // NaN or +inf in the row: no defined distribution. All -inf: token 0 only.
     RowKind kind = RowKind::defined;
     if (st.sum_exp != st.sum_exp || m == core::pos_infinity()) kind = RowKind::undefined;
     if (m == core::neg_infinity()) kind = RowKind::all_masked;
-    cut = Cut{0, 0, 0, 0, 0, 0, kind, m};
+    // Plain sampling keeps every token: its mass is the row's sum exp(z - m).
+    cut = Cut{0, 0, 0, 0, 0, 0, kind, m, st.sum_exp};
   }
   __syncthreads();
   if (cut.kind != RowKind::defined || !p.truncate) return;  // plain sampling: full_from = 0 keeps everything
   if (exact) {
-    // Rescale the first digit's bin sums from their references r to m, as
-    // merging softmax states: e *= exp(r - m), d = exp(r - m) (d + (r - m) e).
-    // Only the bin holding m can have r > m; when its span in z is too wide
-    // (r - m > kMaxReferenceGap), its tokens far below r may have underflowed:
-    // rebuild the first digit relative to m instead (one more pass).
+    // Top bins below B* join the histogram (relative to their r_b); B*'s
+    // tokens are all in `best` (a token of B* is never below its thread's
+    // top bin, and B* is never flushed): B*'s shared entry is still empty.
+    if (mine.bin >= 0 && mine.bin != best.bin) flush_top_bin(mine, inv_t, bin_count, bin_e, bin_d);
+    __syncthreads();
+    // Rescale the bins b < B* from r_b <= m to m, as merging softmax states:
+    // e *= exp(r - m), d = exp(r - m) (d + (r - m) e). B* is written
+    // directly relative to m (its max is m: the factor is 1).
     for (int64_t b = tid; b < kBins; b += stride) {
-      if (bin_count[b] == 0) continue;
+      if (b == best.bin || bin_count[b] == 0) continue;
       const float r = first_digit_reference(static_cast<int>(b), inv_t);
-      if (r - m > kMaxReferenceGap) atomicExch(&refresh_first_digit, 1);
       const core::SoftmaxState relative{r, bin_e[b], bin_d[b]};
       const float f = core::rescale_factor(r, m);
       bin_e[b] = relative.sum_exp * f;
       bin_d[b] = core::rescaled_shifted(relative, m, f);
+    }
+    if (tid == 0 && best.bin >= 0) {  // (always: a defined row has a finite token)
+      const float f = core::rescale_factor(best.st.max, m);
+      bin_count[best.bin] = best.count;
+      bin_e[best.bin] = best.st.sum_exp * f;
+      bin_d[best.bin] = core::rescaled_shifted(best.st, m, f);
     }
   }
   __syncthreads();  // every thread has read cut.kind before thread 0 rewrites cut
@@ -323,12 +409,12 @@ LK_DEVICE inline void select_cut(const scalar_t* x, int64_t cols, const TopHPara
   __shared__ BinTotals above;
   if (tid == 0) {
     above = BinTotals{0, 0.0f, 0.0f};
-    cut = Cut{0, 0, 0, 0, 0, 0, RowKind::defined, m};
+    cut = Cut{0, 0, 0, 0, 0, 0, RowKind::defined, m, 0.0f};
     shared_prefix = 0;
     gathered = 0;
   }
   for (int level = 0; level < kDigitCount; ++level) {
-    if (level > 0 || refresh_first_digit) {
+    if (level > 0) {
       __syncthreads();  // previous readers of the bins are done
       clear_bins();
       __syncthreads();
@@ -419,6 +505,11 @@ LK_DEVICE inline void select_cut(const scalar_t* x, int64_t cols, const TopHPara
       cut.tie_key = last;
       cut.tie_keep = equal_kept;
       cut.tie_total = total;
+      // The kept tokens are sorted[0, kept): their weights, with the draw
+      // pass's expression expf(x / T - m) (key_to_float gives x back exactly).
+      float mass = 0.0f;
+      for (int64_t i = 0; i < kept; ++i) mass += expf(core::key_to_float(sorted[i]) * inv_t - m);
+      cut.mass = mass;
     }
     __syncthreads();
   }
@@ -457,7 +548,8 @@ struct KeepTest {
 };
 
 template <class scalar_t>
-__global__ void top_h_mask_kernel(RowsView<scalar_t> rows, int64_t cols, TopHParams p, bool* mask) {
+__global__ void __launch_bounds__(kMaxTopHThreads)
+    top_h_mask_kernel(RowsView<scalar_t> rows, int64_t cols, TopHParams p, bool* mask) {
   const scalar_t* x = rows.row(blockIdx.x);
   bool* out = mask + static_cast<int64_t>(blockIdx.x) * cols;
   const int64_t tid = threadIdx.x, stride = blockDim.x;
@@ -480,18 +572,20 @@ __global__ void top_h_mask_kernel(RowsView<scalar_t> rows, int64_t cols, TopHPar
 }
 
 // One token per row by inverse CDF over the kept weights w_i = exp(z_i - m)
-// (dropped tokens: w = 0). After the selection, two more passes:
-//   mass pass    total = sum of w, and the last index of positive weight;
+// (dropped tokens: w = 0). The selection gives their sum, total = cut.mass
+// (see the top of the file), so one pass follows it:
 //   draw pass    tile by tile, a block-wide inclusive scan of w on top of the
 //                mass of the tiles before; the token is the first one of
 //                positive weight whose running sum exceeds u * total. The
 //                pass stops at that tile.
-// A token of zero weight is never returned. When rounding runs past the end
-// (u * total rounds up to total, or the scan's sums round below the mass
-// pass's), the last token of positive weight is returned.
+// A token of zero weight is never returned. total and the scan's sums are
+// different roundings of the same sum: when the scan ends at or below
+// u * total (u close to 1), no token crosses, the pass has read the whole
+// row, and the last kept token of positive weight is returned (each thread
+// tracks its own last one; reduced only then, which is block-uniform).
 template <class scalar_t>
-__global__ void sample_kernel(RowsView<scalar_t> rows, int64_t cols, TopHParams p, const float* uniform,
-                              int64_t* tokens) {
+__global__ void __launch_bounds__(kMaxTopHThreads)
+    sample_kernel(RowsView<scalar_t> rows, int64_t cols, TopHParams p, const float* uniform, int64_t* tokens) {
   const int64_t row = blockIdx.x;
   const scalar_t* x = rows.row(row);
   const int64_t tid = threadIdx.x, stride = blockDim.x;
@@ -505,35 +599,22 @@ __global__ void sample_kernel(RowsView<scalar_t> rows, int64_t cols, TopHParams 
     return;
   }
   const float inv_t = p.inv_temperature, m = cut.m;
+  const float target = uniform[row] * cut.mass;
   constexpr int64_t kNone = -1, kNoIndex = INT64_MAX;
   auto max_index = [](int64_t a, int64_t b) { return a > b ? a : b; };
   auto min_index = [](int64_t a, int64_t b) { return a < b ? a : b; };
 
-  // ---- mass pass ----
-  KeepTest mass_keep(cut, p);
-  float mass = 0.0f;
-  int64_t last_positive = kNone;
-  for (int64_t base = 0; base < cols; base += stride) {
-    const int64_t i = base + tid;
-    const bool valid = i < cols;
-    const float xv = valid ? load_logit(x, i) : 0.0f;
-    const float w = mass_keep.next(valid, xv, warp_counts) ? expf(xv * inv_t - m) : 0.0f;
-    mass += w;
-    if (w > 0.0f) last_positive = i;
-  }
-  const float total = simt::block_reduce(mass, [](float a, float b) { return a + b; }, 0.0f, float_scratch);
-  last_positive = simt::block_reduce(last_positive, max_index, kNone, index_scratch);
-  const float target = uniform[row] * total;
-
   // ---- draw pass ----
-  KeepTest draw_keep(cut, p);
+  KeepTest keep(cut, p);
   float before = 0.0f;  // kept mass of the tiles before (same in every thread)
   int64_t found = kNone;
+  int64_t last_positive = kNone;  // this thread's last kept token of positive weight
   for (int64_t base = 0; base < cols && found == kNone; base += stride) {
     const int64_t i = base + tid;
     const bool valid = i < cols;
     const float xv = valid ? load_logit(x, i) : 0.0f;
-    const float w = draw_keep.next(valid, xv, warp_counts) ? expf(xv * inv_t - m) : 0.0f;
+    const float w = keep.next(valid, xv, warp_counts) ? expf(xv * inv_t - m) : 0.0f;
+    if (w > 0.0f) last_positive = i;
     float tile_mass;
     const float running = before + simt::block_inclusive_scan(w, float_scratch, tile_mass);
     const bool crosses = w > 0.0f && running > target;
@@ -541,7 +622,8 @@ __global__ void sample_kernel(RowsView<scalar_t> rows, int64_t cols, TopHParams 
     found = first == kNoIndex ? kNone : first;
     before += tile_mass;
   }
-  if (tid == 0) tokens[row] = found != kNone ? found : last_positive;
+  if (found == kNone) found = simt::block_reduce(last_positive, max_index, kNone, index_scratch);
+  if (tid == 0) tokens[row] = found;
 }
 
 
@@ -573,7 +655,7 @@ struct CudaTopHBackend {
 #if LK_EMULATED_CUDA
     const int threads = simt::emulated_launch_shape().threads_per_block.load();
 #else
-    const int threads = r.cols >= 16384 ? 1024 : (r.cols >= 2048 ? 512 : 128);
+    const int threads = r.cols >= 16384 ? kernels::kMaxTopHThreads : (r.cols >= 2048 ? 512 : 128);
 #endif
     const size_t shared_bytes = capped ? static_cast<size_t>(2 * p.k) * sizeof(uint32_t) : 0;
     const kernels::RowsView<scalar_t> view{r.tensor.data_ptr<scalar_t>(), r.row_stride};
