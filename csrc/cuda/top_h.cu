@@ -106,7 +106,7 @@ LK_DEVICE inline float first_digit_reference(int bin, float inv_t) {
   const uint32_t top_key = (static_cast<uint32_t>(bin) << digit_shift(0)) | ((1u << digit_shift(0)) - 1u);
   const float upper = core::key_to_float(top_key);
   const float finite = upper == upper && upper <= 3.402823466e38f ? upper : 3.402823466e38f;
-  return finite * inv_t;
+  return core::scaled_logit(finite, inv_t);
 }
 
 LK_DEVICE inline int popcount32(unsigned v) {
@@ -261,7 +261,7 @@ LK_DEVICE inline void walk_bins(const Predicate& pred, int level, uint32_t& pref
     if (level == kDigitCount - 1) {
       // A single key value: keep the first j tokens of its tie group. Its
       // weight is the draw pass's expf(x / T - m) of the same float x.
-      const float z = core::key_to_float(bin_prefix) * inv_t;
+      const float z = core::scaled_logit(core::key_to_float(bin_prefix), inv_t);
       const float d = z - m;
       const float e = expf(d);
       cut.full_from = static_cast<uint64_t>(bin_prefix) + 1;
@@ -329,7 +329,7 @@ LK_DEVICE inline void select_cut(const scalar_t* x, int64_t cols, const TopHPara
   TopBinState mine = empty_top_bin();  // "exact": this thread's top bin
   for (int64_t i = tid; i < cols; i += stride) {
     const float xv = load_logit(x, i);
-    const float z = xv * inv_t;
+    const float z = core::scaled_logit(xv, inv_t);
     core::accumulate(st, &z, 1);
     const int bin = static_cast<int>(core::orderable_key(xv) >> digit_shift(0));
     if (capped) atomicAdd(&bin_count[bin], 1u);
@@ -435,7 +435,7 @@ LK_DEVICE inline void select_cut(const scalar_t* x, int64_t cols, const TopHPara
         if (capped) {
           atomicAdd(&bin_count[bin], 1u);
         } else {
-          const float d = xv * inv_t - m;
+          const float d = core::scaled_logit(xv, inv_t) - m;
           const float e = expf(d);
           if (e == 0.0f) continue;  // zero probability: never a candidate
           atomicAdd(&bin_count[bin], 1u);
@@ -491,7 +491,7 @@ LK_DEVICE inline void select_cut(const scalar_t* x, int64_t cols, const TopHPara
     __syncthreads();
     if (tid == 0) {
       const int64_t kept = core::capped_keep_count(
-          [&](int64_t i) { return core::key_to_float(sorted[i]) * inv_t; }, k, rule, core::log_sum_exp(st), alpha);
+          [&](int64_t i) { return core::scaled_logit(core::key_to_float(sorted[i]), inv_t); }, k, rule, core::log_sum_exp(st), alpha);
       const uint32_t last = sorted[kept - 1];
       int64_t equal_kept = 0, equal_selected = 0;
       for (int64_t i = 0; i < k; ++i) {
@@ -508,7 +508,7 @@ LK_DEVICE inline void select_cut(const scalar_t* x, int64_t cols, const TopHPara
       // The kept tokens are sorted[0, kept): their weights, with the draw
       // pass's expression expf(x / T - m) (key_to_float gives x back exactly).
       float mass = 0.0f;
-      for (int64_t i = 0; i < kept; ++i) mass += expf(core::key_to_float(sorted[i]) * inv_t - m);
+      for (int64_t i = 0; i < kept; ++i) mass += expf(core::scaled_logit(core::key_to_float(sorted[i]), inv_t) - m);
       cut.mass = mass;
     }
     __syncthreads();
@@ -538,7 +538,7 @@ struct KeepTest {
 
   LK_DEVICE bool next(bool valid, float xv, int* warp_counts) {
     const uint32_t key = core::orderable_key(xv);
-    const bool positive = !check_positive || expf(xv * inv_t - m) > 0.0f;
+    const bool positive = !check_positive || expf(core::scaled_logit(xv, inv_t) - m) > 0.0f;
     const bool keep = valid && positive && key >= full_from;
     const bool tie = valid && positive && key == tie_key && tie_keep > 0;
     if (!need_rank) return keep || tie;
@@ -613,7 +613,7 @@ __global__ void __launch_bounds__(kMaxTopHThreads)
     const int64_t i = base + tid;
     const bool valid = i < cols;
     const float xv = valid ? load_logit(x, i) : 0.0f;
-    const float w = keep.next(valid, xv, warp_counts) ? expf(xv * inv_t - m) : 0.0f;
+    const float w = keep.next(valid, xv, warp_counts) ? expf(core::scaled_logit(xv, inv_t) - m) : 0.0f;
     if (w > 0.0f) last_positive = i;
     float tile_mass;
     const float running = before + simt::block_inclusive_scan(w, float_scratch, tile_mass);
