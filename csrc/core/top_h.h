@@ -26,8 +26,9 @@ enum class TopHRule : int { hf = 0, official = 1, exact = 2 };
 // -ffp-contract=fast); then z - m for the token that set the row max
 // m = z_max is the product's rounding error instead of 0, which decides the
 // "exact" rule on peaked rows whose entropy budget is ~1e-24. Device code
-// uses the never-contracted __fmul_rn; host code is compiled with
-// -ffp-contract=off (CMakeLists.txt), so the plain product rounds there too.
+// uses the never-contracted __fmul_rn; the Top-H host sources (CPU kernel,
+// emulated CUDA kernel) are compiled with -ffp-contract=off (CMakeLists.txt),
+// so the plain product rounds there too.
 LK_MATH_HD float scaled_logit(float x, float inv_temperature) {
 #if defined(__CUDA_ARCH__)
   return __fmul_rn(x, inv_temperature);
