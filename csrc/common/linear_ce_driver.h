@@ -176,9 +176,10 @@ struct LinearCeFrontends {
   // complete (every token seen) when the chunk ends.
   // visit(tile, t0, v0, h, w) gets the tile holding
   // x = hidden[t0:t0+rows] @ weight[v0:v0+cols]^T + bias[v0:v0+cols], with h, w
-  // the fp32 hidden and weight rows of the tile. `hidden32` is hidden in fp32.
+  // the fp32 hidden and weight rows of the tile.
   template <class Visit>
-  static void for_each_tile(const LceInputs& in, const at::Tensor& hidden32, const LceTiling& tiling, Visit&& visit) {
+  static void for_each_tile(const LceInputs& in, const LceTiling& tiling, Visit&& visit) {
+    const at::Tensor hidden32 = in.hidden.to(at::kFloat);  // hidden itself for fp32 inputs
     at::Tensor workspace = at::empty({tiling.rows * tiling.cols}, in.hidden.options().dtype(at::kFloat));
     for (int64_t v0 = 0; v0 < in.v; v0 += tiling.cols) {
       const int64_t cols = std::min(tiling.cols, in.v - v0);
@@ -229,7 +230,7 @@ struct LinearCeFrontends {
     check_targets(in, ignore_index, op);
     at::Tensor state = empty_state(in);
     if (in.n == 0) return state;
-    for_each_tile(in, in.hidden.to(at::kFloat), tiling_of(in, chunk_budget),
+    for_each_tile(in, tiling_of(in, chunk_budget),
                   [&](at::Tensor& tile, int64_t t0, int64_t v0, const at::Tensor&, const at::Tensor&) {
       LceChunk c = make_chunk(in, tile, t0, v0, softcap, temperature);
       c.state = state.data_ptr<float>() + t0 * core::kLceStateWidth;
@@ -306,7 +307,7 @@ struct LinearCeFrontends {
     if (in.n > 0) {
       const at::Tensor norm_c = normaliser.contiguous();
       const at::Tensor coef_c = coefficients.contiguous();
-      for_each_tile(in, in.hidden.to(at::kFloat), tiling,
+      for_each_tile(in, tiling,
                     [&](at::Tensor& tile, int64_t t0, int64_t v0, const at::Tensor& h, const at::Tensor& w) {
                       LceChunk c = make_chunk(in, tile, t0, v0, softcap, temperature);
                       c.normaliser = norm_c.data_ptr<float>() + 2 * t0;

@@ -63,15 +63,17 @@ LK_MATH_HD float rescaled_shifted(const SoftmaxState& st, float new_max, float f
   return factor == 0.0f ? 0.0f : factor * (st.sum_shifted + (st.max - new_max) * st.sum_exp);
 }
 
+// The same state expressed relative to another reference new_max (usually a
+// larger max): s' = f s, b' = f (b + (m - new_max) s), f = exp(m - new_max).
+LK_MATH_HD SoftmaxState rescaled(const SoftmaxState& st, float new_max) {
+  const float f = rescale_factor(st.max, new_max);
+  return SoftmaxState{new_max, st.sum_exp * f, rescaled_shifted(st, new_max, f)};
+}
+
 LK_MATH_HD SoftmaxState merge(const SoftmaxState& a, const SoftmaxState& b) {
   const float m = fmaxf(a.max, b.max);
-  const float fa = rescale_factor(a.max, m);
-  const float fb = rescale_factor(b.max, m);
-  SoftmaxState out;
-  out.max = m;
-  out.sum_exp = a.sum_exp * fa + b.sum_exp * fb;  // NaN in either stays NaN
-  out.sum_shifted = rescaled_shifted(a, m, fa) + rescaled_shifted(b, m, fb);
-  return out;
+  const SoftmaxState ra = rescaled(a, m), rb = rescaled(b, m);
+  return SoftmaxState{m, ra.sum_exp + rb.sum_exp, ra.sum_shifted + rb.sum_shifted};  // NaN in either stays NaN
 }
 
 // Adds n scaled logits z[0..n) to the state: one max over the group, one
@@ -86,9 +88,9 @@ LK_MATH_HD void accumulate(SoftmaxState& st, const float* z, int n) {
     return;
   }
   const float m = fmaxf(st.max, group_max);
-  const float f = rescale_factor(st.max, m);
-  float s = st.sum_exp * f;
-  float b = rescaled_shifted(st, m, f);
+  const SoftmaxState before = rescaled(st, m);
+  float s = before.sum_exp;
+  float b = before.sum_shifted;
   for (int i = 0; i < n; ++i) {
     const float d = z[i] - m;  // -inf for masked entries, exp(-inf) = 0
     const float e = expf(d);

@@ -145,11 +145,10 @@ LK_DEVICE inline TopBinState merge_top_bins(const TopBinState& a, const TopBinSt
 // e *= exp(m_t - r), d = exp(m_t - r) (d + (m_t - r) e).
 LK_DEVICE inline void flush_top_bin(const TopBinState& t, float inv_t, unsigned* bin_count, float* bin_e,
                                     float* bin_d) {
-  const float r = first_digit_reference(t.bin, inv_t);
-  const float f = core::rescale_factor(t.st.max, r);
+  const core::SoftmaxState relative = core::rescaled(t.st, first_digit_reference(t.bin, inv_t));
   atomicAdd(&bin_count[t.bin], t.count);
-  atomicAdd(&bin_e[t.bin], t.st.sum_exp * f);
-  atomicAdd(&bin_d[t.bin], core::rescaled_shifted(t.st, r, f));
+  atomicAdd(&bin_e[t.bin], relative.sum_exp);
+  atomicAdd(&bin_d[t.bin], relative.sum_shifted);
 }
 
 // What kind of distribution a row has (see the special rows in ops.py).
@@ -387,16 +386,15 @@ LK_DEVICE inline void select_cut(const scalar_t* x, int64_t cols, const TopHPara
     for (int64_t b = tid; b < kBins; b += stride) {
       if (b == best.bin || bin_count[b] == 0) continue;
       const float r = first_digit_reference(static_cast<int>(b), inv_t);
-      const core::SoftmaxState relative{r, bin_e[b], bin_d[b]};
-      const float f = core::rescale_factor(r, m);
-      bin_e[b] = relative.sum_exp * f;
-      bin_d[b] = core::rescaled_shifted(relative, m, f);
+      const core::SoftmaxState to_m = core::rescaled(core::SoftmaxState{r, bin_e[b], bin_d[b]}, m);
+      bin_e[b] = to_m.sum_exp;
+      bin_d[b] = to_m.sum_shifted;
     }
     if (tid == 0 && best.bin >= 0) {  // (always: a defined row has a finite token)
-      const float f = core::rescale_factor(best.st.max, m);
+      const core::SoftmaxState to_m = core::rescaled(best.st, m);
       bin_count[best.bin] = best.count;
-      bin_e[best.bin] = best.st.sum_exp * f;
-      bin_d[best.bin] = core::rescaled_shifted(best.st, m, f);
+      bin_e[best.bin] = to_m.sum_exp;
+      bin_d[best.bin] = to_m.sum_shifted;
     }
   }
   __syncthreads();  // every thread has read cut.kind before thread 0 rewrites cut
