@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import functools
 
-from ..ops import top_h as _top_h
+from ..sampling import top_h as _top_h
 
-__all__ = ["TopHLogitsWarper", "OfficialTopHLogitsWarper"]
+# The classes are created on first access (module __getattr__), so that importing this module
+# does not import transformers; linters cannot see them.
+__all__ = ["OfficialTopHLogitsWarper", "TopHLogitsWarper"]  # noqa: F822
 
 
 @functools.cache
