@@ -10,7 +10,10 @@ import math
 import pytest
 import torch
 
+import logitkit
 from logitkit import bench
+from logitkit.bench import top_h_cases
+from logitkit.testing import references
 
 ENV_FIELDS = {
     "device", "device_name", "cpu_model", "num_threads", "torch_version", "cuda_version",
@@ -48,7 +51,7 @@ def test_quick_run_writes_documented_json_and_csv(tmp_path, capsys):
     assert set(env) == ENV_FIELDS
     assert env["device"] == "cpu"
     assert env["torch_version"] == torch.__version__
-    assert env["logitkit_version"] == bench.logitkit.__version__
+    assert env["logitkit_version"] == logitkit.__version__
     assert env["num_threads"] == torch.get_num_threads()
     assert isinstance(env["build_info"], dict) and "cpu_capability" in env["build_info"]
     assert env["copy_bandwidth_gbps"] > 0
@@ -83,7 +86,7 @@ def test_quick_run_writes_documented_json_and_csv(tmp_path, capsys):
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(results)
-    assert RESULT_FIELDS <= set(rows[0]) and {f"env_{k}" for k in ENV_FIELDS} <= set(rows[0])
+    assert set(rows[0]) >= RESULT_FIELDS and set(rows[0]) >= {f"env_{k}" for k in ENV_FIELDS}
 
     printed = capsys.readouterr().out
     for column in ("median ms", "GB/s", "speed-up", "max abs err", "status"):
@@ -160,35 +163,35 @@ def test_top_h_cases_pass_their_guards(tmp_path):
     assert rc == 0, [(r["op"], r["impl"], r["status"], r["error"]) for r in doc["results"]]
     impls = {(r["op"], r["impl"]) for r in doc["results"]}
     assert ("top_h_official", "official-loop") in impls and ("top_h_exact", "sort-scan") in impls
-    expected = "transformers" if bench._transformers_top_h_warper() else "sort-scan"
+    expected = "transformers" if top_h_cases._transformers_top_h_warper() else "sort-scan"
     assert ("top_h", expected) in impls and ("sample", expected) in impls
 
 
 def test_top_h_guards_flag_wrong_kept_sets_and_tokens():
     x = torch.randn(8, 500, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3
-    keep = bench.top_h_keep_reference(x, 0.4, 1.5, "hf")
-    check = bench._top_h_keep_check(0.4)
+    keep = references.top_h_mask(x, 0.4, 1.5, "hf")
+    check = top_h_cases._top_h_keep_check(0.4)
     assert check(x.masked_fill(~keep, -math.inf), keep, (x,)) == (0.0, 0.0)
-    official = bench.top_h_keep_reference(x, 0.4, 1.5, "official")
+    official = references.top_h_mask(x, 0.4, 1.5, "official")
     assert not torch.equal(official, keep)
     assert check(x.masked_fill(~official, -math.inf), keep, (x,))[1] > 1
     # alpha = 1 allows one differing token per row (the capped rules' equality at the cut), not two
     one_off = keep.clone()
     one_off[0, keep[0].nonzero()[-1]] = False
-    assert bench._top_h_keep_check(1.0)(x.masked_fill(~one_off, -math.inf), keep, (x,))[1] <= 1
+    assert top_h_cases._top_h_keep_check(1.0)(x.masked_fill(~one_off, -math.inf), keep, (x,))[1] <= 1
     assert check(x.masked_fill(~one_off, -math.inf), keep, (x,))[1] > 1
     first_kept = keep.float().argmax(-1)
-    assert bench._sample_check(first_kept, keep, (x,)) == (0.0, 0.0)
+    assert top_h_cases._sample_check(first_kept, keep, (x,)) == (0.0, 0.0)
     first_dropped = (~keep).float().argmax(-1)
-    assert bench._sample_check(first_dropped, keep, (x,))[1] > 1
-    assert bench._sample_check(torch.full((8,), -1), keep, (x,))[1] > 1
+    assert top_h_cases._sample_check(first_dropped, keep, (x,))[1] > 1
+    assert top_h_cases._sample_check(torch.full((8,), -1), keep, (x,))[1] > 1
 
 
 def test_official_loop_matches_the_reference():
     x = torch.randn(5, 300, generator=torch.Generator().manual_seed(0)) * 3
     x[1, :] = x[1, 0]  # not tie-free: skip the row below
-    out = bench.official_top_h_loop(x, 0.4, 1.5)
-    keep = bench.top_h_keep_reference(x.double(), 0.4, 1.5, "official")
+    out = top_h_cases.official_top_h_loop(x, 0.4, 1.5)
+    keep = references.top_h_mask(x.double(), 0.4, 1.5, "official")
     for r in (0, 2, 3, 4):
         assert torch.equal(out[r].isfinite(), keep[r])
         assert torch.equal(out[r][keep[r]], x[r][keep[r]])
