@@ -25,7 +25,7 @@ def expected_intrinsics(t: int, threads: int):
     lanes = min(32, threads - warp_start)
     lane = t - warp_start
     live = range(lanes)
-    ballot = sum(1 << l for l in live if l % 3 == 0)
+    ballot = sum(1 << lane for lane in live if lane % 3 == 0)
 
     def down(delta, width=32):
         seg = (lane // width) * width
