@@ -53,9 +53,13 @@ def main() -> None:
                 table = errors(base.to(dtype))
             for op, (abs_err, rel_err) in table.items():
                 lines.append(f"| {backend} | {rows}x{vocab} | {dname} | {op} | {abs_err:.2e} | {rel_err:.2e} |")
-    emit(lines, args.out, f"Max errors vs fp64 (logits ~ N(0, 4^2); logitkit {logitkit.__version__}, CPU ISA "
-                          f"{logitkit.build_info()['cpu_capability']}). Produced by `python bench/accuracy.py "
-                          f"--out bench/accuracy.md`.")
+    emit(
+        lines,
+        args.out,
+        f"Max errors vs fp64 (logits ~ N(0, 4^2); logitkit {logitkit.__version__}, CPU ISA "
+        f"{logitkit.build_info()['cpu_capability']}). Produced by `python bench/accuracy.py "
+        f"--out bench/accuracy.md`.",
+    )
 
 
 if __name__ == "__main__":

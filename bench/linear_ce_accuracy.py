@@ -65,8 +65,9 @@ def rows_of(backend, n, d, v, t, h64, w64):
             for impl, fn in impls:
                 with use_backend(backend):
                     e = errors(loss_and_grads(fn, h, w), ref)
-                rows.append(f"| {backend} | {n}x{d}x{v} | {label} | {dname} | {impl} | {e[0]:.1e} | {e[1]:.1e} | "
-                            f"{e[2]:.1e} |")
+                rows.append(
+                    f"| {backend} | {n}x{d}x{v} | {label} | {dname} | {impl} | {e[0]:.1e} | {e[1]:.1e} | {e[2]:.1e} |"
+                )
     return rows
 
 
@@ -77,8 +78,11 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--out", help="write the markdown table here")
     args = parser.parse_args()
-    lines = ["| backend | N x D x V | options | dtype | impl | loss rel err | grad_hidden err / max | "
-             "grad_weight err / max |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| backend | N x D x V | options | dtype | impl | loss rel err | grad_hidden err / max | "
+        "grad_weight err / max |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     backends = [("cpu", (args.tokens, args.hidden, args.vocab))]
     if "emulated-cuda" in available():
         _loader._C_emulated.configure(threads_per_block=128, max_elements_per_block=4096, schedule="random", seed=0)
@@ -89,9 +93,13 @@ def main() -> None:
         w64 = torch.randn(v, d, dtype=torch.float64, generator=gen) * (3 / math.sqrt(d))
         t = torch.randint(0, v, (n,), generator=gen)
         lines += rows_of(backend, n, d, v, t, h64, w64)
-    emit(lines, args.out, "Max errors of the linear cross-entropy (mean reduction) vs a float64 materialised reference "
-                          f"(hidden ~ N(0, 1), logits std ~3; logitkit {logitkit.__version__}). Produced by "
-                          "`python bench/linear_ce_accuracy.py --out bench/linear_ce_accuracy.md`.")
+    emit(
+        lines,
+        args.out,
+        "Max errors of the linear cross-entropy (mean reduction) vs a float64 materialised reference "
+        f"(hidden ~ N(0, 1), logits std ~3; logitkit {logitkit.__version__}). Produced by "
+        "`python bench/linear_ce_accuracy.py --out bench/linear_ce_accuracy.md`.",
+    )
 
 
 if __name__ == "__main__":

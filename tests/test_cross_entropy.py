@@ -33,16 +33,25 @@ def test_matches_reference(backend, cfg, dtype):
     target = torch.randint(0, v, (n,), generator=g)
     target[::5] = -100
     cw = torch.rand(v, generator=g) + 0.5 if cfg.get("class_weight") else None
-    kw = dict(reduction=cfg.get("reduction", "mean"), label_smoothing=cfg.get("label_smoothing", 0.0),
-              z_loss=cfg.get("z_loss", 0.0), temperature=cfg.get("temperature", 1.0))
+    kw = dict(
+        reduction=cfg.get("reduction", "mean"),
+        label_smoothing=cfg.get("label_smoothing", 0.0),
+        z_loss=cfg.get("z_loss", 0.0),
+        temperature=cfg.get("temperature", 1.0),
+    )
     x = backend.tensor(logits).requires_grad_(True)
-    loss = logitkit.cross_entropy(x, backend.tensor(target), class_weight=None if cw is None else backend.tensor(cw),
-                                  **kw)
+    loss = logitkit.cross_entropy(
+        x, backend.tensor(target), class_weight=None if cw is None else backend.tensor(cw), **kw
+    )
     xr = logits.double().requires_grad_(True)
     ref = references.cross_entropy(xr, target, class_weight=cw, **kw)
     atol, rtol = DTYPE_TOL[dtype]
     assert_close(loss, ref, atol, rtol, f"loss {cfg}")
-    gout = torch.randn(loss.shape, generator=g, dtype=torch.float64) if loss.dim() else torch.tensor(1.7, dtype=torch.float64)
+    gout = (
+        torch.randn(loss.shape, generator=g, dtype=torch.float64)
+        if loss.dim()
+        else torch.tensor(1.7, dtype=torch.float64)
+    )
     loss.backward(backend.tensor(gout.to(loss.dtype)))
     ref.backward(gout)
     scale = xr.grad.abs().max().item()
@@ -85,5 +94,10 @@ def test_compile_with_ignored_rows(backend):
     target = torch.tensor([1, -100, 3, -100, 5, 6])
     compiled = torch.compile(lambda x, t: logitkit.cross_entropy(x, t), fullgraph=True, backend="aot_eager")
     # (torch.testing.assert_close's float32 defaults: atol 1e-5, rtol 1.3e-6)
-    assert_close(compiled(backend.tensor(logits), backend.tensor(target)), F.cross_entropy(logits, target), 1e-5,
-                 1.3e-6, "compiled")
+    assert_close(
+        compiled(backend.tensor(logits), backend.tensor(target)),
+        F.cross_entropy(logits, target),
+        1e-5,
+        1.3e-6,
+        "compiled",
+    )

@@ -1,5 +1,6 @@
 """The SIMT emulator that runs our CUDA kernels on the CPU: intrinsic
 semantics, partial warps, schedules, and detection of misuse."""
+
 from __future__ import annotations
 
 import pytest
@@ -52,7 +53,7 @@ def test_warp_intrinsics(threads, schedule):
     out = emu.selftest("warp_intrinsics", threads, 2)
     for b in range(2):
         for t in range(threads):
-            got = out[(b * threads + t) * 9:(b * threads + t + 1) * 9]
+            got = out[(b * threads + t) * 9 : (b * threads + t + 1) * 9]
             for i, (g, e) in enumerate(zip(got, expected_intrinsics(t, threads))):
                 if e is None:
                     continue  # the source lane does not exist: undefined on a GPU
@@ -65,7 +66,7 @@ def test_block_reduce_atomics_and_dynamic_shared(threads, schedule):
     emu.configure(schedule=schedule, seed=threads)
     blocks = 3
     out = emu.selftest("block_reduce", threads, blocks)
-    sums, counter, neighbours = out[:blocks], out[blocks], out[blocks + 1:]
+    sums, counter, neighbours = out[:blocks], out[blocks], out[blocks + 1 :]
     assert sums == [threads * (threads + 1) // 2] * blocks
     assert counter == threads * blocks
     for b in range(blocks):

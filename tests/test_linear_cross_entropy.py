@@ -43,11 +43,19 @@ def run_case(backend, problem, *, reduction="mean", grad_seed=1, check_grads=Tru
     dtype = hidden.dtype
     leaves = [backend.tensor(t).requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
     ref_leaves = [t.double().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
-    out = lce(leaves[0], leaves[1], backend.tensor(target), bias=leaves[2],
-              class_weight=None if cw is None else backend.tensor(cw), reduction=reduction, **options)
+    out = lce(
+        leaves[0],
+        leaves[1],
+        backend.tensor(target),
+        bias=leaves[2],
+        class_weight=None if cw is None else backend.tensor(cw),
+        reduction=reduction,
+        **options,
+    )
     ref_options = {k: v for k, v in options.items() if k != "chunk_budget"}
-    ref = reference(ref_leaves[0], ref_leaves[1], target, bias=ref_leaves[2], class_weight=cw, reduction=reduction,
-                    **ref_options)
+    ref = reference(
+        ref_leaves[0], ref_leaves[1], target, bias=ref_leaves[2], class_weight=cw, reduction=reduction, **ref_options
+    )
     assert out.dtype == dtype
     atol, rtol = tol or tolerances.LINEAR_CROSS_ENTROPY[dtype]
     assert_close(out, ref, atol, rtol, f"loss {reduction} {options}")
@@ -73,8 +81,16 @@ def assert_no_worse_than_materialised(problem, reduction, grad, out, leaves, ref
     in the same dtype (the fp64 reference's definition evaluated in that dtype)."""
     hidden, weight, target, bias, cw = problem
     plain_leaves = [t.clone().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
-    plain = reference(plain_leaves[0], plain_leaves[1], target, bias=plain_leaves[2], class_weight=cw,
-                      reduction=reduction, dtype=hidden.dtype, **options)
+    plain = reference(
+        plain_leaves[0],
+        plain_leaves[1],
+        target,
+        bias=plain_leaves[2],
+        class_weight=cw,
+        reduction=reduction,
+        dtype=hidden.dtype,
+        **options,
+    )
     plain.backward(grad.to(plain.dtype))
     assert_no_worse_than_torch(out, plain, ref, what=f"loss {reduction} {options}")
     for name, leaf, plain_leaf, ref_leaf in zip(("hidden", "weight", "bias"), leaves, plain_leaves, ref_leaves):
@@ -91,8 +107,15 @@ OPTIONS = {
     "z_loss": {"z_loss": 1e-2},
     "temperature": {"temperature": 0.7},
     "ignore_index": {"ignore": (1, 4, 7)},
-    "all": {"bias": True, "class_weight": True, "label_smoothing": 0.2, "softcap": 2.5, "z_loss": 1e-3,
-            "temperature": 1.3, "ignore": (0, 3)},
+    "all": {
+        "bias": True,
+        "class_weight": True,
+        "label_smoothing": 0.2,
+        "softcap": 2.5,
+        "z_loss": 1e-3,
+        "temperature": 1.3,
+        "ignore": (0, 3),
+    },
 }
 
 
@@ -122,8 +145,9 @@ def test_half_dtypes(backend, dtype, reduction):
 @pytest.mark.parametrize("budget", [4, 4 * 8, 4 * 37, 4 * 100, 4 * 10 * 37, 1 << 26])
 def test_chunk_budgets(backend, budget):
     # Tiles from 1 x 1 (4 bytes) through token-split tiles to a single tile.
-    run_case(backend, make_problem(ignore=(2,)), reduction="none", chunk_budget=budget, label_smoothing=0.1,
-             z_loss=1e-3)
+    run_case(
+        backend, make_problem(ignore=(2,)), reduction="none", chunk_budget=budget, label_smoothing=0.1, z_loss=1e-3
+    )
 
 
 def test_many_token_chunks_cpu():
@@ -138,8 +162,15 @@ def test_repeated_and_scaled_backward(backend, reduction):
     # Repeated backward (retain_graph) accumulates the same gradients again; a
     # scaled loss with a frozen bias scales them.
     hidden, weight, target, bias, cw = make_problem(bias=True, class_weight=True, ignore=(2,))
-    kw = dict(class_weight=backend.tensor(cw), reduction=reduction, label_smoothing=0.1, z_loss=1e-2, softcap=4.0,
-              temperature=0.8, chunk_budget=4 * 40)
+    kw = dict(
+        class_weight=backend.tensor(cw),
+        reduction=reduction,
+        label_smoothing=0.1,
+        z_loss=1e-2,
+        softcap=4.0,
+        temperature=0.8,
+        chunk_budget=4 * 40,
+    )
     h, w, b = (backend.tensor(x).requires_grad_() for x in (hidden, weight, bias))
     loss = lce(h, w, backend.tensor(target), bias=b, **kw)
     loss.backward(retain_graph=True)
@@ -153,8 +184,7 @@ def test_repeated_and_scaled_backward(backend, reduction):
         assert_close(x.grad, 3 * g, 1e-5 * g.abs().max().item(), 1e-5, "scaled loss")
 
 
-@pytest.mark.parametrize("shape", [{"v": 1}, {"d": 1}, {"v": 1, "d": 1}, {"lead": (7,)}, {"lead": (2, 3, 2)}],
-                         ids=str)
+@pytest.mark.parametrize("shape", [{"v": 1}, {"d": 1}, {"v": 1, "d": 1}, {"lead": (7,)}, {"lead": (2, 3, 2)}], ids=str)
 def test_edge_shapes(backend, shape):
     for reduction in REDUCTIONS:
         run_case(backend, make_problem(**shape), reduction=reduction, label_smoothing=0.1)
@@ -170,7 +200,9 @@ def test_all_ignored_batch(backend):
         out = lce(h, w, t, reduction=reduction, z_loss=1e-2)
         assert torch.equal(out.cpu(), torch.zeros_like(out.cpu()))
         out.sum().backward()
-        assert torch.equal(h.grad.cpu(), torch.zeros_like(hidden)) and torch.equal(w.grad.cpu(), torch.zeros_like(weight))
+        assert torch.equal(h.grad.cpu(), torch.zeros_like(hidden)) and torch.equal(
+            w.grad.cpu(), torch.zeros_like(weight)
+        )
         h.grad = w.grad = None
     out = lce(h, w, t, reduction="mean")
     assert torch.isnan(out).item()  # 0 / 0, as F.cross_entropy
@@ -181,8 +213,14 @@ def test_all_ignored_batch(backend):
 
 def test_return_lse(backend):
     hidden, weight, target, _, _ = make_problem()
-    _loss, lse = lce(backend.tensor(hidden), backend.tensor(weight), backend.tensor(target), return_lse=True,
-                    temperature=0.5, chunk_budget=4 * 40)
+    _loss, lse = lce(
+        backend.tensor(hidden),
+        backend.tensor(weight),
+        backend.tensor(target),
+        return_lse=True,
+        temperature=0.5,
+        chunk_budget=4 * 40,
+    )
     assert lse.shape == target.shape and lse.dtype == torch.float32
     assert_close(lse, torch.logsumexp(hidden.double() @ weight.double().T / 0.5, -1), 1e-5, 1e-5, "lse")
 
@@ -215,12 +253,28 @@ def test_matches_torch_linear_cross_entropy(backend):
     hidden, weight, target, bias, cw = make_problem(lead=(10,), bias=True, class_weight=True, ignore=(3,))
     # label_smoothing = 0 takes torch's chunked path, 0.1 its reference fallback.
     for reduction, ls in [(r, ls) for r in REDUCTIONS for ls in (0.0, 0.1)]:
-        ours = lce(backend.tensor(hidden), backend.tensor(weight), backend.tensor(target),
-                   bias=backend.tensor(bias), class_weight=backend.tensor(cw), reduction=reduction,
-                   label_smoothing=ls, chunk_budget=4 * 40)
+        ours = lce(
+            backend.tensor(hidden),
+            backend.tensor(weight),
+            backend.tensor(target),
+            bias=backend.tensor(bias),
+            class_weight=backend.tensor(cw),
+            reduction=reduction,
+            label_smoothing=ls,
+            chunk_budget=4 * 40,
+        )
         opts = torch.nn.LinearCrossEntropyOptions() if hasattr(torch.nn, "LinearCrossEntropyOptions") else None
-        theirs = F.linear_cross_entropy(hidden, weight, target, linear_bias=bias, weight=cw, reduction=reduction,
-                                        ignore_index=-100, label_smoothing=ls, options=opts)
+        theirs = F.linear_cross_entropy(
+            hidden,
+            weight,
+            target,
+            linear_bias=bias,
+            weight=cw,
+            reduction=reduction,
+            ignore_index=-100,
+            label_smoothing=ls,
+            options=opts,
+        )
         assert_close(ours, theirs, 1e-5, 1e-5, f"vs F.linear_cross_entropy {reduction} {ls}")
 
 
@@ -255,7 +309,9 @@ def test_opcheck(backend):
     ops = backend.ops
     torch.library.opcheck(ops.linear_ce_stats, (h, w, t, b, c, -100, 2.0, 0.9, 4 * 40))
     stats = ops.linear_ce_stats(h, w, t, b, c, -100, 0.0, 1.0, 1 << 20)
-    lse = normaliser_tensor(max=column(stats, LceStateField.MAX), log_sum_exp=column(stats, LceStateField.SUM_EXP).log())
+    lse = normaliser_tensor(
+        max=column(stats, LceStateField.MAX), log_sum_exp=column(stats, LceStateField.SUM_EXP).log()
+    )
     coef = torch.randn(6, 4).to(h.device)
     torch.library.opcheck(ops.linear_ce_backward, (h, w, t, b, c, lse, coef, 0.0, 1.0, 4 * 40, True))
     torch.library.opcheck(ops.linear_ce_backward, (h, w, t, None, None, lse, coef, 2.0, 1.0, 1 << 20, False))
@@ -338,8 +394,9 @@ def test_peak_memory_no_logits_buffer():
 def test_log_probs_and_entropy(backend):
     hidden, weight, target, bias, _ = make_problem(bias=True)
     h, w, b = (backend.tensor(x).requires_grad_() for x in (hidden, weight, bias))
-    lp, ent = logitkit.linear_log_probs_and_entropy(h, w, backend.tensor(target), bias=b, temperature=0.8,
-                                                    chunk_budget=4 * 40)
+    lp, ent = logitkit.linear_log_probs_and_entropy(
+        h, w, backend.tensor(target), bias=b, temperature=0.8, chunk_budget=4 * 40
+    )
     hr, wr, br = (x.double().requires_grad_() for x in (hidden, weight, bias))
     lp_ref, ent_ref = references.linear_log_probs_and_entropy(hr, wr, target, bias=br, temperature=0.8)
     atol, rtol = tolerances.LINEAR_CROSS_ENTROPY[torch.float32]
@@ -465,7 +522,8 @@ def test_compile_reports_bad_input_at_trace_time(backend, name):
     stats_args, _ = op_inputs(backend)
     bad = spoil(stats_args, BAD_INPUTS[name])
     _, message = raised(backend.ops.linear_ce_stats, *bad.values())
-    compiled = torch.compile(lambda: backend.ops.linear_ce_stats(*bad.values()), fullgraph=True, backend="aot_eager",
-                             dynamic=False)
+    compiled = torch.compile(
+        lambda: backend.ops.linear_ce_stats(*bad.values()), fullgraph=True, backend="aot_eager", dynamic=False
+    )
     with pytest.raises(Exception, match=re.escape(message)):
         compiled()

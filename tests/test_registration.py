@@ -1,4 +1,5 @@
 """Schemas, fake kernels, autograd registration and torch.compile for every op."""
+
 from __future__ import annotations
 
 import pytest
@@ -25,8 +26,12 @@ def test_opcheck(backend, op):
 
 @pytest.mark.parametrize(
     "op, grad_shape",
-    [("softmax_backward", "full"), ("log_softmax_backward", "full"), ("logsumexp_backward", "row"),
-     ("entropy_backward", "row")],
+    [
+        ("softmax_backward", "full"),
+        ("log_softmax_backward", "full"),
+        ("logsumexp_backward", "row"),
+        ("entropy_backward", "row"),
+    ],
 )
 def test_opcheck_backward_ops(backend, op, grad_shape):
     x = torch.randn(3, 37, device=backend.device)
@@ -40,8 +45,13 @@ def test_opcheck_backward_ops(backend, op, grad_shape):
 
 def test_torch_compile_fullgraph(backend):
     def step(logits):
-        return logitkit.softmax(logits, 0.7), logitkit.log_softmax(logits), logitkit.logsumexp(logits), \
-            logitkit.entropy(logits, 1.5), logitkit.softmax_stats(logits)
+        return (
+            logitkit.softmax(logits, 0.7),
+            logitkit.log_softmax(logits),
+            logitkit.logsumexp(logits),
+            logitkit.entropy(logits, 1.5),
+            logitkit.softmax_stats(logits),
+        )
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     x = backend.tensor(torch.randn(4, 300))
@@ -51,7 +61,9 @@ def test_torch_compile_fullgraph(backend):
 
 def test_torch_compile_inductor_with_backward():
     def loss(logits):
-        return (logitkit.entropy(logits, 1.2) + logitkit.logsumexp(logits)).sum() + logitkit.log_softmax(logits)[:, 0].sum()
+        return (logitkit.entropy(logits, 1.2) + logitkit.logsumexp(logits)).sum() + logitkit.log_softmax(logits)[
+            :, 0
+        ].sum()
 
     compiled = torch.compile(loss, fullgraph=True)
     x1 = torch.randn(5, 129, requires_grad=True)
@@ -69,8 +81,14 @@ def test_compile_reports_bad_input_at_trace_time():
 
 def test_build_info():
     info = logitkit.build_info()
-    for key in ("version", "torch_version", "cuda_compiled", "cuda_architectures", "emulation_available",
-                "cpu_capability"):
+    for key in (
+        "version",
+        "torch_version",
+        "cuda_compiled",
+        "cuda_architectures",
+        "emulation_available",
+        "cpu_capability",
+    ):
         assert key in info
     assert info["version"] == logitkit.__version__
     assert info["torch_version"] == torch.__version__

@@ -2,6 +2,7 @@
 against the fp64 references of logitkit.testing (the definitions, in plain
 PyTorch), through the public functions (the backend fixture selects the
 backend) and the raw ops."""
+
 from __future__ import annotations
 
 import math
@@ -53,10 +54,10 @@ def test_matches_fp64_reference(backend, op, dtype):
 def test_leading_shapes_and_non_contiguous(backend, op):
     base = random_logits(2 * 5 * 3, 333, torch.float32).reshape(2, 5, 3, 333)
     views = {
-        "3d": base[:, :, 0, :],              # leading dims collapse to one row stride
-        "last_row": base[:, -1, :, :],        # like logits[:, -1, :]
-        "transposed": base.transpose(1, 2),   # leading dims do not collapse
-        "strided_vocab": base[..., ::2],      # vocabulary not unit-stride
+        "3d": base[:, :, 0, :],  # leading dims collapse to one row stride
+        "last_row": base[:, -1, :, :],  # like logits[:, -1, :]
+        "transposed": base.transpose(1, 2),  # leading dims do not collapse
+        "strided_vocab": base[..., ::2],  # vocabulary not unit-stride
         "1d": base[0, 0, 0],
     }
     for name, x in views.items():
@@ -90,10 +91,18 @@ def test_stats_and_merge(backend, dtype):
     # Shard the vocabulary, merge the shard states: same lse and entropy.
     shards = [logitkit.softmax_stats(backend.tensor(s.contiguous()), 0.8) for s in x.split([1, 400, 599], -1)]
     merged = logitkit.merge_stats(shards)
-    assert_close(logitkit.stats_logsumexp(merged), references.logsumexp(x, 0.8), *TOLERANCES["logsumexp"][torch.float32],
-                 "merged lse")
-    assert_close(logitkit.stats_entropy(merged), references.entropy(x, 0.8), *TOLERANCES["entropy"][torch.float32],
-                 "merged entropy")
+    assert_close(
+        logitkit.stats_logsumexp(merged),
+        references.logsumexp(x, 0.8),
+        *TOLERANCES["logsumexp"][torch.float32],
+        "merged lse",
+    )
+    assert_close(
+        logitkit.stats_entropy(merged),
+        references.entropy(x, 0.8),
+        *TOLERANCES["entropy"][torch.float32],
+        "merged entropy",
+    )
     stacked = logitkit.merge_stats(torch.stack(shards, 1), dim=1)
     assert torch.equal(stacked, merged)
 
@@ -119,8 +128,9 @@ def test_emulated_launch_shapes(threads, per_block, schedule):
     if _loader._C_emulated is None:
         pytest.skip("emulated-CUDA module not built")
     ops = torch.ops.logitkit_emulated
-    _loader._C_emulated.configure(threads_per_block=threads, max_elements_per_block=per_block,
-                                  schedule=schedule, seed=threads)
+    _loader._C_emulated.configure(
+        threads_per_block=threads, max_elements_per_block=per_block, schedule=schedule, seed=threads
+    )
     try:
         x = random_logits(2, 1001, torch.bfloat16)
         x[1, ::7] = NEG_INF
@@ -142,11 +152,11 @@ def test_emulated_launch_shapes(threads, per_block, schedule):
 # ---------------------------------------------------------------------------
 def special_rows():
     x = torch.randn(6, 40, dtype=torch.float64).float()
-    x[1, :20] = NEG_INF             # partly masked
-    x[2, :] = NEG_INF               # all masked
-    x[3, 7] = float("inf")          # +inf
-    x[4, 11] = float("nan")         # NaN
-    x[5, :39] = NEG_INF             # a single live token
+    x[1, :20] = NEG_INF  # partly masked
+    x[2, :] = NEG_INF  # all masked
+    x[3, 7] = float("inf")  # +inf
+    x[4, 11] = float("nan")  # NaN
+    x[5, :39] = NEG_INF  # a single live token
     return x
 
 

@@ -33,8 +33,9 @@ def backend(backend):
 
 def run_mask(backend, x, alpha, temperature=1.0, rule="hf", cap=-1):
     """logitkit.top_h_mask on the backend (the fixture selected it), back on the CPU."""
-    mask = logitkit.top_h_mask(backend.tensor(x), alpha, temperature=temperature, rule=rule,
-                               cap=None if cap == -1 else cap)
+    mask = logitkit.top_h_mask(
+        backend.tensor(x), alpha, temperature=temperature, rule=rule, cap=None if cap == -1 else cap
+    )
     return mask.cpu()
 
 
@@ -269,7 +270,9 @@ def test_dtypes_shapes_and_top_h(backend):
         mask = logitkit.top_h_mask(xd, 0.4, temperature=1.3, rule="exact")
         assert mask.shape == x.shape
         for r in range(6):
-            assert_matches_reference(mask.reshape(6, -1)[r].cpu(), xd.reshape(6, -1)[r].float().cpu(), 0.4, 1.3, "exact")
+            assert_matches_reference(
+                mask.reshape(6, -1)[r].cpu(), xd.reshape(6, -1)[r].float().cpu(), 0.4, 1.3, "exact"
+            )
         out = logitkit.top_h(xd, 0.4, temperature=1.3, rule="hf", filter_value=-1e4)
         m2 = logitkit.top_h_mask(xd, 0.4, temperature=1.3, rule="hf")
         assert out.dtype == dtype
@@ -536,8 +539,14 @@ def test_transformers_generate_same_tokens():
         torch.manual_seed(42)
         outs.append(
             model.generate(
-                prompt, do_sample=True, max_new_tokens=8, logits_processor=LogitsProcessorList([proc]),
-                top_k=None, top_p=None, temperature=1.0, pad_token_id=0,
+                prompt,
+                do_sample=True,
+                max_new_tokens=8,
+                logits_processor=LogitsProcessorList([proc]),
+                top_k=None,
+                top_p=None,
+                temperature=1.0,
+                pad_token_id=0,
             )
         )
     assert torch.equal(outs[0], outs[1])

@@ -11,6 +11,7 @@ Modules: :mod:`~logitkit.row_ops` (softmax ... merge_stats),
 :mod:`logitkit.testing` holds the references and the backend switch used by
 the tests; :mod:`logitkit.bench` is the ``logitkit-bench`` CLI.
 """
+
 # _loader first: it explains a missing or mismatched compiled part (an import of _build_config
 # would fail first with a bare ImportError).
 from ._loader import build_info

@@ -1,5 +1,6 @@
 """Loads logitkit's compiled extension modules after checking they match the
 installed torch (a mismatch would fail later with obscure symbol errors)."""
+
 from __future__ import annotations
 
 import importlib

@@ -72,8 +72,9 @@ def normaliser_from_stats(max_z: torch.Tensor, sum_exp: torch.Tensor) -> tuple[t
     return log_s, torch.where(max_z == math.inf, max_z, max_z + log_s)
 
 
-def loss_per_token(t: Targets, target_nll: torch.Tensor, lse: torch.Tensor, weighted_sum: torch.Tensor | None,
-                   options: LossOptions) -> torch.Tensor:
+def loss_per_token(
+    t: Targets, target_nll: torch.Tensor, lse: torch.Tensor, weighted_sum: torch.Tensor | None, options: LossOptions
+) -> torch.Tensor:
     """The per-token loss (see the module docstring), 0 at ignored tokens.
 
     ``target_nll`` = lse - z_y, ``weighted_sum`` = sum_c w_c z_c (only read with label smoothing).
@@ -127,9 +128,14 @@ def cross_entropy_coefficients(g: torch.Tensor, t: Targets, lse: torch.Tensor, o
     return coefficient_tensor(prob=a, entropy=torch.zeros_like(a), target=beta, smooth=g * (eps / vocab))
 
 
-def log_prob_entropy_coefficients(g_log_prob: torch.Tensor, g_entropy: torch.Tensor,
-                                  entropy: torch.Tensor) -> torch.Tensor:
+def log_prob_entropy_coefficients(
+    g_log_prob: torch.Tensor, g_entropy: torch.Tensor, entropy: torch.Tensor
+) -> torch.Tensor:
     """The backward coefficients (N, 4) [a, e, beta, sigma] of g_l log p_y + g_h H:
     d/dz_c [g_l (z_y - lse) + g_h H] = p_c (-g_l - g_h H - g_h (z_c - lse)) + g_l [c = y]."""
-    return coefficient_tensor(prob=-g_log_prob - g_entropy * entropy, entropy=-g_entropy, target=-g_log_prob,
-                              smooth=torch.zeros_like(g_log_prob))
+    return coefficient_tensor(
+        prob=-g_log_prob - g_entropy * entropy,
+        entropy=-g_entropy,
+        target=-g_log_prob,
+        smooth=torch.zeros_like(g_log_prob),
+    )

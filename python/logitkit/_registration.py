@@ -53,8 +53,9 @@ def register_fake(op: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]
     return register
 
 
-def register_autograd(op: str, backward_for: Callable[[Any], Callable[..., Any]],
-                      setup_context: Callable[..., None]) -> None:
+def register_autograd(
+    op: str, backward_for: Callable[[Any], Callable[..., Any]], setup_context: Callable[..., None]
+) -> None:
     """Registers the autograd formula of ``op`` in every op namespace.
 
     ``backward_for(ns_ops)`` returns the backward for the namespace
@@ -62,5 +63,6 @@ def register_autograd(op: str, backward_for: Callable[[Any], Callable[..., Any]]
     backward kernels of its own namespace.
     """
     for ns in OP_NAMESPACES:
-        torch.library.register_autograd(f"{ns}::{op}", backward_for(getattr(torch.ops, ns)),
-                                        setup_context=setup_context)
+        torch.library.register_autograd(
+            f"{ns}::{op}", backward_for(getattr(torch.ops, ns)), setup_context=setup_context
+        )

@@ -45,8 +45,9 @@ def _weighted_logit_sum(logits: torch.Tensor, class_weight: torch.Tensor | None,
 
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, target: torch.Tensor, class_weight: torch.Tensor | None,
-                options: LossOptions) -> torch.Tensor:
+    def forward(
+        ctx: Any, logits: torch.Tensor, target: torch.Tensor, class_weight: torch.Tensor | None, options: LossOptions
+    ) -> torch.Tensor:
         namespace = _backend.namespace()
         vocab, temperature = logits.shape[-1], options.temperature
         stats = _backend.ops(namespace).softmax_stats(logits, temperature)  # (N, 3) fp32: one read pass
@@ -82,8 +83,14 @@ class _CrossEntropy(torch.autograd.Function):
         return grad, None, None, None
 
 
-def _check_args(logits: torch.Tensor, target: torch.Tensor, class_weight: torch.Tensor | None, reduction: str,
-                label_smoothing: float, z_loss: float) -> None:
+def _check_args(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+) -> None:
     if logits.dim() < 1:
         raise ValueError("logitkit.cross_entropy: logits must have shape (..., V)")
     if target.dtype != torch.int64:

@@ -15,6 +15,7 @@ copies of a chunk's weight rows and its grad_weight accumulator), O(N) per-token
 state, and for bf16/fp16 inputs fp32 copies of hidden and of grad_hidden
 (N x D each).
 """
+
 from __future__ import annotations
 
 import math
@@ -128,16 +129,16 @@ def _check_per_token(t: torch.Tensor, hidden: torch.Tensor, width: int, op: str,
 
 
 @register_fake("linear_ce_stats")
-def _linear_ce_stats_fake(hidden, weight, target, bias, class_weight, ignore_index, softcap, temperature,
-                          chunk_budget):
+def _linear_ce_stats_fake(hidden, weight, target, bias, class_weight, ignore_index, softcap, temperature, chunk_budget):
     inputs = _OpInputs(hidden, weight, target, bias, class_weight, softcap, temperature, chunk_budget)
     _check_op_inputs(inputs, "linear_cross_entropy")
     return hidden.new_empty((hidden.shape[0], LCE_STATE_WIDTH), dtype=torch.float32)
 
 
 @register_fake("linear_ce_backward")
-def _linear_ce_backward_fake(hidden, weight, target, bias, class_weight, normaliser, coefficients, softcap,
-                             temperature, chunk_budget, bias_grad):
+def _linear_ce_backward_fake(
+    hidden, weight, target, bias, class_weight, normaliser, coefficients, softcap, temperature, chunk_budget, bias_grad
+):
     op = "linear_cross_entropy_backward"
     _check_op_inputs(_OpInputs(hidden, weight, target, bias, class_weight, softcap, temperature, chunk_budget), op)
     _check_per_token(normaliser, hidden, len(NormaliserField), op, "normaliser")
@@ -173,22 +174,31 @@ class _Forward(NamedTuple):
     lse: torch.Tensor
 
 
-def _forward_stats(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   target: torch.Tensor, class_weight: torch.Tensor | None, ignore_index: int,
-                   tiles: _Tiles) -> _Forward:
+def _forward_stats(
+    ctx: Any,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    ignore_index: int,
+    tiles: _Tiles,
+) -> _Forward:
     """Runs linear_ce_stats (in the current backend) on the tokens flattened to (N, D) and (N,),
     and keeps in ``ctx`` what the backward needs besides its tensors."""
     ctx.namespace, ctx.tiles, ctx.hidden_shape = _backend.namespace(), tiles, hidden.shape
     h2, t1 = hidden.reshape(-1, weight.shape[1]), target.reshape(-1)
-    stats = _backend.ops(ctx.namespace).linear_ce_stats(h2, weight, t1, bias, class_weight, ignore_index,
-                                                        tiles.softcap, tiles.temperature, tiles.chunk_budget)
+    stats = _backend.ops(ctx.namespace).linear_ce_stats(
+        h2, weight, t1, bias, class_weight, ignore_index, tiles.softcap, tiles.temperature, tiles.chunk_budget
+    )
     m = column(stats, LceStateField.MAX)
     log_s, lse = normaliser_from_stats(m, column(stats, LceStateField.SUM_EXP))
     return _Forward(h2, t1, stats, m, log_s, lse)
 
 
-def _save_for_tiles(ctx: Any, f: _Forward, weight: torch.Tensor, bias: torch.Tensor | None,
-                    *more: torch.Tensor | None) -> None:
+def _save_for_tiles(
+    ctx: Any, f: _Forward, weight: torch.Tensor, bias: torch.Tensor | None, *more: torch.Tensor | None
+) -> None:
     """Saves what linear_ce_backward takes (the flattened inputs and the normaliser), then ``more``."""
     ctx.save_for_backward(f.hidden2d, weight, bias, f.target1d, normaliser_tensor(max=f.m, log_sum_exp=f.log_s), *more)
 
@@ -199,8 +209,18 @@ def _input_grads(ctx: Any, coefficients: torch.Tensor, class_weight: torch.Tenso
     bias_grad = bias is not None and ctx.needs_input_grad[2]
     tiles = ctx.tiles
     grad_h, grad_w, grad_b = _backend.ops(ctx.namespace).linear_ce_backward(
-        h2, weight, t1, bias, class_weight, normaliser, coefficients, tiles.softcap, tiles.temperature,
-        tiles.chunk_budget, bias_grad)
+        h2,
+        weight,
+        t1,
+        bias,
+        class_weight,
+        normaliser,
+        coefficients,
+        tiles.softcap,
+        tiles.temperature,
+        tiles.chunk_budget,
+        bias_grad,
+    )
     return (
         grad_h.reshape(ctx.hidden_shape) if ctx.needs_input_grad[0] else None,
         grad_w if ctx.needs_input_grad[1] else None,
@@ -236,9 +256,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (*_input_grads(ctx, coefficients, class_weight), None, None, None, None)
 
 
-def _check_args(op: str, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, reduction: str,
-                label_smoothing: float, softcap: float | None, z_loss: float, temperature: float,
-                chunk_budget: int) -> None:
+def _check_args(
+    op: str,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    reduction: str,
+    label_smoothing: float,
+    softcap: float | None,
+    z_loss: float,
+    temperature: float,
+    chunk_budget: int,
+) -> None:
     """The Python API's checks (before the leading dimensions are flattened for the ops)."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1:
         raise ValueError(f"logitkit.{op}: hidden must be a tensor of shape (..., D)")
@@ -321,8 +350,18 @@ def linear_cross_entropy(
     Returns the loss in ``hidden``'s dtype (computed in float32), and the
     log-sum-exp with ``return_lse=True``.
     """
-    _check_args("linear_cross_entropy", hidden, weight, target, reduction, label_smoothing, softcap, z_loss,
-                temperature, chunk_budget)
+    _check_args(
+        "linear_cross_entropy",
+        hidden,
+        weight,
+        target,
+        reduction,
+        label_smoothing,
+        softcap,
+        z_loss,
+        temperature,
+        chunk_budget,
+    )
     options = LossOptions(int(ignore_index), reduction, float(label_smoothing), float(z_loss), float(temperature))
     tiles = _Tiles(0.0 if softcap is None else float(softcap), float(temperature), int(chunk_budget))
     loss, lse = _LinearCrossEntropy.apply(hidden, weight, bias, target, class_weight, options, tiles)
@@ -335,9 +374,18 @@ _MODULE_OPTIONS = ("ignore_index", "reduction", "label_smoothing", "softcap", "z
 class LinearCrossEntropyLoss(torch.nn.Module):
     """Module form of :func:`linear_cross_entropy`: ``loss(hidden, weight, target, bias=None)``."""
 
-    def __init__(self, *, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                 class_weight: torch.Tensor | None = None, softcap: float | None = None, z_loss: float = 0.0,
-                 temperature: float = 1.0, chunk_budget: int = DEFAULT_CHUNK_BUDGET):
+    def __init__(
+        self,
+        *,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        class_weight: torch.Tensor | None = None,
+        softcap: float | None = None,
+        z_loss: float = 0.0,
+        temperature: float = 1.0,
+        chunk_budget: int = DEFAULT_CHUNK_BUDGET,
+    ):
         super().__init__()
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -349,8 +397,9 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.temperature = temperature
         self.chunk_budget = chunk_budget
 
-    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         options = {name: getattr(self, name) for name in _MODULE_OPTIONS}  # read at each call: attributes may change
         return linear_cross_entropy(hidden, weight, target, bias=bias, class_weight=self.class_weight, **options)
 
@@ -392,7 +441,8 @@ def linear_log_probs_and_entropy(
     lie in [0, V) (checked on CPU; on CUDA an out-of-range target gives a NaN
     log-probability). Memory as for :func:`linear_cross_entropy`.
     """
-    _check_args("linear_log_probs_and_entropy", hidden, weight, target, "none", 0.0, None, 0.0, temperature,
-                chunk_budget)
+    _check_args(
+        "linear_log_probs_and_entropy", hidden, weight, target, "none", 0.0, None, 0.0, temperature, chunk_budget
+    )
     tiles = _Tiles(0.0, float(temperature), int(chunk_budget))
     return _LinearLogProbsAndEntropy.apply(hidden, weight, bias, target, tiles)

@@ -142,8 +142,9 @@ def stats_entropy(stats: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 
-def _register_row_fake(op: str, arg: str, result_shape: Callable[[torch.Tensor], Sequence[int]],
-                       dtype: torch.dtype | None = None) -> None:
+def _register_row_fake(
+    op: str, arg: str, result_shape: Callable[[torch.Tensor], Sequence[int]], dtype: torch.dtype | None = None
+) -> None:
     """Fake kernel of a forward row op: ``op(arg, temperature)`` -> a tensor of ``result_shape(arg)``
     (the input's dtype unless ``dtype``)."""
 

@@ -115,6 +115,7 @@ Adding an op: :func:`register` one more :class:`Case` (inputs maker, logitkit
 function, eager baselines, float64 reference, bytes model, tolerances), in
 the ``register_cases()`` of its family's module.
 """
+
 from __future__ import annotations
 
 from . import linear_ce_cases, row_ops_cases, top_h_cases

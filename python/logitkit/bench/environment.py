@@ -68,8 +68,9 @@ def git_state() -> tuple[str | None, bool | None]:
     pkg_dir = Path(logitkit.__file__).resolve().parent
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=pkg_dir, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=pkg_dir, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
 
     try:
         git("ls-files", "--error-unmatch", "__init__.py")
@@ -82,8 +83,9 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
 
 
-def collect_environment(device: torch.device, copy_gbps: float, copy_bytes: int, rotate_bytes: int,
-                        llc: int | None, memory_method: str) -> dict[str, Any]:
+def collect_environment(
+    device: torch.device, copy_gbps: float, copy_bytes: int, rotate_bytes: int, llc: int | None, memory_method: str
+) -> dict[str, Any]:
     """The ``environment`` block of the JSON output."""
     commit, dirty = git_state()
     name = device_name(device)

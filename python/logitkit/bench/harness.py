@@ -37,8 +37,17 @@ class Timing:
         return float(np.percentile(self.samples, q))
 
 
-def measure(fn: Callable[..., Any], arg_sets: Sequence[tuple], device: torch.device, *,
-            repeats: int, warmup: int, warmup_s: float, min_sample_s: float, max_inner: int = 1000) -> Timing:
+def measure(
+    fn: Callable[..., Any],
+    arg_sets: Sequence[tuple],
+    device: torch.device,
+    *,
+    repeats: int,
+    warmup: int,
+    warmup_s: float,
+    min_sample_s: float,
+    max_inner: int = 1000,
+) -> Timing:
     """Times ``fn`` rotating over ``arg_sets``.
 
     Warm-up: one call (lazy initialisation, compilation), then individually timed calls until at
@@ -68,8 +77,7 @@ def measure(fn: Callable[..., Any], arg_sets: Sequence[tuple], device: torch.dev
     inner = max(1, min(max_inner, math.ceil(min_sample_s / per_call)))
 
     if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(repeats)]
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
         for start, end in events:
             start.record()
             run(inner)
@@ -89,8 +97,9 @@ def measure_copy_bandwidth(device: torch.device, nbytes: int, *, repeats: int, w
     """Bandwidth (bytes/s) of ``dst.copy_(src)`` on ``nbytes`` buffers, counting read + write."""
     src = torch.ones(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    timing = measure(lambda d, s: d.copy_(s), [(dst, src)], device,
-                     repeats=repeats, warmup=warmup, warmup_s=0.0, min_sample_s=0.0)
+    timing = measure(
+        lambda d, s: d.copy_(s), [(dst, src)], device, repeats=repeats, warmup=warmup, warmup_s=0.0, min_sample_s=0.0
+    )
     return 2 * nbytes / timing.percentile(50)
 
 

@@ -19,8 +19,9 @@ from ..testing import references, tolerances
 from .registry import DEFAULT_PARAMS, LOGIT_SCALE, Case, CaseParams, itemsize, register
 
 
-def make_linear_ce_inputs(rows: int, vocab: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator,
-                          params: CaseParams) -> tuple:
+def make_linear_ce_inputs(
+    rows: int, vocab: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, params: CaseParams
+) -> tuple:
     """hidden (N, D) ~ N(0, 1), weight (V, D) ~ N(0, (LOGIT_SCALE^2 / D)) so that the logits have
     std :data:`~logitkit.bench.registry.LOGIT_SCALE`, both in ``dtype``; target (N,) uniform in [0, V)."""
     d = params.hidden
@@ -67,9 +68,22 @@ def register_cases() -> None:
     options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
     if options is not None and hasattr(F, "linear_cross_entropy"):
         baselines["torch-chunked"] = forward_backward(
-            lambda h, w, t: F.linear_cross_entropy(h, w, t, reduction="sum", options=options()))
+            lambda h, w, t: F.linear_cross_entropy(h, w, t, reduction="sum", options=options())
+        )
     ours = forward_backward(lambda h, w, t: logitkit.linear_cross_entropy(h, w, t, reduction="sum"))
     reference = forward_backward(functools.partial(references.linear_cross_entropy, reduction="sum"))
-    register(Case("linear_ce", make_linear_ce_inputs, ours, baselines, reference, linear_ce_bytes,
-                  tolerance=tolerances.BENCH_LINEAR_CE, default=False, flops_model=linear_ce_flops,
-                  memory_excludes_outputs=True, max_repeats=3))
+    register(
+        Case(
+            "linear_ce",
+            make_linear_ce_inputs,
+            ours,
+            baselines,
+            reference,
+            linear_ce_bytes,
+            tolerance=tolerances.BENCH_LINEAR_CE,
+            default=False,
+            flops_model=linear_ce_flops,
+            memory_excludes_outputs=True,
+            max_repeats=3,
+        )
+    )

@@ -14,9 +14,16 @@ import torch
 from ..testing import DTYPES, tolerances
 
 _DTYPE_ALIASES = {
-    "fp32": "fp32", "float32": "fp32", "f32": "fp32", "float": "fp32",
-    "bf16": "bf16", "bfloat16": "bf16",
-    "fp16": "fp16", "float16": "fp16", "f16": "fp16", "half": "fp16",
+    "fp32": "fp32",
+    "float32": "fp32",
+    "f32": "fp32",
+    "float": "fp32",
+    "bf16": "bf16",
+    "bfloat16": "bf16",
+    "fp16": "fp16",
+    "float16": "fp16",
+    "f16": "fp16",
+    "half": "fp16",
 }
 
 
@@ -91,9 +98,7 @@ class Case:
     baselines: Mapping[str, Callable[..., Any]]
     reference: Callable[..., Any]
     bytes_model: Model
-    tolerance: Mapping[torch.dtype, tuple[float, float]] = field(
-        default_factory=lambda: dict(tolerances.BENCH_ROW_OPS)
-    )
+    tolerance: Mapping[torch.dtype, tuple[float, float]] = field(default_factory=lambda: dict(tolerances.BENCH_ROW_OPS))
     default: bool = True
     check: Callable[[Any, Any, tuple], tuple[float, float]] | None = None
     flops_model: Model | None = None
@@ -129,8 +134,9 @@ def row_to_row_bytes(rows: int, vocab: int, dtype: torch.dtype, params: CasePara
     return 2 * rows * vocab * itemsize(dtype)
 
 
-def row_reduction_bytes(rows: int, vocab: int, dtype: torch.dtype, params: CaseParams = DEFAULT_PARAMS,
-                        out_dtype: torch.dtype | None = None) -> int:
+def row_reduction_bytes(
+    rows: int, vocab: int, dtype: torch.dtype, params: CaseParams = DEFAULT_PARAMS, out_dtype: torch.dtype | None = None
+) -> int:
     """Bytes model of a (N, V) -> (N,) op: read N*V elements of ``dtype``, write N of ``out_dtype``
     (the input dtype when None)."""
     return rows * vocab * itemsize(dtype) + rows * itemsize(out_dtype or dtype)
@@ -140,8 +146,9 @@ def row_reduction_bytes(rows: int, vocab: int, dtype: torch.dtype, params: CaseP
 LOGIT_SCALE = 3.0
 
 
-def make_logits(rows: int, vocab: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator,
-                params: CaseParams) -> tuple:
+def make_logits(
+    rows: int, vocab: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, params: CaseParams
+) -> tuple:
     """One (rows, vocab) tensor of Gaussian logits (std :data:`LOGIT_SCALE`) in ``dtype``."""
     x = torch.randn(rows, vocab, device=device, generator=gen)
     return ((x * LOGIT_SCALE).to(dtype),)

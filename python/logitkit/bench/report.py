@@ -73,8 +73,14 @@ class Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
             from rich.progress import Progress as RichProgress
 
-            self._bar = RichProgress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), transient=True, console=_console(sys.stderr))
+            self._bar = RichProgress(
+                TextColumn("{task.description:<40}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                transient=True,
+                console=_console(sys.stderr),
+            )
             self._task = self._bar.add_task("", total=total)
             self._bar.start()
 
@@ -128,15 +134,29 @@ def table_rows(env: dict, results: Iterable[Result]) -> list[list[str]]:
     results = list(results)
     flops = _has_flops(results)
     for r in results:
-        cells = [r.op, r.dtype, str(r.rows), str(r.vocab), r.impl, _fmt_ms(r.median_ms), _fmt_ms(r.p20_ms),
-                 _fmt_ms(r.p80_ms), _fmt(r.gbps, ".1f"), _fmt(r.pct_copy, ".0f", "%")]
+        cells = [
+            r.op,
+            r.dtype,
+            str(r.rows),
+            str(r.vocab),
+            r.impl,
+            _fmt_ms(r.median_ms),
+            _fmt_ms(r.p20_ms),
+            _fmt_ms(r.p80_ms),
+            _fmt(r.gbps, ".1f"),
+            _fmt(r.pct_copy, ".0f", "%"),
+        ]
         if env.get("datasheet_peak_gbps"):
             cells.append(_fmt(r.pct_peak, ".0f", "%"))
         if flops:
             cells.append(_fmt(r.gflops, ".1f"))
         status = r.status if r.status != "MISMATCH" else "MISMATCH !!"
-        cells += [_fmt(r.speedup_vs_eager, ".2f", "x"), _fmt(r.max_abs_err, ".1e"), _fmt_bytes(r.peak_mem_bytes),
-                  status]
+        cells += [
+            _fmt(r.speedup_vs_eager, ".2f", "x"),
+            _fmt(r.max_abs_err, ".1e"),
+            _fmt_bytes(r.peak_mem_bytes),
+            status,
+        ]
         rows.append(cells)
     return rows
 
@@ -148,8 +168,7 @@ def environment_summary(env: dict) -> str:
         f"logitkit {env['logitkit_version']} (commit {(env['git_commit'] or 'unknown')[:12]}"
         f"{', dirty' if env['git_dirty'] else ''}), cpu kernels {env['build_info'].get('cpu_capability')}",
         f"ceiling: copy {env['copy_bandwidth_gbps']:.1f} GB/s (dst.copy_(src), {env['copy_buffer_bytes'] >> 20} MiB, "
-        f"read+write)" + (f"; datasheet {env['datasheet_peak_gbps']:.0f} GB/s"
-                          if env["datasheet_peak_gbps"] else ""),
+        f"read+write)" + (f"; datasheet {env['datasheet_peak_gbps']:.0f} GB/s" if env["datasheet_peak_gbps"] else ""),
         f"inputs rotate over >= {env['rotation_target_bytes'] >> 20} MiB; memory: {env['memory_method']}",
     ]
     return "\n".join(lines)
@@ -179,7 +198,8 @@ def _print_rich(env: dict, results: list[Result], file: Any) -> None:
     keys = [(r.op, r.dtype, r.rows, r.vocab) for r in results]
     for i, (r, row) in enumerate(zip(results, cells)):
         style = {"MISMATCH": "bold white on red", "ERROR": "bold red"}.get(
-            r.status, "bold" if r.impl == "logitkit" else "")
+            r.status, "bold" if r.impl == "logitkit" else ""
+        )
         last_of_case = i + 1 < len(keys) and keys[i + 1] != keys[i]
         table.add_row(*row, style=style, end_section=last_of_case)
     console.print(table)
@@ -203,11 +223,11 @@ def _print_plain(env: dict, results: list[Result], file: Any) -> None:
 def _problem_line(r: Result) -> str:
     what = f"{r.op} {r.dtype} {r.rows}x{r.vocab} [{r.impl}]"
     if r.status == "MISMATCH":
-        return (f"MISMATCH: {what}: max abs error {r.max_abs_err:.3g} vs the float64 reference exceeds "
-                f"atol {r.atol:g} + rtol {r.rtol:g} * |ref| ({r.max_tol_ratio:.3g}x the tolerance)")
+        return (
+            f"MISMATCH: {what}: max abs error {r.max_abs_err:.3g} vs the float64 reference exceeds "
+            f"atol {r.atol:g} + rtol {r.rtol:g} * |ref| ({r.max_tol_ratio:.3g}x the tolerance)"
+        )
     return f"ERROR: {what}: {r.error}"
-
-
 
 
 def summary(results: list[Result]) -> dict:
@@ -216,8 +236,12 @@ def summary(results: list[Result]) -> dict:
     mismatches = sum(r.status == "MISMATCH" for r in results)
     errors = sum(r.status == "ERROR" for r in results)
     fatal = mismatches or any(r.status == "ERROR" and r.impl == "logitkit" for r in results)
-    return {"cases": len({(r.op, r.dtype, r.rows, r.vocab) for r in results}),
-            "mismatches": mismatches, "errors": errors, "exit_code": 1 if fatal else 0}
+    return {
+        "cases": len({(r.op, r.dtype, r.rows, r.vocab) for r in results}),
+        "mismatches": mismatches,
+        "errors": errors,
+        "exit_code": 1 if fatal else 0,
+    }
 
 
 # --------------------------------------------------------------------------- #
@@ -227,8 +251,13 @@ def summary(results: list[Result]) -> dict:
 
 def write_json(path: str | os.PathLike, config: dict, env: dict, results: list[Result]) -> None:
     """The run as JSON (schema in :mod:`logitkit.bench`); ``config`` is ``Config.as_json()``."""
-    doc = {"schema_version": 1, "environment": env, "config": config,
-           "results": [dataclasses.asdict(r) for r in results], "summary": summary(results)}
+    doc = {
+        "schema_version": 1,
+        "environment": env,
+        "config": config,
+        "results": [dataclasses.asdict(r) for r in results],
+        "summary": summary(results),
+    }
     Path(path).write_text(json.dumps(doc, indent=2, default=str) + "\n")
 
 
@@ -277,8 +306,13 @@ def _draw_lines(ax: Any, results: list[Result], op: str, series: _Series, y: Cal
             lines.setdefault(series.key(r), []).append(r)
     for key, rs in lines.items():
         rs.sort(key=series.x)
-        ax.plot([series.x(r) for r in rs], [y(r) for r in rs], marker="o",
-                linestyle="-" if key[0] == "logitkit" else "--", label=series.label.format(*key))
+        ax.plot(
+            [series.x(r) for r in rs],
+            [y(r) for r in rs],
+            marker="o",
+            linestyle="-" if key[0] == "logitkit" else "--",
+            label=series.label.format(*key),
+        )
 
 
 def _peak_mib(r: Result) -> float | None:
@@ -295,8 +329,11 @@ def _save_figure(plt: Any, fig: Any, target: Path, env: dict) -> None:
 def _plot_memory_vs_rows(plt: Any, target: Path, env: dict, results: list[Result]) -> bool:
     """Peak memory against rows (tokens N for linear_ce), one panel per op swept over more than
     one row count, one line per (impl, dtype, vocab). False when no op was swept over rows."""
-    ops = [op for op in dict.fromkeys(r.op for r in results)
-           if len({r.rows for r in results if r.op == op and r.peak_mem_bytes is not None}) > 1]
+    ops = [
+        op
+        for op in dict.fromkeys(r.op for r in results)
+        if len({r.rows for r in results if r.op == op and r.peak_mem_bytes is not None}) > 1
+    ]
     if not ops:
         return False
     fig, axes = plt.subplots(1, len(ops), figsize=(5 * len(ops), 4), squeeze=False)
@@ -343,8 +380,11 @@ def write_plots(path: str | os.PathLike, env: dict, results: list[Result]) -> li
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("--plot needs matplotlib, which is not installed: pip install matplotlib "
-              "(or pip install 'logitkit[bench]'); no plot written", file=sys.stderr)
+        print(
+            "--plot needs matplotlib, which is not installed: pip install matplotlib "
+            "(or pip install 'logitkit[bench]'); no plot written",
+            file=sys.stderr,
+        )
         return None
     time_png, gbps_png, memory_png = plot_paths(path)
     time_png.parent.mkdir(parents=True, exist_ok=True)

@@ -47,9 +47,19 @@ class Config:
 
     def as_json(self) -> dict:
         """The ``config`` block of the JSON output."""
-        return {"mode": self.mode, "ops": self.ops, "dtypes": self.dtypes, "rows": self.rows, "vocab": self.vocab,
-                "repeats": self.repeats, "warmup": self.warmup, "compile": self.compile, "seed": self.seed,
-                "hidden": self.hidden, "argv": self.argv}
+        return {
+            "mode": self.mode,
+            "ops": self.ops,
+            "dtypes": self.dtypes,
+            "rows": self.rows,
+            "vocab": self.vocab,
+            "repeats": self.repeats,
+            "warmup": self.warmup,
+            "compile": self.compile,
+            "seed": self.seed,
+            "hidden": self.hidden,
+            "argv": self.argv,
+        }
 
 
 MIN_ROTATE_BYTES = 64 << 20
@@ -57,8 +67,16 @@ MIN_COPY_BYTES = 256 << 20
 MIN_BUFFERS, MAX_BUFFERS = 2, 4096
 
 
-def build_pool(case: Case, rows: int, vocab: int, dtype: torch.dtype, device: torch.device, target_bytes: int,
-               seed: int, params: CaseParams) -> list[tuple]:
+def build_pool(
+    case: Case,
+    rows: int,
+    vocab: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    target_bytes: int,
+    seed: int,
+    params: CaseParams,
+) -> list[tuple]:
     """Input sets to rotate through: at least ``target_bytes`` in all (2 to 4096 sets)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     first = case.make_inputs(rows, vocab, dtype, device, gen, params)
@@ -72,8 +90,10 @@ def implementations(case: Case, compile: bool) -> list[tuple[str, Callable[..., 
     versions (``compiled`` for the ``eager`` baseline, ``<name>+compile`` for others)."""
     impls = [("logitkit", case.fn), *case.baselines.items()]
     if compile:
-        impls += [("compiled" if name == "eager" else f"{name}+compile", _lazy_compile(fn))
-                  for name, fn in case.baselines.items()]
+        impls += [
+            ("compiled" if name == "eager" else f"{name}+compile", _lazy_compile(fn))
+            for name, fn in case.baselines.items()
+        ]
     return impls
 
 
@@ -92,8 +112,16 @@ def _lazy_compile(fn: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-def _check_probe_and_time(res: Result, case: Case, fn: Callable[..., Any], pool: list[tuple], dtype: torch.dtype,
-                          reference: Any, cfg: Config, probe: MemoryProbe) -> None:
+def _check_probe_and_time(
+    res: Result,
+    case: Case,
+    fn: Callable[..., Any],
+    pool: list[tuple],
+    dtype: torch.dtype,
+    reference: Any,
+    cfg: Config,
+    probe: MemoryProbe,
+) -> None:
     """Fills ``res`` for one implementation: the correctness guard on the first input set, the
     peak memory of one call, and the timing over the pool (exceptions propagate)."""
     out = fn(*pool[0])
@@ -108,8 +136,9 @@ def _check_probe_and_time(res: Result, case: Case, fn: Callable[..., Any], pool:
         repeats, warmup, warmup_s = min(cfg.repeats, case.max_repeats), 1, 0.0
     else:
         repeats, warmup, warmup_s = cfg.repeats, cfg.warmup, cfg.warmup_s
-    timing = measure(fn, pool, cfg.device, repeats=repeats, warmup=warmup, warmup_s=warmup_s,
-                     min_sample_s=cfg.min_sample_s)
+    timing = measure(
+        fn, pool, cfg.device, repeats=repeats, warmup=warmup, warmup_s=warmup_s, min_sample_s=cfg.min_sample_s
+    )
     res.median_ms, res.p20_ms, res.p80_ms = (timing.percentile(q) * 1e3 for q in (50, 20, 80))
     res.samples, res.inner = len(timing.samples), timing.inner
     res.gbps = res.bytes_moved / (res.median_ms * 1e-3) / 1e9
@@ -117,15 +146,30 @@ def _check_probe_and_time(res: Result, case: Case, fn: Callable[..., Any], pool:
         res.gflops = case.flops_model(res.rows, res.vocab, dtype, cfg.params) / (res.median_ms * 1e-3) / 1e9
 
 
-def run_case(case: Case, pool: list[tuple], rows: int, vocab: int, dtype: torch.dtype, cfg: Config,
-             probe: MemoryProbe, progress: Progress) -> list[Result]:
+def run_case(
+    case: Case,
+    pool: list[tuple],
+    rows: int,
+    vocab: int,
+    dtype: torch.dtype,
+    cfg: Config,
+    probe: MemoryProbe,
+    progress: Progress,
+) -> list[Result]:
     """Checks, probes and times every implementation of ``case`` on one input pool."""
     atol, rtol = case.tolerance[dtype]
     reference = case.reference(*to_fp64(pool[0]))
     common: dict[str, Any] = dict(
-        op=case.name, dtype=dtype_name(dtype), rows=rows, vocab=vocab, atol=atol, rtol=rtol,
-        bytes_moved=bytes_moved(case.name, rows, vocab, dtype, cfg.params), buffers=len(pool),
-        input_bytes=sum(a.nbytes for a in pool[0] if isinstance(a, torch.Tensor)))
+        op=case.name,
+        dtype=dtype_name(dtype),
+        rows=rows,
+        vocab=vocab,
+        atol=atol,
+        rtol=rtol,
+        bytes_moved=bytes_moved(case.name, rows, vocab, dtype, cfg.params),
+        buffers=len(pool),
+        input_bytes=sum(a.nbytes for a in pool[0] if isinstance(a, torch.Tensor)),
+    )
     results = []
     for impl, fn in implementations(case, cfg.compile):
         progress.step(f"{case.name} {common['dtype']} {rows}x{vocab} {impl}")
@@ -184,8 +228,9 @@ def _run_cases(cfg: Config, rotate: int, probe: MemoryProbe, progress: bool) -> 
                 gc.collect()
                 for case in cases:
                     if case.make_inputs not in pools:
-                        pools[case.make_inputs] = build_pool(case, rows, vocab, DTYPES[dname], cfg.device, rotate,
-                                                             cfg.seed, cfg.params)
+                        pools[case.make_inputs] = build_pool(
+                            case, rows, vocab, DTYPES[dname], cfg.device, rotate, cfg.seed, cfg.params
+                        )
                     results += run_case(case, pools[case.make_inputs], rows, vocab, DTYPES[dname], cfg, probe, bar)
     finally:
         bar.close()

@@ -167,5 +167,15 @@ def register_cases() -> None:
     else:
         sample_baselines = {"sort-scan": lambda x: _draw(_sort_and_scan("hf")(x) / T)}
     reference = functools.partial(references.top_h_mask, alpha=alpha, temperature=T, rule="hf")
-    register(Case("sample", make_logits, sample_logitkit, sample_baselines, reference, sample_bytes, default=False,
-                  check=_sample_check))
+    register(
+        Case(
+            "sample",
+            make_logits,
+            sample_logitkit,
+            sample_baselines,
+            reference,
+            sample_bytes,
+            default=False,
+            check=_sample_check,
+        )
+    )

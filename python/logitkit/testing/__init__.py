@@ -34,8 +34,9 @@ def abs_error(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
     return torch.where(same_inf, torch.zeros_like(err), err)
 
 
-def error_and_ratio(actual: torch.Tensor, expected: torch.Tensor, atol: float,
-                    rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
+def error_and_ratio(
+    actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Element-wise :func:`abs_error` and its ratio to the tolerance ``atol + rtol |expected|``; an
     element passes when its ratio is <= 1. An infinite expected value allows no finite error."""
     err = abs_error(actual, expected)
@@ -58,8 +59,13 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
         )
 
 
-def assert_no_worse_than_torch(actual: torch.Tensor, torch_result: torch.Tensor, reference: torch.Tensor,
-                               factor: float = tolerances.NO_WORSE_FACTOR, what: str = "") -> None:
+def assert_no_worse_than_torch(
+    actual: torch.Tensor,
+    torch_result: torch.Tensor,
+    reference: torch.Tensor,
+    factor: float = tolerances.NO_WORSE_FACTOR,
+    what: str = "",
+) -> None:
     """Asserts that ``actual``'s max error against the float64 ``reference`` is at most ``factor``
     times that of ``torch_result``, the plain-PyTorch computation in the same (low) precision,
     plus one unit of rounding of the output dtype at the reference's magnitude (both results are

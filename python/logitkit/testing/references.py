@@ -91,8 +91,9 @@ class TopHKeepSet(NamedTuple):
     mask: torch.Tensor
 
 
-def _top_h_criterion(x: torch.Tensor, z: torch.Tensor, alpha: float, temperature: float,
-                     rule: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _top_h_criterion(
+    x: torch.Tensor, z: torch.Tensor, alpha: float, temperature: float, rule: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(p, c, tau) of the sorted scaled logits ``z`` of rows ``x``."""
     if rule == "exact":
         p = torch.softmax(z, -1)
@@ -109,8 +110,9 @@ def _top_h_criterion(x: torch.Tensor, z: torch.Tensor, alpha: float, temperature
     return p, torch.cumsum(h, -1), alpha * h.sum(-1, keepdim=True)
 
 
-def top_h(x: torch.Tensor, alpha: float, temperature: float = 1.0, rule: str = "hf", cap: int = -1,
-          dtype: torch.dtype = F64) -> TopHKeepSet:
+def top_h(
+    x: torch.Tensor, alpha: float, temperature: float = 1.0, rule: str = "hf", cap: int = -1, dtype: torch.dtype = F64
+) -> TopHKeepSet:
     """Rule ``rule`` ("hf", "official" or "exact") of Top-H with ``alpha`` on rows ``x`` (..., V)."""
     x = x.to(dtype)
     order = torch.sort(x, dim=-1, descending=True, stable=True).indices
@@ -129,8 +131,9 @@ def top_h(x: torch.Tensor, alpha: float, temperature: float = 1.0, rule: str = "
     return TopHKeepSet(order, crit, tau, positive, prefix.sum(-1), mask)
 
 
-def top_h_mask(x: torch.Tensor, alpha: float, temperature: float = 1.0, rule: str = "hf", cap: int = -1,
-               dtype: torch.dtype = F64) -> torch.Tensor:
+def top_h_mask(
+    x: torch.Tensor, alpha: float, temperature: float = 1.0, rule: str = "hf", cap: int = -1, dtype: torch.dtype = F64
+) -> torch.Tensor:
     """The keep mask (..., V) of :func:`top_h`."""
     return top_h(x, alpha, temperature, rule, cap, dtype).mask
 
@@ -140,10 +143,19 @@ def top_h_mask(x: torch.Tensor, alpha: float, temperature: float = 1.0, rule: st
 # ---------------------------------------------------------------------------
 
 
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, class_weight: torch.Tensor | None = None,
-                  ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                  z_loss: float = 0.0, temperature: float = 1.0, softcap: float | None = None,
-                  dtype: torch.dtype = F64) -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    class_weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    dtype: torch.dtype = F64,
+) -> torch.Tensor:
     """``F.cross_entropy(z, target, weight=class_weight, ...)`` plus ``z_loss * logsumexp(z)**2``
     per non-ignored token, with z = softcap * tanh((logits / T) / softcap) (no softcap: logits / T).
     "mean" divides both terms by the sum of the target class weights of the non-ignored tokens."""
@@ -154,8 +166,9 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, class_weight: t
         z = softcap * torch.tanh(z / softcap)
     z2, t1 = z.reshape(-1, z.shape[-1]), target.reshape(-1)
     w = None if class_weight is None else class_weight.to(dtype)
-    loss = F.cross_entropy(z2, t1, weight=w, ignore_index=ignore_index, reduction=reduction,
-                           label_smoothing=label_smoothing)
+    loss = F.cross_entropy(
+        z2, t1, weight=w, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+    )
     if z_loss:
         valid = t1 != ignore_index
         # (the z-loss's logsumexp in float32 at least, as a user writes it)
@@ -171,24 +184,38 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, class_weight: t
     return loss.reshape(target.shape) if reduction == "none" else loss
 
 
-def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  dtype: torch.dtype = F64) -> torch.Tensor:
+def linear_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, dtype: torch.dtype = F64
+) -> torch.Tensor:
     """The materialised logits ``hidden @ weight.T + bias`` (..., V)."""
     x = hidden.to(dtype) @ weight.to(dtype).T
     return x if bias is None else x + bias.to(dtype)
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
-                         bias: torch.Tensor | None = None, dtype: torch.dtype = F64, **options) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    dtype: torch.dtype = F64,
+    **options,
+) -> torch.Tensor:
     """:func:`cross_entropy` of the materialised logits ``hidden @ weight.T + bias``; ``options``
     as for :func:`cross_entropy` (class_weight, ignore_index, reduction, label_smoothing, z_loss,
     temperature, softcap)."""
     return cross_entropy(linear_logits(hidden, weight, bias, dtype), target, dtype=dtype, **options)
 
 
-def linear_log_probs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
-                                 bias: torch.Tensor | None = None, temperature: float = 1.0,
-                                 dtype: torch.dtype = F64) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_log_probs_and_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    dtype: torch.dtype = F64,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``log softmax(z)[target]`` and the entropy of softmax(z), z = (hidden @ weight.T + bias) / T."""
     logp = torch.log_softmax(linear_logits(hidden, weight, bias, dtype) / temperature, -1)
     log_prob = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
