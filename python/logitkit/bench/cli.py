@@ -49,12 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     default_ops = [c.name for c in CASES.values() if c.default]
     parser = argparse.ArgumentParser(
         prog="logitkit-bench",
-        description="Microbenchmarks of logitkit's row ops against plain PyTorch (and torch.compile), "
-        "with a correctness guard, a bandwidth roofline and peak memory. "
-        "Exit status 1 if any output MISMATCHes its float64 reference.",
-        epilog="Peak memory is always measured: on CUDA with torch.cuda.max_memory_allocated, on CPU "
-        "in-process from Linux's peak-RSS counter (cheap; --no-memory turns it off). "
-        "Times are noisy on shared or small machines; compare impls within one run.",
+        description=(
+            "Microbenchmarks of logitkit's row ops against plain PyTorch (and torch.compile), "
+            "with a correctness guard, a bandwidth roofline and peak memory. "
+            "Exit status 1 if any output MISMATCHes its float64 reference."
+        ),
+        epilog=(
+            "Peak memory is always measured: on CUDA with torch.cuda.max_memory_allocated, on CPU "
+            "in-process from Linux's peak-RSS counter (cheap; --no-memory turns it off). "
+            "Times are noisy on shared or small machines; compare impls within one run."
+        ),
     )
     _add_case_options(parser, default_ops)
     _add_run_options(parser)
@@ -124,8 +128,10 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--plot",
         metavar="PATH",
-        help="PNGs of time and GB/s vs vocab: X.png -> X_time.png, X_gbps.png "
-        "(a path without .png is a directory); needs matplotlib",
+        help=(
+            "PNGs of time and GB/s vs vocab: X.png -> X_time.png, X_gbps.png "
+            "(a path without .png is a directory); needs matplotlib"
+        ),
     )
     parser.add_argument("--plain", action="store_true", help="plain-text table even if rich is installed")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
