@@ -7,7 +7,7 @@ import torch
 
 import logitkit
 from logitkit import _layout
-from logitkit.testing import available, use_backend
+from logitkit.testing import assert_close, available, use_backend
 
 FORWARD_OPS = ["softmax", "log_softmax", "logsumexp", "entropy", "softmax_stats"]
 
@@ -70,7 +70,7 @@ def test_torch_compile_inductor_with_backward():
     x2 = x1.detach().clone().requires_grad_(True)
     compiled(x1).backward()
     loss(x2).backward()
-    torch.testing.assert_close(x1.grad, x2.grad)
+    assert_close(x1.grad, x2.grad, 1e-5, 1.3e-6, "compiled grad")  # torch.testing.assert_close's fp32 defaults
 
 
 def test_compile_reports_bad_input_at_trace_time():

@@ -72,6 +72,11 @@ def normaliser_from_stats(max_z: torch.Tensor, sum_exp: torch.Tensor) -> tuple[t
     return log_s, torch.where(max_z == math.inf, max_z, max_z + log_s)
 
 
+def entropy_from_stats(log_s: torch.Tensor, sum_exp: torch.Tensor, sum_shifted: torch.Tensor) -> torch.Tensor:
+    """Entropy of a softmax state (m, s, b): H = log s - b / s (core::SoftmaxState)."""
+    return log_s - sum_shifted / sum_exp
+
+
 def loss_per_token(
     t: Targets, target_nll: torch.Tensor, lse: torch.Tensor, weighted_sum: torch.Tensor | None, options: LossOptions
 ) -> torch.Tensor:

@@ -29,6 +29,7 @@ from ._loss_math import (
     REDUCTIONS,
     LossOptions,
     cross_entropy_coefficients,
+    entropy_from_stats,
     log_prob_entropy_coefficients,
     loss_per_token,
     normaliser_from_stats,
@@ -409,8 +410,9 @@ class _LinearLogProbsAndEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, target, tiles: _Tiles):
         f = _forward_stats(ctx, hidden, weight, bias, target, None, -100, tiles)
         log_prob = (column(f.stats, LceStateField.TARGET_LOGIT) - f.m) - f.log_s
-        # H = log s - b / s (softmax_state.h)
-        entropy = f.log_s - column(f.stats, LceStateField.SUM_SHIFTED) / column(f.stats, LceStateField.SUM_EXP)
+        entropy = entropy_from_stats(
+            f.log_s, column(f.stats, LceStateField.SUM_EXP), column(f.stats, LceStateField.SUM_SHIFTED)
+        )
         _save_for_tiles(ctx, f, weight, bias, entropy)
         return log_prob.reshape(target.shape), entropy.reshape(target.shape)
 

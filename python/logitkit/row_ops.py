@@ -30,6 +30,7 @@ import torch
 
 from . import _backend
 from ._layout import STATS_WIDTH, StatsField, column, stats_tensor
+from ._loss_math import entropy_from_stats, normaliser_from_stats
 from ._registration import check_logits, check_temperature, register_autograd, register_fake
 
 __all__ = [
@@ -126,14 +127,14 @@ def merge_stats(stats: Sequence[torch.Tensor] | torch.Tensor, dim: int | None = 
 
 def stats_logsumexp(stats: torch.Tensor) -> torch.Tensor:
     """log-sum-exp from a (..., 3) softmax state: ``m + log(s)`` (+inf if m = +inf)."""
-    m, s = column(stats, StatsField.MAX), column(stats, StatsField.SUM_EXP)
-    return torch.where(m == math.inf, m, m + torch.log(s))
+    _, lse = normaliser_from_stats(column(stats, StatsField.MAX), column(stats, StatsField.SUM_EXP))
+    return lse
 
 
 def stats_entropy(stats: torch.Tensor) -> torch.Tensor:
     """Entropy in nats from a (..., 3) softmax state: ``log(s) - b / s`` (NaN if m = +inf)."""
     m, s, b = (column(stats, f) for f in (StatsField.MAX, StatsField.SUM_EXP, StatsField.SUM_SHIFTED))
-    h = torch.log(s) - b / s
+    h = entropy_from_stats(torch.log(s), s, b)
     return torch.where(m == math.inf, torch.full_like(h, math.nan), h)
 
 
