@@ -1,27 +1,39 @@
 """Shared fixtures: every op test runs once per backend.
 
-Backends:
+Backends (logitkit.testing.backends):
   cpu            torch.ops.logitkit on CPU tensors (the CPU kernels)
   emulated-cuda  torch.ops.logitkit_emulated on CPU tensors: the CUDA kernels
                  and their host wrappers, run by our SIMT emulator
   cuda           torch.ops.logitkit on CUDA tensors (skipped without a GPU)
+
+The `backend` fixture also selects the backend for logitkit's public
+functions (logitkit.testing.use_backend), so a test calls `logitkit.softmax`
+etc. on `backend.tensor(...)` inputs, or the raw ops through `backend.ops`.
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
 import pytest
 import torch
 
-import logitkit
 from logitkit import _loader
+from logitkit.testing import backends
 
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
     name: str
-    device: str
-    namespace: str
+
+    @property
+    def device(self) -> str:
+        return backends.device(self.name)
+
+    @property
+    def namespace(self) -> str:
+        return backends.NAMESPACES[self.name]
 
     @property
     def ops(self):
@@ -32,32 +44,25 @@ class Backend:
         return t.detach().clone().to(self.device)
 
 
-BACKENDS = [
-    pytest.param(Backend("cpu", "cpu", "logitkit"), id="cpu"),
-    pytest.param(
-        Backend("emulated-cuda", "cpu", "logitkit_emulated"),
-        id="emulated-cuda",
-        marks=pytest.mark.skipif(_loader._C_emulated is None, reason="emulated-CUDA module not built"),
-    ),
-    pytest.param(
-        Backend("cuda", "cuda", "logitkit"),
-        id="cuda",
-        marks=pytest.mark.skipif(
-            not (torch.cuda.is_available() and logitkit.build_info()["cuda_compiled"]), reason="no CUDA device"
-        ),
-    ),
-]
+def _param(name: str):
+    reason = backends.unavailable_reason(name)
+    return pytest.param(Backend(name), id=name, marks=pytest.mark.skipif(reason is not None, reason=reason or ""))
+
+
+BACKENDS = [_param(name) for name in backends.NAMESPACES]
+
+# Default emulated launch shape: 80 threads (a partial last warp); rows longer
+# than 4096 split over several blocks; a seeded random thread schedule.
+EMULATED_DEFAULTS = dict(threads_per_block=80, max_elements_per_block=4096, schedule="random", seed=1)
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request) -> Backend:
+def backend(request) -> Iterator[Backend]:
     b = request.param
-    if b.namespace == "logitkit_emulated":
-        # Default emulated launch shape: 80 threads (a partial last warp);
-        # rows longer than 4096 split over several blocks; a seeded random
-        # thread schedule.
-        _loader._C_emulated.configure(threads_per_block=80, max_elements_per_block=4096, schedule="random", seed=1)
-    return b
+    if b.name == "emulated-cuda":
+        _loader._C_emulated.configure(**EMULATED_DEFAULTS)
+    with backends.use_backend(b.name):
+        yield b
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,6 @@
 """Tests of the ``logitkit-bench`` CLI (logitkit.bench): end to end on CPU, the bytes-moved
 model, the correctness guard and the pure helpers. Kept fast: every run uses --quick."""
+
 from __future__ import annotations
 
 import csv
@@ -10,18 +11,58 @@ import math
 import pytest
 import torch
 
+import logitkit
 from logitkit import bench
+from logitkit.bench import top_h_cases
+from logitkit.testing import references
 
 ENV_FIELDS = {
-    "device", "device_name", "cpu_model", "num_threads", "torch_version", "cuda_version",
-    "logitkit_version", "git_commit", "git_dirty", "build_info", "copy_bandwidth_gbps",
-    "copy_buffer_bytes", "datasheet_peak_gbps", "llc_bytes", "rotation_target_bytes",
-    "memory_method", "python_version", "platform", "timestamp",
+    "device",
+    "device_name",
+    "cpu_model",
+    "num_threads",
+    "torch_version",
+    "cuda_version",
+    "logitkit_version",
+    "git_commit",
+    "git_dirty",
+    "build_info",
+    "copy_bandwidth_gbps",
+    "copy_buffer_bytes",
+    "datasheet_peak_gbps",
+    "llc_bytes",
+    "rotation_target_bytes",
+    "memory_method",
+    "python_version",
+    "platform",
+    "timestamp",
 }
 RESULT_FIELDS = {
-    "op", "dtype", "rows", "vocab", "impl", "median_ms", "p20_ms", "p80_ms", "gbps", "pct_copy",
-    "gflops", "pct_peak", "speedup_vs_eager", "max_abs_err", "max_tol_ratio", "atol", "rtol", "status", "error",
-    "peak_mem_bytes", "bytes_moved", "input_bytes", "buffers", "samples", "inner",
+    "op",
+    "dtype",
+    "rows",
+    "vocab",
+    "impl",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "gbps",
+    "pct_copy",
+    "gflops",
+    "pct_peak",
+    "speedup_vs_eager",
+    "max_abs_err",
+    "max_tol_ratio",
+    "atol",
+    "rtol",
+    "status",
+    "error",
+    "peak_mem_bytes",
+    "bytes_moved",
+    "input_bytes",
+    "buffers",
+    "samples",
+    "inner",
 }
 FAST = ["--quick", "--device", "cpu", "--no-progress", "--repeats", "2", "--warmup", "1"]
 
@@ -38,8 +79,10 @@ def _run(argv, tmp_path):
 
 def test_quick_run_writes_documented_json_and_csv(tmp_path, capsys):
     csv_path = tmp_path / "run.csv"
-    rc, doc = _run(["--quick", "--device", "cpu", "softmax", "log_softmax", "entropy", "logsumexp",
-                    "--csv", str(csv_path)], tmp_path)
+    rc, doc = _run(
+        ["--quick", "--device", "cpu", "softmax", "log_softmax", "entropy", "logsumexp", "--csv", str(csv_path)],
+        tmp_path,
+    )
     assert rc == 0
     assert doc["schema_version"] == 1
     assert set(doc) == {"schema_version", "environment", "config", "results", "summary"}
@@ -48,7 +91,7 @@ def test_quick_run_writes_documented_json_and_csv(tmp_path, capsys):
     assert set(env) == ENV_FIELDS
     assert env["device"] == "cpu"
     assert env["torch_version"] == torch.__version__
-    assert env["logitkit_version"] == bench.logitkit.__version__
+    assert env["logitkit_version"] == logitkit.__version__
     assert env["num_threads"] == torch.get_num_threads()
     assert isinstance(env["build_info"], dict) and "cpu_capability" in env["build_info"]
     assert env["copy_bandwidth_gbps"] > 0
@@ -62,8 +105,11 @@ def test_quick_run_writes_documented_json_and_csv(tmp_path, capsys):
     # 4 ops x 2 dtypes x (logitkit + eager)
     assert len(results) == 16
     assert {(r["op"], r["dtype"], r["impl"]) for r in results} == {
-        (op, dt, impl) for op in ("softmax", "log_softmax", "entropy", "logsumexp")
-        for dt in ("fp32", "bf16") for impl in ("logitkit", "eager")}
+        (op, dt, impl)
+        for op in ("softmax", "log_softmax", "entropy", "logsumexp")
+        for dt in ("fp32", "bf16")
+        for impl in ("logitkit", "eager")
+    }
     for r in results:
         assert set(r) == RESULT_FIELDS
         assert r["status"] == "OK", r
@@ -83,7 +129,7 @@ def test_quick_run_writes_documented_json_and_csv(tmp_path, capsys):
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(results)
-    assert RESULT_FIELDS <= set(rows[0]) and {f"env_{k}" for k in ENV_FIELDS} <= set(rows[0])
+    assert set(rows[0]) >= RESULT_FIELDS and set(rows[0]) >= {f"env_{k}" for k in ENV_FIELDS}
 
     printed = capsys.readouterr().out
     for column in ("median ms", "GB/s", "speed-up", "max abs err", "status"):
@@ -92,10 +138,13 @@ def test_quick_run_writes_documented_json_and_csv(tmp_path, capsys):
 
 
 def test_plain_table_and_option_overrides(tmp_path, capsys):
-    rc, doc = _run([*FAST, "logsumexp", "--dtype", "fp16", "--rows", "1,3", "--vocab", "777", "--plain",
-                    "--no-memory"], tmp_path)
+    rc, doc = _run(
+        [*FAST, "logsumexp", "--dtype", "fp16", "--rows", "1,3", "--vocab", "777", "--plain", "--no-memory"], tmp_path
+    )
     assert rc == 0
-    assert [(r["rows"], r["vocab"], r["dtype"]) for r in doc["results"]] == [(1, 777, "fp16")] * 2 + [(3, 777, "fp16")] * 2
+    assert [(r["rows"], r["vocab"], r["dtype"]) for r in doc["results"]] == [(1, 777, "fp16")] * 2 + [
+        (3, 777, "fp16")
+    ] * 2
     assert all(r["peak_mem_bytes"] is None and r["samples"] == 2 for r in doc["results"])
     out = capsys.readouterr().out
     assert "logsumexp" in out and "┃" not in out  # plain text, no rich box drawing
@@ -124,8 +173,7 @@ def test_presets():
 @pytest.fixture
 def broken_softmax(monkeypatch):
     """A registered case whose 'logitkit' implementation is subtly wrong (temperature 1/1.01)."""
-    case = dataclasses.replace(bench.CASES["softmax"], name="broken_softmax",
-                               fn=lambda x: torch.softmax(x * 1.01, -1))
+    case = dataclasses.replace(bench.CASES["softmax"], name="broken_softmax", fn=lambda x: torch.softmax(x * 1.01, -1))
     monkeypatch.setitem(bench.CASES, case.name, case)
     return case
 
@@ -134,8 +182,12 @@ def test_guard_flags_a_wrong_implementation(broken_softmax, tmp_path, capsys):
     rc, doc = _run([*FAST, "broken_softmax", "softmax", "--dtype", "fp32"], tmp_path)
     assert rc == 1
     status = {(r["op"], r["impl"]): r["status"] for r in doc["results"]}
-    assert status == {("broken_softmax", "logitkit"): "MISMATCH", ("broken_softmax", "eager"): "OK",
-                      ("softmax", "logitkit"): "OK", ("softmax", "eager"): "OK"}
+    assert status == {
+        ("broken_softmax", "logitkit"): "MISMATCH",
+        ("broken_softmax", "eager"): "OK",
+        ("softmax", "logitkit"): "OK",
+        ("softmax", "eager"): "OK",
+    }
     bad = next(r for r in doc["results"] if r["status"] == "MISMATCH")
     assert bad["max_tol_ratio"] > 1 and bad["median_ms"] is not None  # still timed and reported
     assert doc["summary"]["mismatches"] == 1 and doc["summary"]["exit_code"] == 1
@@ -160,35 +212,35 @@ def test_top_h_cases_pass_their_guards(tmp_path):
     assert rc == 0, [(r["op"], r["impl"], r["status"], r["error"]) for r in doc["results"]]
     impls = {(r["op"], r["impl"]) for r in doc["results"]}
     assert ("top_h_official", "official-loop") in impls and ("top_h_exact", "sort-scan") in impls
-    expected = "transformers" if bench._transformers_top_h_warper() else "sort-scan"
+    expected = "transformers" if top_h_cases._transformers_top_h_warper() else "sort-scan"
     assert ("top_h", expected) in impls and ("sample", expected) in impls
 
 
 def test_top_h_guards_flag_wrong_kept_sets_and_tokens():
     x = torch.randn(8, 500, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3
-    keep = bench.top_h_keep_reference(x, 0.4, 1.5, "hf")
-    check = bench._top_h_keep_check(0.4)
+    keep = references.top_h_mask(x, 0.4, 1.5, "hf")
+    check = top_h_cases._top_h_keep_check(0.4)
     assert check(x.masked_fill(~keep, -math.inf), keep, (x,)) == (0.0, 0.0)
-    official = bench.top_h_keep_reference(x, 0.4, 1.5, "official")
+    official = references.top_h_mask(x, 0.4, 1.5, "official")
     assert not torch.equal(official, keep)
     assert check(x.masked_fill(~official, -math.inf), keep, (x,))[1] > 1
     # alpha = 1 allows one differing token per row (the capped rules' equality at the cut), not two
     one_off = keep.clone()
     one_off[0, keep[0].nonzero()[-1]] = False
-    assert bench._top_h_keep_check(1.0)(x.masked_fill(~one_off, -math.inf), keep, (x,))[1] <= 1
+    assert top_h_cases._top_h_keep_check(1.0)(x.masked_fill(~one_off, -math.inf), keep, (x,))[1] <= 1
     assert check(x.masked_fill(~one_off, -math.inf), keep, (x,))[1] > 1
     first_kept = keep.float().argmax(-1)
-    assert bench._sample_check(first_kept, keep, (x,)) == (0.0, 0.0)
+    assert top_h_cases._sample_check(first_kept, keep, (x,)) == (0.0, 0.0)
     first_dropped = (~keep).float().argmax(-1)
-    assert bench._sample_check(first_dropped, keep, (x,))[1] > 1
-    assert bench._sample_check(torch.full((8,), -1), keep, (x,))[1] > 1
+    assert top_h_cases._sample_check(first_dropped, keep, (x,))[1] > 1
+    assert top_h_cases._sample_check(torch.full((8,), -1), keep, (x,))[1] > 1
 
 
 def test_official_loop_matches_the_reference():
     x = torch.randn(5, 300, generator=torch.Generator().manual_seed(0)) * 3
     x[1, :] = x[1, 0]  # not tie-free: skip the row below
-    out = bench.official_top_h_loop(x, 0.4, 1.5)
-    keep = bench.top_h_keep_reference(x.double(), 0.4, 1.5, "official")
+    out = top_h_cases.official_top_h_loop(x, 0.4, 1.5)
+    keep = references.top_h_mask(x.double(), 0.4, 1.5, "official")
     for r in (0, 2, 3, 4):
         assert torch.equal(out[r].isfinite(), keep[r])
         assert torch.equal(out[r][keep[r]], x[r][keep[r]])
@@ -209,31 +261,43 @@ def test_compare_tolerance_and_special_values():
 # --------------------------------------------------------------------------- bytes model
 
 
-@pytest.mark.parametrize("op, dtype, expected", [
-    ("softmax", "fp32", 2 * 3 * 1000 * 4),
-    ("softmax", torch.bfloat16, 2 * 3 * 1000 * 2),
-    ("log_softmax", "fp16", 2 * 3 * 1000 * 2),
-    ("log_softmax", "fp32", 2 * 3 * 1000 * 4),
-    ("entropy", "fp32", 3 * 1000 * 4 + 3 * 4),
-    ("entropy", "bf16", 3 * 1000 * 2 + 3 * 4),  # entropy is always written in float32
-    ("logsumexp", "fp32", 3 * 1000 * 4 + 3 * 4),
-    ("logsumexp", "bf16", 3 * 1000 * 2 + 3 * 2),  # logsumexp keeps the input dtype
-    ("top_h", "fp32", 2 * 3 * 1000 * 4),  # read the logits, write the filtered logits
-    ("top_h_official", "bf16", 2 * 3 * 1000 * 2),
-    ("top_h_exact", "fp16", 2 * 3 * 1000 * 2),
-    ("sample", "fp32", 3 * 1000 * 4 + 3 * (4 + 8)),  # + one float32 uniform in, one int64 token out per row
-    ("sample", "bf16", 3 * 1000 * 2 + 3 * (4 + 8)),
-    # read hidden (3 x D) and weight (1000 x D), write their gradients, read 3 int64 targets
-    ("linear_ce", "fp32", 2 * (3 + 1000) * bench.LINEAR_CE_HIDDEN * 4 + 3 * 8),
-    ("linear_ce", "bf16", 2 * (3 + 1000) * bench.LINEAR_CE_HIDDEN * 2 + 3 * 8),
-])
+@pytest.mark.parametrize(
+    "op, dtype, expected",
+    [
+        ("softmax", "fp32", 2 * 3 * 1000 * 4),
+        ("softmax", torch.bfloat16, 2 * 3 * 1000 * 2),
+        ("log_softmax", "fp16", 2 * 3 * 1000 * 2),
+        ("log_softmax", "fp32", 2 * 3 * 1000 * 4),
+        ("entropy", "fp32", 3 * 1000 * 4 + 3 * 4),
+        ("entropy", "bf16", 3 * 1000 * 2 + 3 * 4),  # entropy is always written in float32
+        ("logsumexp", "fp32", 3 * 1000 * 4 + 3 * 4),
+        ("logsumexp", "bf16", 3 * 1000 * 2 + 3 * 2),  # logsumexp keeps the input dtype
+        ("top_h", "fp32", 2 * 3 * 1000 * 4),  # read the logits, write the filtered logits
+        ("top_h_official", "bf16", 2 * 3 * 1000 * 2),
+        ("top_h_exact", "fp16", 2 * 3 * 1000 * 2),
+        ("sample", "fp32", 3 * 1000 * 4 + 3 * (4 + 8)),  # + one float32 uniform in, one int64 token out per row
+        ("sample", "bf16", 3 * 1000 * 2 + 3 * (4 + 8)),
+        # read hidden (3 x D) and weight (1000 x D), write their gradients, read 3 int64 targets
+        ("linear_ce", "fp32", 2 * (3 + 1000) * bench.LINEAR_CE_HIDDEN * 4 + 3 * 8),
+        ("linear_ce", "bf16", 2 * (3 + 1000) * bench.LINEAR_CE_HIDDEN * 2 + 3 * 8),
+    ],
+)
 def test_bytes_moved(op, dtype, expected):
     assert bench.bytes_moved(op, 3, 1000, dtype) == expected
 
 
 def test_every_registered_op_has_a_bytes_model_test():
-    tested = {"softmax", "log_softmax", "entropy", "logsumexp", "top_h", "top_h_official", "top_h_exact", "sample",
-              "linear_ce"}
+    tested = {
+        "softmax",
+        "log_softmax",
+        "entropy",
+        "logsumexp",
+        "top_h",
+        "top_h_official",
+        "top_h_exact",
+        "sample",
+        "linear_ce",
+    }
     assert set(bench.CASES) <= tested, "add a test_bytes_moved case for the new op"
 
 
@@ -243,14 +307,18 @@ def test_linear_ce_flops_model():
 
 
 def test_linear_ce_case_runs_and_reports_transient_memory(tmp_path, capsys):
-    rc, doc = _run([*FAST, "linear_ce", "--dtype", "fp32", "--rows", "8,16", "--vocab", "300", "--hidden", "64",
-                    "--plain"], tmp_path)
+    rc, doc = _run(
+        [*FAST, "linear_ce", "--dtype", "fp32", "--rows", "8,16", "--vocab", "300", "--hidden", "64", "--plain"],
+        tmp_path,
+    )
     assert rc == 0, [(r["impl"], r["status"], r["error"]) for r in doc["results"]]
     assert doc["config"]["hidden"] == 64
     impls = {r["impl"] for r in doc["results"]}
     assert {"logitkit", "materialised"} <= impls
     for r in doc["results"]:
-        assert r["status"] == "OK" and r["gflops"] == pytest.approx(6 * r["rows"] * 300 * 64 / (r["median_ms"] * 1e-3) / 1e9)
+        assert r["status"] == "OK" and r["gflops"] == pytest.approx(
+            6 * r["rows"] * 300 * 64 / (r["median_ms"] * 1e-3) / 1e9
+        )
         assert r["samples"] <= 3  # max_repeats of the case
     assert "GFLOP/s" in capsys.readouterr().out
 
@@ -293,13 +361,19 @@ def test_memory_probe_sees_a_known_allocation():
 def test_plots(tmp_path):
     pytest.importorskip("matplotlib")
     env = {"device_name": "test", "copy_bandwidth_gbps": 10.0, "datasheet_peak_gbps": None}
-    results = [bench.Result("softmax", "fp32", 1, v, impl, median_ms=v / 1e4, gbps=v / 1e4)
-               for v in (1000, 2000) for impl in ("logitkit", "eager")]
+    results = [
+        bench.Result("softmax", "fp32", 1, v, impl, median_ms=v / 1e4, gbps=v / 1e4)
+        for v in (1000, 2000)
+        for impl in ("logitkit", "eager")
+    ]
     paths = bench.write_plots(tmp_path / "sweep.png", env, results)
     assert [p.name for p in paths] == ["sweep_time.png", "sweep_gbps.png"]  # one row count: no memory plot
     assert all(p.stat().st_size > 0 for p in paths)
-    swept = [bench.Result("linear_ce", "fp32", n, 1000, impl, median_ms=n / 1e3, gbps=1.0, peak_mem_bytes=n << 20)
-             for n in (256, 512, 1024) for impl in ("logitkit", "materialised")]
+    swept = [
+        bench.Result("linear_ce", "fp32", n, 1000, impl, median_ms=n / 1e3, gbps=1.0, peak_mem_bytes=n << 20)
+        for n in (256, 512, 1024)
+        for impl in ("logitkit", "materialised")
+    ]
     paths = bench.write_plots(tmp_path / "lce.png", env, swept)
     assert [p.name for p in paths] == ["lce_time.png", "lce_gbps.png", "lce_memory.png"]
     assert all(p.stat().st_size > 0 for p in paths)

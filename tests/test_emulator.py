@@ -1,5 +1,6 @@
 """The SIMT emulator that runs our CUDA kernels on the CPU: intrinsic
 semantics, partial warps, schedules, and detection of misuse."""
+
 from __future__ import annotations
 
 import pytest
@@ -25,7 +26,7 @@ def expected_intrinsics(t: int, threads: int):
     lanes = min(32, threads - warp_start)
     lane = t - warp_start
     live = range(lanes)
-    ballot = sum(1 << l for l in live if l % 3 == 0)
+    ballot = sum(1 << lane for lane in live if lane % 3 == 0)
 
     def down(delta, width=32):
         seg = (lane // width) * width
@@ -52,7 +53,7 @@ def test_warp_intrinsics(threads, schedule):
     out = emu.selftest("warp_intrinsics", threads, 2)
     for b in range(2):
         for t in range(threads):
-            got = out[(b * threads + t) * 9:(b * threads + t + 1) * 9]
+            got = out[(b * threads + t) * 9 : (b * threads + t + 1) * 9]
             for i, (g, e) in enumerate(zip(got, expected_intrinsics(t, threads))):
                 if e is None:
                     continue  # the source lane does not exist: undefined on a GPU
@@ -65,7 +66,7 @@ def test_block_reduce_atomics_and_dynamic_shared(threads, schedule):
     emu.configure(schedule=schedule, seed=threads)
     blocks = 3
     out = emu.selftest("block_reduce", threads, blocks)
-    sums, counter, neighbours = out[:blocks], out[blocks], out[blocks + 1:]
+    sums, counter, neighbours = out[:blocks], out[blocks], out[blocks + 1 :]
     assert sums == [threads * (threads + 1) // 2] * blocks
     assert counter == threads * blocks
     for b in range(blocks):

@@ -1,9 +1,12 @@
-"""logitkit.linear_cross_entropy on every backend, against an fp64
-materialised reference: F.cross_entropy on softcap((hidden @ W.T + b) / T),
-plus the z-loss term."""
+"""logitkit.linear_cross_entropy on every backend, against the fp64
+materialised reference of logitkit.testing: F.cross_entropy on
+softcap((hidden @ W.T + b) / T), plus the z-loss term; and the fake kernels
+of its ops against the C++ checks."""
+
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -11,42 +14,15 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import logitkit
-from logitkit.linear_ce import _linear_cross_entropy
+from logitkit._layout import LceStateField, column, normaliser_tensor
+from logitkit.testing import assert_close, assert_no_worse_than_torch, references, tolerances, use_backend
 
 REDUCTIONS = ["none", "mean", "sum"]
-
-
-def lce(backend, hidden, weight, target, **kw):
-    return _linear_cross_entropy(backend.namespace, hidden, weight, target, **kw)
-
-
-def reference(hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-              class_weight=None, softcap=None, z_loss=0.0, temperature=1.0):
-    """fp64, with the N x V logits materialised (differentiable)."""
-    x = hidden.double() @ weight.double().T
-    if bias is not None:
-        x = x + bias.double()
-    z = x / temperature
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    v = weight.shape[0]
-    z2, t1 = z.reshape(-1, v), target.reshape(-1)
-    cw = None if class_weight is None else class_weight.double()
-    loss = F.cross_entropy(z2, t1, weight=cw, ignore_index=ignore_index, reduction=reduction,
-                           label_smoothing=label_smoothing)
-    if z_loss:
-        valid = t1 != ignore_index
-        zl = torch.where(valid, z_loss * torch.logsumexp(z2, -1) ** 2, torch.zeros((), dtype=z2.dtype))
-        if reduction == "none":
-            loss = loss + zl
-        elif reduction == "sum":
-            loss = loss + zl.sum()
-        else:
-            w_y = valid.double() if cw is None else cw[torch.where(valid, t1, 0)] * valid
-            loss = loss + zl.sum() / w_y.sum()
-    return loss.reshape(target.shape) if reduction == "none" else loss
+lce = logitkit.linear_cross_entropy
+reference = references.linear_cross_entropy
 
 
 def make_problem(lead=(2, 5), d=16, v=37, dtype=torch.float32, bias=False, class_weight=False, ignore=(), seed=0):
@@ -61,28 +37,27 @@ def make_problem(lead=(2, 5), d=16, v=37, dtype=torch.float32, bias=False, class
     return hidden, weight, target, b, cw
 
 
-def assert_close(actual, expected, atol, rtol, what=""):
-    actual = actual.detach().double().cpu()
-    expected = expected.detach().double().cpu()
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} vs {expected.shape}"
-    err = (actual - expected).abs()
-    ok = (err <= atol + rtol * expected.abs()) | (torch.isnan(actual) & torch.isnan(expected))
-    assert bool(ok.all()), f"{what}: max abs error {err.max().item():.3e} (atol {atol}, rtol {rtol})"
-
-
 def run_case(backend, problem, *, reduction="mean", grad_seed=1, check_grads=True, tol=None, **options):
     """Loss and gradients of logitkit vs the fp64 reference (same rounded inputs)."""
     hidden, weight, target, bias, cw = problem
     dtype = hidden.dtype
     leaves = [backend.tensor(t).requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
     ref_leaves = [t.double().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
-    out = lce(backend, leaves[0], leaves[1], backend.tensor(target), bias=leaves[2],
-              class_weight=None if cw is None else backend.tensor(cw), reduction=reduction, **options)
+    out = lce(
+        leaves[0],
+        leaves[1],
+        backend.tensor(target),
+        bias=leaves[2],
+        class_weight=None if cw is None else backend.tensor(cw),
+        reduction=reduction,
+        **options,
+    )
     ref_options = {k: v for k, v in options.items() if k != "chunk_budget"}
-    ref = reference(ref_leaves[0], ref_leaves[1], target, bias=ref_leaves[2], class_weight=cw, reduction=reduction,
-                    **ref_options)
+    ref = reference(
+        ref_leaves[0], ref_leaves[1], target, bias=ref_leaves[2], class_weight=cw, reduction=reduction, **ref_options
+    )
     assert out.dtype == dtype
-    atol, rtol = tol or {torch.float32: (2e-5, 2e-5), torch.bfloat16: (1e-2, 1e-2), torch.float16: (2e-3, 2e-3)}[dtype]
+    atol, rtol = tol or tolerances.LINEAR_CROSS_ENTROPY[dtype]
     assert_close(out, ref, atol, rtol, f"loss {reduction} {options}")
     if not check_grads:
         return out
@@ -96,7 +71,31 @@ def run_case(backend, problem, *, reduction="mean", grad_seed=1, check_grads=Tru
         scale = max(ref_leaf.grad.abs().max().item(), 1e-2)  # V = 1: the exact gradient is 0
         assert leaf.grad.dtype == dtype
         assert_close(leaf.grad, ref_leaf.grad, atol * scale, rtol, f"grad {name} {reduction} {options}")
+    if dtype != torch.float32:
+        assert_no_worse_than_materialised(problem, reduction, grad, out, leaves, ref, ref_leaves, ref_options)
     return out
+
+
+def assert_no_worse_than_materialised(problem, reduction, grad, out, leaves, ref, ref_leaves, options):
+    """bf16/fp16: the loss and gradients are no less accurate than the materialised loss computed
+    in the same dtype (the fp64 reference's definition evaluated in that dtype)."""
+    hidden, weight, target, bias, cw = problem
+    plain_leaves = [t.clone().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
+    plain = reference(
+        plain_leaves[0],
+        plain_leaves[1],
+        target,
+        bias=plain_leaves[2],
+        class_weight=cw,
+        reduction=reduction,
+        dtype=hidden.dtype,
+        **options,
+    )
+    plain.backward(grad.to(plain.dtype))
+    assert_no_worse_than_torch(out, plain, ref, what=f"loss {reduction} {options}")
+    for name, leaf, plain_leaf, ref_leaf in zip(("hidden", "weight", "bias"), leaves, plain_leaves, ref_leaves):
+        if leaf is not None:
+            assert_no_worse_than_torch(leaf.grad, plain_leaf.grad, ref_leaf.grad, what=f"grad {name} {options}")
 
 
 OPTIONS = {
@@ -108,8 +107,15 @@ OPTIONS = {
     "z_loss": {"z_loss": 1e-2},
     "temperature": {"temperature": 0.7},
     "ignore_index": {"ignore": (1, 4, 7)},
-    "all": {"bias": True, "class_weight": True, "label_smoothing": 0.2, "softcap": 2.5, "z_loss": 1e-3,
-            "temperature": 1.3, "ignore": (0, 3)},
+    "all": {
+        "bias": True,
+        "class_weight": True,
+        "label_smoothing": 0.2,
+        "softcap": 2.5,
+        "z_loss": 1e-3,
+        "temperature": 1.3,
+        "ignore": (0, 3),
+    },
 }
 
 
@@ -139,14 +145,15 @@ def test_half_dtypes(backend, dtype, reduction):
 @pytest.mark.parametrize("budget", [4, 4 * 8, 4 * 37, 4 * 100, 4 * 10 * 37, 1 << 26])
 def test_chunk_budgets(backend, budget):
     # Tiles from 1 x 1 (4 bytes) through token-split tiles to a single tile.
-    run_case(backend, make_problem(ignore=(2,)), reduction="none", chunk_budget=budget, label_smoothing=0.1,
-             z_loss=1e-3)
+    run_case(
+        backend, make_problem(ignore=(2,)), reduction="none", chunk_budget=budget, label_smoothing=0.1, z_loss=1e-3
+    )
 
 
 def test_many_token_chunks_cpu():
     from conftest import Backend
 
-    cpu = Backend("cpu", "cpu", "logitkit")
+    cpu = Backend("cpu")
     run_case(cpu, make_problem(lead=(300,), d=8, v=50, bias=True), reduction="mean", chunk_budget=4 * 40 * 3)
 
 
@@ -155,23 +162,29 @@ def test_repeated_and_scaled_backward(backend, reduction):
     # Repeated backward (retain_graph) accumulates the same gradients again; a
     # scaled loss with a frozen bias scales them.
     hidden, weight, target, bias, cw = make_problem(bias=True, class_weight=True, ignore=(2,))
-    kw = dict(class_weight=backend.tensor(cw), reduction=reduction, label_smoothing=0.1, z_loss=1e-2, softcap=4.0,
-              temperature=0.8, chunk_budget=4 * 40)
+    kw = dict(
+        class_weight=backend.tensor(cw),
+        reduction=reduction,
+        label_smoothing=0.1,
+        z_loss=1e-2,
+        softcap=4.0,
+        temperature=0.8,
+        chunk_budget=4 * 40,
+    )
     h, w, b = (backend.tensor(x).requires_grad_() for x in (hidden, weight, bias))
-    loss = lce(backend, h, w, backend.tensor(target), bias=b, **kw)
+    loss = lce(h, w, backend.tensor(target), bias=b, **kw)
     loss.backward(retain_graph=True)
     first = [x.grad.clone() for x in (h, w, b)]
     loss.backward()  # accumulates the same gradients again
     for x, g in zip((h, w, b), first):
         assert_close(x.grad, 2 * g, 1e-6, 1e-6, "second backward")
     h2, w2 = (backend.tensor(x).requires_grad_() for x in (hidden, weight))
-    (3.0 * lce(backend, h2, w2, backend.tensor(target), bias=backend.tensor(bias), **kw)).backward()
+    (3.0 * lce(h2, w2, backend.tensor(target), bias=backend.tensor(bias), **kw)).backward()
     for x, g in zip((h2, w2), first):
         assert_close(x.grad, 3 * g, 1e-5 * g.abs().max().item(), 1e-5, "scaled loss")
 
 
-@pytest.mark.parametrize("shape", [{"v": 1}, {"d": 1}, {"v": 1, "d": 1}, {"lead": (7,)}, {"lead": (2, 3, 2)}],
-                         ids=str)
+@pytest.mark.parametrize("shape", [{"v": 1}, {"d": 1}, {"v": 1, "d": 1}, {"lead": (7,)}, {"lead": (2, 3, 2)}], ids=str)
 def test_edge_shapes(backend, shape):
     for reduction in REDUCTIONS:
         run_case(backend, make_problem(**shape), reduction=reduction, label_smoothing=0.1)
@@ -184,12 +197,14 @@ def test_all_ignored_batch(backend):
     w = backend.tensor(weight).requires_grad_()
     t = backend.tensor(target)
     for reduction in ("none", "sum"):
-        out = lce(backend, h, w, t, reduction=reduction, z_loss=1e-2)
+        out = lce(h, w, t, reduction=reduction, z_loss=1e-2)
         assert torch.equal(out.cpu(), torch.zeros_like(out.cpu()))
         out.sum().backward()
-        assert torch.equal(h.grad.cpu(), torch.zeros_like(hidden)) and torch.equal(w.grad.cpu(), torch.zeros_like(weight))
+        assert torch.equal(h.grad.cpu(), torch.zeros_like(hidden)) and torch.equal(
+            w.grad.cpu(), torch.zeros_like(weight)
+        )
         h.grad = w.grad = None
-    out = lce(backend, h, w, t, reduction="mean")
+    out = lce(h, w, t, reduction="mean")
     assert torch.isnan(out).item()  # 0 / 0, as F.cross_entropy
     assert torch.isnan(F.cross_entropy((hidden @ weight.T).reshape(-1, 37), target.reshape(-1))).item()
     out.backward()
@@ -198,8 +213,14 @@ def test_all_ignored_batch(backend):
 
 def test_return_lse(backend):
     hidden, weight, target, _, _ = make_problem()
-    loss, lse = lce(backend, backend.tensor(hidden), backend.tensor(weight), backend.tensor(target), return_lse=True,
-                    temperature=0.5, chunk_budget=4 * 40)
+    _loss, lse = lce(
+        backend.tensor(hidden),
+        backend.tensor(weight),
+        backend.tensor(target),
+        return_lse=True,
+        temperature=0.5,
+        chunk_budget=4 * 40,
+    )
     assert lse.shape == target.shape and lse.dtype == torch.float32
     assert_close(lse, torch.logsumexp(hidden.double() @ weight.double().T / 0.5, -1), 1e-5, 1e-5, "lse")
 
@@ -217,7 +238,7 @@ def test_target_gradient_when_nearly_certain(backend, dtype):
     hidden = hidden.to(dtype)
     weight = torch.eye(v, dtype=dtype)
     h = backend.tensor(hidden).requires_grad_()
-    lce(backend, h, backend.tensor(weight), backend.tensor(target), reduction="sum").backward()
+    lce(h, backend.tensor(weight), backend.tensor(target), reduction="sum").backward()
     expected = torch.softmax(hidden.double(), -1) - F.one_hot(target, v).double()
     got = h.grad.double().cpu()
     assert (got[torch.arange(4), target] < 0).all()
@@ -232,12 +253,28 @@ def test_matches_torch_linear_cross_entropy(backend):
     hidden, weight, target, bias, cw = make_problem(lead=(10,), bias=True, class_weight=True, ignore=(3,))
     # label_smoothing = 0 takes torch's chunked path, 0.1 its reference fallback.
     for reduction, ls in [(r, ls) for r in REDUCTIONS for ls in (0.0, 0.1)]:
-        ours = lce(backend, backend.tensor(hidden), backend.tensor(weight), backend.tensor(target),
-                   bias=backend.tensor(bias), class_weight=backend.tensor(cw), reduction=reduction,
-                   label_smoothing=ls, chunk_budget=4 * 40)
+        ours = lce(
+            backend.tensor(hidden),
+            backend.tensor(weight),
+            backend.tensor(target),
+            bias=backend.tensor(bias),
+            class_weight=backend.tensor(cw),
+            reduction=reduction,
+            label_smoothing=ls,
+            chunk_budget=4 * 40,
+        )
         opts = torch.nn.LinearCrossEntropyOptions() if hasattr(torch.nn, "LinearCrossEntropyOptions") else None
-        theirs = F.linear_cross_entropy(hidden, weight, target, linear_bias=bias, weight=cw, reduction=reduction,
-                                        ignore_index=-100, label_smoothing=ls, options=opts)
+        theirs = F.linear_cross_entropy(
+            hidden,
+            weight,
+            target,
+            linear_bias=bias,
+            weight=cw,
+            reduction=reduction,
+            ignore_index=-100,
+            label_smoothing=ls,
+            options=opts,
+        )
         assert_close(ours, theirs, 1e-5, 1e-5, f"vs F.linear_cross_entropy {reduction} {ls}")
 
 
@@ -247,22 +284,22 @@ def test_bad_input(backend):
     bad = target.clone()
     bad[1, 2] = 37
     with pytest.raises(ValueError, match="target"):
-        lce(backend, h, w, backend.tensor(bad))
+        lce(h, w, backend.tensor(bad))
     bad[1, 2] = -1
     with pytest.raises(ValueError, match="target"):
-        lce(backend, h, w, backend.tensor(bad))
+        lce(h, w, backend.tensor(bad))
     with pytest.raises(ValueError, match="weight"):
-        lce(backend, h, w[:, :3], backend.tensor(target))
+        lce(h, w[:, :3], backend.tensor(target))
     with pytest.raises(ValueError, match="target"):
-        lce(backend, h, w, backend.tensor(target[:1]))
+        lce(h, w, backend.tensor(target[:1]))
     with pytest.raises(TypeError, match="weight"):
-        lce(backend, h, w.double(), backend.tensor(target))
+        lce(h, w.double(), backend.tensor(target))
     with pytest.raises(ValueError, match="bias"):
-        lce(backend, h, w, backend.tensor(target), bias=w[0])
+        lce(h, w, backend.tensor(target), bias=w[0])
     with pytest.raises(ValueError, match="reduction"):
-        lce(backend, h, w, backend.tensor(target), reduction="avg")
+        lce(h, w, backend.tensor(target), reduction="avg")
     with pytest.raises(ValueError, match="softcap"):
-        lce(backend, h, w, backend.tensor(target), softcap=0.0)
+        lce(h, w, backend.tensor(target), softcap=0.0)
 
 
 def test_opcheck(backend):
@@ -272,7 +309,9 @@ def test_opcheck(backend):
     ops = backend.ops
     torch.library.opcheck(ops.linear_ce_stats, (h, w, t, b, c, -100, 2.0, 0.9, 4 * 40))
     stats = ops.linear_ce_stats(h, w, t, b, c, -100, 0.0, 1.0, 1 << 20)
-    lse = torch.stack([stats[:, 0], stats[:, 1].log()], -1)
+    lse = normaliser_tensor(
+        max=column(stats, LceStateField.MAX), log_sum_exp=column(stats, LceStateField.SUM_EXP).log()
+    )
     coef = torch.randn(6, 4).to(h.device)
     torch.library.opcheck(ops.linear_ce_backward, (h, w, t, b, c, lse, coef, 0.0, 1.0, 4 * 40, True))
     torch.library.opcheck(ops.linear_ce_backward, (h, w, t, None, None, lse, coef, 2.0, 1.0, 1 << 20, False))
@@ -281,9 +320,9 @@ def test_opcheck(backend):
 def test_module(backend):
     hidden, weight, target, _, _ = make_problem(ignore=(1,))
     loss_fn = logitkit.LinearCrossEntropyLoss(label_smoothing=0.1, z_loss=1e-3)
-    out = loss_fn(hidden, weight, target) if backend.name == "cpu" else None
-    if out is not None:
-        assert_close(out, reference(hidden, weight, target, label_smoothing=0.1, z_loss=1e-3), 2e-5, 2e-5, "module")
+    out = loss_fn(backend.tensor(hidden), backend.tensor(weight), backend.tensor(target))
+    expected = reference(hidden, weight, target, label_smoothing=0.1, z_loss=1e-3)
+    assert_close(out, expected, *tolerances.LINEAR_CROSS_ENTROPY[torch.float32], "module")
 
 
 def test_torch_compile_fullgraph_with_ignored_rows():
@@ -301,8 +340,9 @@ def test_torch_compile_fullgraph_with_ignored_rows():
     wr = weight.double().requires_grad_()
     ref = reference(hr, wr, target, label_smoothing=0.1)
     ref.backward()
-    assert_close(out, ref, 2e-5, 2e-5, "compiled loss")
-    assert_close(h.grad, hr.grad, 2e-5 * hr.grad.abs().max().item(), 2e-5, "compiled grad")
+    atol, rtol = tolerances.LINEAR_CROSS_ENTROPY[torch.float32]
+    assert_close(out, ref, atol, rtol, "compiled loss")
+    assert_close(h.grad, hr.grad, atol * hr.grad.abs().max().item(), rtol, "compiled grad")
 
 
 def test_peak_memory_no_logits_buffer():
@@ -352,24 +392,22 @@ def test_peak_memory_no_logits_buffer():
 
 
 def test_log_probs_and_entropy(backend):
-    from logitkit.linear_ce import _linear_log_probs_and_entropy
-
     hidden, weight, target, bias, _ = make_problem(bias=True)
     h, w, b = (backend.tensor(x).requires_grad_() for x in (hidden, weight, bias))
-    lp, ent = _linear_log_probs_and_entropy(backend.namespace, h, w, backend.tensor(target), bias=b, temperature=0.8,
-                                            chunk_budget=4 * 40)
+    lp, ent = logitkit.linear_log_probs_and_entropy(
+        h, w, backend.tensor(target), bias=b, temperature=0.8, chunk_budget=4 * 40
+    )
     hr, wr, br = (x.double().requires_grad_() for x in (hidden, weight, bias))
-    logp = torch.log_softmax((hr @ wr.T + br) / 0.8, -1)
-    lp_ref = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    ent_ref = -(logp.exp() * logp).sum(-1)
-    assert_close(lp, lp_ref, 2e-5, 2e-5, "log_prob")
-    assert_close(ent, ent_ref, 2e-5, 2e-5, "entropy")
+    lp_ref, ent_ref = references.linear_log_probs_and_entropy(hr, wr, target, bias=br, temperature=0.8)
+    atol, rtol = tolerances.LINEAR_CROSS_ENTROPY[torch.float32]
+    assert_close(lp, lp_ref, atol, rtol, "log_prob")
+    assert_close(ent, ent_ref, atol, rtol, "entropy")
     g = torch.Generator().manual_seed(5)
     g_lp, g_ent = torch.randn(lp.shape, generator=g), torch.randn(lp.shape, generator=g)
     (lp * backend.tensor(g_lp) + ent * backend.tensor(g_ent)).sum().backward()
     (lp_ref * g_lp.double() + ent_ref * g_ent.double()).sum().backward()
     for name, x, xr in (("hidden", h, hr), ("weight", w, wr), ("bias", b, br)):
-        assert_close(x.grad, xr.grad, 2e-5 * xr.grad.abs().max().item(), 2e-5, f"grad {name}")
+        assert_close(x.grad, xr.grad, atol * xr.grad.abs().max().item(), rtol, f"grad {name}")
 
 
 @pytest.mark.parametrize("threads, schedule", [(32, "in_order"), (129, "random"), (256, "reversed")])
@@ -377,15 +415,115 @@ def test_emulated_launch_shapes(threads, schedule):
     """The CUDA chunk kernels under block sizes of 1, 5 (partial last warp) and 8 warps with each
     thread schedule: every option, so every field of the per-token state (softmax state, target
     logit, label-smoothing sum) goes through the block reduction."""
-    from conftest import Backend, emulated_configure
+    from conftest import EMULATED_DEFAULTS, Backend, emulated_configure
     from logitkit import _loader
 
     if _loader._C_emulated is None:
         pytest.skip("emulated-CUDA module not built")
-    emulated = Backend("emulated-cuda", "cpu", "logitkit_emulated")
+    emulated = Backend("emulated-cuda")
     emulated_configure(threads_per_block=threads, max_elements_per_block=4096, schedule=schedule, seed=threads)
     try:
         problem_kw, options = split_options(OPTIONS["all"])
-        run_case(emulated, make_problem(v=300, **problem_kw), reduction="mean", **options)
+        with use_backend(emulated.name):
+            run_case(emulated, make_problem(v=300, **problem_kw), reduction="mean", **options)
     finally:
-        emulated_configure(threads_per_block=80, max_elements_per_block=4096, schedule="random", seed=1)
+        emulated_configure(**EMULATED_DEFAULTS)
+
+
+# ---------------------------------------------------------------------------
+# Fake kernels: the C++ argument checks, with the C++ messages
+# ---------------------------------------------------------------------------
+
+
+def op_inputs(backend):
+    """Valid arguments of linear_ce_stats and linear_ce_backward (as dicts, to be spoiled one by one)."""
+    hidden, weight, target, bias, cw = make_problem(lead=(6,), bias=True, class_weight=True)
+    tensors = dict(hidden=hidden, weight=weight, target=target, bias=bias, class_weight=cw)
+    tensors = {k: backend.tensor(v) for k, v in tensors.items()}
+    scalars = dict(softcap=2.0, temperature=0.9, chunk_budget=4 * 40)
+    per_token = dict(normaliser=backend.tensor(torch.zeros(6, 2)), coefficients=backend.tensor(torch.zeros(6, 4)))
+    return {**tensors, "ignore_index": -100, **scalars}, {**tensors, **per_token, **scalars, "bias_grad": True}
+
+
+BAD_INPUTS = {  # name -> (argument, spoiled value from the valid one)
+    "hidden int64": ("hidden", lambda h: h.long()),
+    "hidden 0-d": ("hidden", lambda h: h[0, 0]),
+    "hidden 3-D": ("hidden", lambda h: h[None]),
+    "weight 1-D": ("weight", lambda w: w[0]),
+    "weight float64": ("weight", lambda w: w.double()),
+    "weight D": ("weight", lambda w: w[:, :5]),
+    "weight V = 0": ("weight", lambda w: w[:0]),
+    "target int32": ("target", lambda t: t.int()),
+    "target N": ("target", lambda t: t[:5]),
+    "target 2-D": ("target", lambda t: t[:, None]),
+    "softcap < 0": ("softcap", lambda c: -1.0),
+    "softcap NaN": ("softcap", lambda c: math.nan),
+    "temperature 0": ("temperature", lambda c: 0.0),
+    "temperature inf": ("temperature", lambda c: math.inf),
+    "chunk_budget 0": ("chunk_budget", lambda c: 0),
+    "bias int64": ("bias", lambda b: b.long()),
+    "bias V": ("bias", lambda b: b[:36]),
+    "class_weight 2-D": ("class_weight", lambda c: c[None]),
+}
+BAD_BACKWARD_INPUTS = {
+    "normaliser width": ("normaliser", lambda n: torch.zeros(6, 3, device=n.device)),
+    "normaliser float64": ("normaliser", lambda n: n.double()),
+    "coefficients width": ("coefficients", lambda c: torch.zeros(6, 5, device=c.device)),
+    "coefficients N": ("coefficients", lambda c: c[:5]),
+}
+
+
+def raised(fn, *args):
+    """(type, message) of the exception fn(*args) raises."""
+    with pytest.raises(Exception) as info:
+        fn(*args)
+    return type(info.value), str(info.value)
+
+
+def spoil(args, case):
+    arg, change = case
+    return {**args, arg: change(args[arg])}
+
+
+def fake_call(op, args):
+    with FakeTensorMode() as mode:
+        fakes = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        return op(*fakes.values())
+
+
+@pytest.mark.parametrize("name", [*BAD_INPUTS, *BAD_BACKWARD_INPUTS])
+def test_fake_kernels_check_like_cpp(backend, name):
+    """Every C++ argument check of linear_ce_stats and linear_ce_backward fails the same way (type
+    and message) in the fake kernel, where torch.compile and opcheck see it."""
+    stats_args, backward_args = op_inputs(backend)
+    calls = [(backend.ops.linear_ce_backward, backward_args)]
+    if name in BAD_INPUTS:
+        calls.append((backend.ops.linear_ce_stats, stats_args))
+    for op, args in calls:
+        bad = spoil(args, {**BAD_INPUTS, **BAD_BACKWARD_INPUTS}[name])
+        eager = raised(op, *bad.values())
+        assert eager[1].startswith("logitkit.linear_cross_entropy"), eager
+        assert raised(fake_call, op, bad) == eager
+
+
+def test_fake_kernels_check_devices(backend):
+    if backend.device != "cuda":
+        pytest.skip("needs tensors on two devices")
+    stats_args, _ = op_inputs(backend)
+    for arg in ("weight", "target", "bias", "class_weight"):
+        bad = {**stats_args, arg: stats_args[arg].cpu()}
+        eager = raised(backend.ops.linear_ce_stats, *bad.values())
+        assert f"{arg} is on cpu but hidden is on cuda:0" in eager[1]
+        assert raised(fake_call, backend.ops.linear_ce_stats, bad) == eager
+
+
+@pytest.mark.parametrize("name", ["weight float64", "target N", "softcap NaN", "bias V"])
+def test_compile_reports_bad_input_at_trace_time(backend, name):
+    stats_args, _ = op_inputs(backend)
+    bad = spoil(stats_args, BAD_INPUTS[name])
+    _, message = raised(backend.ops.linear_ce_stats, *bad.values())
+    compiled = torch.compile(
+        lambda: backend.ops.linear_ce_stats(*bad.values()), fullgraph=True, backend="aot_eager", dynamic=False
+    )
+    with pytest.raises(Exception, match=re.escape(message)):
+        compiled()

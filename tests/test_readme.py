@@ -1,4 +1,5 @@
 """The README's set-up commands and CI agree."""
+
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,5 +1,8 @@
 """softmax, log_softmax, logsumexp, entropy and softmax_stats on every backend,
-against plain-PyTorch fp64 references of the definitions."""
+against the fp64 references of logitkit.testing (the definitions, in plain
+PyTorch), through the public functions (the backend fixture selects the
+backend) and the raw ops."""
+
 from __future__ import annotations
 
 import math
@@ -8,66 +11,13 @@ import pytest
 import torch
 
 import logitkit
+from logitkit.testing import DTYPES as DTYPES_BY_NAME
+from logitkit.testing import assert_close, assert_no_worse_than_torch, references, tolerances
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPES = list(DTYPES_BY_NAME.values())
 NEG_INF = float("-inf")
-
-
-# ---------------------------------------------------------------------------
-# fp64 references (computed from the same, already rounded, input values)
-# ---------------------------------------------------------------------------
-def ref_log_softmax(x: torch.Tensor, t: float) -> torch.Tensor:
-    return torch.log_softmax(x.double() / t, dim=-1)
-
-
-def ref_softmax(x, t):
-    return torch.softmax(x.double() / t, dim=-1)
-
-
-def ref_logsumexp(x, t):
-    return torch.logsumexp(x.double() / t, dim=-1)
-
-
-def ref_entropy(x, t):
-    logp = ref_log_softmax(x, t)
-    p = logp.exp()
-    # p log p -> 0 as p -> 0; masking log p first keeps the gradient NaN-free.
-    return -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
-
-
-def ref_stats(x, t):
-    z = x.double() / t
-    m = z.amax(-1, keepdim=True)
-    e = torch.exp(z - m)
-    d = torch.where(e > 0, (z - m) * e, torch.zeros_like(e))
-    return torch.stack([m.squeeze(-1), e.sum(-1), d.sum(-1)], -1)
-
-
-# (atol, rtol) per op and dtype: output rounding to the dtype dominates for
-# bf16/fp16; fp32 results carry float32 accumulation error only.
-TOLERANCES = {
-    "softmax": {torch.float32: (1e-7, 2e-5), torch.bfloat16: (1e-5, 8e-3), torch.float16: (1e-7, 1e-3)},
-    "log_softmax": {torch.float32: (2e-5, 2e-6), torch.bfloat16: (2e-2, 8e-3), torch.float16: (2e-3, 1e-3)},
-    "logsumexp": {torch.float32: (2e-5, 2e-6), torch.bfloat16: (2e-2, 8e-3), torch.float16: (2e-3, 1e-3)},
-    "entropy": {torch.float32: (2e-4, 1e-4), torch.bfloat16: (2e-4, 1e-4), torch.float16: (2e-4, 1e-4)},
-}
-
-REFERENCES = {"softmax": ref_softmax, "log_softmax": ref_log_softmax, "logsumexp": ref_logsumexp, "entropy": ref_entropy}
-
-
-def assert_close(actual, expected, atol, rtol, what=""):
-    actual = actual.double().cpu()
-    expected = expected.double().cpu()
-    assert actual.shape == expected.shape, what
-    both_nan = torch.isnan(actual) & torch.isnan(expected)
-    same_inf = torch.isinf(actual) & (actual == expected)
-    ok = both_nan | same_inf | ((actual - expected).abs() <= atol + rtol * expected.abs())
-    if not bool(ok.all()):
-        bad = (~ok).nonzero()[0].tolist()
-        raise AssertionError(
-            f"{what}: {int((~ok).sum())} mismatches, first at {bad}: "
-            f"got {actual[tuple(bad)].item()!r}, expected {expected[tuple(bad)].item()!r}"
-        )
+REFERENCES = references.ROW_OPS
+TOLERANCES = tolerances.ROW_OPS
 
 
 def random_logits(rows, vocab, dtype, scale=3.0, seed=0):
@@ -89,25 +39,29 @@ def test_matches_fp64_reference(backend, op, dtype):
     for vocab in vocab_sizes(backend):
         x = random_logits(3, vocab, dtype)
         for t in (1.0, 0.7):
-            out = getattr(backend.ops, op)(backend.tensor(x), t)
+            out = getattr(logitkit, op)(backend.tensor(x), t)
             expected_dtype = torch.float32 if op == "entropy" else dtype
             assert out.dtype == expected_dtype
             atol, rtol = TOLERANCES[op][dtype]
-            assert_close(out, REFERENCES[op](x, t), atol, rtol, f"{op} V={vocab} T={t}")
+            expected = REFERENCES[op](x, t)
+            assert_close(out, expected, atol, rtol, f"{op} V={vocab} T={t}")
+            if dtype != torch.float32:  # no less accurate than PyTorch itself in the same dtype
+                plain = REFERENCES[op](x, t, dtype=dtype)
+                assert_no_worse_than_torch(out, plain, expected, what=f"{op} V={vocab} T={t}")
 
 
 @pytest.mark.parametrize("op", list(REFERENCES))
 def test_leading_shapes_and_non_contiguous(backend, op):
     base = random_logits(2 * 5 * 3, 333, torch.float32).reshape(2, 5, 3, 333)
     views = {
-        "3d": base[:, :, 0, :],              # leading dims collapse to one row stride
-        "last_row": base[:, -1, :, :],        # like logits[:, -1, :]
-        "transposed": base.transpose(1, 2),   # leading dims do not collapse
-        "strided_vocab": base[..., ::2],      # vocabulary not unit-stride
+        "3d": base[:, :, 0, :],  # leading dims collapse to one row stride
+        "last_row": base[:, -1, :, :],  # like logits[:, -1, :]
+        "transposed": base.transpose(1, 2),  # leading dims do not collapse
+        "strided_vocab": base[..., ::2],  # vocabulary not unit-stride
         "1d": base[0, 0, 0],
     }
     for name, x in views.items():
-        out = getattr(backend.ops, op)(backend.tensor(x), 1.3)
+        out = getattr(logitkit, op)(backend.tensor(x), 1.3)
         atol, rtol = TOLERANCES[op][torch.float32]
         assert_close(out, REFERENCES[op](x, 1.3), atol, rtol, f"{op} {name}")
 
@@ -117,7 +71,7 @@ def test_large_magnitudes(backend, op):
     # Logits around +-1e4: no overflow, and no precision lost to z - lse.
     x = random_logits(4, 1000, torch.float32, scale=3.0) + torch.tensor([[1e4], [-1e4], [3e4], [0.0]])
     x[3] = x[3] * 3000.0
-    out = getattr(backend.ops, op)(backend.tensor(x), 1.0)
+    out = getattr(logitkit, op)(backend.tensor(x), 1.0)
     atol, rtol = TOLERANCES[op][torch.float32]
     if op in ("logsumexp",):
         rtol = 2e-7 * 4  # the result itself is ~3e4: a few ulps
@@ -129,16 +83,26 @@ def test_large_magnitudes(backend, op):
 def test_stats_and_merge(backend, dtype):
     x = random_logits(4, 1000, dtype)
     x[1, ::3] = NEG_INF
-    stats = backend.ops.softmax_stats(backend.tensor(x), 0.8)
+    stats = logitkit.softmax_stats(backend.tensor(x), 0.8)
     assert stats.dtype == torch.float32 and stats.shape == (4, 3)
-    ref = ref_stats(x, 0.8)
+    ref = references.softmax_stats(x, 0.8)
     assert_close(stats[..., 0], ref[..., 0], 0, 3e-7, "max")  # z = x * (1/T) in fp32
     assert_close(stats[..., 1:], ref[..., 1:], 1e-3, 1e-5, "sums")
     # Shard the vocabulary, merge the shard states: same lse and entropy.
-    shards = [backend.ops.softmax_stats(backend.tensor(s.contiguous()), 0.8) for s in x.split([1, 400, 599], -1)]
+    shards = [logitkit.softmax_stats(backend.tensor(s.contiguous()), 0.8) for s in x.split([1, 400, 599], -1)]
     merged = logitkit.merge_stats(shards)
-    assert_close(logitkit.stats_logsumexp(merged), ref_logsumexp(x, 0.8), 2e-5, 2e-6, "merged lse")
-    assert_close(logitkit.stats_entropy(merged), ref_entropy(x, 0.8), 2e-4, 1e-4, "merged entropy")
+    assert_close(
+        logitkit.stats_logsumexp(merged),
+        references.logsumexp(x, 0.8),
+        *TOLERANCES["logsumexp"][torch.float32],
+        "merged lse",
+    )
+    assert_close(
+        logitkit.stats_entropy(merged),
+        references.entropy(x, 0.8),
+        *TOLERANCES["entropy"][torch.float32],
+        "merged entropy",
+    )
     stacked = logitkit.merge_stats(torch.stack(shards, 1), dim=1)
     assert torch.equal(stacked, merged)
 
@@ -164,8 +128,9 @@ def test_emulated_launch_shapes(threads, per_block, schedule):
     if _loader._C_emulated is None:
         pytest.skip("emulated-CUDA module not built")
     ops = torch.ops.logitkit_emulated
-    _loader._C_emulated.configure(threads_per_block=threads, max_elements_per_block=per_block,
-                                  schedule=schedule, seed=threads)
+    _loader._C_emulated.configure(
+        threads_per_block=threads, max_elements_per_block=per_block, schedule=schedule, seed=threads
+    )
     try:
         x = random_logits(2, 1001, torch.bfloat16)
         x[1, ::7] = NEG_INF
@@ -187,26 +152,25 @@ def test_emulated_launch_shapes(threads, per_block, schedule):
 # ---------------------------------------------------------------------------
 def special_rows():
     x = torch.randn(6, 40, dtype=torch.float64).float()
-    x[1, :20] = NEG_INF             # partly masked
-    x[2, :] = NEG_INF               # all masked
-    x[3, 7] = float("inf")          # +inf
-    x[4, 11] = float("nan")         # NaN
-    x[5, :39] = NEG_INF             # a single live token
+    x[1, :20] = NEG_INF  # partly masked
+    x[2, :] = NEG_INF  # all masked
+    x[3, 7] = float("inf")  # +inf
+    x[4, 11] = float("nan")  # NaN
+    x[5, :39] = NEG_INF  # a single live token
     return x
 
 
 def test_special_values(backend):
     x = special_rows()
     xt = backend.tensor(x)
-    lse = backend.ops.logsumexp(xt, 1.0).cpu()
-    sm = backend.ops.softmax(xt, 1.0).cpu()
-    lsm = backend.ops.log_softmax(xt, 1.0).cpu()
-    ent = backend.ops.entropy(xt, 1.0).cpu()
+    lse = logitkit.logsumexp(xt).cpu()
+    sm = logitkit.softmax(xt).cpu()
+    lsm = logitkit.log_softmax(xt).cpu()
+    ent = logitkit.entropy(xt).cpu()
     # Normal and partly masked rows are exact references.
     for r in (0, 1, 5):
-        assert_close(sm[r], ref_softmax(x[r], 1.0), 1e-7, 2e-5, f"softmax row {r}")
-        assert_close(lsm[r], ref_log_softmax(x[r], 1.0), 2e-5, 2e-6, f"log_softmax row {r}")
-        assert_close(ent[r], ref_entropy(x[r], 1.0), 2e-4, 1e-4, f"entropy row {r}")
+        for op, out in (("softmax", sm), ("log_softmax", lsm), ("entropy", ent)):
+            assert_close(out[r], REFERENCES[op](x[r]), *TOLERANCES[op][torch.float32], f"{op} row {r}")
     assert sm[1, :20].eq(0).all() and lsm[1, :20].eq(NEG_INF).all()
     assert sm[5, 39].item() == 1.0 and ent[5].item() == 0.0
     # All -inf: lse = -inf, the rest NaN (as torch.softmax gives NaN).
@@ -223,14 +187,14 @@ def test_special_values(backend):
 def test_empty_inputs(backend):
     for shape in [(0, 10), (3, 0), (0,)]:
         x = backend.tensor(torch.empty(shape))
-        assert backend.ops.softmax(x, 1.0).shape == x.shape
-        assert backend.ops.log_softmax(x, 1.0).shape == x.shape
-        lse = backend.ops.logsumexp(x, 1.0).cpu()
-        ent = backend.ops.entropy(x, 1.0).cpu()
+        assert logitkit.softmax(x).shape == x.shape
+        assert logitkit.log_softmax(x).shape == x.shape
+        lse = logitkit.logsumexp(x).cpu()
+        ent = logitkit.entropy(x).cpu()
         assert lse.shape == shape[:-1] and ent.shape == shape[:-1]
         if shape == (3, 0):
             assert lse.eq(NEG_INF).all() and ent.isnan().all()
-        stats = backend.ops.softmax_stats(x, 1.0)
+        stats = logitkit.softmax_stats(x)
         assert stats.shape == (*shape[:-1], 3)
 
 
@@ -240,7 +204,7 @@ def test_vocab_of_one_million(backend):
     x = random_logits(2, 1_000_003, torch.float32, scale=5.0)
     x[1, 500_000:] = NEG_INF
     for op in REFERENCES:
-        out = getattr(backend.ops, op)(backend.tensor(x), 1.0)
+        out = getattr(logitkit, op)(backend.tensor(x), 1.0)
         atol, rtol = TOLERANCES[op][torch.float32]
         assert_close(out, REFERENCES[op](x, 1.0), atol * 10, rtol, op)
 
@@ -255,7 +219,7 @@ def test_backward(backend, op, dtype):
     x[1, ::5] = NEG_INF
     t = 1.7
     xt = backend.tensor(x).requires_grad_(True)
-    out = getattr(backend.ops, op)(xt, t)
+    out = getattr(logitkit, op)(xt, t)
     g = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     out.backward(backend.tensor(g.to(out.dtype)))
     xr = x.double().requires_grad_(True)
@@ -272,7 +236,7 @@ def test_gradcheck_fp32_against_reference(backend):
     x = random_logits(2, 13, torch.float32)
     for op in REFERENCES:
         xt = backend.tensor(x).requires_grad_(True)
-        out = getattr(backend.ops, op)(xt, 0.9)
+        out = getattr(logitkit, op)(xt, 0.9)
         w = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
         (out * backend.tensor(w)).sum().backward()
         xd = x.double().requires_grad_(True)

@@ -1,8 +1,10 @@
 """Loads logitkit's compiled extension modules after checking they match the
 installed torch (a mismatch would fail later with obscure symbol errors)."""
+
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 
 import torch
 
@@ -29,6 +31,7 @@ def _check_torch_version() -> None:
 _check_torch_version()
 _C = importlib.import_module("logitkit._C")
 
+_C_emulated: ModuleType | None
 try:
     _C_emulated = importlib.import_module("logitkit._C_emulated")
 except ImportError:

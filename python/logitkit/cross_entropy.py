@@ -1,91 +1,129 @@
 """Cross-entropy on logits the caller already has, built on logitkit's row kernels.
 
-Forward: one read pass over the logits (:func:`logitkit.softmax_stats`, fp32
-state per row) plus an O(N) gather of the target logits; with label
-smoothing one more read for the (weighted) sum of the logits. Backward: the
-gradient is written straight into one tensor of the logits' dtype by the
-``logsumexp_backward`` kernel (``A_i p_ic``) followed by O(N) in-place
-corrections, never an extra N x V fp32 buffer.
+Forward: one read pass over the logits (``softmax_stats``, fp32 state per
+row) plus an O(N) gather of the target logits; with label smoothing one more
+read for the (weighted) sum of the logits. Backward: the gradient is written
+straight into one tensor of the logits' dtype by the ``logsumexp_backward``
+kernel (``a_i p_ic / T``) followed by O(N) in-place corrections, never an
+extra N x V fp32 buffer.
 
-With z = logits / T, p = softmax(z), lse = logsumexp(z), w = class weights
-(1 if none), W = sum_c w_c, eps = label smoothing, V = number of classes:
-
-    loss_i = (1 - eps) w_{y_i} (lse_i - z_{i y_i}) + (eps / V) sum_c w_c (lse_i - z_ic) + z_loss lse_i^2
-    dloss_i / dz_ic = p_ic [(1 - eps) w_{y_i} + eps W / V + 2 z_loss lse_i]
-                      - (1 - eps) w_{y_i} [c = y_i] - (eps / V) w_c
-
-which is torch.nn.functional.cross_entropy(z, y, weight=w, label_smoothing=eps)
+The loss and its gradient coefficients (a, beta, sigma) are those of
+:mod:`logitkit._loss_math` with z = logits / T: this is
+``torch.nn.functional.cross_entropy(z, y, weight=w, label_smoothing=eps)``
 plus the z-loss, for every reduction ("mean" divides by sum_i w_{y_i} over
 non-ignored rows, as torch does).
 """
+
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
-from . import ops as _api  # noqa: F401  (registers fake kernels and autograd of the row ops)
+from . import _backend
+from . import row_ops as _row_ops  # noqa: F401  (registers the fake kernels and autograd of the row kernels used here)
+from ._layout import LceCoefField, StatsField, column
+from ._loss_math import (
+    REDUCTIONS,
+    LossOptions,
+    cross_entropy_coefficients,
+    loss_per_token,
+    normaliser_from_stats,
+    reduce_loss,
+    targets,
+    upstream_per_token,
+)
 
-_REDUCTIONS = ("none", "mean", "sum")
+
+def _weighted_logit_sum(logits: torch.Tensor, class_weight: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    """sum_c w_c z_c per row: a GEMV over the row in fp32 (row blocks keep the fp32 copy small)."""
+    if class_weight is None:
+        return logits.sum(-1, dtype=torch.float32) / temperature
+    weights = class_weight.float()
+    return torch.cat([torch.mv(rows.float(), weights) for rows in logits.split(64)]) / temperature
 
 
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, class_weight, ignore_index, label_smoothing, z_loss, temperature, reduction):
-        ops = torch.ops.logitkit
-        vocab = logits.shape[-1]
-        stats = ops.softmax_stats(logits, temperature)  # (N, 3) fp32: one read pass
-        lse = torch.where(stats[:, 0] == float("inf"), stats[:, 0], stats[:, 0] + torch.log(stats[:, 1]))
-        valid = target != ignore_index
-        safe_target = torch.where(valid, target, torch.zeros_like(target))
-        z_target = logits.gather(1, safe_target[:, None]).squeeze(1).float() / temperature
-        weights = class_weight.float() if class_weight is not None else None
-        w_target = (weights[safe_target] if weights is not None else torch.ones_like(lse)) * valid
-        loss = (1.0 - label_smoothing) * w_target * (lse - z_target)
-        total_weight = weights.sum() if weights is not None else torch.tensor(float(vocab), device=lse.device)
-        if label_smoothing > 0.0:
-            # sum_c w_c z_ic (a GEMV over the row, fp32 accumulation)
-            if weights is not None:  # row blocks keep the fp32 copy small
-                weighted_sum = torch.cat([torch.mv(rows.float(), weights) for rows in logits.split(64)]) / temperature
-            else:
-                weighted_sum = logits.sum(-1, dtype=torch.float32) / temperature
-            loss = loss + (label_smoothing / vocab) * valid * (total_weight * lse - weighted_sum)
-        if z_loss > 0.0:
-            loss = loss + z_loss * valid * lse * lse
-        loss = torch.where(valid, loss, torch.zeros_like(loss))
-        if reduction == "none":
-            result = loss
-        elif reduction == "sum":
-            result = loss.sum()
-        else:
-            result = loss.sum() / w_target.sum()
-        ctx.save_for_backward(logits, safe_target, valid, w_target, lse, weights)
-        ctx.params = (label_smoothing, z_loss, temperature, reduction, total_weight)
-        return result.to(logits.dtype)
+    def forward(
+        ctx: Any, logits: torch.Tensor, target: torch.Tensor, class_weight: torch.Tensor | None, options: LossOptions
+    ) -> torch.Tensor:
+        namespace = _backend.namespace()
+        vocab, temperature = logits.shape[-1], options.temperature
+        stats = _backend.ops(namespace).softmax_stats(logits, temperature)  # (N, 3) fp32: one read pass
+        _, lse = normaliser_from_stats(column(stats, StatsField.MAX), column(stats, StatsField.SUM_EXP))
+        t = targets(target, class_weight, options.ignore_index, vocab)
+        # (the target gather rejects a target outside [0, V), where the host did not check it)
+        z_target = logits.gather(1, torch.where(t.valid, target, 0)[:, None]).squeeze(1).float() / temperature
+        weighted_sum = _weighted_logit_sum(logits, class_weight, temperature) if options.label_smoothing > 0 else None
+        loss = loss_per_token(t, lse - z_target, lse, weighted_sum, options)
+        ctx.save_for_backward(logits, target, class_weight, lse)
+        ctx.config = (namespace, options)
+        return reduce_loss(loss, t, options.reduction).to(logits.dtype)
 
     @staticmethod
-    def backward(ctx, grad_out):
-        logits, safe_target, valid, w_target, lse, weights = ctx.saved_tensors
-        label_smoothing, z_loss, temperature, reduction, total_weight = ctx.params
-        vocab = logits.shape[-1]
-        g = grad_out.float()
-        zero = torch.zeros_like(lse)
-        if reduction == "none":
-            g_rows = torch.where(valid, g, zero)
-        elif reduction == "sum":
-            g_rows = torch.where(valid, g.expand_as(lse), zero)
-        else:  # an all-ignored batch has loss NaN (0/0, as torch) but gradient 0
-            g_rows = torch.where(valid, (g / w_target.sum()).expand_as(lse), zero)
-        # A_i p_ic / T, written by the kernel into the logits' dtype.
-        scale = g_rows * ((1.0 - label_smoothing) * w_target + label_smoothing * total_weight / vocab
-                          + 2.0 * z_loss * torch.where(valid, lse, torch.zeros_like(lse)))
-        grad = torch.ops.logitkit.logsumexp_backward(scale.to(logits.dtype), logits, temperature)
-        # - (1 - eps) w_y g / T at the target
-        correction = ((1.0 - label_smoothing) * w_target * g_rows / temperature).to(grad.dtype)
-        grad.scatter_add_(1, safe_target[:, None], -correction[:, None])
-        if label_smoothing > 0.0:
-            # - (eps / V) w_c g / T for every class, in place
-            w = weights if weights is not None else torch.ones(vocab, device=grad.device)
-            grad.addr_((g_rows * label_smoothing / (vocab * temperature)).to(grad.dtype), w.to(grad.dtype), alpha=-1)
-        return grad, None, None, None, None, None, None, None
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        logits, target, class_weight, lse = ctx.saved_tensors
+        namespace, options = ctx.config
+        vocab, temperature = logits.shape[-1], options.temperature
+        t = targets(target, class_weight, options.ignore_index, vocab)
+        g = upstream_per_token(grad_out, t, options.reduction)
+        coefficients = cross_entropy_coefficients(g, t, lse, options)
+        # a p_c / T, written by the kernel into the logits' dtype ...
+        prob_coef = column(coefficients, LceCoefField.PROB).to(logits.dtype)
+        grad = _backend.ops(namespace).logsumexp_backward(prob_coef, logits, temperature)
+        # ... - beta / T at the target ...
+        target_coef = (column(coefficients, LceCoefField.TARGET) / temperature).to(grad.dtype)
+        grad.scatter_add_(1, torch.where(t.valid, target, 0)[:, None], -target_coef[:, None])
+        if options.label_smoothing > 0.0:
+            # ... - sigma w_c / T for every class, in place.
+            w = class_weight.float() if class_weight is not None else torch.ones(vocab, device=grad.device)
+            smooth_coef = column(coefficients, LceCoefField.SMOOTH) / temperature
+            grad.addr_(smooth_coef.to(grad.dtype), w.to(grad.dtype), alpha=-1)
+        return grad, None, None, None
+
+
+def _check_args(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+) -> None:
+    if logits.dim() < 1:
+        raise ValueError("logitkit.cross_entropy: logits must have shape (..., V)")
+    if target.dtype != torch.int64:
+        raise TypeError(f"logitkit.cross_entropy: target must be torch.int64, got {target.dtype}")
+    if target.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"logitkit.cross_entropy: target must have shape {list(logits.shape[:-1])}, got {list(target.shape)}"
+        )
+    if target.device != logits.device:
+        raise ValueError(f"logitkit.cross_entropy: target is on {target.device} but logits is on {logits.device}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"logitkit.cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"logitkit.cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if z_loss < 0.0:
+        raise ValueError(f"logitkit.cross_entropy: z_loss must be >= 0, got {z_loss}")
+    vocab = logits.shape[-1]
+    if class_weight is not None and (class_weight.shape != (vocab,) or class_weight.device != logits.device):
+        raise ValueError(f"logitkit.cross_entropy: class_weight must have shape ({vocab},) on {logits.device}")
+
+
+def _check_target_range(target: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Raises on a target outside [0, V) that is not ignore_index. It reads the target on the
+    host: CPU eager only (under torch.compile and on CUDA the gather itself rejects a bad index)."""
+    if target.device.type != "cpu" or target.numel() == 0 or torch.compiler.is_compiling():
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+    if bool(bad.any()):
+        index = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"logitkit.cross_entropy: target[{index}] = {int(target[index])} is outside [0, {vocab}) "
+            f"and is not ignore_index ({ignore_index})"
+        )
 
 
 def cross_entropy(
@@ -112,37 +150,11 @@ def cross_entropy(
     checked on the host (no synchronisation): the target gather reports them
     as an index error.
     """
-    if logits.dim() < 1:
-        raise ValueError("logitkit.cross_entropy: logits must have shape (..., V)")
-    if target.dtype != torch.int64:
-        raise TypeError(f"logitkit.cross_entropy: target must be torch.int64, got {target.dtype}")
-    if target.shape != logits.shape[:-1]:
-        raise ValueError(
-            f"logitkit.cross_entropy: target must have shape {list(logits.shape[:-1])}, got {list(target.shape)}"
-        )
-    if target.device != logits.device:
-        raise ValueError(f"logitkit.cross_entropy: target is on {target.device} but logits is on {logits.device}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"logitkit.cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"logitkit.cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if z_loss < 0.0:
-        raise ValueError(f"logitkit.cross_entropy: z_loss must be >= 0, got {z_loss}")
+    _check_args(logits, target, class_weight, reduction, label_smoothing, z_loss)
     vocab = logits.shape[-1]
-    if class_weight is not None and (class_weight.shape != (vocab,) or class_weight.device != logits.device):
-        raise ValueError(f"logitkit.cross_entropy: class_weight must have shape ({vocab},) on {logits.device}")
     logits2d = logits.reshape(-1, vocab)
     target1d = target.reshape(-1)
-    # The range check reads the target on the host: CPU eager only (under
-    # torch.compile and on CUDA the gather itself rejects a bad index).
-    if logits.device.type == "cpu" and target1d.numel() > 0 and not torch.compiler.is_compiling():
-        bad = (target1d != ignore_index) & ((target1d < 0) | (target1d >= vocab))
-        if bool(bad.any()):
-            index = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"logitkit.cross_entropy: target[{index}] = {int(target1d[index])} is outside [0, {vocab}) "
-                f"and is not ignore_index ({ignore_index})"
-            )
-    loss = _CrossEntropy.apply(logits2d, target1d, class_weight, ignore_index, float(label_smoothing), float(z_loss),
-                               float(temperature), reduction)
+    _check_target_range(target1d, vocab, ignore_index)
+    options = LossOptions(int(ignore_index), reduction, float(label_smoothing), float(z_loss), float(temperature))
+    loss = _CrossEntropy.apply(logits2d, target1d, class_weight, options)
     return loss.reshape(target.shape) if reduction == "none" else loss

@@ -15,23 +15,261 @@ copies of a chunk's weight rows and its grad_weight accumulator), O(N) per-token
 state, and for bf16/fp16 inputs fp32 copies of hidden and of grad_hidden
 (N x D each).
 """
+
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import torch
 
-from . import _registration  # noqa: F401  (fake kernels of the ops)
+from . import _backend
+from ._layout import LCE_COEF_WIDTH, LCE_STATE_WIDTH, LceStateField, NormaliserField, column, normaliser_tensor
+from ._loss_math import (
+    REDUCTIONS,
+    LossOptions,
+    cross_entropy_coefficients,
+    entropy_from_stats,
+    log_prob_entropy_coefficients,
+    loss_per_token,
+    normaliser_from_stats,
+    reduce_loss,
+    targets,
+    upstream_per_token,
+)
+from ._registration import check_logits, check_temperature, cpp_float, register_fake
 
 # Bytes of transient memory per tile. Measured at N = 1024, D = 1024,
 # V = 128256 on CPU (fp32, fwd+bwd, see bench/README.md): time is flat from
 # 4 MiB up (tiles of 1024 tokens x 1024-2048 vocabulary entries keep the GEMMs
 # compute-bound), so the default stays small.
 DEFAULT_CHUNK_BUDGET = 4 * 1024 * 1024
-_REDUCTIONS = ("none", "mean", "sum")
 
 
-def _check_args(op, hidden, weight, target, reduction, label_smoothing, softcap, z_loss, temperature, chunk_budget):
+# ---------------------------------------------------------------------------
+# Fake kernels: the checks of LinearCeFrontends in csrc/common/linear_ce_driver.h
+# ---------------------------------------------------------------------------
+
+
+class _OpInputs(NamedTuple):
+    """The arguments both tiled ops check (``check_inputs``), in the order of their schemas."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    target: torch.Tensor
+    bias: torch.Tensor | None
+    class_weight: torch.Tensor | None
+    softcap: float
+    temperature: float
+    chunk_budget: int
+
+
+def _check_vocab_vector(t: torch.Tensor | None, arg: str, hidden: torch.Tensor, vocab: int, op: str) -> None:
+    """An optional (V,) floating-point tensor on hidden's device (bias, class_weight)."""
+    if t is None:
+        return
+    if t.device != hidden.device:
+        raise ValueError(f"logitkit.{op}: {arg} is on {t.device} but hidden is on {hidden.device}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"logitkit.{op}: {arg} must be a floating-point tensor, got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != vocab:
+        raise ValueError(f"logitkit.{op}: {arg} must have shape ({vocab}), got {list(t.shape)}")
+
+
+def _check_weight(weight: torch.Tensor, hidden: torch.Tensor, op: str) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"logitkit.{op}: weight must be 2-D (V, D), got shape {list(weight.shape)}")
+    if weight.device != hidden.device:
+        raise ValueError(f"logitkit.{op}: weight is on {weight.device} but hidden is on {hidden.device}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"logitkit.{op}: weight has dtype {weight.dtype} but hidden has dtype {hidden.dtype}")
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"logitkit.{op}: weight must have shape (V, {hidden.shape[1]}) to match hidden's last dimension, "
+            f"got {list(weight.shape)}"
+        )
+    if weight.shape[0] < 1:
+        raise ValueError(f"logitkit.{op}: weight must have at least one row (V >= 1)")
+
+
+def _check_target(target: torch.Tensor, hidden: torch.Tensor, op: str) -> None:
+    if target.device != hidden.device:
+        raise ValueError(f"logitkit.{op}: target is on {target.device} but hidden is on {hidden.device}")
+    if target.dtype != torch.int64:
+        raise TypeError(f"logitkit.{op}: target must be torch.int64, got {target.dtype}")
+    if target.dim() != 1 or target.shape[0] != hidden.shape[0]:
+        raise ValueError(f"logitkit.{op}: target must have shape ({hidden.shape[0]}), got {list(target.shape)}")
+
+
+def _check_op_inputs(a: _OpInputs, op: str) -> None:
+    """``check_inputs`` of the C++ ops, in the same order and with the same messages."""
+    check_logits(a.hidden, op, "hidden")
+    if a.hidden.dim() != 2:
+        raise ValueError(f"logitkit.{op}: hidden must be 2-D (N, D), got shape {list(a.hidden.shape)}")
+    _check_weight(a.weight, a.hidden, op)
+    _check_target(a.target, a.hidden, op)
+    if not (math.isfinite(a.softcap) and a.softcap >= 0.0):
+        raise ValueError(
+            f"logitkit.{op}: softcap must be a finite number > 0 (or 0 for none), got {cpp_float(a.softcap)}"
+        )
+    check_temperature(a.temperature, op)
+    if a.chunk_budget <= 0:
+        raise ValueError(f"logitkit.{op}: chunk_budget must be > 0 bytes, got {a.chunk_budget}")
+    _check_vocab_vector(a.bias, "bias", a.hidden, a.weight.shape[0], op)
+    _check_vocab_vector(a.class_weight, "class_weight", a.hidden, a.weight.shape[0], op)
+
+
+def _check_per_token(t: torch.Tensor, hidden: torch.Tensor, width: int, op: str, arg: str) -> None:
+    """``check_per_token`` of the C++ backward: float32 (N, width) on hidden's device."""
+    n = hidden.shape[0]
+    if t.device != hidden.device or t.dtype != torch.float32 or t.dim() != 2 or tuple(t.shape) != (n, width):
+        raise ValueError(f"logitkit.{op}: {arg} must be float32 of shape ({n}, {width}) on {hidden.device}")
+
+
+# (The fake kernels take the arguments of the schemas in csrc/ops/schemas.h.)
+
+
+@register_fake("linear_ce_stats")
+def _linear_ce_stats_fake(hidden, weight, target, bias, class_weight, ignore_index, softcap, temperature, chunk_budget):
+    inputs = _OpInputs(hidden, weight, target, bias, class_weight, softcap, temperature, chunk_budget)
+    _check_op_inputs(inputs, "linear_cross_entropy")
+    return hidden.new_empty((hidden.shape[0], LCE_STATE_WIDTH), dtype=torch.float32)
+
+
+@register_fake("linear_ce_backward")
+def _linear_ce_backward_fake(
+    hidden, weight, target, bias, class_weight, normaliser, coefficients, softcap, temperature, chunk_budget, bias_grad
+):
+    op = "linear_cross_entropy_backward"
+    _check_op_inputs(_OpInputs(hidden, weight, target, bias, class_weight, softcap, temperature, chunk_budget), op)
+    _check_per_token(normaliser, hidden, len(NormaliserField), op, "normaliser")
+    _check_per_token(coefficients, hidden, LCE_COEF_WIDTH, op, "coefficients")
+    return (
+        hidden.new_empty(hidden.shape),
+        weight.new_empty(weight.shape),
+        hidden.new_empty((weight.shape[0] if bias_grad else 0,)),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------
+
+
+class _Tiles(NamedTuple):
+    """The non-tensor arguments of the tiled ops: the logit transform and the memory budget."""
+
+    softcap: float  # 0: none
+    temperature: float
+    chunk_budget: int
+
+
+class _Forward(NamedTuple):
+    """What linear_ce_stats gives the forward: the flattened inputs and the per-token state."""
+
+    hidden2d: torch.Tensor  # (N, D)
+    target1d: torch.Tensor  # (N,)
+    stats: torch.Tensor  # (N, 5), LceStateField
+    m: torch.Tensor
+    log_s: torch.Tensor
+    lse: torch.Tensor
+
+
+def _forward_stats(
+    ctx: Any,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    ignore_index: int,
+    tiles: _Tiles,
+) -> _Forward:
+    """Runs linear_ce_stats (in the current backend) on the tokens flattened to (N, D) and (N,),
+    and keeps in ``ctx`` what the backward needs besides its tensors."""
+    ctx.namespace, ctx.tiles, ctx.hidden_shape = _backend.namespace(), tiles, hidden.shape
+    h2, t1 = hidden.reshape(-1, weight.shape[1]), target.reshape(-1)
+    stats = _backend.ops(ctx.namespace).linear_ce_stats(
+        h2, weight, t1, bias, class_weight, ignore_index, tiles.softcap, tiles.temperature, tiles.chunk_budget
+    )
+    m = column(stats, LceStateField.MAX)
+    log_s, lse = normaliser_from_stats(m, column(stats, LceStateField.SUM_EXP))
+    return _Forward(h2, t1, stats, m, log_s, lse)
+
+
+def _save_for_tiles(
+    ctx: Any, f: _Forward, weight: torch.Tensor, bias: torch.Tensor | None, *more: torch.Tensor | None
+) -> None:
+    """Saves what linear_ce_backward takes (the flattened inputs and the normaliser), then ``more``."""
+    ctx.save_for_backward(f.hidden2d, weight, bias, f.target1d, normaliser_tensor(max=f.m, log_sum_exp=f.log_s), *more)
+
+
+def _input_grads(ctx: Any, coefficients: torch.Tensor, class_weight: torch.Tensor | None) -> tuple:
+    """(grad_hidden, grad_weight, grad_bias) of the tiled backward for the per-token coefficients."""
+    h2, weight, bias, t1, normaliser = ctx.saved_tensors[:5]
+    bias_grad = bias is not None and ctx.needs_input_grad[2]
+    tiles = ctx.tiles
+    grad_h, grad_w, grad_b = _backend.ops(ctx.namespace).linear_ce_backward(
+        h2,
+        weight,
+        t1,
+        bias,
+        class_weight,
+        normaliser,
+        coefficients,
+        tiles.softcap,
+        tiles.temperature,
+        tiles.chunk_budget,
+        bias_grad,
+    )
+    return (
+        grad_h.reshape(ctx.hidden_shape) if ctx.needs_input_grad[0] else None,
+        grad_w if ctx.needs_input_grad[1] else None,
+        grad_b if bias_grad else None,
+    )
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Forward: per-token state (linear_ce_stats); backward: the logits are
+    recomputed tile by tile (linear_ce_backward)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, class_weight, options: LossOptions, tiles: _Tiles):
+        f = _forward_stats(ctx, hidden, weight, bias, target, class_weight, options.ignore_index, tiles)
+        t = targets(f.target1d, class_weight, options.ignore_index, weight.shape[0])
+        # lse - z_y as (m - z_y) + log s: no ulp(lse) rounding when p_y -> 1.
+        target_nll = (f.m - column(f.stats, LceStateField.TARGET_LOGIT)) + f.log_s
+        loss = loss_per_token(t, target_nll, f.lse, column(f.stats, LceStateField.WEIGHTED_SUM), options)
+        out = reduce_loss(loss, t, options.reduction)
+        _save_for_tiles(ctx, f, weight, bias, class_weight, f.lse)
+        ctx.options = options
+        lse_out = f.lse.reshape(target.shape)
+        ctx.mark_non_differentiable(lse_out)
+        return (out.reshape(target.shape) if options.reduction == "none" else out).to(hidden.dtype), lse_out
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_lse):
+        _, weight, _, t1, _, class_weight, lse = ctx.saved_tensors
+        options = ctx.options
+        t = targets(t1, class_weight, options.ignore_index, weight.shape[0])
+        g = upstream_per_token(grad_loss, t, options.reduction)
+        coefficients = cross_entropy_coefficients(g, t, lse, options)
+        return (*_input_grads(ctx, coefficients, class_weight), None, None, None, None)
+
+
+def _check_args(
+    op: str,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    reduction: str,
+    label_smoothing: float,
+    softcap: float | None,
+    z_loss: float,
+    temperature: float,
+    chunk_budget: int,
+) -> None:
+    """The Python API's checks (before the leading dimensions are flattened for the ops)."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1:
         raise ValueError(f"logitkit.{op}: hidden must be a tensor of shape (..., D)")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
@@ -43,134 +281,35 @@ def _check_args(op, hidden, weight, target, reduction, label_smoothing, softcap,
             f"logitkit.{op}: target must have shape {list(hidden.shape[:-1])} (hidden's leading dims), "
             f"got {list(target.shape)}"
         )
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"logitkit.{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"logitkit.{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not (0.0 <= label_smoothing <= 1.0):
         raise ValueError(f"logitkit.{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
     if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
         raise ValueError(f"logitkit.{op}: softcap must be None or a finite number > 0, got {softcap}")
     if not (math.isfinite(z_loss) and z_loss >= 0):
         raise ValueError(f"logitkit.{op}: z_loss must be a finite number >= 0, got {z_loss}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"logitkit.{op}: temperature must be a finite number > 0, got {temperature}")
+    check_temperature(temperature, op)
     if int(chunk_budget) <= 0:
         raise ValueError(f"logitkit.{op}: chunk_budget must be > 0 bytes, got {chunk_budget}")
 
 
-def _normaliser_from_stats(stats: torch.Tensor):
-    """(m, log s) and lse = m + log s per token (see core::Normaliser)."""
-    m, log_s = stats[:, 0], torch.log(stats[:, 1])
-    return m, log_s, torch.where(m == math.inf, m, m + log_s)
-
-
-def _target_weights(t1, valid, class_weight, vocab):
-    """Per-token class weight of the target (0 at ignored tokens), fp32."""
-    if class_weight is None:
-        return valid.float()
-    safe = torch.where(valid, t1, 0).clamp(0, vocab - 1)
-    return class_weight.float()[safe] * valid
-
-
-def _ce_coefficients(g, t1, w_y, lse, vocab, class_weight, ignore_index, eps, z_loss):
-    """Backward coefficients of the cross-entropy for the per-token upstream gradient g.
-
-    dL/dz_c = p_c (a + e (z_c - lse)) - beta [c = y] - sigma w_c (csrc/core/linear_ce.h) with
-    e = 0: returns (N, 4) [a, 0, beta, sigma].
-    """
-    valid = t1 != ignore_index
-    g = torch.where(valid, g, torch.zeros_like(g))
-    # A target outside [0, V) (only possible on CUDA, where it is not checked
-    # on the host) has a NaN loss; make its gradients NaN too.
-    in_range = (t1 >= 0) & (t1 < vocab)
-    g = torch.where(valid & ~in_range, torch.full_like(g, math.nan), g)
-    beta = g * ((1.0 - eps) * w_y)  # (1 - eps) w_y: weight of -log p_y
-    a = beta
-    if eps > 0:  # eps/V sum_c w_c (lse - z_c): a += eps/V W, sigma = eps/V
-        total_w = float(vocab) if class_weight is None else class_weight.float().sum()
-        a = a + g * ((eps / vocab) * total_w)
-    if z_loss > 0:  # d(zeta lse^2)/dlse = 2 zeta lse
-        a = a + g * (2.0 * z_loss) * lse
-    return torch.stack([a, torch.zeros_like(a), beta, g * (eps / vocab)], -1)
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Forward: per-token state (linear_ce_stats); backward: the logits are
-    recomputed tile by tile (linear_ce_backward)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, target, class_weight, namespace, ignore_index, reduction, label_smoothing,
-                softcap, z_loss, temperature, chunk_budget):
-        ops = getattr(torch.ops, namespace)
-        vocab, d = weight.shape
-        h2 = hidden.reshape(-1, d)
-        t1 = target.reshape(-1)
-        valid = t1 != ignore_index
-        w_y = _target_weights(t1, valid, class_weight, vocab)
-        eps = label_smoothing
-        stats = ops.linear_ce_stats(h2, weight, t1, bias, class_weight, ignore_index, softcap, temperature,
-                                    chunk_budget)
-        m, log_s, lse = _normaliser_from_stats(stats)
-        # F.cross_entropy: (1 - eps) w_y (lse - z_y) + eps/V sum_c w_c (lse - z_c); plus the z-loss.
-        # lse - z_y as (m - z_y) + log s: no ulp(lse) rounding when p_y -> 1.
-        loss = (1.0 - eps) * w_y * ((m - stats[:, 3]) + log_s)
-        if eps > 0:
-            total_w = float(vocab) if class_weight is None else class_weight.float().sum()
-            loss = loss + (eps / vocab) * (total_w * lse - stats[:, 4])
-        if z_loss > 0:
-            loss = loss + z_loss * lse * lse
-        loss = torch.where(valid, loss, torch.zeros_like(loss))
-        if reduction == "none":
-            out = loss.reshape(target.shape)
-        elif reduction == "sum":
-            out = loss.sum()
-        else:
-            out = loss.sum() / w_y.sum()  # 0 / 0 = NaN for an all-ignored batch, as F.cross_entropy
-        ctx.save_for_backward(h2, weight, bias, t1, class_weight, torch.stack([m, log_s], -1), w_y)
-        ctx.config = (namespace, ignore_index, reduction, eps, softcap, z_loss, temperature, chunk_budget)
-        ctx.hidden_shape = hidden.shape
-        lse_out = lse.reshape(target.shape)
-        ctx.mark_non_differentiable(lse_out)
-        return out.to(hidden.dtype), lse_out
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_lse):
-        h2, weight, bias, t1, class_weight, normaliser, w_y = ctx.saved_tensors
-        lse = normaliser[:, 0] + normaliser[:, 1]
-        namespace, ignore_index, reduction, eps, softcap, z_loss, temperature, chunk_budget = ctx.config
-        n = t1.shape[0]
-        g = grad_loss.float()
-        if reduction == "none":
-            g = g.reshape(-1)
-        elif reduction == "sum":
-            g = g.expand(n)
-        else:
-            g = (g / w_y.sum()).expand(n)
-        coefficients = _ce_coefficients(g, t1, w_y, lse, weight.shape[0], class_weight, ignore_index, eps, z_loss)
-        bias_grad = bias is not None and ctx.needs_input_grad[2]
-        grad_h, grad_w, grad_b = getattr(torch.ops, namespace).linear_ce_backward(
-            h2, weight, t1, bias, class_weight, normaliser, coefficients, softcap, temperature, chunk_budget, bias_grad)
-        return (
-            grad_h.reshape(ctx.hidden_shape) if ctx.needs_input_grad[0] else None,
-            grad_w if ctx.needs_input_grad[1] else None,
-            grad_b if bias_grad else None,
-            None, None, None, None, None, None, None, None, None, None,
-        )
-
-
-def _linear_cross_entropy(namespace, hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean",
-                          label_smoothing=0.0, class_weight=None, softcap=None, z_loss=0.0, temperature=1.0,
-                          return_lse=False, chunk_budget=DEFAULT_CHUNK_BUDGET):
-    _check_args("linear_cross_entropy", hidden, weight, target, reduction, label_smoothing, softcap, z_loss,
-                temperature, chunk_budget)
-    loss, lse = _LinearCrossEntropy.apply(
-        hidden, weight, bias, target, class_weight, namespace, int(ignore_index), reduction, float(label_smoothing),
-        0.0 if softcap is None else float(softcap), float(z_loss), float(temperature), int(chunk_budget))
-    return (loss, lse) if return_lse else loss
-
-
-def linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean",
-                         label_smoothing=0.0, class_weight=None, softcap=None, z_loss=0.0, temperature=1.0,
-                         return_lse=False, chunk_budget=DEFAULT_CHUNK_BUDGET):
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    class_weight: torch.Tensor | None = None,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    temperature: float = 1.0,
+    return_lse: bool = False,
+    chunk_budget: int = DEFAULT_CHUNK_BUDGET,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``hidden @ weight.T + bias`` without materialising the logits.
 
     Equal to::
@@ -212,80 +351,90 @@ def linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_index=-100
     Returns the loss in ``hidden``'s dtype (computed in float32), and the
     log-sum-exp with ``return_lse=True``.
     """
-    return _linear_cross_entropy("logitkit", hidden, weight, target, bias=bias, ignore_index=ignore_index,
-                                 reduction=reduction, label_smoothing=label_smoothing, class_weight=class_weight,
-                                 softcap=softcap, z_loss=z_loss, temperature=temperature, return_lse=return_lse,
-                                 chunk_budget=chunk_budget)
+    _check_args(
+        "linear_cross_entropy",
+        hidden,
+        weight,
+        target,
+        reduction,
+        label_smoothing,
+        softcap,
+        z_loss,
+        temperature,
+        chunk_budget,
+    )
+    options = LossOptions(int(ignore_index), reduction, float(label_smoothing), float(z_loss), float(temperature))
+    tiles = _Tiles(0.0 if softcap is None else float(softcap), float(temperature), int(chunk_budget))
+    loss, lse = _LinearCrossEntropy.apply(hidden, weight, bias, target, class_weight, options, tiles)
+    return (loss, lse) if return_lse else loss
+
+
+_MODULE_OPTIONS = ("ignore_index", "reduction", "label_smoothing", "softcap", "z_loss", "temperature", "chunk_budget")
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
     """Module form of :func:`linear_cross_entropy`: ``loss(hidden, weight, target, bias=None)``."""
 
-    def __init__(self, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, class_weight=None, softcap=None,
-                 z_loss=0.0, temperature=1.0, chunk_budget=DEFAULT_CHUNK_BUDGET):
+    def __init__(
+        self,
+        *,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        class_weight: torch.Tensor | None = None,
+        softcap: float | None = None,
+        z_loss: float = 0.0,
+        temperature: float = 1.0,
+        chunk_budget: int = DEFAULT_CHUNK_BUDGET,
+    ):
         super().__init__()
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
+        self.class_weight: torch.Tensor | None
         self.register_buffer("class_weight", class_weight)
         self.softcap = softcap
         self.z_loss = z_loss
         self.temperature = temperature
         self.chunk_budget = chunk_budget
 
-    def forward(self, hidden, weight, target, bias=None):
-        return linear_cross_entropy(hidden, weight, target, bias=bias, ignore_index=self.ignore_index,
-                                    reduction=self.reduction, label_smoothing=self.label_smoothing,
-                                    class_weight=self.class_weight, softcap=self.softcap, z_loss=self.z_loss,
-                                    temperature=self.temperature, chunk_budget=self.chunk_budget)
+    def forward(
+        self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        options = {name: getattr(self, name) for name in _MODULE_OPTIONS}  # read at each call: attributes may change
+        return linear_cross_entropy(hidden, weight, target, bias=bias, class_weight=self.class_weight, **options)
 
 
 class _LinearLogProbsAndEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, namespace, temperature, chunk_budget):
-        ops = getattr(torch.ops, namespace)
-        vocab, d = weight.shape
-        h2 = hidden.reshape(-1, d)
-        t1 = target.reshape(-1)
-        stats = ops.linear_ce_stats(h2, weight, t1, bias, None, -100, 0.0, temperature, chunk_budget)
-        m, log_s, _ = _normaliser_from_stats(stats)
-        log_prob = (stats[:, 3] - m) - log_s
-        entropy = log_s - stats[:, 2] / stats[:, 1]  # H = log s - b / s (softmax_state.h)
-        ctx.save_for_backward(h2, weight, bias, t1, torch.stack([m, log_s], -1), entropy)
-        ctx.config = (namespace, temperature, chunk_budget)
-        ctx.hidden_shape = hidden.shape
+    def forward(ctx, hidden, weight, bias, target, tiles: _Tiles):
+        f = _forward_stats(ctx, hidden, weight, bias, target, None, -100, tiles)
+        log_prob = (column(f.stats, LceStateField.TARGET_LOGIT) - f.m) - f.log_s
+        entropy = entropy_from_stats(
+            f.log_s, column(f.stats, LceStateField.SUM_EXP), column(f.stats, LceStateField.SUM_SHIFTED)
+        )
+        _save_for_tiles(ctx, f, weight, bias, entropy)
         return log_prob.reshape(target.shape), entropy.reshape(target.shape)
 
     @staticmethod
     def backward(ctx, grad_log_prob, grad_entropy):
-        h2, weight, bias, t1, normaliser, entropy = ctx.saved_tensors
-        namespace, temperature, chunk_budget = ctx.config
-        n = t1.shape[0]
-        g_l = grad_log_prob.float().reshape(-1) if grad_log_prob is not None else h2.new_zeros(n, dtype=torch.float32)
-        g_h = grad_entropy.float().reshape(-1) if grad_entropy is not None else h2.new_zeros(n, dtype=torch.float32)
-        # d/dz_c [g_l (z_y - lse) + g_h H] = p_c (-g_l - g_h H - g_h (z_c - lse)) + g_l [c = y]
-        coefficients = torch.stack([-g_l - g_h * entropy, -g_h, -g_l, torch.zeros_like(g_l)], -1)
-        bias_grad = bias is not None and ctx.needs_input_grad[2]
-        grad_h, grad_w, grad_b = getattr(torch.ops, namespace).linear_ce_backward(
-            h2, weight, t1, bias, None, normaliser, coefficients, 0.0, temperature, chunk_budget, bias_grad)
-        return (
-            grad_h.reshape(ctx.hidden_shape) if ctx.needs_input_grad[0] else None,
-            grad_w if ctx.needs_input_grad[1] else None,
-            grad_b if bias_grad else None,
-            None, None, None, None,
-        )
+        entropy = ctx.saved_tensors[5]
+        zeros = entropy.new_zeros(entropy.shape)
+        g_l = grad_log_prob.float().reshape(-1) if grad_log_prob is not None else zeros
+        g_h = grad_entropy.float().reshape(-1) if grad_entropy is not None else zeros
+        coefficients = log_prob_entropy_coefficients(g_l, g_h, entropy)
+        return (*_input_grads(ctx, coefficients, None), None, None)
 
 
-def _linear_log_probs_and_entropy(namespace, hidden, weight, target, *, bias=None, temperature=1.0,
-                                  chunk_budget=DEFAULT_CHUNK_BUDGET):
-    _check_args("linear_log_probs_and_entropy", hidden, weight, target, "none", 0.0, None, 0.0, temperature,
-                chunk_budget)
-    return _LinearLogProbsAndEntropy.apply(hidden, weight, bias, target, namespace, float(temperature),
-                                           int(chunk_budget))
-
-
-def linear_log_probs_and_entropy(hidden, weight, target, *, bias=None, temperature=1.0,
-                                 chunk_budget=DEFAULT_CHUNK_BUDGET):
+def linear_log_probs_and_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_budget: int = DEFAULT_CHUNK_BUDGET,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``log softmax(z)[target]`` and entropy of ``softmax(z)``, with
     ``z = (hidden @ weight.T + bias) / temperature``, without materialising z.
 
@@ -294,5 +443,8 @@ def linear_log_probs_and_entropy(hidden, weight, target, *, bias=None, temperatu
     lie in [0, V) (checked on CPU; on CUDA an out-of-range target gives a NaN
     log-probability). Memory as for :func:`linear_cross_entropy`.
     """
-    return _linear_log_probs_and_entropy("logitkit", hidden, weight, target, bias=bias, temperature=temperature,
-                                         chunk_budget=chunk_budget)
+    _check_args(
+        "linear_log_probs_and_entropy", hidden, weight, target, "none", 0.0, None, 0.0, temperature, chunk_budget
+    )
+    tiles = _Tiles(0.0, float(temperature), int(chunk_budget))
+    return _LinearLogProbsAndEntropy.apply(hidden, weight, bias, target, tiles)

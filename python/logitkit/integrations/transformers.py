@@ -11,13 +11,16 @@ it is imported only when a processor class is first accessed.
   processor (rule "official"), which runs before temperature and takes it as
   an argument.
 """
+
 from __future__ import annotations
 
 import functools
 
-from ..ops import top_h as _top_h
+from ..sampling import top_h as _top_h
 
-__all__ = ["TopHLogitsWarper", "OfficialTopHLogitsWarper"]
+# The classes are created on first access (module __getattr__), so that importing this module
+# does not import transformers; linters cannot see them.
+__all__ = ["OfficialTopHLogitsWarper", "TopHLogitsWarper"]  # noqa: F822
 
 
 @functools.cache
@@ -41,7 +44,11 @@ def _classes() -> dict:
 
         def __call__(self, input_ids, scores):
             return _top_h(
-                scores, self.alpha, temperature=self.temperature, rule=self.rule, cap=self.cap,
+                scores,
+                self.alpha,
+                temperature=self.temperature,
+                rule=self.rule,
+                cap=self.cap,
                 filter_value=self.filter_value,
             )
 
@@ -56,8 +63,9 @@ def _classes() -> dict:
         """Rule "official": softmax(z / temperature) over the full vocabulary, top
         100, unnormalised entropy budget. Place it before the temperature warper."""
 
-        def __init__(self, top_h: float, temperature: float = 1.0, filter_value: float = -float("inf"),
-                     cap: int | None = None):
+        def __init__(
+            self, top_h: float, temperature: float = 1.0, filter_value: float = -float("inf"), cap: int | None = None
+        ):
             super().__init__(top_h, rule="official", temperature=temperature, cap=cap, filter_value=filter_value)
 
     return {"TopHLogitsWarper": TopHLogitsWarper, "OfficialTopHLogitsWarper": OfficialTopHLogitsWarper}

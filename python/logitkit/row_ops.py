@@ -1,0 +1,224 @@
+"""logitkit's Python API for the row ops over the vocabulary (last) dimension.
+
+Every function accepts any leading shape, non-contiguous inputs, and logits in
+float32, bfloat16 or float16; all arithmetic is float32. ``temperature`` T > 0
+divides the logits first (z = x / T). The ops dispatch on the input's device:
+CPU tensors run the vectorised multi-threaded CPU kernels, CUDA tensors the
+CUDA kernels. All are differentiable (except :func:`softmax_stats`) and work
+under ``torch.compile(fullgraph=True)``.
+
+Special values (the same on every backend):
+
+* ``-inf`` logits are masked tokens: probability 0.
+* A row whose logits are all ``-inf``: logsumexp is ``-inf``; softmax,
+  log_softmax and entropy are NaN (as ``torch.softmax`` gives NaN).
+* A row holding ``+inf``: logsumexp is ``+inf``; softmax, log_softmax and
+  entropy are NaN for the whole row.
+* A NaN logit makes every output of its row NaN, and never touches other rows.
+* An empty vocabulary (V = 0): logsumexp ``-inf``, entropy NaN.
+
+This module also registers the row ops' fake kernels and autograd formulas.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from . import _backend
+from ._layout import STATS_WIDTH, StatsField, column, stats_tensor
+from ._loss_math import entropy_from_stats, normaliser_from_stats
+from ._registration import check_logits, check_temperature, register_autograd, register_fake
+
+__all__ = [
+    "entropy",
+    "log_softmax",
+    "logsumexp",
+    "merge_stats",
+    "softmax",
+    "softmax_stats",
+    "stats_entropy",
+    "stats_logsumexp",
+]
+
+
+def softmax(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``softmax(x / temperature)`` over the last dimension.
+
+    Shape (..., V) -> (..., V), same dtype as ``x``. Two streaming passes over
+    each row: one builds the per-row (max, sum of exp) state with the online
+    rescaling merge, one writes ``exp(z - logsumexp(z))``.
+    """
+    return _backend.ops().softmax(x, float(temperature))
+
+
+def log_softmax(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``log_softmax(x / temperature)`` = ``z - logsumexp(z)`` over the last dimension.
+
+    Shape (..., V) -> (..., V), same dtype as ``x``.
+    """
+    return _backend.ops().log_softmax(x, float(temperature))
+
+
+def logsumexp(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``log(sum(exp(x / temperature)))`` over the last dimension, in one read pass.
+
+    Shape (..., V) -> (...), same dtype as ``x`` (computed in float32).
+    """
+    return _backend.ops().logsumexp(x, float(temperature))
+
+
+def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Shannon entropy in nats of ``softmax(logits / temperature)`` per row.
+
+    Shape (..., V) -> (...), float32. One read pass over the row, keeping
+    m = max z, s = sum exp(z - m) and b = sum (z - m) exp(z - m); then
+    ``H = log(s) - b / s`` (equal to ``logsumexp(z) - E_p[z]``, but without
+    cancellation for large logits). Backward:
+    ``dH/dx = -(1/T) * p * (log p + H)``.
+    """
+    return _backend.ops().entropy(logits, float(temperature))
+
+
+def softmax_stats(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """The mergeable per-row softmax state of ``z = x / temperature``.
+
+    Returns float32 of shape (..., 3) holding, per row,
+    ``[m, s, b] = [max z, sum exp(z - m), sum (z - m) exp(z - m)]``.
+    States of disjoint vocabulary shards combine with :func:`merge_stats`
+    (e.g. after an all-gather in tensor-parallel decoding); then
+    :func:`stats_logsumexp` and :func:`stats_entropy` finish the job.
+    Not differentiable.
+    """
+    return _backend.ops().softmax_stats(x, float(temperature))
+
+
+def merge_stats(stats: Sequence[torch.Tensor] | torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Merges softmax states of disjoint vocabulary shards into one state.
+
+    ``stats`` is a sequence of (..., 3) tensors from :func:`softmax_stats`,
+    or one tensor with the shards along ``dim``. Uses the rescaling merge
+    ``M = max_k m_k``, ``S = sum_k s_k e^{m_k - M}``,
+    ``B = sum_k e^{m_k - M} (b_k + (m_k - M) s_k)``; empty shards
+    (m = -inf) contribute nothing. The result is exact up to float32 rounding:
+    merging the states of a row's shards gives the state of the whole row.
+    """
+    if isinstance(stats, torch.Tensor):
+        if dim is None:
+            raise ValueError("merge_stats: pass dim= when stats is a single tensor of stacked shard states")
+        st = stats.movedim(dim, 0)
+    else:
+        if len(stats) == 0:
+            raise ValueError("merge_stats: stats is empty")
+        st = torch.stack(list(stats), 0)
+    if st.shape[-1] != STATS_WIDTH:
+        raise ValueError(f"merge_stats: states must have a last dimension of 3, got shape {list(st.shape)}")
+    st = st.float()
+    m, s, b = (column(st, f) for f in (StatsField.MAX, StatsField.SUM_EXP, StatsField.SUM_SHIFTED))
+    big_m = m.amax(0)
+    factor = torch.where(m == -math.inf, torch.zeros_like(m), torch.exp(m - big_m))
+    merged_s = (s * factor).sum(0)
+    merged_b = torch.where(factor == 0, torch.zeros_like(b), factor * (b + (m - big_m) * s)).sum(0)
+    return stats_tensor(max=big_m, sum_exp=merged_s, sum_shifted=merged_b)
+
+
+def stats_logsumexp(stats: torch.Tensor) -> torch.Tensor:
+    """log-sum-exp from a (..., 3) softmax state: ``m + log(s)`` (+inf if m = +inf)."""
+    _, lse = normaliser_from_stats(column(stats, StatsField.MAX), column(stats, StatsField.SUM_EXP))
+    return lse
+
+
+def stats_entropy(stats: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats from a (..., 3) softmax state: ``log(s) - b / s`` (NaN if m = +inf)."""
+    m, s, b = (column(stats, f) for f in (StatsField.MAX, StatsField.SUM_EXP, StatsField.SUM_SHIFTED))
+    h = entropy_from_stats(torch.log(s), s, b)
+    return torch.where(m == math.inf, torch.full_like(h, math.nan), h)
+
+
+# ---------------------------------------------------------------------------
+# Fake kernels (the C++ checks of csrc/common/row_op_frontends.h) and autograd
+# ---------------------------------------------------------------------------
+
+
+def _register_row_fake(
+    op: str, arg: str, result_shape: Callable[[torch.Tensor], Sequence[int]], dtype: torch.dtype | None = None
+) -> None:
+    """Fake kernel of a forward row op: ``op(arg, temperature)`` -> a tensor of ``result_shape(arg)``
+    (the input's dtype unless ``dtype``)."""
+
+    def fake(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        check_logits(x, op, arg)
+        check_temperature(temperature, op)
+        return x.new_empty(result_shape(x), dtype=dtype or x.dtype)
+
+    register_fake(op)(fake)
+
+
+def _register_backward_fake(op: str, arg: str, per_row_grad: bool) -> None:
+    """Fake kernel of a backward op ``op(grad, arg, temperature)`` -> the gradient of ``arg``."""
+
+    def fake(grad: torch.Tensor, x: torch.Tensor, temperature: float) -> torch.Tensor:
+        check_logits(x, op, arg)
+        check_temperature(temperature, op)
+        expected = x.shape[:-1] if per_row_grad else x.shape
+        if grad.shape != expected:
+            raise ValueError(f"logitkit.{op}: grad must have shape {list(expected)}, got {list(grad.shape)}")
+        return x.new_empty(x.shape)
+
+    register_fake(op)(fake)
+
+
+def _save_output(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    ctx.temperature = inputs[1] if len(inputs) > 1 else 1.0
+    ctx.save_for_backward(output)
+
+
+def _save_input(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    ctx.temperature = inputs[1] if len(inputs) > 1 else 1.0
+    ctx.save_for_backward(inputs[0])
+
+
+def _backward_with(backward_op: str) -> Callable[[Any], Callable[..., Any]]:
+    """The autograd backward calling ``backward_op(grad, saved, temperature)`` of the op's namespace."""
+
+    def backward_for(ns_ops: Any) -> Callable[..., Any]:
+        op = getattr(ns_ops, backward_op)
+
+        def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+            (saved,) = ctx.saved_tensors
+            return op(grad.to(saved.dtype), saved, ctx.temperature), None
+
+        return backward
+
+    return backward_for
+
+
+def _register() -> None:
+    def same_shape(x: torch.Tensor) -> Sequence[int]:
+        return x.shape
+
+    def per_row(x: torch.Tensor) -> Sequence[int]:
+        return x.shape[:-1]
+
+    def per_row_stats(x: torch.Tensor) -> Sequence[int]:
+        return (*x.shape[:-1], STATS_WIDTH)
+
+    _register_row_fake("softmax", "x", same_shape)
+    _register_row_fake("log_softmax", "x", same_shape)
+    _register_row_fake("logsumexp", "x", per_row)
+    _register_row_fake("entropy", "logits", per_row, dtype=torch.float32)
+    _register_row_fake("softmax_stats", "x", per_row_stats, dtype=torch.float32)
+    _register_backward_fake("softmax_backward", "output", per_row_grad=False)
+    _register_backward_fake("log_softmax_backward", "output", per_row_grad=False)
+    _register_backward_fake("logsumexp_backward", "x", per_row_grad=True)
+    _register_backward_fake("entropy_backward", "x", per_row_grad=True)
+    register_autograd("softmax", _backward_with("softmax_backward"), _save_output)
+    register_autograd("log_softmax", _backward_with("log_softmax_backward"), _save_output)
+    register_autograd("logsumexp", _backward_with("logsumexp_backward"), _save_input)
+    register_autograd("entropy", _backward_with("entropy_backward"), _save_input)
+
+
+_register()

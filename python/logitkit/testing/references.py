@@ -1,0 +1,222 @@
+"""Reference implementations of everything logitkit computes: the definitions
+written the plain way (materialised logits, sorted rows), evaluated in
+float64 by default on the (already rounded) inputs logitkit got, so that a
+difference is the error of logitkit itself.
+
+``dtype`` evaluates a definition in another floating dtype instead: the
+plain-PyTorch computation in the inputs' own precision, whose error is the
+yardstick of :func:`logitkit.testing.assert_no_worse_than_torch`.
+
+The Top-H rules follow docs/top_h.md literally: sort (stable: among equal
+logits the lower index first) and scan.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .._layout import stats_tensor
+
+F64 = torch.float64
+
+# ---------------------------------------------------------------------------
+# Row ops over the last dimension, z = x / temperature
+# ---------------------------------------------------------------------------
+
+
+def softmax(x: torch.Tensor, temperature: float = 1.0, dtype: torch.dtype = F64) -> torch.Tensor:
+    return torch.softmax(x.to(dtype) / temperature, dim=-1)
+
+
+def log_softmax(x: torch.Tensor, temperature: float = 1.0, dtype: torch.dtype = F64) -> torch.Tensor:
+    return torch.log_softmax(x.to(dtype) / temperature, dim=-1)
+
+
+def logsumexp(x: torch.Tensor, temperature: float = 1.0, dtype: torch.dtype = F64) -> torch.Tensor:
+    return torch.logsumexp(x.to(dtype) / temperature, dim=-1)
+
+
+def entropy(x: torch.Tensor, temperature: float = 1.0, dtype: torch.dtype = F64) -> torch.Tensor:
+    """Entropy in nats of softmax(z): -sum p log p."""
+    logp = log_softmax(x, temperature, dtype)
+    p = logp.exp()
+    # p log p -> 0 as p -> 0; masking log p first keeps the gradient NaN-free.
+    return -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
+
+
+def softmax_stats(x: torch.Tensor, temperature: float = 1.0, dtype: torch.dtype = F64) -> torch.Tensor:
+    """The softmax state [m, s, b] = [max z, sum exp(z - m), sum (z - m) exp(z - m)] per row."""
+    z = x.to(dtype) / temperature
+    m = z.amax(-1, keepdim=True)
+    e = torch.exp(z - m)
+    d = torch.where(e > 0, (z - m) * e, torch.zeros_like(e))
+    return stats_tensor(max=m.squeeze(-1), sum_exp=e.sum(-1), sum_shifted=d.sum(-1))
+
+
+#: The row ops by name: ``ROW_OPS[name](x, temperature)``.
+ROW_OPS = {"softmax": softmax, "log_softmax": log_softmax, "logsumexp": logsumexp, "entropy": entropy}
+
+# ---------------------------------------------------------------------------
+# Top-H truncation (docs/top_h.md)
+# ---------------------------------------------------------------------------
+
+#: The capped rules' default cap (``cap=-1``).
+TOP_H_DEFAULT_CAP = 100
+
+
+def entropy_terms(p: torch.Tensor) -> torch.Tensor:
+    """-p log p element-wise, with 0 at p = 0."""
+    return torch.where(p > 0, -p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p))
+
+
+class TopHKeepSet(NamedTuple):
+    """A Top-H rule applied to rows (..., V): the kept tokens are a prefix of ``order``.
+
+    ``order`` (..., K): vocabulary indices by rank (K = min(cap, V) for the capped rules, V for
+    "exact"); ``criterion`` c_k and ``tau`` (..., 1): token k of the order passes when
+    c_k <= tau, it has a nonzero probability in float32 (``positive``), and so do all tokens
+    before it (token 0 always passes); ``kept`` (...): the prefix length; ``mask`` (..., V): the
+    kept set, all False on rows holding NaN or +inf (no defined distribution).
+    """
+
+    order: torch.Tensor
+    criterion: torch.Tensor
+    tau: torch.Tensor
+    positive: torch.Tensor
+    kept: torch.Tensor
+    mask: torch.Tensor
+
+
+def _top_h_criterion(
+    x: torch.Tensor, z: torch.Tensor, alpha: float, temperature: float, rule: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(p, c, tau) of the sorted scaled logits ``z`` of rows ``x``."""
+    if rule == "exact":
+        p = torch.softmax(z, -1)
+        h = entropy_terms(p)
+        mass = torch.cumsum(p, -1)
+        crit = torch.cumsum(h, -1) / mass + torch.log(mass)  # H of the renormalised prefix: sum h / M + log M
+        tau = torch.full_like(mass[..., :1], math.inf) if alpha >= 1 else alpha * h.sum(-1, keepdim=True)
+        return p, crit, tau
+    if rule == "hf":
+        p = torch.softmax(z, -1)  # renormalised over the K tokens
+    else:  # "official": probabilities over the whole vocabulary
+        p = torch.exp(z - torch.logsumexp(x / temperature, -1, keepdim=True))
+    h = entropy_terms(p)
+    return p, torch.cumsum(h, -1), alpha * h.sum(-1, keepdim=True)
+
+
+def top_h(
+    x: torch.Tensor, alpha: float, temperature: float = 1.0, rule: str = "hf", cap: int = -1, dtype: torch.dtype = F64
+) -> TopHKeepSet:
+    """Rule ``rule`` ("hf", "official" or "exact") of Top-H with ``alpha`` on rows ``x`` (..., V)."""
+    x = x.to(dtype)
+    order = torch.sort(x, dim=-1, descending=True, stable=True).indices
+    z = torch.gather(x, -1, order) / temperature
+    if rule != "exact":
+        k = min(TOP_H_DEFAULT_CAP if cap == -1 else cap, x.shape[-1])
+        order, z = order[..., :k], z[..., :k]
+    p, crit, tau = _top_h_criterion(x, z, alpha, temperature, rule)
+    positive = p.float() > 0
+    ok = (crit <= tau) & positive
+    ok[..., 0] = True
+    prefix = torch.cumprod(ok.to(torch.int64), -1).bool()
+    undefined = (x.isnan() | (x == math.inf)).any(-1, keepdim=True)
+    prefix = prefix & ~undefined
+    mask = torch.zeros(x.shape, dtype=torch.bool, device=x.device).scatter(-1, order, prefix)
+    return TopHKeepSet(order, crit, tau, positive, prefix.sum(-1), mask)
+
+
+def top_h_mask(
+    x: torch.Tensor, alpha: float, temperature: float = 1.0, rule: str = "hf", cap: int = -1, dtype: torch.dtype = F64
+) -> torch.Tensor:
+    """The keep mask (..., V) of :func:`top_h`."""
+    return top_h(x, alpha, temperature, rule, cap, dtype).mask
+
+
+# ---------------------------------------------------------------------------
+# Cross-entropy
+# ---------------------------------------------------------------------------
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    class_weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    dtype: torch.dtype = F64,
+) -> torch.Tensor:
+    """``F.cross_entropy(z, target, weight=class_weight, ...)`` plus ``z_loss * logsumexp(z)**2``
+    per non-ignored token, with z = softcap * tanh((logits / T) / softcap) (no softcap: logits / T).
+    "mean" divides both terms by the sum of the target class weights of the non-ignored tokens."""
+    z = logits.to(dtype)
+    if temperature != 1.0:
+        z = z / temperature
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z2, t1 = z.reshape(-1, z.shape[-1]), target.reshape(-1)
+    w = None if class_weight is None else class_weight.to(dtype)
+    loss = F.cross_entropy(
+        z2, t1, weight=w, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+    )
+    if z_loss:
+        valid = t1 != ignore_index
+        # (the z-loss's logsumexp in float32 at least, as a user writes it)
+        lse = torch.logsumexp(z2 if z2.dtype == F64 else z2.float(), -1)
+        zl = torch.where(valid, z_loss * lse**2, torch.zeros((), dtype=lse.dtype))
+        if reduction == "none":
+            loss = loss + zl
+        elif reduction == "sum":
+            loss = loss + zl.sum()
+        else:
+            w_y = valid.to(lse.dtype) if w is None else w[torch.where(valid, t1, 0)] * valid
+            loss = loss + zl.sum() / w_y.sum()
+    return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+def linear_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, dtype: torch.dtype = F64
+) -> torch.Tensor:
+    """The materialised logits ``hidden @ weight.T + bias`` (..., V)."""
+    x = hidden.to(dtype) @ weight.to(dtype).T
+    return x if bias is None else x + bias.to(dtype)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    dtype: torch.dtype = F64,
+    **options,
+) -> torch.Tensor:
+    """:func:`cross_entropy` of the materialised logits ``hidden @ weight.T + bias``; ``options``
+    as for :func:`cross_entropy` (class_weight, ignore_index, reduction, label_smoothing, z_loss,
+    temperature, softcap)."""
+    return cross_entropy(linear_logits(hidden, weight, bias, dtype), target, dtype=dtype, **options)
+
+
+def linear_log_probs_and_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    dtype: torch.dtype = F64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log softmax(z)[target]`` and the entropy of softmax(z), z = (hidden @ weight.T + bias) / T."""
+    logp = torch.log_softmax(linear_logits(hidden, weight, bias, dtype) / temperature, -1)
+    log_prob = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    return log_prob, -(logp.exp() * logp).sum(-1)
