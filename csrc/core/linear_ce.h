@@ -39,27 +39,41 @@
 #include <cmath>
 #include <cstdint>
 
+#include "host_device.h"
 #include "softmax_state.h"
 
 namespace logitkit::core {
 
-// Layout of the per-token forward state (fp32, kLceStateWidth per token).
-enum LceStateField : int { kLceMax = 0, kLceSumExp, kLceSumShifted, kLceTargetLogit, kLceWeightedSum, kLceStateWidth };
+// Layout of the per-token forward state (fp32, kLinearCeStateWidth per token).
+enum LinearCeStateField : int {
+  kLinearCeMax = 0,
+  kLinearCeSumExp,
+  kLinearCeSumShifted,
+  kLinearCeTargetLogit,
+  kLinearCeWeightedSum,
+  kLinearCeStateWidth
+};
 
-// Layout of the per-token backward coefficients (fp32, kLceCoefWidth per token).
-enum LceCoefField : int { kLceCoefProb = 0, kLceCoefEntropy, kLceCoefTarget, kLceCoefSmooth, kLceCoefWidth };
+// Layout of the per-token backward coefficients (fp32, kLinearCeCoefWidth per token).
+enum LinearCeCoefField : int {
+  kLinearCeCoefProb = 0,
+  kLinearCeCoefEntropy,
+  kLinearCeCoefTarget,
+  kLinearCeCoefSmooth,
+  kLinearCeCoefWidth
+};
 
 // The map x -> z (temperature, then optional softcap) and its derivative.
 struct LogitTransform {
   float inv_temperature;
   float softcap;  // 0: no softcap
 
-  LK_MATH_HD float apply(float x) const {
+  LK_HOST_DEVICE float apply(float x) const {
     const float u = x * inv_temperature;
     return softcap > 0.0f ? softcap * tanhf(u / softcap) : u;
   }
   // dz/dx expressed through z (no second tanh).
-  LK_MATH_HD float derivative(float z) const {
+  LK_HOST_DEVICE float derivative(float z) const {
     if (softcap > 0.0f) {
       const float r = z / softcap;
       return inv_temperature * (1.0f - r * r);
@@ -68,12 +82,12 @@ struct LogitTransform {
   }
 };
 
-struct LceCoefficients {
+struct LinearCeCoefficients {
   float prob, entropy, target, smooth;  // a, e, beta, sigma
 };
 
 // dL/dz_c for one element (see the header comment). `shifted` = z_c - lse.
-LK_MATH_HD float lce_grad_z(const LceCoefficients& k, float shifted, bool is_target, float class_weight) {
+LK_HOST_DEVICE float linear_ce_grad_z(const LinearCeCoefficients& k, float shifted, bool is_target, float class_weight) {
   const float p = expf(shifted);
   float g = p * (k.prob + k.entropy * shifted) - k.smooth * class_weight;
   if (is_target) {
@@ -84,7 +98,7 @@ LK_MATH_HD float lce_grad_z(const LceCoefficients& k, float shifted, bool is_tar
 }
 
 // One tile of logits and everything a chunk kernel needs.
-struct LceChunk {
+struct LinearCeChunk {
   float* logits = nullptr;          // (rows, cols), contiguous fp32
   int64_t rows = 0;                 // tokens in the tile
   int64_t cols = 0;                 // vocabulary entries in the tile
@@ -92,9 +106,9 @@ struct LceChunk {
   const int64_t* target = nullptr;  // rows targets (any value; matched against the columns)
   const float* class_weight = nullptr;  // V fp32 weights, or nullptr (all 1)
   LogitTransform transform{1.0f, 0.0f};
-  float* state = nullptr;           // forward: rows x kLceStateWidth
+  float* state = nullptr;           // forward: rows x kLinearCeStateWidth
   const float* normaliser = nullptr;  // backward: rows x 2, [m, log s] of the token
-  const float* coefficients = nullptr;  // backward: rows x kLceCoefWidth
+  const float* coefficients = nullptr;  // backward: rows x kLinearCeCoefWidth
 };
 
 }  // namespace logitkit::core

@@ -16,7 +16,8 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
-#include "linear_ce_cpu.h"
+#include "../core/linear_ce.h"
+#include "kernel_tables.h"
 #include "vec_tiles.h"
 
 #ifndef CPU_CAPABILITY
@@ -25,6 +26,8 @@
 
 namespace logitkit::cpu::CPU_CAPABILITY {
 namespace {
+
+using core::LinearCeChunk;
 
 constexpr int64_t kRowGrain = 32768;  // elements of work per parallel task, at least
 
@@ -46,7 +49,7 @@ inline FVec transform_derivative(const FVec& z, const core::LogitTransform& t) {
   return FVec(t.inv_temperature);
 }
 
-void forward_row(const LceChunk& c, int64_t r) {
+void forward_row(const LinearCeChunk& c, int64_t r) {
   float* z = c.logits + r * c.cols;
   const int64_t n = c.cols;
   const int64_t body = n / kLanes * kLanes;
@@ -83,25 +86,25 @@ void forward_row(const LceChunk& c, int64_t r) {
     ws += (w != nullptr ? w[i] : 1.0f) * z[i];
   }
   // Merge into the token's running state.
-  float* st = c.state + r * core::kLceStateWidth;
-  const core::SoftmaxState merged = core::merge(core::SoftmaxState{st[core::kLceMax], st[core::kLceSumExp],
-                                                                   st[core::kLceSumShifted]},
+  float* st = c.state + r * core::kLinearCeStateWidth;
+  const core::SoftmaxState merged = core::merge(core::SoftmaxState{st[core::kLinearCeMax], st[core::kLinearCeSumExp],
+                                                                   st[core::kLinearCeSumShifted]},
                                                 core::SoftmaxState{tile_max, s, b});
-  st[core::kLceMax] = merged.max;
-  st[core::kLceSumExp] = merged.sum_exp;
-  st[core::kLceSumShifted] = merged.sum_shifted;
-  st[core::kLceWeightedSum] += ws;
+  st[core::kLinearCeMax] = merged.max;
+  st[core::kLinearCeSumExp] = merged.sum_exp;
+  st[core::kLinearCeSumShifted] = merged.sum_shifted;
+  st[core::kLinearCeWeightedSum] += ws;
   const int64_t y = c.target[r] - c.col_begin;
-  if (y >= 0 && y < n) st[core::kLceTargetLogit] = z[y];
+  if (y >= 0 && y < n) st[core::kLinearCeTargetLogit] = z[y];
 }
 
-void backward_row(const LceChunk& c, int64_t r) {
+void backward_row(const LinearCeChunk& c, int64_t r) {
   float* x = c.logits + r * c.cols;
   const int64_t n = c.cols;
   const int64_t body = n / kLanes * kLanes;
-  const float* kp = c.coefficients + r * core::kLceCoefWidth;
-  const core::LceCoefficients k{kp[core::kLceCoefProb], kp[core::kLceCoefEntropy], kp[core::kLceCoefTarget],
-                                kp[core::kLceCoefSmooth]};
+  const float* kp = c.coefficients + r * core::kLinearCeCoefWidth;
+  const core::LinearCeCoefficients k{kp[core::kLinearCeCoefProb], kp[core::kLinearCeCoefEntropy], kp[core::kLinearCeCoefTarget],
+                                kp[core::kLinearCeCoefSmooth]};
   const float m = c.normaliser[2 * r], log_s = c.normaliser[2 * r + 1];
   const float* w = c.class_weight != nullptr ? c.class_weight + c.col_begin : nullptr;
   const int64_t y = c.target[r] - c.col_begin;
@@ -119,21 +122,21 @@ void backward_row(const LceChunk& c, int64_t r) {
   }
   for (int64_t i = body; i < n; ++i) {
     const float z = c.transform.apply(x[i]);
-    x[i] = core::lce_grad_z(k, (z - m) - log_s, false, w != nullptr ? w[i] : 1.0f) * c.transform.derivative(z);
+    x[i] = core::linear_ce_grad_z(k, (z - m) - log_s, false, w != nullptr ? w[i] : 1.0f) * c.transform.derivative(z);
   }
   if (has_target) {  // the exact form of a p_y - beta
     const float z = c.transform.apply(x_target);
-    x[y] = core::lce_grad_z(k, (z - m) - log_s, true, w != nullptr ? w[y] : 1.0f) * c.transform.derivative(z);
+    x[y] = core::linear_ce_grad_z(k, (z - m) - log_s, true, w != nullptr ? w[y] : 1.0f) * c.transform.derivative(z);
   }
 }
 
-void forward_chunk(const LceChunk& c) {
+void forward_chunk(const LinearCeChunk& c) {
   at::parallel_for(0, c.rows, row_grain(c.cols), [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) forward_row(c, r);
   });
 }
 
-void backward_chunk(const LceChunk& c) {
+void backward_chunk(const LinearCeChunk& c) {
   at::parallel_for(0, c.rows, row_grain(c.cols), [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) backward_row(c, r);
   });
@@ -141,6 +144,6 @@ void backward_chunk(const LceChunk& c) {
 
 }  // namespace
 
-const LceKernelTable lce_kernels = {&forward_chunk, &backward_chunk};
+const LinearCeKernels linear_ce_kernels = {&forward_chunk, &backward_chunk};
 
 }  // namespace logitkit::cpu::CPU_CAPABILITY

@@ -1,6 +1,6 @@
 // CPU kernels of the row ops, vectorised with ATen's at::vec and parallel
 // over rows (and over slices of a row when there are fewer rows than
-// threads). Compiled once per CPU capability (see row_ops_cpu.h).
+// threads). Compiled once per CPU capability (see kernel_tables.h).
 //
 // Data flow per row: the row is walked in tiles of kTile elements that are
 // converted to fp32 (and scaled by 1/T) into a stack buffer, so bf16/fp16
@@ -21,7 +21,7 @@
 #endif
 
 #include "../core/softmax_state.h"
-#include "row_ops_cpu.h"
+#include "kernel_tables.h"
 #include "vec_tiles.h"
 
 #ifndef CPU_CAPABILITY
@@ -514,8 +514,10 @@ void reduce(ResultKind kind, const ResultArgs<scalar_t>& args) {
 
 }  // namespace
 
-const RowKernelTable row_kernels = {
-    &map<float>, &map<c10::BFloat16>, &map<c10::Half>, &reduce<float>, &reduce<c10::BFloat16>, &reduce<c10::Half>,
+const PerDtype<RowOpsKernels> row_ops_kernels = {
+    {&map<float>, &reduce<float>},
+    {&map<c10::BFloat16>, &reduce<c10::BFloat16>},
+    {&map<c10::Half>, &reduce<c10::Half>},
 };
 
 }  // namespace logitkit::cpu::CPU_CAPABILITY

@@ -1,6 +1,6 @@
 // CPU kernels of top_h_mask and sample (rules "hf", "official", "exact";
-// definitions in shared/notes/top-h.md, shared math in csrc/core/top_h.h).
-// Compiled once per CPU capability (see top_h_cpu.h), vectorised with at::vec
+// definitions in docs/top_h.md, shared math in csrc/core/top_h.h).
+// Compiled once per CPU capability (see kernel_tables.h), vectorised with at::vec
 // where the work is arithmetic (max, exp, kept weights). Parallel over rows
 // with at::parallel_for; each row is handled by one thread with thread-local
 // scratch buffers (no allocation per row once they have grown).
@@ -53,9 +53,9 @@
 
 #include <ATen/Parallel.h>
 
-#include "../common/top_h_frontend.h"
 #include "../core/top_h.h"
-#include "top_h_cpu.h"
+#include "../frontend/top_h.h"
+#include "kernel_tables.h"
 #include "vec_tiles.h"
 
 namespace logitkit::cpu::CPU_CAPABILITY {
@@ -389,7 +389,7 @@ void sample_rows(const Rows& r, const TopHParams& p, const float* uniform, int64
 
 }  // namespace
 
-const TopHKernelTable top_h_kernels = {
+const PerDtype<TopHKernels> top_h_kernels = {
     {&mask_rows<float>, &sample_rows<float>},
     {&mask_rows<c10::BFloat16>, &sample_rows<c10::BFloat16>},
     {&mask_rows<c10::Half>, &sample_rows<c10::Half>},

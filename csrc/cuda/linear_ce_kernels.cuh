@@ -6,27 +6,27 @@
 #include <cstdint>
 
 #include "../core/linear_ce.h"
-#include "../simt/simt.h"
+#include "collectives.cuh"
 
-namespace logitkit::kernels {
+namespace logitkit::cuda {
 
 // A token's softmax state over part of a tile, plus sum_c w_c z_c.
-struct LceTileState {
+struct LinearCeTileState {
   core::SoftmaxState softmax;
   float weighted_sum;
 };
 
-LK_HOST_DEVICE inline LceTileState lce_merge(const LceTileState& a, const LceTileState& b) {
-  return LceTileState{core::merge(a.softmax, b.softmax), a.weighted_sum + b.weighted_sum};
+LK_HOST_DEVICE LinearCeTileState merge_tile_states(const LinearCeTileState& a, const LinearCeTileState& b) {
+  return LinearCeTileState{core::merge(a.softmax, b.softmax), a.weighted_sum + b.weighted_sum};
 }
 
 // Forward: folds row blockIdx.x of the tile into the token's running state.
-__global__ void lce_forward_kernel(core::LceChunk c) {
+__global__ void linear_ce_forward_kernel(core::LinearCeChunk c) {
   constexpr int kGroup = 8;  // elements per core::accumulate (one rescale per group)
   const int64_t row = blockIdx.x;
   const float* x = c.logits + row * c.cols;
   const float* w = c.class_weight != nullptr ? c.class_weight + c.col_begin : nullptr;
-  LceTileState mine{core::empty_state(), 0.0f};
+  LinearCeTileState mine{core::empty_state(), 0.0f};
   float group[kGroup];
   int filled = 0;
   for (int64_t i = threadIdx.x; i < c.cols; i += blockDim.x) {
@@ -39,39 +39,40 @@ __global__ void lce_forward_kernel(core::LceChunk c) {
     }
   }
   if (filled > 0) core::accumulate(mine.softmax, group, filled);
-  __shared__ LceTileState scratch[simt::kReduceScratchSize];
-  const LceTileState identity{core::empty_state(), 0.0f};
-  const LceTileState tile = simt::block_reduce(
-      mine, [](const LceTileState& a, const LceTileState& b) { return lce_merge(a, b); }, identity, scratch);
+  __shared__ LinearCeTileState scratch[kReduceScratchSize];
+  const LinearCeTileState identity{core::empty_state(), 0.0f};
+  const LinearCeTileState tile = block_reduce(
+      mine, [](const LinearCeTileState& a, const LinearCeTileState& b) { return merge_tile_states(a, b); }, identity,
+      scratch);
   if (threadIdx.x == 0) {
-    float* st = c.state + row * core::kLceStateWidth;
+    float* st = c.state + row * core::kLinearCeStateWidth;
     const core::SoftmaxState merged =
-        core::merge(core::SoftmaxState{st[core::kLceMax], st[core::kLceSumExp], st[core::kLceSumShifted]},
+        core::merge(core::SoftmaxState{st[core::kLinearCeMax], st[core::kLinearCeSumExp], st[core::kLinearCeSumShifted]},
                     tile.softmax);
-    st[core::kLceMax] = merged.max;
-    st[core::kLceSumExp] = merged.sum_exp;
-    st[core::kLceSumShifted] = merged.sum_shifted;
-    st[core::kLceWeightedSum] += tile.weighted_sum;
+    st[core::kLinearCeMax] = merged.max;
+    st[core::kLinearCeSumExp] = merged.sum_exp;
+    st[core::kLinearCeSumShifted] = merged.sum_shifted;
+    st[core::kLinearCeWeightedSum] += tile.weighted_sum;
     const int64_t y = c.target[row] - c.col_begin;
-    if (y >= 0 && y < c.cols) st[core::kLceTargetLogit] = c.transform.apply(x[y]);
+    if (y >= 0 && y < c.cols) st[core::kLinearCeTargetLogit] = c.transform.apply(x[y]);
   }
 }
 
-// Backward: row blockIdx.x of the tile <- dL/dx (see core::lce_grad_z).
-__global__ void lce_backward_kernel(core::LceChunk c) {
+// Backward: row blockIdx.x of the tile <- dL/dx (see core::linear_ce_grad_z).
+__global__ void linear_ce_backward_kernel(core::LinearCeChunk c) {
   const int64_t row = blockIdx.x;
   float* x = c.logits + row * c.cols;
-  const float* kp = c.coefficients + row * core::kLceCoefWidth;
-  const core::LceCoefficients k{kp[core::kLceCoefProb], kp[core::kLceCoefEntropy], kp[core::kLceCoefTarget],
-                                kp[core::kLceCoefSmooth]};
+  const float* kp = c.coefficients + row * core::kLinearCeCoefWidth;
+  const core::LinearCeCoefficients k{kp[core::kLinearCeCoefProb], kp[core::kLinearCeCoefEntropy], kp[core::kLinearCeCoefTarget],
+                                kp[core::kLinearCeCoefSmooth]};
   const float m = c.normaliser[2 * row], log_s = c.normaliser[2 * row + 1];
   const int64_t y = c.target[row] - c.col_begin;
   const float* w = c.class_weight != nullptr ? c.class_weight + c.col_begin : nullptr;
   for (int64_t i = threadIdx.x; i < c.cols; i += blockDim.x) {
     const float z = c.transform.apply(x[i]);
     // z - lse as (z - m) - log s: exact for z near the max.
-    x[i] = core::lce_grad_z(k, (z - m) - log_s, i == y, w != nullptr ? w[i] : 1.0f) * c.transform.derivative(z);
+    x[i] = core::linear_ce_grad_z(k, (z - m) - log_s, i == y, w != nullptr ? w[i] : 1.0f) * c.transform.derivative(z);
   }
 }
 
-}  // namespace logitkit::kernels
+}  // namespace logitkit::cuda

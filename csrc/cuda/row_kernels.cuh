@@ -29,9 +29,9 @@
 #include <c10/util/Half.h>
 
 #include "../core/softmax_state.h"
-#include "../simt/simt.h"
+#include "collectives.cuh"
 
-namespace logitkit::kernels {
+namespace logitkit::cuda {
 
 // Largest number of elements one 16-byte load brings (8 for 2-byte types).
 constexpr int kMaxPack = 8;
@@ -126,8 +126,8 @@ __global__ void __launch_bounds__(kMaxRowThreads) row_partials_kernel(Op op, Row
   State state = op.identity();
   for_each_pack(a.row(row), b.row(row), begin, end,
                 [&](int64_t, const float* va, const float* vb, int n) { op.accumulate(state, va, vb, n); });
-  __shared__ State scratch[simt::kReduceScratchSize];
-  state = simt::block_reduce(
+  __shared__ State scratch[kReduceScratchSize];
+  state = block_reduce(
       state, [&](const State& x, const State& y) { return op.merge(x, y); }, op.identity(), scratch);
   if (threadIdx.x == 0) partials[row * gridDim.y + split] = state;
 }
@@ -153,8 +153,8 @@ __global__ void __launch_bounds__(kMaxRowThreads) row_map_kernel(Op op, RowsView
   // block reduction (a fixed tree, so every block of the row gets the same bits).
   State state = op.identity();
   for (int64_t k = threadIdx.x; k < splits; k += blockDim.x) state = op.merge(state, partials[row * splits + k]);
-  __shared__ State scratch[simt::kReduceScratchSize];
-  state = simt::block_reduce(
+  __shared__ State scratch[kReduceScratchSize];
+  state = block_reduce(
       state, [&](const State& x, const State& y) { return op.merge(x, y); }, op.identity(), scratch);
   const auto constants = op.row_constants(state, row);
   out_t* out_row = out + row * cols;
@@ -303,4 +303,4 @@ struct StatsResult : SoftmaxReduction {
   }
 };
 
-}  // namespace logitkit::kernels
+}  // namespace logitkit::cuda

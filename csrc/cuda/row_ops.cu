@@ -11,14 +11,12 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include "../common/row_op_frontends.h"
-#include "../simt/device_context.h"
+#include "../frontend/row_ops.h"
+#include "device_context.h"
 #include "row_kernels.cuh"
 
-namespace logitkit::cuda_impl {
+namespace logitkit::cuda {
 namespace {
-
-using kernels::RowsView;
 
 struct LaunchPlan {
   int threads = 0;
@@ -29,18 +27,18 @@ struct LaunchPlan {
 // One block per (row, slice). Enough slices that rows * splits fills the GPU
 // about twice (batch-1 decoding still uses many SMs), but each thread keeps
 // at least 4 packs (16-byte loads) of work.
-LaunchPlan plan_launch(int64_t rows, int64_t cols, int element_bytes, const simt::DeviceContext& ctx) {
+LaunchPlan plan_launch(int64_t rows, int64_t cols, int element_bytes, const DeviceContext& ctx) {
   LaunchPlan plan;
   const int64_t pack = 16 / element_bytes;
 #if LK_EMULATED_CUDA
-  auto& shape = simt::emulated_launch_shape();
+  auto& shape = emulated_launch_shape();
   plan.threads = shape.threads_per_block.load();
   const int64_t max_per_block = shape.max_elements_per_block.load();
   plan.splits = max_per_block > 0 ? (cols + max_per_block - 1) / max_per_block : 1;
   (void)pack;
   (void)ctx;
 #else
-  plan.threads = cols >= 16384 ? kernels::kMaxRowThreads : (cols >= 2048 ? 256 : 128);
+  plan.threads = cols >= 16384 ? kMaxRowThreads : (cols >= 2048 ? 256 : 128);
   const int64_t target_blocks = 2LL * ctx.multiprocessors();
   const int64_t min_per_block = 4LL * plan.threads * pack;
   const int64_t wanted = (target_blocks + rows - 1) / rows;
@@ -67,12 +65,12 @@ void check_grid(int64_t rows) {
 // Pass 1 of every op: per-(row, slice) partial states in a device workspace.
 template <class Op, class scalar_t>
 at::Tensor launch_partials(const Op& op, RowsView<scalar_t> a, RowsView<scalar_t> b, const Rows& shape,
-                           const LaunchPlan& plan, const simt::DeviceContext& ctx) {
+                           const LaunchPlan& plan, const DeviceContext& ctx) {
   using State = typename Op::State;
   at::Tensor workspace = at::empty({static_cast<int64_t>(shape.rows * plan.splits * sizeof(State))},
                                    shape.tensor.options().dtype(at::kByte));
   auto* partials = reinterpret_cast<State*>(workspace.data_ptr());
-  auto* kernel = &kernels::row_partials_kernel<Op, scalar_t>;
+  auto* kernel = &row_partials_kernel<Op, scalar_t>;
   const dim3 grid(static_cast<unsigned>(shape.rows), static_cast<unsigned>(plan.splits));
   LK_LAUNCH_KERNEL(kernel, grid, dim3(plan.threads), 0, ctx.stream(), op, a, b, shape.cols, plan.chunk, partials);
   ctx.check_launch();
@@ -82,12 +80,12 @@ at::Tensor launch_partials(const Op& op, RowsView<scalar_t> a, RowsView<scalar_t
 // reduce + elementwise map: out[r, i] = op.output(row constants, a[r, i], b[r, i]).
 template <class Op, class scalar_t>
 void run_map(const Op& op, RowsView<scalar_t> a, RowsView<scalar_t> b, const Rows& shape, scalar_t* out,
-             const simt::DeviceContext& ctx) {
+             const DeviceContext& ctx) {
   check_grid(shape.rows);
   const LaunchPlan plan = plan_launch(shape.rows, shape.cols, sizeof(scalar_t), ctx);
   at::Tensor workspace = launch_partials(op, a, b, shape, plan, ctx);
   auto* partials = reinterpret_cast<const typename Op::State*>(workspace.data_ptr());
-  auto* kernel = &kernels::row_map_kernel<Op, scalar_t, scalar_t>;
+  auto* kernel = &row_map_kernel<Op, scalar_t, scalar_t>;
   const dim3 grid(static_cast<unsigned>(shape.rows), static_cast<unsigned>(plan.splits));
   LK_LAUNCH_KERNEL(kernel, grid, dim3(plan.threads), 0, ctx.stream(), op, a, b, shape.cols, plan.chunk, partials, out);
   ctx.check_launch();
@@ -95,62 +93,54 @@ void run_map(const Op& op, RowsView<scalar_t> a, RowsView<scalar_t> b, const Row
 
 // reduce + per-row result written by op.finalize.
 template <class Op, class scalar_t>
-void run_finalize(const Op& op, RowsView<scalar_t> a, const Rows& shape, const simt::DeviceContext& ctx) {
+void run_finalize(const Op& op, RowsView<scalar_t> a, const Rows& shape, const DeviceContext& ctx) {
   check_grid(shape.rows);
   const LaunchPlan plan = plan_launch(shape.rows, shape.cols, sizeof(scalar_t), ctx);
   at::Tensor workspace = launch_partials(op, a, RowsView<scalar_t>{nullptr, 0}, shape, plan, ctx);
   auto* partials = reinterpret_cast<const typename Op::State*>(workspace.data_ptr());
   constexpr int kThreads = 128;
-  auto* kernel = &kernels::row_finalize_kernel<Op>;
+  auto* kernel = &row_finalize_kernel<Op>;
   const dim3 grid(static_cast<unsigned>((shape.rows + kThreads - 1) / kThreads));
   LK_LAUNCH_KERNEL(kernel, grid, dim3(kThreads), 0, ctx.stream(), op, partials, shape.rows, plan.splits);
   ctx.check_launch();
 }
 
-// The backend of RowOpFrontends: maps each op kind to its kernel policy.
-struct CudaBackend {
+// The backend of RowOpsFrontend: maps each op kind to its kernel policy.
+struct RowOpsBackend {
   template <class scalar_t>
   static void map(MapKind kind, const MapArgs<scalar_t>& args) {
-    const simt::DeviceContext ctx(args.a->tensor);
+    const DeviceContext ctx(args.a->tensor);
     const RowsView<scalar_t> a = rows_view<scalar_t>(*args.a);
     const RowsView<scalar_t> b = args.b != nullptr ? rows_view<scalar_t>(*args.b) : RowsView<scalar_t>{nullptr, 0};
     const float inv_t = args.inv_temperature;
     auto run = [&](const auto& op) { run_map(op, a, b, *args.a, args.out, ctx); };
     switch (kind) {
-      case MapKind::softmax: run(kernels::SoftmaxOutput{{inv_t}}); break;
-      case MapKind::log_softmax: run(kernels::LogSoftmaxOutput{{inv_t}}); break;
-      case MapKind::logsumexp_grad: run(kernels::LogsumexpGradOutput<scalar_t>{{inv_t}, args.row_grad}); break;
-      case MapKind::entropy_grad: run(kernels::EntropyGradOutput<scalar_t>{{inv_t}, args.row_grad}); break;
-      case MapKind::softmax_grad: run(kernels::SoftmaxGradOutput{{}, inv_t}); break;
-      case MapKind::log_softmax_grad: run(kernels::LogSoftmaxGradOutput{{}, inv_t}); break;
+      case MapKind::softmax: run(SoftmaxOutput{{inv_t}}); break;
+      case MapKind::log_softmax: run(LogSoftmaxOutput{{inv_t}}); break;
+      case MapKind::logsumexp_grad: run(LogsumexpGradOutput<scalar_t>{{inv_t}, args.row_grad}); break;
+      case MapKind::entropy_grad: run(EntropyGradOutput<scalar_t>{{inv_t}, args.row_grad}); break;
+      case MapKind::softmax_grad: run(SoftmaxGradOutput{{}, inv_t}); break;
+      case MapKind::log_softmax_grad: run(LogSoftmaxGradOutput{{}, inv_t}); break;
     }
   }
 
   template <class scalar_t>
   static void reduce(ResultKind kind, const ResultArgs<scalar_t>& args) {
-    const simt::DeviceContext ctx(args.a->tensor);
+    const DeviceContext ctx(args.a->tensor);
     const RowsView<scalar_t> a = rows_view<scalar_t>(*args.a);
     const float inv_t = args.inv_temperature;
     auto run = [&](const auto& op) { run_finalize(op, a, *args.a, ctx); };
     switch (kind) {
       case ResultKind::logsumexp:
-        run(kernels::LogsumexpResult<scalar_t>{{inv_t}, static_cast<scalar_t*>(args.out)});
+        run(LogsumexpResult<scalar_t>{{inv_t}, static_cast<scalar_t*>(args.out)});
         break;
-      case ResultKind::entropy: run(kernels::EntropyResult{{inv_t}, static_cast<float*>(args.out)}); break;
-      case ResultKind::stats: run(kernels::StatsResult{{inv_t}, static_cast<float*>(args.out)}); break;
+      case ResultKind::entropy: run(EntropyResult{{inv_t}, static_cast<float*>(args.out)}); break;
+      case ResultKind::stats: run(StatsResult{{inv_t}, static_cast<float*>(args.out)}); break;
     }
   }
 };
 
 }  // namespace
-}  // namespace logitkit::cuda_impl
+}  // namespace logitkit::cuda
 
-#if LK_EMULATED_CUDA
-#define LOGITKIT_KERNEL_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(logitkit_emulated, CPU, m)
-#else
-#define LOGITKIT_KERNEL_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(logitkit, CUDA, m)
-#endif
-
-LOGITKIT_KERNEL_LIBRARY_IMPL(m) {
-  logitkit::RowOpFrontends<logitkit::cuda_impl::CudaBackend>::register_all(m);
-}
+LOGITKIT_CUDA_LIBRARY_IMPL(m) { logitkit::RowOpsFrontend<logitkit::cuda::RowOpsBackend>::register_all(m); }

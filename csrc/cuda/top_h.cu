@@ -1,5 +1,5 @@
 // CUDA kernel of top_h_mask (rules "hf", "official", "exact"; definitions in
-// shared/notes/top-h.md, shared math in csrc/core/top_h.h), registered for the
+// docs/top_h.md, shared math in csrc/core/top_h.h), registered for the
 // CUDA key of `logitkit`. Like row_ops.cu, this file is also compiled by the
 // host compiler through the SIMT emulator (csrc/emu/top_h_emulated.cpp) and
 // registered for CPU tensors under `logitkit_emulated`.
@@ -19,7 +19,7 @@
 //     H(q_S) = log E_S - D_S / E_S (core::renormalised_entropy); bins hold
 //     (count, sum e, sum d e) with e = exp(z - m), d = z - m, m the row max
 //     of z (the first digit's bins are built in pass 1, before m is known,
-//     and rescaled to m; see below). H(q_S) increases with S (note),
+//     and rescaled to m; see below). H(q_S) increases with S (docs/top_h.md),
 //     so the first failing bin holds the cut.
 // "exact" stops early once the cut bin holds a single token (that token is
 // then dropped); the capped rules always resolve all digits, and gather the
@@ -78,12 +78,13 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include "../common/top_h_frontend.h"
 #include "../core/top_h.h"
-#include "../simt/device_context.h"
+#include "../frontend/top_h.h"
+#include "collectives.cuh"
+#include "device_context.h"
 #include "row_kernels.cuh"
 
-namespace logitkit::kernels {
+namespace logitkit::cuda {
 
 // Largest K the capped rules support on CUDA (shared-memory candidate list).
 constexpr int64_t kMaxCudaCap = 2048;
@@ -215,14 +216,14 @@ struct EntropyPredicate {
 // the tile before it (in index order), and adds the tile's total to `running`
 // (same value in every thread). `warp_counts` is shared, kMaxWarpsPerBlock.
 LK_DEVICE inline int64_t ordered_rank(bool flag, int64_t& running, int* warp_counts) {
-  const unsigned ballot = __ballot_sync(simt::warp_live_mask(), flag);
-  const int lane = simt::lane_rank();
+  const unsigned ballot = __ballot_sync(warp_live_mask(), flag);
+  const int lane = lane_rank();
   const int below_in_warp = popcount32(ballot & ((1u << lane) - 1u));
-  if (lane == 0) warp_counts[simt::warp_rank()] = popcount32(ballot);
+  if (lane == 0) warp_counts[warp_rank()] = popcount32(ballot);
   __syncthreads();
   int64_t before = running, total = running;
-  for (int w = 0; w < simt::warps_per_block(); ++w) {
-    if (w < simt::warp_rank()) before += warp_counts[w];
+  for (int w = 0; w < warps_per_block(); ++w) {
+    if (w < warp_rank()) before += warp_counts[w];
     total += warp_counts[w];
   }
   __syncthreads();  // warp_counts is rewritten by the next tile
@@ -303,7 +304,7 @@ LK_DEVICE inline void select_cut(const scalar_t* x, int64_t cols, const TopHPara
   __shared__ unsigned bin_count[kBins];
   __shared__ float bin_e[kBins];
   __shared__ float bin_d[kBins];
-  __shared__ core::SoftmaxState scratch[simt::kReduceScratchSize];
+  __shared__ core::SoftmaxState scratch[kReduceScratchSize];
   __shared__ int gathered;
   LK_DYNAMIC_SHARED(uint32_t, candidates);  // 2 * k keys (capped rules)
   uint32_t* sorted = candidates + k;
@@ -321,7 +322,7 @@ LK_DEVICE inline void select_cut(const scalar_t* x, int64_t cols, const TopHPara
   // relative to each bin's own upper end r_b (first_digit_reference), except
   // each thread's top bin, kept as a softmax state (see the top of the file).
   const bool exact = p.truncate && !capped;
-  __shared__ TopBinState top_scratch[simt::kReduceScratchSize];
+  __shared__ TopBinState top_scratch[kReduceScratchSize];
   clear_bins();
   __syncthreads();
   core::SoftmaxState st = core::empty_state();
@@ -353,14 +354,14 @@ LK_DEVICE inline void select_cut(const scalar_t* x, int64_t cols, const TopHPara
       ++mine.count;
     }
   }
-  st = simt::block_reduce(st, [](const core::SoftmaxState& a, const core::SoftmaxState& b) { return core::merge(a, b); },
+  st = block_reduce(st, [](const core::SoftmaxState& a, const core::SoftmaxState& b) { return core::merge(a, b); },
                           core::empty_state(), scratch);
   const float m = st.max;
   // "exact": B* = the highest top bin of the block = the bin of the row max,
   // with the state of all its tokens (its max is m).
   TopBinState best = empty_top_bin();
   if (exact) {
-    best = simt::block_reduce(
+    best = block_reduce(
         mine, [](const TopBinState& a, const TopBinState& b) { return merge_top_bins(a, b); }, empty_top_bin(),
         top_scratch);
   }
@@ -552,7 +553,7 @@ __global__ void __launch_bounds__(kMaxTopHThreads)
   bool* out = mask + static_cast<int64_t>(blockIdx.x) * cols;
   const int64_t tid = threadIdx.x, stride = blockDim.x;
   __shared__ Cut cut;
-  __shared__ int warp_counts[simt::kMaxWarpsPerBlock];
+  __shared__ int warp_counts[kMaxWarpsPerBlock];
   select_cut(x, cols, p, cut);
   if (cut.kind != RowKind::defined) {
     // NaN or +inf: nothing is kept; all -inf: token 0 only.
@@ -588,9 +589,9 @@ __global__ void __launch_bounds__(kMaxTopHThreads)
   const scalar_t* x = rows.row(row);
   const int64_t tid = threadIdx.x, stride = blockDim.x;
   __shared__ Cut cut;
-  __shared__ int warp_counts[simt::kMaxWarpsPerBlock];
-  __shared__ float float_scratch[simt::kReduceScratchSize];
-  __shared__ int64_t index_scratch[simt::kReduceScratchSize];
+  __shared__ int warp_counts[kMaxWarpsPerBlock];
+  __shared__ float float_scratch[kReduceScratchSize];
+  __shared__ int64_t index_scratch[kReduceScratchSize];
   select_cut(x, cols, p, cut);
   if (cut.kind != RowKind::defined) {
     if (tid == 0) tokens[row] = cut.kind == RowKind::all_masked ? 0 : -1;
@@ -614,31 +615,29 @@ __global__ void __launch_bounds__(kMaxTopHThreads)
     const float w = keep.next(valid, xv, warp_counts) ? expf(core::scaled_logit(xv, inv_t) - m) : 0.0f;
     if (w > 0.0f) last_positive = i;
     float tile_mass;
-    const float running = before + simt::block_inclusive_scan(w, float_scratch, tile_mass);
+    const float running = before + block_inclusive_scan(w, float_scratch, tile_mass);
     const bool crosses = w > 0.0f && running > target;
-    const int64_t first = simt::block_reduce(crosses ? i : kNoIndex, min_index, kNoIndex, index_scratch);
+    const int64_t first = block_reduce(crosses ? i : kNoIndex, min_index, kNoIndex, index_scratch);
     found = first == kNoIndex ? kNone : first;
     before += tile_mass;
   }
-  if (found == kNone) found = simt::block_reduce(last_positive, max_index, kNone, index_scratch);
+  if (found == kNone) found = block_reduce(last_positive, max_index, kNone, index_scratch);
   if (tid == 0) tokens[row] = found;
 }
 
 
-}  // namespace logitkit::kernels
-
-namespace logitkit::cuda_impl {
 namespace {
 
-struct CudaTopHBackend {
+// The backend of TopHFrontend.
+struct TopHBackend {
   template <class scalar_t>
   static void top_h_mask(const Rows& r, const TopHParams& p, bool* out) {
-    launch<scalar_t>(r, p, "top_h_mask", &kernels::top_h_mask_kernel<scalar_t>, out);
+    launch<scalar_t>(r, p, "top_h_mask", &top_h_mask_kernel<scalar_t>, out);
   }
 
   template <class scalar_t>
   static void sample(const Rows& r, const TopHParams& p, const float* uniform, int64_t* out) {
-    launch<scalar_t>(r, p, "sample", &kernels::sample_kernel<scalar_t>, uniform, out);
+    launch<scalar_t>(r, p, "sample", &sample_kernel<scalar_t>, uniform, out);
   }
 
   // One block per row; dynamic shared memory for the capped rules' candidates.
@@ -647,16 +646,16 @@ struct CudaTopHBackend {
     TORCH_CHECK_VALUE(r.rows <= 2147483647LL, "logitkit.", op, ": at most 2^31 - 1 rows are supported on CUDA");
     TORCH_CHECK_VALUE(r.cols <= 2147483647LL, "logitkit.", op, ": at most 2^31 - 1 tokens per row on CUDA");
     const bool capped = p.truncate && p.rule != core::TopHRule::exact;
-    TORCH_CHECK_VALUE(!capped || p.k <= kernels::kMaxCudaCap, "logitkit.", op, ": cap at most ",
-                      kernels::kMaxCudaCap, " is supported on CUDA, got ", p.k);
-    const simt::DeviceContext ctx(r.tensor);
+    TORCH_CHECK_VALUE(!capped || p.k <= kMaxCudaCap, "logitkit.", op, ": cap at most ",
+                      kMaxCudaCap, " is supported on CUDA, got ", p.k);
+    const DeviceContext ctx(r.tensor);
 #if LK_EMULATED_CUDA
-    const int threads = simt::emulated_launch_shape().threads_per_block.load();
+    const int threads = emulated_launch_shape().threads_per_block.load();
 #else
-    const int threads = r.cols >= 16384 ? kernels::kMaxTopHThreads : (r.cols >= 2048 ? 512 : 128);
+    const int threads = r.cols >= 16384 ? kMaxTopHThreads : (r.cols >= 2048 ? 512 : 128);
 #endif
     const size_t shared_bytes = capped ? static_cast<size_t>(2 * p.k) * sizeof(uint32_t) : 0;
-    const kernels::RowsView<scalar_t> view{r.tensor.data_ptr<scalar_t>(), r.row_stride};
+    const RowsView<scalar_t> view{r.tensor.data_ptr<scalar_t>(), r.row_stride};
     LK_LAUNCH_KERNEL(kernel, dim3(static_cast<unsigned>(r.rows)), dim3(threads), shared_bytes, ctx.stream(), view,
                      r.cols, p, outputs...);
     ctx.check_launch();
@@ -664,12 +663,6 @@ struct CudaTopHBackend {
 };
 
 }  // namespace
-}  // namespace logitkit::cuda_impl
+}  // namespace logitkit::cuda
 
-#if LK_EMULATED_CUDA
-#define LOGITKIT_TOP_H_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(logitkit_emulated, CPU, m)
-#else
-#define LOGITKIT_TOP_H_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(logitkit, CUDA, m)
-#endif
-
-LOGITKIT_TOP_H_LIBRARY_IMPL(m) { logitkit::TopHFrontend<logitkit::cuda_impl::CudaTopHBackend>::register_all(m); }
+LOGITKIT_CUDA_LIBRARY_IMPL(m) { logitkit::TopHFrontend<logitkit::cuda::TopHBackend>::register_all(m); }

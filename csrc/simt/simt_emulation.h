@@ -1,7 +1,7 @@
 // CPU emulation of the CUDA SIMT execution model, so that logitkit's CUDA
 // kernel sources run unchanged on the host inside the test suite.
 //
-// Model (see shared/notes/simt-emulation.md):
+// Model (see docs/emulator.md):
 //   * One OS thread per CUDA thread of a block; the blocks of a grid run one
 //     after another, so `__shared__` maps to function-local `static` storage.
 //   * threadIdx/blockIdx are thread_local, blockDim/gridDim are set per launch.
@@ -82,7 +82,7 @@ inline dim3 blockDim;
 inline dim3 gridDim;
 constexpr int warpSize = 32;
 
-namespace lk_simt {
+namespace logitkit::simt {
 
 enum class Schedule : int { in_order = 0, reversed = 1, random = 2 };
 
@@ -466,44 +466,44 @@ inline void* dynamic_shared_memory() {
   return std::align(16, 1, p, space);
 }
 
-}  // namespace lk_simt
+}  // namespace logitkit::simt
 
 // ---------------------------------------------------------------------------
 // CUDA intrinsics, with their call site captured for the barrier checks.
 // ---------------------------------------------------------------------------
 inline void __syncthreads(std::source_location site = std::source_location::current()) {
-  lk_simt::sync_block(site);
+  logitkit::simt::sync_block(site);
 }
 inline void __syncwarp(unsigned mask = 0xFFFFFFFFu,
                        std::source_location site = std::source_location::current()) {
-  lk_simt::warp_exchange(mask, 0, "__syncwarp", site, [](lk_simt::WarpState&, int) { return 0; });
+  logitkit::simt::warp_exchange(mask, 0, "__syncwarp", site, [](logitkit::simt::WarpState&, int) { return 0; });
 }
-inline unsigned __activemask() { return lk_simt::active_mask(); }
+inline unsigned __activemask() { return logitkit::simt::active_mask(); }
 
 template <class T>
 inline T __shfl_sync(unsigned mask, T var, int src_lane, int width = 32,
                      std::source_location site = std::source_location::current()) {
-  return lk_simt::shuffle(mask, var, src_lane, width, lk_simt::ShuffleKind::index, "__shfl_sync", site);
+  return logitkit::simt::shuffle(mask, var, src_lane, width, logitkit::simt::ShuffleKind::index, "__shfl_sync", site);
 }
 template <class T>
 inline T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = 32,
                         std::source_location site = std::source_location::current()) {
-  return lk_simt::shuffle(mask, var, static_cast<int>(delta), width, lk_simt::ShuffleKind::up, "__shfl_up_sync", site);
+  return logitkit::simt::shuffle(mask, var, static_cast<int>(delta), width, logitkit::simt::ShuffleKind::up, "__shfl_up_sync", site);
 }
 template <class T>
 inline T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = 32,
                           std::source_location site = std::source_location::current()) {
-  return lk_simt::shuffle(mask, var, static_cast<int>(delta), width, lk_simt::ShuffleKind::down, "__shfl_down_sync", site);
+  return logitkit::simt::shuffle(mask, var, static_cast<int>(delta), width, logitkit::simt::ShuffleKind::down, "__shfl_down_sync", site);
 }
 template <class T>
 inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = 32,
                          std::source_location site = std::source_location::current()) {
-  return lk_simt::shuffle(mask, var, lane_mask, width, lk_simt::ShuffleKind::bfly, "__shfl_xor_sync", site);
+  return logitkit::simt::shuffle(mask, var, lane_mask, width, logitkit::simt::ShuffleKind::bfly, "__shfl_xor_sync", site);
 }
 
 inline unsigned __ballot_sync(unsigned mask, int predicate,
                               std::source_location site = std::source_location::current()) {
-  return lk_simt::warp_exchange(mask, predicate != 0, "__ballot_sync", site, [mask](lk_simt::WarpState& w, int) {
+  return logitkit::simt::warp_exchange(mask, predicate != 0, "__ballot_sync", site, [mask](logitkit::simt::WarpState& w, int) {
     unsigned ballot = 0;
     for (int lane = 0; lane < 32; ++lane)
       if (((mask >> lane) & 1u) && w.slot[lane]) ballot |= 1u << lane;
@@ -522,7 +522,7 @@ template <class T>
 inline T atomicAdd(T* address, T value) {
   return std::atomic_ref<T>(*address).fetch_add(value);
 }
-namespace lk_simt {
+namespace logitkit::simt {
 // Stores `value` while replaces(old, value) holds (compare-and-swap loop); returns the old value.
 template <class T, class Replaces>
 inline T atomic_store_if(T* address, T value, Replaces replaces) {
@@ -532,14 +532,14 @@ inline T atomic_store_if(T* address, T value, Replaces replaces) {
   }
   return old;
 }
-}  // namespace lk_simt
+}  // namespace logitkit::simt
 template <class T>
 inline T atomicMax(T* address, T value) {
-  return lk_simt::atomic_store_if(address, value, [](T old, T v) { return old < v; });
+  return logitkit::simt::atomic_store_if(address, value, [](T old, T v) { return old < v; });
 }
 template <class T>
 inline T atomicMin(T* address, T value) {
-  return lk_simt::atomic_store_if(address, value, [](T old, T v) { return v < old; });
+  return logitkit::simt::atomic_store_if(address, value, [](T old, T v) { return v < old; });
 }
 template <class T>
 inline T atomicCAS(T* address, T compare, T value) {
@@ -557,7 +557,7 @@ inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
-inline float __int_as_float(int x) { return lk_simt::from_bits<float>(static_cast<uint64_t>(static_cast<uint32_t>(x))); }
-inline int __float_as_int(float x) { return static_cast<int>(static_cast<uint32_t>(lk_simt::to_bits(x))); }
+inline float __int_as_float(int x) { return logitkit::simt::from_bits<float>(static_cast<uint64_t>(static_cast<uint32_t>(x))); }
+inline int __float_as_int(float x) { return static_cast<int>(static_cast<uint32_t>(logitkit::simt::to_bits(x))); }
 template <class T>
 inline T __ldg(const T* p) { return *p; }

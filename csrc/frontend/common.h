@@ -1,11 +1,13 @@
-// Host-side pieces shared by the CPU, CUDA and emulated-CUDA implementations
-// of the row ops: argument checks (same messages everywhere), the 2-D row
-// view of an (..., V) tensor, and the dtype dispatch.
+// Host-side pieces shared by the frontends of every op family (row_ops.h,
+// top_h.h, linear_ce.h) and their CPU, CUDA and emulated-CUDA backends:
+// argument checks (same messages everywhere), the 2-D row view of an (..., V)
+// tensor, and the dtype dispatch.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>

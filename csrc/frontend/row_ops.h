@@ -1,18 +1,20 @@
-// The op-level entry points of the row ops, written once for every backend
-// (CPU, CUDA, emulated CUDA): argument checks, output allocation, empty
-// inputs, row layout and dtype dispatch. A backend supplies two functions:
+// The frontend of the row ops: their op-level entry points, written once for
+// every backend (CPU, CUDA, emulated CUDA): argument checks, output
+// allocation, empty inputs, row layout and dtype dispatch. A backend supplies
+// two functions:
 //
 //   template <class scalar_t> static void map(MapKind, const MapArgs<scalar_t>&);
 //       reduce each row, then write out[r, i] = f(row constants, a[r, i], b[r, i])
 //   template <class scalar_t> static void reduce(ResultKind, const ResultArgs<scalar_t>&);
 //       reduce each row to a per-row result
+// The per-row math of both is csrc/core/row_ops.h.
 #pragma once
 
 #include <limits>
 
 #include <torch/library.h>
 
-#include "row_ops_common.h"
+#include "common.h"
 
 namespace logitkit {
 
@@ -44,7 +46,7 @@ struct ResultArgs {
 };
 
 template <class Backend>
-struct RowOpFrontends {
+struct RowOpsFrontend {
   static float inverse(double temperature) { return static_cast<float>(1.0 / temperature); }
 
   static at::Tensor forward_map(MapKind kind, const at::Tensor& x, double temperature, const char* name) {

@@ -1,5 +1,5 @@
-// The op-level entry points of top_h_mask and sample, written once for every
-// backend (CPU, CUDA, emulated CUDA): argument checks (same messages
+// The frontend of Top-H: the op-level entry points of top_h_mask and sample,
+// written once for every backend (CPU, CUDA, emulated CUDA): argument checks (same messages
 // everywhere, and the same as the fake kernels in
 // python/logitkit/_registration.py), output allocation, empty inputs, row
 // layout and dtype dispatch. A backend supplies
@@ -19,7 +19,7 @@
 #include <torch/library.h>
 
 #include "../core/top_h.h"
-#include "row_ops_common.h"
+#include "common.h"
 
 namespace logitkit {
 
