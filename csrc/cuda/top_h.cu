@@ -110,14 +110,6 @@ LK_DEVICE inline float first_digit_reference(int bin, float inv_t) {
   return core::scaled_logit(finite, inv_t);
 }
 
-LK_DEVICE inline int popcount32(unsigned v) {
-#if LK_EMULATED_CUDA
-  return __builtin_popcount(v);
-#else
-  return __popc(v);
-#endif
-}
-
 // Statistics of a set of tokens, accumulated over bins.
 struct BinTotals {
   int64_t count;
@@ -218,8 +210,8 @@ struct EntropyPredicate {
 LK_DEVICE inline int64_t ordered_rank(bool flag, int64_t& running, int* warp_counts) {
   const unsigned ballot = __ballot_sync(warp_live_mask(), flag);
   const int lane = lane_rank();
-  const int below_in_warp = popcount32(ballot & ((1u << lane) - 1u));
-  if (lane == 0) warp_counts[warp_rank()] = popcount32(ballot);
+  const int below_in_warp = __popc(ballot & ((1u << lane) - 1u));
+  if (lane == 0) warp_counts[warp_rank()] = __popc(ballot);
   __syncthreads();
   int64_t before = running, total = running;
   for (int w = 0; w < warps_per_block(); ++w) {
