@@ -44,6 +44,7 @@ struct SoftmaxState {
 LK_HOST_DEVICE float neg_infinity() { return -std::numeric_limits<float>::infinity(); }
 LK_HOST_DEVICE float pos_infinity() { return std::numeric_limits<float>::infinity(); }
 LK_HOST_DEVICE float quiet_nan() { return std::numeric_limits<float>::quiet_NaN(); }
+LK_HOST_DEVICE float max_finite() { return std::numeric_limits<float>::max(); }
 
 LK_HOST_DEVICE SoftmaxState empty_state() { return SoftmaxState{neg_infinity(), 0.0f, 0.0f}; }
 

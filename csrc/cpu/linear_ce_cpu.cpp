@@ -18,6 +18,7 @@
 
 #include "../core/linear_ce.h"
 #include "kernel_tables.h"
+#include "tuning.h"
 #include "vec_tiles.h"
 
 #ifndef CPU_CAPABILITY
@@ -28,8 +29,6 @@ namespace logitkit::cpu::CPU_CAPABILITY {
 namespace {
 
 using core::LinearCeChunk;
-
-constexpr int64_t kRowGrain = 32768;  // elements of work per parallel task, at least
 
 int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, kRowGrain / std::max<int64_t>(1, cols)); }
 

@@ -22,6 +22,7 @@
 
 #include "../core/softmax_state.h"
 #include "kernel_tables.h"
+#include "tuning.h"
 #include "vec_tiles.h"
 
 #ifndef CPU_CAPABILITY
@@ -30,8 +31,6 @@
 
 namespace logitkit::cpu::CPU_CAPABILITY {
 namespace {
-
-constexpr int64_t kMinSliceElements = 32768;  // smallest share of a row given to one thread
 
 // A tile of src[0..n) * scale in fp32, with the max of its first n values.
 struct Tile {
@@ -50,9 +49,6 @@ Tile tile_of(const scalar_t* src, int64_t n, float scale, float pad, float* buff
   const float m = load_tile(src, n, scale, pad, buffer);
   return Tile{buffer, m};
 }
-
-// Rows at least this long (bytes of output) are written with streaming stores.
-constexpr int64_t kStreamingRowBytes = int64_t{1} << 16;
 
 // Stores one vector of outputs. With `streaming` (long rows, not read again
 // soon) an aligned vector goes out with a non-temporal store, which skips the
@@ -380,10 +376,6 @@ typename Op::Constants row_constants(const typename Op::State& state, const MapA
   const float g = args.row_grad != nullptr ? static_cast<float>(args.row_grad[row]) : 0.0f;
   return Op::constants(state, g, args.inv_temperature);
 }
-
-// Rows up to this long take the one-exp softmax path (its per-thread fp32
-// row buffer is at most 16 MiB).
-constexpr int64_t kMaxCachedRow = int64_t{1} << 22;
 
 // Softmax of whole rows with one exp per element: pass 1 keeps exp(z - m_t)
 // of every tile in a per-thread fp32 row buffer (m_t: the running max when

@@ -22,10 +22,10 @@
 //
 // Finding the cut, without sorting the vocabulary:
 //   * capped rules: a one-pass threshold filter plus std::nth_element on a
-//     buffer of at most ~4K tokens selects the K largest in expected O(V);
+//     buffer of at most ~4K tokens (tuning.h) selects the K largest in expected O(V);
 //     only those K are sorted (O(K log K)) and scanned (capped_keep_count).
 //   * "exact": the kept set is the largest prefix S_k of the rank order with
-//     H(q_k) <= alpha H(p), and H(q_k) is increasing in k (note). One
+//     H(q_k) <= alpha H(p), and H(q_k) is increasing in k (docs/top_h.md). One
 //     vectorised pass computes d_i = z_i - m and e_i = exp(d_i) and buckets the
 //     tokens by d (kBucketsPerNat buckets per nat; a monotone map of x, so
 //     buckets are contiguous in rank order and ties share a bucket), summing
@@ -56,6 +56,7 @@
 #include "../core/top_h.h"
 #include "../frontend/top_h.h"
 #include "kernel_tables.h"
+#include "tuning.h"
 #include "vec_tiles.h"
 
 namespace logitkit::cpu::CPU_CAPABILITY {
@@ -68,7 +69,7 @@ struct Token {
   int64_t index;
 };
 
-// The rank order of the note: larger logit first, then lower vocabulary index.
+// The rank order of docs/top_h.md: larger logit first, then lower vocabulary index.
 inline bool ranks_before(const Token& a, const Token& b) { return a.x > b.x || (a.x == b.x && a.index < b.index); }
 
 // The kept set of a row: every token ranked at or before `last` (see the top
@@ -82,11 +83,8 @@ struct RowCut {
   float lower_bound_after() const { return std::nextafter(last.x, kPosInf); }
 };
 
-// "exact": bucket of a token by d = z - m <= 0: floor(-d * kBucketsPerNat).
-// exp(d) underflows to 0 below d ~ -104, so kBuckets covers every token of
-// positive probability (the last bucket also takes anything lower).
-constexpr float kBucketsPerNat = 16.0f;
-constexpr int kBuckets = 108 * 16;
+// "exact": the bucket of a token by d = z - m (kBucketsPerNat, kBuckets:
+// tuning.h).
 constexpr uint16_t kNoBucket = 0xFFFF;  // zero probability: never a candidate
 
 struct Sums {
@@ -124,7 +122,8 @@ float load_row(const scalar_t* src, int64_t cols, RowScratch& s) {
 
 // Capped rules: the K best tokens, sorted, then the prefix scan. One pass
 // with a running threshold t: a token below t is beaten by K buffered tokens
-// and can never be selected; when the buffer reaches 4K, nth_element keeps
+// and can never be selected; when the buffer reaches about 4K
+// (kSelectionBufferFactor K + kSelectionBufferSlack), nth_element keeps
 // its K best and raises t to the K-th best logit. Expected O(V) with about
 // one comparison per token.
 Token capped_cut(RowScratch& s, int64_t cols, const TopHParams& p, float full_lse) {
@@ -139,7 +138,7 @@ Token capped_cut(RowScratch& s, int64_t cols, const TopHParams& p, float full_ls
   for (int64_t i = 0; i < cols; ++i) {
     if (s.x[i] >= threshold) {
       s.tokens.push_back(Token{s.x[i], i});
-      if (static_cast<int64_t>(s.tokens.size()) >= 4 * k + 64) shrink();
+      if (static_cast<int64_t>(s.tokens.size()) >= kSelectionBufferFactor * k + kSelectionBufferSlack) shrink();
     }
   }
   auto first = s.tokens.begin();

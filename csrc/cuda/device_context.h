@@ -9,9 +9,7 @@
 
 #include "../simt/simt.h"
 
-#if LK_EMULATED_CUDA
-#include <atomic>
-#else
+#if !LK_EMULATED_CUDA
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -29,17 +27,6 @@
 namespace logitkit::cuda {
 
 #if LK_EMULATED_CUDA
-
-// Launch shape overrides for the emulated build, set by the test suite so
-// that small inputs still exercise partial warps and multi-block rows.
-struct EmulatedLaunchShape {
-  std::atomic<int> threads_per_block{80};          // 2.5 warps: the last warp is partial
-  std::atomic<int64_t> max_elements_per_block{0};  // 0: no extra split
-};
-inline EmulatedLaunchShape& emulated_launch_shape() {
-  static EmulatedLaunchShape shape;
-  return shape;
-}
 
 class DeviceContext {
  public:

@@ -8,26 +8,19 @@
 
 #include "../frontend/linear_ce.h"
 #include "device_context.h"
+#include "launch_config.h"
 #include "linear_ce_kernels.cuh"
 
 namespace logitkit::cuda {
 namespace {
 
-int linear_ce_threads(int64_t cols) {
-#if LK_EMULATED_CUDA
-  (void)cols;
-  return emulated_launch_shape().threads_per_block.load();
-#else
-  return cols >= 4096 ? 512 : (cols >= 512 ? 256 : 128);
-#endif
-}
-
 // The backend of LinearCeFrontend: one block per tile row.
 struct LinearCeBackend {
   static void launch(void (*kernel)(core::LinearCeChunk), const core::LinearCeChunk& c, const at::Tensor& tile) {
-    TORCH_CHECK_VALUE(c.rows <= 2147483647LL, "logitkit: at most 2^31 - 1 tokens per chunk on CUDA, got ", c.rows);
+    TORCH_CHECK_VALUE(c.rows <= kMaxGridX, "logitkit: at most 2^31 - 1 tokens per chunk on CUDA, got ", c.rows);
     const DeviceContext ctx(tile);
-    LK_LAUNCH_KERNEL(kernel, dim3(static_cast<unsigned>(c.rows)), dim3(linear_ce_threads(c.cols)), 0, ctx.stream(), c);
+    const int threads = threads_per_block(KernelFamily::linear_ce, c.cols);
+    LK_LAUNCH_KERNEL(kernel, dim3(static_cast<unsigned>(c.rows)), dim3(threads), 0, ctx.stream(), c);
     ctx.check_launch();
   }
   static void forward_chunk(const core::LinearCeChunk& c, const at::Tensor& tile) {

@@ -7,6 +7,7 @@
 
 #include "../core/linear_ce.h"
 #include "collectives.cuh"
+#include "launch_config.h"
 
 namespace logitkit::cuda {
 
@@ -20,21 +21,23 @@ LK_HOST_DEVICE LinearCeTileState merge_tile_states(const LinearCeTileState& a, c
   return LinearCeTileState{core::merge(a.softmax, b.softmax), a.weighted_sum + b.weighted_sum};
 }
 
+// Elements per core::accumulate call of the forward (one rescale per group).
+constexpr int kAccumulateGroup = 8;
+
 // Forward: folds row blockIdx.x of the tile into the token's running state.
-__global__ void linear_ce_forward_kernel(core::LinearCeChunk c) {
-  constexpr int kGroup = 8;  // elements per core::accumulate (one rescale per group)
+__global__ void __launch_bounds__(kMaxLinearCeThreads) linear_ce_forward_kernel(core::LinearCeChunk c) {
   const int64_t row = blockIdx.x;
   const float* x = c.logits + row * c.cols;
   const float* w = c.class_weight != nullptr ? c.class_weight + c.col_begin : nullptr;
   LinearCeTileState mine{core::empty_state(), 0.0f};
-  float group[kGroup];
+  float group[kAccumulateGroup];
   int filled = 0;
   for (int64_t i = threadIdx.x; i < c.cols; i += blockDim.x) {
     const float z = c.transform.apply(x[i]);
     mine.weighted_sum += (w != nullptr ? w[i] : 1.0f) * z;
     group[filled++] = z;
-    if (filled == kGroup) {
-      core::accumulate(mine.softmax, group, kGroup);
+    if (filled == kAccumulateGroup) {
+      core::accumulate(mine.softmax, group, kAccumulateGroup);
       filled = 0;
     }
   }
@@ -59,7 +62,7 @@ __global__ void linear_ce_forward_kernel(core::LinearCeChunk c) {
 }
 
 // Backward: row blockIdx.x of the tile <- dL/dx (see core::linear_ce_grad_z).
-__global__ void linear_ce_backward_kernel(core::LinearCeChunk c) {
+__global__ void __launch_bounds__(kMaxLinearCeThreads) linear_ce_backward_kernel(core::LinearCeChunk c) {
   const int64_t row = blockIdx.x;
   float* x = c.logits + row * c.cols;
   const float* kp = c.coefficients + row * core::kLinearCeCoefWidth;

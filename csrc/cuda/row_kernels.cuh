@@ -30,20 +30,9 @@
 
 #include "../core/softmax_state.h"
 #include "collectives.cuh"
+#include "launch_config.h"
 
 namespace logitkit::cuda {
-
-// Largest number of elements one 16-byte load brings (8 for 2-byte types).
-constexpr int kMaxPack = 8;
-
-// Most threads per block the launch plans use; kernels declare it with
-// __launch_bounds__ so that nvcc keeps register use launchable at that size.
-constexpr int kMaxRowThreads = 512;
-
-template <class scalar_t>
-struct PackWidth {
-  static constexpr int value = 16 / static_cast<int>(sizeof(scalar_t));
-};
 
 template <class scalar_t, int N>
 struct alignas(sizeof(scalar_t) * N) Pack {
@@ -63,18 +52,18 @@ struct RowsView {
 // visit(index, a_values, b_values, n) gets n consecutive elements in fp32.
 template <class scalar_t, class Visit>
 LK_DEVICE inline void for_each_pack(const scalar_t* a, const scalar_t* b, int64_t begin, int64_t end, Visit&& visit) {
-  constexpr int W = PackWidth<scalar_t>::value;
+  constexpr int W = kPackElements<scalar_t>;
   const int64_t stride = blockDim.x;
   const int64_t tid = threadIdx.x;
-  const uintptr_t a_misalign = reinterpret_cast<uintptr_t>(a + begin) % 16;
-  const bool same_alignment = b == nullptr || reinterpret_cast<uintptr_t>(b + begin) % 16 == a_misalign;
+  const uintptr_t a_misalign = reinterpret_cast<uintptr_t>(a + begin) % kPackBytes;
+  const bool same_alignment = b == nullptr || reinterpret_cast<uintptr_t>(b + begin) % kPackBytes == a_misalign;
   int64_t head = end - begin;  // elements visited one by one before the packs
   if (same_alignment && a_misalign % sizeof(scalar_t) == 0) {
-    const int64_t to_boundary = static_cast<int64_t>((16 - a_misalign) % 16 / sizeof(scalar_t));
+    const int64_t to_boundary = static_cast<int64_t>((kPackBytes - a_misalign) % kPackBytes / sizeof(scalar_t));
     head = to_boundary < head ? to_boundary : head;
   }
-  float va[kMaxPack];
-  float vb[kMaxPack] = {};
+  float va[kMaxPackElements];
+  float vb[kMaxPackElements] = {};
   const int64_t body = begin + head;
   for (int64_t i = begin + tid; i < body; i += stride) {
     va[0] = static_cast<float>(a[i]);
@@ -104,8 +93,8 @@ LK_DEVICE inline void for_each_pack(const scalar_t* a, const scalar_t* b, int64_
 // Stores n values at out[i..i+n), as one 16-byte store when aligned.
 template <class scalar_t>
 LK_DEVICE inline void store_values(scalar_t* out, int64_t i, const float* values, int n) {
-  constexpr int W = PackWidth<scalar_t>::value;
-  if (n == W && reinterpret_cast<uintptr_t>(out + i) % 16 == 0) {
+  constexpr int W = kPackElements<scalar_t>;
+  if (n == W && reinterpret_cast<uintptr_t>(out + i) % kPackBytes == 0) {
     Pack<scalar_t, W> pack;
 #pragma unroll
     for (int j = 0; j < W; ++j) pack.v[j] = static_cast<scalar_t>(values[j]);
@@ -116,7 +105,7 @@ LK_DEVICE inline void store_values(scalar_t* out, int64_t i, const float* values
 }
 
 template <class Op, class scalar_t>
-__global__ void __launch_bounds__(kMaxRowThreads) row_partials_kernel(Op op, RowsView<scalar_t> a, RowsView<scalar_t> b, int64_t cols, int64_t chunk,
+__global__ void __launch_bounds__(kMaxRowOpsThreads) row_partials_kernel(Op op, RowsView<scalar_t> a, RowsView<scalar_t> b, int64_t cols, int64_t chunk,
                                     typename Op::State* partials) {
   using State = typename Op::State;
   const int64_t row = blockIdx.x;
@@ -142,7 +131,7 @@ LK_DEVICE inline typename Op::State merge_row_partials(const Op& op, const typen
 }
 
 template <class Op, class scalar_t, class out_t>
-__global__ void __launch_bounds__(kMaxRowThreads) row_map_kernel(Op op, RowsView<scalar_t> a, RowsView<scalar_t> b, int64_t cols, int64_t chunk,
+__global__ void __launch_bounds__(kMaxRowOpsThreads) row_map_kernel(Op op, RowsView<scalar_t> a, RowsView<scalar_t> b, int64_t cols, int64_t chunk,
                                const typename Op::State* partials, out_t* out) {
   using State = typename Op::State;
   const int64_t row = blockIdx.x;
@@ -159,7 +148,7 @@ __global__ void __launch_bounds__(kMaxRowThreads) row_map_kernel(Op op, RowsView
   const auto constants = op.row_constants(state, row);
   out_t* out_row = out + row * cols;
   for_each_pack(a.row(row), b.row(row), begin, end, [&](int64_t i, const float* va, const float* vb, int n) {
-    float result[kMaxPack];
+    float result[kMaxPackElements];
     for (int j = 0; j < n; ++j) result[j] = op.output(constants, va[j], vb[j]);
     store_values(out_row, i, result, n);
   });
@@ -183,7 +172,7 @@ struct SoftmaxReduction {
   LK_HOST_DEVICE State identity() const { return core::empty_state(); }
   LK_HOST_DEVICE State merge(const State& x, const State& y) const { return core::merge(x, y); }
   LK_HOST_DEVICE void accumulate(State& state, const float* a, const float*, int n) const {
-    float z[kMaxPack];
+    float z[kMaxPackElements];
     for (int j = 0; j < n; ++j) z[j] = a[j] * inv_temperature;
     core::accumulate(state, z, n);
   }

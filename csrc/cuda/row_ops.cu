@@ -13,6 +13,7 @@
 
 #include "../frontend/row_ops.h"
 #include "device_context.h"
+#include "launch_config.h"
 #include "row_kernels.cuh"
 
 namespace logitkit::cuda {
@@ -24,31 +25,33 @@ struct LaunchPlan {
   int64_t chunk = 0;  // elements of a row per block
 };
 
-// One block per (row, slice). Enough slices that rows * splits fills the GPU
-// about twice (batch-1 decoding still uses many SMs), but each thread keeps
-// at least 4 packs (16-byte loads) of work.
-LaunchPlan plan_launch(int64_t rows, int64_t cols, int element_bytes, const DeviceContext& ctx) {
-  LaunchPlan plan;
-  const int64_t pack = 16 / element_bytes;
+// Slices of a row per block: enough that rows * splits fills the GPU about
+// kBlocksPerSm times (batch-1 decoding still uses many SMs), but each thread
+// keeps at least kMinPacksPerThread packs (16-byte loads) of work. The
+// emulated build splits by the test suite's max_elements_per_block instead.
+int64_t planned_splits(int64_t rows, int64_t cols, int element_bytes, int threads, const DeviceContext& ctx) {
 #if LK_EMULATED_CUDA
-  auto& shape = emulated_launch_shape();
-  plan.threads = shape.threads_per_block.load();
-  const int64_t max_per_block = shape.max_elements_per_block.load();
-  plan.splits = max_per_block > 0 ? (cols + max_per_block - 1) / max_per_block : 1;
-  (void)pack;
-  (void)ctx;
+  (void)rows, (void)element_bytes, (void)threads, (void)ctx;
+  const int64_t max_per_block = emulated_launch_shape().max_elements_per_block.load();
+  return max_per_block > 0 ? (cols + max_per_block - 1) / max_per_block : 1;
 #else
-  plan.threads = cols >= 16384 ? kMaxRowThreads : (cols >= 2048 ? 256 : 128);
-  const int64_t target_blocks = 2LL * ctx.multiprocessors();
-  const int64_t min_per_block = 4LL * plan.threads * pack;
+  const int64_t pack = kPackBytes / element_bytes;
+  const int64_t target_blocks = kBlocksPerSm * ctx.multiprocessors();
+  const int64_t min_per_block = kMinPacksPerThread * threads * pack;
   const int64_t wanted = (target_blocks + rows - 1) / rows;
   const int64_t affordable = std::max<int64_t>(1, cols / min_per_block);
-  plan.splits = std::max<int64_t>(1, std::min(wanted, affordable));
+  return std::max<int64_t>(1, std::min(wanted, affordable));
 #endif
-  plan.splits = std::min<int64_t>(plan.splits, 65535);
-  // Slices start on a 16-element boundary so that aligned rows stay aligned.
+}
+
+// One block per (row, slice); slices start on a kSliceAlignElements boundary
+// so that aligned rows stay aligned.
+LaunchPlan plan_launch(int64_t rows, int64_t cols, int element_bytes, const DeviceContext& ctx) {
+  LaunchPlan plan;
+  plan.threads = threads_per_block(KernelFamily::row_ops, cols);
+  plan.splits = std::min<int64_t>(planned_splits(rows, cols, element_bytes, plan.threads, ctx), kMaxGridY);
   plan.chunk = (cols + plan.splits - 1) / plan.splits;
-  plan.chunk = (plan.chunk + 15) / 16 * 16;
+  plan.chunk = (plan.chunk + kSliceAlignElements - 1) / kSliceAlignElements * kSliceAlignElements;
   plan.splits = (cols + plan.chunk - 1) / plan.chunk;
   return plan;
 }
@@ -59,7 +62,7 @@ RowsView<scalar_t> rows_view(const Rows& r) {
 }
 
 void check_grid(int64_t rows) {
-  TORCH_CHECK_VALUE(rows <= 2147483647LL, "logitkit: at most 2^31 - 1 rows are supported on CUDA, got ", rows);
+  TORCH_CHECK_VALUE(rows <= kMaxGridX, "logitkit: at most 2^31 - 1 rows are supported on CUDA, got ", rows);
 }
 
 // Pass 1 of every op: per-(row, slice) partial states in a device workspace.
@@ -98,10 +101,9 @@ void run_finalize(const Op& op, RowsView<scalar_t> a, const Rows& shape, const D
   const LaunchPlan plan = plan_launch(shape.rows, shape.cols, sizeof(scalar_t), ctx);
   at::Tensor workspace = launch_partials(op, a, RowsView<scalar_t>{nullptr, 0}, shape, plan, ctx);
   auto* partials = reinterpret_cast<const typename Op::State*>(workspace.data_ptr());
-  constexpr int kThreads = 128;
   auto* kernel = &row_finalize_kernel<Op>;
-  const dim3 grid(static_cast<unsigned>((shape.rows + kThreads - 1) / kThreads));
-  LK_LAUNCH_KERNEL(kernel, grid, dim3(kThreads), 0, ctx.stream(), op, partials, shape.rows, plan.splits);
+  const dim3 grid(static_cast<unsigned>((shape.rows + kFinalizeThreads - 1) / kFinalizeThreads));
+  LK_LAUNCH_KERNEL(kernel, grid, dim3(kFinalizeThreads), 0, ctx.stream(), op, partials, shape.rows, plan.splits);
   ctx.check_launch();
 }
 

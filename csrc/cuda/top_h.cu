@@ -82,6 +82,7 @@
 #include "../frontend/top_h.h"
 #include "collectives.cuh"
 #include "device_context.h"
+#include "launch_config.h"
 #include "row_kernels.cuh"
 
 namespace logitkit::cuda {
@@ -89,15 +90,19 @@ namespace logitkit::cuda {
 // Largest K the capped rules support on CUDA (shared-memory candidate list).
 constexpr int64_t kMaxCudaCap = 2048;
 
+// Longest row: the kernels count a row's tokens in 32-bit shared counters.
+constexpr int64_t kMaxTopHRowLength = 2147483647LL;
+
+// The radix digits of the 32-bit keys: 11 + 11 + 10 bits, most significant
+// first. A histogram has at most kBins bins; the last digit's bins are
+// single key values.
 constexpr int kDigitCount = 3;
 constexpr int kBins = 2048;
+constexpr int kLastDigitBits = 10;
+constexpr uint32_t kLastDigitMask = (1u << kLastDigitBits) - 1u;
 
-LK_DEVICE inline int digit_shift(int level) { return level == 0 ? 21 : (level == 1 ? 10 : 0); }
-LK_DEVICE inline int digit_bits(int level) { return level == 2 ? 10 : 11; }
-
-// Most threads per block the launch uses (declared by the kernels with
-// __launch_bounds__, so that nvcc keeps register use launchable at that size).
-constexpr int kMaxTopHThreads = 1024;
+LK_DEVICE inline int digit_shift(int level) { return level == 0 ? 21 : (level == 1 ? kLastDigitBits : 0); }
+LK_DEVICE inline int digit_bits(int level) { return level == kDigitCount - 1 ? kLastDigitBits : 11; }
 
 // "exact", first digit: the reference r of a bin's sums exp(z - r), taken
 // before the row max is known: z of the largest float whose key falls in the
@@ -106,7 +111,7 @@ constexpr int kMaxTopHThreads = 1024;
 LK_DEVICE inline float first_digit_reference(int bin, float inv_t) {
   const uint32_t top_key = (static_cast<uint32_t>(bin) << digit_shift(0)) | ((1u << digit_shift(0)) - 1u);
   const float upper = core::key_to_float(top_key);
-  const float finite = upper == upper && upper <= 3.402823466e38f ? upper : 3.402823466e38f;
+  const float finite = upper == upper && upper <= core::max_finite() ? upper : core::max_finite();
   return core::scaled_logit(finite, inv_t);
 }
 
@@ -456,8 +461,8 @@ LK_DEVICE inline void select_cut(const scalar_t* x, int64_t cols, const TopHPara
       // the range exactly (bin b <-> key prefix * 1024 + b), with counts.
       if (tid == 0) {
         int64_t n = gathered;
-        const uint32_t range_base = cut.tie_key & ~1023u;
-        for (uint32_t b = 1023; b > (cut.tie_key & 1023u); --b) {
+        const uint32_t range_base = cut.tie_key & ~kLastDigitMask;
+        for (uint32_t b = kLastDigitMask; b > (cut.tie_key & kLastDigitMask); --b) {
           for (unsigned c = 0; c < bin_count[b]; ++c) candidates[n++] = range_base | b;
         }
         for (int64_t j = 0; j < cut.tie_keep; ++j) candidates[n++] = cut.tie_key;
@@ -635,17 +640,13 @@ struct TopHBackend {
   // One block per row; dynamic shared memory for the capped rules' candidates.
   template <class scalar_t, class Kernel, class... Outputs>
   static void launch(const Rows& r, const TopHParams& p, const char* op, Kernel* kernel, Outputs... outputs) {
-    TORCH_CHECK_VALUE(r.rows <= 2147483647LL, "logitkit.", op, ": at most 2^31 - 1 rows are supported on CUDA");
-    TORCH_CHECK_VALUE(r.cols <= 2147483647LL, "logitkit.", op, ": at most 2^31 - 1 tokens per row on CUDA");
+    TORCH_CHECK_VALUE(r.rows <= kMaxGridX, "logitkit.", op, ": at most 2^31 - 1 rows are supported on CUDA");
+    TORCH_CHECK_VALUE(r.cols <= kMaxTopHRowLength, "logitkit.", op, ": at most 2^31 - 1 tokens per row on CUDA");
     const bool capped = p.truncate && p.rule != core::TopHRule::exact;
     TORCH_CHECK_VALUE(!capped || p.k <= kMaxCudaCap, "logitkit.", op, ": cap at most ",
                       kMaxCudaCap, " is supported on CUDA, got ", p.k);
     const DeviceContext ctx(r.tensor);
-#if LK_EMULATED_CUDA
-    const int threads = emulated_launch_shape().threads_per_block.load();
-#else
-    const int threads = r.cols >= 16384 ? kMaxTopHThreads : (r.cols >= 2048 ? 512 : 128);
-#endif
+    const int threads = threads_per_block(KernelFamily::top_h, r.cols);
     const size_t shared_bytes = capped ? static_cast<size_t>(2 * p.k) * sizeof(uint32_t) : 0;
     const RowsView<scalar_t> view{r.tensor.data_ptr<scalar_t>(), r.row_stride};
     LK_LAUNCH_KERNEL(kernel, dim3(static_cast<unsigned>(r.rows)), dim3(threads), shared_bytes, ctx.stream(), view,

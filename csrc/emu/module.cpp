@@ -11,7 +11,7 @@
 #include <pybind11/stl.h>
 #include <torch/library.h>
 
-#include "../cuda/device_context.h"
+#include "../cuda/launch_config.h"
 #include "../ops/schemas.h"
 #include "../simt/simt.h"
 
