@@ -11,6 +11,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "../core/row_ops.h"
 #include "../frontend/row_ops.h"
 #include "device_context.h"
 #include "launch_config.h"
@@ -57,12 +58,17 @@ LaunchPlan plan_launch(int64_t rows, int64_t cols, int element_bytes, const Devi
 }
 
 template <class scalar_t>
-RowsView<scalar_t> rows_view(const Rows& r) {
-  return RowsView<scalar_t>{r.tensor.data_ptr<scalar_t>(), r.row_stride};
+RowsView<scalar_t> rows_view(const Rows* r) {
+  return r != nullptr ? RowsView<scalar_t>{r->tensor.data_ptr<scalar_t>(), r->row_stride}
+                      : RowsView<scalar_t>{nullptr, 0};
 }
 
 void check_grid(int64_t rows) {
   TORCH_CHECK_VALUE(rows <= kMaxGridX, "logitkit: at most 2^31 - 1 rows are supported on CUDA, got ", rows);
+}
+
+dim3 row_slice_grid(const Rows& shape, const LaunchPlan& plan) {
+  return dim3(static_cast<unsigned>(shape.rows), static_cast<unsigned>(plan.splits));
 }
 
 // Pass 1 of every op: per-(row, slice) partial states in a device workspace.
@@ -74,32 +80,34 @@ at::Tensor launch_partials(const Op& op, RowsView<scalar_t> a, RowsView<scalar_t
                                    shape.tensor.options().dtype(at::kByte));
   auto* partials = reinterpret_cast<State*>(workspace.data_ptr());
   auto* kernel = &row_partials_kernel<Op, scalar_t>;
-  const dim3 grid(static_cast<unsigned>(shape.rows), static_cast<unsigned>(plan.splits));
-  LK_LAUNCH_KERNEL(kernel, grid, dim3(plan.threads), 0, ctx.stream(), op, a, b, shape.cols, plan.chunk, partials);
+  LK_LAUNCH_KERNEL(kernel, row_slice_grid(shape, plan), dim3(plan.threads), 0, ctx.stream(), op, a, b, shape.cols,
+                   plan.chunk, partials);
   ctx.check_launch();
   return workspace;
 }
 
 // reduce + elementwise map: out[r, i] = op.output(row constants, a[r, i], b[r, i]).
 template <class Op, class scalar_t>
-void run_map(const Op& op, RowsView<scalar_t> a, RowsView<scalar_t> b, const Rows& shape, scalar_t* out,
-             const DeviceContext& ctx) {
+void run_map(const Op& op, const MapArgs<scalar_t>& args, const DeviceContext& ctx) {
+  const Rows& shape = *args.a;
   check_grid(shape.rows);
   const LaunchPlan plan = plan_launch(shape.rows, shape.cols, sizeof(scalar_t), ctx);
+  const RowsView<scalar_t> a = rows_view<scalar_t>(args.a), b = rows_view<scalar_t>(args.b);
   at::Tensor workspace = launch_partials(op, a, b, shape, plan, ctx);
   auto* partials = reinterpret_cast<const typename Op::State*>(workspace.data_ptr());
-  auto* kernel = &row_map_kernel<Op, scalar_t, scalar_t>;
-  const dim3 grid(static_cast<unsigned>(shape.rows), static_cast<unsigned>(plan.splits));
-  LK_LAUNCH_KERNEL(kernel, grid, dim3(plan.threads), 0, ctx.stream(), op, a, b, shape.cols, plan.chunk, partials, out);
+  auto* kernel = &row_map_kernel<Op, scalar_t>;
+  LK_LAUNCH_KERNEL(kernel, row_slice_grid(shape, plan), dim3(plan.threads), 0, ctx.stream(), op, a, b, shape.cols,
+                   plan.chunk, partials, args.row_grad, args.out);
   ctx.check_launch();
 }
 
 // reduce + per-row result written by op.finalize.
 template <class Op, class scalar_t>
-void run_finalize(const Op& op, RowsView<scalar_t> a, const Rows& shape, const DeviceContext& ctx) {
+void run_finalize(const Op& op, const ResultArgs<scalar_t>& args, const DeviceContext& ctx) {
+  const Rows& shape = *args.a;
   check_grid(shape.rows);
   const LaunchPlan plan = plan_launch(shape.rows, shape.cols, sizeof(scalar_t), ctx);
-  at::Tensor workspace = launch_partials(op, a, RowsView<scalar_t>{nullptr, 0}, shape, plan, ctx);
+  at::Tensor workspace = launch_partials(op, rows_view<scalar_t>(args.a), rows_view<scalar_t>(nullptr), shape, plan, ctx);
   auto* partials = reinterpret_cast<const typename Op::State*>(workspace.data_ptr());
   auto* kernel = &row_finalize_kernel<Op>;
   const dim3 grid(static_cast<unsigned>((shape.rows + kFinalizeThreads - 1) / kFinalizeThreads));
@@ -107,37 +115,33 @@ void run_finalize(const Op& op, RowsView<scalar_t> a, const Rows& shape, const D
   ctx.check_launch();
 }
 
-// The backend of RowOpsFrontend: maps each op kind to its kernel policy.
+// The backend of RowOpsFrontend: maps each op kind to its policy (csrc/core/row_ops.h).
 struct RowOpsBackend {
   template <class scalar_t>
   static void map(MapKind kind, const MapArgs<scalar_t>& args) {
     const DeviceContext ctx(args.a->tensor);
-    const RowsView<scalar_t> a = rows_view<scalar_t>(*args.a);
-    const RowsView<scalar_t> b = args.b != nullptr ? rows_view<scalar_t>(*args.b) : RowsView<scalar_t>{nullptr, 0};
     const float inv_t = args.inv_temperature;
-    auto run = [&](const auto& op) { run_map(op, a, b, *args.a, args.out, ctx); };
     switch (kind) {
-      case MapKind::softmax: run(SoftmaxOutput{{inv_t}}); break;
-      case MapKind::log_softmax: run(LogSoftmaxOutput{{inv_t}}); break;
-      case MapKind::logsumexp_grad: run(LogsumexpGradOutput<scalar_t>{{inv_t}, args.row_grad}); break;
-      case MapKind::entropy_grad: run(EntropyGradOutput<scalar_t>{{inv_t}, args.row_grad}); break;
-      case MapKind::softmax_grad: run(SoftmaxGradOutput{{}, inv_t}); break;
-      case MapKind::log_softmax_grad: run(LogSoftmaxGradOutput{{}, inv_t}); break;
+      case MapKind::softmax: return run_map(core::SoftmaxMap{{inv_t}}, args, ctx);
+      case MapKind::log_softmax: return run_map(core::LogSoftmaxMap{{inv_t}}, args, ctx);
+      case MapKind::logsumexp_grad: return run_map(core::LogsumexpGradMap{{inv_t}}, args, ctx);
+      case MapKind::entropy_grad: return run_map(core::EntropyGradMap{{inv_t}}, args, ctx);
+      case MapKind::softmax_grad: return run_map(core::SoftmaxGradMap{{inv_t}}, args, ctx);
+      case MapKind::log_softmax_grad: return run_map(core::LogSoftmaxGradMap{{inv_t}}, args, ctx);
     }
   }
 
   template <class scalar_t>
   static void reduce(ResultKind kind, const ResultArgs<scalar_t>& args) {
     const DeviceContext ctx(args.a->tensor);
-    const RowsView<scalar_t> a = rows_view<scalar_t>(*args.a);
     const float inv_t = args.inv_temperature;
-    auto run = [&](const auto& op) { run_finalize(op, a, *args.a, ctx); };
     switch (kind) {
       case ResultKind::logsumexp:
-        run(LogsumexpResult<scalar_t>{{inv_t}, static_cast<scalar_t*>(args.out)});
-        break;
-      case ResultKind::entropy: run(EntropyResult{{inv_t}, static_cast<float*>(args.out)}); break;
-      case ResultKind::stats: run(StatsResult{{inv_t}, static_cast<float*>(args.out)}); break;
+        return run_finalize(core::LogsumexpResult<scalar_t>{{inv_t}, static_cast<scalar_t*>(args.out)}, args, ctx);
+      case ResultKind::entropy:
+        return run_finalize(core::EntropyResult{{inv_t}, static_cast<float*>(args.out)}, args, ctx);
+      case ResultKind::stats:
+        return run_finalize(core::StatsResult{{inv_t}, static_cast<float*>(args.out)}, args, ctx);
     }
   }
 };
