@@ -301,7 +301,7 @@ struct LinearCeFrontend {
       double softcap, double temperature, int64_t chunk_budget, bool bias_grad) {
     constexpr const char* op = "linear_cross_entropy_backward";
     const LinearCeInputs in = check_inputs(hidden, weight, target, bias, class_weight, softcap, temperature, chunk_budget, op);
-    check_per_token(normaliser, in, 2, op, "normaliser");
+    check_per_token(normaliser, in, core::kLinearCeNormaliserWidth, op, "normaliser");
     check_per_token(coefficients, in, core::kLinearCeCoefWidth, op, "coefficients");
     const LinearCeTiling tiling = tiling_of(in, chunk_budget);
     Grads grads(in, tiling, bias_grad);
@@ -311,7 +311,7 @@ struct LinearCeFrontend {
       for_each_tile(in, tiling,
                     [&](at::Tensor& tile, int64_t t0, int64_t v0, const at::Tensor& h, const at::Tensor& w) {
                       LinearCeChunk c = make_chunk(in, tile, t0, v0, softcap, temperature);
-                      c.normaliser = norm_c.data_ptr<float>() + 2 * t0;
+                      c.normaliser = norm_c.data_ptr<float>() + t0 * core::kLinearCeNormaliserWidth;
                       c.coefficients = coef_c.data_ptr<float>() + t0 * core::kLinearCeCoefWidth;
                       Backend::backward_chunk(c, tile);  // tile <- dL/dx
                       grads.add(tile, t0, v0, h, w);
