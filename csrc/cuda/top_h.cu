@@ -13,16 +13,35 @@
 namespace logitkit::cuda {
 namespace {
 
-// The backend of TopHFrontend.
+// The kept set a call selects (see Selection).
+Selection selection_of(const TopHParams& p) {
+  if (!p.truncate) return Selection::all;
+  return p.rule == core::TopHRule::exact ? Selection::exact : Selection::capped;
+}
+
+// The backend of TopHFrontend: one block per row, the selection chosen at
+// compile time from the rule.
 struct TopHBackend {
   template <class scalar_t>
   static void top_h_mask(const Rows& r, const TopHParams& p, bool* out) {
-    launch<scalar_t>(r, p, "top_h_mask", &top_h_mask_kernel<scalar_t>, out);
+    // top_h_mask always truncates (alpha is required): no Selection::all.
+    if (selection_of(p) == Selection::exact) {
+      launch<scalar_t>(r, p, "top_h_mask", &top_h_mask_kernel<Selection::exact, scalar_t>, out);
+    } else {
+      launch<scalar_t>(r, p, "top_h_mask", &top_h_mask_kernel<Selection::capped, scalar_t>, out);
+    }
   }
 
   template <class scalar_t>
   static void sample(const Rows& r, const TopHParams& p, const float* uniform, int64_t* out) {
-    launch<scalar_t>(r, p, "sample", &sample_kernel<scalar_t>, uniform, out);
+    switch (selection_of(p)) {
+      case Selection::all:
+        return launch<scalar_t>(r, p, "sample", &sample_kernel<Selection::all, scalar_t>, uniform, out);
+      case Selection::capped:
+        return launch<scalar_t>(r, p, "sample", &sample_kernel<Selection::capped, scalar_t>, uniform, out);
+      case Selection::exact:
+        return launch<scalar_t>(r, p, "sample", &sample_kernel<Selection::exact, scalar_t>, uniform, out);
+    }
   }
 
   // One block per row; dynamic shared memory for the capped rules' candidates.
@@ -30,9 +49,9 @@ struct TopHBackend {
   static void launch(const Rows& r, const TopHParams& p, const char* op, Kernel* kernel, Outputs... outputs) {
     TORCH_CHECK_VALUE(r.rows <= kMaxGridX, "logitkit.", op, ": at most 2^31 - 1 rows are supported on CUDA");
     TORCH_CHECK_VALUE(r.cols <= kMaxTopHRowLength, "logitkit.", op, ": at most 2^31 - 1 tokens per row on CUDA");
-    const bool capped = p.truncate && p.rule != core::TopHRule::exact;
-    TORCH_CHECK_VALUE(!capped || p.k <= kMaxCudaCap, "logitkit.", op, ": cap at most ",
-                      kMaxCudaCap, " is supported on CUDA, got ", p.k);
+    const bool capped = selection_of(p) == Selection::capped;
+    TORCH_CHECK_VALUE(!capped || p.k <= kMaxCudaCap, "logitkit.", op, ": cap at most ", kMaxCudaCap,
+                      " is supported on CUDA, got ", p.k);
     const DeviceContext ctx(r.tensor);
     const int threads = threads_per_block(KernelFamily::top_h, r.cols);
     const size_t shared_bytes = capped ? static_cast<size_t>(2 * p.k) * sizeof(uint32_t) : 0;

@@ -28,6 +28,16 @@
 // group): the rule says how many of it to keep (j), and the write pass keeps
 // the j lowest indices of the group by an ordered block-wide count.
 //
+// The selection (capped, exact, or none for plain sampling) is a template
+// parameter of the kernels (Selection); the host launcher dispatches on the
+// rule. select_cut runs these phases:
+//   softmax_state_and_first_digit   pass 1
+//   rescale_first_digit_bins        "exact": pass-1 bins relative to m
+//   digit_pass + walk               per digit: histogram, then the walk
+//   gather_and_sort_candidates      capped: the K selected keys, sorted
+//   capped_scan                     capped: the rule's scan over them
+// over one shared-memory struct (TopHStorage).
+//
 // Passes over the row (reads of the logits; every pass is a streaming read):
 //   pass 1     softmax state (max, sum exp, sum shifted) + the first digit's
 //              histogram. Capped rules count keys. "exact" needs, per bin,
@@ -57,11 +67,11 @@
 // row; "exact" typically 2-3, because the cut bin usually holds one token
 // after the first or second digit; capped rules with V <= K: 3.
 //
-// sample (sample_kernel) runs the same selection (select_cut; only pass 1
-// without truncation), then a draw pass that stops at the tile holding the
-// drawn token, instead of the write pass. The kept mass the draw needs
-// (sum of exp(z - m) over the kept set) comes out of the selection (Cut::mass),
-// so no pass of its own:
+// sample (sample_kernel) runs the same selection (only pass 1 without
+// truncation), then a draw pass that stops at the tile holding the drawn
+// token, instead of the write pass. The kept mass the draw needs (sum of
+// exp(z - m) over the kept set) comes out of the selection (Cut::mass), so no
+// pass of its own:
 //   plain sampling   the row's softmax state sum_exp (relative to m), pass 1;
 //   "exact"          the walk's sums above the cut (+ the kept part of the tie
 //                    group at the last digit);
@@ -102,6 +112,13 @@ constexpr uint32_t kLastDigitMask = (1u << kLastDigitBits) - 1u;
 LK_DEVICE inline int digit_shift(int level) { return level == 0 ? 21 : (level == 1 ? kLastDigitBits : 0); }
 LK_DEVICE inline int digit_bits(int level) { return level == kDigitCount - 1 ? kLastDigitBits : 11; }
 
+// Which kept set a kernel selects; the host launcher dispatches on the rule.
+enum class Selection : int {
+  all,     // plain sampling (sample without alpha): every token
+  capped,  // "hf" and "official": a scan over the top K
+  exact,   // "exact": the entropy-bounded prefix of the whole row
+};
+
 // "exact", first digit: the reference r of a bin's sums exp(z - r), taken
 // before the row max is known: z of the largest float whose key falls in the
 // bin (>= every z in the bin), clamped to the largest finite float. Used only
@@ -136,19 +153,16 @@ LK_DEVICE inline TopBinState merge_top_bins(const TopBinState& a, const TopBinSt
   return TopBinState{a.bin, a.count + b.count, core::merge(a.st, b.st)};
 }
 
-// Adds a top-bin state to its bin's shared sums, rescaled from the state's
-// max m_t to the bin's reference r >= m_t (the softmax-state merge):
-// e *= exp(m_t - r), d = exp(m_t - r) (d + (m_t - r) e).
-LK_DEVICE inline void flush_top_bin(const TopBinState& t, float inv_t, unsigned* bin_count, float* bin_e,
-                                    float* bin_d) {
-  const core::SoftmaxState relative = core::rescaled(t.st, first_digit_reference(t.bin, inv_t));
-  atomicAdd(&bin_count[t.bin], t.count);
-  atomicAdd(&bin_e[t.bin], relative.sum_exp);
-  atomicAdd(&bin_d[t.bin], relative.sum_shifted);
-}
-
 // What kind of distribution a row has (see the special rows in ops.py).
 enum class RowKind : int { defined, undefined /* NaN or +inf */, all_masked /* all -inf */ };
+
+LK_DEVICE inline RowKind row_kind(const core::SoftmaxState& row) {
+  // NaN or +inf in the row: no defined distribution. All -inf: token 0 only.
+  RowKind kind = RowKind::defined;
+  if (row.sum_exp != row.sum_exp || row.max == core::pos_infinity()) kind = RowKind::undefined;
+  if (row.max == core::neg_infinity()) kind = RowKind::all_masked;
+  return kind;
+}
 
 // Result of the selection, in shared memory.
 struct Cut {
@@ -163,20 +177,41 @@ struct Cut {
   float mass;          // sum of exp(z - m) over the kept set (what sampling draws from)
 };
 
+// Everything the kernels keep in shared memory, one instance per block.
+struct TopHStorage {
+  // The histogram of the current digit: counts, and for "exact" the sums
+  // (e, d e) relative to the row max (first digit: see pass 1).
+  unsigned bin_count[kBins];
+  float bin_e[kBins];
+  float bin_d[kBins];
+  Cut cut;
+  BinTotals above;  // totals of the tokens above the current candidate range
+  uint32_t prefix;  // digits fixed so far
+  int gathered;     // capped rules: selected keys gathered so far
+  // Scratch of the block collectives.
+  core::SoftmaxState state_scratch[kReduceScratchSize];
+  TopBinState top_bin_scratch[kReduceScratchSize];
+  int warp_counts[kMaxWarpsPerBlock];
+  float mass_scratch[kReduceScratchSize];
+  int64_t index_scratch[kReduceScratchSize];
+};
+
 // The rule's predicate over the statistics of a candidate prefix set.
 struct CountPredicate {
+  static constexpr bool kSums = false;  // bins hold counts only
   int64_t k;
   LK_DEVICE bool exceeds(const BinTotals& t) const { return t.count > k; }
   // No early stop: the capped rules always resolve all three digits, because
   // the last digit's histogram then spells out the selected keys exactly (see
-  // the kernel), which saves the gather pass.
+  // gather_and_sort_candidates), which saves the gather pass.
   LK_DEVICE bool bin_fully_dropped(const BinTotals&, int64_t) const { return false; }
   // How many tokens of a tie group (of `group` tokens with equal logit) fit.
   LK_DEVICE int64_t tie_keep(const BinTotals& above, int64_t, float, float) const { return k - above.count; }
 };
 
 struct EntropyPredicate {
-  float budget;  // alpha H(p), see core::exact_budget
+  static constexpr bool kSums = true;  // bins hold (count, sum e, sum d e)
+  float budget;                        // alpha H(p), see core::exact_budget
   LK_DEVICE bool exceeds(const BinTotals& t) const {
     return t.e > 0.0f && core::renormalised_entropy(t.e, t.d) > budget;
   }
@@ -206,6 +241,17 @@ struct EntropyPredicate {
   }
 };
 
+// The predicate of a selection: capped rules select the top K tokens, "exact"
+// the largest prefix whose renormalised entropy fits alpha H(p).
+template <Selection kSel>
+LK_DEVICE inline auto rule_predicate(const TopHParams& p, const core::SoftmaxState& row) {
+  if constexpr (kSel == Selection::capped) {
+    return CountPredicate{p.k};
+  } else {
+    return EntropyPredicate{core::exact_budget(p.alpha, core::entropy(row))};
+  }
+}
+
 // Block-wide ordered count: every thread passes a flag for element
 // base + threadIdx.x of one tile; returns the number of flagged elements of
 // the tile before it (in index order), and adds the tile's total to `running`
@@ -231,293 +277,344 @@ LK_DEVICE inline float load_logit(const scalar_t* row, int64_t i) {
   return static_cast<float>(row[i]);
 }
 
-// The radix-selection step after one digit's histogram: one thread walks the
-// bins from the top. `above` holds the totals of the tokens above the current
-// candidate range and is updated to the tokens above the failing bin. When
-// the cut is resolved, cut.mass = the kept tokens' sum of exp(z - m) ("exact";
-// the capped rules' bins hold no sums, their mass is set after the sort).
-template <class Predicate>
-LK_DEVICE inline void walk_bins(const Predicate& pred, int level, uint32_t& prefix, BinTotals& above,
-                                const unsigned* bin_count, const float* bin_e, const float* bin_d, float m, float inv_t,
-                                Cut& cut) {
+// Zeroes the histogram (the sums only where the selection uses them).
+template <Selection kSel>
+LK_DEVICE inline void clear_bins(TopHStorage& s) {
+  for (int64_t b = threadIdx.x; b < kBins; b += blockDim.x) {
+    s.bin_count[b] = 0;
+    if constexpr (kSel == Selection::exact) {
+      s.bin_e[b] = 0.0f;
+      s.bin_d[b] = 0.0f;
+    }
+  }
+}
+
+// "exact": adds a token of weight e = exp(d) to a bin.
+LK_DEVICE inline void add_to_bin(TopHStorage& s, int bin, unsigned count, float e, float de) {
+  atomicAdd(&s.bin_count[bin], count);
+  atomicAdd(&s.bin_e[bin], e);
+  atomicAdd(&s.bin_d[bin], de);
+}
+
+// Adds a top-bin state to its bin's shared sums, rescaled from the state's
+// max m_t to the bin's reference r >= m_t (the softmax-state merge):
+// e *= exp(m_t - r), d = exp(m_t - r) (d + (m_t - r) e).
+LK_DEVICE inline void flush_top_bin(const TopBinState& t, float inv_t, TopHStorage& s) {
+  const core::SoftmaxState relative = core::rescaled(t.st, first_digit_reference(t.bin, inv_t));
+  add_to_bin(s, t.bin, t.count, relative.sum_exp, relative.sum_shifted);
+}
+
+// "exact", pass 1: one token z (of first-digit bin `bin`, not -inf) into the
+// histogram or into this thread's top bin (see the top of the file).
+LK_DEVICE inline void add_first_digit_token(TopHStorage& s, TopBinState& mine, int bin, float z, float inv_t) {
+  if (bin < mine.bin) {
+    // Below this thread's top bin, hence below the row max's bin:
+    // r_b <= m, so exp(z - r_b) >= exp(z - m) and dropping an underflow
+    // here loses no term that relative to m would be positive.
+    const float d = z - first_digit_reference(bin, inv_t);  // <= 0
+    const float e = expf(d);
+    if (e != 0.0f) add_to_bin(s, bin, 1u, e, d * e);
+    return;
+  }
+  if (bin > mine.bin) {  // a new top bin: the previous one goes to the histogram
+    if (mine.bin >= 0) flush_top_bin(mine, inv_t, s);
+    mine = TopBinState{bin, 0u, core::empty_state()};
+  }
+  core::accumulate(mine.st, &z, 1);
+  ++mine.count;
+}
+
+// What pass 1 leaves in every thread.
+struct FirstDigit {
+  core::SoftmaxState row;  // the row's softmax state (block-reduced)
+  TopBinState mine;        // "exact": this thread's top bin
+  TopBinState best;        // "exact": B*, the bin of the row max, with all its tokens
+};
+
+// Pass 1: softmax state + the first digit's histogram. The first digit needs
+// no reference max: capped rules count; "exact" sums relative to each bin's
+// own upper end r_b (first_digit_reference), except each thread's top bin,
+// kept as a softmax state (see the top of the file).
+template <Selection kSel, class scalar_t>
+LK_DEVICE inline FirstDigit softmax_state_and_first_digit(const scalar_t* x, int64_t cols, float inv_t,
+                                                          TopHStorage& s) {
+  if constexpr (kSel != Selection::all) clear_bins<kSel>(s);
+  __syncthreads();
+  FirstDigit f{core::empty_state(), empty_top_bin(), empty_top_bin()};
+  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
+    const float xv = load_logit(x, i);
+    const float z = core::scaled_logit(xv, inv_t);
+    core::accumulate(f.row, &z, 1);
+    if constexpr (kSel != Selection::all) {
+      const int bin = static_cast<int>(core::orderable_key(xv) >> digit_shift(0));
+      if constexpr (kSel == Selection::capped) atomicAdd(&s.bin_count[bin], 1u);
+      if constexpr (kSel == Selection::exact) {
+        if (xv != core::neg_infinity()) add_first_digit_token(s, f.mine, bin, z, inv_t);
+      }
+    }
+  }
+  f.row = block_reduce(
+      f.row, [](const core::SoftmaxState& a, const core::SoftmaxState& b) { return core::merge(a, b); },
+      core::empty_state(), s.state_scratch);
+  // "exact": B* = the highest top bin of the block = the bin of the row max,
+  // with the state of all its tokens (its max is m).
+  if constexpr (kSel == Selection::exact) {
+    f.best = block_reduce(
+        f.mine, [](const TopBinState& a, const TopBinState& b) { return merge_top_bins(a, b); }, empty_top_bin(),
+        s.top_bin_scratch);
+  }
+  return f;
+}
+
+// "exact", after pass 1: every first-digit bin relative to the row max m.
+LK_DEVICE inline void rescale_first_digit_bins(TopHStorage& s, const FirstDigit& f, float inv_t) {
+  const float m = f.row.max;
+  // Top bins below B* join the histogram (relative to their r_b); B*'s
+  // tokens are all in `best` (a token of B* is never below its thread's
+  // top bin, and B* is never flushed): B*'s shared entry is still empty.
+  if (f.mine.bin >= 0 && f.mine.bin != f.best.bin) flush_top_bin(f.mine, inv_t, s);
+  __syncthreads();
+  // Rescale the bins b < B* from r_b <= m to m, as merging softmax states:
+  // e *= exp(r - m), d = exp(r - m) (d + (r - m) e). B* is written
+  // directly relative to m (its max is m: the factor is 1).
+  for (int64_t b = threadIdx.x; b < kBins; b += blockDim.x) {
+    if (b == f.best.bin || s.bin_count[b] == 0) continue;
+    const float r = first_digit_reference(static_cast<int>(b), inv_t);
+    const core::SoftmaxState to_m = core::rescaled(core::SoftmaxState{r, s.bin_e[b], s.bin_d[b]}, m);
+    s.bin_e[b] = to_m.sum_exp;
+    s.bin_d[b] = to_m.sum_shifted;
+  }
+  if (threadIdx.x == 0 && f.best.bin >= 0) {  // (always: a defined row has a finite token)
+    const core::SoftmaxState to_m = core::rescaled(f.best.st, m);
+    s.bin_count[f.best.bin] = f.best.count;
+    s.bin_e[f.best.bin] = to_m.sum_exp;
+    s.bin_d[f.best.bin] = to_m.sum_shifted;
+  }
+}
+
+// Digit passes 2 and 3: the histogram of the tokens whose key has the digits
+// fixed so far (`prefix`); "exact" relative to the row max m, without tokens
+// of zero probability (never candidates). Capped rules, last digit: the keys
+// above the candidate range are selected for sure and are collected into
+// `candidates` now (no separate gather pass).
+template <Selection kSel, class scalar_t>
+LK_DEVICE inline void digit_pass(const scalar_t* x, int64_t cols, int level, uint32_t prefix, float m, float inv_t,
+                                 TopHStorage& s, uint32_t* candidates) {
+  __syncthreads();  // previous readers of the bins are done
+  clear_bins<kSel>(s);
+  __syncthreads();
   const int shift = digit_shift(level);
-  const int bins = 1 << digit_bits(level);
   const int prefix_shift = shift + digit_bits(level);
-  for (int b = bins - 1; b >= 0; --b) {
-    BinTotals with = above;
-    with.count += bin_count[b];
-    with.e += bin_e[b];
-    with.d += bin_d[b];
-    if (!pred.exceeds(with)) {
-      above = with;
+  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
+    const float xv = load_logit(x, i);
+    const uint32_t key = core::orderable_key(xv);
+    if ((key >> prefix_shift) != prefix) {
+      if constexpr (kSel == Selection::capped) {
+        if (level == kDigitCount - 1 && (key >> prefix_shift) > prefix) candidates[atomicAdd(&s.gathered, 1)] = key;
+      }
       continue;
     }
-    const uint32_t bin_prefix = (prefix << digit_bits(level)) | static_cast<uint32_t>(b);
-    if (level == kDigitCount - 1) {
-      // A single key value: keep the first j tokens of its tie group. Its
-      // weight is the draw pass's expf(x / T - m) of the same float x.
-      const float z = core::scaled_logit(core::key_to_float(bin_prefix), inv_t);
-      const float d = z - m;
-      const float e = expf(d);
-      cut.full_from = static_cast<uint64_t>(bin_prefix) + 1;
-      cut.tie_key = bin_prefix;
-      cut.tie_total = bin_count[b];
-      cut.tie_keep = pred.tie_keep(above, bin_count[b], e, d);
-      cut.selected = above.count;
-      cut.mass = above.e + static_cast<float>(cut.tie_keep) * e;
-      cut.done = level + 1;
-    } else if (pred.bin_fully_dropped(above, bin_count[b])) {
-      cut.full_from = (static_cast<uint64_t>(bin_prefix) + 1) << shift;
-      cut.selected = above.count;
-      cut.mass = above.e;
-      cut.done = level + 1;
+    const int bin = static_cast<int>((key >> shift) & ((1u << digit_bits(level)) - 1u));
+    if constexpr (kSel == Selection::capped) {
+      atomicAdd(&s.bin_count[bin], 1u);
     } else {
-      prefix = bin_prefix;  // refine inside this bin with the next digit
+      const float d = core::scaled_logit(xv, inv_t) - m;
+      const float e = expf(d);
+      if (e != 0.0f) add_to_bin(s, bin, 1u, e, d * e);
+    }
+  }
+}
+
+// The walk's end inside the failing bin b of digit `level` (with prefix
+// bin_prefix): at the last digit a single key value, whose tie group keeps
+// its first j tokens (weight: the draw pass's expf(x / T - m) of the same
+// float x); else a bin whose single token is dropped (see
+// bin_fully_dropped), or a bin to refine with the next digit. Returns
+// whether the cut is resolved.
+template <class Predicate>
+LK_DEVICE inline bool resolve_in_bin(const Predicate& pred, int level, uint32_t bin_prefix, int64_t bin_count,
+                                     const BinTotals& above, float m, float inv_t, Cut& cut) {
+  if (level == kDigitCount - 1) {
+    const float z = core::scaled_logit(core::key_to_float(bin_prefix), inv_t);
+    const float d = z - m;
+    const float e = expf(d);
+    cut.full_from = static_cast<uint64_t>(bin_prefix) + 1;
+    cut.tie_key = bin_prefix;
+    cut.tie_total = bin_count;
+    cut.tie_keep = pred.tie_keep(above, bin_count, e, d);
+    cut.selected = above.count;
+    cut.mass = above.e + static_cast<float>(cut.tie_keep) * e;
+    return true;
+  }
+  if (pred.bin_fully_dropped(above, bin_count)) {
+    cut.full_from = (static_cast<uint64_t>(bin_prefix) + 1) << digit_shift(level);
+    cut.selected = above.count;
+    cut.mass = above.e;
+    return true;
+  }
+  return false;
+}
+
+// The radix-selection step after one digit's histogram (thread 0): walks the
+// bins from the top. s.above holds the totals of the tokens above the current
+// candidate range and is updated to the tokens above the failing bin, whose
+// digit joins s.prefix when the cut is not resolved yet. When the cut is
+// resolved, cut.mass = the kept tokens' sum of exp(z - m) ("exact"; the
+// capped rules' bins hold no sums, their mass is set by capped_scan).
+template <class Predicate>
+LK_DEVICE inline void walk(const Predicate& pred, int level, float m, float inv_t, TopHStorage& s) {
+  for (int b = (1 << digit_bits(level)) - 1; b >= 0; --b) {
+    BinTotals with = s.above;
+    with.count += s.bin_count[b];
+    if constexpr (Predicate::kSums) {
+      with.e += s.bin_e[b];
+      with.d += s.bin_d[b];
+    }
+    if (!pred.exceeds(with)) {
+      s.above = with;
+      continue;
+    }
+    const uint32_t bin_prefix = (s.prefix << digit_bits(level)) | static_cast<uint32_t>(b);
+    if (resolve_in_bin(pred, level, bin_prefix, s.bin_count[b], s.above, m, inv_t, s.cut)) {
+      s.cut.done = level + 1;
+    } else {
+      s.prefix = bin_prefix;  // refine inside this bin with the next digit
     }
     return;
   }
   // Every candidate fits: keep all keys with the current prefix.
-  cut.full_from = level == 0 ? 0 : static_cast<uint64_t>(prefix) << prefix_shift;
-  cut.selected = above.count;
-  cut.mass = above.e;
-  cut.done = level + 1;
+  s.cut.full_from = level == 0 ? 0 : static_cast<uint64_t>(s.prefix) << (digit_shift(level) + digit_bits(level));
+  s.cut.selected = s.above.count;
+  s.cut.mass = s.above.e;
+  s.cut.done = level + 1;
 }
 
-// Finds the kept set of the block's row x (passes 1 and the digit passes of
-// the top of the file) and leaves it in `cut` (shared memory, read by every
-// thread after the call). Without truncation (plain sampling) only pass 1
-// runs and every token is kept.
+// Capped rules: the K selected keys into candidates[0, K), then sorted
+// (descending) into sorted[0, K).
 template <class scalar_t>
-LK_DEVICE inline void select_cut(const scalar_t* x, int64_t cols, const TopHParams& p, Cut& cut) {
-  const core::TopHRule rule = p.rule;
-  const bool capped = p.truncate && rule != core::TopHRule::exact;
-  const float alpha = p.alpha, inv_t = p.inv_temperature;
-  const int64_t k = p.k;
-  const int64_t tid = threadIdx.x;
-  const int64_t stride = blockDim.x;
+LK_DEVICE inline void gather_and_sort_candidates(const scalar_t* x, int64_t cols, int64_t k, TopHStorage& s,
+                                                 uint32_t* candidates, uint32_t* sorted) {
+  const Cut& cut = s.cut;
+  if (cut.done == kDigitCount) {
+    // Resolved at the last digit: the keys above the candidate range were
+    // gathered during that pass, and the last histogram holds each key of
+    // the range exactly (bin b <-> key prefix * 1024 + b), with counts.
+    if (threadIdx.x == 0) {
+      int64_t n = s.gathered;
+      const uint32_t range_base = cut.tie_key & ~kLastDigitMask;
+      for (uint32_t b = kLastDigitMask; b > (cut.tie_key & kLastDigitMask); --b) {
+        for (unsigned c = 0; c < s.bin_count[b]; ++c) candidates[n++] = range_base | b;
+      }
+      for (int64_t j = 0; j < cut.tie_keep; ++j) candidates[n++] = cut.tie_key;
+    }
+  } else {
+    // Resolved at the first digit (V <= K: every token is selected): one
+    // gather pass.
+    for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
+      const uint32_t key = core::orderable_key(load_logit(x, i));
+      if (key >= cut.full_from) candidates[atomicAdd(&s.gathered, 1)] = key;
+    }
+  }
+  __syncthreads();
+  // Rank sort, descending (equal keys in slot order): K^2 / threads compares.
+  for (int64_t a = threadIdx.x; a < k; a += blockDim.x) {
+    int64_t rank = 0;
+    for (int64_t b = 0; b < k; ++b) {
+      rank += candidates[b] > candidates[a] || (candidates[b] == candidates[a] && b < a);
+    }
+    sorted[rank] = candidates[a];
+  }
+  __syncthreads();
+}
 
-  __shared__ unsigned bin_count[kBins];
-  __shared__ float bin_e[kBins];
-  __shared__ float bin_d[kBins];
-  __shared__ core::SoftmaxState scratch[kReduceScratchSize];
-  __shared__ int gathered;
+// Capped rules (thread 0): the rule's scan over the K sorted keys
+// (core::capped_keep_count) fixes the final cut and its mass.
+LK_DEVICE inline void capped_scan(const TopHParams& p, const core::SoftmaxState& row, const uint32_t* sorted,
+                                  Cut& cut) {
+  const float inv_t = p.inv_temperature;
+  auto z_of = [&](int64_t i) { return core::scaled_logit(core::key_to_float(sorted[i]), inv_t); };
+  const int64_t kept = core::capped_keep_count(z_of, p.k, p.rule, core::log_sum_exp(row), p.alpha);
+  const uint32_t last = sorted[kept - 1];
+  int64_t equal_kept = 0, equal_selected = 0;
+  for (int64_t i = 0; i < p.k; ++i) {
+    equal_selected += sorted[i] == last;
+    equal_kept += i < kept && sorted[i] == last;
+  }
+  // Tokens with key `last` in the row: all of them were selected unless
+  // `last` is the tie key at the K boundary.
+  const int64_t total = (cut.tie_keep > 0 && last == cut.tie_key) ? cut.tie_total : equal_selected;
+  cut.full_from = static_cast<uint64_t>(last) + 1;
+  cut.tie_key = last;
+  cut.tie_keep = equal_kept;
+  cut.tie_total = total;
+  // The kept tokens are sorted[0, kept): their weights, with the draw
+  // pass's expression expf(x / T - m) (key_to_float gives x back exactly).
+  float mass = 0.0f;
+  for (int64_t i = 0; i < kept; ++i) mass += expf(z_of(i) - cut.m);
+  cut.mass = mass;
+}
+
+// The digit passes of a defined row ("exact" and capped rules), and for the
+// capped rules the sort and scan of the K selected keys.
+template <Selection kSel, class scalar_t>
+LK_DEVICE inline void refine_cut(const scalar_t* x, int64_t cols, const TopHParams& p, const FirstDigit& f,
+                                 TopHStorage& s) {
   LK_DYNAMIC_SHARED(uint32_t, candidates);  // 2 * k keys (capped rules)
-  uint32_t* sorted = candidates + k;
-
-  auto clear_bins = [&] {
-    for (int64_t b = tid; b < kBins; b += stride) {
-      bin_count[b] = 0;
-      bin_e[b] = 0.0f;
-      bin_d[b] = 0.0f;
-    }
-  };
-
-  // ---- pass 1: softmax state + the first digit's histogram ----
-  // The first digit needs no reference max: capped rules count; "exact" sums
-  // relative to each bin's own upper end r_b (first_digit_reference), except
-  // each thread's top bin, kept as a softmax state (see the top of the file).
-  const bool exact = p.truncate && !capped;
-  __shared__ TopBinState top_scratch[kReduceScratchSize];
-  clear_bins();
-  __syncthreads();
-  core::SoftmaxState st = core::empty_state();
-  TopBinState mine = empty_top_bin();  // "exact": this thread's top bin
-  for (int64_t i = tid; i < cols; i += stride) {
-    const float xv = load_logit(x, i);
-    const float z = core::scaled_logit(xv, inv_t);
-    core::accumulate(st, &z, 1);
-    const int bin = static_cast<int>(core::orderable_key(xv) >> digit_shift(0));
-    if (capped) atomicAdd(&bin_count[bin], 1u);
-    if (exact && xv != core::neg_infinity()) {
-      if (bin < mine.bin) {
-        // Below this thread's top bin, hence below the row max's bin:
-        // r_b <= m, so exp(z - r_b) >= exp(z - m) and dropping an underflow
-        // here loses no term that relative to m would be positive.
-        const float d = z - first_digit_reference(bin, inv_t);  // <= 0
-        const float e = expf(d);
-        if (e == 0.0f) continue;
-        atomicAdd(&bin_count[bin], 1u);
-        atomicAdd(&bin_e[bin], e);
-        atomicAdd(&bin_d[bin], d * e);
-        continue;
-      }
-      if (bin > mine.bin) {  // a new top bin: the previous one goes to the histogram
-        if (mine.bin >= 0) flush_top_bin(mine, inv_t, bin_count, bin_e, bin_d);
-        mine = TopBinState{bin, 0u, core::empty_state()};
-      }
-      core::accumulate(mine.st, &z, 1);
-      ++mine.count;
-    }
+  const float m = f.row.max;
+  const auto pred = rule_predicate<kSel>(p, f.row);
+  if (threadIdx.x == 0) {
+    s.above = BinTotals{0, 0.0f, 0.0f};
+    s.cut = Cut{0, 0, 0, 0, 0, 0, RowKind::defined, m, 0.0f};
+    s.prefix = 0;
+    s.gathered = 0;
   }
-  st = block_reduce(st, [](const core::SoftmaxState& a, const core::SoftmaxState& b) { return core::merge(a, b); },
-                          core::empty_state(), scratch);
-  const float m = st.max;
-  // "exact": B* = the highest top bin of the block = the bin of the row max,
-  // with the state of all its tokens (its max is m).
-  TopBinState best = empty_top_bin();
-  if (exact) {
-    best = block_reduce(
-        mine, [](const TopBinState& a, const TopBinState& b) { return merge_top_bins(a, b); }, empty_top_bin(),
-        top_scratch);
-  }
-  if (tid == 0) {
-    // NaN or +inf in the row: no defined distribution. All -inf: token 0 only.
-    RowKind kind = RowKind::defined;
-    if (st.sum_exp != st.sum_exp || m == core::pos_infinity()) kind = RowKind::undefined;
-    if (m == core::neg_infinity()) kind = RowKind::all_masked;
-    // Plain sampling keeps every token: its mass is the row's sum exp(z - m).
-    cut = Cut{0, 0, 0, 0, 0, 0, kind, m, st.sum_exp};
-  }
-  __syncthreads();
-  if (cut.kind != RowKind::defined || !p.truncate) return;  // plain sampling: full_from = 0 keeps everything
-  if (exact) {
-    // Top bins below B* join the histogram (relative to their r_b); B*'s
-    // tokens are all in `best` (a token of B* is never below its thread's
-    // top bin, and B* is never flushed): B*'s shared entry is still empty.
-    if (mine.bin >= 0 && mine.bin != best.bin) flush_top_bin(mine, inv_t, bin_count, bin_e, bin_d);
-    __syncthreads();
-    // Rescale the bins b < B* from r_b <= m to m, as merging softmax states:
-    // e *= exp(r - m), d = exp(r - m) (d + (r - m) e). B* is written
-    // directly relative to m (its max is m: the factor is 1).
-    for (int64_t b = tid; b < kBins; b += stride) {
-      if (b == best.bin || bin_count[b] == 0) continue;
-      const float r = first_digit_reference(static_cast<int>(b), inv_t);
-      const core::SoftmaxState to_m = core::rescaled(core::SoftmaxState{r, bin_e[b], bin_d[b]}, m);
-      bin_e[b] = to_m.sum_exp;
-      bin_d[b] = to_m.sum_shifted;
-    }
-    if (tid == 0 && best.bin >= 0) {  // (always: a defined row has a finite token)
-      const core::SoftmaxState to_m = core::rescaled(best.st, m);
-      bin_count[best.bin] = best.count;
-      bin_e[best.bin] = to_m.sum_exp;
-      bin_d[best.bin] = to_m.sum_shifted;
-    }
-  }
-  __syncthreads();  // every thread has read cut.kind before thread 0 rewrites cut
-
-  // ---- digit passes: radix selection of the cut ----
-  const CountPredicate count_pred{k};
-  const EntropyPredicate entropy_pred{core::exact_budget(alpha, core::entropy(st))};
   uint32_t prefix = 0;  // digits fixed so far (same in every thread: read back from shared memory)
-  __shared__ uint32_t shared_prefix;
-  __shared__ BinTotals above;
-  if (tid == 0) {
-    above = BinTotals{0, 0.0f, 0.0f};
-    cut = Cut{0, 0, 0, 0, 0, 0, RowKind::defined, m, 0.0f};
-    shared_prefix = 0;
-    gathered = 0;
-  }
   for (int level = 0; level < kDigitCount; ++level) {
-    if (level > 0) {
-      __syncthreads();  // previous readers of the bins are done
-      clear_bins();
-      __syncthreads();
-      const int shift = digit_shift(level);
-      const int prefix_shift = shift + digit_bits(level);
-      for (int64_t i = tid; i < cols; i += stride) {
-        const float xv = load_logit(x, i);
-        const uint32_t key = core::orderable_key(xv);
-        if (level > 0 && (key >> prefix_shift) != prefix) {
-          // Capped rules, last digit: keys above the candidate range are
-          // selected for sure; collect them now (no separate gather pass).
-          if (capped && level == kDigitCount - 1 && (key >> prefix_shift) > prefix) {
-            candidates[atomicAdd(&gathered, 1)] = key;
-          }
-          continue;
-        }
-        const int bin = static_cast<int>((key >> shift) & ((1u << digit_bits(level)) - 1u));
-        if (capped) {
-          atomicAdd(&bin_count[bin], 1u);
-        } else {
-          const float d = core::scaled_logit(xv, inv_t) - m;
-          const float e = expf(d);
-          if (e == 0.0f) continue;  // zero probability: never a candidate
-          atomicAdd(&bin_count[bin], 1u);
-          atomicAdd(&bin_e[bin], e);
-          atomicAdd(&bin_d[bin], d * e);
-        }
-      }
-    }
+    if (level > 0) digit_pass<kSel>(x, cols, level, prefix, m, p.inv_temperature, s, candidates);
     __syncthreads();
-    if (tid == 0) {
-      if (capped) {
-        walk_bins(count_pred, level, shared_prefix, above, bin_count, bin_e, bin_d, m, inv_t, cut);
-      } else {
-        walk_bins(entropy_pred, level, shared_prefix, above, bin_count, bin_e, bin_d, m, inv_t, cut);
-      }
-    }
+    if (threadIdx.x == 0) walk(pred, level, m, p.inv_temperature, s);
     __syncthreads();
-    if (cut.done) break;
-    prefix = shared_prefix;
+    if (s.cut.done) break;
+    prefix = s.prefix;
   }
+  if constexpr (kSel == Selection::capped) {
+    uint32_t* sorted = candidates + p.k;
+    gather_and_sort_candidates(x, cols, p.k, s, candidates, sorted);
+    if (threadIdx.x == 0) capped_scan(p, f.row, sorted, s.cut);
+    __syncthreads();
+  }
+}
 
-  if (capped) {
-    // ---- the K selected keys, then sort and scan them ----
-    if (cut.done == kDigitCount) {
-      // Resolved at the last digit: the keys above the candidate range were
-      // gathered during that pass, and the last histogram holds each key of
-      // the range exactly (bin b <-> key prefix * 1024 + b), with counts.
-      if (tid == 0) {
-        int64_t n = gathered;
-        const uint32_t range_base = cut.tie_key & ~kLastDigitMask;
-        for (uint32_t b = kLastDigitMask; b > (cut.tie_key & kLastDigitMask); --b) {
-          for (unsigned c = 0; c < bin_count[b]; ++c) candidates[n++] = range_base | b;
-        }
-        for (int64_t j = 0; j < cut.tie_keep; ++j) candidates[n++] = cut.tie_key;
-      }
-    } else {
-      // Resolved at the first digit (V <= K: every token is selected): one
-      // gather pass.
-      for (int64_t i = tid; i < cols; i += stride) {
-        const uint32_t key = core::orderable_key(load_logit(x, i));
-        if (key >= cut.full_from) candidates[atomicAdd(&gathered, 1)] = key;
-      }
-    }
-    __syncthreads();
-    // Rank sort, descending (equal keys in slot order): K^2 / threads compares.
-    for (int64_t a = tid; a < k; a += stride) {
-      int64_t rank = 0;
-      for (int64_t b = 0; b < k; ++b) {
-        rank += candidates[b] > candidates[a] || (candidates[b] == candidates[a] && b < a);
-      }
-      sorted[rank] = candidates[a];
-    }
-    __syncthreads();
-    if (tid == 0) {
-      const int64_t kept = core::capped_keep_count(
-          [&](int64_t i) { return core::scaled_logit(core::key_to_float(sorted[i]), inv_t); }, k, rule, core::log_sum_exp(st), alpha);
-      const uint32_t last = sorted[kept - 1];
-      int64_t equal_kept = 0, equal_selected = 0;
-      for (int64_t i = 0; i < k; ++i) {
-        equal_selected += sorted[i] == last;
-        equal_kept += i < kept && sorted[i] == last;
-      }
-      // Tokens with key `last` in the row: all of them were selected unless
-      // `last` is the tie key at the K boundary.
-      const int64_t total = (cut.tie_keep > 0 && last == cut.tie_key) ? cut.tie_total : equal_selected;
-      cut.full_from = static_cast<uint64_t>(last) + 1;
-      cut.tie_key = last;
-      cut.tie_keep = equal_kept;
-      cut.tie_total = total;
-      // The kept tokens are sorted[0, kept): their weights, with the draw
-      // pass's expression expf(x / T - m) (key_to_float gives x back exactly).
-      float mass = 0.0f;
-      for (int64_t i = 0; i < kept; ++i) mass += expf(core::scaled_logit(core::key_to_float(sorted[i]), inv_t) - m);
-      cut.mass = mass;
-    }
-    __syncthreads();
+// Finds the kept set of the block's row x (pass 1 and the digit passes of the
+// top of the file) and leaves it in s.cut (read by every thread after the
+// call). Without truncation (Selection::all) only pass 1 runs and every token
+// is kept.
+template <Selection kSel, class scalar_t>
+LK_DEVICE inline void select_cut(const scalar_t* x, int64_t cols, const TopHParams& p, TopHStorage& s) {
+  const FirstDigit f = softmax_state_and_first_digit<kSel>(x, cols, p.inv_temperature, s);
+  if (threadIdx.x == 0) {
+    // Plain sampling keeps every token (full_from = 0): its mass is the
+    // row's sum exp(z - m).
+    s.cut = Cut{0, 0, 0, 0, 0, 0, row_kind(f.row), f.row.max, f.row.sum_exp};
+  }
+  __syncthreads();
+  if constexpr (kSel != Selection::all) {
+    if (s.cut.kind != RowKind::defined) return;
+    if constexpr (kSel == Selection::exact) rescale_first_digit_bins(s, f, p.inv_temperature);
+    __syncthreads();  // every thread has read cut.kind before thread 0 rewrites cut
+    refine_cut<kSel>(x, cols, p, f, s);
   }
 }
 
 // The keep decisions of a row's tokens from its cut, one tile of blockDim
 // consecutive tokens at a time: every thread calls next() for every tile
 // (a block-wide collective when a tie group must be ranked in index order).
+template <Selection kSel>
 struct KeepTest {
   uint64_t full_from;
   uint32_t tie_key;
   int64_t tie_keep;
-  bool need_rank;       // only part of the tie group is kept
-  bool check_positive;  // "exact": zero probabilities were not candidates
+  bool need_rank;  // only part of the tie group is kept
   float inv_t, m;
   int64_t running = 0;  // tie tokens in the tiles before (same in every thread)
 
@@ -526,13 +623,13 @@ struct KeepTest {
         tie_key(cut.tie_key),
         tie_keep(cut.tie_keep),
         need_rank(cut.tie_keep > 0 && cut.tie_keep < cut.tie_total),
-        check_positive(p.truncate && p.rule == core::TopHRule::exact),
         inv_t(p.inv_temperature),
         m(cut.m) {}
 
   LK_DEVICE bool next(bool valid, float xv, int* warp_counts) {
     const uint32_t key = core::orderable_key(xv);
-    const bool positive = !check_positive || expf(core::scaled_logit(xv, inv_t) - m) > 0.0f;
+    bool positive = true;  // "exact": zero probabilities were not candidates
+    if constexpr (kSel == Selection::exact) positive = expf(core::scaled_logit(xv, inv_t) - m) > 0.0f;
     const bool keep = valid && positive && key >= full_from;
     const bool tie = valid && positive && key == tie_key && tie_keep > 0;
     if (!need_rank) return keep || tie;
@@ -541,26 +638,25 @@ struct KeepTest {
   }
 };
 
-template <class scalar_t>
+template <Selection kSel, class scalar_t>
 __global__ void __launch_bounds__(kMaxTopHThreads)
     top_h_mask_kernel(RowsView<scalar_t> rows, int64_t cols, TopHParams p, bool* mask) {
   const scalar_t* x = rows.row(blockIdx.x);
   bool* out = mask + static_cast<int64_t>(blockIdx.x) * cols;
   const int64_t tid = threadIdx.x, stride = blockDim.x;
-  __shared__ Cut cut;
-  __shared__ int warp_counts[kMaxWarpsPerBlock];
-  select_cut(x, cols, p, cut);
-  if (cut.kind != RowKind::defined) {
+  __shared__ TopHStorage s;
+  select_cut<kSel>(x, cols, p, s);
+  if (s.cut.kind != RowKind::defined) {
     // NaN or +inf: nothing is kept; all -inf: token 0 only.
-    for (int64_t i = tid; i < cols; i += stride) out[i] = cut.kind == RowKind::all_masked && i == 0;
+    for (int64_t i = tid; i < cols; i += stride) out[i] = s.cut.kind == RowKind::all_masked && i == 0;
     return;
   }
   // ---- write pass ----
-  KeepTest keep(cut, p);
+  KeepTest<kSel> keep(s.cut, p);
   for (int64_t base = 0; base < cols; base += stride) {
     const int64_t i = base + tid;
     const bool valid = i < cols;
-    const bool kept = keep.next(valid, valid ? load_logit(x, i) : 0.0f, warp_counts);
+    const bool kept = keep.next(valid, valid ? load_logit(x, i) : 0.0f, s.warp_counts);
     if (valid) out[i] = kept;
   }
 }
@@ -577,29 +673,26 @@ __global__ void __launch_bounds__(kMaxTopHThreads)
 // u * total (u close to 1), no token crosses, the pass has read the whole
 // row, and the last kept token of positive weight is returned (each thread
 // tracks its own last one; reduced only then, which is block-uniform).
-template <class scalar_t>
+template <Selection kSel, class scalar_t>
 __global__ void __launch_bounds__(kMaxTopHThreads)
     sample_kernel(RowsView<scalar_t> rows, int64_t cols, TopHParams p, const float* uniform, int64_t* tokens) {
   const int64_t row = blockIdx.x;
   const scalar_t* x = rows.row(row);
   const int64_t tid = threadIdx.x, stride = blockDim.x;
-  __shared__ Cut cut;
-  __shared__ int warp_counts[kMaxWarpsPerBlock];
-  __shared__ float float_scratch[kReduceScratchSize];
-  __shared__ int64_t index_scratch[kReduceScratchSize];
-  select_cut(x, cols, p, cut);
-  if (cut.kind != RowKind::defined) {
-    if (tid == 0) tokens[row] = cut.kind == RowKind::all_masked ? 0 : -1;
+  __shared__ TopHStorage s;
+  select_cut<kSel>(x, cols, p, s);
+  if (s.cut.kind != RowKind::defined) {
+    if (tid == 0) tokens[row] = s.cut.kind == RowKind::all_masked ? 0 : -1;
     return;
   }
-  const float inv_t = p.inv_temperature, m = cut.m;
-  const float target = uniform[row] * cut.mass;
+  const float inv_t = p.inv_temperature, m = s.cut.m;
+  const float target = uniform[row] * s.cut.mass;
   constexpr int64_t kNone = -1, kNoIndex = INT64_MAX;
   auto max_index = [](int64_t a, int64_t b) { return a > b ? a : b; };
   auto min_index = [](int64_t a, int64_t b) { return a < b ? a : b; };
 
   // ---- draw pass ----
-  KeepTest keep(cut, p);
+  KeepTest<kSel> keep(s.cut, p);
   float before = 0.0f;  // kept mass of the tiles before (same in every thread)
   int64_t found = kNone;
   int64_t last_positive = kNone;  // this thread's last kept token of positive weight
@@ -607,16 +700,16 @@ __global__ void __launch_bounds__(kMaxTopHThreads)
     const int64_t i = base + tid;
     const bool valid = i < cols;
     const float xv = valid ? load_logit(x, i) : 0.0f;
-    const float w = keep.next(valid, xv, warp_counts) ? expf(core::scaled_logit(xv, inv_t) - m) : 0.0f;
+    const float w = keep.next(valid, xv, s.warp_counts) ? expf(core::scaled_logit(xv, inv_t) - m) : 0.0f;
     if (w > 0.0f) last_positive = i;
     float tile_mass;
-    const float running = before + block_inclusive_scan(w, float_scratch, tile_mass);
+    const float running = before + block_inclusive_scan(w, s.mass_scratch, tile_mass);
     const bool crosses = w > 0.0f && running > target;
-    const int64_t first = block_reduce(crosses ? i : kNoIndex, min_index, kNoIndex, index_scratch);
+    const int64_t first = block_reduce(crosses ? i : kNoIndex, min_index, kNoIndex, s.index_scratch);
     found = first == kNoIndex ? kNone : first;
     before += tile_mass;
   }
-  if (found == kNone) found = block_reduce(last_positive, max_index, kNone, index_scratch);
+  if (found == kNone) found = block_reduce(last_positive, max_index, kNone, s.index_scratch);
   if (tid == 0) tokens[row] = found;
 }
 
