@@ -33,6 +33,14 @@ struct PerDtype {
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return bf16;
     if constexpr (std::is_same_v<scalar_t, c10::Half>) return f16;
   }
+
+  // The table whose functions of each dtype are make.operator()<scalar_t>()
+  // (a lambda template returning Fns<scalar_t>).
+  template <class Make>
+  static constexpr PerDtype build(Make make) {
+    return PerDtype{make.template operator()<float>(), make.template operator()<c10::BFloat16>(),
+                    make.template operator()<c10::Half>()};
+  }
 };
 
 // The backend functions of RowOpsFrontend for one logit dtype.

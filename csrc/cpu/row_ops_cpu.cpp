@@ -512,10 +512,7 @@ void reduce(ResultKind kind, const ResultArgs<scalar_t>& args) {
 
 }  // namespace
 
-const PerDtype<RowOpsKernels> row_ops_kernels = {
-    {&map<float>, &reduce<float>},
-    {&map<c10::BFloat16>, &reduce<c10::BFloat16>},
-    {&map<c10::Half>, &reduce<c10::Half>},
-};
+const PerDtype<RowOpsKernels> row_ops_kernels = PerDtype<RowOpsKernels>::build(
+    []<class scalar_t>() { return RowOpsKernels<scalar_t>{&map<scalar_t>, &reduce<scalar_t>}; });
 
 }  // namespace logitkit::cpu::CPU_CAPABILITY

@@ -22,8 +22,9 @@
 //
 // Finding the cut, without sorting the vocabulary:
 //   * capped rules: a one-pass threshold filter plus std::nth_element on a
-//     buffer of at most ~4K tokens (tuning.h) selects the K largest in expected O(V);
-//     only those K are sorted (O(K log K)) and scanned (capped_keep_count).
+//     buffer of at most ~4K tokens (tuning.h) selects the K largest in
+//     expected O(V); only those K are sorted (O(K log K)) and scanned
+//     (capped_keep_count).
 //   * "exact": the kept set is the largest prefix S_k of the rank order with
 //     H(q_k) <= alpha H(p), and H(q_k) is increasing in k (docs/top_h.md). One
 //     vectorised pass computes d_i = z_i - m and e_i = exp(d_i) and buckets the
@@ -201,9 +202,9 @@ int64_t keep_in_bucket(std::vector<Token>& tokens, Sums above, double budget, fl
   return lo;
 }
 
-Token exact_cut(RowScratch& s, int64_t cols, const TopHParams& p, float m) {
-  const float inv_t = p.inv_temperature;
-  // Pass 1 (vectorised exp, scalar scatter): the bucket sums.
+// "exact", pass 1 (vectorised exp, scalar scatter): each token's bucket and
+// the bucket sums. Returns the sums of the whole row.
+Sums fill_buckets(RowScratch& s, float inv_t, float m) {
   s.buckets.assign(kBuckets, Sums{});
   s.bucket.resize(s.x.size());
   for_each_exp_tile(s, inv_t, m, [&](int64_t t, const float* d, const float* e, int64_t n) {
@@ -219,32 +220,39 @@ Token exact_cut(RowScratch& s, int64_t cols, const TopHParams& p, float m) {
   });
   Sums all;
   for (const Sums& b : s.buckets) all += b;
-  const double budget = core::exact_budget(p.alpha, static_cast<float>(all.entropy()));
-  // The walk: whole buckets are kept while H of the prefix fits; the cut is
-  // inside the first bucket that breaks the budget (or, when everything
-  // fits, at the end of the last non-empty bucket).
+  return all;
+}
+
+// The bucket that holds the cut, and the sums of the buckets before it.
+struct CutBucket {
+  int bucket;
+  Sums above;
+};
+
+// The walk: whole buckets are kept while H of the prefix fits; the cut is
+// inside the first bucket that breaks the budget (or, when everything fits,
+// at the end of the last non-empty bucket).
+CutBucket find_cut_bucket(const RowScratch& s, double budget) {
   Sums above, above_last;
-  int cut_bucket = -1, last_bucket = -1;
+  int last_bucket = -1;
   for (int b = 0; b < kBuckets; ++b) {
     if (s.buckets[b].e == 0.0) continue;  // empty
     Sums with = above;
     with += s.buckets[b];
-    if (with.entropy() > budget) {
-      cut_bucket = b;
-      break;
-    }
+    if (with.entropy() > budget) return CutBucket{b, above};
     above_last = above;
     above = with;
     last_bucket = b;
   }
-  if (cut_bucket < 0) {
-    cut_bucket = last_bucket;
-    above = above_last;
-  }
-  // Pass 2: gather the cut bucket, and find the last-ranked token before it
-  // (in case none of the bucket fits). A vector of tokens is skipped when all
-  // its d lie safely below the cut bucket (bucket >= cut + 2 > cut); the
-  // others are decided exactly from their stored buckets.
+  return CutBucket{last_bucket, above_last};
+}
+
+// Pass 2: gathers the cut bucket's tokens into s.tokens and returns the
+// last-ranked token before it (in case none of the bucket fits; index -1 if
+// none). A vector of tokens is skipped when all its d lie safely below the
+// cut bucket (bucket >= cut + 2 > cut); the others are decided exactly from
+// their stored buckets.
+Token gather_cut_bucket(RowScratch& s, int64_t cols, int cut_bucket, float inv_t, float m) {
   s.tokens.clear();
   Token before{kPosInf, -1};
   const FVec vt(inv_t), vm(m), skip_below(-static_cast<float>(cut_bucket + 2) / kBucketsPerNat);
@@ -261,7 +269,16 @@ Token exact_cut(RowScratch& s, int64_t cols, const TopHParams& p, float m) {
       }
     }
   }
-  const int64_t kept = keep_in_bucket(s.tokens, above, budget, inv_t, m);
+  return before;
+}
+
+Token exact_cut(RowScratch& s, int64_t cols, const TopHParams& p, float m) {
+  const float inv_t = p.inv_temperature;
+  const Sums all = fill_buckets(s, inv_t, m);
+  const double budget = core::exact_budget(p.alpha, static_cast<float>(all.entropy()));
+  const CutBucket cut = find_cut_bucket(s, budget);
+  const Token before = gather_cut_bucket(s, cols, cut.bucket, inv_t, m);
+  const int64_t kept = keep_in_bucket(s.tokens, cut.above, budget, inv_t, m);
   if (kept == 0 && before.index >= 0) return before;
   // The bucket's kept tokens are tokens[0, kept) (in some order): the cut is
   // the one ranked last. (kept == 0 with nothing before cannot happen: the
@@ -388,10 +405,7 @@ void sample_rows(const Rows& r, const TopHParams& p, const float* uniform, int64
 
 }  // namespace
 
-const PerDtype<TopHKernels> top_h_kernels = {
-    {&mask_rows<float>, &sample_rows<float>},
-    {&mask_rows<c10::BFloat16>, &sample_rows<c10::BFloat16>},
-    {&mask_rows<c10::Half>, &sample_rows<c10::Half>},
-};
+const PerDtype<TopHKernels> top_h_kernels = PerDtype<TopHKernels>::build(
+    []<class scalar_t>() { return TopHKernels<scalar_t>{&mask_rows<scalar_t>, &sample_rows<scalar_t>}; });
 
 }  // namespace logitkit::cpu::CPU_CAPABILITY
