@@ -218,7 +218,8 @@ struct LinearCeFrontend {
     state.select(1, core::kLinearCeMax).fill_(-std::numeric_limits<float>::infinity());
     state.select(1, core::kLinearCeSumExp).zero_();
     state.select(1, core::kLinearCeSumShifted).zero_();
-    state.select(1, core::kLinearCeTargetLogit).fill_(std::numeric_limits<float>::quiet_NaN());  // NaN: target not in [0, V)
+    // z_target stays NaN while no tile holds the target (a target outside [0, V)).
+    state.select(1, core::kLinearCeTargetLogit).fill_(std::numeric_limits<float>::quiet_NaN());
     state.select(1, core::kLinearCeWeightedSum).zero_();
     return state;
   }

@@ -81,8 +81,8 @@ struct TopHFrontend {
                       " but logits is on ", logits.device());
     TORCH_CHECK_TYPE(uniform.scalar_type() == at::kFloat, "logitkit.sample: uniform must be float32, got ",
                      python_dtype_name(uniform.scalar_type()));
-    TORCH_CHECK_VALUE(uniform.sizes() == batch, "logitkit.sample: uniform must have shape ", batch, " (one number per "
-                      "row), got ", uniform.sizes());
+    TORCH_CHECK_VALUE(uniform.sizes() == batch, "logitkit.sample: uniform must have shape ", batch,
+                      " (one number per row), got ", uniform.sizes());
     at::Tensor out = at::empty(batch, logits.options().dtype(at::kLong));
     if (out.numel() == 0) return out;
     if (logits.size(-1) == 0) return out.fill_(-1);  // no vocabulary: no defined distribution
