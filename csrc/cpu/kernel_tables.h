@@ -65,7 +65,7 @@ struct LinearCeKernels {
 };
 
 // The tables one instruction-set copy exports.
-#define LOGITKIT_CPU_KERNEL_TABLES                 \
+#define LOGITKIT_CPU_KERNEL_TABLES                      \
   extern const PerDtype<RowOpsKernels> row_ops_kernels; \
   extern const PerDtype<TopHKernels> top_h_kernels;     \
   extern const LinearCeKernels linear_ce_kernels;

@@ -505,8 +505,7 @@ void reduce(ResultKind kind, const ResultArgs<scalar_t>& args) {
       return finalize_rows<false>(core::LogsumexpResult<scalar_t>{{inv_t}, static_cast<scalar_t*>(args.out)}, args);
     case ResultKind::entropy:
       return finalize_rows<true>(core::EntropyResult{{inv_t}, static_cast<float*>(args.out)}, args);
-    case ResultKind::stats:
-      return finalize_rows<true>(core::StatsResult{{inv_t}, static_cast<float*>(args.out)}, args);
+    case ResultKind::stats: return finalize_rows<true>(core::StatsResult{{inv_t}, static_cast<float*>(args.out)}, args);
   }
 }
 

@@ -100,12 +100,12 @@ struct Sums {
 };
 
 struct RowScratch {
-  std::vector<float> x;            // the row in fp32, padded with -inf to a multiple of kLanes
-  std::vector<Token> tokens;       // selection buffer
-  std::vector<uint16_t> bucket;    // "exact": bucket of each token
-  std::vector<Sums> buckets;       // "exact": per-bucket sums
-  std::vector<float> tile_mass;    // sample: kept mass of each tile
-  alignas(64) float a[kTile];      // tile buffers
+  std::vector<float> x;          // the row in fp32, padded with -inf to a multiple of kLanes
+  std::vector<Token> tokens;     // selection buffer
+  std::vector<uint16_t> bucket;  // "exact": bucket of each token
+  std::vector<Sums> buckets;     // "exact": per-bucket sums
+  std::vector<float> tile_mass;  // sample: kept mass of each tile
+  alignas(64) float a[kTile];    // tile buffers
   alignas(64) float b[kTile];
 };
 
@@ -116,7 +116,7 @@ float load_row(const scalar_t* src, int64_t cols, RowScratch& s) {
   for (int64_t t = 0; t < cols; t += kTile) {
     const int64_t n = std::min(kTile, cols - t);
     const float tile_max = load_tile(src + t, n, 1.0f, kNegInf, s.x.data() + t);  // NaN if the tile holds one
-    row_max = std::isnan(tile_max) ? tile_max : std::max(row_max, tile_max);  // a NaN row_max stays NaN
+    row_max = std::isnan(tile_max) ? tile_max : std::max(row_max, tile_max);      // a NaN row_max stays NaN
   }
   return row_max;
 }
@@ -146,8 +146,8 @@ Token capped_cut(RowScratch& s, int64_t cols, const TopHParams& p, float full_ls
   if (static_cast<int64_t>(s.tokens.size()) > k) std::nth_element(first, first + k, s.tokens.end(), ranks_before);
   std::sort(first, first + k, ranks_before);
   const float inv_t = p.inv_temperature;
-  const int64_t kept = core::capped_keep_count([&](int64_t i) { return s.tokens[i].x * inv_t; }, k, p.rule,
-                                               full_lse, p.alpha);
+  const int64_t kept =
+      core::capped_keep_count([&](int64_t i) { return s.tokens[i].x * inv_t; }, k, p.rule, full_lse, p.alpha);
   return s.tokens[kept - 1];
 }
 
@@ -288,9 +288,9 @@ Token exact_cut(RowScratch& s, int64_t cols, const TopHParams& p, float m) {
 
 RowCut row_cut(RowScratch& s, int64_t cols, const TopHParams& p, float max_x) {
   if (std::isnan(max_x) || max_x == kPosInf) return RowCut{false, {}};
-  if (max_x == kNegInf) return RowCut{true, Token{kNegInf, 0}};  // all -inf: token 0 only
+  if (max_x == kNegInf) return RowCut{true, Token{kNegInf, 0}};    // all -inf: token 0 only
   if (!p.truncate) return RowCut{true, Token{kNegInf, cols - 1}};  // every token
-  const float m = max_x * p.inv_temperature;  // max z
+  const float m = max_x * p.inv_temperature;                       // max z
   if (p.rule == core::TopHRule::exact) return RowCut{true, exact_cut(s, cols, p, m)};
   // "hf" normalises over the K selected tokens only: no full softmax pass.
   const float lse = p.rule == core::TopHRule::official ? full_log_sum_exp(s, p.inv_temperature, m) : 0.0f;

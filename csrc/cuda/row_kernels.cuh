@@ -124,8 +124,7 @@ __global__ void __launch_bounds__(kMaxRowOpsThreads)
   for_each_pack(a.row(row), b.row(row), begin, slice_end(begin, chunk, cols),
                 [&](int64_t, const float* va, const float* vb, int n) { op.accumulate(state, va, vb, n); });
   __shared__ State scratch[kReduceScratchSize];
-  state = block_reduce(
-      state, [&](const State& x, const State& y) { return op.merge(x, y); }, op.identity(), scratch);
+  state = block_reduce(state, [&](const State& x, const State& y) { return op.merge(x, y); }, op.identity(), scratch);
   if (threadIdx.x == 0) partials[row * gridDim.y + split] = state;
 }
 
@@ -153,8 +152,7 @@ __global__ void __launch_bounds__(kMaxRowOpsThreads)
   State state = op.identity();
   for (int64_t k = threadIdx.x; k < splits; k += blockDim.x) state = op.merge(state, partials[row * splits + k]);
   __shared__ State scratch[kReduceScratchSize];
-  state = block_reduce(
-      state, [&](const State& x, const State& y) { return op.merge(x, y); }, op.identity(), scratch);
+  state = block_reduce(state, [&](const State& x, const State& y) { return op.merge(x, y); }, op.identity(), scratch);
   const auto constants = op.row_constants(state, row_grad != nullptr ? static_cast<float>(row_grad[row]) : 0.0f);
   scalar_t* out_row = out + row * cols;
   for_each_pack(a.row(row), b.row(row), begin, slice_end(begin, chunk, cols),

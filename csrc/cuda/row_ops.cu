@@ -107,7 +107,8 @@ void run_finalize(const Op& op, const ResultArgs<scalar_t>& args, const DeviceCo
   const Rows& shape = *args.a;
   check_grid(shape.rows);
   const LaunchPlan plan = plan_launch(shape.rows, shape.cols, sizeof(scalar_t), ctx);
-  at::Tensor workspace = launch_partials(op, rows_view<scalar_t>(args.a), rows_view<scalar_t>(nullptr), shape, plan, ctx);
+  at::Tensor workspace =
+      launch_partials(op, rows_view<scalar_t>(args.a), rows_view<scalar_t>(nullptr), shape, plan, ctx);
   auto* partials = reinterpret_cast<const typename Op::State*>(workspace.data_ptr());
   auto* kernel = &row_finalize_kernel<Op>;
   const dim3 grid(static_cast<unsigned>((shape.rows + kFinalizeThreads - 1) / kFinalizeThreads));
@@ -140,8 +141,7 @@ struct RowOpsBackend {
         return run_finalize(core::LogsumexpResult<scalar_t>{{inv_t}, static_cast<scalar_t*>(args.out)}, args, ctx);
       case ResultKind::entropy:
         return run_finalize(core::EntropyResult{{inv_t}, static_cast<float*>(args.out)}, args, ctx);
-      case ResultKind::stats:
-        return run_finalize(core::StatsResult{{inv_t}, static_cast<float*>(args.out)}, args, ctx);
+      case ResultKind::stats: return run_finalize(core::StatsResult{{inv_t}, static_cast<float*>(args.out)}, args, ctx);
     }
   }
 };

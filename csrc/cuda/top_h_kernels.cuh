@@ -169,12 +169,12 @@ struct Cut {
   uint64_t full_from;  // keys >= full_from are kept (64-bit: "none" is 2^32)
   uint32_t tie_key;    // tokens with this key: the first tie_keep by index are kept
   int64_t tie_keep;
-  int64_t tie_total;   // tokens with tie_key in the row
-  int64_t selected;    // capped rules: tokens with key >= full_from
-  int done;            // 0 while searching, then 1 + the digit level that resolved the cut
+  int64_t tie_total;  // tokens with tie_key in the row
+  int64_t selected;   // capped rules: tokens with key >= full_from
+  int done;           // 0 while searching, then 1 + the digit level that resolved the cut
   RowKind kind;
-  float m;             // max z of the row (the reference of the weights exp(z - m))
-  float mass;          // sum of exp(z - m) over the kept set (what sampling draws from)
+  float m;     // max z of the row (the reference of the weights exp(z - m))
+  float mass;  // sum of exp(z - m) over the kept set (what sampling draws from)
 };
 
 // Everything the kernels keep in shared memory, one instance per block.

@@ -47,8 +47,8 @@ __global__ void block_reduce_kernel(int64_t* block_sums, unsigned long long* gri
   LK_DYNAMIC_SHARED(int64_t, slots);
   const int t = threadIdx.x;
   slots[t] = 1000LL * blockIdx.x + t;
-  const int64_t sum = cuda::block_reduce(
-      static_cast<int64_t>(t + 1), [](int64_t a, int64_t b) { return a + b; }, int64_t{0}, scratch);
+  const int64_t sum =
+      cuda::block_reduce(static_cast<int64_t>(t + 1), [](int64_t a, int64_t b) { return a + b; }, int64_t{0}, scratch);
   if (t == 0) block_sums[blockIdx.x] = sum;
   atomicAdd(grid_counter, 1ULL);
   __syncthreads();

@@ -101,8 +101,9 @@ struct LinearCeFrontend {
   using Inputs = LinearCeInputs;
 
   static LinearCeInputs check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
-                             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& class_weight,
-                             double softcap, double temperature, int64_t chunk_budget, const char* op) {
+                                     const std::optional<at::Tensor>& bias,
+                                     const std::optional<at::Tensor>& class_weight, double softcap, double temperature,
+                                     int64_t chunk_budget, const char* op) {
     check_logits(hidden, op, "hidden");
     TORCH_CHECK_VALUE(hidden.dim() == 2, "logitkit.", op, ": hidden must be 2-D (N, D), got shape ", hidden.sizes());
     TORCH_CHECK_VALUE(weight.dim() == 2, "logitkit.", op, ": weight must be 2-D (V, D), got shape ", weight.sizes());
@@ -161,7 +162,8 @@ struct LinearCeFrontend {
 
   // tile <- h @ w^T (+ bias[v0 : v0 + cols]): the raw logits of the fp32
   // hidden rows h against the fp32 weight rows w = weight[v0 : v0 + cols].
-  static void raw_logits(const LinearCeInputs& in, at::Tensor& tile, int64_t v0, const at::Tensor& h, const at::Tensor& w) {
+  static void raw_logits(const LinearCeInputs& in, at::Tensor& tile, int64_t v0, const at::Tensor& h,
+                         const at::Tensor& w) {
     if (in.bias.defined()) {
       at::addmm_out(tile, in.bias.narrow(0, v0, w.size(0)), h, w.t());
     } else {
@@ -200,7 +202,7 @@ struct LinearCeFrontend {
   }
 
   static LinearCeChunk make_chunk(const LinearCeInputs& in, at::Tensor& tile, int64_t t0, int64_t v0, double softcap,
-                             double temperature) {
+                                  double temperature) {
     LinearCeChunk c;
     c.logits = tile.data_ptr<float>();
     c.rows = tile.size(0);
@@ -228,16 +230,17 @@ struct LinearCeFrontend {
                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& class_weight,
                           int64_t ignore_index, double softcap, double temperature, int64_t chunk_budget) {
     constexpr const char* op = "linear_cross_entropy";
-    const LinearCeInputs in = check_inputs(hidden, weight, target, bias, class_weight, softcap, temperature, chunk_budget, op);
+    const LinearCeInputs in =
+        check_inputs(hidden, weight, target, bias, class_weight, softcap, temperature, chunk_budget, op);
     check_targets(in, ignore_index, op);
     at::Tensor state = empty_state(in);
     if (in.n == 0) return state;
     for_each_tile(in, tiling_of(in, chunk_budget),
                   [&](at::Tensor& tile, int64_t t0, int64_t v0, const at::Tensor&, const at::Tensor&) {
-      LinearCeChunk c = make_chunk(in, tile, t0, v0, softcap, temperature);
-      c.state = state.data_ptr<float>() + t0 * core::kLinearCeStateWidth;
-      Backend::forward_chunk(c, tile);
-    });
+                    LinearCeChunk c = make_chunk(in, tile, t0, v0, softcap, temperature);
+                    c.state = state.data_ptr<float>() + t0 * core::kLinearCeStateWidth;
+                    Backend::forward_chunk(c, tile);
+                  });
     return state;
   }
 
@@ -297,11 +300,13 @@ struct LinearCeFrontend {
   };
 
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
-      const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target, const std::optional<at::Tensor>& bias,
-      const std::optional<at::Tensor>& class_weight, const at::Tensor& normaliser, const at::Tensor& coefficients,
-      double softcap, double temperature, int64_t chunk_budget, bool bias_grad) {
+      const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
+      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& class_weight,
+      const at::Tensor& normaliser, const at::Tensor& coefficients, double softcap, double temperature,
+      int64_t chunk_budget, bool bias_grad) {
     constexpr const char* op = "linear_cross_entropy_backward";
-    const LinearCeInputs in = check_inputs(hidden, weight, target, bias, class_weight, softcap, temperature, chunk_budget, op);
+    const LinearCeInputs in =
+        check_inputs(hidden, weight, target, bias, class_weight, softcap, temperature, chunk_budget, op);
     check_per_token(normaliser, in, core::kLinearCeNormaliserWidth, op, "normaliser");
     check_per_token(coefficients, in, core::kLinearCeCoefWidth, op, "coefficients");
     const LinearCeTiling tiling = tiling_of(in, chunk_budget);

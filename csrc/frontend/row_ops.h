@@ -56,8 +56,8 @@ struct RowOpsFrontend {
     if (x.numel() == 0) return out;
     const Rows r = as_rows(x);
     LOGITKIT_DISPATCH_LOGIT_TYPES(x.scalar_type(), [&] {
-      Backend::template map<scalar_t>(kind, MapArgs<scalar_t>{&r, nullptr, out.template data_ptr<scalar_t>(),
-                                                              nullptr, inverse(temperature)});
+      Backend::template map<scalar_t>(
+          kind, MapArgs<scalar_t>{&r, nullptr, out.template data_ptr<scalar_t>(), nullptr, inverse(temperature)});
     });
     return out;
   }
@@ -96,8 +96,8 @@ struct RowOpsFrontend {
     check_logits(x, name, "x");
     check_temperature(temperature, name);
     const auto result_shape = row_result_shape(x);
-    TORCH_CHECK_VALUE(grad.device() == x.device(), "logitkit.", name, ": grad is on ", grad.device(),
-                      " but x is on ", x.device());
+    TORCH_CHECK_VALUE(grad.device() == x.device(), "logitkit.", name, ": grad is on ", grad.device(), " but x is on ",
+                      x.device());
     TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef(result_shape), "logitkit.", name, ": grad must have shape ",
                       at::IntArrayRef(result_shape), ", got ", grad.sizes());
     at::Tensor out = at::empty(x.sizes(), x.options());
@@ -126,8 +126,8 @@ struct RowOpsFrontend {
       ry = as_rows(y.contiguous());
     }
     LOGITKIT_DISPATCH_LOGIT_TYPES(y.scalar_type(), [&] {
-      Backend::template map<scalar_t>(kind, MapArgs<scalar_t>{&rg, &ry, out.template data_ptr<scalar_t>(), nullptr,
-                                                              inverse(temperature)});
+      Backend::template map<scalar_t>(
+          kind, MapArgs<scalar_t>{&rg, &ry, out.template data_ptr<scalar_t>(), nullptr, inverse(temperature)});
     });
     return out;
   }

@@ -67,9 +67,8 @@ struct TopHFrontend {
     at::Tensor out = at::empty(logits.sizes(), logits.options().dtype(at::kBool));
     if (out.numel() == 0) return out;
     const Rows r = as_rows(logits);
-    LOGITKIT_DISPATCH_LOGIT_TYPES(logits.scalar_type(), [&] {
-      Backend::template top_h_mask<scalar_t>(r, params, out.data_ptr<bool>());
-    });
+    LOGITKIT_DISPATCH_LOGIT_TYPES(logits.scalar_type(),
+                                  [&] { Backend::template top_h_mask<scalar_t>(r, params, out.data_ptr<bool>()); });
     return out;
   }
 

@@ -35,8 +35,9 @@ inline void define_schemas(torch::Library& m) {
   // rule, cap as for top_h_mask; alpha = None: no truncation), by inverse CDF
   // at `uniform` (float32 in [0, 1), one per row, drawn by the caller).
   // -1 for a row without a defined distribution (NaN or +inf logits).
-  m.def("sample(Tensor logits, Tensor uniform, float? alpha, float temperature=1.0, str rule=\"hf\", "
-        "int cap=-1) -> Tensor");
+  m.def(
+      "sample(Tensor logits, Tensor uniform, float? alpha, float temperature=1.0, str rule=\"hf\", "
+      "int cap=-1) -> Tensor");
 
   // Memory-light linear cross-entropy (csrc/frontend/linear_ce.h): the
   // logits x = hidden @ weight^T + bias are only ever formed chunk by chunk.

@@ -538,7 +538,8 @@ inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = 32,
                                  site);
 }
 
-inline unsigned __ballot_sync(unsigned mask, int predicate, std::source_location site = std::source_location::current()) {
+inline unsigned __ballot_sync(unsigned mask, int predicate,
+                              std::source_location site = std::source_location::current()) {
   return logitkit::simt::warp_exchange(mask, predicate != 0, "__ballot_sync", site,
                                        [mask](logitkit::simt::WarpState& w, int) {
                                          unsigned ballot = 0;
