@@ -31,11 +31,7 @@
 #include <cmath>
 #include <limits>
 
-#if defined(__CUDACC__)
-#define LK_MATH_HD __host__ __device__ __forceinline__
-#else
-#define LK_MATH_HD inline
-#endif
+#include "host_device.h"
 
 namespace logitkit::core {
 
@@ -45,32 +41,33 @@ struct SoftmaxState {
   float sum_shifted;  // b
 };
 
-LK_MATH_HD float neg_infinity() { return -std::numeric_limits<float>::infinity(); }
-LK_MATH_HD float pos_infinity() { return std::numeric_limits<float>::infinity(); }
-LK_MATH_HD float quiet_nan() { return std::numeric_limits<float>::quiet_NaN(); }
+LK_HOST_DEVICE float neg_infinity() { return -std::numeric_limits<float>::infinity(); }
+LK_HOST_DEVICE float pos_infinity() { return std::numeric_limits<float>::infinity(); }
+LK_HOST_DEVICE float quiet_nan() { return std::numeric_limits<float>::quiet_NaN(); }
+LK_HOST_DEVICE float max_finite() { return std::numeric_limits<float>::max(); }
 
-LK_MATH_HD SoftmaxState empty_state() { return SoftmaxState{neg_infinity(), 0.0f, 0.0f}; }
+LK_HOST_DEVICE SoftmaxState empty_state() { return SoftmaxState{neg_infinity(), 0.0f, 0.0f}; }
 
 // exp(old_max - new_max), with an empty slice (old_max = -inf) scaling to 0
 // instead of exp(-inf - (-inf)) = NaN.
-LK_MATH_HD float rescale_factor(float old_max, float new_max) {
+LK_HOST_DEVICE float rescale_factor(float old_max, float new_max) {
   return old_max == neg_infinity() ? 0.0f : expf(old_max - new_max);
 }
 
 // Contribution of a state to sum_shifted once rescaled to new_max.
-LK_MATH_HD float rescaled_shifted(const SoftmaxState& st, float new_max, float factor) {
+LK_HOST_DEVICE float rescaled_shifted(const SoftmaxState& st, float new_max, float factor) {
   // factor == 0: the slice is empty or negligible; (m - M) * s could be NaN.
   return factor == 0.0f ? 0.0f : factor * (st.sum_shifted + (st.max - new_max) * st.sum_exp);
 }
 
 // The same state expressed relative to another reference new_max (usually a
 // larger max): s' = f s, b' = f (b + (m - new_max) s), f = exp(m - new_max).
-LK_MATH_HD SoftmaxState rescaled(const SoftmaxState& st, float new_max) {
+LK_HOST_DEVICE SoftmaxState rescaled(const SoftmaxState& st, float new_max) {
   const float f = rescale_factor(st.max, new_max);
   return SoftmaxState{new_max, st.sum_exp * f, rescaled_shifted(st, new_max, f)};
 }
 
-LK_MATH_HD SoftmaxState merge(const SoftmaxState& a, const SoftmaxState& b) {
+LK_HOST_DEVICE SoftmaxState merge(const SoftmaxState& a, const SoftmaxState& b) {
   const float m = fmaxf(a.max, b.max);
   const SoftmaxState ra = rescaled(a, m), rb = rescaled(b, m);
   return SoftmaxState{m, ra.sum_exp + rb.sum_exp, ra.sum_shifted + rb.sum_shifted};  // NaN in either stays NaN
@@ -78,7 +75,7 @@ LK_MATH_HD SoftmaxState merge(const SoftmaxState& a, const SoftmaxState& b) {
 
 // Adds n scaled logits z[0..n) to the state: one max over the group, one
 // rescale, then one exp per element.
-LK_MATH_HD void accumulate(SoftmaxState& st, const float* z, int n) {
+LK_HOST_DEVICE void accumulate(SoftmaxState& st, const float* z, int n) {
   float group_max = neg_infinity();
   for (int i = 0; i < n; ++i) group_max = fmaxf(group_max, z[i]);
   if (group_max == neg_infinity()) {
@@ -103,7 +100,7 @@ LK_MATH_HD void accumulate(SoftmaxState& st, const float* z, int n) {
 }
 
 // log-sum-exp of the row: m + log s; +inf if the row holds +inf.
-LK_MATH_HD float log_sum_exp(const SoftmaxState& st) {
+LK_HOST_DEVICE float log_sum_exp(const SoftmaxState& st) {
   return st.max == pos_infinity() ? pos_infinity() : st.max + logf(st.sum_exp);
 }
 
@@ -115,19 +112,19 @@ LK_MATH_HD float log_sum_exp(const SoftmaxState& st) {
 struct Normaliser {
   float max;
   float log_sum;
-  LK_MATH_HD float log_prob(float z) const { return (z - max) - log_sum; }
+  LK_HOST_DEVICE float log_prob(float z) const { return (z - max) - log_sum; }
   // True when every output of the row is NaN: NaN/+inf logits, or all -inf.
-  LK_MATH_HD bool undefined() const { return max != max || log_sum != log_sum || max == neg_infinity(); }
+  LK_HOST_DEVICE bool undefined() const { return max != max || log_sum != log_sum || max == neg_infinity(); }
 };
 
-LK_MATH_HD Normaliser normaliser(const SoftmaxState& st) {
+LK_HOST_DEVICE Normaliser normaliser(const SoftmaxState& st) {
   if (st.max == pos_infinity()) return Normaliser{quiet_nan(), quiet_nan()};
   return Normaliser{st.max, logf(st.sum_exp)};
 }
 
 // Shannon entropy in nats, H = log s - b / s. NaN for an all -inf row and for
 // a row holding +inf.
-LK_MATH_HD float entropy(const SoftmaxState& st) {
+LK_HOST_DEVICE float entropy(const SoftmaxState& st) {
   if (st.max == pos_infinity()) return quiet_nan();
   return logf(st.sum_exp) - st.sum_shifted / st.sum_exp;
 }
@@ -137,7 +134,7 @@ LK_MATH_HD float entropy(const SoftmaxState& st) {
 //   d H / d x_i         = -(1/T) p_i (log p_i + H)        (0 where p_i = 0)
 //   softmax backward:     dx_i = y_i (dy_i - sum_j dy_j y_j) / T
 //   log_softmax backward: dx_i = (dy_i - exp(y_i) sum_j dy_j) / T
-LK_MATH_HD float entropy_grad_term(float log_p, float entropy_value) {
+LK_HOST_DEVICE float entropy_grad_term(float log_p, float entropy_value) {
   const float p = expf(log_p);
   return p == 0.0f ? 0.0f : -p * (log_p + entropy_value);
 }

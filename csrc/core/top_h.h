@@ -1,5 +1,5 @@
 // The per-row math of Top-H truncation shared by the CPU and CUDA kernels
-// (see shared/notes/top-h.md for the three rules, whose definitions these
+// (see docs/top_h.md for the three rules, whose definitions these
 // functions implement).
 //
 // Notation: x = input logits of a row, z = x / T, h(p) = -p log p, h(0) = 0.
@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "host_device.h"
 #include "softmax_state.h"
 
 namespace logitkit::core {
@@ -29,7 +30,7 @@ enum class TopHRule : int { hf = 0, official = 1, exact = 2 };
 // uses the never-contracted __fmul_rn; the Top-H host sources (CPU kernel,
 // emulated CUDA kernel) are compiled with -ffp-contract=off (CMakeLists.txt),
 // so the plain product rounds there too.
-LK_MATH_HD float scaled_logit(float x, float inv_temperature) {
+LK_HOST_DEVICE float scaled_logit(float x, float inv_temperature) {
 #if defined(__CUDA_ARCH__)
   return __fmul_rn(x, inv_temperature);
 #else
@@ -42,13 +43,13 @@ constexpr int64_t kTopHDefaultCap = 100;
 
 // Monotone map float -> uint32: a < b (floats, no NaN) iff key(a) < key(b).
 // Positive floats get the sign bit set, negative floats are bit-inverted.
-LK_MATH_HD uint32_t orderable_key(float x) {
+LK_HOST_DEVICE uint32_t orderable_key(float x) {
   uint32_t bits;
   memcpy(&bits, &x, sizeof bits);
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
-LK_MATH_HD float key_to_float(uint32_t key) {
+LK_HOST_DEVICE float key_to_float(uint32_t key) {
   const uint32_t bits = (key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key;
   float x;
   memcpy(&x, &bits, sizeof x);
@@ -60,15 +61,15 @@ LK_MATH_HD float key_to_float(uint32_t key) {
 //   E = sum_S e_i, D = sum_S d_i e_i, q_i = e_i / E,
 //   H(q) = -sum q_i log q_i = log E - D / E          (independent of m).
 // This is the "exact" rule's left-hand side H(q_k) for the prefix S = S_k.
-LK_MATH_HD float renormalised_entropy(float e_sum, float d_sum) { return logf(e_sum) - d_sum / e_sum; }
-LK_MATH_HD double renormalised_entropy(double e_sum, double d_sum) { return ::log(e_sum) - d_sum / e_sum; }
+LK_HOST_DEVICE float renormalised_entropy(float e_sum, float d_sum) { return logf(e_sum) - d_sum / e_sum; }
+LK_HOST_DEVICE double renormalised_entropy(double e_sum, double d_sum) { return ::log(e_sum) - d_sum / e_sum; }
 
 // The "exact" rule's budget alpha * H(p), clamped at 0 so that the single
 // most probable token (whose renormalised entropy is exactly 0) always fits,
 // even when rounding makes H(p) of a one-hot row slightly negative. alpha = 1
 // keeps the whole support by definition (H(q_V) = H(p)): budget +inf, so that
 // rounding of two different sums cannot drop tokens.
-LK_MATH_HD float exact_budget(float alpha, float entropy_of_p) {
+LK_HOST_DEVICE float exact_budget(float alpha, float entropy_of_p) {
   if (alpha >= 1.0f) return pos_infinity();
   const float b = alpha * entropy_of_p;
   return b > 0.0f ? b : 0.0f;
@@ -85,7 +86,7 @@ LK_MATH_HD float exact_budget(float alpha, float entropy_of_p) {
 // c_k is non-decreasing and p_k non-increasing, so the kept tokens are a
 // prefix: the scan stops at the first token that fails. fp32 throughout.
 template <class Value>
-LK_MATH_HD int64_t capped_keep_count(Value value, int64_t k, TopHRule rule, float full_lse, float alpha) {
+LK_HOST_DEVICE int64_t capped_keep_count(Value value, int64_t k, TopHRule rule, float full_lse, float alpha) {
   float lse = full_lse;
   if (rule == TopHRule::hf) {
     const float top = value(0);

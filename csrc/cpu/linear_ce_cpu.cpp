@@ -5,7 +5,7 @@
 // forward_chunk, per row: (1) z = softcap(x / T) in place and the tile max;
 // (2) s = sum exp(z - m_tile), b = sum (z - m_tile) exp(z - m_tile),
 // sum_c w_c z_c; the tile's state is then merged into the token's running
-// state (core::merge), and z at the target column is picked up.
+// state (core::LinearCeChunk::fold_into_state), with z at the target column.
 // backward_chunk, per row: x <- (dL/dz)(z) * dz/dx, the target column redone
 // in scalar code with the expm1 form of p_y - 1.
 #include <algorithm>
@@ -16,7 +16,9 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
-#include "linear_ce_cpu.h"
+#include "../core/linear_ce.h"
+#include "kernel_tables.h"
+#include "tuning.h"
 #include "vec_tiles.h"
 
 #ifndef CPU_CAPABILITY
@@ -26,7 +28,7 @@
 namespace logitkit::cpu::CPU_CAPABILITY {
 namespace {
 
-constexpr int64_t kRowGrain = 32768;  // elements of work per parallel task, at least
+using core::LinearCeChunk;
 
 int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, kRowGrain / std::max<int64_t>(1, cols)); }
 
@@ -46,26 +48,29 @@ inline FVec transform_derivative(const FVec& z, const core::LogitTransform& t) {
   return FVec(t.inv_temperature);
 }
 
-void forward_row(const LceChunk& c, int64_t r) {
-  float* z = c.logits + r * c.cols;
-  const int64_t n = c.cols;
+// z = softcap(x / T) in place over a row of n elements; returns max z.
+float transform_row(float* z, int64_t n, const core::LogitTransform& t) {
   const int64_t body = n / kLanes * kLanes;
-  // (1) transform in place, tile max.
   FVec vmax(-std::numeric_limits<float>::infinity());
   for (int64_t i = 0; i < body; i += kLanes) {
-    const FVec v = transform(FVec::loadu(z + i), c.transform);
+    const FVec v = transform(FVec::loadu(z + i), t);
     v.store(z + i);
     vmax = at::vec::maximum(vmax, v);
   }
-  float tile_max = reduce_max(vmax);
+  float row_max = reduce_max(vmax);
   for (int64_t i = body; i < n; ++i) {
-    z[i] = c.transform.apply(z[i]);
-    tile_max = std::isnan(z[i]) ? z[i] : std::max(tile_max, z[i]);
+    z[i] = t.apply(z[i]);
+    row_max = std::isnan(z[i]) ? z[i] : std::max(row_max, z[i]);
   }
-  // (2) sums against the tile max.
-  const FVec vm(tile_max);
+  return row_max;
+}
+
+// The tile statistics of a transformed row against its max m: s, b and
+// sum_c w_c z_c (w: class weights, or nullptr for all 1).
+core::LinearCePartial row_partial(const float* z, int64_t n, float m, const float* w) {
+  const int64_t body = n / kLanes * kLanes;
+  const FVec vm(m);
   FVec vs(0.0f), vb(0.0f), vw(0.0f);
-  const float* w = c.class_weight != nullptr ? c.class_weight + c.col_begin : nullptr;
   for (int64_t i = 0; i < body; i += kLanes) {
     const FVec zi = FVec::loadu(z + i);
     const FVec d = zi - vm;
@@ -76,38 +81,33 @@ void forward_row(const LceChunk& c, int64_t r) {
   }
   float s = vsum(vs), b = vsum(vb), ws = vsum(vw);
   for (int64_t i = body; i < n; ++i) {
-    const float d = z[i] - tile_max;
+    const float d = z[i] - m;
     const float e = std::exp(d);
     s += e;
     b += d * e;
     ws += (w != nullptr ? w[i] : 1.0f) * z[i];
   }
-  // Merge into the token's running state.
-  float* st = c.state + r * core::kLceStateWidth;
-  const core::SoftmaxState merged = core::merge(core::SoftmaxState{st[core::kLceMax], st[core::kLceSumExp],
-                                                                   st[core::kLceSumShifted]},
-                                                core::SoftmaxState{tile_max, s, b});
-  st[core::kLceMax] = merged.max;
-  st[core::kLceSumExp] = merged.sum_exp;
-  st[core::kLceSumShifted] = merged.sum_shifted;
-  st[core::kLceWeightedSum] += ws;
-  const int64_t y = c.target[r] - c.col_begin;
-  if (y >= 0 && y < n) st[core::kLceTargetLogit] = z[y];
+  return core::LinearCePartial{core::SoftmaxState{m, s, b}, ws};
 }
 
-void backward_row(const LceChunk& c, int64_t r) {
+void forward_row(const LinearCeChunk& c, int64_t r) {
+  float* z = c.logits + r * c.cols;
+  const float tile_max = transform_row(z, c.cols, c.transform);
+  const core::LinearCePartial tile = row_partial(z, c.cols, tile_max, c.tile_class_weights());
+  const int64_t y = c.target_column(r);
+  c.fold_into_state(r, tile, y >= 0 ? z[y] : 0.0f);
+}
+
+void backward_row(const LinearCeChunk& c, int64_t r) {
   float* x = c.logits + r * c.cols;
   const int64_t n = c.cols;
   const int64_t body = n / kLanes * kLanes;
-  const float* kp = c.coefficients + r * core::kLceCoefWidth;
-  const core::LceCoefficients k{kp[core::kLceCoefProb], kp[core::kLceCoefEntropy], kp[core::kLceCoefTarget],
-                                kp[core::kLceCoefSmooth]};
-  const float m = c.normaliser[2 * r], log_s = c.normaliser[2 * r + 1];
-  const float* w = c.class_weight != nullptr ? c.class_weight + c.col_begin : nullptr;
-  const int64_t y = c.target[r] - c.col_begin;
-  const bool has_target = y >= 0 && y < n;
-  const float x_target = has_target ? x[y] : 0.0f;
-  const FVec a(k.prob), e(k.entropy), sigma(k.smooth), vm(m), vlog_s(log_s);
+  const core::LinearCeCoefficients k = c.coefficients_of(r);
+  const core::Normaliser norm = c.normaliser_of(r);
+  const float* w = c.tile_class_weights();
+  const int64_t y = c.target_column(r);
+  const float x_target = y >= 0 ? x[y] : 0.0f;
+  const FVec a(k.prob), e(k.entropy), sigma(k.smooth), vm(norm.max), vlog_s(norm.log_sum);
   for (int64_t i = 0; i < body; i += kLanes) {
     const FVec v = FVec::loadu(x + i);
     const FVec z = transform(v, c.transform);
@@ -117,23 +117,18 @@ void backward_row(const LceChunk& c, int64_t r) {
     g = g - sigma * (w != nullptr ? FVec::loadu(w + i) : FVec(1.0f));
     (g * transform_derivative(z, c.transform)).store(x + i);
   }
-  for (int64_t i = body; i < n; ++i) {
-    const float z = c.transform.apply(x[i]);
-    x[i] = core::lce_grad_z(k, (z - m) - log_s, false, w != nullptr ? w[i] : 1.0f) * c.transform.derivative(z);
-  }
-  if (has_target) {  // the exact form of a p_y - beta
-    const float z = c.transform.apply(x_target);
-    x[y] = core::lce_grad_z(k, (z - m) - log_s, true, w != nullptr ? w[y] : 1.0f) * c.transform.derivative(z);
-  }
+  for (int64_t i = body; i < n; ++i) x[i] = c.grad_x(k, norm, x[i], false, w != nullptr ? w[i] : 1.0f);
+  // The target column again, with the exact form of a p_y - beta.
+  if (y >= 0) x[y] = c.grad_x(k, norm, x_target, true, w != nullptr ? w[y] : 1.0f);
 }
 
-void forward_chunk(const LceChunk& c) {
+void forward_chunk(const LinearCeChunk& c) {
   at::parallel_for(0, c.rows, row_grain(c.cols), [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) forward_row(c, r);
   });
 }
 
-void backward_chunk(const LceChunk& c) {
+void backward_chunk(const LinearCeChunk& c) {
   at::parallel_for(0, c.rows, row_grain(c.cols), [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) backward_row(c, r);
   });
@@ -141,6 +136,6 @@ void backward_chunk(const LceChunk& c) {
 
 }  // namespace
 
-const LceKernelTable lce_kernels = {&forward_chunk, &backward_chunk};
+const LinearCeKernels linear_ce_kernels = {&forward_chunk, &backward_chunk};
 
 }  // namespace logitkit::cpu::CPU_CAPABILITY

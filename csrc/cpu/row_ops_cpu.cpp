@@ -1,6 +1,6 @@
 // CPU kernels of the row ops, vectorised with ATen's at::vec and parallel
 // over rows (and over slices of a row when there are fewer rows than
-// threads). Compiled once per CPU capability (see row_ops_cpu.h).
+// threads). Compiled once per CPU capability (see kernel_tables.h).
 //
 // Data flow per row: the row is walked in tiles of kTile elements that are
 // converted to fp32 (and scaled by 1/T) into a stack buffer, so bf16/fp16
@@ -8,6 +8,9 @@
 // mergeable state of csrc/core/softmax_state.h (one tile max, one rescale,
 // one exp per element); pass 2 re-reads the row, which is still in the
 // core's cache because both passes of a row run back to back on one thread.
+//
+// The ops' states, merges, row constants and per-row results are the scalar
+// policies of csrc/core/row_ops.h; this file adds their vector tile bodies.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -20,8 +23,10 @@
 #include <immintrin.h>
 #endif
 
+#include "../core/row_ops.h"
 #include "../core/softmax_state.h"
-#include "row_ops_cpu.h"
+#include "kernel_tables.h"
+#include "tuning.h"
 #include "vec_tiles.h"
 
 #ifndef CPU_CAPABILITY
@@ -30,8 +35,6 @@
 
 namespace logitkit::cpu::CPU_CAPABILITY {
 namespace {
-
-constexpr int64_t kMinSliceElements = 32768;  // smallest share of a row given to one thread
 
 // A tile of src[0..n) * scale in fp32, with the max of its first n values.
 struct Tile {
@@ -50,9 +53,6 @@ Tile tile_of(const scalar_t* src, int64_t n, float scale, float pad, float* buff
   const float m = load_tile(src, n, scale, pad, buffer);
   return Tile{buffer, m};
 }
-
-// Rows at least this long (bytes of output) are written with streaming stores.
-constexpr int64_t kStreamingRowBytes = int64_t{1} << 16;
 
 // Stores one vector of outputs. With `streaming` (long rows, not read again
 // soon) an aligned vector goes out with a non-temporal store, which skips the
@@ -86,6 +86,12 @@ inline void fence_streaming_stores() {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   _mm_sfence();
 #endif
+}
+
+// Whether output rows of `cols` elements go out with streaming stores.
+template <class scalar_t>
+bool streaming_row(int64_t cols) {
+  return cols * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamingRowBytes;
 }
 
 // dst[0..n) = src[0..n) * scale, converted to scalar_t.
@@ -150,38 +156,25 @@ float accumulate_softmax_state(core::SoftmaxState& state, const Tile& tile, int6
   return m;
 }
 
-struct RowSum {
-  float value;
-};
-
-// ---------------------------------------------------------------------------
-// Op policies. Each names its state, how a tile folds into it, and either the
-// per-element output (map ops) or the per-row result (reduce ops).
-// ---------------------------------------------------------------------------
-
-// The softmax state of z = a / T; kShifted: also sum_shifted (for entropy).
+// The vector tile bodies of core::SoftmaxReduction: kShifted also keeps
+// sum_shifted (for entropy; the other ops skip it).
 template <bool kShifted>
-struct SoftmaxReduction {
-  using State = core::SoftmaxState;
+struct SoftmaxTiles {
   static constexpr bool kScaleA = true;  // a holds logits: scale by 1/T on load
   static constexpr float kPadA = kNegInf;
   static constexpr bool kNeedsMax = true;  // accumulate needs each tile's max
-  static State identity() { return core::empty_state(); }
-  static State merge(const State& x, const State& y) { return core::merge(x, y); }
-  static void accumulate(State& s, const Tile& a, const Tile&, int64_t n) {
+  static void accumulate(core::SoftmaxState& s, const Tile& a, const Tile&, int64_t n) {
     accumulate_softmax_state<kShifted>(s, a, n, nullptr);
   }
 };
 
+// The vector tile bodies of core::SumReduction<kDot>.
 template <bool kDot>
-struct SumReduction {
-  using State = RowSum;
+struct SumTiles {
   static constexpr bool kScaleA = false;
   static constexpr float kPadA = 0.0f;
   static constexpr bool kNeedsMax = false;
-  static State identity() { return RowSum{0.0f}; }
-  static State merge(const State& x, const State& y) { return RowSum{x.value + y.value}; }
-  static void accumulate(State& s, const Tile& ta, const Tile& tb, int64_t n) {
+  static void accumulate(core::RowSum& s, const Tile& ta, const Tile& tb, int64_t n) {
     const float* a = ta.values;
     const float* b = tb.values;
     FVec acc(0.0f);
@@ -192,104 +185,91 @@ struct SumReduction {
   }
 };
 
-// Map ops: out = f(constants, a, b) over a tile; constants hold NaN for rows
-// whose distribution is undefined (NaN or +inf logits), then out is NaN.
+// ---------------------------------------------------------------------------
+// Map ops: a core policy (state, merge, row constants) + Tiles (the vector
+// reduction) + map (the vector output over a tile). undefined(c): the row's
+// outputs are all NaN (its distribution is undefined: NaN or +inf logits).
 // log p_i = (z_i - m) - log s, see core::Normaliser.
-inline FVec log_probs(const core::Normaliser& c, const float* z) {
-  return (FVec::loadu(z) - FVec(c.max)) - FVec(c.log_sum);
-}
+// ---------------------------------------------------------------------------
 
-// A row whose normaliser is undefined (NaN or +inf logits) produces all NaN.
-bool undefined_row(const core::Normaliser& c) { return c.undefined(); }
+inline FVec log_probs(const core::Normaliser& c, const FVec& z) { return (z - FVec(c.max)) - FVec(c.log_sum); }
 
-struct SoftmaxMap : SoftmaxReduction<false> {
-  using Constants = core::Normaliser;
-  static Constants constants(const State& s, float, float) { return core::normaliser(s); }
-  static bool undefined(const Constants& c) { return undefined_row(c); }
-  static FVec map_one(const Constants& c, const FVec& z) {
-    return vexp((z - FVec(c.max)) - FVec(c.log_sum));
-  }
+// A single-input map whose output is map_one(c, z) per vector: map() over a
+// tile follows from it.
+template <class Derived>
+struct VectorMap {
+  template <class Constants>
   static void map(const Constants& c, const float* z, const float*, float* out, int64_t n) {
-    for (int64_t i = 0; i < n; i += kLanes) map_one(c, FVec::loadu(z + i)).store(out + i);
+    for (int64_t i = 0; i < n; i += kLanes) Derived::map_one(c, FVec::loadu(z + i)).store(out + i);
   }
 };
 
-struct LogSoftmaxMap : SoftmaxReduction<false> {
-  using Constants = core::Normaliser;
-  static Constants constants(const State& s, float, float) { return core::normaliser(s); }
-  static bool undefined(const Constants& c) { return undefined_row(c); }
-  static FVec map_one(const Constants& c, const FVec& z) { return (z - FVec(c.max)) - FVec(c.log_sum); }
-  static void map(const Constants& c, const float* z, const float*, float* out, int64_t n) {
-    for (int64_t i = 0; i < n; i += kLanes) map_one(c, FVec::loadu(z + i)).store(out + i);
-  }
+struct SoftmaxOp : core::SoftmaxMap, VectorMap<SoftmaxOp> {
+  using Tiles = SoftmaxTiles<false>;
+  static bool undefined(const RowConstants& c) { return c.undefined(); }
+  static FVec map_one(const RowConstants& c, const FVec& z) { return vexp(log_probs(c, z)); }
+};
+
+struct LogSoftmaxOp : core::LogSoftmaxMap, VectorMap<LogSoftmaxOp> {
+  using Tiles = SoftmaxTiles<false>;
+  static bool undefined(const RowConstants& c) { return c.undefined(); }
+  static FVec map_one(const RowConstants& c, const FVec& z) { return log_probs(c, z); }
 };
 
 // g p / T
-struct LogsumexpGradMap : SoftmaxReduction<false> {
-  struct Constants {
-    core::Normaliser normaliser;
-    float scale;
-  };
-  static Constants constants(const State& s, float row_grad, float inv_t) {
-    return {core::normaliser(s), row_grad * inv_t};
-  }
-  static bool undefined(const Constants& c) { return undefined_row(c.normaliser) || std::isnan(c.scale); }
-  static void map(const Constants& c, const float* z, const float*, float* out, int64_t n) {
+struct LogsumexpGradOp : core::LogsumexpGradMap {
+  using Tiles = SoftmaxTiles<false>;
+  static bool undefined(const RowConstants& c) { return c.normaliser.undefined() || std::isnan(c.scale); }
+  static void map(const RowConstants& c, const float* z, const float*, float* out, int64_t n) {
     const FVec scale(c.scale);
-    for (int64_t i = 0; i < n; i += kLanes) (scale * vexp(log_probs(c.normaliser, z + i))).store(out + i);
+    for (int64_t i = 0; i < n; i += kLanes) (scale * vexp(log_probs(c.normaliser, FVec::loadu(z + i)))).store(out + i);
   }
 };
 
 // -(g/T) p (log p + H), 0 where p = 0
-struct EntropyGradMap : SoftmaxReduction<true> {
-  struct Constants {
-    core::Normaliser normaliser;
-    float entropy, scale;
-  };
-  static Constants constants(const State& s, float row_grad, float inv_t) {
-    return {core::normaliser(s), core::entropy(s), row_grad * inv_t};
+struct EntropyGradOp : core::EntropyGradMap {
+  using Tiles = SoftmaxTiles<true>;
+  static bool undefined(const RowConstants& c) {
+    return c.normaliser.undefined() || std::isnan(c.entropy) || std::isnan(c.scale);
   }
-  static bool undefined(const Constants& c) {
-    return undefined_row(c.normaliser) || std::isnan(c.entropy) || std::isnan(c.scale);
-  }
-  static void map(const Constants& c, const float* z, const float*, float* out, int64_t n) {
+  static void map(const RowConstants& c, const float* z, const float*, float* out, int64_t n) {
     const FVec h(c.entropy), neg_scale(-c.scale);
     const FVec lowest(std::numeric_limits<float>::lowest());
     for (int64_t i = 0; i < n; i += kLanes) {
       // Clamp -inf to the lowest float so that p * log p is 0, not NaN.
-      const FVec log_p = at::vec::maximum(log_probs(c.normaliser, z + i), lowest);
+      const FVec log_p = at::vec::maximum(log_probs(c.normaliser, FVec::loadu(z + i)), lowest);
       const FVec p = vexp(log_p);
       (neg_scale * p * (log_p + h)).store(out + i);
     }
   }
 };
 
-// The backward maps of softmax / log_softmax: row constant sum_j dy_j (y_j).
-template <bool kDot>
-struct OutputGradMap : SumReduction<kDot> {
-  struct Constants {
-    float sum, inv_t;
-  };
-  static Constants constants(const RowSum& s, float, float inv_t) { return {s.value, inv_t}; }
-  static bool undefined(const Constants&) { return false; }
-};
-
 // a = dy, b = y: y (dy - sum dy*y) / T
-struct SoftmaxGradMap : OutputGradMap<true> {
-  static void map(const Constants& c, const float* dy, const float* y, float* out, int64_t n) {
-    const FVec dot(c.sum), inv_t(c.inv_t);
+struct SoftmaxGradOp : core::SoftmaxGradMap {
+  using Tiles = SumTiles<true>;
+  static bool undefined(const RowConstants&) { return false; }
+  void map(const RowConstants& c, const float* dy, const float* y, float* out, int64_t n) const {
+    const FVec dot(c.dot), inv_t(inv_temperature);
     for (int64_t i = 0; i < n; i += kLanes) (inv_t * FVec::loadu(y + i) * (FVec::loadu(dy + i) - dot)).store(out + i);
   }
 };
 
 // a = dy, b = y = log p: (dy - exp(y) sum dy) / T
-struct LogSoftmaxGradMap : OutputGradMap<false> {
-  static void map(const Constants& c, const float* dy, const float* y, float* out, int64_t n) {
-    const FVec sum(c.sum), inv_t(c.inv_t);
+struct LogSoftmaxGradOp : core::LogSoftmaxGradMap {
+  using Tiles = SumTiles<false>;
+  static bool undefined(const RowConstants&) { return false; }
+  void map(const RowConstants& c, const float* dy, const float* y, float* out, int64_t n) const {
+    const FVec sum(c.sum), inv_t(inv_temperature);
     for (int64_t i = 0; i < n; i += kLanes) {
       (inv_t * (FVec::loadu(dy + i) - vexp(FVec::loadu(y + i)) * sum)).store(out + i);
     }
   }
+};
+
+// The softmax state of z = a / T alone (for the per-row results).
+template <bool kShifted>
+struct SoftmaxStateOp : core::SoftmaxReduction {
+  using Tiles = SoftmaxTiles<kShifted>;
 };
 
 // ---------------------------------------------------------------------------
@@ -301,6 +281,8 @@ struct LogSoftmaxGradMap : OutputGradMap<false> {
 struct Plan {
   int64_t slices;
   int64_t slice;
+  int64_t begin(int64_t w) const { return (w % slices) * slice; }  // of work item w = row * slices + k
+  int64_t end(int64_t w, int64_t cols) const { return std::min(cols, begin(w) + slice); }
 };
 
 Plan plan_slices(int64_t rows, int64_t cols) {
@@ -314,76 +296,86 @@ Plan plan_slices(int64_t rows, int64_t cols) {
   return Plan{(cols + slice - 1) / slice, slice};
 }
 
+template <class scalar_t>
+const scalar_t* row_of(const Rows* r, int64_t row) {
+  return r != nullptr ? r->tensor.data_ptr<scalar_t>() + row * r->row_stride : nullptr;
+}
+
 // Reduces elements [begin, end) of row `row` of a (and b) into a state.
 template <class Op, class scalar_t>
-typename Op::State reduce_range(const Rows& a, const Rows* b, int64_t row, int64_t begin, int64_t end, float inv_t) {
+typename Op::State reduce_range(const Op& op, const Rows& a, const Rows* b, int64_t row, int64_t begin, int64_t end) {
+  using Tiles = typename Op::Tiles;
   alignas(64) float ta[kTile];
   alignas(64) float tb[kTile];
-  const scalar_t* pa = a.tensor.data_ptr<scalar_t>() + row * a.row_stride;
-  const scalar_t* pb = b != nullptr ? b->tensor.data_ptr<scalar_t>() + row * b->row_stride : nullptr;
-  typename Op::State state = Op::identity();
+  const scalar_t* pa = row_of<scalar_t>(&a, row);
+  const scalar_t* pb = row_of<scalar_t>(b, row);
+  typename Op::State state = op.identity();
   for (int64_t t = begin; t < end; t += kTile) {
     const int64_t n = std::min(kTile, end - t);
-    const Tile va = tile_of(pa + t, n, Op::kScaleA ? inv_t : 1.0f, Op::kPadA, ta, Op::kNeedsMax);
+    const Tile va = tile_of(pa + t, n, Tiles::kScaleA ? op.inv_temperature : 1.0f, Tiles::kPadA, ta, Tiles::kNeedsMax);
     const Tile vb = pb != nullptr ? tile_of(pb + t, n, 1.0f, 0.0f, tb, false) : Tile{nullptr, 0.0f};
-    Op::accumulate(state, va, vb, round_up_to_lanes(n));
+    Tiles::accumulate(state, va, vb, round_up_to_lanes(n));
   }
   return state;
 }
 
-// Writes out[row, begin:end) = Op::map(constants, a, b).
+// Single-input maps run straight from the input to the output, one vector at
+// a time (no fp32 tile round trips); returns where the tile path takes over
+// (the tail).
 template <class Op, class scalar_t>
-void map_range(const Op&, const typename Op::Constants& c, const MapArgs<scalar_t>& args, int64_t row, int64_t begin,
-               int64_t end) {
+int64_t map_vectors(const Op& op, const typename Op::RowConstants& c, const scalar_t* pa, scalar_t* po, int64_t begin,
+                    int64_t end, bool streaming) {
+  const FVec scale(op.inv_temperature);
+  int64_t i = begin;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (; i + kLanes <= end; i += kLanes) store_output(Op::map_one(c, FVec::loadu(pa + i) * scale), po + i, streaming);
+  } else {
+    using BVec = at::vec::Vectorized<scalar_t>;
+    for (; i + BVec::size() <= end; i += BVec::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(BVec::loadu(pa + i));
+      store_output(at::vec::convert_from_float<scalar_t>(Op::map_one(c, lo * scale), Op::map_one(c, hi * scale)),
+                   po + i, streaming);
+    }
+  }
+  return i;
+}
+
+// Writes out[row, begin:end) = op.map(constants, a, b).
+template <class Op, class scalar_t>
+void map_range(const Op& op, const typename Op::RowConstants& c, const MapArgs<scalar_t>& args, int64_t row,
+               int64_t begin, int64_t end) {
+  using Tiles = typename Op::Tiles;
   alignas(64) float ta[kTile];
   alignas(64) float tb[kTile];
   alignas(64) float to[kTile];
-  const Rows& a = *args.a;
-  const scalar_t* pa = a.tensor.data_ptr<scalar_t>() + row * a.row_stride;
-  const scalar_t* pb = args.b != nullptr ? args.b->tensor.template data_ptr<scalar_t>() + row * args.b->row_stride : nullptr;
-  scalar_t* po = args.out + row * a.cols;
+  const scalar_t* pa = row_of<scalar_t>(args.a, row);
+  const scalar_t* pb = row_of<scalar_t>(args.b, row);
+  scalar_t* po = args.out + row * args.a->cols;
   if (Op::undefined(c)) {
     std::fill(po + begin, po + end, static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN()));
     return;
   }
-  const bool streaming = a.cols * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamingRowBytes;
+  const bool streaming = streaming_row<scalar_t>(args.a->cols);
   int64_t first_tile = begin;
   if constexpr (requires(const FVec& v) { Op::map_one(c, v); }) {
-    // Single-input maps run straight from the input to the output, one
-    // vector at a time (no fp32 tile round trips); the tail takes the tile path.
-    const FVec scale(Op::kScaleA ? args.inv_temperature : 1.0f);
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      for (; first_tile + kLanes <= end; first_tile += kLanes) {
-        store_output(Op::map_one(c, FVec::loadu(pa + first_tile) * scale), po + first_tile, streaming);
-      }
-    } else {
-      using BVec = at::vec::Vectorized<scalar_t>;
-      for (; first_tile + BVec::size() <= end; first_tile += BVec::size()) {
-        auto [lo, hi] = at::vec::convert_to_float<scalar_t>(BVec::loadu(pa + first_tile));
-        store_output(at::vec::convert_from_float<scalar_t>(Op::map_one(c, lo * scale), Op::map_one(c, hi * scale)),
-                     po + first_tile, streaming);
-      }
-    }
+    first_tile = map_vectors(op, c, pa, po, begin, end, streaming);
   }
   for (int64_t t = first_tile; t < end; t += kTile) {
     const int64_t n = std::min(kTile, end - t);
-    const float* va = tile_of(pa + t, n, Op::kScaleA ? args.inv_temperature : 1.0f, Op::kPadA, ta, false).values;
+    const float* va = tile_of(pa + t, n, Tiles::kScaleA ? op.inv_temperature : 1.0f, Tiles::kPadA, ta, false).values;
     const float* vb = pb != nullptr ? tile_of(pb + t, n, 1.0f, 0.0f, tb, false).values : nullptr;
-    Op::map(c, va, vb, to, round_up_to_lanes(n));
+    op.map(c, va, vb, to, round_up_to_lanes(n));
     store_tile(to, n, 1.0f, po + t, streaming);
   }
   fence_streaming_stores();
 }
 
 template <class Op, class scalar_t>
-typename Op::Constants row_constants(const typename Op::State& state, const MapArgs<scalar_t>& args, int64_t row) {
+typename Op::RowConstants row_constants(const Op& op, const typename Op::State& state, const MapArgs<scalar_t>& args,
+                                        int64_t row) {
   const float g = args.row_grad != nullptr ? static_cast<float>(args.row_grad[row]) : 0.0f;
-  return Op::constants(state, g, args.inv_temperature);
+  return op.row_constants(state, g);
 }
-
-// Rows up to this long take the one-exp softmax path (its per-thread fp32
-// row buffer is at most 16 MiB).
-constexpr int64_t kMaxCachedRow = int64_t{1} << 22;
 
 // Softmax of whole rows with one exp per element: pass 1 keeps exp(z - m_t)
 // of every tile in a per-thread fp32 row buffer (m_t: the running max when
@@ -398,9 +390,9 @@ void softmax_rows_one_exp(const MapArgs<scalar_t>& args, int64_t first, int64_t 
   exps.resize(tiles * kTile);
   reference_max.resize(tiles);
   alignas(64) float z[kTile];
-  const bool streaming = a.cols * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamingRowBytes;
+  const bool streaming = streaming_row<scalar_t>(a.cols);
   for (int64_t r = first; r < last; ++r) {
-    const scalar_t* x = a.tensor.data_ptr<scalar_t>() + r * a.row_stride;
+    const scalar_t* x = row_of<scalar_t>(&a, r);
     scalar_t* out = args.out + r * a.cols;
     core::SoftmaxState state = core::empty_state();
     for (int64_t t = 0; t < tiles; ++t) {
@@ -422,11 +414,33 @@ void softmax_rows_one_exp(const MapArgs<scalar_t>& args, int64_t first, int64_t 
   fence_streaming_stores();
 }
 
+// The per-(row, slice) states of a row op in parallel: partial[w] for work
+// item w = row * plan.slices + slice.
+template <class scalar_t, class Op>
+std::vector<typename Op::State> slice_states(const Op& op, const Rows& a, const Rows* b, const Plan& plan) {
+  std::vector<typename Op::State> partial(a.rows * plan.slices);
+  at::parallel_for(0, a.rows * plan.slices, 1, [&](int64_t first, int64_t last) {
+    for (int64_t w = first; w < last; ++w) {
+      partial[w] = reduce_range<Op, scalar_t>(op, a, b, w / plan.slices, plan.begin(w), plan.end(w, a.cols));
+    }
+  });
+  return partial;
+}
+
+// The merged state of row r from its slices' states (in slice order).
+template <class Op>
+typename Op::State merge_slices(const Op& op, const std::vector<typename Op::State>& partial, int64_t r,
+                                int64_t slices) {
+  typename Op::State state = op.identity();
+  for (int64_t k = 0; k < slices; ++k) state = op.merge(state, partial[r * slices + k]);
+  return state;
+}
+
 template <class Op, class scalar_t>
 void run_map(const Op& op, const MapArgs<scalar_t>& args) {
   const Rows& a = *args.a;
   const Plan plan = plan_slices(a.rows, a.cols);
-  if constexpr (std::is_same_v<Op, SoftmaxMap>) {
+  if constexpr (std::is_same_v<Op, SoftmaxOp>) {
     if (plan.slices == 1 && a.cols <= kMaxCachedRow) {
       at::parallel_for(0, a.rows, 1, [&](int64_t first, int64_t last) { softmax_rows_one_exp(args, first, last); });
       return;
@@ -436,86 +450,68 @@ void run_map(const Op& op, const MapArgs<scalar_t>& args) {
     // Both passes of a row back to back on one thread: pass 2 reads from cache.
     at::parallel_for(0, a.rows, 1, [&](int64_t first, int64_t last) {
       for (int64_t r = first; r < last; ++r) {
-        const auto state = reduce_range<Op, scalar_t>(a, args.b, r, 0, a.cols, args.inv_temperature);
-        map_range(op, row_constants<Op>(state, args, r), args, r, 0, a.cols);
+        const auto state = reduce_range<Op, scalar_t>(op, a, args.b, r, 0, a.cols);
+        map_range(op, row_constants(op, state, args, r), args, r, 0, a.cols);
       }
     });
     return;
   }
-  std::vector<typename Op::State> partial(a.rows * plan.slices);
+  const auto partial = slice_states<scalar_t>(op, a, args.b, plan);
   at::parallel_for(0, a.rows * plan.slices, 1, [&](int64_t first, int64_t last) {
     for (int64_t w = first; w < last; ++w) {
-      const int64_t r = w / plan.slices, begin = (w % plan.slices) * plan.slice;
-      partial[w] = reduce_range<Op, scalar_t>(a, args.b, r, begin, std::min(a.cols, begin + plan.slice),
-                                              args.inv_temperature);
+      const int64_t r = w / plan.slices;
+      const auto state = merge_slices(op, partial, r, plan.slices);
+      map_range(op, row_constants(op, state, args, r), args, r, plan.begin(w), plan.end(w, a.cols));
     }
   });
-  at::parallel_for(0, a.rows * plan.slices, 1, [&](int64_t first, int64_t last) {
-    for (int64_t w = first; w < last; ++w) {
-      const int64_t r = w / plan.slices, begin = (w % plan.slices) * plan.slice;
-      typename Op::State state = Op::identity();
-      for (int64_t k = 0; k < plan.slices; ++k) state = Op::merge(state, partial[r * plan.slices + k]);
-      map_range(op, row_constants<Op>(state, args, r), args, r, begin, std::min(a.cols, begin + plan.slice));
-    }
-  });
+}
+
+template <class Op>
+Op with_temperature(float inv_temperature) {
+  Op op{};
+  op.inv_temperature = inv_temperature;
+  return op;
 }
 
 template <class scalar_t>
 void map(MapKind kind, const MapArgs<scalar_t>& args) {
+  const float inv_t = args.inv_temperature;
   switch (kind) {
-    case MapKind::softmax: return run_map(SoftmaxMap{}, args);
-    case MapKind::log_softmax: return run_map(LogSoftmaxMap{}, args);
-    case MapKind::logsumexp_grad: return run_map(LogsumexpGradMap{}, args);
-    case MapKind::entropy_grad: return run_map(EntropyGradMap{}, args);
-    case MapKind::softmax_grad: return run_map(SoftmaxGradMap{}, args);
-    case MapKind::log_softmax_grad: return run_map(LogSoftmaxGradMap{}, args);
+    case MapKind::softmax: return run_map(with_temperature<SoftmaxOp>(inv_t), args);
+    case MapKind::log_softmax: return run_map(with_temperature<LogSoftmaxOp>(inv_t), args);
+    case MapKind::logsumexp_grad: return run_map(with_temperature<LogsumexpGradOp>(inv_t), args);
+    case MapKind::entropy_grad: return run_map(with_temperature<EntropyGradOp>(inv_t), args);
+    case MapKind::softmax_grad: return run_map(with_temperature<SoftmaxGradOp>(inv_t), args);
+    case MapKind::log_softmax_grad: return run_map(with_temperature<LogSoftmaxGradOp>(inv_t), args);
   }
 }
 
-// Per-row softmax states of slices of rows, in parallel; kShifted as in SoftmaxReduction.
-template <bool kShifted, class scalar_t>
-void slice_states(const ResultArgs<scalar_t>& args, const Plan& plan, std::vector<core::SoftmaxState>& partial) {
+// Per-row results: the rows' softmax states (kShifted: with sum_shifted,
+// which only entropy and stats need), then result.finalize per row.
+template <bool kShifted, class Result, class scalar_t>
+void finalize_rows(const Result& result, const ResultArgs<scalar_t>& args) {
   const Rows& a = *args.a;
-  at::parallel_for(0, a.rows * plan.slices, 1, [&](int64_t first, int64_t last) {
-    for (int64_t w = first; w < last; ++w) {
-      const int64_t r = w / plan.slices, begin = (w % plan.slices) * plan.slice;
-      partial[w] = reduce_range<SoftmaxReduction<kShifted>, scalar_t>(
-          a, nullptr, r, begin, std::min(a.cols, begin + plan.slice), args.inv_temperature);
-    }
-  });
+  const Plan plan = plan_slices(a.rows, a.cols);
+  const SoftmaxStateOp<kShifted> op{{args.inv_temperature}};
+  const auto partial = slice_states<scalar_t>(op, a, nullptr, plan);
+  for (int64_t r = 0; r < a.rows; ++r) result.finalize(merge_slices(op, partial, r, plan.slices), r);
 }
 
 template <class scalar_t>
 void reduce(ResultKind kind, const ResultArgs<scalar_t>& args) {
-  const Rows& a = *args.a;
-  const Plan plan = plan_slices(a.rows, a.cols);
-  std::vector<core::SoftmaxState> partial(a.rows * plan.slices);
-  if (kind == ResultKind::logsumexp) {
-    slice_states<false>(args, plan, partial);
-  } else {
-    slice_states<true>(args, plan, partial);
-  }
-  for (int64_t r = 0; r < a.rows; ++r) {
-    core::SoftmaxState s = core::empty_state();
-    for (int64_t k = 0; k < plan.slices; ++k) s = core::merge(s, partial[r * plan.slices + k]);
-    switch (kind) {
-      case ResultKind::logsumexp: static_cast<scalar_t*>(args.out)[r] = static_cast<scalar_t>(core::log_sum_exp(s)); break;
-      case ResultKind::entropy: static_cast<float*>(args.out)[r] = core::entropy(s); break;
-      case ResultKind::stats: {
-        float* o = static_cast<float*>(args.out) + 3 * r;
-        o[0] = s.max;
-        o[1] = s.sum_exp;
-        o[2] = s.sum_shifted;
-        break;
-      }
-    }
+  const float inv_t = args.inv_temperature;
+  switch (kind) {
+    case ResultKind::logsumexp:
+      return finalize_rows<false>(core::LogsumexpResult<scalar_t>{{inv_t}, static_cast<scalar_t*>(args.out)}, args);
+    case ResultKind::entropy:
+      return finalize_rows<true>(core::EntropyResult{{inv_t}, static_cast<float*>(args.out)}, args);
+    case ResultKind::stats: return finalize_rows<true>(core::StatsResult{{inv_t}, static_cast<float*>(args.out)}, args);
   }
 }
 
 }  // namespace
 
-const RowKernelTable row_kernels = {
-    &map<float>, &map<c10::BFloat16>, &map<c10::Half>, &reduce<float>, &reduce<c10::BFloat16>, &reduce<c10::Half>,
-};
+const PerDtype<RowOpsKernels> row_ops_kernels = PerDtype<RowOpsKernels>::build(
+    []<class scalar_t>() { return RowOpsKernels<scalar_t>{&map<scalar_t>, &reduce<scalar_t>}; });
 
 }  // namespace logitkit::cpu::CPU_CAPABILITY

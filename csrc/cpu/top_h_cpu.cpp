@@ -1,6 +1,6 @@
 // CPU kernels of top_h_mask and sample (rules "hf", "official", "exact";
-// definitions in shared/notes/top-h.md, shared math in csrc/core/top_h.h).
-// Compiled once per CPU capability (see top_h_cpu.h), vectorised with at::vec
+// definitions in docs/top_h.md, shared math in csrc/core/top_h.h).
+// Compiled once per CPU capability (see kernel_tables.h), vectorised with at::vec
 // where the work is arithmetic (max, exp, kept weights). Parallel over rows
 // with at::parallel_for; each row is handled by one thread with thread-local
 // scratch buffers (no allocation per row once they have grown).
@@ -22,10 +22,11 @@
 //
 // Finding the cut, without sorting the vocabulary:
 //   * capped rules: a one-pass threshold filter plus std::nth_element on a
-//     buffer of at most ~4K tokens selects the K largest in expected O(V);
-//     only those K are sorted (O(K log K)) and scanned (capped_keep_count).
+//     buffer of at most ~4K tokens (tuning.h) selects the K largest in
+//     expected O(V); only those K are sorted (O(K log K)) and scanned
+//     (capped_keep_count).
 //   * "exact": the kept set is the largest prefix S_k of the rank order with
-//     H(q_k) <= alpha H(p), and H(q_k) is increasing in k (note). One
+//     H(q_k) <= alpha H(p), and H(q_k) is increasing in k (docs/top_h.md). One
 //     vectorised pass computes d_i = z_i - m and e_i = exp(d_i) and buckets the
 //     tokens by d (kBucketsPerNat buckets per nat; a monotone map of x, so
 //     buckets are contiguous in rank order and ties share a bucket), summing
@@ -53,9 +54,10 @@
 
 #include <ATen/Parallel.h>
 
-#include "../common/top_h_frontend.h"
 #include "../core/top_h.h"
-#include "top_h_cpu.h"
+#include "../frontend/top_h.h"
+#include "kernel_tables.h"
+#include "tuning.h"
 #include "vec_tiles.h"
 
 namespace logitkit::cpu::CPU_CAPABILITY {
@@ -68,7 +70,7 @@ struct Token {
   int64_t index;
 };
 
-// The rank order of the note: larger logit first, then lower vocabulary index.
+// The rank order of docs/top_h.md: larger logit first, then lower vocabulary index.
 inline bool ranks_before(const Token& a, const Token& b) { return a.x > b.x || (a.x == b.x && a.index < b.index); }
 
 // The kept set of a row: every token ranked at or before `last` (see the top
@@ -82,11 +84,8 @@ struct RowCut {
   float lower_bound_after() const { return std::nextafter(last.x, kPosInf); }
 };
 
-// "exact": bucket of a token by d = z - m <= 0: floor(-d * kBucketsPerNat).
-// exp(d) underflows to 0 below d ~ -104, so kBuckets covers every token of
-// positive probability (the last bucket also takes anything lower).
-constexpr float kBucketsPerNat = 16.0f;
-constexpr int kBuckets = 108 * 16;
+// "exact": the bucket of a token by d = z - m (kBucketsPerNat, kBuckets:
+// tuning.h).
 constexpr uint16_t kNoBucket = 0xFFFF;  // zero probability: never a candidate
 
 struct Sums {
@@ -101,12 +100,12 @@ struct Sums {
 };
 
 struct RowScratch {
-  std::vector<float> x;            // the row in fp32, padded with -inf to a multiple of kLanes
-  std::vector<Token> tokens;       // selection buffer
-  std::vector<uint16_t> bucket;    // "exact": bucket of each token
-  std::vector<Sums> buckets;       // "exact": per-bucket sums
-  std::vector<float> tile_mass;    // sample: kept mass of each tile
-  alignas(64) float a[kTile];      // tile buffers
+  std::vector<float> x;          // the row in fp32, padded with -inf to a multiple of kLanes
+  std::vector<Token> tokens;     // selection buffer
+  std::vector<uint16_t> bucket;  // "exact": bucket of each token
+  std::vector<Sums> buckets;     // "exact": per-bucket sums
+  std::vector<float> tile_mass;  // sample: kept mass of each tile
+  alignas(64) float a[kTile];    // tile buffers
   alignas(64) float b[kTile];
 };
 
@@ -117,14 +116,15 @@ float load_row(const scalar_t* src, int64_t cols, RowScratch& s) {
   for (int64_t t = 0; t < cols; t += kTile) {
     const int64_t n = std::min(kTile, cols - t);
     const float tile_max = load_tile(src + t, n, 1.0f, kNegInf, s.x.data() + t);  // NaN if the tile holds one
-    row_max = std::isnan(tile_max) ? tile_max : std::max(row_max, tile_max);  // a NaN row_max stays NaN
+    row_max = std::isnan(tile_max) ? tile_max : std::max(row_max, tile_max);      // a NaN row_max stays NaN
   }
   return row_max;
 }
 
 // Capped rules: the K best tokens, sorted, then the prefix scan. One pass
 // with a running threshold t: a token below t is beaten by K buffered tokens
-// and can never be selected; when the buffer reaches 4K, nth_element keeps
+// and can never be selected; when the buffer reaches about 4K
+// (kSelectionBufferFactor K + kSelectionBufferSlack), nth_element keeps
 // its K best and raises t to the K-th best logit. Expected O(V) with about
 // one comparison per token.
 Token capped_cut(RowScratch& s, int64_t cols, const TopHParams& p, float full_lse) {
@@ -139,15 +139,15 @@ Token capped_cut(RowScratch& s, int64_t cols, const TopHParams& p, float full_ls
   for (int64_t i = 0; i < cols; ++i) {
     if (s.x[i] >= threshold) {
       s.tokens.push_back(Token{s.x[i], i});
-      if (static_cast<int64_t>(s.tokens.size()) >= 4 * k + 64) shrink();
+      if (static_cast<int64_t>(s.tokens.size()) >= kSelectionBufferFactor * k + kSelectionBufferSlack) shrink();
     }
   }
   auto first = s.tokens.begin();
   if (static_cast<int64_t>(s.tokens.size()) > k) std::nth_element(first, first + k, s.tokens.end(), ranks_before);
   std::sort(first, first + k, ranks_before);
   const float inv_t = p.inv_temperature;
-  const int64_t kept = core::capped_keep_count([&](int64_t i) { return s.tokens[i].x * inv_t; }, k, p.rule,
-                                               full_lse, p.alpha);
+  const int64_t kept =
+      core::capped_keep_count([&](int64_t i) { return s.tokens[i].x * inv_t; }, k, p.rule, full_lse, p.alpha);
   return s.tokens[kept - 1];
 }
 
@@ -202,9 +202,9 @@ int64_t keep_in_bucket(std::vector<Token>& tokens, Sums above, double budget, fl
   return lo;
 }
 
-Token exact_cut(RowScratch& s, int64_t cols, const TopHParams& p, float m) {
-  const float inv_t = p.inv_temperature;
-  // Pass 1 (vectorised exp, scalar scatter): the bucket sums.
+// "exact", pass 1 (vectorised exp, scalar scatter): each token's bucket and
+// the bucket sums. Returns the sums of the whole row.
+Sums fill_buckets(RowScratch& s, float inv_t, float m) {
   s.buckets.assign(kBuckets, Sums{});
   s.bucket.resize(s.x.size());
   for_each_exp_tile(s, inv_t, m, [&](int64_t t, const float* d, const float* e, int64_t n) {
@@ -220,32 +220,39 @@ Token exact_cut(RowScratch& s, int64_t cols, const TopHParams& p, float m) {
   });
   Sums all;
   for (const Sums& b : s.buckets) all += b;
-  const double budget = core::exact_budget(p.alpha, static_cast<float>(all.entropy()));
-  // The walk: whole buckets are kept while H of the prefix fits; the cut is
-  // inside the first bucket that breaks the budget (or, when everything
-  // fits, at the end of the last non-empty bucket).
+  return all;
+}
+
+// The bucket that holds the cut, and the sums of the buckets before it.
+struct CutBucket {
+  int bucket;
+  Sums above;
+};
+
+// The walk: whole buckets are kept while H of the prefix fits; the cut is
+// inside the first bucket that breaks the budget (or, when everything fits,
+// at the end of the last non-empty bucket).
+CutBucket find_cut_bucket(const RowScratch& s, double budget) {
   Sums above, above_last;
-  int cut_bucket = -1, last_bucket = -1;
+  int last_bucket = -1;
   for (int b = 0; b < kBuckets; ++b) {
     if (s.buckets[b].e == 0.0) continue;  // empty
     Sums with = above;
     with += s.buckets[b];
-    if (with.entropy() > budget) {
-      cut_bucket = b;
-      break;
-    }
+    if (with.entropy() > budget) return CutBucket{b, above};
     above_last = above;
     above = with;
     last_bucket = b;
   }
-  if (cut_bucket < 0) {
-    cut_bucket = last_bucket;
-    above = above_last;
-  }
-  // Pass 2: gather the cut bucket, and find the last-ranked token before it
-  // (in case none of the bucket fits). A vector of tokens is skipped when all
-  // its d lie safely below the cut bucket (bucket >= cut + 2 > cut); the
-  // others are decided exactly from their stored buckets.
+  return CutBucket{last_bucket, above_last};
+}
+
+// Pass 2: gathers the cut bucket's tokens into s.tokens and returns the
+// last-ranked token before it (in case none of the bucket fits; index -1 if
+// none). A vector of tokens is skipped when all its d lie safely below the
+// cut bucket (bucket >= cut + 2 > cut); the others are decided exactly from
+// their stored buckets.
+Token gather_cut_bucket(RowScratch& s, int64_t cols, int cut_bucket, float inv_t, float m) {
   s.tokens.clear();
   Token before{kPosInf, -1};
   const FVec vt(inv_t), vm(m), skip_below(-static_cast<float>(cut_bucket + 2) / kBucketsPerNat);
@@ -262,7 +269,16 @@ Token exact_cut(RowScratch& s, int64_t cols, const TopHParams& p, float m) {
       }
     }
   }
-  const int64_t kept = keep_in_bucket(s.tokens, above, budget, inv_t, m);
+  return before;
+}
+
+Token exact_cut(RowScratch& s, int64_t cols, const TopHParams& p, float m) {
+  const float inv_t = p.inv_temperature;
+  const Sums all = fill_buckets(s, inv_t, m);
+  const double budget = core::exact_budget(p.alpha, static_cast<float>(all.entropy()));
+  const CutBucket cut = find_cut_bucket(s, budget);
+  const Token before = gather_cut_bucket(s, cols, cut.bucket, inv_t, m);
+  const int64_t kept = keep_in_bucket(s.tokens, cut.above, budget, inv_t, m);
   if (kept == 0 && before.index >= 0) return before;
   // The bucket's kept tokens are tokens[0, kept) (in some order): the cut is
   // the one ranked last. (kept == 0 with nothing before cannot happen: the
@@ -272,9 +288,9 @@ Token exact_cut(RowScratch& s, int64_t cols, const TopHParams& p, float m) {
 
 RowCut row_cut(RowScratch& s, int64_t cols, const TopHParams& p, float max_x) {
   if (std::isnan(max_x) || max_x == kPosInf) return RowCut{false, {}};
-  if (max_x == kNegInf) return RowCut{true, Token{kNegInf, 0}};  // all -inf: token 0 only
+  if (max_x == kNegInf) return RowCut{true, Token{kNegInf, 0}};    // all -inf: token 0 only
   if (!p.truncate) return RowCut{true, Token{kNegInf, cols - 1}};  // every token
-  const float m = max_x * p.inv_temperature;  // max z
+  const float m = max_x * p.inv_temperature;                       // max z
   if (p.rule == core::TopHRule::exact) return RowCut{true, exact_cut(s, cols, p, m)};
   // "hf" normalises over the K selected tokens only: no full softmax pass.
   const float lse = p.rule == core::TopHRule::official ? full_log_sum_exp(s, p.inv_temperature, m) : 0.0f;
@@ -389,10 +405,7 @@ void sample_rows(const Rows& r, const TopHParams& p, const float* uniform, int64
 
 }  // namespace
 
-const TopHKernelTable top_h_kernels = {
-    {&mask_rows<float>, &sample_rows<float>},
-    {&mask_rows<c10::BFloat16>, &sample_rows<c10::BFloat16>},
-    {&mask_rows<c10::Half>, &sample_rows<c10::Half>},
-};
+const PerDtype<TopHKernels> top_h_kernels = PerDtype<TopHKernels>::build(
+    []<class scalar_t>() { return TopHKernels<scalar_t>{&mask_rows<scalar_t>, &sample_rows<scalar_t>}; });
 
 }  // namespace logitkit::cpu::CPU_CAPABILITY

@@ -1,7 +1,7 @@
-// Vector helpers of the CPU kernels (row_ops_cpu.cpp, top_h_cpu.cpp), shared
-// by every file compiled once per CPU capability: the header is included
-// inside each file's logitkit::cpu::CPU_CAPABILITY namespace context, so each
-// instruction-set copy gets its own definitions.
+// Vector helpers of the CPU kernels (row_ops_cpu.cpp, top_h_cpu.cpp,
+// linear_ce_cpu.cpp), shared by every file compiled once per CPU capability:
+// the helpers live in each file's logitkit::cpu::CPU_CAPABILITY namespace, so
+// each instruction-set copy gets its own definitions.
 #pragma once
 
 #include <cstdint>
@@ -10,6 +10,8 @@
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+
+#include "tuning.h"
 
 #ifndef CPU_CAPABILITY
 #error "vec_tiles.h must be compiled with CPU_CAPABILITY set (see CMakeLists.txt)"
@@ -20,7 +22,6 @@ namespace {
 
 using FVec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = FVec::size();
-constexpr int64_t kTile = 2048;  // elements per tile (8 KiB of fp32)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t round_up_to_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }

@@ -13,14 +13,8 @@
 // Splitting a row over several blocks keeps the GPU busy when there are few
 // rows (decode: batch 1-64 with V = 128k).
 //
-// An Op provides:
-//   State identity(); State merge(State, State);
-//   void accumulate(State&, const float* a, const float* b, int n);
-//   and for pass 2a: RowConstants row_constants(State, int64_t row);
-//                    float output(const RowConstants&, float a, float b);
-//   or for pass 2b:  void finalize(const State&, int64_t row);
-// `a` and `b` are the row's one or two inputs, converted to fp32 (b is unused
-// by single-input ops). All arithmetic is fp32; indices are 64-bit.
+// The Op is one of the scalar policies of csrc/core/row_ops.h (reduction +
+// map, or reduction + result). All arithmetic is fp32; indices are 64-bit.
 #pragma once
 
 #include <cstdint>
@@ -28,22 +22,13 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include "../core/softmax_state.h"
-#include "../simt/simt.h"
+#include "../core/row_ops.h"
+#include "collectives.cuh"
+#include "launch_config.h"
 
-namespace logitkit::kernels {
+namespace logitkit::cuda {
 
-// Largest number of elements one 16-byte load brings (8 for 2-byte types).
-constexpr int kMaxPack = 8;
-
-// Most threads per block the launch plans use; kernels declare it with
-// __launch_bounds__ so that nvcc keeps register use launchable at that size.
-constexpr int kMaxRowThreads = 512;
-
-template <class scalar_t>
-struct PackWidth {
-  static constexpr int value = 16 / static_cast<int>(sizeof(scalar_t));
-};
+static_assert(kMaxPackElements <= core::kMaxAccumulate, "a pack must fit one accumulate() call");
 
 template <class scalar_t, int N>
 struct alignas(sizeof(scalar_t) * N) Pack {
@@ -58,54 +43,61 @@ struct RowsView {
   LK_HOST_DEVICE const scalar_t* row(int64_t r) const { return data == nullptr ? nullptr : data + r * row_stride; }
 };
 
-// The block's threads visit elements [begin, end) of one or two rows, by
-// 16-byte packs where the addresses allow it, else one element at a time.
-// visit(index, a_values, b_values, n) gets n consecutive elements in fp32.
+// Loads the pack of a (and b, when there is one) at element i into fp32.
+template <class scalar_t, int W>
+LK_DEVICE inline void load_packs(const scalar_t* a, const scalar_t* b, int64_t i, float* va, float* vb) {
+  const Pack<scalar_t, W> pa = *reinterpret_cast<const Pack<scalar_t, W>*>(a + i);
+#pragma unroll
+  for (int j = 0; j < W; ++j) va[j] = static_cast<float>(pa.v[j]);
+  if (b != nullptr) {
+    const Pack<scalar_t, W> pb = *reinterpret_cast<const Pack<scalar_t, W>*>(b + i);
+#pragma unroll
+    for (int j = 0; j < W; ++j) vb[j] = static_cast<float>(pb.v[j]);
+  }
+}
+
+// The block's threads visit elements [begin, end) of a and b one at a time.
 template <class scalar_t, class Visit>
-LK_DEVICE inline void for_each_pack(const scalar_t* a, const scalar_t* b, int64_t begin, int64_t end, Visit&& visit) {
-  constexpr int W = PackWidth<scalar_t>::value;
-  const int64_t stride = blockDim.x;
-  const int64_t tid = threadIdx.x;
-  const uintptr_t a_misalign = reinterpret_cast<uintptr_t>(a + begin) % 16;
-  const bool same_alignment = b == nullptr || reinterpret_cast<uintptr_t>(b + begin) % 16 == a_misalign;
-  int64_t head = end - begin;  // elements visited one by one before the packs
-  if (same_alignment && a_misalign % sizeof(scalar_t) == 0) {
-    const int64_t to_boundary = static_cast<int64_t>((16 - a_misalign) % 16 / sizeof(scalar_t));
-    head = to_boundary < head ? to_boundary : head;
-  }
-  float va[kMaxPack];
-  float vb[kMaxPack] = {};
-  const int64_t body = begin + head;
-  for (int64_t i = begin + tid; i < body; i += stride) {
-    va[0] = static_cast<float>(a[i]);
-    if (b != nullptr) vb[0] = static_cast<float>(b[i]);
-    visit(i, va, vb, 1);
-  }
-  const int64_t packs = (end - body) / W;
-  for (int64_t p = tid; p < packs; p += stride) {
-    const int64_t i = body + p * W;
-    const Pack<scalar_t, W> pa = *reinterpret_cast<const Pack<scalar_t, W>*>(a + i);
-#pragma unroll
-    for (int j = 0; j < W; ++j) va[j] = static_cast<float>(pa.v[j]);
-    if (b != nullptr) {
-      const Pack<scalar_t, W> pb = *reinterpret_cast<const Pack<scalar_t, W>*>(b + i);
-#pragma unroll
-      for (int j = 0; j < W; ++j) vb[j] = static_cast<float>(pb.v[j]);
-    }
-    visit(i, va, vb, W);
-  }
-  for (int64_t i = body + packs * W + tid; i < end; i += stride) {
+LK_DEVICE inline void for_each_element(const scalar_t* a, const scalar_t* b, int64_t begin, int64_t end, float* va,
+                                       float* vb, Visit& visit) {
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     va[0] = static_cast<float>(a[i]);
     if (b != nullptr) vb[0] = static_cast<float>(b[i]);
     visit(i, va, vb, 1);
   }
 }
 
+// The block's threads visit elements [begin, end) of one or two rows, by
+// 16-byte packs where the addresses allow it, else one element at a time.
+// visit(index, a_values, b_values, n) gets n consecutive elements in fp32.
+template <class scalar_t, class Visit>
+LK_DEVICE inline void for_each_pack(const scalar_t* a, const scalar_t* b, int64_t begin, int64_t end, Visit&& visit) {
+  constexpr int W = kPackElements<scalar_t>;
+  const uintptr_t a_misalign = reinterpret_cast<uintptr_t>(a + begin) % kPackBytes;
+  const bool same_alignment = b == nullptr || reinterpret_cast<uintptr_t>(b + begin) % kPackBytes == a_misalign;
+  int64_t head = end - begin;  // elements visited one by one before the packs
+  if (same_alignment && a_misalign % sizeof(scalar_t) == 0) {
+    const int64_t to_boundary = static_cast<int64_t>((kPackBytes - a_misalign) % kPackBytes / sizeof(scalar_t));
+    head = to_boundary < head ? to_boundary : head;
+  }
+  float va[kMaxPackElements];
+  float vb[kMaxPackElements] = {};
+  const int64_t body = begin + head;
+  for_each_element(a, b, begin, body, va, vb, visit);
+  const int64_t packs = (end - body) / W;
+  for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
+    const int64_t i = body + p * W;
+    load_packs<scalar_t, W>(a, b, i, va, vb);
+    visit(i, va, vb, W);
+  }
+  for_each_element(a, b, body + packs * W, end, va, vb, visit);
+}
+
 // Stores n values at out[i..i+n), as one 16-byte store when aligned.
 template <class scalar_t>
 LK_DEVICE inline void store_values(scalar_t* out, int64_t i, const float* values, int n) {
-  constexpr int W = PackWidth<scalar_t>::value;
-  if (n == W && reinterpret_cast<uintptr_t>(out + i) % 16 == 0) {
+  constexpr int W = kPackElements<scalar_t>;
+  if (n == W && reinterpret_cast<uintptr_t>(out + i) % kPackBytes == 0) {
     Pack<scalar_t, W> pack;
 #pragma unroll
     for (int j = 0; j < W; ++j) pack.v[j] = static_cast<scalar_t>(values[j]);
@@ -115,20 +107,24 @@ LK_DEVICE inline void store_values(scalar_t* out, int64_t i, const float* values
   }
 }
 
+// Slice [begin, end) of a row handled by block (row, blockIdx.y).
+LK_DEVICE inline int64_t slice_end(int64_t begin, int64_t chunk, int64_t cols) {
+  return begin + chunk < cols ? begin + chunk : cols;
+}
+
 template <class Op, class scalar_t>
-__global__ void __launch_bounds__(kMaxRowThreads) row_partials_kernel(Op op, RowsView<scalar_t> a, RowsView<scalar_t> b, int64_t cols, int64_t chunk,
-                                    typename Op::State* partials) {
+__global__ void __launch_bounds__(kMaxRowOpsThreads)
+    row_partials_kernel(Op op, RowsView<scalar_t> a, RowsView<scalar_t> b, int64_t cols, int64_t chunk,
+                        typename Op::State* partials) {
   using State = typename Op::State;
   const int64_t row = blockIdx.x;
   const int64_t split = blockIdx.y;
   const int64_t begin = split * chunk;
-  const int64_t end = begin + chunk < cols ? begin + chunk : cols;
   State state = op.identity();
-  for_each_pack(a.row(row), b.row(row), begin, end,
+  for_each_pack(a.row(row), b.row(row), begin, slice_end(begin, chunk, cols),
                 [&](int64_t, const float* va, const float* vb, int n) { op.accumulate(state, va, vb, n); });
-  __shared__ State scratch[simt::kReduceScratchSize];
-  state = simt::block_reduce(
-      state, [&](const State& x, const State& y) { return op.merge(x, y); }, op.identity(), scratch);
+  __shared__ State scratch[kReduceScratchSize];
+  state = block_reduce(state, [&](const State& x, const State& y) { return op.merge(x, y); }, op.identity(), scratch);
   if (threadIdx.x == 0) partials[row * gridDim.y + split] = state;
 }
 
@@ -141,28 +137,30 @@ LK_DEVICE inline typename Op::State merge_row_partials(const Op& op, const typen
   return state;
 }
 
-template <class Op, class scalar_t, class out_t>
-__global__ void __launch_bounds__(kMaxRowThreads) row_map_kernel(Op op, RowsView<scalar_t> a, RowsView<scalar_t> b, int64_t cols, int64_t chunk,
-                               const typename Op::State* partials, out_t* out) {
+// `row_grad`: the incoming per-row gradient of the backward of a per-row
+// result (logsumexp_grad, entropy_grad), else nullptr.
+template <class Op, class scalar_t>
+__global__ void __launch_bounds__(kMaxRowOpsThreads)
+    row_map_kernel(Op op, RowsView<scalar_t> a, RowsView<scalar_t> b, int64_t cols, int64_t chunk,
+                   const typename Op::State* partials, const scalar_t* row_grad, scalar_t* out) {
   using State = typename Op::State;
   const int64_t row = blockIdx.x;
   const int64_t splits = gridDim.y;
   const int64_t begin = blockIdx.y * chunk;
-  const int64_t end = begin + chunk < cols ? begin + chunk : cols;
   // The block merges its row's partial states: strided over threads, then a
   // block reduction (a fixed tree, so every block of the row gets the same bits).
   State state = op.identity();
   for (int64_t k = threadIdx.x; k < splits; k += blockDim.x) state = op.merge(state, partials[row * splits + k]);
-  __shared__ State scratch[simt::kReduceScratchSize];
-  state = simt::block_reduce(
-      state, [&](const State& x, const State& y) { return op.merge(x, y); }, op.identity(), scratch);
-  const auto constants = op.row_constants(state, row);
-  out_t* out_row = out + row * cols;
-  for_each_pack(a.row(row), b.row(row), begin, end, [&](int64_t i, const float* va, const float* vb, int n) {
-    float result[kMaxPack];
-    for (int j = 0; j < n; ++j) result[j] = op.output(constants, va[j], vb[j]);
-    store_values(out_row, i, result, n);
-  });
+  __shared__ State scratch[kReduceScratchSize];
+  state = block_reduce(state, [&](const State& x, const State& y) { return op.merge(x, y); }, op.identity(), scratch);
+  const auto constants = op.row_constants(state, row_grad != nullptr ? static_cast<float>(row_grad[row]) : 0.0f);
+  scalar_t* out_row = out + row * cols;
+  for_each_pack(a.row(row), b.row(row), begin, slice_end(begin, chunk, cols),
+                [&](int64_t i, const float* va, const float* vb, int n) {
+                  float result[kMaxPackElements];
+                  for (int j = 0; j < n; ++j) result[j] = op.output(constants, va[j], vb[j]);
+                  store_values(out_row, i, result, n);
+                });
 }
 
 template <class Op>
@@ -171,136 +169,4 @@ __global__ void row_finalize_kernel(Op op, const typename Op::State* partials, i
   if (row < rows) op.finalize(merge_row_partials(op, partials, row, splits), row);
 }
 
-// ---------------------------------------------------------------------------
-// Reductions
-// ---------------------------------------------------------------------------
-
-// Softmax state (max, sum exp, sum shifted z*exp) of z = a / T.
-struct SoftmaxReduction {
-  using State = core::SoftmaxState;
-  float inv_temperature;
-
-  LK_HOST_DEVICE State identity() const { return core::empty_state(); }
-  LK_HOST_DEVICE State merge(const State& x, const State& y) const { return core::merge(x, y); }
-  LK_HOST_DEVICE void accumulate(State& state, const float* a, const float*, int n) const {
-    float z[kMaxPack];
-    for (int j = 0; j < n; ++j) z[j] = a[j] * inv_temperature;
-    core::accumulate(state, z, n);
-  }
-};
-
-struct RowSum {
-  float value;
-};
-
-// sum_i a_i * b_i (dot) or sum_i a_i (plain sum).
-template <bool kDot>
-struct SumReduction {
-  using State = RowSum;
-  LK_HOST_DEVICE State identity() const { return RowSum{0.0f}; }
-  LK_HOST_DEVICE State merge(const State& x, const State& y) const { return RowSum{x.value + y.value}; }
-  LK_HOST_DEVICE void accumulate(State& state, const float* a, const float* b, int n) const {
-    for (int j = 0; j < n; ++j) state.value += kDot ? a[j] * b[j] : a[j];
-  }
-};
-
-// ---------------------------------------------------------------------------
-// Elementwise outputs (pass 2a). z = x / T throughout.
-// ---------------------------------------------------------------------------
-
-// softmax: p_i = exp((z_i - m) - log s)
-struct SoftmaxOutput : SoftmaxReduction {
-  using RowConstants = core::Normaliser;
-  LK_HOST_DEVICE RowConstants row_constants(const State& s, int64_t) const { return core::normaliser(s); }
-  LK_HOST_DEVICE float output(const RowConstants& c, float x, float) const {
-    return expf(c.log_prob(x * inv_temperature));
-  }
-};
-
-// log_softmax: (z_i - m) - log s
-struct LogSoftmaxOutput : SoftmaxReduction {
-  using RowConstants = core::Normaliser;
-  LK_HOST_DEVICE RowConstants row_constants(const State& s, int64_t) const { return core::normaliser(s); }
-  LK_HOST_DEVICE float output(const RowConstants& c, float x, float) const { return c.log_prob(x * inv_temperature); }
-};
-
-// d lse / d x_i = g * p_i / T, with g the incoming per-row gradient.
-template <class grad_t>
-struct LogsumexpGradOutput : SoftmaxReduction {
-  const grad_t* grad;  // one value per row
-  struct RowConstants {
-    core::Normaliser normaliser;
-    float scale;
-  };
-  LK_HOST_DEVICE RowConstants row_constants(const State& s, int64_t row) const {
-    return {core::normaliser(s), static_cast<float>(grad[row]) * inv_temperature};
-  }
-  LK_HOST_DEVICE float output(const RowConstants& c, float x, float) const {
-    return c.scale * expf(c.normaliser.log_prob(x * inv_temperature));
-  }
-};
-
-// d H / d x_i = -(g / T) p_i (log p_i + H)
-template <class grad_t>
-struct EntropyGradOutput : SoftmaxReduction {
-  const grad_t* grad;
-  struct RowConstants {
-    core::Normaliser normaliser;
-    float entropy, scale;
-  };
-  LK_HOST_DEVICE RowConstants row_constants(const State& s, int64_t row) const {
-    return {core::normaliser(s), core::entropy(s), static_cast<float>(grad[row]) * inv_temperature};
-  }
-  LK_HOST_DEVICE float output(const RowConstants& c, float x, float) const {
-    return c.scale * core::entropy_grad_term(c.normaliser.log_prob(x * inv_temperature), c.entropy);
-  }
-};
-
-// softmax backward, a = dy, b = y: dx_i = y_i (dy_i - sum_j dy_j y_j) / T
-struct SoftmaxGradOutput : SumReduction<true> {
-  float inv_temperature;
-  struct RowConstants {
-    float dot;
-  };
-  LK_HOST_DEVICE RowConstants row_constants(const State& s, int64_t) const { return {s.value}; }
-  LK_HOST_DEVICE float output(const RowConstants& c, float dy, float y) const { return inv_temperature * y * (dy - c.dot); }
-};
-
-// log_softmax backward, a = dy, b = y (log-probabilities): dx_i = (dy_i - exp(y_i) sum_j dy_j) / T
-struct LogSoftmaxGradOutput : SumReduction<false> {
-  float inv_temperature;
-  struct RowConstants {
-    float sum;
-  };
-  LK_HOST_DEVICE RowConstants row_constants(const State& s, int64_t) const { return {s.value}; }
-  LK_HOST_DEVICE float output(const RowConstants& c, float dy, float y) const {
-    return inv_temperature * (dy - expf(y) * c.sum);
-  }
-};
-
-// ---------------------------------------------------------------------------
-// Per-row results (pass 2b).
-// ---------------------------------------------------------------------------
-
-template <class out_t>
-struct LogsumexpResult : SoftmaxReduction {
-  out_t* out;
-  LK_HOST_DEVICE void finalize(const State& s, int64_t row) const { out[row] = static_cast<out_t>(core::log_sum_exp(s)); }
-};
-
-struct EntropyResult : SoftmaxReduction {
-  float* out;
-  LK_HOST_DEVICE void finalize(const State& s, int64_t row) const { out[row] = core::entropy(s); }
-};
-
-// The raw state, as (max, sum_exp, sum_shifted) triples.
-struct StatsResult : SoftmaxReduction {
-  float* out;
-  LK_HOST_DEVICE void finalize(const State& s, int64_t row) const {
-    out[3 * row + 0] = s.max;
-    out[3 * row + 1] = s.sum_exp;
-    out[3 * row + 2] = s.sum_shifted;
-  }
-};
-
-}  // namespace logitkit::kernels
+}  // namespace logitkit::cuda

@@ -11,14 +11,14 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include "../common/row_op_frontends.h"
-#include "../simt/device_context.h"
+#include "../core/row_ops.h"
+#include "../frontend/row_ops.h"
+#include "device_context.h"
+#include "launch_config.h"
 #include "row_kernels.cuh"
 
-namespace logitkit::cuda_impl {
+namespace logitkit::cuda {
 namespace {
-
-using kernels::RowsView;
 
 struct LaunchPlan {
   int threads = 0;
@@ -26,131 +26,127 @@ struct LaunchPlan {
   int64_t chunk = 0;  // elements of a row per block
 };
 
-// One block per (row, slice). Enough slices that rows * splits fills the GPU
-// about twice (batch-1 decoding still uses many SMs), but each thread keeps
-// at least 4 packs (16-byte loads) of work.
-LaunchPlan plan_launch(int64_t rows, int64_t cols, int element_bytes, const simt::DeviceContext& ctx) {
-  LaunchPlan plan;
-  const int64_t pack = 16 / element_bytes;
+// Slices of a row per block: enough that rows * splits fills the GPU about
+// kBlocksPerSm times (batch-1 decoding still uses many SMs), but each thread
+// keeps at least kMinPacksPerThread packs (16-byte loads) of work. The
+// emulated build splits by the test suite's max_elements_per_block instead.
+int64_t planned_splits(int64_t rows, int64_t cols, int element_bytes, int threads, const DeviceContext& ctx) {
 #if LK_EMULATED_CUDA
-  auto& shape = simt::emulated_launch_shape();
-  plan.threads = shape.threads_per_block.load();
-  const int64_t max_per_block = shape.max_elements_per_block.load();
-  plan.splits = max_per_block > 0 ? (cols + max_per_block - 1) / max_per_block : 1;
-  (void)pack;
-  (void)ctx;
+  (void)rows, (void)element_bytes, (void)threads, (void)ctx;
+  const int64_t max_per_block = emulated_launch_shape().max_elements_per_block.load();
+  return max_per_block > 0 ? (cols + max_per_block - 1) / max_per_block : 1;
 #else
-  plan.threads = cols >= 16384 ? kernels::kMaxRowThreads : (cols >= 2048 ? 256 : 128);
-  const int64_t target_blocks = 2LL * ctx.multiprocessors();
-  const int64_t min_per_block = 4LL * plan.threads * pack;
+  const int64_t pack = kPackBytes / element_bytes;
+  const int64_t target_blocks = kBlocksPerSm * ctx.multiprocessors();
+  const int64_t min_per_block = kMinPacksPerThread * threads * pack;
   const int64_t wanted = (target_blocks + rows - 1) / rows;
   const int64_t affordable = std::max<int64_t>(1, cols / min_per_block);
-  plan.splits = std::max<int64_t>(1, std::min(wanted, affordable));
+  return std::max<int64_t>(1, std::min(wanted, affordable));
 #endif
-  plan.splits = std::min<int64_t>(plan.splits, 65535);
-  // Slices start on a 16-element boundary so that aligned rows stay aligned.
+}
+
+// One block per (row, slice); slices start on a kSliceAlignElements boundary
+// so that aligned rows stay aligned.
+LaunchPlan plan_launch(int64_t rows, int64_t cols, int element_bytes, const DeviceContext& ctx) {
+  LaunchPlan plan;
+  plan.threads = threads_per_block(KernelFamily::row_ops, cols);
+  plan.splits = std::min<int64_t>(planned_splits(rows, cols, element_bytes, plan.threads, ctx), kMaxGridY);
   plan.chunk = (cols + plan.splits - 1) / plan.splits;
-  plan.chunk = (plan.chunk + 15) / 16 * 16;
+  plan.chunk = (plan.chunk + kSliceAlignElements - 1) / kSliceAlignElements * kSliceAlignElements;
   plan.splits = (cols + plan.chunk - 1) / plan.chunk;
   return plan;
 }
 
 template <class scalar_t>
-RowsView<scalar_t> rows_view(const Rows& r) {
-  return RowsView<scalar_t>{r.tensor.data_ptr<scalar_t>(), r.row_stride};
+RowsView<scalar_t> rows_view(const Rows* r) {
+  return r != nullptr ? RowsView<scalar_t>{r->tensor.data_ptr<scalar_t>(), r->row_stride}
+                      : RowsView<scalar_t>{nullptr, 0};
 }
 
 void check_grid(int64_t rows) {
-  TORCH_CHECK_VALUE(rows <= 2147483647LL, "logitkit: at most 2^31 - 1 rows are supported on CUDA, got ", rows);
+  TORCH_CHECK_VALUE(rows <= kMaxGridX, "logitkit: at most 2^31 - 1 rows are supported on CUDA, got ", rows);
+}
+
+dim3 row_slice_grid(const Rows& shape, const LaunchPlan& plan) {
+  return dim3(static_cast<unsigned>(shape.rows), static_cast<unsigned>(plan.splits));
 }
 
 // Pass 1 of every op: per-(row, slice) partial states in a device workspace.
 template <class Op, class scalar_t>
 at::Tensor launch_partials(const Op& op, RowsView<scalar_t> a, RowsView<scalar_t> b, const Rows& shape,
-                           const LaunchPlan& plan, const simt::DeviceContext& ctx) {
+                           const LaunchPlan& plan, const DeviceContext& ctx) {
   using State = typename Op::State;
   at::Tensor workspace = at::empty({static_cast<int64_t>(shape.rows * plan.splits * sizeof(State))},
                                    shape.tensor.options().dtype(at::kByte));
   auto* partials = reinterpret_cast<State*>(workspace.data_ptr());
-  auto* kernel = &kernels::row_partials_kernel<Op, scalar_t>;
-  const dim3 grid(static_cast<unsigned>(shape.rows), static_cast<unsigned>(plan.splits));
-  LK_LAUNCH_KERNEL(kernel, grid, dim3(plan.threads), 0, ctx.stream(), op, a, b, shape.cols, plan.chunk, partials);
+  auto* kernel = &row_partials_kernel<Op, scalar_t>;
+  LK_LAUNCH_KERNEL(kernel, row_slice_grid(shape, plan), dim3(plan.threads), 0, ctx.stream(), op, a, b, shape.cols,
+                   plan.chunk, partials);
   ctx.check_launch();
   return workspace;
 }
 
 // reduce + elementwise map: out[r, i] = op.output(row constants, a[r, i], b[r, i]).
 template <class Op, class scalar_t>
-void run_map(const Op& op, RowsView<scalar_t> a, RowsView<scalar_t> b, const Rows& shape, scalar_t* out,
-             const simt::DeviceContext& ctx) {
+void run_map(const Op& op, const MapArgs<scalar_t>& args, const DeviceContext& ctx) {
+  const Rows& shape = *args.a;
   check_grid(shape.rows);
   const LaunchPlan plan = plan_launch(shape.rows, shape.cols, sizeof(scalar_t), ctx);
+  const RowsView<scalar_t> a = rows_view<scalar_t>(args.a), b = rows_view<scalar_t>(args.b);
   at::Tensor workspace = launch_partials(op, a, b, shape, plan, ctx);
   auto* partials = reinterpret_cast<const typename Op::State*>(workspace.data_ptr());
-  auto* kernel = &kernels::row_map_kernel<Op, scalar_t, scalar_t>;
-  const dim3 grid(static_cast<unsigned>(shape.rows), static_cast<unsigned>(plan.splits));
-  LK_LAUNCH_KERNEL(kernel, grid, dim3(plan.threads), 0, ctx.stream(), op, a, b, shape.cols, plan.chunk, partials, out);
+  auto* kernel = &row_map_kernel<Op, scalar_t>;
+  LK_LAUNCH_KERNEL(kernel, row_slice_grid(shape, plan), dim3(plan.threads), 0, ctx.stream(), op, a, b, shape.cols,
+                   plan.chunk, partials, args.row_grad, args.out);
   ctx.check_launch();
 }
 
 // reduce + per-row result written by op.finalize.
 template <class Op, class scalar_t>
-void run_finalize(const Op& op, RowsView<scalar_t> a, const Rows& shape, const simt::DeviceContext& ctx) {
+void run_finalize(const Op& op, const ResultArgs<scalar_t>& args, const DeviceContext& ctx) {
+  const Rows& shape = *args.a;
   check_grid(shape.rows);
   const LaunchPlan plan = plan_launch(shape.rows, shape.cols, sizeof(scalar_t), ctx);
-  at::Tensor workspace = launch_partials(op, a, RowsView<scalar_t>{nullptr, 0}, shape, plan, ctx);
+  at::Tensor workspace =
+      launch_partials(op, rows_view<scalar_t>(args.a), rows_view<scalar_t>(nullptr), shape, plan, ctx);
   auto* partials = reinterpret_cast<const typename Op::State*>(workspace.data_ptr());
-  constexpr int kThreads = 128;
-  auto* kernel = &kernels::row_finalize_kernel<Op>;
-  const dim3 grid(static_cast<unsigned>((shape.rows + kThreads - 1) / kThreads));
-  LK_LAUNCH_KERNEL(kernel, grid, dim3(kThreads), 0, ctx.stream(), op, partials, shape.rows, plan.splits);
+  auto* kernel = &row_finalize_kernel<Op>;
+  const dim3 grid(static_cast<unsigned>((shape.rows + kFinalizeThreads - 1) / kFinalizeThreads));
+  LK_LAUNCH_KERNEL(kernel, grid, dim3(kFinalizeThreads), 0, ctx.stream(), op, partials, shape.rows, plan.splits);
   ctx.check_launch();
 }
 
-// The backend of RowOpFrontends: maps each op kind to its kernel policy.
-struct CudaBackend {
+// The backend of RowOpsFrontend: maps each op kind to its policy (csrc/core/row_ops.h).
+struct RowOpsBackend {
   template <class scalar_t>
   static void map(MapKind kind, const MapArgs<scalar_t>& args) {
-    const simt::DeviceContext ctx(args.a->tensor);
-    const RowsView<scalar_t> a = rows_view<scalar_t>(*args.a);
-    const RowsView<scalar_t> b = args.b != nullptr ? rows_view<scalar_t>(*args.b) : RowsView<scalar_t>{nullptr, 0};
+    const DeviceContext ctx(args.a->tensor);
     const float inv_t = args.inv_temperature;
-    auto run = [&](const auto& op) { run_map(op, a, b, *args.a, args.out, ctx); };
     switch (kind) {
-      case MapKind::softmax: run(kernels::SoftmaxOutput{{inv_t}}); break;
-      case MapKind::log_softmax: run(kernels::LogSoftmaxOutput{{inv_t}}); break;
-      case MapKind::logsumexp_grad: run(kernels::LogsumexpGradOutput<scalar_t>{{inv_t}, args.row_grad}); break;
-      case MapKind::entropy_grad: run(kernels::EntropyGradOutput<scalar_t>{{inv_t}, args.row_grad}); break;
-      case MapKind::softmax_grad: run(kernels::SoftmaxGradOutput{{}, inv_t}); break;
-      case MapKind::log_softmax_grad: run(kernels::LogSoftmaxGradOutput{{}, inv_t}); break;
+      case MapKind::softmax: return run_map(core::SoftmaxMap{{inv_t}}, args, ctx);
+      case MapKind::log_softmax: return run_map(core::LogSoftmaxMap{{inv_t}}, args, ctx);
+      case MapKind::logsumexp_grad: return run_map(core::LogsumexpGradMap{{inv_t}}, args, ctx);
+      case MapKind::entropy_grad: return run_map(core::EntropyGradMap{{inv_t}}, args, ctx);
+      case MapKind::softmax_grad: return run_map(core::SoftmaxGradMap{{inv_t}}, args, ctx);
+      case MapKind::log_softmax_grad: return run_map(core::LogSoftmaxGradMap{{inv_t}}, args, ctx);
     }
   }
 
   template <class scalar_t>
   static void reduce(ResultKind kind, const ResultArgs<scalar_t>& args) {
-    const simt::DeviceContext ctx(args.a->tensor);
-    const RowsView<scalar_t> a = rows_view<scalar_t>(*args.a);
+    const DeviceContext ctx(args.a->tensor);
     const float inv_t = args.inv_temperature;
-    auto run = [&](const auto& op) { run_finalize(op, a, *args.a, ctx); };
     switch (kind) {
       case ResultKind::logsumexp:
-        run(kernels::LogsumexpResult<scalar_t>{{inv_t}, static_cast<scalar_t*>(args.out)});
-        break;
-      case ResultKind::entropy: run(kernels::EntropyResult{{inv_t}, static_cast<float*>(args.out)}); break;
-      case ResultKind::stats: run(kernels::StatsResult{{inv_t}, static_cast<float*>(args.out)}); break;
+        return run_finalize(core::LogsumexpResult<scalar_t>{{inv_t}, static_cast<scalar_t*>(args.out)}, args, ctx);
+      case ResultKind::entropy:
+        return run_finalize(core::EntropyResult{{inv_t}, static_cast<float*>(args.out)}, args, ctx);
+      case ResultKind::stats: return run_finalize(core::StatsResult{{inv_t}, static_cast<float*>(args.out)}, args, ctx);
     }
   }
 };
 
 }  // namespace
-}  // namespace logitkit::cuda_impl
+}  // namespace logitkit::cuda
 
-#if LK_EMULATED_CUDA
-#define LOGITKIT_KERNEL_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(logitkit_emulated, CPU, m)
-#else
-#define LOGITKIT_KERNEL_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(logitkit, CUDA, m)
-#endif
-
-LOGITKIT_KERNEL_LIBRARY_IMPL(m) {
-  logitkit::RowOpFrontends<logitkit::cuda_impl::CudaBackend>::register_all(m);
-}
+LOGITKIT_CUDA_LIBRARY_IMPL(m) { logitkit::RowOpsFrontend<logitkit::cuda::RowOpsBackend>::register_all(m); }

@@ -5,20 +5,20 @@
 // thread per CUDA thread).
 #include <cstdint>
 #include <string>
-
 #include <vector>
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/library.h>
 
+#include "../cuda/launch_config.h"
 #include "../ops/schemas.h"
-#include "../simt/device_context.h"
+#include "../simt/simt.h"
 
 TORCH_LIBRARY(logitkit_emulated, m) { logitkit::define_schemas(m); }
 
-namespace logitkit::emu_selftest {
-std::vector<int64_t> run(const std::string& name, int threads, int blocks);
+namespace logitkit::simt {
+std::vector<int64_t> run_selftest(const std::string& name, int threads, int blocks);
 }
 
 namespace {
@@ -28,25 +28,25 @@ void configure(int threads_per_block, int64_t max_elements_per_block, const std:
     throw pybind11::value_error("threads_per_block must be in [1, 1024]");
   }
   if (max_elements_per_block < 0) throw pybind11::value_error("max_elements_per_block must be >= 0");
-  auto& s = lk_simt::settings();
+  auto& s = logitkit::simt::settings();
   if (schedule == "in_order") {
-    s.schedule = lk_simt::Schedule::in_order;
+    s.schedule = logitkit::simt::Schedule::in_order;
   } else if (schedule == "reversed") {
-    s.schedule = lk_simt::Schedule::reversed;
+    s.schedule = logitkit::simt::Schedule::reversed;
   } else if (schedule == "random") {
-    s.schedule = lk_simt::Schedule::random;
+    s.schedule = logitkit::simt::Schedule::random;
   } else {
     throw pybind11::value_error("schedule must be 'in_order', 'reversed' or 'random', got '" + schedule + "'");
   }
   s.seed = seed;
-  auto& shape = logitkit::simt::emulated_launch_shape();
+  auto& shape = logitkit::cuda::emulated_launch_shape();
   shape.threads_per_block = threads_per_block;
   shape.max_elements_per_block = max_elements_per_block;
 }
 
 pybind11::dict current_configuration() {
-  const auto& s = lk_simt::settings();
-  const auto& shape = logitkit::simt::emulated_launch_shape();
+  const auto& s = logitkit::simt::settings();
+  const auto& shape = logitkit::cuda::emulated_launch_shape();
   static const char* names[] = {"in_order", "reversed", "random"};
   pybind11::dict d;
   d["threads_per_block"] = shape.threads_per_block.load();
@@ -68,8 +68,8 @@ PYBIND11_MODULE(_C_emulated, module) {
              "32 gives a partial last warp; max_elements_per_block > 0 splits each row over several blocks.");
   module.def("configuration", &current_configuration);
   module.def(
-      "set_deadlock_timeout", [](double seconds) { lk_simt::settings().timeout_seconds = seconds; },
+      "set_deadlock_timeout", [](double seconds) { logitkit::simt::settings().timeout_seconds = seconds; },
       pybind11::arg("seconds"), "Seconds a barrier may wait before the launch fails as a deadlock.");
-  module.def("selftest", &logitkit::emu_selftest::run, pybind11::arg("name"), pybind11::arg("threads"),
+  module.def("selftest", &logitkit::simt::run_selftest, pybind11::arg("name"), pybind11::arg("threads"),
              pybind11::arg("blocks") = 1, "Runs one of the emulator's self-test kernels (tests/test_emulator.py).");
 }

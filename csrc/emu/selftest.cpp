@@ -7,13 +7,14 @@
 #include <string>
 #include <vector>
 
+#include "../cuda/collectives.cuh"
 #include "../simt/simt.h"
 
-namespace logitkit::emu_selftest {
+namespace logitkit::simt {
 namespace {
 
-using simt::lane_rank;
-using simt::warp_live_mask;
+using cuda::lane_rank;
+using cuda::warp_live_mask;
 
 // Per thread, 9 results: shfl(src=lane^7 % lanes), shfl_up(1), shfl_down(3),
 // shfl_xor(5), shfl_down(1, width 8), ballot(lane % 3 == 0), any(lane == 2),
@@ -24,7 +25,7 @@ __global__ void warp_intrinsics_kernel(int64_t* out) {
   const int t = threadIdx.x;
   const unsigned mask = warp_live_mask();
   const int lane = lane_rank();
-  const int lanes = simt::lanes_in_warp();
+  const int lanes = cuda::lanes_in_warp();
   int64_t* o = out + (static_cast<int64_t>(blockIdx.x) * blockDim.x + t) * kIntrinsicResults;
   o[0] = __shfl_sync(mask, t, (lane ^ 7) % lanes);
   o[1] = __shfl_up_sync(mask, t, 1);
@@ -37,17 +38,17 @@ __global__ void warp_intrinsics_kernel(int64_t* out) {
   o[8] = __activemask();
 }
 
-// Block sum of (thread index + 1) through simt::block_reduce, plus an
+// Block sum of (thread index + 1) through cuda::block_reduce, plus an
 // atomicAdd of every thread into a grid-wide counter, plus a round trip
 // through dynamic shared memory (each thread reads its neighbour's slot after
 // a barrier).
 __global__ void block_reduce_kernel(int64_t* block_sums, unsigned long long* grid_counter, int64_t* neighbours) {
-  __shared__ int64_t scratch[simt::kReduceScratchSize];
+  __shared__ int64_t scratch[cuda::kReduceScratchSize];
   LK_DYNAMIC_SHARED(int64_t, slots);
   const int t = threadIdx.x;
   slots[t] = 1000LL * blockIdx.x + t;
-  const int64_t sum = simt::block_reduce(
-      static_cast<int64_t>(t + 1), [](int64_t a, int64_t b) { return a + b; }, int64_t{0}, scratch);
+  const int64_t sum =
+      cuda::block_reduce(static_cast<int64_t>(t + 1), [](int64_t a, int64_t b) { return a + b; }, int64_t{0}, scratch);
   if (t == 0) block_sums[blockIdx.x] = sum;
   atomicAdd(grid_counter, 1ULL);
   __syncthreads();
@@ -80,7 +81,7 @@ __global__ void deadlock_kernel() {
 }  // namespace
 
 // Runs one self-test kernel; returns its int64 results (flattened).
-std::vector<int64_t> run(const std::string& name, int threads, int blocks) {
+std::vector<int64_t> run_selftest(const std::string& name, int threads, int blocks) {
   if (name == "warp_intrinsics") {
     std::vector<int64_t> out(static_cast<size_t>(threads) * blocks * kIntrinsicResults, -1);
     auto* kernel = &warp_intrinsics_kernel;
@@ -117,4 +118,4 @@ std::vector<int64_t> run(const std::string& name, int threads, int blocks) {
   throw std::invalid_argument("unknown self-test kernel '" + name + "'");
 }
 
-}  // namespace logitkit::emu_selftest
+}  // namespace logitkit::simt

@@ -6,102 +6,86 @@
 #include <ATen/Version.h>
 #include <torch/library.h>
 
-#include "../cpu/linear_ce_cpu.h"
-#include "../cpu/row_ops_cpu.h"
-#include "../cpu/top_h_cpu.h"
+#include "../cpu/kernel_tables.h"
+#include "../frontend/linear_ce.h"
+#include "../frontend/row_ops.h"
+#include "../frontend/top_h.h"
 #include "schemas.h"
 
 namespace logitkit::cpu {
+namespace {
 
-// The instruction-set copy of a kernel table that matches ATen's runtime CPU
-// capability.
-template <class Table>
-const Table& for_cpu_capability(const Table& generic, const Table& avx2, const Table& avx512) {
+// The kernel tables of one instruction-set copy (see kernel_tables.h).
+struct CpuKernels {
+  const char* capability;
+  const PerDtype<RowOpsKernels>* row_ops;
+  const PerDtype<TopHKernels>* top_h;
+  const LinearCeKernels* linear_ce;
+};
+
+#define LOGITKIT_CPU_KERNELS(cap) \
+  CpuKernels { #cap, &cap::row_ops_kernels, &cap::top_h_kernels, &cap::linear_ce_kernels }
+
+// The copy matching ATen's runtime CPU capability, chosen once.
+const CpuKernels& for_cpu_capability() {
+  static const CpuKernels kernels = [] {
 #if LOGITKIT_CPU_X86_VARIANTS
-  const std::string capability = at::get_cpu_capability();
-  if (capability == "AVX512") return avx512;
-  if (capability == "AVX2") return avx2;
-#else
-  (void)avx2;
-  (void)avx512;
+    const std::string capability = at::get_cpu_capability();
+    if (capability == "AVX512") return LOGITKIT_CPU_KERNELS(AVX512);
+    if (capability == "AVX2") return LOGITKIT_CPU_KERNELS(AVX2);
 #endif
-  return generic;
+    return LOGITKIT_CPU_KERNELS(DEFAULT);
+  }();
+  return kernels;
 }
 
-#if LOGITKIT_CPU_X86_VARIANTS
-#define LOGITKIT_CPU_TABLES(name) DEFAULT::name, AVX2::name, AVX512::name
-#else
-#define LOGITKIT_CPU_TABLES(name) DEFAULT::name, DEFAULT::name, DEFAULT::name
-#endif
+#undef LOGITKIT_CPU_KERNELS
 
-const RowKernelTable& selected_row_kernels() {
-  static const RowKernelTable& table = for_cpu_capability(LOGITKIT_CPU_TABLES(row_kernels));
-  return table;
-}
-
-const TopHKernelTable& selected_top_h_kernels() {
-  static const TopHKernelTable& table = for_cpu_capability(LOGITKIT_CPU_TABLES(top_h_kernels));
-  return table;
-}
-
-// The linear cross-entropy chunk kernels of the same instruction set.
-const LceKernelTable& selected_lce_kernels() {
-  static const LceKernelTable& table = for_cpu_capability(LOGITKIT_CPU_TABLES(lce_kernels));
-  return table;
-}
-
-std::string selected_cpu_capability() {
-  const RowKernelTable* t = &selected_row_kernels();
-#if LOGITKIT_CPU_X86_VARIANTS
-  if (t == &AVX512::row_kernels) return "AVX512";
-  if (t == &AVX2::row_kernels) return "AVX2";
-#endif
-  (void)t;
-  return "DEFAULT";
-}
-
-// The backend of RowOpFrontends for CPU tensors.
-struct CpuBackend {
+// The backend of RowOpsFrontend for CPU tensors.
+struct RowOpsBackend {
   template <class scalar_t>
   static void map(MapKind kind, const MapArgs<scalar_t>& args) {
-    const RowKernelTable& t = selected_row_kernels();
-    if constexpr (std::is_same_v<scalar_t, float>) t.map_float(kind, args);
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) t.map_bfloat16(kind, args);
-    if constexpr (std::is_same_v<scalar_t, c10::Half>) t.map_half(kind, args);
+    for_cpu_capability().row_ops->of<scalar_t>().map(kind, args);
   }
   template <class scalar_t>
   static void reduce(ResultKind kind, const ResultArgs<scalar_t>& args) {
-    const RowKernelTable& t = selected_row_kernels();
-    if constexpr (std::is_same_v<scalar_t, float>) t.reduce_float(kind, args);
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) t.reduce_bfloat16(kind, args);
-    if constexpr (std::is_same_v<scalar_t, c10::Half>) t.reduce_half(kind, args);
+    for_cpu_capability().row_ops->of<scalar_t>().reduce(kind, args);
   }
-};
-
-// The backend of LinearCeFrontends for CPU tensors.
-struct CpuLceBackend {
-  static void forward_chunk(const LceChunk& c, const at::Tensor&) { selected_lce_kernels().forward_chunk(c); }
-  static void backward_chunk(const LceChunk& c, const at::Tensor&) { selected_lce_kernels().backward_chunk(c); }
 };
 
 // The backend of TopHFrontend for CPU tensors.
-struct CpuTopHBackend {
+struct TopHBackend {
   template <class scalar_t>
   static void top_h_mask(const Rows& r, const TopHParams& p, bool* out) {
-    selected_top_h_kernels().of<scalar_t>().mask(r, p, out);
+    for_cpu_capability().top_h->of<scalar_t>().mask(r, p, out);
   }
   template <class scalar_t>
   static void sample(const Rows& r, const TopHParams& p, const float* uniform, int64_t* out) {
-    selected_top_h_kernels().of<scalar_t>().sample(r, p, uniform, out);
+    for_cpu_capability().top_h->of<scalar_t>().sample(r, p, uniform, out);
   }
 };
+
+// The backend of LinearCeFrontend for CPU tensors.
+struct LinearCeBackend {
+  static void forward_chunk(const core::LinearCeChunk& c, const at::Tensor&) {
+    for_cpu_capability().linear_ce->forward_chunk(c);
+  }
+  static void backward_chunk(const core::LinearCeChunk& c, const at::Tensor&) {
+    for_cpu_capability().linear_ce->backward_chunk(c);
+  }
+};
+
+}  // namespace
+
+// The instruction set of the CPU kernels in use (build_info()["cpu_capability"]).
+std::string selected_cpu_capability() { return for_cpu_capability().capability; }
 
 }  // namespace logitkit::cpu
 
 TORCH_LIBRARY(logitkit, m) { logitkit::define_schemas(m); }
 
 TORCH_LIBRARY_IMPL(logitkit, CPU, m) {
-  logitkit::RowOpFrontends<logitkit::cpu::CpuBackend>::register_all(m);
-  logitkit::LinearCeFrontends<logitkit::cpu::CpuLceBackend>::register_all(m);
-  logitkit::TopHFrontend<logitkit::cpu::CpuTopHBackend>::register_all(m);
+  logitkit::RowOpsFrontend<logitkit::cpu::RowOpsBackend>::register_all(m);
+  logitkit::LinearCeFrontend<logitkit::cpu::LinearCeBackend>::register_all(m);
+  logitkit::TopHFrontend<logitkit::cpu::TopHBackend>::register_all(m);
 }

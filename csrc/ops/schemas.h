@@ -1,7 +1,7 @@
 // The one place where logitkit's operator schemas are written.
 //
 // define_schemas() is applied to two libraries:
-//   * `logitkit`            (csrc/ops/register.cpp): the product ops, with CPU
+//   * `logitkit`            (csrc/ops/register_cpu.cpp): the product ops, with CPU
 //                           and CUDA kernels registered per dispatch key;
 //   * `logitkit_emulated`   (csrc/emu/module.cpp): the same schemas, whose CPU
 //                           kernels are the CUDA kernels run through the SIMT
@@ -26,7 +26,7 @@ inline void define_schemas(torch::Library& m) {
   m.def("log_softmax_backward(Tensor grad, Tensor output, float temperature) -> Tensor");
   m.def("logsumexp_backward(Tensor grad, Tensor x, float temperature) -> Tensor");
   m.def("entropy_backward(Tensor grad, Tensor logits, float temperature) -> Tensor");
-  // Top-H truncation (shared/notes/top-h.md): the boolean keep mask of each
+  // Top-H truncation (docs/top_h.md): the boolean keep mask of each
   // row under rule "hf", "official" or "exact"; cap = -1: the rule's default
   // (100) for the capped rules, ignored by "exact". Not differentiable.
   m.def("top_h_mask(Tensor logits, float alpha, float temperature=1.0, str rule=\"hf\", int cap=-1) -> Tensor");
@@ -35,10 +35,11 @@ inline void define_schemas(torch::Library& m) {
   // rule, cap as for top_h_mask; alpha = None: no truncation), by inverse CDF
   // at `uniform` (float32 in [0, 1), one per row, drawn by the caller).
   // -1 for a row without a defined distribution (NaN or +inf logits).
-  m.def("sample(Tensor logits, Tensor uniform, float? alpha, float temperature=1.0, str rule=\"hf\", "
-        "int cap=-1) -> Tensor");
+  m.def(
+      "sample(Tensor logits, Tensor uniform, float? alpha, float temperature=1.0, str rule=\"hf\", "
+      "int cap=-1) -> Tensor");
 
-  // Memory-light linear cross-entropy (csrc/common/linear_ce_driver.h): the
+  // Memory-light linear cross-entropy (csrc/frontend/linear_ce.h): the
   // logits x = hidden @ weight^T + bias are only ever formed chunk by chunk.
   // hidden (N, D), weight (V, D), target (N) int64. softcap = 0: none.
   //   linear_ce_stats    -> (N, 5) fp32 per-token state

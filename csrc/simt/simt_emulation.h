@@ -1,10 +1,11 @@
 // CPU emulation of the CUDA SIMT execution model, so that logitkit's CUDA
 // kernel sources run unchanged on the host inside the test suite.
 //
-// Model (see shared/notes/simt-emulation.md):
+// Model (see docs/emulator.md):
 //   * One OS thread per CUDA thread of a block; the blocks of a grid run one
 //     after another, so `__shared__` maps to function-local `static` storage.
 //   * threadIdx/blockIdx are thread_local, blockDim/gridDim are set per launch.
+//     Blocks are 1-D and grids 1-D or 2-D (what logitkit's kernels launch).
 //   * __syncthreads() is a real barrier across the block's live threads; a
 //     thread that returns leaves the barrier (as an exited CUDA thread does).
 //   * Warp intrinsics (__shfl_*_sync, __syncwarp, votes) go through a per-warp
@@ -27,6 +28,9 @@
 //
 // Only one emulated launch runs at a time (a global mutex), because
 // `__shared__` storage is process-wide.
+//
+// The emulator provides the intrinsics logitkit's kernels and the emulator's
+// self-test kernels (csrc/emu/selftest.cpp) use, and no others.
 #pragma once
 
 #if defined(__CUDACC__)
@@ -39,6 +43,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -68,8 +73,7 @@
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
-  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1)
-      : x(x_), y(y_), z(z_) {}
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 struct uint3 {
   unsigned x = 0, y = 0, z = 0;
@@ -82,7 +86,7 @@ inline dim3 blockDim;
 inline dim3 gridDim;
 constexpr int warpSize = 32;
 
-namespace lk_simt {
+namespace logitkit::simt {
 
 enum class Schedule : int { in_order = 0, reversed = 1, random = 2 };
 
@@ -129,6 +133,10 @@ inline std::string site_string(const std::source_location& s) {
   return std::string(s.file_name()) + ":" + std::to_string(s.line());
 }
 
+inline bool same_site(const std::source_location& a, const std::source_location& b) {
+  return a.line() == b.line() && std::strcmp(a.file_name(), b.file_name()) == 0;
+}
+
 // A reusable barrier whose expected count shrinks when a participant exits.
 // Every phase checks that all arrivals come from one call site, and the
 // last arrival may run a check over the phase (`on_complete`).
@@ -148,10 +156,9 @@ class CheckedBarrier {
     if (launch_->failed()) throw LaunchAborted{};
     if (arrived_ == 0) {
       site_ = site;
-    } else if (site.line() != site_.line() ||
-               std::strcmp(site.file_name(), site_.file_name()) != 0) {
-      launch_->fail(std::string("divergent ") + what_ + ": reached at " + site_string(site_) +
-                    " and at " + site_string(site) + " in the same phase");
+    } else if (!same_site(site, site_)) {
+      launch_->fail(std::string("divergent ") + what_ + ": reached at " + site_string(site_) + " and at " +
+                    site_string(site) + " in the same phase");
       cv_.notify_all();
       throw LaunchAborted{};
     }
@@ -161,14 +168,12 @@ class CheckedBarrier {
       return;
     }
     const auto timeout = std::chrono::duration<double>(settings().timeout_seconds);
-    const bool released = cv_.wait_for(lock, timeout, [&] {
-      return generation_ != my_generation || launch_->failed();
-    });
+    const bool released =
+        cv_.wait_for(lock, timeout, [&] { return generation_ != my_generation || launch_->failed(); });
     if (!released) {
       launch_->fail(std::string("deadlock: ") + what_ + " at " + site_string(site_) + " waited " +
-                    std::to_string(settings().timeout_seconds) + " s with " +
-                    std::to_string(arrived_) + " of " + std::to_string(expected_) +
-                    " participants (the others are stuck elsewhere or in another barrier)");
+                    std::to_string(settings().timeout_seconds) + " s with " + std::to_string(arrived_) + " of " +
+                    std::to_string(expected_) + " participants (the others are stuck elsewhere or in another barrier)");
       cv_.notify_all();
     }
     if (launch_->failed()) throw LaunchAborted{};
@@ -203,10 +208,9 @@ class CheckedBarrier {
 // State of one warp of the block being executed.
 struct WarpState {
   CheckedBarrier barrier;
-  unsigned live_mask = 0;            // lanes that exist and have not returned
-  unsigned existing_mask = 0;        // lanes that exist (partial last warp)
-  unsigned call_mask[32] = {};       // mask argument passed by each lane
-  uint64_t slot[32] = {};            // exchange buffer, one value per lane
+  unsigned live_mask = 0;       // lanes that exist and have not returned
+  unsigned call_mask[32] = {};  // mask argument passed by each lane
+  uint64_t slot[32] = {};       // exchange buffer, one value per lane
 };
 
 // State of the block being executed, shared by its threads.
@@ -216,12 +220,34 @@ struct BlockState {
   std::atomic<int> start_turn{0};
 };
 
+// One launch: its failure state, the state of the block being executed, and
+// the block's start order and dynamic shared memory.
 struct Launch {
   LaunchState state;
   BlockState block;
   std::vector<int> start_rank;  // start position of each thread in the block
   std::vector<unsigned char> dynamic_shared;
   int threads_per_block = 0;
+
+  Launch(int threads, size_t dynamic_shared_bytes, Schedule schedule) : threads_per_block(threads) {
+    dynamic_shared.assign(dynamic_shared_bytes + 16, 0xFF);  // poison: uninitialised reads show as NaN
+    for (int w = 0; w < (threads + 31) / 32; ++w) block.warps.push_back(std::make_unique<WarpState>());
+    start_rank.resize(threads);
+    std::iota(start_rank.begin(), start_rank.end(), 0);
+    if (schedule == Schedule::reversed) std::reverse(start_rank.begin(), start_rank.end());
+  }
+
+  // Barriers, live masks and start turn for the next block.
+  void reset_block() noexcept {
+    block.barrier.reset(threads_per_block, &state, "__syncthreads");
+    for (size_t w = 0; w < block.warps.size(); ++w) {
+      const int lanes = std::min(32, threads_per_block - 32 * static_cast<int>(w));
+      WarpState& ws = *block.warps[w];
+      ws.barrier.reset(lanes, &state, "warp intrinsic");
+      ws.live_mask = lanes == 32 ? 0xFFFFFFFFu : ((1u << lanes) - 1u);
+    }
+    block.start_turn.store(0);
+  }
 };
 
 inline Launch*& current_launch() {
@@ -275,13 +301,12 @@ inline void check_warp_masks(WarpState& w, const char* intrinsic, const std::sou
 // Runs one warp-collective exchange: every live lane publishes `value`,
 // then `read` computes the lane's result from the exchange buffer.
 template <class Read>
-inline auto warp_exchange(unsigned mask, uint64_t value, const char* intrinsic,
-                          const std::source_location& site, Read&& read) {
+inline auto warp_exchange(unsigned mask, uint64_t value, const char* intrinsic, const std::source_location& site,
+                          Read&& read) {
   WarpState& w = my_warp();
   const int lane = lane_id();
   if (!((mask >> lane) & 1u)) {
-    launch_ref().state.fail(std::string(intrinsic) + " at " + site_string(site) +
-                            ": calling lane is not in the mask");
+    launch_ref().state.fail(std::string(intrinsic) + " at " + site_string(site) + ": calling lane is not in the mask");
     throw LaunchAborted{};
   }
   w.call_mask[lane] = mask;
@@ -313,18 +338,25 @@ inline T from_bits(uint64_t bits) {
 // source returns the caller's own value.
 enum class ShuffleKind { index, up, down, bfly };
 
+inline int shuffle_source(ShuffleKind kind, int lane, int arg, int width) {
+  const int segment_start = (lane / width) * width;
+  switch (kind) {
+    case ShuffleKind::index: return segment_start + (arg % width);
+    case ShuffleKind::up: return (lane - arg >= segment_start) ? lane - arg : lane;
+    case ShuffleKind::down: return (lane + arg < segment_start + width) ? lane + arg : lane;
+    case ShuffleKind::bfly: {
+      const int src = lane ^ arg;
+      return src >= segment_start + width ? lane : src;
+    }
+  }
+  return lane;
+}
+
 template <class T>
 inline T shuffle(unsigned mask, T var, int arg, int width, ShuffleKind kind, const char* name,
                  const std::source_location& site) {
   return warp_exchange(mask, to_bits(var), name, site, [&](WarpState& w, int lane) {
-    const int segment_start = (lane / width) * width;
-    int src = lane;
-    switch (kind) {
-      case ShuffleKind::index: src = segment_start + (arg % width); break;
-      case ShuffleKind::up: src = (lane - arg >= segment_start) ? lane - arg : lane; break;
-      case ShuffleKind::down: src = (lane + arg < segment_start + width) ? lane + arg : lane; break;
-      case ShuffleKind::bfly: src = lane ^ arg; if (src >= segment_start + width) src = lane; break;
-    }
+    const int src = shuffle_source(kind, lane, arg, width);
     if (src < 0 || src >= 32 || !((mask >> src) & 1u)) {
       // Reading a lane that does not execute the shuffle yields an undefined
       // value on a GPU (not a fault): return all-ones bits (NaN for floats)
@@ -340,120 +372,123 @@ inline std::mutex& launch_mutex() {
   return mu;
 }
 
+// Checks a launch shape: 1-D blocks of 1 to 1024 threads, 1-D or 2-D grids.
+inline void check_launch_shape(dim3 grid, dim3 block) {
+  if (block.y != 1 || block.z != 1) throw std::invalid_argument("emulated launch: blocks must be 1-D");
+  if (block.x < 1 || block.x > 1024) throw std::invalid_argument("emulated launch: block size must be in [1, 1024]");
+  if (grid.z != 1) throw std::invalid_argument("emulated launch: grids must be 1-D or 2-D");
+  if (grid.x < 1 || grid.y < 1) throw std::invalid_argument("emulated launch: empty grid");
+  if (grid.y > 65535) throw std::invalid_argument("emulated launch: gridDim.y above 65535");
+}
+
+// Between two blocks every thread meets here; the last arrival resets the
+// block state (barriers, live masks, start order) for the next block.
+class BlockSequencer {
+ public:
+  BlockSequencer(Launch& launch, const Settings& cfg) : launch_(launch), cfg_(cfg), order_rng_(cfg.seed) {}
+
+  void next_block() {
+    std::unique_lock<std::mutex> lock(mu_);
+    const uint64_t gen = generation_;
+    if (++arrived_ < launch_.threads_per_block) {
+      cv_.wait(lock, [&] { return generation_ != gen; });
+      return;
+    }
+    arrived_ = 0;
+    launch_.reset_block();
+    if (cfg_.schedule == Schedule::random) {
+      std::shuffle(launch_.start_rank.begin(), launch_.start_rank.end(), order_rng_);
+    }
+    ++generation_;
+    cv_.notify_all();
+  }
+
+ private:
+  Launch& launch_;
+  const Settings& cfg_;
+  std::mt19937_64 order_rng_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int arrived_ = 0;
+  uint64_t generation_ = 0;
+};
+
+// Under a non-default schedule, thread t starts in the order given by
+// start_rank: it waits for its turn.
+inline void wait_for_start_turn(Launch& launch, int t) {
+  const int rank = launch.start_rank[t];
+  auto& turn = launch.block.start_turn;
+  int seen = turn.load();
+  while (seen != rank) {
+    turn.wait(seen);
+    seen = turn.load();
+  }
+  turn.store(rank + 1);
+  turn.notify_all();
+  perturb_schedule();
+}
+
+// The first exception other than LaunchAborted thrown inside a kernel.
+struct ForeignError {
+  std::mutex mu;
+  std::exception_ptr error;
+};
+
+// Runs the kernel body as one CUDA thread of the current block, then leaves
+// the block: the thread has returned, so it drops out of its warp's and the
+// block's barriers.
+inline void run_thread_in_block(Launch& launch, int t, const std::function<void()>& body, ForeignError& foreign) {
+  if (!launch.state.failed()) {
+    try {
+      body();
+    } catch (const LaunchAborted&) {
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(foreign.mu);
+      if (!foreign.error) foreign.error = std::current_exception();
+      launch.state.fail("exception thrown inside an emulated kernel");
+    }
+  }
+  WarpState& w = *launch.block.warps[t / 32];
+  // live_mask is read by the completion check under the warp barrier's lock
+  // only while all live lanes wait, so updating it before dropping is safe.
+  w.live_mask &= ~(1u << (t % 32));
+  w.barrier.drop();
+  launch.block.barrier.drop();
+}
+
 // Runs `body` as a CUDA kernel launch <<<grid, block, dynamic_shared_bytes>>>.
 inline void launch(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::function<void()>& body) {
-  const long long threads = 1LL * block.x * block.y * block.z;
-  const long long blocks = 1LL * grid.x * grid.y * grid.z;
-  if (threads < 1 || threads > 1024) throw std::invalid_argument("emulated launch: block size must be in [1, 1024]");
-  if (blocks < 1) throw std::invalid_argument("emulated launch: empty grid");
-  if (grid.y > 65535 || grid.z > 65535) throw std::invalid_argument("emulated launch: gridDim.y/z above 65535");
-
+  check_launch_shape(grid, block);
   std::lock_guard<std::mutex> serial(launch_mutex());
-  Launch launch;
-  launch.threads_per_block = static_cast<int>(threads);
-  launch.dynamic_shared.assign(dynamic_shared_bytes + 16, 0xFF);  // poison: uninitialised reads show as NaN
-  const int nwarps = static_cast<int>((threads + 31) / 32);
-  for (int w = 0; w < nwarps; ++w) launch.block.warps.push_back(std::make_unique<WarpState>());
-  launch.start_rank.resize(threads);
-  std::iota(launch.start_rank.begin(), launch.start_rank.end(), 0);
   const Settings cfg = settings();
-  if (cfg.schedule == Schedule::reversed) {
-    std::reverse(launch.start_rank.begin(), launch.start_rank.end());
-  }
+  const int threads = static_cast<int>(block.x);
+  const long long blocks = 1LL * grid.x * grid.y;
+  Launch launch(threads, dynamic_shared_bytes, cfg.schedule);
+  BlockSequencer sequencer(launch, cfg);
+  ForeignError foreign;
   gridDim = grid;
   blockDim = block;
   current_launch() = &launch;
 
-  auto reset_block = [&launch, nwarps, threads]() noexcept {
-    launch.block.barrier.reset(static_cast<int>(threads), &launch.state, "__syncthreads");
-    for (int w = 0; w < nwarps; ++w) {
-      const int lanes = static_cast<int>(std::min<long long>(32, threads - 32LL * w));
-      const unsigned mask = lanes == 32 ? 0xFFFFFFFFu : ((1u << lanes) - 1u);
-      WarpState& ws = *launch.block.warps[w];
-      ws.barrier.reset(lanes, &launch.state, "warp intrinsic");
-      ws.live_mask = mask;
-      ws.existing_mask = mask;
-    }
-    launch.block.start_turn.store(0);
-  };
-
-  // Between two blocks every thread meets here; the last arrival resets the
-  // block state (barriers, live masks, start order) for the next block.
-  std::mt19937_64 order_rng(cfg.seed);
-  std::mutex between_mu;
-  std::condition_variable between_cv;
-  int between_arrived = 0;
-  uint64_t between_generation = 0;
-  auto between_blocks = [&]() {
-    std::unique_lock<std::mutex> lock(between_mu);
-    const uint64_t gen = between_generation;
-    if (++between_arrived == threads) {
-      between_arrived = 0;
-      reset_block();
-      if (cfg.schedule == Schedule::random) {
-        std::shuffle(launch.start_rank.begin(), launch.start_rank.end(), order_rng);
-      }
-      ++between_generation;
-      between_cv.notify_all();
-    } else {
-      between_cv.wait(lock, [&] { return between_generation != gen; });
-    }
-  };
-
   std::vector<std::thread> workers;
   workers.reserve(threads);
-  std::exception_ptr foreign_error;
-  std::mutex foreign_mu;
   for (int t = 0; t < threads; ++t) {
     workers.emplace_back([&, t] {
       tl_linear_thread = t;
       tl_rng.seed(static_cast<unsigned>(cfg.seed * 7919u + static_cast<uint64_t>(t) + 1u));
-      threadIdx.x = t % block.x;
-      threadIdx.y = (t / block.x) % block.y;
-      threadIdx.z = t / (block.x * block.y);
+      threadIdx.x = static_cast<unsigned>(t);
       for (long long b = 0; b < blocks; ++b) {
-        between_blocks();
+        sequencer.next_block();
         blockIdx.x = static_cast<unsigned>(b % grid.x);
-        blockIdx.y = static_cast<unsigned>((b / grid.x) % grid.y);
-        blockIdx.z = static_cast<unsigned>(b / (1LL * grid.x * grid.y));
-        if (cfg.schedule != Schedule::in_order) {
-          // Start in the order given by start_rank: wait for our turn.
-          const int rank = launch.start_rank[t];
-          auto& turn = launch.block.start_turn;
-          int seen = turn.load();
-          while (seen != rank) {
-            turn.wait(seen);
-            seen = turn.load();
-          }
-          turn.store(rank + 1);
-          turn.notify_all();
-          perturb_schedule();
-        }
-        if (!launch.state.failed()) {
-          try {
-            body();
-          } catch (const LaunchAborted&) {
-          } catch (...) {
-            std::lock_guard<std::mutex> lock(foreign_mu);
-            if (!foreign_error) foreign_error = std::current_exception();
-            launch.state.fail("exception thrown inside an emulated kernel");
-          }
-        }
-        // This CUDA thread has returned: it leaves its warp and block barriers.
-        WarpState& w = *launch.block.warps[t / 32];
-        {
-          // live_mask is read by the completion check under the warp barrier's lock
-          // only while all live lanes wait, so updating it before dropping is safe.
-          w.live_mask &= ~(1u << (t % 32));
-        }
-        w.barrier.drop();
-        launch.block.barrier.drop();
+        blockIdx.y = static_cast<unsigned>(b / grid.x);
+        if (cfg.schedule != Schedule::in_order) wait_for_start_turn(launch, t);
+        run_thread_in_block(launch, t, body, foreign);
       }
     });
   }
   for (auto& w : workers) w.join();
   current_launch() = nullptr;
-  if (foreign_error) std::rethrow_exception(foreign_error);
+  if (foreign.error) std::rethrow_exception(foreign.error);
   if (launch.state.failed()) throw std::runtime_error("emulated CUDA launch failed: " + launch.state.message());
 }
 
@@ -466,49 +501,52 @@ inline void* dynamic_shared_memory() {
   return std::align(16, 1, p, space);
 }
 
-}  // namespace lk_simt
+}  // namespace logitkit::simt
 
 // ---------------------------------------------------------------------------
 // CUDA intrinsics, with their call site captured for the barrier checks.
 // ---------------------------------------------------------------------------
 inline void __syncthreads(std::source_location site = std::source_location::current()) {
-  lk_simt::sync_block(site);
+  logitkit::simt::sync_block(site);
 }
-inline void __syncwarp(unsigned mask = 0xFFFFFFFFu,
-                       std::source_location site = std::source_location::current()) {
-  lk_simt::warp_exchange(mask, 0, "__syncwarp", site, [](lk_simt::WarpState&, int) { return 0; });
+inline void __syncwarp(unsigned mask = 0xFFFFFFFFu, std::source_location site = std::source_location::current()) {
+  logitkit::simt::warp_exchange(mask, 0, "__syncwarp", site, [](logitkit::simt::WarpState&, int) { return 0; });
 }
-inline unsigned __activemask() { return lk_simt::active_mask(); }
+inline unsigned __activemask() { return logitkit::simt::active_mask(); }
 
 template <class T>
 inline T __shfl_sync(unsigned mask, T var, int src_lane, int width = 32,
                      std::source_location site = std::source_location::current()) {
-  return lk_simt::shuffle(mask, var, src_lane, width, lk_simt::ShuffleKind::index, "__shfl_sync", site);
+  return logitkit::simt::shuffle(mask, var, src_lane, width, logitkit::simt::ShuffleKind::index, "__shfl_sync", site);
 }
 template <class T>
 inline T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = 32,
                         std::source_location site = std::source_location::current()) {
-  return lk_simt::shuffle(mask, var, static_cast<int>(delta), width, lk_simt::ShuffleKind::up, "__shfl_up_sync", site);
+  return logitkit::simt::shuffle(mask, var, static_cast<int>(delta), width, logitkit::simt::ShuffleKind::up,
+                                 "__shfl_up_sync", site);
 }
 template <class T>
 inline T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = 32,
                           std::source_location site = std::source_location::current()) {
-  return lk_simt::shuffle(mask, var, static_cast<int>(delta), width, lk_simt::ShuffleKind::down, "__shfl_down_sync", site);
+  return logitkit::simt::shuffle(mask, var, static_cast<int>(delta), width, logitkit::simt::ShuffleKind::down,
+                                 "__shfl_down_sync", site);
 }
 template <class T>
 inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = 32,
                          std::source_location site = std::source_location::current()) {
-  return lk_simt::shuffle(mask, var, lane_mask, width, lk_simt::ShuffleKind::bfly, "__shfl_xor_sync", site);
+  return logitkit::simt::shuffle(mask, var, lane_mask, width, logitkit::simt::ShuffleKind::bfly, "__shfl_xor_sync",
+                                 site);
 }
 
 inline unsigned __ballot_sync(unsigned mask, int predicate,
                               std::source_location site = std::source_location::current()) {
-  return lk_simt::warp_exchange(mask, predicate != 0, "__ballot_sync", site, [mask](lk_simt::WarpState& w, int) {
-    unsigned ballot = 0;
-    for (int lane = 0; lane < 32; ++lane)
-      if (((mask >> lane) & 1u) && w.slot[lane]) ballot |= 1u << lane;
-    return ballot;
-  });
+  return logitkit::simt::warp_exchange(mask, predicate != 0, "__ballot_sync", site,
+                                       [mask](logitkit::simt::WarpState& w, int) {
+                                         unsigned ballot = 0;
+                                         for (int lane = 0; lane < 32; ++lane)
+                                           if (((mask >> lane) & 1u) && w.slot[lane]) ballot |= 1u << lane;
+                                         return ballot;
+                                       });
 }
 inline int __any_sync(unsigned mask, int predicate, std::source_location site = std::source_location::current()) {
   return __ballot_sync(mask, predicate, site) != 0;
@@ -517,47 +555,10 @@ inline int __all_sync(unsigned mask, int predicate, std::source_location site = 
   return __ballot_sync(mask, predicate, site) == mask;
 }
 
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+
 // Atomics (device-scope on a GPU; C++20 atomic_ref here).
 template <class T>
 inline T atomicAdd(T* address, T value) {
   return std::atomic_ref<T>(*address).fetch_add(value);
 }
-namespace lk_simt {
-// Stores `value` while replaces(old, value) holds (compare-and-swap loop); returns the old value.
-template <class T, class Replaces>
-inline T atomic_store_if(T* address, T value, Replaces replaces) {
-  std::atomic_ref<T> ref(*address);
-  T old = ref.load();
-  while (replaces(old, value) && !ref.compare_exchange_weak(old, value)) {
-  }
-  return old;
-}
-}  // namespace lk_simt
-template <class T>
-inline T atomicMax(T* address, T value) {
-  return lk_simt::atomic_store_if(address, value, [](T old, T v) { return old < v; });
-}
-template <class T>
-inline T atomicMin(T* address, T value) {
-  return lk_simt::atomic_store_if(address, value, [](T old, T v) { return v < old; });
-}
-template <class T>
-inline T atomicCAS(T* address, T compare, T value) {
-  std::atomic_ref<T>(*address).compare_exchange_strong(compare, value);
-  return compare;
-}
-template <class T>
-inline T atomicExch(T* address, T value) {
-  return std::atomic_ref<T>(*address).exchange(value);
-}
-inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
-
-// Math intrinsics: the fast device variants map to the accurate host ones.
-inline float __expf(float x) { return std::exp(x); }
-inline float __logf(float x) { return std::log(x); }
-inline float __fdividef(float a, float b) { return a / b; }
-inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
-inline float __int_as_float(int x) { return lk_simt::from_bits<float>(static_cast<uint64_t>(static_cast<uint32_t>(x))); }
-inline int __float_as_int(float x) { return static_cast<int>(static_cast<uint32_t>(lk_simt::to_bits(x))); }
-template <class T>
-inline T __ldg(const T* p) { return *p; }

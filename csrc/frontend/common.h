@@ -1,14 +1,16 @@
-// Host-side pieces shared by the CPU, CUDA and emulated-CUDA implementations
-// of the row ops: argument checks (same messages everywhere), the 2-D row
-// view of an (..., V) tensor, and the dtype dispatch.
+// Host-side pieces shared by the frontends of every op family (row_ops.h,
+// top_h.h, linear_ce.h) and their CPU, CUDA and emulated-CUDA backends:
+// argument checks (same messages everywhere), the 2-D row view of an (..., V)
+// tensor, and the dtype dispatch.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <vector>
 
-#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
@@ -109,7 +111,8 @@ inline std::vector<int64_t> row_result_shape(const at::Tensor& x) {
 
 // Dispatch over the three logit dtypes logitkit supports.
 // (Callers check the dtype first, so the switch's own error never shows.)
+#define LOGITKIT_LOGIT_TYPE_CASES(...)      \
+  AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+  AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)
 #define LOGITKIT_DISPATCH_LOGIT_TYPES(dtype, ...) \
-  AT_DISPATCH_SWITCH(dtype, "logitkit", AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                                       AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
-                                       AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+  AT_DISPATCH_SWITCH(dtype, "logitkit", LOGITKIT_LOGIT_TYPE_CASES(__VA_ARGS__))

@@ -1,18 +1,20 @@
-// The op-level entry points of the row ops, written once for every backend
-// (CPU, CUDA, emulated CUDA): argument checks, output allocation, empty
-// inputs, row layout and dtype dispatch. A backend supplies two functions:
+// The frontend of the row ops: their op-level entry points, written once for
+// every backend (CPU, CUDA, emulated CUDA): argument checks, output
+// allocation, empty inputs, row layout and dtype dispatch. A backend supplies
+// two functions:
 //
 //   template <class scalar_t> static void map(MapKind, const MapArgs<scalar_t>&);
 //       reduce each row, then write out[r, i] = f(row constants, a[r, i], b[r, i])
 //   template <class scalar_t> static void reduce(ResultKind, const ResultArgs<scalar_t>&);
 //       reduce each row to a per-row result
+// The per-row math of both is csrc/core/row_ops.h.
 #pragma once
 
 #include <limits>
 
 #include <torch/library.h>
 
-#include "row_ops_common.h"
+#include "common.h"
 
 namespace logitkit {
 
@@ -44,7 +46,7 @@ struct ResultArgs {
 };
 
 template <class Backend>
-struct RowOpFrontends {
+struct RowOpsFrontend {
   static float inverse(double temperature) { return static_cast<float>(1.0 / temperature); }
 
   static at::Tensor forward_map(MapKind kind, const at::Tensor& x, double temperature, const char* name) {
@@ -54,8 +56,8 @@ struct RowOpFrontends {
     if (x.numel() == 0) return out;
     const Rows r = as_rows(x);
     LOGITKIT_DISPATCH_LOGIT_TYPES(x.scalar_type(), [&] {
-      Backend::template map<scalar_t>(kind, MapArgs<scalar_t>{&r, nullptr, out.template data_ptr<scalar_t>(),
-                                                              nullptr, inverse(temperature)});
+      Backend::template map<scalar_t>(
+          kind, MapArgs<scalar_t>{&r, nullptr, out.template data_ptr<scalar_t>(), nullptr, inverse(temperature)});
     });
     return out;
   }
@@ -94,8 +96,8 @@ struct RowOpFrontends {
     check_logits(x, name, "x");
     check_temperature(temperature, name);
     const auto result_shape = row_result_shape(x);
-    TORCH_CHECK_VALUE(grad.device() == x.device(), "logitkit.", name, ": grad is on ", grad.device(),
-                      " but x is on ", x.device());
+    TORCH_CHECK_VALUE(grad.device() == x.device(), "logitkit.", name, ": grad is on ", grad.device(), " but x is on ",
+                      x.device());
     TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef(result_shape), "logitkit.", name, ": grad must have shape ",
                       at::IntArrayRef(result_shape), ", got ", grad.sizes());
     at::Tensor out = at::empty(x.sizes(), x.options());
@@ -124,8 +126,8 @@ struct RowOpFrontends {
       ry = as_rows(y.contiguous());
     }
     LOGITKIT_DISPATCH_LOGIT_TYPES(y.scalar_type(), [&] {
-      Backend::template map<scalar_t>(kind, MapArgs<scalar_t>{&rg, &ry, out.template data_ptr<scalar_t>(), nullptr,
-                                                              inverse(temperature)});
+      Backend::template map<scalar_t>(
+          kind, MapArgs<scalar_t>{&rg, &ry, out.template data_ptr<scalar_t>(), nullptr, inverse(temperature)});
     });
     return out;
   }

@@ -1,5 +1,5 @@
-// The op-level driver of the memory-light linear cross-entropy, written once
-// for every backend (CPU, CUDA, emulated CUDA).
+// The frontend of the memory-light linear cross-entropy: the op-level driver,
+// written once for every backend (CPU, CUDA, emulated CUDA).
 //
 //   linear_ce_stats     forward: per-token state (m, s, b, z_target,
 //                       sum_c w_c z_c), see csrc/core/linear_ce.h
@@ -7,14 +7,15 @@
 //                       per-token normaliser (m, log s) and coefficients
 //                       (a, e, beta, sigma)
 //
-// Both walk the (N, V) logits in tiles (lce_tiling: everything transient fits
-// chunk_budget bytes), vocabulary chunks outer, token chunks inner: the
-// tile's raw logits come from an ATen GEMM (BLAS / cuBLAS) into a reused fp32
-// workspace, then the backend's fused chunk kernel does everything else in
-// place; the backward adds two gradient GEMMs per tile. Four
-// GEMM-equivalents in all (forward, recompute, grad_hidden, grad_weight),
-// each on large square-ish tiles. No N x V buffer exists at any time, and
-// nothing here reads device memory from the host (no synchronisation on CUDA).
+// Both walk the (N, V) logits in tiles (linear_ce_tiling: everything
+// transient fits chunk_budget bytes), vocabulary chunks outer, token chunks
+// inner: the tile's raw logits come from an ATen GEMM (BLAS / cuBLAS) into a
+// reused fp32 workspace, then the backend's fused chunk kernel does
+// everything else in place; the backward adds two gradient GEMMs per tile.
+// Four GEMM-equivalents in all (forward, recompute, grad_hidden,
+// grad_weight), each on large square-ish tiles. No N x V buffer exists at
+// any time, and nothing here reads device memory from the host (no
+// synchronisation on CUDA).
 //
 // (A fused variant that forms each block of whole vocabulary rows once and
 // turns it into gradients in the forward saves one GEMM-equivalent but needs
@@ -29,9 +30,9 @@
 // gradients are accumulated in fp32 (see Grads) and cast once.
 //
 // A backend supplies
-//   static void forward_chunk(const LceChunk&, const at::Tensor& tile);   // folds a tile into `state`
-//   static void backward_chunk(const LceChunk&, const at::Tensor& tile);  // tile <- dL/dx in place
-// (`tile` is the workspace tensor behind LceChunk::logits: device, stream.)
+//   static void forward_chunk(const LinearCeChunk&, const at::Tensor& tile);   // folds a tile into `state`
+//   static void backward_chunk(const LinearCeChunk&, const at::Tensor& tile);  // tile <- dL/dx in place
+// (`tile` is the workspace tensor behind LinearCeChunk::logits: device, stream.)
 #pragma once
 
 #include <algorithm>
@@ -49,11 +50,11 @@
 #include <torch/library.h>
 
 #include "../core/linear_ce.h"
-#include "row_ops_common.h"
+#include "common.h"
 
 namespace logitkit {
 
-using core::LceChunk;
+using core::LinearCeChunk;
 
 // Tile shape for a budget. A tile covers `rows` tokens x `cols` vocabulary
 // entries; the tiles are visited vocabulary chunk by vocabulary chunk (see
@@ -66,15 +67,15 @@ using core::LceChunk;
 // costs 6 rows cols D flops for 16 D (rows + cols) bytes of hidden, weight and
 // gradient traffic, so it maximises rows cols / (rows + cols); row counts
 // tried are N and the powers of two below it.
-struct LceTiling {
+struct LinearCeTiling {
   int64_t rows;
   int64_t cols;
 };
 
-inline LceTiling lce_tiling(int64_t n, int64_t v, int64_t d, int64_t chunk_budget, bool upcast) {
+inline LinearCeTiling linear_ce_tiling(int64_t n, int64_t v, int64_t d, int64_t chunk_budget, bool upcast) {
   const int64_t elements = std::max<int64_t>(1, chunk_budget / static_cast<int64_t>(sizeof(float)));
   const int64_t per_col = upcast ? 2 * d : 0;
-  LceTiling best{1, 1};
+  LinearCeTiling best{1, 1};
   double best_score = -1.0;
   auto consider = [&](int64_t rows) {
     const int64_t cols = std::clamp<int64_t>(elements / (rows + per_col), 1, v);
@@ -90,18 +91,19 @@ inline LceTiling lce_tiling(int64_t n, int64_t v, int64_t d, int64_t chunk_budge
 }
 
 // The checked, contiguous inputs of an op.
-struct LceInputs {
+struct LinearCeInputs {
   at::Tensor hidden, weight, target, bias, class_weight;  // bias/class_weight: fp32 or undefined
   int64_t n = 0, v = 0, d = 0;
 };
 
 template <class Backend>
-struct LinearCeFrontends {
-  using Inputs = LceInputs;
+struct LinearCeFrontend {
+  using Inputs = LinearCeInputs;
 
-  static LceInputs check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
-                             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& class_weight,
-                             double softcap, double temperature, int64_t chunk_budget, const char* op) {
+  static LinearCeInputs check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
+                                     const std::optional<at::Tensor>& bias,
+                                     const std::optional<at::Tensor>& class_weight, double softcap, double temperature,
+                                     int64_t chunk_budget, const char* op) {
     check_logits(hidden, op, "hidden");
     TORCH_CHECK_VALUE(hidden.dim() == 2, "logitkit.", op, ": hidden must be 2-D (N, D), got shape ", hidden.sizes());
     TORCH_CHECK_VALUE(weight.dim() == 2, "logitkit.", op, ": weight must be 2-D (V, D), got shape ", weight.sizes());
@@ -123,7 +125,7 @@ struct LinearCeFrontends {
                       ": softcap must be a finite number > 0 (or 0 for none), got ", softcap);
     check_temperature(temperature, op);
     TORCH_CHECK_VALUE(chunk_budget > 0, "logitkit.", op, ": chunk_budget must be > 0 bytes, got ", chunk_budget);
-    LceInputs in;
+    LinearCeInputs in;
     in.n = hidden.size(0);
     in.v = weight.size(0);
     in.d = hidden.size(1);
@@ -148,7 +150,7 @@ struct LinearCeFrontends {
   // Range check of the targets. On CPU a clear error; on CUDA it would need a
   // host synchronisation, so there an out-of-range target is reported through
   // the result instead (its z_target stays NaN, hence a NaN loss).
-  static void check_targets(const LceInputs& in, int64_t ignore_index, const char* op) {
+  static void check_targets(const LinearCeInputs& in, int64_t ignore_index, const char* op) {
     if (!in.target.device().is_cpu()) return;
     const int64_t* t = in.target.data_ptr<int64_t>();
     for (int64_t i = 0; i < in.n; ++i) {
@@ -160,7 +162,8 @@ struct LinearCeFrontends {
 
   // tile <- h @ w^T (+ bias[v0 : v0 + cols]): the raw logits of the fp32
   // hidden rows h against the fp32 weight rows w = weight[v0 : v0 + cols].
-  static void raw_logits(const LceInputs& in, at::Tensor& tile, int64_t v0, const at::Tensor& h, const at::Tensor& w) {
+  static void raw_logits(const LinearCeInputs& in, at::Tensor& tile, int64_t v0, const at::Tensor& h,
+                         const at::Tensor& w) {
     if (in.bias.defined()) {
       at::addmm_out(tile, in.bias.narrow(0, v0, w.size(0)), h, w.t());
     } else {
@@ -169,7 +172,7 @@ struct LinearCeFrontends {
   }
 
   // bf16/fp16 inputs: the GEMMs run in fp32 on upcast copies.
-  static bool upcast(const LceInputs& in) { return in.hidden.scalar_type() != at::kFloat; }
+  static bool upcast(const LinearCeInputs& in) { return in.hidden.scalar_type() != at::kFloat; }
 
   // Visits the tiles vocabulary chunk by vocabulary chunk, token chunks inner,
   // so that a chunk's weight rows are upcast once and its grad_weight rows are
@@ -178,7 +181,7 @@ struct LinearCeFrontends {
   // x = hidden[t0:t0+rows] @ weight[v0:v0+cols]^T + bias[v0:v0+cols], with h, w
   // the fp32 hidden and weight rows of the tile.
   template <class Visit>
-  static void for_each_tile(const LceInputs& in, const LceTiling& tiling, Visit&& visit) {
+  static void for_each_tile(const LinearCeInputs& in, const LinearCeTiling& tiling, Visit&& visit) {
     const at::Tensor hidden32 = in.hidden.to(at::kFloat);  // hidden itself for fp32 inputs
     at::Tensor workspace = at::empty({tiling.rows * tiling.cols}, in.hidden.options().dtype(at::kFloat));
     for (int64_t v0 = 0; v0 < in.v; v0 += tiling.cols) {
@@ -194,13 +197,13 @@ struct LinearCeFrontends {
     }
   }
 
-  static LceTiling tiling_of(const LceInputs& in, int64_t chunk_budget) {
-    return lce_tiling(in.n, in.v, in.d, chunk_budget, upcast(in));
+  static LinearCeTiling tiling_of(const LinearCeInputs& in, int64_t chunk_budget) {
+    return linear_ce_tiling(in.n, in.v, in.d, chunk_budget, upcast(in));
   }
 
-  static LceChunk make_chunk(const LceInputs& in, at::Tensor& tile, int64_t t0, int64_t v0, double softcap,
-                             double temperature) {
-    LceChunk c;
+  static LinearCeChunk make_chunk(const LinearCeInputs& in, at::Tensor& tile, int64_t t0, int64_t v0, double softcap,
+                                  double temperature) {
+    LinearCeChunk c;
     c.logits = tile.data_ptr<float>();
     c.rows = tile.size(0);
     c.cols = tile.size(1);
@@ -212,13 +215,14 @@ struct LinearCeFrontends {
   }
 
   // The per-token forward state before any tile: empty softmax state.
-  static at::Tensor empty_state(const LceInputs& in) {
-    at::Tensor state = at::empty({in.n, core::kLceStateWidth}, in.hidden.options().dtype(at::kFloat));
-    state.select(1, core::kLceMax).fill_(-std::numeric_limits<float>::infinity());
-    state.select(1, core::kLceSumExp).zero_();
-    state.select(1, core::kLceSumShifted).zero_();
-    state.select(1, core::kLceTargetLogit).fill_(std::numeric_limits<float>::quiet_NaN());  // NaN: target not in [0, V)
-    state.select(1, core::kLceWeightedSum).zero_();
+  static at::Tensor empty_state(const LinearCeInputs& in) {
+    at::Tensor state = at::empty({in.n, core::kLinearCeStateWidth}, in.hidden.options().dtype(at::kFloat));
+    state.select(1, core::kLinearCeMax).fill_(-std::numeric_limits<float>::infinity());
+    state.select(1, core::kLinearCeSumExp).zero_();
+    state.select(1, core::kLinearCeSumShifted).zero_();
+    // z_target stays NaN while no tile holds the target (a target outside [0, V)).
+    state.select(1, core::kLinearCeTargetLogit).fill_(std::numeric_limits<float>::quiet_NaN());
+    state.select(1, core::kLinearCeWeightedSum).zero_();
     return state;
   }
 
@@ -226,20 +230,21 @@ struct LinearCeFrontends {
                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& class_weight,
                           int64_t ignore_index, double softcap, double temperature, int64_t chunk_budget) {
     constexpr const char* op = "linear_cross_entropy";
-    const LceInputs in = check_inputs(hidden, weight, target, bias, class_weight, softcap, temperature, chunk_budget, op);
+    const LinearCeInputs in =
+        check_inputs(hidden, weight, target, bias, class_weight, softcap, temperature, chunk_budget, op);
     check_targets(in, ignore_index, op);
     at::Tensor state = empty_state(in);
     if (in.n == 0) return state;
     for_each_tile(in, tiling_of(in, chunk_budget),
                   [&](at::Tensor& tile, int64_t t0, int64_t v0, const at::Tensor&, const at::Tensor&) {
-      LceChunk c = make_chunk(in, tile, t0, v0, softcap, temperature);
-      c.state = state.data_ptr<float>() + t0 * core::kLceStateWidth;
-      Backend::forward_chunk(c, tile);
-    });
+                    LinearCeChunk c = make_chunk(in, tile, t0, v0, softcap, temperature);
+                    c.state = state.data_ptr<float>() + t0 * core::kLinearCeStateWidth;
+                    Backend::forward_chunk(c, tile);
+                  });
     return state;
   }
 
-  static void check_per_token(const at::Tensor& t, const LceInputs& in, int64_t width, const char* op,
+  static void check_per_token(const at::Tensor& t, const LinearCeInputs& in, int64_t width, const char* op,
                               const char* arg) {
     TORCH_CHECK_VALUE(t.device() == in.hidden.device() && t.scalar_type() == at::kFloat && t.dim() == 2 &&
                           t.size(0) == in.n && t.size(1) == width,
@@ -262,7 +267,7 @@ struct LinearCeFrontends {
     at::Tensor bias;          // (V) fp32, or (0) without a bias gradient
     int64_t n;
 
-    Grads(const LceInputs& in, const LceTiling& tiling, bool bias_grad) : n(in.n) {
+    Grads(const LinearCeInputs& in, const LinearCeTiling& tiling, bool bias_grad) : n(in.n) {
       const auto f32 = in.hidden.options().dtype(at::kFloat);
       hidden = at::empty({in.n, in.d}, f32);
       weight = in.n > 0 ? at::empty({in.v, in.d}, in.weight.options()) : at::zeros({in.v, in.d}, in.weight.options());
@@ -295,23 +300,25 @@ struct LinearCeFrontends {
   };
 
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
-      const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target, const std::optional<at::Tensor>& bias,
-      const std::optional<at::Tensor>& class_weight, const at::Tensor& normaliser, const at::Tensor& coefficients,
-      double softcap, double temperature, int64_t chunk_budget, bool bias_grad) {
+      const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
+      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& class_weight,
+      const at::Tensor& normaliser, const at::Tensor& coefficients, double softcap, double temperature,
+      int64_t chunk_budget, bool bias_grad) {
     constexpr const char* op = "linear_cross_entropy_backward";
-    const LceInputs in = check_inputs(hidden, weight, target, bias, class_weight, softcap, temperature, chunk_budget, op);
-    check_per_token(normaliser, in, 2, op, "normaliser");
-    check_per_token(coefficients, in, core::kLceCoefWidth, op, "coefficients");
-    const LceTiling tiling = tiling_of(in, chunk_budget);
+    const LinearCeInputs in =
+        check_inputs(hidden, weight, target, bias, class_weight, softcap, temperature, chunk_budget, op);
+    check_per_token(normaliser, in, core::kLinearCeNormaliserWidth, op, "normaliser");
+    check_per_token(coefficients, in, core::kLinearCeCoefWidth, op, "coefficients");
+    const LinearCeTiling tiling = tiling_of(in, chunk_budget);
     Grads grads(in, tiling, bias_grad);
     if (in.n > 0) {
       const at::Tensor norm_c = normaliser.contiguous();
       const at::Tensor coef_c = coefficients.contiguous();
       for_each_tile(in, tiling,
                     [&](at::Tensor& tile, int64_t t0, int64_t v0, const at::Tensor& h, const at::Tensor& w) {
-                      LceChunk c = make_chunk(in, tile, t0, v0, softcap, temperature);
-                      c.normaliser = norm_c.data_ptr<float>() + 2 * t0;
-                      c.coefficients = coef_c.data_ptr<float>() + t0 * core::kLceCoefWidth;
+                      LinearCeChunk c = make_chunk(in, tile, t0, v0, softcap, temperature);
+                      c.normaliser = norm_c.data_ptr<float>() + t0 * core::kLinearCeNormaliserWidth;
+                      c.coefficients = coef_c.data_ptr<float>() + t0 * core::kLinearCeCoefWidth;
                       Backend::backward_chunk(c, tile);  // tile <- dL/dx
                       grads.add(tile, t0, v0, h, w);
                     });

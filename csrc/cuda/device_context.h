@@ -1,34 +1,32 @@
-// Host-side launch context of a CUDA op: device guard, current stream, SM
-// count and launch checks. Under the SIMT emulator these are stand-ins, so the
-// host wrappers of the CUDA kernels compile (and are tested) unchanged.
+// Host side of a CUDA op: the launch context (device guard, current stream,
+// SM count, launch checks) and the registration of a file's CUDA kernels.
+// Under the SIMT emulator these are stand-ins, so the host wrappers of the
+// CUDA kernels compile (and are tested) unchanged.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <torch/library.h>
 
-#include "simt.h"
+#include "../simt/simt.h"
 
-#if LK_EMULATED_CUDA
-#include <atomic>
-#else
+#if !LK_EMULATED_CUDA
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
 
-namespace logitkit::simt {
+// Registers the CUDA kernels of the file that uses it: for the CUDA key of
+// `logitkit` under nvcc, and, compiled through the SIMT emulator
+// (csrc/emu/*_emulated.cpp), for CPU tensors under `logitkit_emulated`.
+#if LK_EMULATED_CUDA
+#define LOGITKIT_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(logitkit_emulated, CPU, m)
+#else
+#define LOGITKIT_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(logitkit, CUDA, m)
+#endif
+
+namespace logitkit::cuda {
 
 #if LK_EMULATED_CUDA
-
-// Launch shape overrides for the emulated build, set by the test suite so
-// that small inputs still exercise partial warps and multi-block rows.
-struct EmulatedLaunchShape {
-  std::atomic<int> threads_per_block{80};     // 2.5 warps: the last warp is partial
-  std::atomic<int64_t> max_elements_per_block{0};  // 0: no extra split
-};
-inline EmulatedLaunchShape& emulated_launch_shape() {
-  static EmulatedLaunchShape shape;
-  return shape;
-}
 
 class DeviceContext {
  public:
@@ -57,4 +55,4 @@ class DeviceContext {
 
 #endif
 
-}  // namespace logitkit::simt
+}  // namespace logitkit::cuda

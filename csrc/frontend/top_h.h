@@ -1,5 +1,5 @@
-// The op-level entry points of top_h_mask and sample, written once for every
-// backend (CPU, CUDA, emulated CUDA): argument checks (same messages
+// The frontend of Top-H: the op-level entry points of top_h_mask and sample,
+// written once for every backend (CPU, CUDA, emulated CUDA): argument checks (same messages
 // everywhere, and the same as the fake kernels in
 // python/logitkit/_registration.py), output allocation, empty inputs, row
 // layout and dtype dispatch. A backend supplies
@@ -19,7 +19,7 @@
 #include <torch/library.h>
 
 #include "../core/top_h.h"
-#include "row_ops_common.h"
+#include "common.h"
 
 namespace logitkit {
 
@@ -67,9 +67,8 @@ struct TopHFrontend {
     at::Tensor out = at::empty(logits.sizes(), logits.options().dtype(at::kBool));
     if (out.numel() == 0) return out;
     const Rows r = as_rows(logits);
-    LOGITKIT_DISPATCH_LOGIT_TYPES(logits.scalar_type(), [&] {
-      Backend::template top_h_mask<scalar_t>(r, params, out.data_ptr<bool>());
-    });
+    LOGITKIT_DISPATCH_LOGIT_TYPES(logits.scalar_type(),
+                                  [&] { Backend::template top_h_mask<scalar_t>(r, params, out.data_ptr<bool>()); });
     return out;
   }
 
@@ -81,8 +80,8 @@ struct TopHFrontend {
                       " but logits is on ", logits.device());
     TORCH_CHECK_TYPE(uniform.scalar_type() == at::kFloat, "logitkit.sample: uniform must be float32, got ",
                      python_dtype_name(uniform.scalar_type()));
-    TORCH_CHECK_VALUE(uniform.sizes() == batch, "logitkit.sample: uniform must have shape ", batch, " (one number per "
-                      "row), got ", uniform.sizes());
+    TORCH_CHECK_VALUE(uniform.sizes() == batch, "logitkit.sample: uniform must have shape ", batch,
+                      " (one number per row), got ", uniform.sizes());
     at::Tensor out = at::empty(batch, logits.options().dtype(at::kLong));
     if (out.numel() == 0) return out;
     if (logits.size(-1) == 0) return out.fill_(-1);  // no vocabulary: no defined distribution

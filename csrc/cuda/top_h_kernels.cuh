@@ -1,0 +1,716 @@
+// CUDA kernels of top_h_mask and sample (rules "hf", "official", "exact";
+// definitions in docs/top_h.md, shared math in csrc/core/top_h.h). Host
+// launch and registration: top_h.cu. Like every kernel source, also built for
+// the CPU through the SIMT emulator (csrc/simt/simt.h).
+//
+// Design: one block per row, no sort of the vocabulary. Tokens are compared by
+// 32-bit orderable keys of their logit (core::orderable_key), ties broken by
+// the lower index. The cut is found by a radix selection over the key bits in
+// three digits (11 + 11 + 10 bits): each digit pass builds a 2048-bin shared
+// histogram of the tokens whose key matches the digits fixed so far, then one
+// thread walks the bins from the largest key down, accumulating the rule's
+// statistics, and fixes the bin where the rule's predicate first fails.
+//   * capped rules: the predicate is "more than K tokens" (select the top K);
+//     bins hold counts. The K selected keys are then gathered into shared
+//     memory, sorted there (rank sort, K <= kMaxCudaCap) and scanned
+//     (core::capped_keep_count), which fixes the final cut.
+//   * "exact": the predicate is H(q_S) > alpha H(p), with
+//     H(q_S) = log E_S - D_S / E_S (core::renormalised_entropy); bins hold
+//     (count, sum e, sum d e) with e = exp(z - m), d = z - m, m the row max
+//     of z (the first digit's bins are built in pass 1, before m is known,
+//     and rescaled to m; see below). H(q_S) increases with S (docs/top_h.md),
+//     so the first failing bin holds the cut.
+// "exact" stops early once the cut bin holds a single token (that token is
+// then dropped); the capped rules always resolve all digits, and gather the
+// selected keys during the last digit pass: keys above the candidate range
+// directly, keys inside it from the last histogram (whose bins are single key
+// values). At the last digit the cut bin is a single key value (a tie
+// group): the rule says how many of it to keep (j), and the write pass keeps
+// the j lowest indices of the group by an ordered block-wide count.
+//
+// The selection (capped, exact, or none for plain sampling) is a template
+// parameter of the kernels (Selection); the host launcher dispatches on the
+// rule. select_cut runs these phases:
+//   softmax_state_and_first_digit   pass 1
+//   rescale_first_digit_bins        "exact": pass-1 bins relative to m
+//   digit_pass + walk               per digit: histogram, then the walk
+//   gather_and_sort_candidates      capped: the K selected keys, sorted
+//   capped_scan                     capped: the rule's scan over them
+// over one shared-memory struct (TopHStorage).
+//
+// Passes over the row (reads of the logits; every pass is a streaming read):
+//   pass 1     softmax state (max, sum exp, sum shifted) + the first digit's
+//              histogram. Capped rules count keys. "exact" needs, per bin,
+//              (count, sum e, sum d e) relative to the row max m, which is not
+//              known yet; it uses the softmax-state merge instead:
+//                * each thread keeps its tokens of the highest first-digit bin
+//                  it has seen so far (its "top bin") as an online softmax
+//                  state (relative to their own max), not in the histogram;
+//                * every other token goes to the shared bin sums relative to
+//                  the bin's reference r_b = z of the bin's upper end (known
+//                  from the key alone); a thread's top-bin state is flushed
+//                  there too when a token of a higher bin arrives.
+//              After the pass one block reduction ("higher bin wins, equal
+//              bins merge") gives B*, the bin of the row max, with its exact
+//              state relative to m. Every bin b < B* has r_b <= m (its upper
+//              end lies below the row max), so its sums relative to r_b
+//              rescale to m (the merge: e *= exp(r_b - m),
+//              d = exp(r_b - m) (d + (r_b - m) e)) without losing terms that
+//              would not underflow relative to m anyway. Only B* could have
+//              r_b far above m (a first-digit bin spans a quarter of a binary
+//              octave, e.g. x in [1024, 1280)), and B* never uses r_b.
+//   digits     "exact": up to 2 more histogram passes, relative to m (early
+//              exit); capped: 2 more (digits 2 and 3, the last one also
+//              gathering), or, when V <= K, none and one gather pass instead
+//   write      the mask (reads the row once more)
+// Mask: at most 4 passes (1 + 2 digits + write) for every rule and every
+// row; "exact" typically 2-3, because the cut bin usually holds one token
+// after the first or second digit; capped rules with V <= K: 3.
+//
+// sample (sample_kernel) runs the same selection (only pass 1 without
+// truncation), then a draw pass that stops at the tile holding the drawn
+// token, instead of the write pass. The kept mass the draw needs (sum of
+// exp(z - m) over the kept set) comes out of the selection (Cut::mass), so no
+// pass of its own:
+//   plain sampling   the row's softmax state sum_exp (relative to m), pass 1;
+//   "exact"          the walk's sums above the cut (+ the kept part of the tie
+//                    group at the last digit);
+//   capped rules     the sum over the kept sorted keys in shared memory.
+// Sample: at most 4 passes for "exact" and the capped rules (1 + 2 digits +
+// draw), 2 for plain sampling; the draw pass reads on average part of the row.
+//
+// fp32 arithmetic (shared-memory float atomics for the bin sums, so the sums'
+// rounding, not the kept set on tie-free rows away from the boundary, can vary
+// between runs), 64-bit element indices, rows up to 2^31 - 1 elements.
+#pragma once
+
+#include <cstdint>
+
+#include "../core/softmax_state.h"
+#include "../core/top_h.h"
+#include "../frontend/top_h.h"
+#include "collectives.cuh"
+#include "launch_config.h"
+#include "row_kernels.cuh"
+
+namespace logitkit::cuda {
+
+// Largest K the capped rules support on CUDA (shared-memory candidate list).
+constexpr int64_t kMaxCudaCap = 2048;
+
+// Longest row: the kernels count a row's tokens in 32-bit shared counters.
+constexpr int64_t kMaxTopHRowLength = 2147483647LL;
+
+// The radix digits of the 32-bit keys: 11 + 11 + 10 bits, most significant
+// first. A histogram has at most kBins bins; the last digit's bins are
+// single key values.
+constexpr int kDigitCount = 3;
+constexpr int kBins = 2048;
+constexpr int kLastDigitBits = 10;
+constexpr uint32_t kLastDigitMask = (1u << kLastDigitBits) - 1u;
+
+LK_DEVICE inline int digit_shift(int level) { return level == 0 ? 21 : (level == 1 ? kLastDigitBits : 0); }
+LK_DEVICE inline int digit_bits(int level) { return level == kDigitCount - 1 ? kLastDigitBits : 11; }
+
+// Which kept set a kernel selects; the host launcher dispatches on the rule.
+enum class Selection : int {
+  all,     // plain sampling (sample without alpha): every token
+  capped,  // "hf" and "official": a scan over the top K
+  exact,   // "exact": the entropy-bounded prefix of the whole row
+};
+
+// "exact", first digit: the reference r of a bin's sums exp(z - r), taken
+// before the row max is known: z of the largest float whose key falls in the
+// bin (>= every z in the bin), clamped to the largest finite float. Used only
+// for bins below the bin of the row max, where r <= m (see the top).
+LK_DEVICE inline float first_digit_reference(int bin, float inv_t) {
+  const uint32_t top_key = (static_cast<uint32_t>(bin) << digit_shift(0)) | ((1u << digit_shift(0)) - 1u);
+  const float upper = core::key_to_float(top_key);
+  const float finite = upper == upper && upper <= core::max_finite() ? upper : core::max_finite();
+  return core::scaled_logit(finite, inv_t);
+}
+
+// Statistics of a set of tokens, accumulated over bins.
+struct BinTotals {
+  int64_t count;
+  float e;  // sum exp(z - m)       ("exact" only)
+  float d;  // sum (z - m) exp(z - m)
+};
+
+// "exact", pass 1: a thread's tokens of the highest first-digit bin it has
+// seen so far, as an online softmax state relative to their own max.
+struct TopBinState {
+  int bin;         // -1: no token yet
+  unsigned count;  // tokens accumulated, including any whose weight underflows
+  core::SoftmaxState st;
+};
+
+LK_DEVICE inline TopBinState empty_top_bin() { return TopBinState{-1, 0u, core::empty_state()}; }
+
+// The block reduction's combine: the higher bin wins, equal bins merge.
+LK_DEVICE inline TopBinState merge_top_bins(const TopBinState& a, const TopBinState& b) {
+  if (a.bin != b.bin) return a.bin > b.bin ? a : b;
+  return TopBinState{a.bin, a.count + b.count, core::merge(a.st, b.st)};
+}
+
+// What kind of distribution a row has (see the special rows in ops.py).
+enum class RowKind : int { defined, undefined /* NaN or +inf */, all_masked /* all -inf */ };
+
+LK_DEVICE inline RowKind row_kind(const core::SoftmaxState& row) {
+  // NaN or +inf in the row: no defined distribution. All -inf: token 0 only.
+  RowKind kind = RowKind::defined;
+  if (row.sum_exp != row.sum_exp || row.max == core::pos_infinity()) kind = RowKind::undefined;
+  if (row.max == core::neg_infinity()) kind = RowKind::all_masked;
+  return kind;
+}
+
+// Result of the selection, in shared memory.
+struct Cut {
+  uint64_t full_from;  // keys >= full_from are kept (64-bit: "none" is 2^32)
+  uint32_t tie_key;    // tokens with this key: the first tie_keep by index are kept
+  int64_t tie_keep;
+  int64_t tie_total;  // tokens with tie_key in the row
+  int64_t selected;   // capped rules: tokens with key >= full_from
+  int done;           // 0 while searching, then 1 + the digit level that resolved the cut
+  RowKind kind;
+  float m;     // max z of the row (the reference of the weights exp(z - m))
+  float mass;  // sum of exp(z - m) over the kept set (what sampling draws from)
+};
+
+// Everything the kernels keep in shared memory, one instance per block.
+struct TopHStorage {
+  // The histogram of the current digit: counts, and for "exact" the sums
+  // (e, d e) relative to the row max (first digit: see pass 1).
+  unsigned bin_count[kBins];
+  float bin_e[kBins];
+  float bin_d[kBins];
+  Cut cut;
+  BinTotals above;  // totals of the tokens above the current candidate range
+  uint32_t prefix;  // digits fixed so far
+  int gathered;     // capped rules: selected keys gathered so far
+  // Scratch of the block collectives.
+  core::SoftmaxState state_scratch[kReduceScratchSize];
+  TopBinState top_bin_scratch[kReduceScratchSize];
+  int warp_counts[kMaxWarpsPerBlock];
+  float mass_scratch[kReduceScratchSize];
+  int64_t index_scratch[kReduceScratchSize];
+};
+
+// The rule's predicate over the statistics of a candidate prefix set.
+struct CountPredicate {
+  static constexpr bool kSums = false;  // bins hold counts only
+  int64_t k;
+  LK_DEVICE bool exceeds(const BinTotals& t) const { return t.count > k; }
+  // No early stop: the capped rules always resolve all three digits, because
+  // the last digit's histogram then spells out the selected keys exactly (see
+  // gather_and_sort_candidates), which saves the gather pass.
+  LK_DEVICE bool bin_fully_dropped(const BinTotals&, int64_t) const { return false; }
+  // How many tokens of a tie group (of `group` tokens with equal logit) fit.
+  LK_DEVICE int64_t tie_keep(const BinTotals& above, int64_t, float, float) const { return k - above.count; }
+};
+
+struct EntropyPredicate {
+  static constexpr bool kSums = true;  // bins hold (count, sum e, sum d e)
+  float budget;                        // alpha H(p), see core::exact_budget
+  LK_DEVICE bool exceeds(const BinTotals& t) const {
+    return t.e > 0.0f && core::renormalised_entropy(t.e, t.d) > budget;
+  }
+  // The failing bin's single token would exceed the budget on its own,
+  // unless it is the row's most probable token (nothing above it), which
+  // always fits: should rounding of merged sums put its H above a budget of
+  // 0, refining (relative to m) keeps it. A bin's count may include tokens of
+  // weight 0 (first digit, see pass 1): a count above 1 then only refines.
+  LK_DEVICE bool bin_fully_dropped(const BinTotals& above, int64_t bin_count) const {
+    return bin_count == 1 && above.e > 0.0f;
+  }
+  // Largest j in [0, group] with H(above + j tokens of (e, d)) <= budget
+  // (monotone in j: binary search).
+  LK_DEVICE int64_t tie_keep(const BinTotals& above, int64_t group, float e, float d) const {
+    int64_t lo = 0, hi = group;
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo + 1) / 2;
+      const float es = above.e + static_cast<float>(mid) * e;
+      const float ds = above.d + static_cast<float>(mid) * d * e;
+      if (core::renormalised_entropy(es, ds) <= budget) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    return lo;
+  }
+};
+
+// The predicate of a selection: capped rules select the top K tokens, "exact"
+// the largest prefix whose renormalised entropy fits alpha H(p).
+template <Selection kSel>
+LK_DEVICE inline auto rule_predicate(const TopHParams& p, const core::SoftmaxState& row) {
+  if constexpr (kSel == Selection::capped) {
+    return CountPredicate{p.k};
+  } else {
+    return EntropyPredicate{core::exact_budget(p.alpha, core::entropy(row))};
+  }
+}
+
+// Block-wide ordered count: every thread passes a flag for element
+// base + threadIdx.x of one tile; returns the number of flagged elements of
+// the tile before it (in index order), and adds the tile's total to `running`
+// (same value in every thread). `warp_counts` is shared, kMaxWarpsPerBlock.
+LK_DEVICE inline int64_t ordered_rank(bool flag, int64_t& running, int* warp_counts) {
+  const unsigned ballot = __ballot_sync(warp_live_mask(), flag);
+  const int lane = lane_rank();
+  const int below_in_warp = __popc(ballot & ((1u << lane) - 1u));
+  if (lane == 0) warp_counts[warp_rank()] = __popc(ballot);
+  __syncthreads();
+  int64_t before = running, total = running;
+  for (int w = 0; w < warps_per_block(); ++w) {
+    if (w < warp_rank()) before += warp_counts[w];
+    total += warp_counts[w];
+  }
+  __syncthreads();  // warp_counts is rewritten by the next tile
+  running = total;
+  return before + below_in_warp;
+}
+
+template <class scalar_t>
+LK_DEVICE inline float load_logit(const scalar_t* row, int64_t i) {
+  return static_cast<float>(row[i]);
+}
+
+// Zeroes the histogram (the sums only where the selection uses them).
+template <Selection kSel>
+LK_DEVICE inline void clear_bins(TopHStorage& s) {
+  for (int64_t b = threadIdx.x; b < kBins; b += blockDim.x) {
+    s.bin_count[b] = 0;
+    if constexpr (kSel == Selection::exact) {
+      s.bin_e[b] = 0.0f;
+      s.bin_d[b] = 0.0f;
+    }
+  }
+}
+
+// "exact": adds a token of weight e = exp(d) to a bin.
+LK_DEVICE inline void add_to_bin(TopHStorage& s, int bin, unsigned count, float e, float de) {
+  atomicAdd(&s.bin_count[bin], count);
+  atomicAdd(&s.bin_e[bin], e);
+  atomicAdd(&s.bin_d[bin], de);
+}
+
+// Adds a top-bin state to its bin's shared sums, rescaled from the state's
+// max m_t to the bin's reference r >= m_t (the softmax-state merge):
+// e *= exp(m_t - r), d = exp(m_t - r) (d + (m_t - r) e).
+LK_DEVICE inline void flush_top_bin(const TopBinState& t, float inv_t, TopHStorage& s) {
+  const core::SoftmaxState relative = core::rescaled(t.st, first_digit_reference(t.bin, inv_t));
+  add_to_bin(s, t.bin, t.count, relative.sum_exp, relative.sum_shifted);
+}
+
+// "exact", pass 1: one token z (of first-digit bin `bin`, not -inf) into the
+// histogram or into this thread's top bin (see the top of the file).
+LK_DEVICE inline void add_first_digit_token(TopHStorage& s, TopBinState& mine, int bin, float z, float inv_t) {
+  if (bin < mine.bin) {
+    // Below this thread's top bin, hence below the row max's bin:
+    // r_b <= m, so exp(z - r_b) >= exp(z - m) and dropping an underflow
+    // here loses no term that relative to m would be positive.
+    const float d = z - first_digit_reference(bin, inv_t);  // <= 0
+    const float e = expf(d);
+    if (e != 0.0f) add_to_bin(s, bin, 1u, e, d * e);
+    return;
+  }
+  if (bin > mine.bin) {  // a new top bin: the previous one goes to the histogram
+    if (mine.bin >= 0) flush_top_bin(mine, inv_t, s);
+    mine = TopBinState{bin, 0u, core::empty_state()};
+  }
+  core::accumulate(mine.st, &z, 1);
+  ++mine.count;
+}
+
+// What pass 1 leaves in every thread.
+struct FirstDigit {
+  core::SoftmaxState row;  // the row's softmax state (block-reduced)
+  TopBinState mine;        // "exact": this thread's top bin
+  TopBinState best;        // "exact": B*, the bin of the row max, with all its tokens
+};
+
+// Pass 1: softmax state + the first digit's histogram. The first digit needs
+// no reference max: capped rules count; "exact" sums relative to each bin's
+// own upper end r_b (first_digit_reference), except each thread's top bin,
+// kept as a softmax state (see the top of the file).
+template <Selection kSel, class scalar_t>
+LK_DEVICE inline FirstDigit softmax_state_and_first_digit(const scalar_t* x, int64_t cols, float inv_t,
+                                                          TopHStorage& s) {
+  if constexpr (kSel != Selection::all) clear_bins<kSel>(s);
+  __syncthreads();
+  FirstDigit f{core::empty_state(), empty_top_bin(), empty_top_bin()};
+  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
+    const float xv = load_logit(x, i);
+    const float z = core::scaled_logit(xv, inv_t);
+    core::accumulate(f.row, &z, 1);
+    if constexpr (kSel != Selection::all) {
+      const int bin = static_cast<int>(core::orderable_key(xv) >> digit_shift(0));
+      if constexpr (kSel == Selection::capped) atomicAdd(&s.bin_count[bin], 1u);
+      if constexpr (kSel == Selection::exact) {
+        if (xv != core::neg_infinity()) add_first_digit_token(s, f.mine, bin, z, inv_t);
+      }
+    }
+  }
+  f.row = block_reduce(
+      f.row, [](const core::SoftmaxState& a, const core::SoftmaxState& b) { return core::merge(a, b); },
+      core::empty_state(), s.state_scratch);
+  // "exact": B* = the highest top bin of the block = the bin of the row max,
+  // with the state of all its tokens (its max is m).
+  if constexpr (kSel == Selection::exact) {
+    f.best = block_reduce(
+        f.mine, [](const TopBinState& a, const TopBinState& b) { return merge_top_bins(a, b); }, empty_top_bin(),
+        s.top_bin_scratch);
+  }
+  return f;
+}
+
+// "exact", after pass 1: every first-digit bin relative to the row max m.
+LK_DEVICE inline void rescale_first_digit_bins(TopHStorage& s, const FirstDigit& f, float inv_t) {
+  const float m = f.row.max;
+  // Top bins below B* join the histogram (relative to their r_b); B*'s
+  // tokens are all in `best` (a token of B* is never below its thread's
+  // top bin, and B* is never flushed): B*'s shared entry is still empty.
+  if (f.mine.bin >= 0 && f.mine.bin != f.best.bin) flush_top_bin(f.mine, inv_t, s);
+  __syncthreads();
+  // Rescale the bins b < B* from r_b <= m to m, as merging softmax states:
+  // e *= exp(r - m), d = exp(r - m) (d + (r - m) e). B* is written
+  // directly relative to m (its max is m: the factor is 1).
+  for (int64_t b = threadIdx.x; b < kBins; b += blockDim.x) {
+    if (b == f.best.bin || s.bin_count[b] == 0) continue;
+    const float r = first_digit_reference(static_cast<int>(b), inv_t);
+    const core::SoftmaxState to_m = core::rescaled(core::SoftmaxState{r, s.bin_e[b], s.bin_d[b]}, m);
+    s.bin_e[b] = to_m.sum_exp;
+    s.bin_d[b] = to_m.sum_shifted;
+  }
+  if (threadIdx.x == 0 && f.best.bin >= 0) {  // (always: a defined row has a finite token)
+    const core::SoftmaxState to_m = core::rescaled(f.best.st, m);
+    s.bin_count[f.best.bin] = f.best.count;
+    s.bin_e[f.best.bin] = to_m.sum_exp;
+    s.bin_d[f.best.bin] = to_m.sum_shifted;
+  }
+}
+
+// Digit passes 2 and 3: the histogram of the tokens whose key has the digits
+// fixed so far (`prefix`); "exact" relative to the row max m, without tokens
+// of zero probability (never candidates). Capped rules, last digit: the keys
+// above the candidate range are selected for sure and are collected into
+// `candidates` now (no separate gather pass).
+template <Selection kSel, class scalar_t>
+LK_DEVICE inline void digit_pass(const scalar_t* x, int64_t cols, int level, uint32_t prefix, float m, float inv_t,
+                                 TopHStorage& s, uint32_t* candidates) {
+  __syncthreads();  // previous readers of the bins are done
+  clear_bins<kSel>(s);
+  __syncthreads();
+  const int shift = digit_shift(level);
+  const int prefix_shift = shift + digit_bits(level);
+  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
+    const float xv = load_logit(x, i);
+    const uint32_t key = core::orderable_key(xv);
+    if ((key >> prefix_shift) != prefix) {
+      if constexpr (kSel == Selection::capped) {
+        if (level == kDigitCount - 1 && (key >> prefix_shift) > prefix) candidates[atomicAdd(&s.gathered, 1)] = key;
+      }
+      continue;
+    }
+    const int bin = static_cast<int>((key >> shift) & ((1u << digit_bits(level)) - 1u));
+    if constexpr (kSel == Selection::capped) {
+      atomicAdd(&s.bin_count[bin], 1u);
+    } else {
+      const float d = core::scaled_logit(xv, inv_t) - m;
+      const float e = expf(d);
+      if (e != 0.0f) add_to_bin(s, bin, 1u, e, d * e);
+    }
+  }
+}
+
+// The walk's end inside the failing bin b of digit `level` (with prefix
+// bin_prefix): at the last digit a single key value, whose tie group keeps
+// its first j tokens (weight: the draw pass's expf(x / T - m) of the same
+// float x); else a bin whose single token is dropped (see
+// bin_fully_dropped), or a bin to refine with the next digit. Returns
+// whether the cut is resolved.
+template <class Predicate>
+LK_DEVICE inline bool resolve_in_bin(const Predicate& pred, int level, uint32_t bin_prefix, int64_t bin_count,
+                                     const BinTotals& above, float m, float inv_t, Cut& cut) {
+  if (level == kDigitCount - 1) {
+    const float z = core::scaled_logit(core::key_to_float(bin_prefix), inv_t);
+    const float d = z - m;
+    const float e = expf(d);
+    cut.full_from = static_cast<uint64_t>(bin_prefix) + 1;
+    cut.tie_key = bin_prefix;
+    cut.tie_total = bin_count;
+    cut.tie_keep = pred.tie_keep(above, bin_count, e, d);
+    cut.selected = above.count;
+    cut.mass = above.e + static_cast<float>(cut.tie_keep) * e;
+    return true;
+  }
+  if (pred.bin_fully_dropped(above, bin_count)) {
+    cut.full_from = (static_cast<uint64_t>(bin_prefix) + 1) << digit_shift(level);
+    cut.selected = above.count;
+    cut.mass = above.e;
+    return true;
+  }
+  return false;
+}
+
+// The radix-selection step after one digit's histogram (thread 0): walks the
+// bins from the top. s.above holds the totals of the tokens above the current
+// candidate range and is updated to the tokens above the failing bin, whose
+// digit joins s.prefix when the cut is not resolved yet. When the cut is
+// resolved, cut.mass = the kept tokens' sum of exp(z - m) ("exact"; the
+// capped rules' bins hold no sums, their mass is set by capped_scan).
+template <class Predicate>
+LK_DEVICE inline void walk(const Predicate& pred, int level, float m, float inv_t, TopHStorage& s) {
+  for (int b = (1 << digit_bits(level)) - 1; b >= 0; --b) {
+    BinTotals with = s.above;
+    with.count += s.bin_count[b];
+    if constexpr (Predicate::kSums) {
+      with.e += s.bin_e[b];
+      with.d += s.bin_d[b];
+    }
+    if (!pred.exceeds(with)) {
+      s.above = with;
+      continue;
+    }
+    const uint32_t bin_prefix = (s.prefix << digit_bits(level)) | static_cast<uint32_t>(b);
+    if (resolve_in_bin(pred, level, bin_prefix, s.bin_count[b], s.above, m, inv_t, s.cut)) {
+      s.cut.done = level + 1;
+    } else {
+      s.prefix = bin_prefix;  // refine inside this bin with the next digit
+    }
+    return;
+  }
+  // Every candidate fits: keep all keys with the current prefix.
+  s.cut.full_from = level == 0 ? 0 : static_cast<uint64_t>(s.prefix) << (digit_shift(level) + digit_bits(level));
+  s.cut.selected = s.above.count;
+  s.cut.mass = s.above.e;
+  s.cut.done = level + 1;
+}
+
+// Capped rules: the K selected keys into candidates[0, K), then sorted
+// (descending) into sorted[0, K).
+template <class scalar_t>
+LK_DEVICE inline void gather_and_sort_candidates(const scalar_t* x, int64_t cols, int64_t k, TopHStorage& s,
+                                                 uint32_t* candidates, uint32_t* sorted) {
+  const Cut& cut = s.cut;
+  if (cut.done == kDigitCount) {
+    // Resolved at the last digit: the keys above the candidate range were
+    // gathered during that pass, and the last histogram holds each key of
+    // the range exactly (bin b <-> key prefix * 1024 + b), with counts.
+    if (threadIdx.x == 0) {
+      int64_t n = s.gathered;
+      const uint32_t range_base = cut.tie_key & ~kLastDigitMask;
+      for (uint32_t b = kLastDigitMask; b > (cut.tie_key & kLastDigitMask); --b) {
+        for (unsigned c = 0; c < s.bin_count[b]; ++c) candidates[n++] = range_base | b;
+      }
+      for (int64_t j = 0; j < cut.tie_keep; ++j) candidates[n++] = cut.tie_key;
+    }
+  } else {
+    // Resolved at the first digit (V <= K: every token is selected): one
+    // gather pass.
+    for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
+      const uint32_t key = core::orderable_key(load_logit(x, i));
+      if (key >= cut.full_from) candidates[atomicAdd(&s.gathered, 1)] = key;
+    }
+  }
+  __syncthreads();
+  // Rank sort, descending (equal keys in slot order): K^2 / threads compares.
+  for (int64_t a = threadIdx.x; a < k; a += blockDim.x) {
+    int64_t rank = 0;
+    for (int64_t b = 0; b < k; ++b) {
+      rank += candidates[b] > candidates[a] || (candidates[b] == candidates[a] && b < a);
+    }
+    sorted[rank] = candidates[a];
+  }
+  __syncthreads();
+}
+
+// Capped rules (thread 0): the rule's scan over the K sorted keys
+// (core::capped_keep_count) fixes the final cut and its mass.
+LK_DEVICE inline void capped_scan(const TopHParams& p, const core::SoftmaxState& row, const uint32_t* sorted,
+                                  Cut& cut) {
+  const float inv_t = p.inv_temperature;
+  auto z_of = [&](int64_t i) { return core::scaled_logit(core::key_to_float(sorted[i]), inv_t); };
+  const int64_t kept = core::capped_keep_count(z_of, p.k, p.rule, core::log_sum_exp(row), p.alpha);
+  const uint32_t last = sorted[kept - 1];
+  int64_t equal_kept = 0, equal_selected = 0;
+  for (int64_t i = 0; i < p.k; ++i) {
+    equal_selected += sorted[i] == last;
+    equal_kept += i < kept && sorted[i] == last;
+  }
+  // Tokens with key `last` in the row: all of them were selected unless
+  // `last` is the tie key at the K boundary.
+  const int64_t total = (cut.tie_keep > 0 && last == cut.tie_key) ? cut.tie_total : equal_selected;
+  cut.full_from = static_cast<uint64_t>(last) + 1;
+  cut.tie_key = last;
+  cut.tie_keep = equal_kept;
+  cut.tie_total = total;
+  // The kept tokens are sorted[0, kept): their weights, with the draw
+  // pass's expression expf(x / T - m) (key_to_float gives x back exactly).
+  float mass = 0.0f;
+  for (int64_t i = 0; i < kept; ++i) mass += expf(z_of(i) - cut.m);
+  cut.mass = mass;
+}
+
+// The digit passes of a defined row ("exact" and capped rules), and for the
+// capped rules the sort and scan of the K selected keys.
+template <Selection kSel, class scalar_t>
+LK_DEVICE inline void refine_cut(const scalar_t* x, int64_t cols, const TopHParams& p, const FirstDigit& f,
+                                 TopHStorage& s) {
+  LK_DYNAMIC_SHARED(uint32_t, candidates);  // 2 * k keys (capped rules)
+  const float m = f.row.max;
+  const auto pred = rule_predicate<kSel>(p, f.row);
+  if (threadIdx.x == 0) {
+    s.above = BinTotals{0, 0.0f, 0.0f};
+    s.cut = Cut{0, 0, 0, 0, 0, 0, RowKind::defined, m, 0.0f};
+    s.prefix = 0;
+    s.gathered = 0;
+  }
+  uint32_t prefix = 0;  // digits fixed so far (same in every thread: read back from shared memory)
+  for (int level = 0; level < kDigitCount; ++level) {
+    if (level > 0) digit_pass<kSel>(x, cols, level, prefix, m, p.inv_temperature, s, candidates);
+    __syncthreads();
+    if (threadIdx.x == 0) walk(pred, level, m, p.inv_temperature, s);
+    __syncthreads();
+    if (s.cut.done) break;
+    prefix = s.prefix;
+  }
+  if constexpr (kSel == Selection::capped) {
+    uint32_t* sorted = candidates + p.k;
+    gather_and_sort_candidates(x, cols, p.k, s, candidates, sorted);
+    if (threadIdx.x == 0) capped_scan(p, f.row, sorted, s.cut);
+    __syncthreads();
+  }
+}
+
+// Finds the kept set of the block's row x (pass 1 and the digit passes of the
+// top of the file) and leaves it in s.cut (read by every thread after the
+// call). Without truncation (Selection::all) only pass 1 runs and every token
+// is kept.
+template <Selection kSel, class scalar_t>
+LK_DEVICE inline void select_cut(const scalar_t* x, int64_t cols, const TopHParams& p, TopHStorage& s) {
+  const FirstDigit f = softmax_state_and_first_digit<kSel>(x, cols, p.inv_temperature, s);
+  if (threadIdx.x == 0) {
+    // Plain sampling keeps every token (full_from = 0): its mass is the
+    // row's sum exp(z - m).
+    s.cut = Cut{0, 0, 0, 0, 0, 0, row_kind(f.row), f.row.max, f.row.sum_exp};
+  }
+  __syncthreads();
+  if constexpr (kSel != Selection::all) {
+    if (s.cut.kind != RowKind::defined) return;
+    if constexpr (kSel == Selection::exact) rescale_first_digit_bins(s, f, p.inv_temperature);
+    __syncthreads();  // every thread has read cut.kind before thread 0 rewrites cut
+    refine_cut<kSel>(x, cols, p, f, s);
+  }
+}
+
+// The keep decisions of a row's tokens from its cut, one tile of blockDim
+// consecutive tokens at a time: every thread calls next() for every tile
+// (a block-wide collective when a tie group must be ranked in index order).
+template <Selection kSel>
+struct KeepTest {
+  uint64_t full_from;
+  uint32_t tie_key;
+  int64_t tie_keep;
+  bool need_rank;  // only part of the tie group is kept
+  float inv_t, m;
+  int64_t running = 0;  // tie tokens in the tiles before (same in every thread)
+
+  LK_DEVICE KeepTest(const Cut& cut, const TopHParams& p)
+      : full_from(cut.full_from),
+        tie_key(cut.tie_key),
+        tie_keep(cut.tie_keep),
+        need_rank(cut.tie_keep > 0 && cut.tie_keep < cut.tie_total),
+        inv_t(p.inv_temperature),
+        m(cut.m) {}
+
+  LK_DEVICE bool next(bool valid, float xv, int* warp_counts) {
+    const uint32_t key = core::orderable_key(xv);
+    bool positive = true;  // "exact": zero probabilities were not candidates
+    if constexpr (kSel == Selection::exact) positive = expf(core::scaled_logit(xv, inv_t) - m) > 0.0f;
+    const bool keep = valid && positive && key >= full_from;
+    const bool tie = valid && positive && key == tie_key && tie_keep > 0;
+    if (!need_rank) return keep || tie;
+    const int64_t rank = ordered_rank(tie, running, warp_counts);
+    return keep || (tie && rank < tie_keep);
+  }
+};
+
+template <Selection kSel, class scalar_t>
+__global__ void __launch_bounds__(kMaxTopHThreads)
+    top_h_mask_kernel(RowsView<scalar_t> rows, int64_t cols, TopHParams p, bool* mask) {
+  const scalar_t* x = rows.row(blockIdx.x);
+  bool* out = mask + static_cast<int64_t>(blockIdx.x) * cols;
+  const int64_t tid = threadIdx.x, stride = blockDim.x;
+  __shared__ TopHStorage s;
+  select_cut<kSel>(x, cols, p, s);
+  if (s.cut.kind != RowKind::defined) {
+    // NaN or +inf: nothing is kept; all -inf: token 0 only.
+    for (int64_t i = tid; i < cols; i += stride) out[i] = s.cut.kind == RowKind::all_masked && i == 0;
+    return;
+  }
+  // ---- write pass ----
+  KeepTest<kSel> keep(s.cut, p);
+  for (int64_t base = 0; base < cols; base += stride) {
+    const int64_t i = base + tid;
+    const bool valid = i < cols;
+    const bool kept = keep.next(valid, valid ? load_logit(x, i) : 0.0f, s.warp_counts);
+    if (valid) out[i] = kept;
+  }
+}
+
+// One token per row by inverse CDF over the kept weights w_i = exp(z_i - m)
+// (dropped tokens: w = 0). The selection gives their sum, total = cut.mass
+// (see the top of the file), so one pass follows it:
+//   draw pass    tile by tile, a block-wide inclusive scan of w on top of the
+//                mass of the tiles before; the token is the first one of
+//                positive weight whose running sum exceeds u * total. The
+//                pass stops at that tile.
+// A token of zero weight is never returned. total and the scan's sums are
+// different roundings of the same sum: when the scan ends at or below
+// u * total (u close to 1), no token crosses, the pass has read the whole
+// row, and the last kept token of positive weight is returned (each thread
+// tracks its own last one; reduced only then, which is block-uniform).
+template <Selection kSel, class scalar_t>
+__global__ void __launch_bounds__(kMaxTopHThreads)
+    sample_kernel(RowsView<scalar_t> rows, int64_t cols, TopHParams p, const float* uniform, int64_t* tokens) {
+  const int64_t row = blockIdx.x;
+  const scalar_t* x = rows.row(row);
+  const int64_t tid = threadIdx.x, stride = blockDim.x;
+  __shared__ TopHStorage s;
+  select_cut<kSel>(x, cols, p, s);
+  if (s.cut.kind != RowKind::defined) {
+    if (tid == 0) tokens[row] = s.cut.kind == RowKind::all_masked ? 0 : -1;
+    return;
+  }
+  const float inv_t = p.inv_temperature, m = s.cut.m;
+  const float target = uniform[row] * s.cut.mass;
+  constexpr int64_t kNone = -1, kNoIndex = INT64_MAX;
+  auto max_index = [](int64_t a, int64_t b) { return a > b ? a : b; };
+  auto min_index = [](int64_t a, int64_t b) { return a < b ? a : b; };
+
+  // ---- draw pass ----
+  KeepTest<kSel> keep(s.cut, p);
+  float before = 0.0f;  // kept mass of the tiles before (same in every thread)
+  int64_t found = kNone;
+  int64_t last_positive = kNone;  // this thread's last kept token of positive weight
+  for (int64_t base = 0; base < cols && found == kNone; base += stride) {
+    const int64_t i = base + tid;
+    const bool valid = i < cols;
+    const float xv = valid ? load_logit(x, i) : 0.0f;
+    const float w = keep.next(valid, xv, s.warp_counts) ? expf(core::scaled_logit(xv, inv_t) - m) : 0.0f;
+    if (w > 0.0f) last_positive = i;
+    float tile_mass;
+    const float running = before + block_inclusive_scan(w, s.mass_scratch, tile_mass);
+    const bool crosses = w > 0.0f && running > target;
+    const int64_t first = block_reduce(crosses ? i : kNoIndex, min_index, kNoIndex, s.index_scratch);
+    found = first == kNoIndex ? kNone : first;
+    before += tile_mass;
+  }
+  if (found == kNone) found = block_reduce(last_positive, max_index, kNone, s.index_scratch);
+  if (tid == 0) tokens[row] = found;
+}
+
+}  // namespace logitkit::cuda
