@@ -32,7 +32,20 @@ from typing import Any
 
 import torch
 
-__all__ = ["SUPPORTED_MODELS", "CausalLMFamily", "HeadCapture", "capture_head", "resolve_causal_lm"]
+__all__ = [
+    "CHUNK_BUDGET",
+    "SUPPORTED_MODELS",
+    "CausalLMFamily",
+    "HeadCapture",
+    "capture_head",
+    "resolve_causal_lm",
+]
+
+#: Default ``chunk_budget`` of the integrations: 32 MiB rather than the core's 4 MiB. At the
+#: shapes of a training step with a small hidden size (D = 256, N = 2048-4096, V = 128256, fp32,
+#: 2-core AVX2 CPU) the fwd+bwd CPU time drops by about a quarter from 4 MiB to 32 MiB and is
+#: flat beyond; 32 MiB of transient memory is nothing next to a training step's.
+CHUNK_BUDGET = 32 * 1024 * 1024
 
 
 def _no_softcap(config: Any) -> float | None:

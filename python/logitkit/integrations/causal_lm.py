@@ -61,8 +61,9 @@ from typing import Any
 
 import torch
 
-from ..linear_ce import DEFAULT_CHUNK_BUDGET, linear_cross_entropy
+from ..linear_ce import linear_cross_entropy
 from ._hf_head import (
+    CHUNK_BUDGET,
     SUPPORTED_MODELS,
     CausalLMFamily,
     HeadCapture,
@@ -98,7 +99,7 @@ def causal_lm_loss(
     softcap: float | None = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
-    chunk_budget: int = DEFAULT_CHUNK_BUDGET,
+    chunk_budget: int = CHUNK_BUDGET,
 ) -> torch.Tensor:
     """transformers' ``ForCausalLMLoss`` of ``hidden @ weight.T + bias``, without the logits.
 
@@ -325,7 +326,7 @@ def apply_linear_cross_entropy(
     *,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
-    chunk_budget: int = DEFAULT_CHUNK_BUDGET,
+    chunk_budget: int = CHUNK_BUDGET,
 ) -> LinearCrossEntropyPatch:
     """Make ``model(..., labels=...)`` compute its causal-LM loss with
     :func:`logitkit.linear_cross_entropy`, never materialising the logits.
@@ -336,7 +337,8 @@ def apply_linear_cross_entropy(
             or a ``.module`` wrapper such as DDP: the inner model is patched).
         label_smoothing: as ``F.cross_entropy`` (transformers' own loss has none).
         z_loss: coefficient of ``logsumexp(z)**2`` per token (0: off), divided like the loss.
-        chunk_budget: bytes of transient memory per tile, see ``linear_cross_entropy``.
+        chunk_budget: bytes of transient memory per tile (default 32 MiB, the core default is 4 MiB;
+            see ``_hf_head.CHUNK_BUDGET``), see ``linear_cross_entropy``.
 
     Returns a :class:`LinearCrossEntropyPatch`; ``revert()`` it (or call
     :func:`revert_linear_cross_entropy`) to undo. Patching happens on the

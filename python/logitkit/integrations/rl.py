@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from ..linear_ce import DEFAULT_CHUNK_BUDGET, linear_log_probs_and_entropy
-from ._hf_head import capture_head, head_operands, resolve_causal_lm
+from ..linear_ce import linear_log_probs_and_entropy
+from ._hf_head import CHUNK_BUDGET, capture_head, head_operands, resolve_causal_lm
 
 __all__ = ["token_log_probs_and_entropy"]
 
@@ -35,7 +35,7 @@ def token_log_probs_and_entropy(
     *,
     logits_to_keep: int | None = None,
     temperature: float = 1.0,
-    chunk_budget: int = DEFAULT_CHUNK_BUDGET,
+    chunk_budget: int = CHUNK_BUDGET,
     group: Any = None,
     **model_kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +52,8 @@ def token_log_probs_and_entropy(
             completion), as TRL. ``None``: every token but the first.
         temperature: the logits are divided by it (as TRL before
             ``selective_log_softmax``).
-        chunk_budget: see :func:`logitkit.linear_log_probs_and_entropy`.
+        chunk_budget: see :func:`logitkit.linear_log_probs_and_entropy` (default here 32 MiB, as
+            ``apply_linear_cross_entropy``).
         group: tensor-parallel process group, reserved (vocabulary-parallel
             heads land separately); must be ``None`` for now.
         **model_kwargs: further arguments of the model's forward (e.g.
