@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ["finetune_causal_lm.py", "rl_logprobs_step.py", "generate_top_h.py"]
 
 
-def _run(script: Path, *args: str, timeout: float = 120) -> str:
+def _run(script: Path, *args: str, timeout: float = 600) -> str:  # generous: shared CI machines
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
