@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Sample with ``generate()`` and logitkit's Top-H truncation.
+
+Top-H keeps the most probable tokens whose (partial) entropy stays within a
+fraction ``alpha`` of the distribution's entropy. logitkit's
+``TopHLogitsWarper(alpha)`` is a drop-in ``LogitsProcessor`` (rule "hf": the
+same kept set as transformers' own ``TopHLogitsWarper``) computed by a fused
+kernel::
+
+    from transformers import LogitsProcessorList
+    from logitkit.integrations.transformers import TopHLogitsWarper
+
+    model.generate(**inputs, do_sample=True, top_k=0, temperature=0.8,
+                   logits_processor=LogitsProcessorList([TopHLogitsWarper(0.4)]))
+
+Custom processors run after generate's own warpers, so it sees ``logits /
+temperature`` as transformers' Top-H does. Pass ``top_k=0`` (and keep
+``top_p=1``): otherwise the generation config's top-k (often 50) cuts the
+vocabulary first.
+
+Examples::
+
+    python examples/generate_top_h.py --tiny
+    python examples/generate_top_h.py --model Qwen/Qwen2.5-0.5B-Instruct --prompt "Once upon a time" --top-h 0.4
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--tiny", action="store_true", help="a tiny randomly initialised Llama (token ids only)")
+    src.add_argument("--model", help="a model name or path for AutoModelForCausalLM.from_pretrained")
+    p.add_argument("--prompt", default="Once upon a time", help="the prompt (with --model)")
+    p.add_argument("--top-h", type=float, default=0.4, help="alpha in (0, 1]: the entropy budget fraction")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 12 with --tiny, else 64")
+    p.add_argument("--num-samples", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    import torch
+    import transformers
+
+    from logitkit.integrations.transformers import TopHLogitsWarper
+
+    torch.manual_seed(args.seed)
+    tokenizer = None
+    if args.tiny:
+        config = transformers.LlamaConfig(
+            vocab_size=1000,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            initializer_range=0.2,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
+        )
+        model = transformers.LlamaForCausalLM(config).eval()
+        input_ids = torch.randint(3, config.vocab_size, (1, 5))
+        attention_mask = torch.ones_like(input_ids)
+        pad_id = 0
+    else:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.model).eval()
+        batch = tokenizer(args.prompt, return_tensors="pt")
+        input_ids, attention_mask = batch.input_ids, batch.attention_mask
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    max_new = args.max_new_tokens or (12 if args.tiny else 64)
+    processors = transformers.LogitsProcessorList([TopHLogitsWarper(args.top_h)])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=input_ids.repeat(args.num_samples, 1),
+            attention_mask=attention_mask.repeat(args.num_samples, 1),
+            do_sample=True,
+            top_k=0,
+            top_p=1.0,
+            temperature=args.temperature,
+            max_new_tokens=max_new,
+            logits_processor=processors,
+            pad_token_id=pad_id,
+        )
+    completions = out[:, input_ids.shape[1] :]
+    for i, row in enumerate(completions):
+        text = tokenizer.decode(row, skip_special_tokens=True) if tokenizer is not None else row.tolist()
+        print(f"sample {i}: {text}")
+
+
+if __name__ == "__main__":
+    main()
