@@ -144,6 +144,7 @@ def causal_lm_loss(
         z_loss=z_loss,
         chunk_budget=chunk_budget,
     )
+    assert isinstance(per_token, torch.Tensor)  # return_lse=False: the loss alone
     total = per_token.float().sum()
     if num_items_in_batch is None:
         return total / (target != ignore_index).sum()
