@@ -521,6 +521,27 @@ def test_transformers_processor_matches_theirs():
     assert torch.equal(official != -math.inf, logitkit.top_h_mask(scores, 0.4, temperature=1.5, rule="official"))
 
 
+def test_transformers_processor_attribute_names():
+    """transformers' names (top_h, top_n) read and set the same state as ours (alpha, cap)."""
+    Warper = _transformers_warper()
+    if Warper is None:
+        pytest.skip("transformers with TopHLogitsWarper is not installed")
+    from logitkit.integrations.transformers import TopHLogitsWarper
+
+    ours, theirs = TopHLogitsWarper(0.4), Warper(top_h=0.4)
+    assert (ours.top_h, ours.top_n) == (theirs.top_h, theirs.top_n) == (0.4, 100)
+    ours.top_n = theirs.top_n = 7
+    ours.top_h = theirs.top_h = 0.9
+    assert (ours.alpha, ours.cap) == (0.9, 7)
+    scores = torch.randn(3, 50, generator=torch.Generator().manual_seed(2)) * 3
+    ids = torch.zeros(3, 1, dtype=torch.long)
+    assert torch.equal(ours(ids, scores), theirs(ids, scores))
+    with pytest.raises(ValueError, match="top_h"):
+        ours.top_h = 0.0
+    with pytest.raises(ValueError, match="top_n"):
+        ours.top_n = 0
+
+
 def test_transformers_generate_same_tokens():
     Warper = _transformers_warper()
     if Warper is None:

@@ -18,6 +18,10 @@ import functools
 
 from ..sampling import top_h as _top_h
 
+# The number of largest logits rules "hf" and "official" consider when no cap is given
+# (transformers' ``TopHLogitsWarper.top_n``; the C++ default of ``cap=-1``).
+_DEFAULT_CAP = 100
+
 # The classes are created on first access (module __getattr__), so that importing this module
 # does not import transformers; linters cannot see them.
 __all__ = ["OfficialTopHLogitsWarper", "TopHLogitsWarper"]  # noqa: F822
@@ -41,6 +45,28 @@ def _classes() -> dict:
             self.temperature = float(temperature)
             self.cap = cap
             self.filter_value = float(filter_value)
+
+        # transformers' attribute names: ``top_h`` is alpha, ``top_n`` the number of largest
+        # logits the rule looks at (our ``cap``; 100 unless set), both readable and settable.
+        @property
+        def top_h(self) -> float:
+            return self.alpha
+
+        @top_h.setter
+        def top_h(self, value: float) -> None:
+            if not (0 < value <= 1):
+                raise ValueError(f"top_h (alpha) must be in (0, 1], got {value}")
+            self.alpha = float(value)
+
+        @property
+        def top_n(self) -> int:
+            return _DEFAULT_CAP if self.cap is None else int(self.cap)
+
+        @top_n.setter
+        def top_n(self, value: int) -> None:
+            if int(value) < 1:
+                raise ValueError(f"top_n (cap) must be >= 1, got {value}")
+            self.cap = int(value)
 
         def __call__(self, input_ids, scores):
             return _top_h(
