@@ -252,9 +252,12 @@ class Check:
     value: int | torch.Tensor
     agree: bool = True
     render: str = "int"  # "int", "float", "dtype", "bool"
+    names: Sequence[str] = ()  # render a code as names[code]
 
 
-def _render(value: int, render: str) -> str:
+def _render(value: int, render: str, names: Sequence[str] = ()) -> str:
+    if names and 0 <= value < len(names):
+        return repr(names[value])
     if render == "float":
         return repr(struct.unpack("<d", struct.pack("<q", value))[0])
     if render == "dtype":
@@ -323,7 +326,7 @@ def exchange_metadata(
         col = _HEADER + i
         vals = [g[col] for g in gathered]
         if c.agree and any(v != vals[0] for v in vals):
-            listing = ", ".join(f"rank {r}: {_render(v, c.render)}" for r, v in enumerate(vals))
+            listing = ", ".join(f"rank {r}: {_render(v, c.render, c.names)}" for r, v in enumerate(vals))
             raise ValueError(f"{prefix}: the ranks of the group disagree on {c.name} ({listing})")
 
     sizes = tuple(int(g[_F_LOCAL_V]) for g in gathered)

@@ -294,7 +294,7 @@ def _exchange(
         _comm.Check("the number of tokens (hidden.shape[:-1].numel())", hidden.shape[:-1].numel() if ok else -1),
         _comm.Check("the hidden size D (hidden.shape[-1])", hidden.shape[-1] if ok else -1),
         _comm.Check("the dtype of hidden", _comm.dtype_code(hidden.dtype) if ok else -1, render="dtype"),
-        _comm.Check("merge", MERGE_CODES.get(merge, -1)),
+        _comm.Check("merge", MERGE_CODES.get(merge, -1), names=tuple(MERGE_CODES)),
         _comm.Check("whether hidden needs a gradient (hidden.requires_grad)", int(hidden_grad), render="bool"),
         _comm.Check(
             "target (its contents; every rank must pass the same global ids)",
@@ -408,7 +408,7 @@ def linear_cross_entropy(
     f = _comm.float_bits
     checks = [
         _comm.Check("ignore_index", int(ignore_index)),
-        _comm.Check("reduction", REDUCTION_CODES.get(reduction, -1)),
+        _comm.Check("reduction", REDUCTION_CODES.get(reduction, -1), names=tuple(REDUCTION_CODES)),
         _comm.Check("label_smoothing", f(label_smoothing) if local_error is None else 0, render="float"),
         _comm.Check("z_loss", f(z_loss) if local_error is None else 0, render="float"),
         _comm.Check("softcap", f(softcap or 0.0) if local_error is None else 0, render="float"),

@@ -133,7 +133,7 @@ def _prologue(
         _comm.Check("the dtype of logits", _comm.dtype_code(logits.dtype) if ok else -1, render="dtype"),
         _comm.Check("temperature", f(temperature) if ok else 0, render="float"),
         _comm.Check("alpha (top_h)", f(alpha) if (ok and alpha is not None) else -1, render="float"),
-        _comm.Check("rule", RULE_CODES.get(rule, -1)),
+        _comm.Check("rule", RULE_CODES.get(rule, -1), names=tuple(RULE_CODES)),
         _comm.Check("cap", -1 if cap is None else int(cap) if ok else -2),
     ]
     layout = _comm.exchange_metadata(
