@@ -58,10 +58,10 @@ def _prologue(
     merge: str,
     extra_checks: list[_comm.Check] | None = None,
     extra_error: Any = None,
+    info: Any = None,
 ):
     """Unwraps a DTensor, checks the arguments, exchanges the metadata.
     Returns (x2 (rows, V_r), plan, DTensor info or None)."""
-    info = None
     if _dtensor.is_dtensor(logits):
         logits, info = _dtensor.unwrap_vocab_sharded(logits, -1, op, "logits")
         if group is not None and group != info.group:
@@ -84,7 +84,7 @@ def _prologue(
         _comm.Check("the number of dimensions of logits", logits.dim() if ok else -1),
         _comm.Check("the dtype of logits", _comm.dtype_code(logits.dtype) if ok else -1, render="dtype"),
         _comm.Check("temperature", _comm.float_bits(temperature) if ok else 0, render="float"),
-        _comm.Check("merge", MERGE_CODES.get(merge, -1)),
+        _comm.Check("merge", MERGE_CODES.get(merge, -1), names=tuple(MERGE_CODES)),
         *(extra_checks or []),
     ]
     device = logits.device if isinstance(logits, torch.Tensor) else torch.device("cpu")
@@ -474,10 +474,18 @@ def cross_entropy(
     needs no DTensor (it accepts one: ``Shard(-1)`` logits).
     """
     op = "cross_entropy"
+
+    info = None
+    if _dtensor.is_dtensor(logits):
+        logits, info = _dtensor.unwrap_vocab_sharded(logits, -1, op, "logits")
+        if group is not None and group != info.group:
+            raise ValueError(f"logitkit.distributed.{op}: group= differs from the DTensor logits' mesh group")
+        group = info.group
+        if class_weight is not None:
+            class_weight = _dtensor.unwrap_class_vector(class_weight, info, op, "class_weight")
     if _dtensor.is_dtensor(target):
         target = target.to_local()
-
-    local_logits = logits.to_local() if _dtensor.is_dtensor(logits) else logits
+    local_logits = logits
 
     def extra_error() -> str | None:
         msg = check_ce_options(op, reduction, label_smoothing, z_loss, temperature, None)
@@ -497,13 +505,11 @@ def cross_entropy(
         return None
 
     cw = class_weight
-    if _dtensor.is_dtensor(logits) and _dtensor.is_dtensor(cw):
-        cw = cw.to_local() if isinstance(cw.placements[0], _dtensor.Shard) else cw.full_tensor()
     ok_shapes = isinstance(local_logits, torch.Tensor) and isinstance(target, torch.Tensor)
     f = _comm.float_bits
     checks = [
         _comm.Check("ignore_index", int(ignore_index)),
-        _comm.Check("reduction", REDUCTION_CODES.get(reduction, -1)),
+        _comm.Check("reduction", REDUCTION_CODES.get(reduction, -1), names=tuple(REDUCTION_CODES)),
         _comm.Check("label_smoothing", f(label_smoothing), render="float"),
         _comm.Check("z_loss", f(z_loss), render="float"),
         _comm.Check("whether class_weight is given", int(cw is not None), render="bool"),
@@ -515,7 +521,7 @@ def cross_entropy(
     ]
 
     logits, x2, plan, info = _prologue(
-        op, logits, temperature, group, vocab_start, merge, extra_checks=checks, extra_error=extra_error
+        op, logits, temperature, group, vocab_start, merge, extra_checks=checks, extra_error=extra_error, info=info
     )
     lay = plan.layout
     if cw is not None:
