@@ -80,10 +80,16 @@ class _Plan:
 
 
 def _keys(x32: torch.Tensor) -> torch.Tensor:
-    """uint32 orderable keys (as int64) of fp32 values; -0.0 is keyed as +0.0
-    (they compare equal as logits)."""
-    bits = (x32 + 0.0).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    return torch.where(bits >= 0x80000000, 0xFFFFFFFF - bits, bits + 0x80000000)
+    """Signed int32 orderable keys of fp32 values (a < b iff key(a) < key(b));
+    -0.0 is keyed as +0.0 (they compare equal as logits). The unsigned key of
+    core::orderable_key is this + 2^31 (see _ukeys)."""
+    bits = (x32 + 0.0).view(torch.int32)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def _ukeys(keys: torch.Tensor) -> torch.Tensor:
+    """core::orderable_key (uint32, as int64) from _keys."""
+    return keys.to(torch.int64) + 0x80000000
 
 
 def _key_to_float(key: torch.Tensor) -> torch.Tensor:
@@ -366,76 +372,111 @@ def _bin_refs(plan: _Plan, device: torch.device) -> torch.Tensor:
     return _scaled(_key_to_float(upper), plan)
 
 
+def _histogram(flat: torch.Tensor, e: torch.Tensor, de: torch.Tensor, bins: int) -> torch.Tensor:
+    """(bins, 3) fp64 [count, sum e, sum d e] of the elements whose flat bin
+    index is < bins (one bincount each; index ``bins`` collects the rest)."""
+    flat = flat.reshape(-1)
+    cnt = torch.bincount(flat, minlength=bins + 1)[:bins].double()
+    se = torch.bincount(flat, weights=e.reshape(-1), minlength=bins + 1)[:bins]
+    sd = torch.bincount(flat, weights=de.reshape(-1), minlength=bins + 1)[:bins]
+    return torch.stack([cnt, se, sd], -1)
+
+
 def _first_pass(x2: torch.Tensor, plan: _Plan):
     """State (m, s, b) per row and the first digit's histogram: bins relative
-    to their upper end, the tokens of the rank's own top bin as a state."""
+    to their upper end, the tokens of the rank's own top bin as a state.
+    Sums are fp64 of fp32 terms (as the CPU kernel's bucket sums): a peaked
+    row's H(p) ~ 1e-7 lives in digits an fp32 sum of e ~ 1 would drop."""
     rows, cols = x2.shape
     dev = x2.device
     refs = _bin_refs(plan, dev)
-    # fp64 sums of fp32 terms (as the CPU kernel's bucket sums): a peaked row's
-    # H(p) ~ 1e-7 lives in the digits an fp32 sum of e ~ 1 would drop.
-    hist = torch.zeros((rows * 2048, 3), dtype=torch.float64, device=dev)
+    hist = torch.zeros((rows, 2048, 3), dtype=torch.float64, device=dev)
     state = torch.zeros((rows, 7), dtype=torch.float64, device=dev)  # m, s, b, top bin, count, s_top, b_top
     state[:, 0] = _NEG_INF
     state[:, 3] = -1
     if cols == 0:
-        return state, hist.view(rows, 2048, 3)
-    for a, b in row_blocks(rows, cols, 40):
+        return state, hist
+    for a, b in row_blocks(rows, cols, 64):
         x = x2[a:b].float()
         z = _scaled(x, plan)
         m = z.amax(-1, keepdim=True)
         d = z - m
-        e = torch.exp(d)
-        e = torch.where(torch.isnan(e), torch.zeros_like(e), e)  # all -inf rows: no probability
-        state[a:b, 0] = m.squeeze(1)
+        e = torch.exp(d).nan_to_num_(0.0)  # all -inf / NaN / +inf rows: no probability (flagged by m)
+        pos = e > 0
+        d.masked_fill_(~pos, 0.0)
         e64 = e.double()
-        state[a:b, 1] = e64.sum(-1)
-        de = torch.where(e > 0, d.double() * e64, torch.zeros_like(e64))
-        state[a:b, 2] = de.sum(-1)
-        key = _keys(x)
-        digit = key >> 21
+        de = d.double() * e64
+        digit = (_keys(x) >> 21) + 1024  # the top 11 bits of the unsigned key
         top = digit.amax(-1, keepdim=True)
+        in_top = digit == top
+        state[a:b, 0] = m.squeeze(1).double()
+        state[a:b, 1] = e64.sum(-1)
+        state[a:b, 2] = de.sum(-1)
         state[a:b, 3] = top.squeeze(1).double()
-        in_top = (digit == top) & (e > 0)
-        state[a:b, 4] = in_top.sum(-1).double()
-        state[a:b, 5] = torch.where(in_top, e64, torch.zeros_like(e64)).sum(-1)
-        state[a:b, 6] = torch.where(in_top, de, torch.zeros_like(de)).sum(-1)
-        rest = (digit != top) & (e > 0)
-        r, c = rest.nonzero(as_tuple=True)
-        if r.numel():
-            bins = digit[r, c]
-            zz = z[r, c]
-            dd = zz - refs[bins]
-            ee = torch.exp(dd).double()
-            src = torch.stack([torch.ones_like(ee), ee, dd.double() * ee], -1)
-            hist.index_add_(0, (r + a) * 2048 + bins, src)
-    return state, hist.view(rows, 2048, 3)
+        state[a:b, 4] = (in_top & pos).sum(-1).double()
+        state[a:b, 5] = (e64 * in_top).sum(-1)
+        state[a:b, 6] = (de * in_top).sum(-1)
+        # Every other token of positive probability, relative to its bin's upper end.
+        dd = z - refs[digit.long()]
+        ee = torch.exp(dd).double()
+        n = b - a
+        flat = torch.arange(n, device=dev)[:, None] * 2048 + digit
+        flat.masked_fill_(in_top | ~pos, n * 2048)
+        hist[a:b] = _histogram(flat, ee, dd.double() * ee, n * 2048).view(n, 2048, 3)
+    return state, hist
 
 
 def _digit_pass(
-    x2: torch.Tensor, rows_idx: torch.Tensor, prefix: torch.Tensor, digit: int, m: torch.Tensor, plan: _Plan
-) -> torch.Tensor:
-    """Histogram (len(rows_idx), bins, 3) relative to the global max m of the
-    tokens whose key matches ``prefix`` on the digits above ``digit``."""
-    shift, bits = _DIGITS[digit]
-    above_shift = shift + bits
+    x2: torch.Tensor, rows_idx: torch.Tensor, prefix: torch.Tensor, m: torch.Tensor, plan: _Plan
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The second digit: histogram (len(rows_idx), 2048, 3) fp64 relative to
+    the global max m of the tokens whose first digit is ``prefix``; those
+    tokens are also returned as candidates (position in rows_idx, key,
+    d = z - m), so that the last digit needs no further read of the logits.
+    Only the keys are computed for the whole row; the rest for the candidates."""
+    shift, bits = _DIGITS[1]
     nbins = 1 << bits
     n, cols = rows_idx.numel(), x2.shape[1]
-    hist = torch.zeros((n * nbins, 3), dtype=torch.float64, device=x2.device)
-    if cols == 0 or n == 0:
-        return hist.view(n, nbins, 3)
-    for a, b in row_blocks(n, cols, 40):
+    cand_r, cand_k, cand_d = [], [], []
+    for a, b in row_blocks(n, cols if n else 0, 16):
         x = x2[rows_idx[a:b]].float()
-        z = _scaled(x, plan)
-        d = z - m[a:b, None]
-        e = torch.exp(d)
-        key = _keys(x)
-        sel = ((key >> above_shift) == prefix[a:b, None]) & (e > 0)
-        r, c = sel.nonzero(as_tuple=True)
-        if r.numel():
-            bins = (key[r, c] >> shift) & (nbins - 1)
-            ee, dd = e[r, c].double(), d[r, c].double()
-            hist.index_add_(0, (r + a) * nbins + bins, torch.stack([torch.ones_like(ee), ee, dd * ee], -1))
+        skey = _keys(x)
+        r, c = ((skey >> 21) + 1024 == prefix[a:b, None]).nonzero(as_tuple=True)
+        d = _scaled(x[r, c], plan) - m[a + r]
+        cand_r.append(r + a)
+        cand_k.append(_ukeys(skey[r, c]))
+        cand_d.append(d)
+    dev = x2.device
+    r = torch.cat(cand_r) if cand_r else torch.zeros(0, dtype=torch.int64, device=dev)
+    key = torch.cat(cand_k) if cand_k else torch.zeros(0, dtype=torch.int64, device=dev)
+    d = torch.cat(cand_d) if cand_d else torch.zeros(0, device=dev)
+    e = torch.exp(d)
+    keep = e > 0
+    r, key, d, e = r[keep], key[keep], d[keep], e[keep]
+    flat = r * nbins + ((key >> shift) & (nbins - 1))
+    e64 = e.double()
+    hist = _histogram(flat, e64, d.double() * e64, n * nbins).view(n, nbins, 3)
+    return hist, (r, key, d)
+
+
+def _candidate_pass(
+    cands: tuple[torch.Tensor, torch.Tensor, torch.Tensor], pos: torch.Tensor, prefix: torch.Tensor, n: int
+) -> torch.Tensor:
+    """The last digit from the second digit's candidates: histogram (n, 1024, 3)
+    of the candidates of rows with position ``pos[row] >= 0`` whose key
+    matches ``prefix`` on the upper 22 bits."""
+    shift, bits = _DIGITS[2]
+    nbins = 1 << bits
+    r, key, d = cands
+    p = pos[r]
+    sel = p >= 0
+    p_safe = p.clamp(min=0)
+    sel &= (key >> bits) == prefix[p_safe]
+    flat = p_safe * nbins + (key & (nbins - 1))
+    flat = flat.masked_fill(~sel, n * nbins)
+    e64 = torch.exp(d).double()
+    hist = _histogram(flat, e64, d.double().masked_fill(~sel, 0.0) * e64, n * nbins)
+    del shift
     return hist.view(n, nbins, 3)
 
 
@@ -533,12 +574,22 @@ def _exact_select(x2: torch.Tensor, plan: _Plan, u: torch.Tensor | None, need_ma
     j_total = torch.zeros(rows, dtype=torch.int64, device=dev)
     group_n = torch.zeros(rows, dtype=torch.int64, device=dev)
     group_e = torch.zeros(rows, dtype=torch.float64, device=dev)
+    cands = None
+    todo1 = None
     for digit in (1, 2):
         todo = (~resolved).nonzero().squeeze(1)
         if todo.numel() == 0:  # the same decision on every rank: it comes from reduced data
             break
         shift_d, bits = _DIGITS[digit]
-        h_local = _digit_pass(x2, todo, prefix[todo], digit, big_m[todo], plan)
+        if digit == 1:  # a read pass over the rows still open; keeps the cut bin's tokens
+            h_local, cands = _digit_pass(x2, todo, prefix[todo], big_m[todo], plan)
+            todo1 = todo
+        else:  # from those candidates: no read of the logits
+            assert cands is not None and todo1 is not None
+            pos = torch.full((rows,), -1, dtype=torch.int64, device=dev)
+            pos[todo] = torch.arange(todo.numel(), device=dev)
+            cand_rows = (todo1[cands[0]], cands[1], cands[2])
+            h_local = _candidate_pass(cand_rows, pos, prefix[todo], todo.numel())
         h_glob = h_local.clone().contiguous()
         _comm.all_reduce(h_glob, plan.group, "histogram")
         cut, failed, ae, ad, cnt = _walk(h_glob, above_e[todo], above_d[todo], budget[todo])
