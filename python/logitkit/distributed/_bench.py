@@ -109,7 +109,7 @@ class _GatherLogits(torch.autograd.Function):
     (every rank computes the same loss from the gathered logits)."""
 
     @staticmethod
-    def forward(ctx, local, group, sizes, v0):  # type: ignore[override]
+    def forward(ctx, local, group, sizes, v0):
         world = dist.get_world_size(group)
         width = max(sizes)
         padded = torch.nn.functional.pad(local, (0, width - local.shape[1])).contiguous()
@@ -118,7 +118,7 @@ class _GatherLogits(torch.autograd.Function):
         return torch.cat([out[r, :, : sizes[r]] for r in range(world)], -1)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         return grad[:, ctx.v0 : ctx.v0 + ctx.n], None, None, None
 
 
@@ -126,12 +126,12 @@ class _ReduceGrad(torch.autograd.Function):
     """Identity forward, all-reduce of the gradient (Megatron's copy_to_tensor_model_parallel_region)."""
 
     @staticmethod
-    def forward(ctx, x, group):  # type: ignore[override]
+    def forward(ctx, x, group):
         ctx.group = group
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         grad = grad.contiguous()
         _comm.all_reduce(grad, ctx.group, "grad_hidden")
         return grad, None
@@ -286,7 +286,7 @@ def _top_h_worker(rank: int, world: int, cfg: dict) -> dict:
     sizes = [vocab // world + (1 if r < vocab % world else 0) for r in range(world)]
     v0 = sum(sizes[:rank])
     shard = logits[:, v0 : v0 + sizes[rank]].contiguous()
-    out: dict[str, Any] = {}
+    out: dict[tuple[str, str], Any] = {}
     for rule, alpha in _TOP_H_CASES:
         name = rule or "plain"
         for op in ("mask", "sample"):
@@ -358,10 +358,9 @@ def bench_top_h(args: argparse.Namespace) -> str:
 
 
 def _merge_worker(rank: int, world: int, cfg: dict) -> dict:
-    from . import _comm
     from ._merge import merge_states
 
-    group = dist.group.WORLD
+    group = _comm.resolve_group(None, "bench")
     out = {}
     for n in cfg["tokens"]:
         state = torch.randn(n, 3)
@@ -377,7 +376,6 @@ def _merge_worker(rank: int, world: int, cfg: dict) -> dict:
                 merge_states(state, group, strategy, with_b=True, summed=side)
                 times.append(time.perf_counter() - t0)
             out[(n, strategy)] = times
-    del _comm
     return out
 
 
@@ -424,7 +422,7 @@ def paper_model(tp: int = 8, n: int = 16384, d: int = 4096, v: int = 128256, ele
     def reduce_time(payload: float) -> float:  # ring all-reduce
         return 2 * (w - 1) / w * payload / NVLINK_BYTES_PER_S
 
-    rows = []
+    rows: list[tuple[str, float, float]] = []
     meta = 32 * 8
     state = n * 4 * 4  # m, s, z_y, sum w z (label smoothing on; 3 without)
     grad_h = n * d * elem

@@ -112,7 +112,11 @@ def resolve_group(group: ProcessGroup | None, op: str) -> ProcessGroup:
             f"logitkit.distributed.{op}: torch.distributed is not initialised "
             "(call torch.distributed.init_process_group first)"
         )
-    return group if group is not None else dist.group.WORLD
+    if group is not None:
+        return group
+    world = dist.group.WORLD
+    assert world is not None
+    return world
 
 
 def group_rank_and_size(group: ProcessGroup) -> tuple[int, int]:

@@ -21,6 +21,7 @@ over the group (``reduce_grad_hidden=False`` leaves it to the caller).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -42,11 +43,22 @@ from ._merge import MERGE_STRATEGIES, merge_states
 _SENTINEL = -1  # local target of a token whose class another rank holds (outside [0, V_r), passed as ignore_index)
 
 
+@dataclasses.dataclass
 class _Plan:
     """Everything the autograd functions need besides tensors."""
 
-    def __init__(self, **kw: Any) -> None:
-        self.__dict__.update(kw)
+    layout: _comm.VocabLayout
+    group: _comm.ProcessGroup
+    merge: str
+    temperature: float
+    chunk_budget: int
+    reduce_grad_hidden: bool
+    hidden_grad: bool
+    ignore_index: int = -100
+    reduction: str = "none"
+    label_smoothing: float = 0.0
+    softcap: float = 0.0
+    z_loss: float = 0.0
 
 
 def _check_linear_args(op: str, hidden: Any, weight: Any, target: Any, bias: Any, chunk_budget: int) -> str | None:
@@ -116,7 +128,7 @@ def _slice_class_weight(op: str, class_weight: torch.Tensor | None, layout: _com
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, class_weight, target, plan):  # type: ignore[override]
+    def forward(ctx, hidden, weight, bias, class_weight, target, plan):
         ops = torch.ops.logitkit
         lay: _comm.VocabLayout = plan.layout
         d = weight.shape[1]
@@ -171,7 +183,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return out.to(hidden.dtype), lse_out
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_lse):  # type: ignore[override]
+    def backward(ctx, grad_loss, _grad_lse):
         h2, weight, bias, class_weight, local_t, valid, in_range, w_y, m, log_s = ctx.saved_tensors
         plan = ctx.plan
         n = local_t.shape[0]
@@ -216,7 +228,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 class _LinearLogProbsAndEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, plan):  # type: ignore[override]
+    def forward(ctx, hidden, weight, bias, target, plan):
         lay: _comm.VocabLayout = plan.layout
         d = weight.shape[1]
         h2 = hidden.reshape(-1, d)
@@ -239,7 +251,7 @@ class _LinearLogProbsAndEntropy(torch.autograd.Function):
         return log_prob.reshape(target.shape), entropy.reshape(target.shape)
 
     @staticmethod
-    def backward(ctx, grad_log_prob, grad_entropy):  # type: ignore[override]
+    def backward(ctx, grad_log_prob, grad_entropy):
         h2, weight, bias, local_t, m, log_s, entropy = ctx.saved_tensors
         plan = ctx.plan
         n = local_t.shape[0]

@@ -22,6 +22,7 @@ upstream gradient over the whole vocabulary).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -44,9 +45,19 @@ from ._merge import MERGE_STRATEGIES, merge_states
 _NEG_INF = float("-inf")
 
 
+@dataclasses.dataclass
 class _Plan:
-    def __init__(self, **kw: Any) -> None:
-        self.__dict__.update(kw)
+    op: str
+    group: _comm.ProcessGroup
+    layout: _comm.VocabLayout
+    merge: str
+    temperature: float
+    shape: torch.Size
+    n_checks: int
+    ignore_index: int = -100  # cross_entropy's options
+    reduction: str = "mean"
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
 
 
 def _prologue(
@@ -135,7 +146,7 @@ def _merged_state(x2: torch.Tensor, plan: _Plan, with_b: bool):
 
 class _LogSumExp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2, plan):  # type: ignore[override]
+    def forward(ctx, x2, plan):
         state, merged = _merged_state(x2, plan, with_b=False)
         lse = merged.lse
         lse_local = _local_lse(state)
@@ -145,7 +156,7 @@ class _LogSumExp(torch.autograd.Function):
         return lse.to(x2.dtype)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         x2, c, empty = ctx.saved_tensors
         g = (grad.float() * c).to(x2.dtype)
         out = torch.ops.logitkit.logsumexp_backward(g, x2, ctx.temperature)  # g c p_local / T = g p / T
@@ -154,7 +165,7 @@ class _LogSumExp(torch.autograd.Function):
 
 class _Entropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2, plan):  # type: ignore[override]
+    def forward(ctx, x2, plan):
         state, merged = _merged_state(x2, plan, with_b=True)
         h = merged.entropy
         lse_local = _local_lse(state)
@@ -167,7 +178,7 @@ class _Entropy(torch.autograd.Function):
         return h
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         x2, c, shift, empty = ctx.saved_tensors
         gc = grad.float() * c
         ops = torch.ops.logitkit
@@ -271,7 +282,7 @@ def _row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 class _LogSoftmax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2, plan):  # type: ignore[override]
+    def forward(ctx, x2, plan):
         _, merged = _merged_state(x2, plan, with_b=False)
         inv_t = 1.0 / plan.temperature
         m, log_s = merged.m[:, None], merged.log_s[:, None]
@@ -281,7 +292,7 @@ class _LogSoftmax(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         (y,) = ctx.saved_tensors
         plan = ctx.plan
         total = grad.sum(-1, dtype=torch.float32).contiguous()  # sum_j dy_j over this shard ...
@@ -294,7 +305,7 @@ class _LogSoftmax(torch.autograd.Function):
 
 class _Softmax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2, plan):  # type: ignore[override]
+    def forward(ctx, x2, plan):
         _, merged = _merged_state(x2, plan, with_b=False)
         inv_t = 1.0 / plan.temperature
         m, log_s = merged.m[:, None], merged.log_s[:, None]
@@ -304,7 +315,7 @@ class _Softmax(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         (y,) = ctx.saved_tensors
         plan = ctx.plan
         dot = _row_dot(grad, y).contiguous()  # sum_j dy_j y_j over this shard ...
@@ -362,7 +373,7 @@ def softmax(
 
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2, target, class_weight, plan):  # type: ignore[override]
+    def forward(ctx, x2, target, class_weight, plan):
         lay: _comm.VocabLayout = plan.layout
         t = plan.temperature
         eps = plan.label_smoothing
@@ -415,7 +426,7 @@ class _CrossEntropy(torch.autograd.Function):
         return out.to(x2.dtype)
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx, grad_out):
         x2, local_t, owned, valid, in_range, w_y, lse, c, empty, class_weight = ctx.saved_tensors
         plan = ctx.plan
         eps, t, vocab = plan.label_smoothing, plan.temperature, plan.layout.vocab
@@ -444,9 +455,9 @@ class _CrossEntropy(torch.autograd.Function):
 
 def cross_entropy(
     logits: Any,
-    target: torch.Tensor,
+    target: Any,
     *,
-    class_weight: torch.Tensor | None = None,
+    class_weight: Any = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,

@@ -25,7 +25,9 @@ alpha H(p)} (no cap), found by a radix selection over 32-bit orderable keys
 of the logits, digits of 11 + 11 + 10 bits, as the CUDA kernel does. Each
 digit pass histograms (count, sum e, sum d e) of the candidate tokens
 (e = exp(z - m), d = z - m) into 2048 bins; one SUM all-reduce of the
-(rows, 2048, 3) fp32 histograms makes them global; every rank walks the same
+(rows, 2048, 3) fp64 histograms makes them global (fp64 sums of fp32 terms,
+as the CPU kernel's bucket sums: a peaked row's H(p) ~ 1e-7 is below fp32
+resolution of a sum ~ 1); every rank walks the same
 bins from the largest key down and fixes the bin where H(q) first exceeds the
 budget. The first digit is binned during the state pass, before the global
 max is known: each bin's sums are taken relative to the bin's own upper end
@@ -37,8 +39,10 @@ its upper end below the max, so nothing that would not underflow anyway is
 lost). The walk stops early when the cut bin holds one token (then dropped);
 after the last digit the cut is one logit value, whose ties are kept in index
 order across ranks (per-rank counts from one all-gather of rows x 2 numbers).
-Read passes: 1 (state + digit 1) + 0-2 digits + 1 (write the mask, or the
-draw on the rank that holds the drawn token) = 2-4, as the CUDA kernel.
+Read passes: 1 (state + digit 1) + 0-1 (digit 2, which computes only keys
+for the whole row and keeps the tokens of the cut bin; digit 3 is binned
+from those, without reading the logits) + 1 (write the mask, or the draw on
+the rank that holds the drawn token) = 2-3 (CUDA single-device: at most 4).
 Collectives: 2 concurrent after the first pass, 1 per further digit, 1 small
 all-gather (per-rank kept mass and tie counts) when sampling or when a tie
 group straddles the cut, and for ``sample`` one all-reduce of the tokens.
@@ -55,6 +59,7 @@ of the first rank of the group.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -69,9 +74,17 @@ _DEFAULT_CAP = 100
 _DIGITS = ((21, 11), (10, 11), (0, 10))  # (shift, bits) of the three radix digits, most significant first
 
 
+@dataclasses.dataclass
 class _Plan:
-    def __init__(self, **kw: Any) -> None:
-        self.__dict__.update(kw)
+    op: str
+    group: _comm.ProcessGroup
+    layout: _comm.VocabLayout
+    inv_t: float
+    temperature: float
+    alpha: float | None
+    rule: str
+    k: int  # K = min(cap, V) of the capped rules
+    shape: torch.Size
 
 
 # ---------------------------------------------------------------------------
@@ -356,14 +369,23 @@ def _capped_sample(cut: _CappedCut) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
 class _ExactCut:
     """Per row: keep x > thr, plus the first ``quota`` local tokens equal to
     thr (index order); ``allfit`` rows keep every token of positive
     probability; undefined rows keep nothing; ``neg_inf`` rows keep global
-    token 0 only."""
+    token 0 only. ``m``: the global max of z; ``per_rank_mass`` (W, rows):
+    each rank's kept mass relative to m (sampling); ``u``: the group's
+    uniform numbers (sampling)."""
 
-    def __init__(self, **kw: Any) -> None:
-        self.__dict__.update(kw)
+    thr: torch.Tensor
+    quota: torch.Tensor
+    allfit: torch.Tensor
+    undefined: torch.Tensor
+    neg_inf: torch.Tensor
+    m: torch.Tensor
+    per_rank_mass: torch.Tensor | None
+    u: torch.Tensor | None
 
 
 def _bin_refs(plan: _Plan, device: torch.device) -> torch.Tensor:
@@ -767,8 +789,8 @@ def top_h_mask(
     special rows (NaN/+inf: nothing kept; only -inf: global token 0).
 
     Cost (read passes over the local logits / collectives besides the
-    metadata all-gather): "hf" 1 / one all-gather of (2K + 2) fp64 per row;
-    "official" 2 / the same (+2 fp64 per row); "exact" 2-4 / 2-5 histogram
+    metadata all-gather): "hf" 1 / one all-gather of 2K fp64 per row
+    (K = min(cap, V)); "official" 2 / the same with 2 more fp64 per row; "exact" 2-3 / 2-5 histogram
     and state collectives of at most (rows, 2048, 3) fp32. See the module
     documentation."""
     logits, x2, plan, info = _prologue("top_h_mask", logits, alpha, temperature, rule, cap, group, vocab_start)
@@ -830,7 +852,7 @@ def sample(
     Cost: plain sampling 2 read passes (state; the draw on the rank holding
     it) and 2 collectives (states all-gather, tokens all-reduce); "hf" 1 pass
     and "official" 2, 1 all-gather, no further pass or collective; "exact"
-    2-4 passes (the last on the drawing rank only), 3-6 collectives."""
+    2-3 passes (the last on the drawing rank only), 4-6 collectives."""
     op = "sample"
     logits, x2, plan, info = _prologue(op, logits, top_h, temperature, rule, cap, group, vocab_start)
     dev = x2.device
@@ -847,6 +869,9 @@ def sample(
 
         big_m, big_s, _, f = merge_gathered(gathered[..., 0], gathered[..., 1], None)
         cut = _ExactCut(
+            thr=torch.full_like(big_m, _NEG_INF),  # every token (of positive weight)
+            quota=torch.zeros_like(big_m, dtype=torch.int64),
+            allfit=torch.zeros_like(big_m, dtype=torch.bool),
             undefined=torch.isnan(big_m) | (big_m == _POS_INF) | torch.isnan(big_s),
             neg_inf=big_m == _NEG_INF,
             m=big_m,
@@ -861,6 +886,7 @@ def sample(
 
 
 def _finish_sample(x2: torch.Tensor, plan: _Plan, cut: _ExactCut, plain: bool = False) -> torch.Tensor:
+    assert cut.per_rank_mass is not None and cut.u is not None, "selected with need_mass=True and u"
     live = ~(cut.undefined | cut.neg_inf)
     safe_m = torch.where(live, cut.m, torch.zeros_like(cut.m))
     masses = torch.where(live[None], cut.per_rank_mass, torch.zeros_like(cut.per_rank_mass))
