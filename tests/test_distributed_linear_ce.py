@@ -73,6 +73,8 @@ CASES: dict[str, tuple[int, tuple[int, ...], dict]] = {
     "logprobs_entropy_t_bias": (2, (1, 999), {"op": "logprobs", "temperature": 0.8, "bias": True}),
     "logprobs_entropy_bf16": (3, (333, 333, 334), {"op": "logprobs", "dtype": torch.bfloat16}),
     "logprobs_allreduce": (3, (333, 333, 334), {"op": "logprobs", "merge": "allreduce"}),
+    "validate_false": (3, (333, 333, 334), {"validate": False, "label_smoothing": 0.1, "class_weight": "full"}),
+    "logprobs_validate_false": (2, (1, 999), {"op": "logprobs", "validate": False}),
 }
 
 
@@ -92,6 +94,7 @@ def _run_case(rank: int, group, world: int, sizes, opts: dict) -> str | None:
     reduce_gh = opts.pop("reduce_grad_hidden", True)
     hidden_grad = opts.pop("hidden_grad", True)
     merge = opts.pop("merge", "allgather")
+    validate = opts.pop("validate", True)
     gen = torch.Generator().manual_seed(1234)
     hidden = torch.randn(*shape, D, generator=gen).to(dtype)
     weight = (torch.randn(V, D, generator=gen) / D**0.5).to(dtype)
@@ -126,6 +129,8 @@ def _run_case(rank: int, group, world: int, sizes, opts: dict) -> str | None:
     kwargs = dict(opts, group=group, bias=b, reduce_grad_hidden=reduce_gh, merge=merge)
     if vocab_start is not None:
         kwargs["vocab_start"] = v0
+    if not validate:  # no metadata exchange: the caller gives the layout
+        kwargs.update(vocab_start=v0, vocab_size=V, validate=False)
     if op == "ce":
         cw = None if class_weight is None else (class_weight if cw_mode == "full" else class_weight[v0:v1])
         out = ldist.linear_cross_entropy(h, w, target, class_weight=cw, **kwargs)
@@ -185,9 +190,12 @@ def _cases_worker(rank: int, world: int) -> dict[str, str | None]:
         loss = ldist.linear_cross_entropy(h, w, t, label_smoothing=0.1)
     with ldist.count_collectives() as bwd:
         loss.backward()
+    with ldist.count_collectives() as quiet:
+        ldist.linear_cross_entropy(h, w, t, vocab_start=sum((333, 333, 334)[:rank]), vocab_size=V, validate=False)
     counts = {
         "fwd": [(r.kind, r.purpose, r.payload_bytes) for r in fwd.records],
         "bwd": [(r.kind, r.purpose, r.payload_bytes) for r in bwd.records],
+        "no_validate": [(r.kind, r.purpose, r.payload_bytes) for r in quiet.records],
     }
     return {"cases": results, "counts": counts}
 
@@ -213,3 +221,5 @@ def test_collective_counts(results):
         assert fwd[1][2] == N * 4 * 4
         # Backward: one all-reduce of grad_hidden (N x D fp32).
         assert bwd == [("all_reduce", "grad_hidden", N * D * 4)]
+        # validate=False: no metadata exchange.
+        assert results[r]["counts"]["no_validate"] == [("all_gather", "state", N * 3 * 4)]

@@ -64,6 +64,13 @@ CASES.update(
         "ce_all_ignored": (3, (333, 333, 334), {"op": "cross_entropy", "n_ignored": ROWS}),
         "ce_vocab_start_permuted": (3, (333, 333, 334), {"op": "cross_entropy", "vocab_start": (667, 0, 333)}),
         "lse_vocab_start_permuted": (3, (333, 333, 334), {"op": "logsumexp", "vocab_start": (334, 667, 0)}),
+        "ce_validate_false": (
+            3,
+            (333, 333, 334),
+            {"op": "cross_entropy", "validate": False, "class_weight": "full", "label_smoothing": 0.1},
+        ),
+        "entropy_validate_false": (2, (1, 999), {"op": "entropy", "validate": False}),
+        "softmax_validate_false": (3, (333, 333, 334), {"op": "softmax", "validate": False}),
     }
 )
 
@@ -79,6 +86,7 @@ def _run_case(group, sizes, opts: dict) -> str | None:
     n_ignored = opts.pop("n_ignored", 0)
     cw_mode = opts.pop("class_weight", None)
     temperature = opts.pop("temperature", 1.0)
+    validate = opts.pop("validate", True)
     gen = torch.Generator().manual_seed(4321)
     logits = (3 * torch.randn(*shape, V, generator=gen)).to(dtype)
     if masked:
@@ -95,6 +103,8 @@ def _run_case(group, sizes, opts: dict) -> str | None:
     kw = dict(group=group, merge=merge)
     if vocab_start is not None:
         kw["vocab_start"] = v0
+    if not validate:
+        kw.update(vocab_start=v0, vocab_size=V, validate=False)
     if op == "cross_entropy":
         target = torch.randint(0, V, shape, generator=gen)
         ignore_index = opts.get("ignore_index", -100)

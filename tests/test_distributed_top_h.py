@@ -69,26 +69,32 @@ CASES["plain_3r"] = (3, "random", torch.float32, None, None, 1.0, None)
 CASES["plain_2r_t0.5"] = (2, "lm_like", torch.float32, None, None, 0.5, None)
 CASES["plain_special"] = (3, "special", torch.float32, None, None, 1.0, None)
 CASES["plain_bf16"] = (2, "ties", torch.bfloat16, None, None, 1.0, None)
+# validate=False (no metadata exchange; the layout from vocab_start/vocab_size)
+CASES["exact_no_validate"] = (3, "lm_like", torch.float32, "exact", 0.5, 1.0, None, False)
+CASES["hf_no_validate"] = (2, "ties", torch.bfloat16, "hf", 0.6, 1.0, None, False)
+CASES["plain_no_validate"] = (3, "random", torch.float32, None, None, 1.0, None, False)
 
 ROWS = 8
 
 
 def _run_case(group, ranks: int, case: tuple, seed: int) -> str | None:
-    _, kind, dtype, rule, alpha, temperature, cap = case
+    _, kind, dtype, rule, alpha, temperature, cap = case[:7]
+    validate = case[7] if len(case) > 7 else True
     sizes = SPLITS[ranks]
     logits = _logits(kind, ROWS, dtype, seed)
     g_rank = dist.get_rank(group)
     v0 = sum(sizes[:g_rank])
     v1 = v0 + sizes[g_rank]
     shard = logits[:, v0:v1]
+    kw = {} if validate else {"vocab_start": v0, "vocab_size": V, "validate": False}
     problems = []
     if rule is not None:
         ref_mask = logitkit.top_h_mask(logits, alpha, temperature=temperature, rule=rule, cap=cap)
-        mask = ldist.top_h_mask(shard, alpha, temperature=temperature, rule=rule, cap=cap, group=group)
+        mask = ldist.top_h_mask(shard, alpha, temperature=temperature, rule=rule, cap=cap, group=group, **kw)
         if not torch.equal(mask, ref_mask[:, v0:v1]):
             bad = (mask != ref_mask[:, v0:v1]).any(1).nonzero().squeeze(1).tolist()
             problems.append(f"mask differs in rows {bad}")
-        trunc = ldist.top_h(shard, alpha, temperature=temperature, rule=rule, cap=cap, group=group)
+        trunc = ldist.top_h(shard, alpha, temperature=temperature, rule=rule, cap=cap, group=group, **kw)
         ref_trunc = logitkit.top_h(logits, alpha, temperature=temperature, rule=rule, cap=cap)[:, v0:v1]
         if not torch.equal(trunc.isinf(), ref_trunc.isinf()) or not torch.equal(
             trunc.nan_to_num(0.0, 0.0, 0.0), ref_trunc.nan_to_num(0.0, 0.0, 0.0)
@@ -111,6 +117,7 @@ def _run_case(group, ranks: int, case: tuple, seed: int) -> str | None:
             cap=cap,
             generator=torch.Generator().manual_seed(draw_seed),
             group=group,
+            **kw,
         )
         if not torch.equal(tok, ref_tok):
             problems.append(f"sample (seed {draw_seed}): {tok.tolist()} != {ref_tok.tolist()}")

@@ -11,6 +11,18 @@ torch.distributed collectives are used, so any backend works (NCCL on GPUs,
 gloo on CPU). DTensors (``Shard(-1)`` logits, ``Shard(0)`` weights) are
 accepted as well. See docs/distributed.md.
 
+Common keyword arguments: ``group`` (default: the world group);
+``vocab_start`` (this rank's first vocabulary index; default: shards tile
+[0, V) in group-rank order); ``merge`` ("allgather" or "allreduce", how the
+per-row states are merged). Every call starts with one fixed-size metadata
+all-gather that derives the layout and checks that the ranks agree
+(shapes, dtypes, options, targets), so that a disagreement raises
+``ValueError`` on every rank instead of hanging. ``validate=False`` together
+with ``vocab_start`` and ``vocab_size`` (the whole V) on every rank skips it
+(one collective and one host sync fewer per call, e.g. in a decoding loop);
+the caller then guarantees agreement, and shards must tile [0, V) in
+group-rank order for Top-H and sampling.
+
 Losses on hidden states (the logits are never materialised):
     :func:`linear_cross_entropy`, :func:`linear_log_probs_and_entropy`
 On vocabulary-sharded logits:

@@ -281,13 +281,27 @@ def exchange_metadata(
     vocab_start: int | None = None,
     vocab_size: int | None = None,
     local_error: str | None = None,
+    validate: bool = True,
 ) -> VocabLayout:
     """One all-gather of _META_WIDTH int64 per rank: derives the shard layout
     and checks that the ranks agree on every ``Check``. Raises ``ValueError``
     on every rank (never only on some, which would leave the others waiting in
     the next collective) when they do not, or when a rank reports a
     ``local_error`` from its own argument checks.
+
+    ``validate=False`` skips the exchange (and its host sync): the layout
+    comes from ``vocab_start`` and ``vocab_size`` alone, and nothing is
+    checked across ranks.
     """
+    if not validate:  # the caller promises agreement: no collective, no host sync
+        if local_error:
+            raise ValueError(local_error)
+        layout = static_layout(op, group, local_vocab=local_vocab, vocab_start=vocab_start, vocab_size=vocab_size)
+        if layout is None:
+            raise ValueError(
+                f"logitkit.distributed.{op}: validate=False needs vocab_start and vocab_size (on every rank)"
+            )
+        return layout
     rank, world = group_rank_and_size(group)
     if _HEADER + len(checks) > _META_WIDTH:
         raise RuntimeError("logitkit.distributed: internal error, too many metadata fields")

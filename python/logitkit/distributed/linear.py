@@ -123,6 +123,11 @@ def _slice_class_weight(op: str, class_weight: torch.Tensor | None, layout: _com
             )
     if class_weight.shape[0] == layout.local:
         return class_weight
+    if class_weight.shape[0] != layout.vocab:  # (validate=False: not checked across ranks above)
+        raise ValueError(
+            f"logitkit.distributed.{op}: class_weight must be this rank's slice ({layout.local},) or the whole "
+            f"vector ({layout.vocab},), got length {class_weight.shape[0]}"
+        )
     return class_weight[layout.v0 : layout.v1]
 
 
@@ -297,6 +302,8 @@ def _exchange(
     merge: str,
     class_weight_len: int = -1,
     bias_len: int = -1,
+    vocab_size: int | None = None,
+    validate: bool = True,
 ) -> _comm.VocabLayout:
     ok = local_error is None
     device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
@@ -323,7 +330,9 @@ def _exchange(
         device=device,
         checks=checks,
         vocab_start=vocab_start,
+        vocab_size=vocab_size,
         local_error=local_error,
+        validate=validate,
     )
 
 
@@ -352,6 +361,8 @@ def linear_cross_entropy(
     chunk_budget: int = DEFAULT_CHUNK_BUDGET,
     reduce_grad_hidden: bool = True,
     vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    validate: bool = True,
     merge: str = "allgather",
 ) -> Any:
     """Vocabulary-parallel :func:`logitkit.linear_cross_entropy`.
@@ -380,6 +391,10 @@ def linear_cross_entropy(
     (Megatron's ``copy_to_tensor_model_parallel_region``). The upstream
     gradient of the loss must be the same on every rank (it is when every
     rank backpropagates the same loss).
+
+    ``validate=False`` with ``vocab_start`` and ``vocab_size`` (V) on every
+    rank skips the metadata all-gather (and its host sync); nothing is then
+    checked across ranks.
 
     Communication per call: forward one fixed-size metadata all-gather
     (32 int64 per rank: layout and agreement checks; ranks that disagree on
@@ -441,6 +456,8 @@ def linear_cross_entropy(
         hidden_grad,
         merge,
         class_weight_len=class_weight.shape[0] if class_weight is not None else -1,
+        vocab_size=vocab_size,
+        validate=validate,
     )
     class_weight = _slice_class_weight(op, class_weight, layout, len(checks) + 6)
     msg = range_error(op, target, layout.vocab, int(ignore_index))
@@ -478,6 +495,8 @@ def linear_log_probs_and_entropy(
     chunk_budget: int = DEFAULT_CHUNK_BUDGET,
     reduce_grad_hidden: bool = True,
     vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    validate: bool = True,
     merge: str = "allgather",
 ) -> tuple[Any, Any]:
     """Vocabulary-parallel :func:`logitkit.linear_log_probs_and_entropy`:
@@ -508,7 +527,20 @@ def linear_log_probs_and_entropy(
         _comm.Check("whether a bias is given", int(bias is not None), render="bool"),
         _comm.Check("reduce_grad_hidden", int(bool(reduce_grad_hidden)), render="bool"),
     ]
-    layout = _exchange(op, group, hidden, weight_shard, target, local_error, checks, vocab_start, hidden_grad, merge)
+    layout = _exchange(
+        op,
+        group,
+        hidden,
+        weight_shard,
+        target,
+        local_error,
+        checks,
+        vocab_start,
+        hidden_grad,
+        merge,
+        vocab_size=vocab_size,
+        validate=validate,
+    )
     msg = range_error(op, target, layout.vocab, None)
     if msg:
         raise ValueError(msg)

@@ -70,6 +70,8 @@ def _prologue(
     extra_checks: list[_comm.Check] | None = None,
     extra_error: Any = None,
     info: Any = None,
+    vocab_size: int | None = None,
+    validate: bool = True,
 ):
     """Unwraps a DTensor, checks the arguments, exchanges the metadata.
     Returns (x2 (rows, V_r), plan, DTensor info or None)."""
@@ -106,7 +108,9 @@ def _prologue(
         device=device,
         checks=checks,
         vocab_start=vocab_start,
+        vocab_size=vocab_size,
         local_error=local_error,
+        validate=validate,
     )
     x2 = logits.reshape(-1, logits.shape[-1])
     plan = _Plan(
@@ -193,6 +197,8 @@ def softmax_stats(
     *,
     group: _comm.ProcessGroup | None = None,
     vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    validate: bool = True,
     merge: str = "allgather",
 ) -> Any:
     """The merged softmax state ``[m, s, b]`` (..., 3) fp32 of the whole row,
@@ -201,7 +207,9 @@ def softmax_stats(
     Not differentiable. One read pass, one all-gather of 3 fp32 per row
     (plus the metadata all-gather)."""
     op = "softmax_stats"
-    logits, x2, plan, info = _prologue(op, logits, temperature, group, vocab_start, merge)
+    logits, x2, plan, info = _prologue(
+        op, logits, temperature, group, vocab_start, merge, vocab_size=vocab_size, validate=validate
+    )
     _, merged = _merged_state(x2, plan, with_b=True)
     out = torch.stack([merged.m, merged.s, merged.b], -1).reshape(*plan.shape[:-1], 3)
     if info is not None:
@@ -220,6 +228,8 @@ def logsumexp(
     *,
     group: _comm.ProcessGroup | None = None,
     vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    validate: bool = True,
     merge: str = "allgather",
 ) -> Any:
     """``logsumexp(logits / temperature)`` over the whole (sharded) vocabulary,
@@ -227,7 +237,9 @@ def logsumexp(
 
     Backward (no collective): this rank's shard of ``g p / T``, written by
     the ``logsumexp_backward`` kernel in the logits' dtype."""
-    logits, x2, plan, info = _prologue("logsumexp", logits, temperature, group, vocab_start, merge)
+    logits, x2, plan, info = _prologue(
+        "logsumexp", logits, temperature, group, vocab_start, merge, vocab_size=vocab_size, validate=validate
+    )
     out = _LogSumExp.apply(x2, plan).reshape(plan.shape[:-1])
     return _wrap_rows(out, info, plan)
 
@@ -238,6 +250,8 @@ def entropy(
     *,
     group: _comm.ProcessGroup | None = None,
     vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    validate: bool = True,
     merge: str = "allgather",
 ) -> Any:
     """Entropy (nats, fp32) of ``softmax(logits / temperature)`` over the whole
@@ -246,7 +260,9 @@ def entropy(
     Backward (no collective): ``-(1/T) p (log p + H)`` on this shard, from two
     local kernels (``entropy_backward`` and ``logsumexp_backward``, both in
     the logits' dtype) and one in-place add."""
-    logits, x2, plan, info = _prologue("entropy", logits, temperature, group, vocab_start, merge)
+    logits, x2, plan, info = _prologue(
+        "entropy", logits, temperature, group, vocab_start, merge, vocab_size=vocab_size, validate=validate
+    )
     out = _Entropy.apply(x2, plan).reshape(plan.shape[:-1])
     return _wrap_rows(out, info, plan)
 
@@ -332,6 +348,8 @@ def log_softmax(
     *,
     group: _comm.ProcessGroup | None = None,
     vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    validate: bool = True,
     merge: str = "allgather",
 ) -> Any:
     """This rank's slice of ``log_softmax(logits / temperature)`` over the
@@ -341,7 +359,9 @@ def log_softmax(
     pass ``(z - m) - log s`` in fp32 row blocks rounded once to the logits'
     dtype. Backward: one all-reduce of the row sums of the upstream gradient
     (rows fp32), then ``(dy - exp(y) sum dy) / T`` in one pass."""
-    logits, x2, plan, info = _prologue("log_softmax", logits, temperature, group, vocab_start, merge)
+    logits, x2, plan, info = _prologue(
+        "log_softmax", logits, temperature, group, vocab_start, merge, vocab_size=vocab_size, validate=validate
+    )
     out = _LogSoftmax.apply(x2, plan).reshape(plan.shape)
     if info is not None:
         return _dtensor.wrap_like(out, info, info.global_shape)
@@ -354,12 +374,16 @@ def softmax(
     *,
     group: _comm.ProcessGroup | None = None,
     vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    validate: bool = True,
     merge: str = "allgather",
 ) -> Any:
     """This rank's slice of ``softmax(logits / temperature)`` over the whole
     vocabulary: shape and dtype of the local shard. Backward: one all-reduce
     of ``sum_j dy_j y_j`` per row, then ``y (dy - that) / T``."""
-    logits, x2, plan, info = _prologue("softmax", logits, temperature, group, vocab_start, merge)
+    logits, x2, plan, info = _prologue(
+        "softmax", logits, temperature, group, vocab_start, merge, vocab_size=vocab_size, validate=validate
+    )
     out = _Softmax.apply(x2, plan).reshape(plan.shape)
     if info is not None:
         return _dtensor.wrap_like(out, info, info.global_shape)
@@ -465,6 +489,8 @@ def cross_entropy(
     temperature: float = 1.0,
     group: _comm.ProcessGroup | None = None,
     vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    validate: bool = True,
     merge: str = "allgather",
 ) -> Any:
     """Vocabulary-parallel :func:`logitkit.cross_entropy`: rank r passes its
@@ -532,7 +558,17 @@ def cross_entropy(
     ]
 
     logits, x2, plan, info = _prologue(
-        op, logits, temperature, group, vocab_start, merge, extra_checks=checks, extra_error=extra_error, info=info
+        op,
+        logits,
+        temperature,
+        group,
+        vocab_start,
+        merge,
+        extra_checks=checks,
+        extra_error=extra_error,
+        info=info,
+        vocab_size=vocab_size,
+        validate=validate,
     )
     lay = plan.layout
     if cw is not None:
@@ -544,6 +580,11 @@ def cross_entropy(
                     f"whole vector ({lay.vocab},); rank {r} passed length {row[col]}"
                 )
         if cw.shape[0] != lay.local:
+            if cw.shape[0] != lay.vocab:  # (validate=False: not checked across ranks above)
+                raise ValueError(
+                    f"logitkit.distributed.{op}: class_weight must be this rank's slice ({lay.local},) or the whole "
+                    f"vector ({lay.vocab},), got length {cw.shape[0]}"
+                )
             cw = cw[lay.v0 : lay.v1]
     msg = range_error(op, target, lay.vocab, int(ignore_index))
     if msg:

@@ -125,6 +125,8 @@ def _prologue(
     cap: int | None,
     group: Any,
     vocab_start: int | None,
+    vocab_size: int | None = None,
+    validate: bool = True,
 ):
     info = None
     if _dtensor.is_dtensor(logits):
@@ -162,7 +164,9 @@ def _prologue(
         device=logits.device if isinstance(logits, torch.Tensor) else torch.device("cpu"),
         checks=checks,
         vocab_start=vocab_start,
+        vocab_size=vocab_size,
         local_error=local_error,
+        validate=validate,
     )
     x2 = logits.reshape(-1, logits.shape[-1])
     plan = _Plan(
@@ -781,6 +785,8 @@ def top_h_mask(
     cap: int | None = None,
     group: _comm.ProcessGroup | None = None,
     vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    validate: bool = True,
 ) -> Any:
     """This rank's slice (bool, shape of the local shard) of the Top-H keep
     mask of the concatenated logits: the same kept sets as
@@ -793,7 +799,9 @@ def top_h_mask(
     (K = min(cap, V)); "official" 2 / the same with 2 more fp64 per row; "exact" 2-3 / 2-5 histogram
     and state collectives of at most (rows, 2048, 3) fp32. See the module
     documentation."""
-    logits, x2, plan, info = _prologue("top_h_mask", logits, alpha, temperature, rule, cap, group, vocab_start)
+    logits, x2, plan, info = _prologue(
+        "top_h_mask", logits, alpha, temperature, rule, cap, group, vocab_start, vocab_size, validate
+    )
     mask = _mask(x2, plan).reshape(plan.shape)
     if info is not None:
         return _dtensor.wrap_like(mask, info, info.global_shape)
@@ -816,10 +824,14 @@ def top_h(
     filter_value: float = _NEG_INF,
     group: _comm.ProcessGroup | None = None,
     vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    validate: bool = True,
 ) -> Any:
     """This rank's shard of Top-H truncated logits: unchanged where
     :func:`top_h_mask` keeps the token, ``filter_value`` elsewhere."""
-    logits, x2, plan, info = _prologue("top_h", logits, alpha, temperature, rule, cap, group, vocab_start)
+    logits, x2, plan, info = _prologue(
+        "top_h", logits, alpha, temperature, rule, cap, group, vocab_start, vocab_size, validate
+    )
     mask = _mask(x2, plan)
     out = torch.where(mask, x2, torch.tensor(filter_value, dtype=x2.dtype, device=x2.device)).reshape(plan.shape)
     if info is not None:
@@ -837,6 +849,8 @@ def sample(
     generator: torch.Generator | None = None,
     group: _comm.ProcessGroup | None = None,
     vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    validate: bool = True,
 ) -> Any:
     """One token per row (int64 *global* vocabulary ids, shape (...), the same
     on every rank) from softmax(logits / temperature) over the whole
@@ -854,7 +868,9 @@ def sample(
     and "official" 2, 1 all-gather, no further pass or collective; "exact"
     2-3 passes (the last on the drawing rank only), 4-6 collectives."""
     op = "sample"
-    logits, x2, plan, info = _prologue(op, logits, top_h, temperature, rule, cap, group, vocab_start)
+    logits, x2, plan, info = _prologue(
+        op, logits, top_h, temperature, rule, cap, group, vocab_start, vocab_size, validate
+    )
     dev = x2.device
     u = torch.rand(plan.shape[:-1], generator=generator, device=dev, dtype=torch.float32).reshape(-1)
     if top_h is not None and rule != "exact":
