@@ -116,11 +116,12 @@ def _linear_case(mesh, hidden_kind: str) -> str | None:
         ref_loss.backward()
     # Ours: the DTensor weight as it is; hidden as a replicated DTensor or a plain tensor.
     w = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_()
-    if hidden_kind == "dtensor":
-        h = distribute_tensor(hidden, mesh, [Replicate()]).requires_grad_()
-    else:
+    if hidden_kind == "plain":
         h = hidden.clone().requires_grad_()
-    loss = ldist.linear_cross_entropy(h, w, target)
+    else:
+        h = distribute_tensor(hidden, mesh, [Replicate()]).requires_grad_()
+    # "dtensor_partial": the input gradient is left Partial for DTensor to reduce.
+    loss = ldist.linear_cross_entropy(h, w, target, reduce_grad_hidden=hidden_kind != "dtensor_partial")
     loss.backward()
     return (
         _close(loss, ref_loss, "loss")
@@ -140,10 +141,17 @@ def _worker(rank: int, world: int) -> dict:
     out["top_h"] = _top_h_case(mesh)
     out["linear_plain_hidden"] = _linear_case(mesh, "plain")
     out["linear_dtensor_hidden"] = _linear_case(mesh, "dtensor")
+    out["linear_dtensor_hidden_partial_grad"] = _linear_case(mesh, "dtensor_partial")
     return out
 
 
-NAMES = [f"ce_{n}" for n in CE_CASES] + ["row_ops", "top_h", "linear_plain_hidden", "linear_dtensor_hidden"]
+NAMES = [f"ce_{n}" for n in CE_CASES] + [
+    "row_ops",
+    "top_h",
+    "linear_plain_hidden",
+    "linear_dtensor_hidden",
+    "linear_dtensor_hidden_partial_grad",
+]
 
 
 @pytest.fixture(scope="module")

@@ -68,8 +68,10 @@ def unwrap_vocab_sharded(x: Any, tensor_dim: int, op: str, arg: str, grad: bool 
     return x.to_local(), info
 
 
-def unwrap_replicated(x: Any, info: TPInfo, op: str, arg: str) -> torch.Tensor:
-    """The local tensor of a DTensor that is replicated on the TP mesh dimension."""
+def unwrap_replicated(x: Any, info: TPInfo, op: str, arg: str, partial_grad: bool = False) -> torch.Tensor:
+    """The local tensor of a DTensor that is replicated on the TP mesh dimension.
+    ``partial_grad``: its gradient will be this rank's partial sum (declared
+    ``Partial`` on the TP dimension, so DTensor reduces it when needed)."""
     if not is_dtensor(x):
         return x
     if x.device_mesh != info.mesh:
@@ -79,6 +81,10 @@ def unwrap_replicated(x: Any, info: TPInfo, op: str, arg: str) -> torch.Tensor:
             f"logitkit.distributed.{op}: {arg} must be replicated on the tensor-parallel mesh dimension, "
             f"got {x.placements}"
         )
+    if partial_grad:
+        placements = list(x.placements)
+        placements[info.tp_dim] = Partial()
+        return x.to_local(grad_placements=placements)
     return x.to_local()
 
 

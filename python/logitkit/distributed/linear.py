@@ -93,15 +93,19 @@ def _check_linear_args(op: str, hidden: Any, weight: Any, target: Any, bias: Any
     return first_error(lambda: check_logits_arg(hidden, op, "hidden"), shapes)
 
 
-def _unwrap_dtensors(op: str, hidden: Any, weight: Any, bias: Any, class_weight: Any, group: Any):
-    """DTensor weight (Shard(0)) -> its local rows and its mesh's group."""
+def _unwrap_dtensors(
+    op: str, hidden: Any, weight: Any, bias: Any, class_weight: Any, group: Any, reduce_grad_hidden: bool
+):
+    """DTensor weight (Shard(0)) -> its local rows and its mesh's group. A
+    Replicate DTensor hidden with ``reduce_grad_hidden=False`` gets its
+    gradient as a Partial DTensor (DTensor then reduces it when needed)."""
     info = None
     if _dtensor.is_dtensor(weight):
         weight, info = _dtensor.unwrap_vocab_sharded(weight, 0, op, "weight_shard")
         if group is not None and group != info.group:
             raise ValueError(f"logitkit.distributed.{op}: group= differs from the DTensor weight's mesh group")
         group = info.group
-        hidden = _dtensor.unwrap_replicated(hidden, info, op, "hidden")
+        hidden = _dtensor.unwrap_replicated(hidden, info, op, "hidden", partial_grad=not reduce_grad_hidden)
         if _dtensor.is_dtensor(bias):
             bias, _ = _dtensor.unwrap_vocab_sharded(bias, 0, op, "bias")
         if class_weight is not None:
@@ -414,7 +418,7 @@ def linear_cross_entropy(
     """
     op = "linear_cross_entropy"
     hidden, weight_shard, bias, class_weight, group, info = _unwrap_dtensors(
-        op, hidden, weight_shard, bias, class_weight, group
+        op, hidden, weight_shard, bias, class_weight, group, reduce_grad_hidden
     )
     group = _comm.resolve_group(group, op)
     local_error = first_error(
@@ -510,7 +514,9 @@ def linear_log_probs_and_entropy(
     summed over the group unless ``reduce_grad_hidden=False``.
     """
     op = "linear_log_probs_and_entropy"
-    hidden, weight_shard, bias, _, group, info = _unwrap_dtensors(op, hidden, weight_shard, bias, None, group)
+    hidden, weight_shard, bias, _, group, info = _unwrap_dtensors(
+        op, hidden, weight_shard, bias, None, group, reduce_grad_hidden
+    )
     group = _comm.resolve_group(group, op)
     local_error = first_error(
         lambda: _check_linear_args(op, hidden, weight_shard, target, bias, chunk_budget),
