@@ -75,6 +75,8 @@ CASES: dict[str, tuple[int, tuple[int, ...], dict]] = {
     "logprobs_allreduce": (3, (333, 333, 334), {"op": "logprobs", "merge": "allreduce"}),
     "validate_false": (3, (333, 333, 334), {"validate": False, "label_smoothing": 0.1, "class_weight": "full"}),
     "logprobs_validate_false": (2, (1, 999), {"op": "logprobs", "validate": False}),
+    "empty_shard": (2, (0, 1000), {"label_smoothing": 0.1, "class_weight": "shard", "bias": True}),
+    "empty_shard_logprobs": (3, (500, 0, 500), {"op": "logprobs"}),
 }
 
 

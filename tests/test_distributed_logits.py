@@ -30,6 +30,7 @@ for _op in OPS:
     CASES[f"{_op}_masked"] = (3, (333, 333, 334), {"op": _op, "masked": True})
     CASES[f"{_op}_allreduce"] = (2, (500, 500), {"op": _op, "merge": "allreduce"})
     CASES[f"{_op}_3d"] = (3, (1, 998, 1), {"op": _op, "shape": (3, 4)})
+    CASES[f"{_op}_empty_shard"] = (2, (0, 1000), {"op": _op})
 CASES.update(
     {
         "ce_sum": (3, (333, 333, 334), {"op": "cross_entropy", "reduction": "sum"}),

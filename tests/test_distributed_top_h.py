@@ -73,6 +73,19 @@ CASES["plain_bf16"] = (2, "ties", torch.bfloat16, None, None, 1.0, None)
 CASES["exact_no_validate"] = (3, "lm_like", torch.float32, "exact", 0.5, 1.0, None, False)
 CASES["hf_no_validate"] = (2, "ties", torch.bfloat16, "hf", 0.6, 1.0, None, False)
 CASES["plain_no_validate"] = (3, "random", torch.float32, None, None, 1.0, None, False)
+# a rank with an empty shard
+for _rule in (*RULES, None):
+    CASES[f"{_rule or 'plain'}_empty_shard"] = (
+        3,
+        "lm_like",
+        torch.float32,
+        _rule,
+        None if _rule is None else 0.5,
+        1.0,
+        None,
+        True,
+        (500, 0, 500),
+    )
 
 ROWS = 8
 
@@ -80,7 +93,7 @@ ROWS = 8
 def _run_case(group, ranks: int, case: tuple, seed: int) -> str | None:
     _, kind, dtype, rule, alpha, temperature, cap = case[:7]
     validate = case[7] if len(case) > 7 else True
-    sizes = SPLITS[ranks]
+    sizes = case[8] if len(case) > 8 else SPLITS[ranks]
     logits = _logits(kind, ROWS, dtype, seed)
     g_rank = dist.get_rank(group)
     v0 = sum(sizes[:g_rank])

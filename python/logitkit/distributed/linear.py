@@ -68,8 +68,6 @@ def _check_linear_args(op: str, hidden: Any, weight: Any, target: Any, bias: Any
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
             shape = list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
             return f"{prefix}: weight_shard must have shape (V_local, {hidden.shape[-1]}) to match hidden, got {shape}"
-        if weight.shape[0] < 1:
-            return f"{prefix}: weight_shard must hold at least one vocabulary row on every rank"
         if weight.dtype != hidden.dtype or weight.device != hidden.device:
             return (
                 f"{prefix}: weight_shard ({weight.dtype}, {weight.device}) must have hidden's dtype and device "
@@ -135,10 +133,32 @@ def _slice_class_weight(op: str, class_weight: torch.Tensor | None, layout: _com
     return class_weight[layout.v0 : layout.v1]
 
 
+def _stats(h2, weight, local_t, bias, class_weight, softcap, temperature, chunk_budget) -> torch.Tensor:
+    """linear_ce_stats on this shard; an empty shard (V_r = 0) contributes no mass."""
+    if weight.shape[0] == 0:
+        st = h2.new_zeros((h2.shape[0], 5), dtype=torch.float32)
+        st[:, 0] = float("-inf")
+        st[:, 3] = float("nan")
+        return st
+    return torch.ops.logitkit.linear_ce_stats(
+        h2, weight, local_t, bias, class_weight, _SENTINEL, softcap, temperature, chunk_budget
+    )
+
+
+def _backward(
+    h2, weight, local_t, bias, class_weight, normaliser, coefficients, softcap, temperature, budget, bias_grad
+):
+    """linear_ce_backward on this shard (zeros / empty for an empty shard)."""
+    if weight.shape[0] == 0:
+        return h2.new_zeros(h2.shape), torch.empty_like(weight), h2.new_zeros((0,))
+    return torch.ops.logitkit.linear_ce_backward(
+        h2, weight, local_t, bias, class_weight, normaliser, coefficients, softcap, temperature, budget, bias_grad
+    )
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, class_weight, target, plan):
-        ops = torch.ops.logitkit
         lay: _comm.VocabLayout = plan.layout
         d = weight.shape[1]
         h2 = hidden.reshape(-1, d)
@@ -148,14 +168,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         owned = valid & (t1 >= lay.v0) & (t1 < lay.v1)
         local_t = torch.where(owned, t1 - lay.v0, torch.full_like(t1, _SENTINEL))
         eps = plan.label_smoothing
-        stats = ops.linear_ce_stats(
-            h2, weight, local_t, bias, class_weight, _SENTINEL, plan.softcap, plan.temperature, plan.chunk_budget
-        )
+        stats = _stats(h2, weight, local_t, bias, class_weight, plan.softcap, plan.temperature, plan.chunk_budget)
         # Side values: z_y (owner only), w_y (owner only, with class weights), sum_c w_c z_c (every rank).
         side = [torch.where(owned, stats[:, 3], torch.zeros_like(stats[:, 3]))]
         if class_weight is not None:
             cw = class_weight.float()
-            side.append(torch.where(owned, cw[local_t.clamp(min=0)], torch.zeros_like(stats[:, 0])))
+            w_local = cw[local_t.clamp(min=0)] if cw.numel() else torch.zeros_like(stats[:, 0])
+            side.append(torch.where(owned, w_local, torch.zeros_like(stats[:, 0])))
         if eps > 0:
             side.append(stats[:, 4])
         scalars = class_weight.float().sum()[None] if (class_weight is not None and eps > 0) else None
@@ -210,7 +229,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total_weight=ctx.total_weight,
         )
         bias_grad = bias is not None and ctx.needs_input_grad[2]
-        grad_h, grad_w, grad_b = torch.ops.logitkit.linear_ce_backward(
+        grad_h, grad_w, grad_b = _backward(
             h2,
             weight,
             local_t,
@@ -244,9 +263,7 @@ class _LinearLogProbsAndEntropy(torch.autograd.Function):
         t1 = target.reshape(-1)
         owned = (t1 >= lay.v0) & (t1 < lay.v1)
         local_t = torch.where(owned, t1 - lay.v0, torch.full_like(t1, _SENTINEL))
-        stats = torch.ops.logitkit.linear_ce_stats(
-            h2, weight, local_t, bias, None, _SENTINEL, 0.0, plan.temperature, plan.chunk_budget
-        )
+        stats = _stats(h2, weight, local_t, bias, None, 0.0, plan.temperature, plan.chunk_budget)
         z_local = torch.where(owned, stats[:, 3], torch.zeros_like(stats[:, 3]))
         merged = merge_states(stats, plan.group, plan.merge, with_b=True, summed=z_local[:, None])
         in_range = (t1 >= 0) & (t1 < lay.vocab)
@@ -269,7 +286,7 @@ class _LinearLogProbsAndEntropy(torch.autograd.Function):
         g_h = grad_entropy.float().reshape(-1) if grad_entropy is not None else zeros
         coefficients = logprob_entropy_coefficients(g_l, g_h, entropy)
         bias_grad = bias is not None and ctx.needs_input_grad[2]
-        grad_h, grad_w, grad_b = torch.ops.logitkit.linear_ce_backward(
+        grad_h, grad_w, grad_b = _backward(
             h2,
             weight,
             local_t,
@@ -376,7 +393,7 @@ def linear_cross_entropy(
     the output projection: ``weight_shard`` (V_r, D) = rows [v0_r, v0_r + V_r)
     of the full (V, D) weight; ``bias`` (V_r,) likewise. ``class_weight`` may
     be this rank's slice (V_r,) or the whole vector (V,). Shard sizes may
-    differ between ranks (V_r >= 1). The shards tile the vocabulary in
+    differ between ranks (and be 0). The shards tile the vocabulary in
     group-rank order unless ``vocab_start`` (Megatron's vocab_start_index) is
     given on every rank.
 

@@ -112,7 +112,7 @@ def _prologue(
         local_error=local_error,
         validate=validate,
     )
-    x2 = logits.reshape(-1, logits.shape[-1])
+    x2 = logits.reshape(logits.shape[:-1].numel(), logits.shape[-1])
     plan = _Plan(
         op=op,
         group=group,
