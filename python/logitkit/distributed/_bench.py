@@ -12,7 +12,9 @@ processes, and (b) the tensor-parallel approach that all-gathers the logits
 (each rank forms its N x V_r logits, all-gathers them to N x V, runs
 F.cross_entropy; backward slices its columns of the logits' gradient and
 all-reduces grad_hidden). Time: median over repeats of the slowest rank's
-step (each step starts at a barrier). Memory: per-rank peak RSS above the
+step (each step starts at a barrier; the single-process loss runs on rank 0
+with all the group's threads, interleaved with the TP steps, so that load
+changes on a shared machine hit all three alike). Memory: per-rank peak RSS above the
 inputs and the gradients (Linux VmHWM after malloc_trim and a clear_refs
 reset), the same probe as logitkit-bench. Bytes: per-rank payloads of the
 collectives counted by count_collectives().
@@ -138,6 +140,12 @@ class _ReduceGrad(torch.autograd.Function):
 
 
 def _tp_worker(rank: int, world: int, cfg: dict) -> dict:
+    """Per-rank collectives and peak memory of both TP implementations, and
+    interleaved timing: each repeat times the single-process loss (rank 0,
+    with ``world`` threads, the other ranks idle at a barrier), then the TP
+    step of logitkit.distributed, then the gathered-logits step, so that a
+    changing load on a shared machine hits all three alike."""
+    import logitkit
     import logitkit.distributed as ldist
 
     dtype = _DTYPES[cfg["dtype"]]
@@ -146,9 +154,16 @@ def _tp_worker(rank: int, world: int, cfg: dict) -> dict:
     sizes = [vocab // world + (1 if r < vocab % world else 0) for r in range(world)]
     v0 = sum(sizes[:rank])
     w_shard = w_full[v0 : v0 + sizes[rank]].clone()
-    del w_full
+    if rank != 0:
+        del w_full
     probe = _PeakRss()
     out: dict[str, Any] = {"sizes": sizes}
+
+    def step_single():
+        h = h_full.detach().requires_grad_()
+        w = w_full.detach().requires_grad_()
+        loss = logitkit.linear_cross_entropy(h, w, target)
+        loss.backward()
 
     def step_logitkit():
         h = h_full.detach().requires_grad_()
@@ -167,25 +182,34 @@ def _tp_worker(rank: int, world: int, cfg: dict) -> dict:
         loss.backward()
         return loss.detach(), h.grad, w.grad
 
-    for name, step in (("logitkit", step_logitkit), ("gather_logits", step_gather)):
+    impls = (("logitkit", step_logitkit), ("gather_logits", step_gather))
+    for name, step in impls:
         with ldist.count_collectives() as log:
-            res = step()  # warm-up; counts logitkit's collectives
+            res = step()  # warm-up; counts the collectives
         loss_value = float(res[0])
         grads = sum(t.nbytes for t in res[1:])
         del res
         _, peak = probe.measure(step)
-        times = []
-        for _ in range(cfg["repeats"]):
-            dist.barrier()
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
         out[name] = {
-            "times": times,
+            "times": [],
             "peak": None if peak is None else peak - grads,
             "loss": loss_value,
             "collectives": [(r.kind, r.purpose, r.payload_bytes, r.ring_bytes) for r in log.records],
         }
+    out["single_times"] = []
+    for _ in range(cfg["repeats"]):
+        dist.barrier()
+        if rank == 0:
+            torch.set_num_threads(world)
+            t0 = time.perf_counter()
+            step_single()
+            out["single_times"].append(time.perf_counter() - t0)
+            torch.set_num_threads(1)
+        for name, step in impls:
+            dist.barrier()
+            t0 = time.perf_counter()
+            step()
+            out[name]["times"].append(time.perf_counter() - t0)
     return out
 
 
@@ -207,13 +231,8 @@ def _single_worker(rank: int, world: int, cfg: dict) -> dict:
     loss_value = float(res[0])
     grads = sum(t.nbytes for t in res[1:])
     del res
-    _, peak = probe.measure(step)
-    times = []
-    for _ in range(cfg["repeats"]):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return {"times": times, "peak": None if peak is None else peak - grads, "loss": loss_value}
+    _, peak = probe.measure(step)  # (its time is taken interleaved, in _tp_worker)
+    return {"peak": None if peak is None else peak - grads, "loss": loss_value}
 
 
 def _mib(b: int | None) -> str:
@@ -230,7 +249,7 @@ def bench_linear_ce(args: argparse.Namespace) -> str:
     }
     lines = [
         f"linear_ce fwd+bwd, N = {args.rows}, D = {args.hidden}, V = {args.vocab}, {args.dtype}, "
-        f"median of {args.repeats} (slowest rank per step)",
+        f"median of {args.repeats} (slowest rank per step), the three timed interleaved",
         f"torch {torch.__version__}, gloo on 127.0.0.1, {args.tp} processes x 1 thread "
         f"vs 1 process x {args.tp} threads",
         "",
@@ -238,7 +257,7 @@ def bench_linear_ce(args: argparse.Namespace) -> str:
     single = run_group(1, _single_worker, cfg, threads=args.tp, timeout=3600)[0]
     ranks = run_group(args.tp, _tp_worker, cfg, threads=1, timeout=3600)
     n = args.rows
-    t_single = statistics.median(single["times"])
+    t_single = statistics.median(ranks[0]["single_times"])  # interleaved with the TP steps
     lines.append(f"{'impl':<34} {'median s':>9} {'speed-up':>9} {'peak/rank':>11} {'comm B/token':>13} loss")
     lines.append(
         f"{'single process (logitkit)':<34} {t_single:>9.3f} {1.0:>8.2f}x {_mib(single['peak']):>11} {0:>13} "
