@@ -322,7 +322,6 @@ def _exchange(
     hidden_grad: bool,
     merge: str,
     class_weight_len: int = -1,
-    bias_len: int = -1,
     vocab_size: int | None = None,
     validate: bool = True,
 ) -> _comm.VocabLayout:
@@ -342,7 +341,6 @@ def _exchange(
         ),
         *extra_checks,
         _comm.Check("class_weight length", class_weight_len, agree=False),
-        _comm.Check("bias length", bias_len, agree=False),
     ]
     return _comm.exchange_metadata(
         op,
@@ -476,7 +474,7 @@ def linear_cross_entropy(
         vocab_start,
         hidden_grad,
         merge,
-        class_weight_len=class_weight.shape[0] if class_weight is not None else -1,
+        class_weight_len=class_weight.shape[0] if isinstance(class_weight, torch.Tensor) and class_weight.dim() else -1,
         vocab_size=vocab_size,
         validate=validate,
     )

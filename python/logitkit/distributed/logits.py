@@ -554,7 +554,9 @@ def cross_entropy(
             "target (its contents; every rank must pass the same global ids)",
             _comm.target_checksum(target) if ok_shapes and target.dtype == torch.int64 else 0,
         ),
-        _comm.Check("class_weight length", cw.shape[0] if isinstance(cw, torch.Tensor) else -1, agree=False),
+        _comm.Check(
+            "class_weight length", cw.shape[0] if isinstance(cw, torch.Tensor) and cw.dim() else -1, agree=False
+        ),
     ]
 
     logits, x2, plan, info = _prologue(
