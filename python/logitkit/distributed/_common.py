@@ -11,6 +11,7 @@ LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 MERGE_CODES = {"allgather": 0, "allreduce": 1}
 RULE_CODES = {"hf": 0, "official": 1, "exact": 2}
+_REDUCTIONS = tuple(REDUCTION_CODES)
 
 # Row blocks of the torch-op passes (Top-H, softmax/log-softmax writes) hold
 # at most this many bytes of fp32 temporaries each.
@@ -47,6 +48,25 @@ def row_blocks(rows: int, cols: int, bytes_per_element: int = 4, budget: int = B
     step = max(1, budget // max(1, cols * bytes_per_element))
     for start in range(0, rows, step):
         yield start, min(rows, start + step)
+
+
+def check_ce_options(
+    op: str, reduction: str, label_smoothing: float, z_loss: float, temperature: float, softcap: float | None
+) -> str | None:
+    """The single-device argument checks, returned as a message (not raised:
+    the caller reports it through the metadata exchange so every rank fails)."""
+    prefix = f"logitkit.distributed.{op}"
+    if reduction not in _REDUCTIONS:
+        return f"{prefix}: reduction must be one of {_REDUCTIONS}, got {reduction!r}"
+    if not (0.0 <= label_smoothing <= 1.0):
+        return f"{prefix}: label_smoothing must be in [0, 1], got {label_smoothing}"
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+        return f"{prefix}: softcap must be None or a finite number > 0, got {softcap}"
+    if not (math.isfinite(z_loss) and z_loss >= 0):
+        return f"{prefix}: z_loss must be a finite number >= 0, got {z_loss}"
+    if not (math.isfinite(temperature) and temperature > 0):
+        return f"{prefix}: temperature must be a finite number > 0, got {temperature}"
+    return None
 
 
 def range_error(op: str, target: torch.Tensor, vocab: int, ignore_index: int | None, arg: str = "target") -> str | None:

@@ -25,6 +25,7 @@ import dataclasses
 
 import torch
 
+from .._loss_math import entropy_from_stats, normaliser_from_stats
 from ._comm import ProcessGroup, all_gather, all_reduce
 
 MERGE_STRATEGIES = ("allgather", "allreduce")
@@ -46,13 +47,15 @@ class Merged:
 
     @property
     def lse(self) -> torch.Tensor:
-        return torch.where(self.m == float("inf"), self.m, self.m + torch.log(self.s))
+        """m + log s (+inf when m = +inf)."""
+        return normaliser_from_stats(self.m, self.s)[1]
 
     @property
     def entropy(self) -> torch.Tensor:
+        """log s - b / s (NaN when m = +inf: no distribution)."""
         if self.b is None:
             raise RuntimeError("logitkit.distributed: internal error, entropy needs b")
-        h = torch.log(self.s) - self.b / self.s
+        h = entropy_from_stats(torch.log(self.s), self.s, self.b)
         return torch.where(self.m == float("inf"), torch.full_like(h, float("nan")), h)
 
 

@@ -26,18 +26,22 @@ from typing import Any
 
 import torch
 
-from .. import _registration  # noqa: F401  (fake kernels of the ops)
-from ..linear_ce import DEFAULT_CHUNK_BUDGET
-from . import _comm, _dtensor
-from ._common import MERGE_CODES, REDUCTION_CODES, check_logits_arg, first_error, range_error
-from ._loss_math import (
-    ce_coefficients,
-    ce_token_loss,
-    check_ce_options,
-    logprob_entropy_coefficients,
+from .. import _backend
+from .._layout import LceStateField, column, normaliser_tensor
+from .._loss_math import (
+    LossOptions,
+    Targets,
+    cross_entropy_coefficients,
+    entropy_from_stats,
+    log_prob_entropy_coefficients,
+    loss_per_token,
+    normaliser_from_stats,
     reduce_loss,
     upstream_per_token,
 )
+from ..linear_ce import DEFAULT_CHUNK_BUDGET
+from . import _comm, _dtensor
+from ._common import MERGE_CODES, REDUCTION_CODES, check_ce_options, check_logits_arg, first_error, range_error
 from ._merge import MERGE_STRATEGIES, merge_states
 
 _SENTINEL = -1  # local target of a token whose class another rank holds (outside [0, V_r), passed as ignore_index)
@@ -50,15 +54,11 @@ class _Plan:
     layout: _comm.VocabLayout
     group: _comm.ProcessGroup
     merge: str
-    temperature: float
+    options: LossOptions  # ignore_index, reduction, label_smoothing, z_loss, temperature
     chunk_budget: int
     reduce_grad_hidden: bool
     hidden_grad: bool
-    ignore_index: int = -100
-    reduction: str = "none"
-    label_smoothing: float = 0.0
-    softcap: float = 0.0
-    z_loss: float = 0.0
+    softcap: float = 0.0  # 0: none
 
 
 def _check_linear_args(op: str, hidden: Any, weight: Any, target: Any, bias: Any, chunk_budget: int) -> str | None:
@@ -133,181 +133,139 @@ def _slice_class_weight(op: str, class_weight: torch.Tensor | None, layout: _com
     return class_weight[layout.v0 : layout.v1]
 
 
-def _stats(h2, weight, local_t, bias, class_weight, softcap, temperature, chunk_budget) -> torch.Tensor:
-    """linear_ce_stats on this shard; an empty shard (V_r = 0) contributes no mass."""
+def _stats(namespace: str, h2, weight, local_t, bias, class_weight, softcap, temperature, chunk_budget):
+    """linear_ce_stats on this shard, (N, 5) in LceStateField order; an empty
+    shard (V_r = 0) contributes no mass."""
     if weight.shape[0] == 0:
-        st = h2.new_zeros((h2.shape[0], 5), dtype=torch.float32)
-        st[:, 0] = float("-inf")
-        st[:, 3] = float("nan")
-        return st
-    return torch.ops.logitkit.linear_ce_stats(
+        n = h2.shape[0]
+        nan = torch.full((n,), float("nan"), device=h2.device)
+        zeros = torch.zeros(n, device=h2.device)
+        return torch.stack([torch.full_like(zeros, float("-inf")), zeros, zeros, nan, zeros], -1)
+    return _backend.ops(namespace).linear_ce_stats(
         h2, weight, local_t, bias, class_weight, _SENTINEL, softcap, temperature, chunk_budget
     )
 
 
-def _backward(
-    h2, weight, local_t, bias, class_weight, normaliser, coefficients, softcap, temperature, budget, bias_grad
-):
-    """linear_ce_backward on this shard (zeros / empty for an empty shard)."""
+def _input_grads(ctx: Any, plan: _Plan, coefficients: torch.Tensor, class_weight: torch.Tensor | None) -> tuple:
+    """linear_ce_backward on this shard with the global normaliser (zeros / empty
+    for an empty shard), then the all-reduce of grad_hidden."""
+    h2, weight, bias, local_t, normaliser = ctx.saved_tensors[:5]
+    bias_grad = bias is not None and ctx.needs_input_grad[2]
     if weight.shape[0] == 0:
-        return h2.new_zeros(h2.shape), torch.empty_like(weight), h2.new_zeros((0,))
-    return torch.ops.logitkit.linear_ce_backward(
-        h2, weight, local_t, bias, class_weight, normaliser, coefficients, softcap, temperature, budget, bias_grad
+        grad_h, grad_w, grad_b = h2.new_zeros(h2.shape), torch.empty_like(weight), h2.new_zeros((0,))
+    else:
+        grad_h, grad_w, grad_b = _backend.ops(ctx.namespace).linear_ce_backward(
+            h2,
+            weight,
+            local_t,
+            bias,
+            class_weight,
+            normaliser,
+            coefficients,
+            plan.softcap,
+            plan.options.temperature,
+            plan.chunk_budget,
+            bias_grad,
+        )
+    if plan.reduce_grad_hidden and plan.hidden_grad:
+        _comm.all_reduce(grad_h, plan.group, "grad_hidden")
+    return (
+        grad_h.reshape(ctx.hidden_shape) if ctx.needs_input_grad[0] else None,
+        grad_w if ctx.needs_input_grad[1] else None,
+        grad_b if bias_grad else None,
     )
+
+
+def _local_targets(t1: torch.Tensor, valid: torch.Tensor, lay: _comm.VocabLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(owned, local target): t - v0 where this shard holds the (non-ignored) target, else the sentinel."""
+    owned = valid & (t1 >= lay.v0) & (t1 < lay.v1)
+    return owned, torch.where(owned, t1 - lay.v0, torch.full_like(t1, _SENTINEL))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, class_weight, target, plan):
         lay: _comm.VocabLayout = plan.layout
-        d = weight.shape[1]
-        h2 = hidden.reshape(-1, d)
-        t1 = target.reshape(-1)
-        valid = t1 != plan.ignore_index
-        in_range = (t1 >= 0) & (t1 < lay.vocab)
-        owned = valid & (t1 >= lay.v0) & (t1 < lay.v1)
-        local_t = torch.where(owned, t1 - lay.v0, torch.full_like(t1, _SENTINEL))
-        eps = plan.label_smoothing
-        stats = _stats(h2, weight, local_t, bias, class_weight, plan.softcap, plan.temperature, plan.chunk_budget)
+        options: LossOptions = plan.options
+        ctx.namespace, ctx.plan, ctx.hidden_shape = _backend.namespace(), plan, hidden.shape
+        h2, t1 = hidden.reshape(-1, weight.shape[1]), target.reshape(-1)
+        valid = t1 != options.ignore_index
+        owned, local_t = _local_targets(t1, valid, lay)
+        eps = options.label_smoothing
+        stats = _stats(
+            ctx.namespace, h2, weight, local_t, bias, class_weight, plan.softcap, options.temperature, plan.chunk_budget
+        )
+        zeros = torch.zeros_like(column(stats, LceStateField.MAX))
         # Side values: z_y (owner only), w_y (owner only, with class weights), sum_c w_c z_c (every rank).
-        side = [torch.where(owned, stats[:, 3], torch.zeros_like(stats[:, 3]))]
+        side = [torch.where(owned, column(stats, LceStateField.TARGET_LOGIT), zeros)]
         if class_weight is not None:
             cw = class_weight.float()
-            w_local = cw[local_t.clamp(min=0)] if cw.numel() else torch.zeros_like(stats[:, 0])
-            side.append(torch.where(owned, w_local, torch.zeros_like(stats[:, 0])))
+            side.append(torch.where(owned, cw[local_t.clamp(min=0)], zeros) if cw.numel() else zeros)
         if eps > 0:
-            side.append(stats[:, 4])
+            side.append(column(stats, LceStateField.WEIGHTED_SUM))
         scalars = class_weight.float().sum()[None] if (class_weight is not None and eps > 0) else None
         merged = merge_states(
             stats, plan.group, plan.merge, with_b=False, summed=torch.stack(side, -1), scalars=scalars
         )
-        z_target = torch.where(valid & ~in_range, torch.full_like(merged.m, float("nan")), merged.summed[:, 0])
-        w_y = merged.summed[:, 1] if class_weight is not None else valid.float()
-        weighted_sum = merged.summed[:, -1] if eps > 0 else None
-        total_weight = merged.scalars[0] if scalars is not None else float(lay.vocab)
-        log_s = merged.log_s
-        loss = ce_token_loss(
-            merged.m,
-            log_s,
-            z_target,
-            w_y,
-            valid,
-            eps=eps,
-            z_loss=plan.z_loss,
+        t = Targets(
+            target=t1,
+            valid=valid,
+            weight=merged.summed[:, 1] if class_weight is not None else valid.float(),
             vocab=lay.vocab,
-            total_weight=total_weight,
-            weighted_sum=weighted_sum,
+            total_weight=merged.scalars[0] if scalars is not None else float(lay.vocab),
         )
-        out = reduce_loss(loss, plan.reduction, w_y)
-        if plan.reduction == "none":
-            out = out.reshape(target.shape)
-        lse = merged.lse
-        ctx.save_for_backward(h2, weight, bias, class_weight, local_t, valid, in_range, w_y, merged.m, log_s)
-        ctx.plan = plan
-        ctx.total_weight = total_weight
-        ctx.hidden_shape = hidden.shape
+        in_range = (t1 >= 0) & (t1 < lay.vocab)
+        z_target = torch.where(valid & ~in_range, torch.full_like(zeros, float("nan")), merged.summed[:, 0])
+        log_s, lse = normaliser_from_stats(merged.m, merged.s)
+        # lse - z_y as (m - z_y) + log s: no ulp(lse) rounding when p_y -> 1.
+        loss = loss_per_token(t, (merged.m - z_target) + log_s, lse, merged.summed[:, -1] if eps > 0 else None, options)
+        out = reduce_loss(loss, t, options.reduction)
+        normaliser = normaliser_tensor(max=merged.m, log_sum_exp=log_s)
+        ctx.save_for_backward(h2, weight, bias, local_t, normaliser, class_weight, t1, valid, t.weight, lse)
+        ctx.total_weight = t.total_weight
         lse_out = lse.reshape(target.shape)
         ctx.mark_non_differentiable(lse_out)
-        return out.to(hidden.dtype), lse_out
+        return (out.reshape(target.shape) if options.reduction == "none" else out).to(hidden.dtype), lse_out
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_lse):
-        h2, weight, bias, class_weight, local_t, valid, in_range, w_y, m, log_s = ctx.saved_tensors
+        class_weight, t1, valid, w_y, lse = ctx.saved_tensors[5:]
         plan = ctx.plan
-        n = local_t.shape[0]
-        lse = torch.where(m == float("inf"), m, m + log_s)
-        g = upstream_per_token(grad_loss, plan.reduction, n, w_y)
-        coefficients = ce_coefficients(
-            g,
-            valid,
-            in_range,
-            w_y,
-            lse,
-            eps=plan.label_smoothing,
-            z_loss=plan.z_loss,
-            vocab=plan.layout.vocab,
-            total_weight=ctx.total_weight,
-        )
-        bias_grad = bias is not None and ctx.needs_input_grad[2]
-        grad_h, grad_w, grad_b = _backward(
-            h2,
-            weight,
-            local_t,
-            bias,
-            class_weight,
-            torch.stack([m, log_s], -1),
-            coefficients,
-            plan.softcap,
-            plan.temperature,
-            plan.chunk_budget,
-            bias_grad,
-        )
-        if plan.reduce_grad_hidden and plan.hidden_grad:
-            _comm.all_reduce(grad_h, plan.group, "grad_hidden")
-        return (
-            grad_h.reshape(ctx.hidden_shape) if ctx.needs_input_grad[0] else None,
-            grad_w if ctx.needs_input_grad[1] else None,
-            grad_b if bias_grad else None,
-            None,
-            None,
-            None,
-        )
+        t = Targets(target=t1, valid=valid, weight=w_y, vocab=plan.layout.vocab, total_weight=ctx.total_weight)
+        g = upstream_per_token(grad_loss, t, plan.options.reduction)
+        coefficients = cross_entropy_coefficients(g, t, lse, plan.options)
+        return (*_input_grads(ctx, plan, coefficients, class_weight), None, None, None)
 
 
 class _LinearLogProbsAndEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, plan):
         lay: _comm.VocabLayout = plan.layout
-        d = weight.shape[1]
-        h2 = hidden.reshape(-1, d)
-        t1 = target.reshape(-1)
-        owned = (t1 >= lay.v0) & (t1 < lay.v1)
-        local_t = torch.where(owned, t1 - lay.v0, torch.full_like(t1, _SENTINEL))
-        stats = _stats(h2, weight, local_t, bias, None, 0.0, plan.temperature, plan.chunk_budget)
-        z_local = torch.where(owned, stats[:, 3], torch.zeros_like(stats[:, 3]))
+        ctx.namespace, ctx.plan, ctx.hidden_shape = _backend.namespace(), plan, hidden.shape
+        h2, t1 = hidden.reshape(-1, weight.shape[1]), target.reshape(-1)
+        owned, local_t = _local_targets(t1, torch.ones_like(t1, dtype=torch.bool), lay)
+        stats = _stats(ctx.namespace, h2, weight, local_t, bias, None, 0.0, plan.options.temperature, plan.chunk_budget)
+        target_logit = column(stats, LceStateField.TARGET_LOGIT)
+        z_local = torch.where(owned, target_logit, torch.zeros_like(target_logit))
         merged = merge_states(stats, plan.group, plan.merge, with_b=True, summed=z_local[:, None])
         in_range = (t1 >= 0) & (t1 < lay.vocab)
         z_target = torch.where(in_range, merged.summed[:, 0], torch.full_like(merged.m, float("nan")))
-        log_s = merged.log_s
+        log_s, _ = normaliser_from_stats(merged.m, merged.s)
         log_prob = (z_target - merged.m) - log_s
-        entropy = merged.entropy
-        ctx.save_for_backward(h2, weight, bias, local_t, merged.m, log_s, entropy)
-        ctx.plan = plan
-        ctx.hidden_shape = hidden.shape
+        assert merged.b is not None
+        entropy = entropy_from_stats(log_s, merged.s, merged.b)
+        ctx.save_for_backward(h2, weight, bias, local_t, normaliser_tensor(max=merged.m, log_sum_exp=log_s), entropy)
         return log_prob.reshape(target.shape), entropy.reshape(target.shape)
 
     @staticmethod
     def backward(ctx, grad_log_prob, grad_entropy):
-        h2, weight, bias, local_t, m, log_s, entropy = ctx.saved_tensors
-        plan = ctx.plan
-        n = local_t.shape[0]
+        h2, entropy = ctx.saved_tensors[0], ctx.saved_tensors[5]
+        n = h2.shape[0]
         zeros = h2.new_zeros(n, dtype=torch.float32)
         g_l = grad_log_prob.float().reshape(-1) if grad_log_prob is not None else zeros
         g_h = grad_entropy.float().reshape(-1) if grad_entropy is not None else zeros
-        coefficients = logprob_entropy_coefficients(g_l, g_h, entropy)
-        bias_grad = bias is not None and ctx.needs_input_grad[2]
-        grad_h, grad_w, grad_b = _backward(
-            h2,
-            weight,
-            local_t,
-            bias,
-            None,
-            torch.stack([m, log_s], -1),
-            coefficients,
-            0.0,
-            plan.temperature,
-            plan.chunk_budget,
-            bias_grad,
-        )
-        if plan.reduce_grad_hidden and plan.hidden_grad:
-            _comm.all_reduce(grad_h, plan.group, "grad_hidden")
-        return (
-            grad_h.reshape(ctx.hidden_shape) if ctx.needs_input_grad[0] else None,
-            grad_w if ctx.needs_input_grad[1] else None,
-            grad_b if bias_grad else None,
-            None,
-            None,
-        )
+        coefficients = log_prob_entropy_coefficients(g_l, g_h, entropy)
+        return (*_input_grads(ctx, ctx.plan, coefficients, None), None, None)
 
 
 def _exchange(
@@ -486,15 +444,17 @@ def linear_cross_entropy(
         layout=layout,
         group=group,
         merge=merge,
-        ignore_index=int(ignore_index),
-        reduction=reduction,
-        label_smoothing=float(label_smoothing),
-        softcap=0.0 if softcap is None else float(softcap),
-        z_loss=float(z_loss),
-        temperature=float(temperature),
+        options=LossOptions(
+            ignore_index=int(ignore_index),
+            reduction=reduction,
+            label_smoothing=float(label_smoothing),
+            z_loss=float(z_loss),
+            temperature=float(temperature),
+        ),
         chunk_budget=int(chunk_budget),
         reduce_grad_hidden=bool(reduce_grad_hidden),
         hidden_grad=hidden_grad,
+        softcap=0.0 if softcap is None else float(softcap),
     )
     loss, lse = _LinearCrossEntropy.apply(hidden, weight_shard, bias, class_weight, target, plan)
     if info is not None:
@@ -569,7 +529,9 @@ def linear_log_probs_and_entropy(
         layout=layout,
         group=group,
         merge=merge,
-        temperature=float(temperature),
+        options=LossOptions(
+            ignore_index=-100, reduction="none", label_smoothing=0.0, z_loss=0.0, temperature=float(temperature)
+        ),
         chunk_budget=int(chunk_budget),
         reduce_grad_hidden=bool(reduce_grad_hidden),
         hidden_grad=hidden_grad,

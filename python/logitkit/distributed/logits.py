@@ -28,18 +28,29 @@ from typing import Any
 
 import torch
 
-from .. import ops as _api  # noqa: F401  (fake kernels and autograd of the row ops)
+from .. import _backend
+from .._layout import LceCoefField, StatsField, column
+from .._loss_math import (
+    LossOptions,
+    Targets,
+    cross_entropy_coefficients,
+    entropy_from_stats,
+    loss_per_token,
+    normaliser_from_stats,
+    reduce_loss,
+    upstream_per_token,
+)
 from . import _comm, _dtensor
 from ._common import (
     MERGE_CODES,
     REDUCTION_CODES,
+    check_ce_options,
     check_logits_arg,
     check_temperature_arg,
     first_error,
     range_error,
     row_blocks,
 )
-from ._loss_math import ce_token_loss, check_ce_options, reduce_loss
 from ._merge import MERGE_STRATEGIES, merge_states
 
 _NEG_INF = float("-inf")
@@ -54,10 +65,7 @@ class _Plan:
     temperature: float
     shape: torch.Size
     n_checks: int
-    ignore_index: int = -100  # cross_entropy's options
-    reduction: str = "mean"
-    label_smoothing: float = 0.0
-    z_loss: float = 0.0
+    options: LossOptions | None = None  # cross_entropy's
 
 
 def _prologue(
@@ -126,8 +134,8 @@ def _prologue(
 
 
 def _local_lse(state: torch.Tensor) -> torch.Tensor:
-    m = state[:, 0]
-    return torch.where(m == math.inf, m, m + torch.log(state[:, 1]))
+    """lse of this shard's part of each row, from its softmax state."""
+    return normaliser_from_stats(column(state, StatsField.MAX), column(state, StatsField.SUM_EXP))[1]
 
 
 def _zero_rows(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -143,49 +151,51 @@ def _zero_rows(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 
-def _merged_state(x2: torch.Tensor, plan: _Plan, with_b: bool):
-    state = torch.ops.logitkit.softmax_stats(x2, plan.temperature)
+def _merged_state(x2: torch.Tensor, plan: _Plan, with_b: bool, namespace: str | None = None):
+    """This shard's softmax state (the current backend's kernel) and the merged one."""
+    state = _backend.ops(namespace).softmax_stats(x2, plan.temperature)
     return state, merge_states(state, plan.group, plan.merge, with_b=with_b)
 
 
 class _LogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, plan):
-        state, merged = _merged_state(x2, plan, with_b=False)
+        ctx.namespace, ctx.temperature = _backend.namespace(), plan.temperature
+        state, merged = _merged_state(x2, plan, with_b=False, namespace=ctx.namespace)
         lse = merged.lse
         lse_local = _local_lse(state)
         c = torch.exp(lse_local - lse)  # share of this shard in the row's mass
         ctx.save_for_backward(x2, c, lse_local == _NEG_INF)
-        ctx.temperature = plan.temperature
         return lse.to(x2.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         x2, c, empty = ctx.saved_tensors
         g = (grad.float() * c).to(x2.dtype)
-        out = torch.ops.logitkit.logsumexp_backward(g, x2, ctx.temperature)  # g c p_local / T = g p / T
+        out = _backend.ops(ctx.namespace).logsumexp_backward(g, x2, ctx.temperature)  # g c p_local / T = g p / T
         return _zero_rows(out, empty), None
 
 
 class _Entropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, plan):
-        state, merged = _merged_state(x2, plan, with_b=True)
+        ctx.namespace, ctx.temperature = _backend.namespace(), plan.temperature
+        state, merged = _merged_state(x2, plan, with_b=True, namespace=ctx.namespace)
         h = merged.entropy
         lse_local = _local_lse(state)
         c = torch.exp(lse_local - merged.lse)
-        h_local = torch.log(state[:, 1]) - state[:, 2] / state[:, 1]
+        sum_exp = column(state, StatsField.SUM_EXP)
+        h_local = entropy_from_stats(torch.log(sum_exp), sum_exp, column(state, StatsField.SUM_SHIFTED))
         empty = (lse_local == _NEG_INF) | (c == 0)
         shift = torch.where(empty, torch.zeros_like(h), (lse_local - merged.lse) + h - h_local)  # log c + H - H_local
         ctx.save_for_backward(x2, c, shift, empty)
-        ctx.temperature = plan.temperature
         return h
 
     @staticmethod
     def backward(ctx, grad):
         x2, c, shift, empty = ctx.saved_tensors
         gc = grad.float() * c
-        ops = torch.ops.logitkit
+        ops = _backend.ops(ctx.namespace)
         out = ops.entropy_backward(gc.to(x2.dtype), x2, ctx.temperature)  # c * local entropy gradient
         out.add_(ops.logsumexp_backward((-gc * shift).to(x2.dtype), x2, ctx.temperature))
         return _zero_rows(out, empty), None
@@ -396,84 +406,77 @@ def softmax(
 
 
 class _CrossEntropy(torch.autograd.Function):
+    """The single-device cross-entropy (logitkit.cross_entropy) on this shard,
+    with the merged state: forward from softmax_stats + the owner's target
+    logit; backward logsumexp_backward(a c) and in-place corrections."""
+
     @staticmethod
     def forward(ctx, x2, target, class_weight, plan):
         lay: _comm.VocabLayout = plan.layout
-        t = plan.temperature
-        eps = plan.label_smoothing
-        state = torch.ops.logitkit.softmax_stats(x2, t)  # one read pass
-        valid = target != plan.ignore_index
+        options: LossOptions = plan.options
+        temperature, eps = options.temperature, options.label_smoothing
+        ctx.namespace, ctx.plan = _backend.namespace(), plan
+        state = _backend.ops(ctx.namespace).softmax_stats(x2, temperature)  # one read pass
+        valid = target != options.ignore_index
         in_range = (target >= 0) & (target < lay.vocab)
         owned = valid & (target >= lay.v0) & (target < lay.v1)
         local_t = torch.where(owned, target - lay.v0, torch.zeros_like(target))
-        zeros = torch.zeros_like(state[:, 0])
-        if x2.shape[1] > 0:
-            z_local = x2.gather(1, local_t[:, None]).squeeze(1).float() / t
-        else:
-            z_local = zeros
+        zeros = torch.zeros_like(column(state, StatsField.MAX))
+        has_cols = x2.shape[1] > 0
+        z_local = x2.gather(1, local_t[:, None]).squeeze(1).float() / temperature if has_cols else zeros
         side = [torch.where(owned, z_local, zeros)]
         weights = class_weight.float() if class_weight is not None else None
         if weights is not None:
-            side.append(torch.where(owned, weights[local_t] if x2.shape[1] > 0 else zeros, zeros))
+            side.append(torch.where(owned, weights[local_t], zeros) if has_cols else zeros)
         if eps > 0:  # sum_c w_c z_c over this shard (one more read pass)
             if weights is not None:
-                wsum = torch.cat([torch.mv(rows.float(), weights) for rows in x2.split(64)]) / t
+                wsum = torch.cat([torch.mv(rows.float(), weights) for rows in x2.split(64)]) / temperature
             else:
-                wsum = x2.sum(-1, dtype=torch.float32) / t
+                wsum = x2.sum(-1, dtype=torch.float32) / temperature
             side.append(wsum)
         scalars = weights.sum()[None] if (weights is not None and eps > 0) else None
         merged = merge_states(
             state, plan.group, plan.merge, with_b=False, summed=torch.stack(side, -1), scalars=scalars
         )
-        z_target = torch.where(valid & ~in_range, torch.full_like(zeros, math.nan), merged.summed[:, 0])
-        w_y = merged.summed[:, 1] if weights is not None else valid.float()
-        total_weight = merged.scalars[0] if scalars is not None else float(lay.vocab)
-        loss = ce_token_loss(
-            merged.m,
-            merged.log_s,
-            z_target,
-            w_y,
-            valid,
-            eps=eps,
-            z_loss=plan.z_loss,
+        t = Targets(
+            target=target,
+            valid=valid,
+            weight=merged.summed[:, 1] if weights is not None else valid.float(),
             vocab=lay.vocab,
-            total_weight=total_weight,
-            weighted_sum=merged.summed[:, -1] if eps > 0 else None,
+            total_weight=merged.scalars[0] if scalars is not None else float(lay.vocab),
         )
-        out = reduce_loss(loss, plan.reduction, w_y)
-        lse = merged.lse
+        z_target = torch.where(valid & ~in_range, torch.full_like(zeros, math.nan), merged.summed[:, 0])
+        log_s, lse = normaliser_from_stats(merged.m, merged.s)
+        loss = loss_per_token(t, (merged.m - z_target) + log_s, lse, merged.summed[:, -1] if eps > 0 else None, options)
+        out = reduce_loss(loss, t, options.reduction)
         lse_local = _local_lse(state)
         c = torch.exp(lse_local - lse)
-        ctx.save_for_backward(x2, local_t, owned, valid, in_range, w_y, lse, c, lse_local == _NEG_INF, class_weight)
-        ctx.plan = plan
-        ctx.total_weight = total_weight
+        ctx.save_for_backward(x2, target, local_t, owned, valid, t.weight, lse, c, lse_local == _NEG_INF, class_weight)
+        ctx.total_weight = t.total_weight
         return out.to(x2.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, local_t, owned, valid, in_range, w_y, lse, c, empty, class_weight = ctx.saved_tensors
+        x2, target, local_t, owned, valid, w_y, lse, c, empty, class_weight = ctx.saved_tensors
         plan = ctx.plan
-        eps, t, vocab = plan.label_smoothing, plan.temperature, plan.layout.vocab
-        g = grad_out.float()
-        zero = torch.zeros_like(lse)
-        if plan.reduction == "none":
-            g_rows = torch.where(valid, g, zero)
-        elif plan.reduction == "sum":
-            g_rows = torch.where(valid, g.expand_as(lse), zero)
-        else:
-            g_rows = torch.where(valid, (g / w_y.sum()).expand_as(lse), zero)
-        g_rows = torch.where(valid & ~in_range, torch.full_like(g_rows, math.nan), g_rows)
-        scale = g_rows * (
-            (1.0 - eps) * w_y + eps * ctx.total_weight / vocab + 2.0 * plan.z_loss * torch.where(valid, lse, zero)
-        )
-        grad = torch.ops.logitkit.logsumexp_backward((scale * c).to(x2.dtype), x2, t)  # A_i p_ic / T
-        grad = _zero_rows(grad, empty)
+        options, vocab = plan.options, plan.layout.vocab
+        temperature = options.temperature
+        t = Targets(target=target, valid=valid, weight=w_y, vocab=vocab, total_weight=ctx.total_weight)
+        g = upstream_per_token(grad_out, t, options.reduction)
+        coefficients = cross_entropy_coefficients(g, t, lse, options)
+        # a c p_local / T = a p / T, written by the kernel into the logits' dtype ...
+        prob_coef = (column(coefficients, LceCoefField.PROB) * c).to(x2.dtype)
+        grad = _zero_rows(_backend.ops(ctx.namespace).logsumexp_backward(prob_coef, x2, temperature), empty)
         if grad.shape[1] > 0:
-            correction = torch.where(owned, (1.0 - eps) * w_y * g_rows / t, zero).to(grad.dtype)
-            grad.scatter_add_(1, local_t[:, None], -correction[:, None])
-            if eps > 0.0:
-                w = class_weight if class_weight is not None else torch.ones(x2.shape[1], device=grad.device)
-                grad.addr_((g_rows * eps / (vocab * t)).to(grad.dtype), w.to(grad.dtype), alpha=-1)
+            # ... - beta / T at the targets this shard holds ...
+            target_coef = column(coefficients, LceCoefField.TARGET) / temperature
+            target_coef = torch.where(owned, target_coef, torch.zeros_like(target_coef)).to(grad.dtype)
+            grad.scatter_add_(1, local_t[:, None], -target_coef[:, None])
+            if options.label_smoothing > 0.0:
+                # ... - sigma w_c / T for every class of the shard, in place.
+                w = class_weight.float() if class_weight is not None else torch.ones(x2.shape[1], device=grad.device)
+                smooth_coef = column(coefficients, LceCoefField.SMOOTH) / temperature
+                grad.addr_(smooth_coef.to(grad.dtype), w.to(grad.dtype), alpha=-1)
         return grad, None, None, None
 
 
@@ -591,10 +594,13 @@ def cross_entropy(
     msg = range_error(op, target, lay.vocab, int(ignore_index))
     if msg:
         raise ValueError(msg)
-    plan.ignore_index = int(ignore_index)
-    plan.reduction = reduction
-    plan.label_smoothing = float(label_smoothing)
-    plan.z_loss = float(z_loss)
+    plan.options = LossOptions(
+        ignore_index=int(ignore_index),
+        reduction=reduction,
+        label_smoothing=float(label_smoothing),
+        z_loss=float(z_loss),
+        temperature=float(temperature),
+    )
     loss = _CrossEntropy.apply(x2, target.reshape(-1), cw, plan)
     if reduction == "none":
         loss = loss.reshape(target.shape)

@@ -64,7 +64,7 @@ from typing import Any
 
 import torch
 
-from .. import _registration  # noqa: F401
+from .. import _backend
 from . import _comm, _dtensor
 from ._common import RULE_CODES, check_logits_arg, check_temperature_arg, first_error, row_blocks
 
@@ -289,7 +289,7 @@ def _capped_select(x2: torch.Tensor, plan: _Plan, u: torch.Tensor | None) -> _Ca
         gidx = torch.nn.functional.pad(gidx, (0, pad), value=big)
     extra = []
     if plan.rule == "official":
-        state = torch.ops.logitkit.softmax_stats(x2, plan.temperature) if x2.shape[1] else _empty_state(x2)
+        state = _backend.ops().softmax_stats(x2, plan.temperature) if x2.shape[1] else _empty_state(x2)
         extra += [state[:, 0].double(), state[:, 1].double()]
     if u is not None:
         extra.append(u.double())
@@ -879,7 +879,7 @@ def sample(
         cut = _exact_select(x2, plan, u, need_mass=True)
         tokens = _finish_sample(x2, plan, cut)
     else:
-        state = torch.ops.logitkit.softmax_stats(x2, plan.temperature) if x2.shape[1] else _empty_state(x2)
+        state = _backend.ops().softmax_stats(x2, plan.temperature) if x2.shape[1] else _empty_state(x2)
         gathered = _comm.all_gather(torch.cat([state[:, :2], u[:, None]], -1), plan.group, "state")
         from ._merge import merge_gathered
 

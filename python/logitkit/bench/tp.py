@@ -1,9 +1,10 @@
 """Measurements of logitkit.distributed on local gloo processes.
 
-    python -m logitkit.distributed._bench linear_ce --tp 2 [--rows 1024 --hidden 1024 --vocab 32768 --dtype fp32]
-    python -m logitkit.distributed._bench merge --tp 2 3
-    python -m logitkit.distributed._bench top_h --tp 2 [--rows 64 --vocab 128256]
-    python -m logitkit.distributed._bench model
+    logitkit-bench linear_ce --tp 2 [--rows 1024 --hidden 1024 --vocab 32768 --dtype fp32]
+    python -m logitkit.bench.tp linear_ce --tp 2 [...]      (the same)
+    python -m logitkit.bench.tp merge --tp 2 3
+    python -m logitkit.bench.tp top_h --tp 2 [--rows 64 --vocab 128256]
+    python -m logitkit.bench.tp model
 
 ``linear_ce``: forward + backward of the vocabulary-parallel linear
 cross-entropy on ``--tp`` gloo processes against (a) the single-process
@@ -25,8 +26,8 @@ at several token counts on 2 and 3 gloo processes.
 ``model``: a paper model of the collectives at TP = 8 over NVLink on H100 at
 a Llama-3-8B shape, as bytes / link bandwidth.
 
-(This entry point lives in the package until the bench CLI is restructured;
-then it becomes ``logitkit-bench linear_ce --tp 2``.)
+Results are recorded in bench/results/linear_ce_tp.txt and discussed in
+docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import _comm
-from ._harness import run_group
+from ..distributed import _comm
+from ..distributed._harness import run_group
+from ..testing import DTYPES
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_DTYPES = DTYPES  # fp32, bf16, fp16
 
 
 # ---------------------------------------------------------------------------
@@ -163,6 +165,7 @@ def _tp_worker(rank: int, world: int, cfg: dict) -> dict:
         h = h_full.detach().requires_grad_()
         w = w_full.detach().requires_grad_()
         loss = logitkit.linear_cross_entropy(h, w, target)
+        assert isinstance(loss, torch.Tensor)  # (no return_lse)
         loss.backward()
 
     def step_logitkit():
@@ -224,6 +227,7 @@ def _single_worker(rank: int, world: int, cfg: dict) -> dict:
         h = h_full.detach().requires_grad_()
         w = w_full.detach().requires_grad_()
         loss = logitkit.linear_cross_entropy(h, w, target)
+        assert isinstance(loss, torch.Tensor)  # (no return_lse)
         loss.backward()
         return loss.detach(), h.grad, w.grad
 
@@ -377,7 +381,7 @@ def bench_top_h(args: argparse.Namespace) -> str:
 
 
 def _merge_worker(rank: int, world: int, cfg: dict) -> dict:
-    from ._merge import merge_states
+    from ..distributed._merge import merge_states
 
     group = _comm.resolve_group(None, "bench")
     out = {}
@@ -476,7 +480,7 @@ def paper_model(tp: int = 8, n: int = 16384, d: int = 4096, v: int = 128256, ele
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m logitkit.distributed._bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m logitkit.bench.tp", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="case", required=True)
     p = sub.add_parser("linear_ce")
     p.add_argument("--tp", type=int, default=2)
