@@ -118,6 +118,15 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help=f"hidden size D of the linear_ce op (default {LINEAR_CE_HIDDEN}; rows = tokens N, vocab = V)",
     )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for CPU runs")
+    parser.add_argument(
+        "--tp",
+        type=int,
+        metavar="W",
+        help=(
+            "linear_ce only: tensor-parallel run on W local gloo processes (logitkit.distributed) against "
+            "one process and against all-gathering the logits: time, per-rank memory, bytes (logitkit.bench.tp)"
+        ),
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random logits")
 
 
@@ -193,9 +202,27 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Name
     return cfg, args
 
 
+def _run_tp(cfg: Config, args: argparse.Namespace) -> int:
+    """``--tp W``: the vocabulary-parallel linear_ce measurement of :mod:`logitkit.bench.tp`."""
+    from . import tp
+
+    if cfg.ops != ["linear_ce"] or args.tp < 1 or cfg.device.type != "cpu":
+        print("logitkit-bench: --tp W >= 1 runs the linear_ce op alone, on CPU (gloo)", file=sys.stderr)
+        return 2
+    runs = [(n, v, dt) for dt in cfg.dtypes for n in cfg.rows for v in cfg.vocab]
+    for n, v, dt in runs:
+        tp_args = argparse.Namespace(
+            tp=args.tp, rows=n, hidden=cfg.hidden, vocab=v, dtype=dt, repeats=args.repeats or 3
+        )
+        print(tp.bench_linear_ce(tp_args), end="\n\n")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``logitkit-bench``; returns the exit status (1 on any mismatch)."""
     cfg, args = parse_args(argv)
+    if args.tp is not None:
+        return _run_tp(cfg, args)
     t0 = time.perf_counter()
     env, results = run_benchmark(cfg, progress=args.progress)
     print_report(env, results, plain=args.plain)
