@@ -440,3 +440,12 @@ def test_long_row_accuracy(backend):
         out = getattr(logitkit, op)(x).double()
         expected = REFERENCES[op](x)
         assert_close(out, expected, 0.0, 2e-7, f"{op} of a 2^26 row")
+
+
+@pytest.mark.parametrize("op", ["softmax", "log_softmax", "logsumexp", "entropy", "softmax_stats"])
+def test_temperature_must_be_a_number(op):
+    with pytest.raises(TypeError, match=f"logitkit.{op}: temperature must be a number, got str"):
+        getattr(logitkit, op)(torch.randn(2, 3), "hot")
+    assert torch.equal(
+        getattr(logitkit, op)(torch.ones(2, 3), torch.tensor(0.5)), getattr(logitkit, op)(torch.ones(2, 3), 0.5)
+    )

@@ -56,7 +56,7 @@ def softmax(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     each row: one builds the per-row (max, sum of exp) state with the online
     rescaling merge, one writes ``exp(z - logsumexp(z))``.
     """
-    return _backend.ops().softmax(x, float(temperature))
+    return _backend.ops().softmax(x, _temperature(temperature, "softmax"))
 
 
 def log_softmax(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -64,7 +64,7 @@ def log_softmax(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
 
     Shape (..., V) -> (..., V), same dtype as ``x``.
     """
-    return _backend.ops().log_softmax(x, float(temperature))
+    return _backend.ops().log_softmax(x, _temperature(temperature, "log_softmax"))
 
 
 def logsumexp(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -72,7 +72,7 @@ def logsumexp(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
 
     Shape (..., V) -> (...), same dtype as ``x`` (computed in float32).
     """
-    return _backend.ops().logsumexp(x, float(temperature))
+    return _backend.ops().logsumexp(x, _temperature(temperature, "logsumexp"))
 
 
 def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -84,7 +84,7 @@ def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     cancellation for large logits). Backward:
     ``dH/dx = -(1/T) * p * (log p + H)``.
     """
-    return _backend.ops().entropy(logits, float(temperature))
+    return _backend.ops().entropy(logits, _temperature(temperature, "entropy"))
 
 
 def softmax_stats(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -99,7 +99,17 @@ def softmax_stats(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     a backward through it raises instead of giving a silent zero gradient.
     float64 inputs (CPU) give float64 states.
     """
-    return _backend.ops().softmax_stats(x, float(temperature))
+    return _backend.ops().softmax_stats(x, _temperature(temperature, "softmax_stats"))
+
+
+def _temperature(value: Any, op: str) -> float:
+    """``temperature`` as a float, or a TypeError naming it (the C++ check sees only floats)."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"logitkit.{op}: temperature must be a number, got {type(value).__name__}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"logitkit.{op}: temperature must be a number, got {type(value).__name__}") from None
 
 
 def merge_stats(stats: Sequence[torch.Tensor] | torch.Tensor, dim: int | None = None) -> torch.Tensor:
