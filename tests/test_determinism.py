@@ -48,7 +48,7 @@ def test_cpu_thread_count_independent(request, op, dtype, rows, vocab, restore_t
     if op == "softmax" and rows < 2 and vocab > 32768 and dtype != torch.bfloat16:
         request.applymarker(
             pytest.mark.xfail(
-                strict=True,
+                strict=False,  # the sanitizer build (other optimisation) gives equal bits
                 reason="open defect (docs/determinism.md): the one-exp softmax path, with the row split over threads, "
                 "-inf entries and T != 1, differs from the one-thread result by a few ulp",
             )
