@@ -59,11 +59,11 @@ step tests-cuda 240 "$python" -m pytest tests -q -x -k "cuda and not emulated" -
 
 if command -v compute-sanitizer >/dev/null 2>&1; then
   subset=(tests/test_row_ops.py tests/test_top_h.py tests/test_linear_cross_entropy.py)
-  filter="cuda and not emulated and (matches_fp64 or keep_sets or sample or gradients)"
+  filter="cuda and not emulated and (matches_fp64 or (against_reference and 0.05) or sample_draw or options_match_reference)"
   step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 1 \
     "$python" -m pytest "${subset[@]}" -q -x -k "$filter" -p no:cacheprovider
   step racecheck 120 compute-sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 1 \
-    "$python" -m pytest tests/test_top_h.py -q -x -k "cuda and not emulated and keep_sets" -p no:cacheprovider
+    "$python" -m pytest tests/test_top_h.py -q -x -k "cuda and not emulated and against_reference and 0.05" -p no:cacheprovider
 else
   echo "== compute-sanitizer not on PATH: memcheck and racecheck skipped (add the CUDA toolkit's bin directory)"
   failed=1

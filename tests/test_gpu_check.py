@@ -23,3 +23,32 @@ def test_no_gpu_message(tmp_path):
     assert "no NVIDIA GPU available" in run.stderr
     assert "nothing was checked" in run.stderr
     assert not any(tmp_path.iterdir()), "nothing may be built or run without a GPU"
+
+
+def test_pytest_filters_select_tests():
+    """Every pytest -k filter of the script selects real tests of its files
+    (a renamed test must not turn a GPU check into a run of nothing)."""
+    import re
+    import shlex
+
+    text = SCRIPT.read_text()
+    subset = re.search(r"subset=\(([^)]*)\)", text).group(1).split()
+    memcheck_filter = re.search(r'filter="([^"]+)"', text).group(1)
+    checks = []
+    for line in text.splitlines():
+        match = re.search(r'pytest (\S+(?: \S+)*?) -q -x -k "([^"]+)"', line)
+        if match is not None:
+            files = subset if match.group(1).startswith('"${subset') else shlex.split(match.group(1))
+            checks.append((files, match.group(2).replace("$filter", memcheck_filter)))
+    assert len(checks) == 3
+    root = SCRIPT.parents[1]
+    for files, pattern in checks:
+        run = subprocess.run(
+            [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-k", pattern, *files],
+            capture_output=True,
+            text=True,
+            cwd=root,
+            timeout=300,
+        )
+        collected = [line for line in run.stdout.splitlines() if "::" in line]
+        assert collected, f"-k {pattern!r} selects no test in {files}: {run.stdout[-500:]}"

@@ -7,13 +7,16 @@
 //
 // Every row op is "reduce, then map or finalise" over z = x / T:
 //   reduction   State identity(); State merge(State, State);
-//               void accumulate(State&, const float* a, const float* b, int n);
-//   map         RowConstants row_constants(State, float row_grad);
-//               float output(const RowConstants&, float a, float b);
+//               void accumulate(State&, const T* a, const T* b, int n);
+//   map         RowConstants row_constants(State, T row_grad);
+//               T output(const RowConstants&, T a, T b);
 //   result      void finalize(const State&, int64_t row)  (writes out[row])
-// `a` and `b` are a row's one or two inputs in fp32 (b is unused by the
+// `a` and `b` are a row's one or two inputs in T (b is unused by the
 // single-input ops); `row_grad` is the incoming per-row gradient of the
-// backward of a per-row result (0 for the others). All arithmetic is fp32.
+// backward of a per-row result (0 for the others). Every policy is a template
+// on its arithmetic type T: float for float32/bfloat16/float16 inputs (the
+// only one the CUDA kernels instantiate), double for float64 inputs on the
+// CPU.
 #pragma once
 
 #include <cstdint>
@@ -31,33 +34,35 @@ constexpr int kMaxAccumulate = 8;
 // ---------------------------------------------------------------------------
 
 // Softmax state (max, sum exp, sum shifted) of z = a / T.
+template <class T>
 struct SoftmaxReduction {
-  using State = SoftmaxState;
-  float inv_temperature;
+  using State = BasicSoftmaxState<T>;
+  T inv_temperature;
 
-  LK_HOST_DEVICE State identity() const { return empty_state(); }
+  LK_HOST_DEVICE State identity() const { return empty_state<T>(); }
   LK_HOST_DEVICE State merge(const State& x, const State& y) const { return core::merge(x, y); }
-  LK_HOST_DEVICE void accumulate(State& state, const float* a, const float*, int n) const {
-    float z[kMaxAccumulate];
+  LK_HOST_DEVICE void accumulate(State& state, const T* a, const T*, int n) const {
+    T z[kMaxAccumulate];
     for (int j = 0; j < n; ++j) z[j] = a[j] * inv_temperature;
     core::accumulate(state, z, n);
   }
 };
 
+template <class T>
 struct RowSum {
-  float value;
+  T value;
 };
 
 // sum_i a_i * b_i (kDot) or sum_i a_i. inv_temperature is not used by the
 // sum itself, only by the maps built on it (the backwards of the outputs).
-template <bool kDot>
+template <bool kDot, class T>
 struct SumReduction {
-  using State = RowSum;
-  float inv_temperature;
+  using State = RowSum<T>;
+  T inv_temperature;
 
-  LK_HOST_DEVICE State identity() const { return RowSum{0.0f}; }
-  LK_HOST_DEVICE State merge(const State& x, const State& y) const { return RowSum{x.value + y.value}; }
-  LK_HOST_DEVICE void accumulate(State& state, const float* a, const float* b, int n) const {
+  LK_HOST_DEVICE State identity() const { return State{T(0)}; }
+  LK_HOST_DEVICE State merge(const State& x, const State& y) const { return State{x.value + y.value}; }
+  LK_HOST_DEVICE void accumulate(State& state, const T* a, const T* b, int n) const {
     for (int j = 0; j < n; ++j) state.value += kDot ? a[j] * b[j] : a[j];
   }
 };
@@ -68,70 +73,81 @@ struct SumReduction {
 // ---------------------------------------------------------------------------
 
 // softmax: p_i = exp((z_i - m) - log s)
-struct SoftmaxMap : SoftmaxReduction {
-  using RowConstants = Normaliser;
-  LK_HOST_DEVICE RowConstants row_constants(const State& s, float) const { return normaliser(s); }
-  LK_HOST_DEVICE float output(const RowConstants& c, float x, float) const {
-    return expf(c.log_prob(x * inv_temperature));
-  }
+template <class T>
+struct SoftmaxMap : SoftmaxReduction<T> {
+  using typename SoftmaxReduction<T>::State;
+  using RowConstants = BasicNormaliser<T>;
+  LK_HOST_DEVICE RowConstants row_constants(const State& s, T) const { return normaliser(s); }
+  LK_HOST_DEVICE T output(const RowConstants& c, T x, T) const { return exp_of(c.log_prob(x * this->inv_temperature)); }
 };
 
 // log_softmax: (z_i - m) - log s
-struct LogSoftmaxMap : SoftmaxReduction {
-  using RowConstants = Normaliser;
-  LK_HOST_DEVICE RowConstants row_constants(const State& s, float) const { return normaliser(s); }
-  LK_HOST_DEVICE float output(const RowConstants& c, float x, float) const { return c.log_prob(x * inv_temperature); }
+template <class T>
+struct LogSoftmaxMap : SoftmaxReduction<T> {
+  using typename SoftmaxReduction<T>::State;
+  using RowConstants = BasicNormaliser<T>;
+  LK_HOST_DEVICE RowConstants row_constants(const State& s, T) const { return normaliser(s); }
+  LK_HOST_DEVICE T output(const RowConstants& c, T x, T) const { return c.log_prob(x * this->inv_temperature); }
 };
 
-// d lse / d x_i = g p_i / T, with g the incoming per-row gradient.
-struct LogsumexpGradMap : SoftmaxReduction {
+// d lse / d x_i = (g p_i) / T, with g the incoming per-row gradient. (g p_i
+// is formed first: a large g / T must not turn p_i = 0 into inf * 0.)
+template <class T>
+struct LogsumexpGradMap : SoftmaxReduction<T> {
+  using typename SoftmaxReduction<T>::State;
   struct RowConstants {
-    Normaliser normaliser;
-    float scale;  // g / T
+    BasicNormaliser<T> normaliser;
+    T grad;  // g
   };
-  LK_HOST_DEVICE RowConstants row_constants(const State& s, float row_grad) const {
-    return {core::normaliser(s), row_grad * inv_temperature};
+  LK_HOST_DEVICE RowConstants row_constants(const State& s, T row_grad) const {
+    return {core::normaliser(s), row_grad};
   }
-  LK_HOST_DEVICE float output(const RowConstants& c, float x, float) const {
-    return c.scale * expf(c.normaliser.log_prob(x * inv_temperature));
+  LK_HOST_DEVICE T output(const RowConstants& c, T x, T) const {
+    const T inv_t = this->inv_temperature;
+    return c.grad * exp_of(c.normaliser.log_prob(x * inv_t)) * inv_t;
   }
 };
 
-// d H / d x_i = -(g / T) p_i (log p_i + H), 0 where p_i = 0
-struct EntropyGradMap : SoftmaxReduction {
+// d H / d x_i = -(g p_i (log p_i + H)) / T, 0 where p_i = 0
+template <class T>
+struct EntropyGradMap : SoftmaxReduction<T> {
+  using typename SoftmaxReduction<T>::State;
   struct RowConstants {
-    Normaliser normaliser;
-    float entropy;
-    float scale;  // g / T
+    BasicNormaliser<T> normaliser;
+    T entropy;
+    T grad;  // g
   };
-  LK_HOST_DEVICE RowConstants row_constants(const State& s, float row_grad) const {
-    return {core::normaliser(s), core::entropy(s), row_grad * inv_temperature};
+  LK_HOST_DEVICE RowConstants row_constants(const State& s, T row_grad) const {
+    return {core::normaliser(s), core::entropy(s), row_grad};
   }
-  LK_HOST_DEVICE float output(const RowConstants& c, float x, float) const {
-    return c.scale * entropy_grad_term(c.normaliser.log_prob(x * inv_temperature), c.entropy);
+  LK_HOST_DEVICE T output(const RowConstants& c, T x, T) const {
+    const T inv_t = this->inv_temperature;
+    return c.grad * entropy_grad_term(c.normaliser.log_prob(x * inv_t), c.entropy) * inv_t;
   }
 };
 
 // softmax backward, a = dy, b = y: dx_i = y_i (dy_i - sum_j dy_j y_j) / T
-struct SoftmaxGradMap : SumReduction<true> {
+template <class T>
+struct SoftmaxGradMap : SumReduction<true, T> {
+  using typename SumReduction<true, T>::State;
   struct RowConstants {
-    float dot;  // sum_j dy_j y_j
+    T dot;  // sum_j dy_j y_j
   };
-  LK_HOST_DEVICE RowConstants row_constants(const State& s, float) const { return {s.value}; }
-  LK_HOST_DEVICE float output(const RowConstants& c, float dy, float y) const {
-    return inv_temperature * y * (dy - c.dot);
-  }
+  LK_HOST_DEVICE RowConstants row_constants(const State& s, T) const { return {s.value}; }
+  LK_HOST_DEVICE T output(const RowConstants& c, T dy, T y) const { return this->inv_temperature * y * (dy - c.dot); }
 };
 
 // log_softmax backward, a = dy, b = y (log-probabilities):
 // dx_i = (dy_i - exp(y_i) sum_j dy_j) / T
-struct LogSoftmaxGradMap : SumReduction<false> {
+template <class T>
+struct LogSoftmaxGradMap : SumReduction<false, T> {
+  using typename SumReduction<false, T>::State;
   struct RowConstants {
-    float sum;  // sum_j dy_j
+    T sum;  // sum_j dy_j
   };
-  LK_HOST_DEVICE RowConstants row_constants(const State& s, float) const { return {s.value}; }
-  LK_HOST_DEVICE float output(const RowConstants& c, float dy, float y) const {
-    return inv_temperature * (dy - expf(y) * c.sum);
+  LK_HOST_DEVICE RowConstants row_constants(const State& s, T) const { return {s.value}; }
+  LK_HOST_DEVICE T output(const RowConstants& c, T dy, T y) const {
+    return this->inv_temperature * (dy - exp_of(y) * c.sum);
   }
 };
 
@@ -140,22 +156,26 @@ struct LogSoftmaxGradMap : SumReduction<false> {
 // ---------------------------------------------------------------------------
 
 // log-sum-exp, in the input dtype.
-template <class out_t>
-struct LogsumexpResult : SoftmaxReduction {
+template <class out_t, class T>
+struct LogsumexpResult : SoftmaxReduction<T> {
   out_t* out;
-  LK_HOST_DEVICE void finalize(const State& s, int64_t row) const { out[row] = static_cast<out_t>(log_sum_exp(s)); }
+  LK_HOST_DEVICE void finalize(const BasicSoftmaxState<T>& s, int64_t row) const {
+    out[row] = static_cast<out_t>(log_sum_exp(s));
+  }
 };
 
-// Entropy in nats, fp32.
-struct EntropyResult : SoftmaxReduction {
-  float* out;
-  LK_HOST_DEVICE void finalize(const State& s, int64_t row) const { out[row] = entropy(s); }
+// Entropy in nats, in the arithmetic type (float32, or float64 for float64 inputs).
+template <class T>
+struct EntropyResult : SoftmaxReduction<T> {
+  T* out;
+  LK_HOST_DEVICE void finalize(const BasicSoftmaxState<T>& s, int64_t row) const { out[row] = entropy(s); }
 };
 
-// The raw state, as (max, sum_exp, sum_shifted) triples in fp32.
-struct StatsResult : SoftmaxReduction {
-  float* out;
-  LK_HOST_DEVICE void finalize(const State& s, int64_t row) const {
+// The raw state, as (max, sum_exp, sum_shifted) triples in the arithmetic type.
+template <class T>
+struct StatsResult : SoftmaxReduction<T> {
+  T* out;
+  LK_HOST_DEVICE void finalize(const BasicSoftmaxState<T>& s, int64_t row) const {
     out[3 * row + 0] = s.max;
     out[3 * row + 1] = s.sum_exp;
     out[3 * row + 2] = s.sum_shifted;

@@ -50,6 +50,21 @@ struct RowOpsKernels {
   void (*reduce)(ResultKind, const ResultArgs<scalar_t>&);
 };
 
+// The row ops take float64 as well (computed in float64).
+struct RowOpsTables {
+  PerDtype<RowOpsKernels> logits;
+  RowOpsKernels<double> f64;
+
+  template <class scalar_t>
+  const RowOpsKernels<scalar_t>& of() const {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      return f64;
+    } else {
+      return logits.of<scalar_t>();
+    }
+  }
+};
+
 // The backend functions of TopHFrontend for one logit dtype.
 template <class scalar_t>
 struct TopHKernels {
@@ -65,9 +80,9 @@ struct LinearCeKernels {
 };
 
 // The tables one instruction-set copy exports.
-#define LOGITKIT_CPU_KERNEL_TABLES                      \
-  extern const PerDtype<RowOpsKernels> row_ops_kernels; \
-  extern const PerDtype<TopHKernels> top_h_kernels;     \
+#define LOGITKIT_CPU_KERNEL_TABLES                  \
+  extern const RowOpsTables row_ops_kernels;        \
+  extern const PerDtype<TopHKernels> top_h_kernels; \
   extern const LinearCeKernels linear_ce_kernels;
 
 namespace DEFAULT {

@@ -20,61 +20,81 @@
 namespace logitkit::cpu::CPU_CAPABILITY {
 namespace {
 
-using FVec = at::vec::Vectorized<float>;
+// Vectors of the arithmetic type acc_t (float, or double for float64 inputs
+// of the row ops); FVec and kLanes are the float ones most kernels use.
+template <class acc_t>
+using Vec = at::vec::Vectorized<acc_t>;
+template <class acc_t>
+constexpr int64_t kLanesOf = Vec<acc_t>::size();
+using FVec = Vec<float>;
 constexpr int64_t kLanes = FVec::size();
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-inline int64_t round_up_to_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
-
-// exp with ~20 ulp error (ATen's exp_u20, the one ATen's own softmax uses);
-// returns 0 for -inf. Callers never pass NaN (NaN rows are handled apart).
-inline FVec vexp(const FVec& x) { return x.exp_u20(); }
-
-inline float vsum(const FVec& v) {
-  return at::vec::vec_reduce_all<float>([](FVec a, FVec b) { return a + b; }, v);
+template <class acc_t = float>
+inline int64_t round_up_to_lanes(int64_t n) {
+  return (n + kLanesOf<acc_t> - 1) / kLanesOf<acc_t> * kLanesOf<acc_t>;
 }
 
-inline float reduce_max(const FVec& v) {
-  return at::vec::vec_reduce_all<float>([](FVec a, FVec b) { return at::vec::maximum(a, b); }, v);
+// exp with ~20 ulp error for float (ATen's exp_u20, the one ATen's own
+// softmax uses; 1 ulp for double); returns 0 for -inf. Callers never pass NaN
+// (NaN rows are handled apart).
+template <class acc_t>
+inline Vec<acc_t> vexp(const Vec<acc_t>& x) {
+  return x.exp_u20();
 }
 
-// Max of z[0..n), n a multiple of kLanes; NaN if any element is NaN.
-inline float tile_max(const float* z, int64_t n) {
-  FVec vmax(kNegInf);
-  for (int64_t i = 0; i < n; i += kLanes) vmax = at::vec::maximum(vmax, FVec::loadu(z + i));
+template <class acc_t>
+inline acc_t vsum(const Vec<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>([](Vec<acc_t> a, Vec<acc_t> b) { return a + b; }, v);
+}
+
+template <class acc_t>
+inline acc_t reduce_max(const Vec<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>([](Vec<acc_t> a, Vec<acc_t> b) { return at::vec::maximum(a, b); }, v);
+}
+
+// Max of z[0..n), n a multiple of the lanes; NaN if any element is NaN.
+template <class acc_t>
+inline acc_t tile_max(const acc_t* z, int64_t n) {
+  using V = Vec<acc_t>;
+  V vmax(-std::numeric_limits<acc_t>::infinity());
+  for (int64_t i = 0; i < n; i += V::size()) vmax = at::vec::maximum(vmax, V::loadu(z + i));
   return reduce_max(vmax);
 }
 
-// dst[0..n) = src[0..n) * scale in fp32, padded with `pad` up to a multiple of
-// kLanes. Returns the max of the converted values (free while converting).
-template <class scalar_t>
-float load_tile(const scalar_t* src, int64_t n, float scale, float pad, float* dst) {
+// dst[0..n) = src[0..n) * scale in acc_t, padded with `pad` up to a multiple
+// of the lanes. Returns the max of the converted values (free while
+// converting); NaN if any is NaN.
+template <class scalar_t, class acc_t>
+acc_t load_tile(const scalar_t* src, int64_t n, acc_t scale, acc_t pad, acc_t* dst) {
+  using V = Vec<acc_t>;
   int64_t i = 0;
-  const FVec s(scale);
-  FVec vmax(kNegInf);
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    for (; i + kLanes <= n; i += kLanes) {
-      const FVec v = FVec::loadu(src + i) * s;
+  const V s(scale);
+  V vmax(-std::numeric_limits<acc_t>::infinity());
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    for (; i + V::size() <= n; i += V::size()) {
+      const V v = V::loadu(src + i) * s;
       v.store(dst + i);
       vmax = at::vec::maximum(vmax, v);
     }
   } else {
+    static_assert(std::is_same_v<acc_t, float>, "2-byte inputs are converted to float");
     using BVec = at::vec::Vectorized<scalar_t>;
     for (; i + BVec::size() <= n; i += BVec::size()) {
       auto [lo, hi] = at::vec::convert_to_float<scalar_t>(BVec::loadu(src + i));
       lo = lo * s;
       hi = hi * s;
       lo.store(dst + i);
-      hi.store(dst + i + kLanes);
+      hi.store(dst + i + V::size());
       vmax = at::vec::maximum(vmax, at::vec::maximum(lo, hi));
     }
   }
-  float m = reduce_max(vmax);
+  acc_t m = reduce_max(vmax);
   for (; i < n; ++i) {
-    dst[i] = static_cast<float>(src[i]) * scale;
+    dst[i] = static_cast<acc_t>(src[i]) * scale;
     m = std::isnan(dst[i]) ? dst[i] : std::max(m, dst[i]);
   }
-  for (int64_t j = n; j < round_up_to_lanes(n); ++j) dst[j] = pad;
+  for (int64_t j = n; j < round_up_to_lanes<acc_t>(n); ++j) dst[j] = pad;
   return m;
 }
 

@@ -117,18 +117,23 @@ void run_finalize(const Op& op, const ResultArgs<scalar_t>& args, const DeviceCo
 }
 
 // The backend of RowOpsFrontend: maps each op kind to its policy (csrc/core/row_ops.h).
+// float64 is not taken: the CUDA kernels serve float32/bfloat16/float16
+// logits, and float64 would double the kernels nvcc instantiates for a dtype
+// whose use (gradient checks) runs on the CPU.
 struct RowOpsBackend {
+  static constexpr bool kFloat64 = false;
+
   template <class scalar_t>
   static void map(MapKind kind, const MapArgs<scalar_t>& args) {
     const DeviceContext ctx(args.a->tensor);
     const float inv_t = args.inv_temperature;
     switch (kind) {
-      case MapKind::softmax: return run_map(core::SoftmaxMap{{inv_t}}, args, ctx);
-      case MapKind::log_softmax: return run_map(core::LogSoftmaxMap{{inv_t}}, args, ctx);
-      case MapKind::logsumexp_grad: return run_map(core::LogsumexpGradMap{{inv_t}}, args, ctx);
-      case MapKind::entropy_grad: return run_map(core::EntropyGradMap{{inv_t}}, args, ctx);
-      case MapKind::softmax_grad: return run_map(core::SoftmaxGradMap{{inv_t}}, args, ctx);
-      case MapKind::log_softmax_grad: return run_map(core::LogSoftmaxGradMap{{inv_t}}, args, ctx);
+      case MapKind::softmax: return run_map(core::SoftmaxMap<float>{{inv_t}}, args, ctx);
+      case MapKind::log_softmax: return run_map(core::LogSoftmaxMap<float>{{inv_t}}, args, ctx);
+      case MapKind::logsumexp_grad: return run_map(core::LogsumexpGradMap<float>{{inv_t}}, args, ctx);
+      case MapKind::entropy_grad: return run_map(core::EntropyGradMap<float>{{inv_t}}, args, ctx);
+      case MapKind::softmax_grad: return run_map(core::SoftmaxGradMap<float>{{inv_t}}, args, ctx);
+      case MapKind::log_softmax_grad: return run_map(core::LogSoftmaxGradMap<float>{{inv_t}}, args, ctx);
     }
   }
 
@@ -138,10 +143,12 @@ struct RowOpsBackend {
     const float inv_t = args.inv_temperature;
     switch (kind) {
       case ResultKind::logsumexp:
-        return run_finalize(core::LogsumexpResult<scalar_t>{{inv_t}, static_cast<scalar_t*>(args.out)}, args, ctx);
+        return run_finalize(core::LogsumexpResult<scalar_t, float>{{inv_t}, static_cast<scalar_t*>(args.out)}, args,
+                            ctx);
       case ResultKind::entropy:
-        return run_finalize(core::EntropyResult{{inv_t}, static_cast<float*>(args.out)}, args, ctx);
-      case ResultKind::stats: return run_finalize(core::StatsResult{{inv_t}, static_cast<float*>(args.out)}, args, ctx);
+        return run_finalize(core::EntropyResult<float>{{inv_t}, static_cast<float*>(args.out)}, args, ctx);
+      case ResultKind::stats:
+        return run_finalize(core::StatsResult<float>{{inv_t}, static_cast<float*>(args.out)}, args, ctx);
     }
   }
 };

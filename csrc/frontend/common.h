@@ -29,17 +29,31 @@ inline std::string python_dtype_name(at::ScalarType dtype) {
     case at::kChar: return "torch.int8";
     case at::kByte: return "torch.uint8";
     case at::kBool: return "torch.bool";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
     default: return std::string("torch.") + c10::toString(dtype);
   }
 }
 
 // Checks the logits-like input `x` of op `op` (argument name `arg`).
-inline void check_logits(const at::Tensor& x, const char* op, const char* arg) {
+// with_float64: float64 is accepted too (the CPU kernels of the row ops).
+inline void check_logits(const at::Tensor& x, const char* op, const char* arg, bool with_float64 = false) {
   const auto dtype = x.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "logitkit.", op, ": ", arg,
-                   " must be float32, bfloat16 or float16, got ", python_dtype_name(dtype));
+  const bool low_precision = dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
+  TORCH_CHECK_TYPE(low_precision || (with_float64 && dtype == at::kDouble), "logitkit.", op, ": ", arg,
+                   with_float64 ? " must be float32, bfloat16, float16 or float64, got "
+                                : " must be float32, bfloat16 or float16, got ",
+                   python_dtype_name(dtype));
   TORCH_CHECK_VALUE(x.dim() >= 1, "logitkit.", op, ": ", arg,
                     " must have at least one dimension (the last one is the vocabulary), got a 0-d tensor");
+}
+
+// Checks an incoming gradient `arg` of a backward op: a real floating-point
+// tensor (a complex one would lose its imaginary part in the conversion to
+// the input's dtype; integers are no gradient).
+inline void check_grad(const at::Tensor& grad, const char* op, const char* arg) {
+  TORCH_CHECK_TYPE(at::isFloatingType(grad.scalar_type()), "logitkit.", op, ": ", arg,
+                   " must be a real floating-point tensor, got ", python_dtype_name(grad.scalar_type()));
 }
 
 inline void check_temperature(double temperature, const char* op) {

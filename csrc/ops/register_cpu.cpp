@@ -18,7 +18,7 @@ namespace {
 // The kernel tables of one instruction-set copy (see kernel_tables.h).
 struct CpuKernels {
   const char* capability;
-  const PerDtype<RowOpsKernels>* row_ops;
+  const RowOpsTables* row_ops;
   const PerDtype<TopHKernels>* top_h;
   const LinearCeKernels* linear_ce;
 };
@@ -43,6 +43,7 @@ const CpuKernels& for_cpu_capability() {
 
 // The backend of RowOpsFrontend for CPU tensors.
 struct RowOpsBackend {
+  static constexpr bool kFloat64 = true;
   template <class scalar_t>
   static void map(MapKind kind, const MapArgs<scalar_t>& args) {
     for_cpu_capability().row_ops->of<scalar_t>().map(kind, args);

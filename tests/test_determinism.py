@@ -1,0 +1,110 @@
+"""The determinism contract of docs/determinism.md for the row ops: bitwise
+equal run to run, whatever the CPU thread count, whatever rows surround a row
+(batch-invariant), and on the emulated CUDA kernels whatever the thread
+schedule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import logitkit
+from logitkit.testing import references
+
+OPS = [*references.ROW_OPS, "softmax_stats"]
+NEG_INF = float("-inf")
+
+
+def logits(rows: int, vocab: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 4).to(dtype)
+    x[0, ::7] = NEG_INF
+    return x
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+    )
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("rows, vocab", [(1, 200_003), (3, 50_257), (64, 1000)])
+def test_cpu_thread_count_independent(request, op, dtype, rows, vocab, restore_threads):
+    """The row split over threads changes which thread reduces which tiles,
+    never the merge tree: 1, 2 and 3 threads give the same bits."""
+    fn = getattr(logitkit, op)
+    x = logits(rows, vocab, dtype)
+    if op == "softmax" and rows < 2 and vocab > 32768 and dtype != torch.bfloat16:
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=False,  # the sanitizer build (other optimisation) gives equal bits
+                reason="open defect (docs/determinism.md): the one-exp softmax path, with the row split over threads, "
+                "-inf entries and T != 1, differs from the one-thread result by a few ulp",
+            )
+        )
+    results = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        results.append(fn(x, 0.9))
+    results.append(fn(x, 0.9))  # run to run
+    for r in results[1:]:
+        assert bitwise_equal(r, results[0]), op
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_cpu_batch_invariant(op, restore_threads):
+    """A row's result does not depend on the rows around it: alone (the row
+    split over threads) or in a batch (a row per thread)."""
+    torch.set_num_threads(2)
+    fn = getattr(logitkit, op)
+    batch = logits(8, 70_001, torch.float32, seed=1)
+    together = fn(batch, 1.1)
+    for r in (0, 5):
+        assert bitwise_equal(fn(batch[r : r + 1], 1.1), together[r : r + 1]), f"{op} row {r}"
+
+
+@pytest.mark.parametrize("op", ["softmax_backward", "log_softmax_backward", "logsumexp_backward", "entropy_backward"])
+def test_cpu_backward_thread_count_independent(op, restore_threads):
+    ops = torch.ops.logitkit
+    x = logits(1, 100_003, torch.float32, seed=2)
+    saved = {"softmax_backward": ops.softmax(x, 1.0), "log_softmax_backward": ops.log_softmax(x, 1.0)}.get(op, x)
+    grad = torch.randn(saved.shape if op in ("softmax_backward", "log_softmax_backward") else (1,))
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        results.append(getattr(ops, op)(grad, saved, 1.0))
+    assert bitwise_equal(results[0], results[1])
+
+
+def test_emulated_schedule_independent():
+    """The CUDA kernels' reductions follow a fixed tree: the emulator's thread
+    schedule (in order, reversed, random with two seeds) never changes a bit."""
+    from logitkit import _loader
+
+    if _loader._C_emulated is None:
+        pytest.skip("emulated-CUDA module not built")
+    ops = torch.ops.logitkit_emulated
+    x = logits(2, 9001, torch.bfloat16, seed=3)
+    results = []
+    try:
+        for schedule, seed in (("in_order", 0), ("reversed", 0), ("random", 1), ("random", 7)):
+            _loader._C_emulated.configure(
+                threads_per_block=80, max_elements_per_block=4096, schedule=schedule, seed=seed
+            )
+            results.append([getattr(ops, op)(x, 1.0) for op in OPS])
+    finally:
+        _loader._C_emulated.configure(threads_per_block=80, max_elements_per_block=4096, schedule="random", seed=1)
+    for other in results[1:]:
+        for op, a, b in zip(OPS, results[0], other):
+            assert bitwise_equal(a, b), op
