@@ -46,6 +46,7 @@ def test_matches_reference(backend, cfg, dtype):
     xr = logits.double().requires_grad_(True)
     ref = references.cross_entropy(xr, target, class_weight=cw, **kw)
     atol, rtol = DTYPE_TOL[dtype]
+    assert loss.dtype == torch.float32  # out_dtype=None: float32 whatever the logits' dtype
     assert_close(loss, ref, atol, rtol, f"loss {cfg}")
     gout = (
         torch.randn(loss.shape, generator=g, dtype=torch.float64)
@@ -101,3 +102,18 @@ def test_compile_with_ignored_rows(backend):
         1.3e-6,
         "compiled",
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_out_dtype(backend, dtype):
+    """float32 loss by default; out_dtype rounds the float32 loss once; a non-float dtype is rejected."""
+    g = torch.Generator().manual_seed(3)
+    logits = backend.tensor((torch.randn(9, 50, generator=g) * 4).to(dtype))
+    target = backend.tensor(torch.randint(0, 50, (9,), generator=g))
+    for reduction in ("none", "mean", "sum"):
+        loss = logitkit.cross_entropy(logits, target, reduction=reduction)
+        assert loss.dtype == torch.float32
+        rounded = logitkit.cross_entropy(logits, target, reduction=reduction, out_dtype=dtype)
+        assert rounded.dtype == dtype and torch.equal(rounded, loss.to(dtype))
+    with pytest.raises(TypeError, match="out_dtype"):
+        logitkit.cross_entropy(logits, target, out_dtype=torch.int64)

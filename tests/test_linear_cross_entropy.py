@@ -56,14 +56,14 @@ def run_case(backend, problem, *, reduction="mean", grad_seed=1, check_grads=Tru
     ref = reference(
         ref_leaves[0], ref_leaves[1], target, bias=ref_leaves[2], class_weight=cw, reduction=reduction, **ref_options
     )
-    assert out.dtype == dtype
+    assert out.dtype == torch.float32  # the loss is float32 whatever the input dtype (out_dtype=None)
     atol, rtol = tol or tolerances.LINEAR_CROSS_ENTROPY[dtype]
     assert_close(out, ref, atol, rtol, f"loss {reduction} {options}")
     if not check_grads:
         return out
     # Non-uniform upstream gradient for "none".
     grad = torch.rand(ref.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64) + 0.5
-    out.backward(backend.tensor(grad.to(dtype)))
+    out.backward(backend.tensor(grad.to(dtype).float()))
     ref.backward(grad.to(dtype).double())
     for name, leaf, ref_leaf in zip(("hidden", "weight", "bias"), leaves, ref_leaves):
         if leaf is None:
@@ -140,6 +140,27 @@ def test_half_dtypes(backend, dtype, reduction):
     problem_kw, options = split_options(OPTIONS["all"])
     run_case(backend, make_problem(dtype=dtype, **problem_kw), reduction=reduction, **options)
     run_case(backend, make_problem(dtype=dtype), reduction=reduction, chunk_budget=4 * 24)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_out_dtype(backend, dtype):
+    """The loss (and log-probs / entropy) come back in float32 by default; out_dtype rounds the
+    float32 result once; anything but a floating-point dtype is rejected by name."""
+    hidden, weight, target, _, _ = make_problem(dtype=dtype)
+    h, w, t = backend.tensor(hidden), backend.tensor(weight), backend.tensor(target)
+    for reduction in REDUCTIONS:
+        loss = lce(h, w, t, reduction=reduction)
+        assert loss.dtype == torch.float32
+        rounded = lce(h, w, t, reduction=reduction, out_dtype=dtype)
+        assert rounded.dtype == dtype and torch.equal(rounded, loss.to(dtype))
+    log_prob, entropy = logitkit.linear_log_probs_and_entropy(h, w, t)
+    assert log_prob.dtype == entropy.dtype == torch.float32
+    pair = logitkit.linear_log_probs_and_entropy(h, w, t, out_dtype=dtype)
+    assert pair[0].dtype == pair[1].dtype == dtype and torch.equal(pair[0], log_prob.to(dtype))
+    module = logitkit.LinearCrossEntropyLoss(out_dtype=dtype)
+    assert module(h, w, t).dtype == dtype
+    with pytest.raises(TypeError, match="out_dtype"):
+        lce(h, w, t, out_dtype=torch.int32)
 
 
 @pytest.mark.parametrize("budget", [4, 4 * 8, 4 * 37, 4 * 100, 4 * 10 * 37, 1 << 26])

@@ -26,6 +26,7 @@ from ._layout import LceCoefField, StatsField, column
 from ._loss_math import (
     REDUCTIONS,
     LossOptions,
+    check_out_dtype,
     cross_entropy_coefficients,
     loss_per_token,
     normaliser_from_stats,
@@ -46,7 +47,12 @@ def _weighted_logit_sum(logits: torch.Tensor, class_weight: torch.Tensor | None,
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, logits: torch.Tensor, target: torch.Tensor, class_weight: torch.Tensor | None, options: LossOptions
+        ctx: Any,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        class_weight: torch.Tensor | None,
+        options: LossOptions,
+        out_dtype: torch.dtype,
     ) -> torch.Tensor:
         namespace = _backend.namespace()
         vocab, temperature = logits.shape[-1], options.temperature
@@ -59,7 +65,7 @@ class _CrossEntropy(torch.autograd.Function):
         loss = loss_per_token(t, lse - z_target, lse, weighted_sum, options)
         ctx.save_for_backward(logits, target, class_weight, lse)
         ctx.config = (namespace, options)
-        return reduce_loss(loss, t, options.reduction).to(logits.dtype)
+        return reduce_loss(loss, t, options.reduction).to(out_dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -80,7 +86,7 @@ class _CrossEntropy(torch.autograd.Function):
             w = class_weight.float() if class_weight is not None else torch.ones(vocab, device=grad.device)
             smooth_coef = column(coefficients, LceCoefField.SMOOTH) / temperature
             grad.addr_(smooth_coef.to(grad.dtype), w.to(grad.dtype), alpha=-1)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def _check_args(
@@ -136,6 +142,7 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     temperature: float = 1.0,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``logits`` (..., V) against ``target`` (...) int64.
 
@@ -143,7 +150,13 @@ def cross_entropy(
     ignore_index=..., reduction=..., label_smoothing=...)`` plus
     ``z_loss * logsumexp(logits / temperature)**2`` per non-ignored token, with
     one fp32 read pass for the forward and the gradient written directly in
-    the logits' dtype (no N x V fp32 buffer). Returns the logits' dtype.
+    the logits' dtype (no N x V fp32 buffer).
+
+    The loss is computed in float32 and returned in float32 by default, for
+    every logits dtype (as transformers' loss, which upcasts the logits, and
+    Cut Cross-Entropy return it; ``F.cross_entropy`` on bf16 logits returns a
+    bf16 loss instead). ``out_dtype=logits.dtype`` rounds it to the logits'
+    dtype once.
 
     Targets outside [0, V) that are not ``ignore_index`` raise ``ValueError``
     naming the position on CPU; on CUDA (and under torch.compile) they are not
@@ -151,10 +164,11 @@ def cross_entropy(
     as an index error.
     """
     _check_args(logits, target, class_weight, reduction, label_smoothing, z_loss)
+    dtype = check_out_dtype(out_dtype, "cross_entropy")
     vocab = logits.shape[-1]
     logits2d = logits.reshape(-1, vocab)
     target1d = target.reshape(-1)
     _check_target_range(target1d, vocab, ignore_index)
     options = LossOptions(int(ignore_index), reduction, float(label_smoothing), float(z_loss), float(temperature))
-    loss = _CrossEntropy.apply(logits2d, target1d, class_weight, options)
+    loss = _CrossEntropy.apply(logits2d, target1d, class_weight, options, dtype)
     return loss.reshape(target.shape) if reduction == "none" else loss
