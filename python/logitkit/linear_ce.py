@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from . import _backend
+from . import _backend, _loader
 from ._layout import LCE_COEF_WIDTH, LCE_STATE_WIDTH, LceStateField, NormaliserField, column, normaliser_tensor
 from ._loss_math import (
     REDUCTIONS,
@@ -45,6 +45,40 @@ from ._registration import check_logits, check_temperature, cpp_float, register_
 # 4 MiB up (tiles of 1024 tokens x 1024-2048 vocabulary entries keep the GEMMs
 # compute-bound), so the default stays small.
 DEFAULT_CHUNK_BUDGET = 4 * 1024 * 1024
+
+
+class GemmPath(NamedTuple):
+    """How linear_cross_entropy runs its GEMMs for a dtype on a device (:func:`gemm_path`)."""
+
+    path: str  # "fp32", "native" (input-dtype operands, fp32 accumulation and output) or "fp32_upcast"
+    reason: str
+
+
+def gemm_path(dtype: torch.dtype, device: torch.device | str = "cpu") -> GemmPath:
+    """The GEMM route of :func:`linear_cross_entropy` (and
+    :func:`linear_log_probs_and_entropy`) for inputs of ``dtype`` on ``device``.
+
+    * float32: ``"fp32"``, ``torch.mm``'s own precision settings
+      (``torch.backends.cuda.matmul.allow_tf32``, ``torch.set_float32_matmul_precision``:
+      TF32 on CUDA only where the user allowed it; IEEE by default).
+    * bf16/fp16 on CUDA: ``"native"``, cuBLAS with operands in the input dtype on the
+      tensor cores, fp32 accumulation and output (the logits stay fp32).
+    * bf16/fp16 on CPU: ``"native"`` (ATen's batch-reduce GEMM, AMX / AVX512-BF16) where the
+      CPU has units for the dtype and they win a one-time probe, else ``"fp32_upcast"`` (fp32
+      GEMMs on exact fp32 copies). ``LOGITKIT_CPU_GEMM=native|fp32`` forces a route (tests,
+      measurements). The emulated-CUDA test backend always takes the CPU native route.
+    """
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"logitkit.gemm_path: dtype must be float32, bfloat16 or float16, got {dtype}")
+    device_type = torch.device(device).type
+    if dtype == torch.float32:
+        return GemmPath("fp32", "float32 inputs: torch.mm in float32 under torch's matmul precision settings")
+    if device_type == "cuda":
+        return GemmPath("native", "cuBLAS with bf16/fp16 operands on the tensor cores, fp32 accumulation and output")
+    if device_type != "cpu":
+        raise ValueError(f"logitkit.gemm_path: device must be cpu or cuda, got {device}")
+    path, reason = _loader._C.cpu_gemm_path(str(dtype).removeprefix("torch."))
+    return GemmPath(path, reason)
 
 
 # ---------------------------------------------------------------------------
