@@ -476,6 +476,95 @@ def test_log_probs_and_entropy(backend):
         assert_close(x.grad, xr.grad, atol * xr.grad.abs().max().item(), rtol, f"grad {name}")
 
 
+def masked_problem(dtype, n=8, d=16, v=100, masked=(slice(0, 30), slice(50, 60)), seed=0):
+    """A vocabulary mask as a bias of -inf (a block at the start, so that small tiles are entirely
+    masked, and one inside); targets among the unmasked entries."""
+    hidden, weight, _, _, _ = make_problem(lead=(n,), d=d, v=v, dtype=dtype, seed=seed)
+    bias = torch.zeros(v, dtype=dtype)
+    for block in masked:
+        bias[block] = -math.inf
+    allowed = torch.nonzero(bias == 0).squeeze(1)
+    target = allowed[torch.randint(0, allowed.numel(), (n,), generator=torch.Generator().manual_seed(seed))]
+    return hidden, weight, target, bias, None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("budget", [256, 1024, None], ids=str)
+def test_masked_logits(backend, dtype, budget):
+    """A bias holding -inf: finite loss and gradients equal to torch's, whatever the tiling (at
+    256 B tiles lie entirely in the masked block), for the loss and with z-loss and temperature."""
+    options = {} if budget is None else {"chunk_budget": budget}
+    problem = masked_problem(dtype)
+    run_case(backend, problem, reduction="mean", **options)
+    run_case(backend, problem, reduction="none", z_loss=1e-3, temperature=0.7, **options)
+
+
+def test_masked_logits_default_budget_large_hidden(backend):
+    """The reported case: bf16, D = 4096, V = 1000 with 300 masked entries, default budget."""
+    problem = masked_problem(torch.bfloat16, n=4, d=4096, v=1000, masked=(slice(0, 300),), seed=2)
+    loss = run_case(backend, problem, reduction="mean")
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("budget", [256, None], ids=str)
+def test_masked_log_probs_and_entropy(backend, budget):
+    """Entropy and log-probabilities with -inf logits: 0 log 0 = 0, finite gradients."""
+    hidden, weight, target, bias, _ = masked_problem(torch.float32)
+    options = {} if budget is None else {"chunk_budget": budget}
+    h, w = backend.tensor(hidden).requires_grad_(), backend.tensor(weight).requires_grad_()
+    lp, ent = logitkit.linear_log_probs_and_entropy(h, w, backend.tensor(target), bias=backend.tensor(bias), **options)
+    hr, wr = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    lp_ref, ent_ref = references.linear_log_probs_and_entropy(hr, wr, target, bias=bias.double())
+    atol, rtol = tolerances.LINEAR_CROSS_ENTROPY[torch.float32]
+    assert_close(lp, lp_ref, atol, rtol, "masked log_prob")
+    assert_close(ent, ent_ref, atol, rtol, "masked entropy")
+    (lp.sum() + ent.sum()).backward()
+    (lp_ref.sum() + ent_ref.sum()).backward()
+    for name, x, xr in (("hidden", h, hr), ("weight", w, wr)):
+        assert_close(x.grad, xr.grad, atol * xr.grad.abs().max().item(), rtol, f"masked grad {name}")
+
+
+def peaked_problem(n=64, d=32, v=500, seed=0):
+    """Zipf-like targets with a hidden state that predicts them: most of each row's probability on
+    its target, a long tail of tiny probabilities (what gradient filtering is for)."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(v, d, generator=g) / math.sqrt(d)
+    ranks = torch.arange(1, v + 1, dtype=torch.float64)
+    target = torch.multinomial(1.0 / ranks, n, replacement=True, generator=g)
+    hidden = 6.0 * weight[target] * math.sqrt(d) / weight[target].norm(dim=1, keepdim=True)
+    hidden = hidden + 0.3 * torch.randn(n, d, generator=g)
+    return hidden, weight, target
+
+
+def test_grad_filter_eps(backend):
+    """grad_filter_eps: the loss is unchanged; a threshold below every gradient changes nothing;
+    a real one (1e-6 of the largest probability coefficient) keeps the gradients within a
+    tolerance of the fp64 reference; skipped first tiles leave zeros, not garbage."""
+    hidden, weight, target = peaked_problem()
+    budget = 4 * 16 * 64  # tiles of 64 tokens x 16 vocabulary entries: many skippable tiles
+
+    def run(**kw):
+        h, w = backend.tensor(hidden).requires_grad_(), backend.tensor(weight).requires_grad_()
+        loss = lce(h, w, backend.tensor(target), chunk_budget=budget, **kw)
+        loss.backward()
+        return loss.detach(), h.grad, w.grad
+
+    exact, tiny, filtered = run(), run(grad_filter_eps=1e-30), run(grad_filter_eps=1e-6)
+    for a, b in zip(exact, tiny):
+        assert torch.equal(a, b)
+    assert torch.equal(exact[0], filtered[0])
+    hr, wr = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    reference(hr, wr, target).backward()
+    for got, ref in zip(filtered[1:], (hr.grad, wr.grad)):
+        assert_close(got, ref, 1e-5 * ref.abs().max().item(), 1e-4, "filtered gradient")
+    everything = run(grad_filter_eps=1e30)  # every tile skipped: zero gradients
+    assert not everything[1].any() and not everything[2].any()
+    h, w, t = backend.tensor(hidden), backend.tensor(weight), backend.tensor(target)
+    for bad in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="grad_filter_eps"):
+            lce(h, w, t, grad_filter_eps=bad)
+
+
 @pytest.mark.parametrize("threads, schedule", [(32, "in_order"), (129, "random"), (256, "reversed")])
 def test_emulated_launch_shapes(threads, schedule):
     """The CUDA chunk kernels under block sizes of 1, 5 (partial last warp) and 8 warps with each
@@ -593,3 +682,18 @@ def test_compile_reports_bad_input_at_trace_time(backend, name):
     )
     with pytest.raises(Exception, match=re.escape(message)):
         compiled()
+
+
+def test_default_chunk_budget(backend):
+    """chunk_budget=None is the device's default: the measured 4 MiB on CPU (the same result as
+    passing it), on CUDA 1/256 of the device memory within CUDA_CHUNK_BUDGET_RANGE."""
+    from logitkit.linear_ce import CUDA_CHUNK_BUDGET_RANGE
+
+    budget = logitkit.default_chunk_budget(backend.device)
+    if backend.device == "cpu":
+        assert budget == logitkit.DEFAULT_CHUNK_BUDGET
+    else:
+        assert CUDA_CHUNK_BUDGET_RANGE[0] <= budget <= CUDA_CHUNK_BUDGET_RANGE[1]
+    hidden, weight, target, _, _ = make_problem()
+    h, w, t = backend.tensor(hidden), backend.tensor(weight), backend.tensor(target)
+    assert torch.equal(lce(h, w, t), lce(h, w, t, chunk_budget=budget))

@@ -327,14 +327,22 @@ struct LinearCeFrontend {
       return rounded.copy_(g);
     }
 
-    void add(const at::Tensor& g, int64_t t0, int64_t v0, const at::Tensor& h, const at::Tensor& w) {
+    // skip: the tile's gradient is negligible (grad_filter_eps); its GEMMs
+    // are left out, the first tiles of grad_hidden / a grad_weight chunk
+    // then write zeros instead.
+    void add(const at::Tensor& g, int64_t t0, int64_t v0, const at::Tensor& h, const at::Tensor& w, bool skip) {
       const int64_t rows = g.size(0), cols = g.size(1);
-      const at::Tensor g_operand = gemm_operand(g);
       at::Tensor dh = hidden.narrow(0, t0, rows);
-      gemm(in, dh, g_operand, w, v0 != 0);
       const bool in_place = !weight_chunk.defined();
       at::Tensor dw = in_place ? weight.narrow(0, v0, cols) : weight_chunk.narrow(0, 0, cols);
-      gemm(in, dw, g_operand.t(), h, t0 != 0);
+      if (skip) {
+        if (v0 == 0) dh.zero_();
+        if (t0 == 0) dw.zero_();
+      } else {
+        const at::Tensor g_operand = gemm_operand(g);
+        gemm(in, dh, g_operand, w, v0 != 0);
+        gemm(in, dw, g_operand.t(), h, t0 != 0);
+      }
       if (!in_place && t0 + rows == in.n) weight.narrow(0, v0, cols).copy_(dw);
       if (bias.numel() > 0) bias.narrow(0, v0, cols).add_(g.sum(0));
     }
@@ -344,12 +352,32 @@ struct LinearCeFrontend {
     }
   };
 
+  // Gradient filtering (Cut Cross-Entropy's filter_eps): a tile's gradient
+  // GEMMs are skipped where every |dL/dx| < eps * max_token |a|. Off the
+  // target, dL/dz_c = a p_c (cross-entropy without smoothing), so this is
+  // p_c < eps for the token with the largest coefficient a, whatever the
+  // reduction's scale. Undefined (no filtering) for eps = 0.
+  static at::Tensor gradient_filter_threshold(const at::Tensor& coefficients, double eps) {
+    if (eps == 0.0) return at::Tensor();
+    return coefficients.select(1, core::kLinearCeCoefProb).abs().max().mul(eps);
+  }
+
+  // Whether the tile's gradient is below the threshold. The decision is
+  // needed on the host (to leave out GEMM launches): on CUDA it costs one
+  // device-to-host synchronisation per tile, and only with grad_filter_eps set.
+  static bool negligible(const at::Tensor& tile, const at::Tensor& threshold) {
+    if (!threshold.defined()) return false;
+    return tile.abs().max().lt(threshold).item<bool>();
+  }
+
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
       const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& class_weight,
       const at::Tensor& normaliser, const at::Tensor& coefficients, double softcap, double temperature,
-      int64_t chunk_budget, bool bias_grad) {
+      int64_t chunk_budget, bool bias_grad, double grad_filter_eps) {
     constexpr const char* op = "linear_cross_entropy_backward";
+    TORCH_CHECK_VALUE(std::isfinite(grad_filter_eps) && grad_filter_eps >= 0.0, "logitkit.", op,
+                      ": grad_filter_eps must be a finite number >= 0 (0: exact), got ", grad_filter_eps);
     const LinearCeInputs in =
         check_inputs(hidden, weight, target, bias, class_weight, softcap, temperature, chunk_budget, op);
     check_per_token(normaliser, in, core::kLinearCeNormaliserWidth, op, "normaliser");
@@ -359,13 +387,14 @@ struct LinearCeFrontend {
     if (in.n > 0) {
       const at::Tensor norm_c = normaliser.contiguous();
       const at::Tensor coef_c = coefficients.contiguous();
+      const at::Tensor filter_threshold = gradient_filter_threshold(coef_c, grad_filter_eps);
       for_each_tile(in, tiling,
                     [&](at::Tensor& tile, int64_t t0, int64_t v0, const at::Tensor& h, const at::Tensor& w) {
                       LinearCeChunk c = make_chunk(in, tile, t0, v0, softcap, temperature);
                       c.normaliser = norm_c.data_ptr<float>() + t0 * core::kLinearCeNormaliserWidth;
                       c.coefficients = coef_c.data_ptr<float>() + t0 * core::kLinearCeCoefWidth;
                       Backend::backward_chunk(c, tile);  // tile <- dL/dx
-                      grads.add(tile, t0, v0, h, w);
+                      grads.add(tile, t0, v0, h, w, negligible(tile, filter_threshold));
                     });
     }
     return grads.results(hidden.scalar_type());

@@ -46,6 +46,34 @@ from ._registration import check_logits, check_temperature, cpp_float, register_
 # compute-bound), so the default stays small.
 DEFAULT_CHUNK_BUDGET = 4 * 1024 * 1024
 
+# CUDA: few large GEMMs keep the GPU busy. The budget is 1/256 of the device's
+# memory, clamped to [32 MiB, 256 MiB]: 256 MiB on an 80 GB H100. At
+# Llama-3-8B's N = 16384, V = 128256, D = 4096 (bf16, native route: 6 bytes per
+# tile element + 4 D bytes per vocabulary column) the tiling (the most
+# rows cols / (rows + cols) within the budget) gives tiles of 8192 tokens x
+# 4096 vocabulary entries: 2 x 32 tiles, each GEMM 8192 x 4096 x 4096
+# (~0.28 ms of tensor cores at ~990 TFLOP/s, enough to fill 132 SMs), and a
+# transient memory of ~2% of the materialised loss's peak (bf16 logits 4.2 GB,
+# their fp32 log-softmax and the gradient: > 12 GB). Read from the device
+# properties, no host synchronisation. Launch counts in bench/README.md.
+CUDA_CHUNK_BUDGET_RANGE = (32 * 1024 * 1024, 256 * 1024 * 1024)
+
+
+def default_chunk_budget(device: torch.device | str) -> int:
+    """The ``chunk_budget`` that ``chunk_budget=None`` means on ``device``: 4 MiB on CPU
+    (:data:`DEFAULT_CHUNK_BUDGET`, measured), on CUDA 1/256 of the device memory within
+    :data:`CUDA_CHUNK_BUDGET_RANGE`."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return DEFAULT_CHUNK_BUDGET
+    low, high = CUDA_CHUNK_BUDGET_RANGE
+    total = torch.cuda.get_device_properties(device).total_memory
+    return int(min(high, max(low, total // 256)))
+
+
+def _resolve_budget(chunk_budget: int | None, hidden: torch.Tensor) -> int:
+    return default_chunk_budget(hidden.device) if chunk_budget is None else int(chunk_budget)
+
 
 class GemmPath(NamedTuple):
     """How linear_cross_entropy runs its GEMMs for a dtype on a device (:func:`gemm_path`)."""
@@ -173,9 +201,24 @@ def _linear_ce_stats_fake(hidden, weight, target, bias, class_weight, ignore_ind
 
 @register_fake("linear_ce_backward")
 def _linear_ce_backward_fake(
-    hidden, weight, target, bias, class_weight, normaliser, coefficients, softcap, temperature, chunk_budget, bias_grad
+    hidden,
+    weight,
+    target,
+    bias,
+    class_weight,
+    normaliser,
+    coefficients,
+    softcap,
+    temperature,
+    chunk_budget,
+    bias_grad,
+    grad_filter_eps=0.0,
 ):
     op = "linear_cross_entropy_backward"
+    if not (math.isfinite(grad_filter_eps) and grad_filter_eps >= 0.0):
+        raise ValueError(
+            f"logitkit.{op}: grad_filter_eps must be a finite number >= 0 (0: exact), got {cpp_float(grad_filter_eps)}"
+        )
     _check_op_inputs(_OpInputs(hidden, weight, target, bias, class_weight, softcap, temperature, chunk_budget), op)
     _check_per_token(normaliser, hidden, len(NormaliserField), op, "normaliser")
     _check_per_token(coefficients, hidden, LCE_COEF_WIDTH, op, "coefficients")
@@ -197,6 +240,7 @@ class _Tiles(NamedTuple):
     softcap: float  # 0: none
     temperature: float
     chunk_budget: int
+    grad_filter_eps: float = 0.0  # 0: exact gradients
 
 
 class _Forward(NamedTuple):
@@ -256,6 +300,7 @@ def _input_grads(ctx: Any, coefficients: torch.Tensor, class_weight: torch.Tenso
         tiles.temperature,
         tiles.chunk_budget,
         bias_grad,
+        tiles.grad_filter_eps,
     )
     return (
         grad_h.reshape(ctx.hidden_shape) if ctx.needs_input_grad[0] else None,
@@ -304,7 +349,7 @@ def _check_args(
     softcap: float | None,
     z_loss: float,
     temperature: float,
-    chunk_budget: int,
+    chunk_budget: int | None,
 ) -> None:
     """The Python API's checks (before the leading dimensions are flattened for the ops)."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1:
@@ -327,8 +372,8 @@ def _check_args(
     if not (math.isfinite(z_loss) and z_loss >= 0):
         raise ValueError(f"logitkit.{op}: z_loss must be a finite number >= 0, got {z_loss}")
     check_temperature(temperature, op)
-    if int(chunk_budget) <= 0:
-        raise ValueError(f"logitkit.{op}: chunk_budget must be > 0 bytes, got {chunk_budget}")
+    if chunk_budget is not None and int(chunk_budget) <= 0:
+        raise ValueError(f"logitkit.{op}: chunk_budget must be None or > 0 bytes, got {chunk_budget}")
 
 
 def linear_cross_entropy(
@@ -345,8 +390,9 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     temperature: float = 1.0,
     return_lse: bool = False,
-    chunk_budget: int = DEFAULT_CHUNK_BUDGET,
+    chunk_budget: int | None = None,
     out_dtype: torch.dtype | None = None,
+    grad_filter_eps: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``hidden @ weight.T + bias`` without materialising the logits.
 
@@ -370,18 +416,32 @@ def linear_cross_entropy(
             class weights; the z-loss term is divided by the same number).
         return_lse: also return the per-token log-sum-exp of z (float32, shape of
             ``target``, not differentiable).
-        chunk_budget: bytes of transient memory per tile (default 4 MiB):
-            the fp32 logits tile, plus for bf16/fp16 inputs the fp32 copies
-            of the tile's weight rows and grad_weight accumulator. Memory
-            above inputs and gradients is this plus O(N) fp32 state, plus
-            for bf16/fp16 inputs fp32 copies of hidden and grad_hidden
-            (N x D each). The backward recomputes the logits tile by tile
+        chunk_budget: bytes of transient memory per tile; ``None`` (default):
+            the device's default (:func:`default_chunk_budget`: 4 MiB on CPU,
+            1/256 of the GPU's memory within [32, 256] MiB on CUDA). It holds
+            the fp32 logits tile, plus for bf16/fp16 inputs the fp32
+            grad_weight accumulator of the tile's weight rows and either
+            their fp32 copies (``fp32_upcast`` route) or the gradient tile
+            rounded to the input dtype (``native`` route, see
+            :func:`gemm_path`). Memory above inputs and gradients is this
+            plus O(N) fp32 state, plus for bf16/fp16 inputs an fp32
+            grad_hidden (N x D) and, on the ``fp32_upcast`` route, an fp32
+            copy of hidden. The backward recomputes the logits tile by tile
             (four GEMM-equivalents in all).
         out_dtype: the loss's dtype. ``None`` (default): float32 for every
             input dtype, as Cut Cross-Entropy and transformers' upcast loss
             return it (a bf16-rounded per-token loss is off by up to ~0.024 at
             a loss of ~10). Pass ``hidden.dtype`` for the loss in the input
             dtype (rounded once, from the float32 loss).
+        grad_filter_eps: ``None`` (default): exact gradients. A number > 0:
+            Cut Cross-Entropy's gradient filtering; the backward leaves out
+            both gradient GEMMs of a logits tile where every |dL/dlogit| is
+            below ``grad_filter_eps * max_t |a_t|`` (a_t: the token's
+            coefficient of p in dL/dz, so off the target this is
+            p < grad_filter_eps, whatever the reduction's scale). The loss
+            is unchanged; gradients lose those tiny terms (error measured in
+            bench/README.md). On CUDA the decision costs one device-to-host
+            synchronisation per tile.
 
     All-ignored batch: ``"sum"`` gives 0, ``"none"`` zeros, ``"mean"`` NaN (0/0,
     exactly as ``F.cross_entropy``); gradients are 0 in all three cases.
@@ -407,8 +467,13 @@ def linear_cross_entropy(
         chunk_budget,
     )
     dtype = check_out_dtype(out_dtype, "linear_cross_entropy")
+    if grad_filter_eps is not None and not (math.isfinite(grad_filter_eps) and grad_filter_eps > 0):
+        raise ValueError(
+            f"logitkit.linear_cross_entropy: grad_filter_eps must be None or a finite number > 0, got {grad_filter_eps}"
+        )
     options = LossOptions(int(ignore_index), reduction, float(label_smoothing), float(z_loss), float(temperature))
-    tiles = _Tiles(0.0 if softcap is None else float(softcap), float(temperature), int(chunk_budget))
+    softcap_value, filter_eps = 0.0 if softcap is None else float(softcap), float(grad_filter_eps or 0.0)
+    tiles = _Tiles(softcap_value, float(temperature), _resolve_budget(chunk_budget, hidden), filter_eps)
     loss, lse = _LinearCrossEntropy.apply(hidden, weight, bias, target, class_weight, options, tiles, dtype)
     return (loss, lse) if return_lse else loss
 
@@ -438,7 +503,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         softcap: float | None = None,
         z_loss: float = 0.0,
         temperature: float = 1.0,
-        chunk_budget: int = DEFAULT_CHUNK_BUDGET,
+        chunk_budget: int | None = None,
         out_dtype: torch.dtype | None = None,
     ):
         super().__init__()
@@ -488,7 +553,7 @@ def linear_log_probs_and_entropy(
     *,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
-    chunk_budget: int = DEFAULT_CHUNK_BUDGET,
+    chunk_budget: int | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``log softmax(z)[target]`` and entropy of ``softmax(z)``, with
@@ -503,5 +568,5 @@ def linear_log_probs_and_entropy(
         "linear_log_probs_and_entropy", hidden, weight, target, "none", 0.0, None, 0.0, temperature, chunk_budget
     )
     dtype = check_out_dtype(out_dtype, "linear_log_probs_and_entropy")
-    tiles = _Tiles(0.0, float(temperature), int(chunk_budget))
+    tiles = _Tiles(0.0, float(temperature), _resolve_budget(chunk_budget, hidden))
     return _LinearLogProbsAndEntropy.apply(hidden, weight, bias, target, tiles, dtype)
