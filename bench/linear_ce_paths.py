@@ -22,8 +22,9 @@ import logitkit
 from logitkit.testing import references
 
 
-def best_seconds(fn: Callable[[], object], repeats: int = 2) -> float:
-    fn()  # warm-up
+def best_seconds(fn: Callable[[], object], repeats: int = 1, warm_up: bool = False) -> float:
+    if warm_up:
+        fn()
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
@@ -47,7 +48,7 @@ def routes(args: argparse.Namespace) -> None:
     print(f"CPU: {logitkit.build_info()['cpu_capability']}, threads {torch.get_num_threads()}; N={n} D={d} V={v}")
     print("GFLOP/s: 8 N D V per fwd+bwd for logitkit (forward, recompute, two gradient GEMMs), 6 N D V for the")
     print("materialised loss and torch chunked; torch.mm: one N x D x V GEMM (2 N D V) in the same dtype.")
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+    for dtype in [{"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[x] for x in args.dtypes]:
         hidden = torch.randn(n, d, generator=g).to(dtype)
         weight = (torch.randn(v, d, generator=g) / math.sqrt(d)).to(dtype)
         target = torch.randint(0, v, (n,), generator=g)
@@ -85,7 +86,7 @@ def peaked_problem(n: int, d: int, v: int, dtype: torch.dtype) -> tuple:
     weight = torch.randn(v, d, generator=g) / math.sqrt(d)
     target = torch.multinomial(1.0 / torch.arange(1, v + 1, dtype=torch.float64), n, replacement=True, generator=g)
     direction = weight[target] / weight[target].norm(dim=1, keepdim=True)
-    hidden = 8.0 * direction * math.sqrt(d) / 4 + 0.5 * torch.randn(n, d, generator=g)
+    hidden = 11.0 * direction + 0.5 * torch.randn(n, d, generator=g)  # z_target ~ 11: p(target) ~ 0.5
     return hidden.to(dtype), weight.to(dtype), target
 
 
@@ -123,7 +124,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1024)
     parser.add_argument("--hidden", type=int, default=None)
     parser.add_argument("--vocab", type=int, default=None)
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="filter: the inputs' dtype")
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp16", "fp32"], help="routes: the dtypes to run")
     args = parser.parse_args()
     if args.what == "routes":
         args.hidden, args.vocab = args.hidden or 1024, args.vocab or 128256
