@@ -117,3 +117,24 @@ def test_out_dtype(backend, dtype):
         assert rounded.dtype == dtype and torch.equal(rounded, loss.to(dtype))
     with pytest.raises(TypeError, match="out_dtype"):
         logitkit.cross_entropy(logits, target, out_dtype=torch.int64)
+
+
+def test_large_magnitudes_and_inf(backend):
+    """lse - z_y as (m - z_y) + log s: all logits 1e8 give log V (not 8.0), logits ~6e4 keep fp32
+    accuracy; a +inf logit gives NaN, as F.cross_entropy."""
+    v = 300
+    flat = backend.tensor(torch.full((2, v), 1e8))
+    target = backend.tensor(torch.tensor([0, 7]))
+    got = logitkit.cross_entropy(flat, target, reduction="none")
+    assert_close(got, torch.full((2,), torch.tensor(float(v)).log().item(), dtype=torch.float64), 1e-6, 1e-6, "1e8")
+    g = torch.Generator().manual_seed(1)
+    big = 6e4 + torch.randn(3, v, generator=g)
+    t = torch.randint(0, v, (3,), generator=g)
+    ref = references.cross_entropy(big.double(), t, reduction="none")
+    assert_close(
+        logitkit.cross_entropy(backend.tensor(big), backend.tensor(t), reduction="none"), ref, 1e-5, 1e-5, "6e4"
+    )
+    with_inf = torch.randn(2, v, generator=g)
+    with_inf[0, 3] = float("inf")
+    out = logitkit.cross_entropy(backend.tensor(with_inf), backend.tensor(torch.tensor([1, 2])), reduction="none")
+    assert torch.isnan(out[0]) and torch.isfinite(out[1])

@@ -57,12 +57,17 @@ class _CrossEntropy(torch.autograd.Function):
         namespace = _backend.namespace()
         vocab, temperature = logits.shape[-1], options.temperature
         stats = _backend.ops(namespace).softmax_stats(logits, temperature)  # (N, 3) fp32: one read pass
-        _, lse = normaliser_from_stats(column(stats, StatsField.MAX), column(stats, StatsField.SUM_EXP))
+        max_z = column(stats, StatsField.MAX)
+        log_s, lse = normaliser_from_stats(max_z, column(stats, StatsField.SUM_EXP))
         t = targets(target, class_weight, options.ignore_index, vocab)
         # (the target gather rejects a target outside [0, V), where the host did not check it)
         z_target = logits.gather(1, torch.where(t.valid, target, 0)[:, None]).squeeze(1).float() / temperature
         weighted_sum = _weighted_logit_sum(logits, class_weight, temperature) if options.label_smoothing > 0 else None
-        loss = loss_per_token(t, lse - z_target, lse, weighted_sum, options)
+        # lse - z_y as (m - z_y) + log s: exact where z_y is near the max m, whatever |z| (lse - z_y
+        # would lose ulp(lse): all logits 1e8 gave 8.0 instead of log V). A +inf logit makes m and
+        # z_y (or s) non-finite: NaN, as F.cross_entropy gives.
+        target_nll = (max_z - z_target) + log_s
+        loss = loss_per_token(t, target_nll, lse, weighted_sum, options)
         ctx.save_for_backward(logits, target, class_weight, lse)
         ctx.config = (namespace, options)
         return reduce_loss(loss, t, options.reduction).to(out_dtype)
