@@ -46,6 +46,7 @@ def test_matches_reference(backend, cfg, dtype):
     xr = logits.double().requires_grad_(True)
     ref = references.cross_entropy(xr, target, class_weight=cw, **kw)
     atol, rtol = DTYPE_TOL[dtype]
+    assert loss.dtype == torch.float32  # out_dtype=None: float32 whatever the logits' dtype
     assert_close(loss, ref, atol, rtol, f"loss {cfg}")
     gout = (
         torch.randn(loss.shape, generator=g, dtype=torch.float64)
@@ -101,3 +102,39 @@ def test_compile_with_ignored_rows(backend):
         1.3e-6,
         "compiled",
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_out_dtype(backend, dtype):
+    """float32 loss by default; out_dtype rounds the float32 loss once; a non-float dtype is rejected."""
+    g = torch.Generator().manual_seed(3)
+    logits = backend.tensor((torch.randn(9, 50, generator=g) * 4).to(dtype))
+    target = backend.tensor(torch.randint(0, 50, (9,), generator=g))
+    for reduction in ("none", "mean", "sum"):
+        loss = logitkit.cross_entropy(logits, target, reduction=reduction)
+        assert loss.dtype == torch.float32
+        rounded = logitkit.cross_entropy(logits, target, reduction=reduction, out_dtype=dtype)
+        assert rounded.dtype == dtype and torch.equal(rounded, loss.to(dtype))
+    with pytest.raises(TypeError, match="out_dtype"):
+        logitkit.cross_entropy(logits, target, out_dtype=torch.int64)
+
+
+def test_large_magnitudes_and_inf(backend):
+    """lse - z_y as (m - z_y) + log s: all logits 1e8 give log V (not 8.0), logits ~6e4 keep fp32
+    accuracy; a +inf logit gives NaN, as F.cross_entropy."""
+    v = 300
+    flat = backend.tensor(torch.full((2, v), 1e8))
+    target = backend.tensor(torch.tensor([0, 7]))
+    got = logitkit.cross_entropy(flat, target, reduction="none")
+    assert_close(got, torch.full((2,), torch.tensor(float(v)).log().item(), dtype=torch.float64), 1e-6, 1e-6, "1e8")
+    g = torch.Generator().manual_seed(1)
+    big = 6e4 + torch.randn(3, v, generator=g)
+    t = torch.randint(0, v, (3,), generator=g)
+    ref = references.cross_entropy(big.double(), t, reduction="none")
+    assert_close(
+        logitkit.cross_entropy(backend.tensor(big), backend.tensor(t), reduction="none"), ref, 1e-5, 1e-5, "6e4"
+    )
+    with_inf = torch.randn(2, v, generator=g)
+    with_inf[0, 3] = float("inf")
+    out = logitkit.cross_entropy(backend.tensor(with_inf), backend.tensor(torch.tensor([1, 2])), reduction="none")
+    assert torch.isnan(out[0]) and torch.isfinite(out[1])

@@ -37,7 +37,9 @@ def make_problem(lead=(2, 5), d=16, v=37, dtype=torch.float32, bias=False, class
     return hidden, weight, target, b, cw
 
 
-def run_case(backend, problem, *, reduction="mean", grad_seed=1, check_grads=True, tol=None, **options):
+def run_case(
+    backend, problem, *, reduction="mean", grad_seed=1, check_grads=True, tol=None, no_worse_factor=None, **options
+):
     """Loss and gradients of logitkit vs the fp64 reference (same rounded inputs)."""
     hidden, weight, target, bias, cw = problem
     dtype = hidden.dtype
@@ -56,14 +58,14 @@ def run_case(backend, problem, *, reduction="mean", grad_seed=1, check_grads=Tru
     ref = reference(
         ref_leaves[0], ref_leaves[1], target, bias=ref_leaves[2], class_weight=cw, reduction=reduction, **ref_options
     )
-    assert out.dtype == dtype
+    assert out.dtype == torch.float32  # the loss is float32 whatever the input dtype (out_dtype=None)
     atol, rtol = tol or tolerances.LINEAR_CROSS_ENTROPY[dtype]
     assert_close(out, ref, atol, rtol, f"loss {reduction} {options}")
     if not check_grads:
         return out
     # Non-uniform upstream gradient for "none".
     grad = torch.rand(ref.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64) + 0.5
-    out.backward(backend.tensor(grad.to(dtype)))
+    out.backward(backend.tensor(grad.to(dtype).float()))
     ref.backward(grad.to(dtype).double())
     for name, leaf, ref_leaf in zip(("hidden", "weight", "bias"), leaves, ref_leaves):
         if leaf is None:
@@ -72,11 +74,13 @@ def run_case(backend, problem, *, reduction="mean", grad_seed=1, check_grads=Tru
         assert leaf.grad.dtype == dtype
         assert_close(leaf.grad, ref_leaf.grad, atol * scale, rtol, f"grad {name} {reduction} {options}")
     if dtype != torch.float32:
-        assert_no_worse_than_materialised(problem, reduction, grad, out, leaves, ref, ref_leaves, ref_options)
+        assert_no_worse_than_materialised(
+            problem, reduction, grad, out, leaves, ref, ref_leaves, ref_options, no_worse_factor
+        )
     return out
 
 
-def assert_no_worse_than_materialised(problem, reduction, grad, out, leaves, ref, ref_leaves, options):
+def assert_no_worse_than_materialised(problem, reduction, grad, out, leaves, ref, ref_leaves, options, factor=None):
     """bf16/fp16: the loss and gradients are no less accurate than the materialised loss computed
     in the same dtype (the fp64 reference's definition evaluated in that dtype)."""
     hidden, weight, target, bias, cw = problem
@@ -92,10 +96,12 @@ def assert_no_worse_than_materialised(problem, reduction, grad, out, leaves, ref
         **options,
     )
     plain.backward(grad.to(plain.dtype))
-    assert_no_worse_than_torch(out, plain, ref, what=f"loss {reduction} {options}")
+    factor = {} if factor is None else {"factor": factor}
+    assert_no_worse_than_torch(out, plain, ref, what=f"loss {reduction} {options}", **factor)
     for name, leaf, plain_leaf, ref_leaf in zip(("hidden", "weight", "bias"), leaves, plain_leaves, ref_leaves):
         if leaf is not None:
-            assert_no_worse_than_torch(leaf.grad, plain_leaf.grad, ref_leaf.grad, what=f"grad {name} {options}")
+            what = f"grad {name} {options}"
+            assert_no_worse_than_torch(leaf.grad, plain_leaf.grad, ref_leaf.grad, what=what, **factor)
 
 
 OPTIONS = {
@@ -134,12 +140,72 @@ def test_options_match_reference(backend, option, reduction):
     run_case(backend, problem, reduction=reduction, chunk_budget=4 * 40, **options)
 
 
+@pytest.mark.parametrize("cpu_gemm", ["fp32", "native"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_gemm_paths(backend, monkeypatch, cpu_gemm, dtype, option, reduction):
+    """Both bf16/fp16 GEMM routes (fp32 on exact upcasts; native operands with fp32 accumulation
+    and the gradient tile rounded to the input dtype), forced with LOGITKIT_CPU_GEMM, for every
+    option and reduction: errors vs fp64 within 1.5x those of the materialised loss in the same
+    dtype (plus one rounding unit). The emulated CUDA backend always takes the native route."""
+    if backend.name == "emulated-cuda" and cpu_gemm == "fp32":
+        pytest.skip("the emulated CUDA backend has the native route only")
+    if backend.name == "cuda":
+        pytest.skip("LOGITKIT_CPU_GEMM applies to CPU tensors")
+    monkeypatch.setenv("LOGITKIT_CPU_GEMM", cpu_gemm)
+    problem_kw, options = split_options(OPTIONS[option])
+    problem = make_problem(dtype=dtype, v=301, d=64, lead=(24,), **problem_kw)
+    run_case(backend, problem, reduction=reduction, chunk_budget=64 * 1024, no_worse_factor=1.5, **options)
+
+
+def test_gemm_path_reports_the_route(monkeypatch):
+    assert logitkit.gemm_path(torch.float32).path == "fp32"
+    assert logitkit.gemm_path(torch.bfloat16, "cuda").path == "native"
+    for forced, path in (("native", "native"), ("fp32", "fp32_upcast")):
+        monkeypatch.setenv("LOGITKIT_CPU_GEMM", forced)
+        got = logitkit.gemm_path(torch.bfloat16)
+        assert got.path == path and "LOGITKIT_CPU_GEMM" in got.reason
+    monkeypatch.delenv("LOGITKIT_CPU_GEMM")
+    auto = logitkit.gemm_path(torch.float16, "cpu")
+    assert auto.path in ("native", "fp32_upcast") and auto.reason
+    caps = torch.backends.cpu.get_cpu_capability()
+    if caps in ("DEFAULT", "AVX2"):  # no AVX-512 at all, hence no bf16/fp16 units: fp32 must win
+        assert logitkit.gemm_path(torch.bfloat16).path == "fp32_upcast"
+    monkeypatch.setenv("LOGITKIT_CPU_GEMM", "fast")
+    with pytest.raises(ValueError, match="LOGITKIT_CPU_GEMM"):
+        logitkit.gemm_path(torch.bfloat16)
+    with pytest.raises(TypeError, match="dtype"):
+        logitkit.gemm_path(torch.float64)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_half_dtypes(backend, dtype, reduction):
     problem_kw, options = split_options(OPTIONS["all"])
     run_case(backend, make_problem(dtype=dtype, **problem_kw), reduction=reduction, **options)
     run_case(backend, make_problem(dtype=dtype), reduction=reduction, chunk_budget=4 * 24)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_out_dtype(backend, dtype):
+    """The loss (and log-probs / entropy) come back in float32 by default; out_dtype rounds the
+    float32 result once; anything but a floating-point dtype is rejected by name."""
+    hidden, weight, target, _, _ = make_problem(dtype=dtype)
+    h, w, t = backend.tensor(hidden), backend.tensor(weight), backend.tensor(target)
+    for reduction in REDUCTIONS:
+        loss = lce(h, w, t, reduction=reduction)
+        assert loss.dtype == torch.float32
+        rounded = lce(h, w, t, reduction=reduction, out_dtype=dtype)
+        assert rounded.dtype == dtype and torch.equal(rounded, loss.to(dtype))
+    log_prob, entropy = logitkit.linear_log_probs_and_entropy(h, w, t)
+    assert log_prob.dtype == entropy.dtype == torch.float32
+    pair = logitkit.linear_log_probs_and_entropy(h, w, t, out_dtype=dtype)
+    assert pair[0].dtype == pair[1].dtype == dtype and torch.equal(pair[0], log_prob.to(dtype))
+    module = logitkit.LinearCrossEntropyLoss(out_dtype=dtype)
+    assert module(h, w, t).dtype == dtype
+    with pytest.raises(TypeError, match="out_dtype"):
+        lce(h, w, t, out_dtype=torch.int32)
 
 
 @pytest.mark.parametrize("budget", [4, 4 * 8, 4 * 37, 4 * 100, 4 * 10 * 37, 1 << 26])
@@ -410,6 +476,95 @@ def test_log_probs_and_entropy(backend):
         assert_close(x.grad, xr.grad, atol * xr.grad.abs().max().item(), rtol, f"grad {name}")
 
 
+def masked_problem(dtype, n=8, d=16, v=100, masked=(slice(0, 30), slice(50, 60)), seed=0):
+    """A vocabulary mask as a bias of -inf (a block at the start, so that small tiles are entirely
+    masked, and one inside); targets among the unmasked entries."""
+    hidden, weight, _, _, _ = make_problem(lead=(n,), d=d, v=v, dtype=dtype, seed=seed)
+    bias = torch.zeros(v, dtype=dtype)
+    for block in masked:
+        bias[block] = -math.inf
+    allowed = torch.nonzero(bias == 0).squeeze(1)
+    target = allowed[torch.randint(0, allowed.numel(), (n,), generator=torch.Generator().manual_seed(seed))]
+    return hidden, weight, target, bias, None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("budget", [256, 1024, None], ids=str)
+def test_masked_logits(backend, dtype, budget):
+    """A bias holding -inf: finite loss and gradients equal to torch's, whatever the tiling (at
+    256 B tiles lie entirely in the masked block), for the loss and with z-loss and temperature."""
+    options = {} if budget is None else {"chunk_budget": budget}
+    problem = masked_problem(dtype)
+    run_case(backend, problem, reduction="mean", **options)
+    run_case(backend, problem, reduction="none", z_loss=1e-3, temperature=0.7, **options)
+
+
+def test_masked_logits_default_budget_large_hidden(backend):
+    """The reported case: bf16, D = 4096, V = 1000 with 300 masked entries, default budget."""
+    problem = masked_problem(torch.bfloat16, n=4, d=4096, v=1000, masked=(slice(0, 300),), seed=2)
+    loss = run_case(backend, problem, reduction="mean")
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("budget", [256, None], ids=str)
+def test_masked_log_probs_and_entropy(backend, budget):
+    """Entropy and log-probabilities with -inf logits: 0 log 0 = 0, finite gradients."""
+    hidden, weight, target, bias, _ = masked_problem(torch.float32)
+    options = {} if budget is None else {"chunk_budget": budget}
+    h, w = backend.tensor(hidden).requires_grad_(), backend.tensor(weight).requires_grad_()
+    lp, ent = logitkit.linear_log_probs_and_entropy(h, w, backend.tensor(target), bias=backend.tensor(bias), **options)
+    hr, wr = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    lp_ref, ent_ref = references.linear_log_probs_and_entropy(hr, wr, target, bias=bias.double())
+    atol, rtol = tolerances.LINEAR_CROSS_ENTROPY[torch.float32]
+    assert_close(lp, lp_ref, atol, rtol, "masked log_prob")
+    assert_close(ent, ent_ref, atol, rtol, "masked entropy")
+    (lp.sum() + ent.sum()).backward()
+    (lp_ref.sum() + ent_ref.sum()).backward()
+    for name, x, xr in (("hidden", h, hr), ("weight", w, wr)):
+        assert_close(x.grad, xr.grad, atol * xr.grad.abs().max().item(), rtol, f"masked grad {name}")
+
+
+def peaked_problem(n=64, d=32, v=500, seed=0):
+    """Zipf-like targets with a hidden state that predicts them: most of each row's probability on
+    its target, a long tail of tiny probabilities (what gradient filtering is for)."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(v, d, generator=g) / math.sqrt(d)
+    ranks = torch.arange(1, v + 1, dtype=torch.float64)
+    target = torch.multinomial(1.0 / ranks, n, replacement=True, generator=g)
+    hidden = 6.0 * weight[target] * math.sqrt(d) / weight[target].norm(dim=1, keepdim=True)
+    hidden = hidden + 0.3 * torch.randn(n, d, generator=g)
+    return hidden, weight, target
+
+
+def test_grad_filter_eps(backend):
+    """grad_filter_eps: the loss is unchanged; a threshold below every gradient changes nothing;
+    a real one (1e-6 of the largest probability coefficient) keeps the gradients within a
+    tolerance of the fp64 reference; skipped first tiles leave zeros, not garbage."""
+    hidden, weight, target = peaked_problem()
+    budget = 4 * 16 * 64  # tiles of 64 tokens x 16 vocabulary entries: many skippable tiles
+
+    def run(**kw):
+        h, w = backend.tensor(hidden).requires_grad_(), backend.tensor(weight).requires_grad_()
+        loss = lce(h, w, backend.tensor(target), chunk_budget=budget, **kw)
+        loss.backward()
+        return loss.detach(), h.grad, w.grad
+
+    exact, tiny, filtered = run(), run(grad_filter_eps=1e-30), run(grad_filter_eps=1e-6)
+    for a, b in zip(exact, tiny):
+        assert torch.equal(a, b)
+    assert torch.equal(exact[0], filtered[0])
+    hr, wr = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    reference(hr, wr, target).backward()
+    for got, ref in zip(filtered[1:], (hr.grad, wr.grad)):
+        assert_close(got, ref, 1e-5 * ref.abs().max().item(), 1e-4, "filtered gradient")
+    everything = run(grad_filter_eps=1e30)  # every tile skipped: zero gradients
+    assert not everything[1].any() and not everything[2].any()
+    h, w, t = backend.tensor(hidden), backend.tensor(weight), backend.tensor(target)
+    for bad in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="grad_filter_eps"):
+            lce(h, w, t, grad_filter_eps=bad)
+
+
 @pytest.mark.parametrize("threads, schedule", [(32, "in_order"), (129, "random"), (256, "reversed")])
 def test_emulated_launch_shapes(threads, schedule):
     """The CUDA chunk kernels under block sizes of 1, 5 (partial last warp) and 8 warps with each
@@ -527,3 +682,18 @@ def test_compile_reports_bad_input_at_trace_time(backend, name):
     )
     with pytest.raises(Exception, match=re.escape(message)):
         compiled()
+
+
+def test_default_chunk_budget(backend):
+    """chunk_budget=None is the device's default: the measured 4 MiB on CPU (the same result as
+    passing it), on CUDA 1/256 of the device memory within CUDA_CHUNK_BUDGET_RANGE."""
+    from logitkit.linear_ce import CUDA_CHUNK_BUDGET_RANGE
+
+    budget = logitkit.default_chunk_budget(backend.device)
+    if backend.device == "cpu":
+        assert budget == logitkit.DEFAULT_CHUNK_BUDGET
+    else:
+        assert CUDA_CHUNK_BUDGET_RANGE[0] <= budget <= CUDA_CHUNK_BUDGET_RANGE[1]
+    hidden, weight, target, _, _ = make_problem()
+    h, w, t = backend.tensor(hidden), backend.tensor(weight), backend.tensor(target)
+    assert torch.equal(lce(h, w, t), lce(h, w, t, chunk_budget=budget))

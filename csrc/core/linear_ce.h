@@ -34,6 +34,10 @@
 //   beta (p_y - 1) + (a - beta) p_y,  with p_y - 1 = expm1(z_y - lse)
 // in fp32, so that p_y -> 1 loses nothing to cancellation (the bf16
 // "p_y - 1" bug users report elsewhere).
+// Masked logits (x = -inf, e.g. a bias of -inf on excluded vocabulary):
+// p = 0 and no contribution to m, s, b (a tile whose row is all -inf folds
+// in as the empty state), and a gradient of -sigma w_c (0 without label
+// smoothing) rather than 0 * inf = NaN.
 #pragma once
 
 #include <cmath>
@@ -89,16 +93,21 @@ struct LinearCeCoefficients {
   float prob, entropy, target, smooth;  // a, e, beta, sigma
 };
 
+// p (a + e shifted), and 0 where p = 0: a masked logit (z = -inf, so
+// shifted = -inf) contributes nothing, not 0 * inf = NaN.
+LK_HOST_DEVICE float prob_term(float p, float a, float e, float shifted) {
+  return p == 0.0f ? 0.0f : p * (a + e * shifted);
+}
+
 // dL/dz_c for one element (see the header comment). `shifted` = z_c - lse.
 LK_HOST_DEVICE float linear_ce_grad_z(const LinearCeCoefficients& k, float shifted, bool is_target,
                                       float class_weight) {
   const float p = expf(shifted);
-  float g = p * (k.prob + k.entropy * shifted) - k.smooth * class_weight;
   if (is_target) {
     // a p - beta = beta (p - 1) + (a - beta) p, with p - 1 = expm1(z - lse).
-    g = k.target * expm1f(shifted) + p * ((k.prob - k.target) + k.entropy * shifted) - k.smooth * class_weight;
+    return k.target * expm1f(shifted) + prob_term(p, k.prob - k.target, k.entropy, shifted) - k.smooth * class_weight;
   }
-  return g;
+  return prob_term(p, k.prob, k.entropy, shifted) - k.smooth * class_weight;
 }
 
 // A token's forward statistics over part of its row (a tile, or one

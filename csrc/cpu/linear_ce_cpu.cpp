@@ -67,24 +67,27 @@ float transform_row(float* z, int64_t n, const core::LogitTransform& t) {
 
 // The tile statistics of a transformed row against its max m: s, b and
 // sum_c w_c z_c (w: class weights, or nullptr for all 1).
+// Masked entries (z = -inf) add nothing: (z - m) e is taken as 0 where
+// e = 0, and a row that is all -inf (m = -inf) gives the empty state.
 core::LinearCePartial row_partial(const float* z, int64_t n, float m, const float* w) {
   const int64_t body = n / kLanes * kLanes;
-  const FVec vm(m);
+  const bool empty = m == -std::numeric_limits<float>::infinity();
+  const FVec vm(empty ? 0.0f : m), zero(0.0f);
   FVec vs(0.0f), vb(0.0f), vw(0.0f);
   for (int64_t i = 0; i < body; i += kLanes) {
     const FVec zi = FVec::loadu(z + i);
     const FVec d = zi - vm;
     const FVec e = vexp(d);
     vs = vs + e;
-    vb = at::vec::fmadd(d, e, vb);
+    vb = vb + FVec::blendv(d * e, zero, e == zero);
     vw = w != nullptr ? at::vec::fmadd(FVec::loadu(w + i), zi, vw) : vw + zi;
   }
   float s = vsum(vs), b = vsum(vb), ws = vsum(vw);
   for (int64_t i = body; i < n; ++i) {
-    const float d = z[i] - m;
+    const float d = z[i] - (empty ? 0.0f : m);
     const float e = std::exp(d);
     s += e;
-    b += d * e;
+    b += e == 0.0f ? 0.0f : d * e;
     ws += (w != nullptr ? w[i] : 1.0f) * z[i];
   }
   return core::LinearCePartial{core::SoftmaxState{m, s, b}, ws};
@@ -107,13 +110,14 @@ void backward_row(const LinearCeChunk& c, int64_t r) {
   const float* w = c.tile_class_weights();
   const int64_t y = c.target_column(r);
   const float x_target = y >= 0 ? x[y] : 0.0f;
-  const FVec a(k.prob), e(k.entropy), sigma(k.smooth), vm(norm.max), vlog_s(norm.log_sum);
+  const FVec a(k.prob), e(k.entropy), sigma(k.smooth), vm(norm.max), vlog_s(norm.log_sum), zero(0.0f);
   for (int64_t i = 0; i < body; i += kLanes) {
     const FVec v = FVec::loadu(x + i);
     const FVec z = transform(v, c.transform);
     const FVec shifted = (z - vm) - vlog_s;  // z - lse, exact near the max
     const FVec p = vexp(shifted);
-    FVec g = p * at::vec::fmadd(e, shifted, a);
+    // p (a + e shifted), 0 where p = 0 (masked: not 0 * inf), as core::prob_term.
+    FVec g = FVec::blendv(p * at::vec::fmadd(e, shifted, a), zero, p == zero);
     g = g - sigma * (w != nullptr ? FVec::loadu(w + i) : FVec(1.0f));
     (g * transform_derivative(z, c.transform)).store(x + i);
   }

@@ -7,6 +7,9 @@
 #include <torch/library.h>
 
 #include "../frontend/linear_ce.h"
+#ifndef __CUDACC__
+#include "../cpu/linear_ce_cpu_gemm.h"
+#endif
 #include "device_context.h"
 #include "launch_config.h"
 #include "linear_ce_kernels.cuh"
@@ -28,6 +31,23 @@ struct LinearCeBackend {
   }
   static void backward_chunk(const core::LinearCeChunk& c, const at::Tensor& tile) {
     launch(&linear_ce_backward_kernel, c, tile);
+  }
+  // bf16/fp16 operands on the tensor cores, fp32 output: always.
+  static GemmPath gemm_path(at::ScalarType) { return GemmPath::native; }
+  // out (fp32) = a @ b (+ out): cuBLAS with bf16/fp16 operands and fp32
+  // accumulation and output (aten::mm.dtype_out / addmm.dtype_out). The
+  // emulated build (CPU tensors, where those ops do not exist) takes the CPU
+  // native route instead, so the tests run the native path's tile algebra.
+  static void native_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+#ifdef __CUDACC__
+    if (accumulate) {
+      at::addmm_out(out, out, a, b, at::kFloat);
+    } else {
+      at::mm_out(out, a, b, at::kFloat);
+    }
+#else
+    cpu::native_gemm(out, a, b, accumulate);
+#endif
   }
 };
 

@@ -2,12 +2,16 @@
 // `logitkit` operators (static initialisers of the linked kernel files);
 // it also reports how the library was built.
 #include <string>
+#include <utility>
 
+#include <c10/core/ScalarType.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 namespace logitkit::cpu {
 std::string selected_cpu_capability();
-}
+std::pair<std::string, std::string> linear_ce_gemm_path(at::ScalarType dtype);
+}  // namespace logitkit::cpu
 
 PYBIND11_MODULE(_C, module) {
   module.doc() = "logitkit kernels (operators are registered under torch.ops.logitkit)";
@@ -20,5 +24,10 @@ PYBIND11_MODULE(_C, module) {
     info["cuda_version"] = LOGITKIT_CUDA_VERSION;
     info["cpu_capability"] = logitkit::cpu::selected_cpu_capability();
     return info;
+  });
+  // linear_cross_entropy's CPU GEMM route for "bfloat16" / "float16": (route, reason).
+  module.def("cpu_gemm_path", [](const std::string& dtype) {
+    TORCH_CHECK_VALUE(dtype == "bfloat16" || dtype == "float16", "cpu_gemm_path: bfloat16 or float16, got ", dtype);
+    return logitkit::cpu::linear_ce_gemm_path(dtype == "bfloat16" ? at::kBFloat16 : at::kHalf);
   });
 }

@@ -2,11 +2,13 @@
 // kernels, picking the instruction-set copy of the CPU kernels that matches
 // ATen's runtime CPU capability (so ATEN_CPU_CAPABILITY=avx2 etc. applies).
 #include <string>
+#include <utility>
 
 #include <ATen/Version.h>
 #include <torch/library.h>
 
 #include "../cpu/kernel_tables.h"
+#include "../cpu/linear_ce_cpu_gemm.h"
 #include "../frontend/linear_ce.h"
 #include "../frontend/row_ops.h"
 #include "../frontend/top_h.h"
@@ -74,12 +76,26 @@ struct LinearCeBackend {
   static void backward_chunk(const core::LinearCeChunk& c, const at::Tensor&) {
     for_cpu_capability().linear_ce->backward_chunk(c);
   }
+  // bf16/fp16: the CPU's units where they beat fp32 (linear_ce_cpu_gemm.h).
+  static GemmPath gemm_path(at::ScalarType dtype) {
+    return cpu_gemm_decision(dtype).route == CpuGemmRoute::native ? GemmPath::native : GemmPath::fp32_upcast;
+  }
+  static void native_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+    cpu::native_gemm(out, a, b, accumulate);
+  }
 };
 
 }  // namespace
 
 // The instruction set of the CPU kernels in use (build_info()["cpu_capability"]).
 std::string selected_cpu_capability() { return for_cpu_capability().capability; }
+
+// The GEMM route of linear_cross_entropy's CPU kernels for bf16/fp16
+// (logitkit.gemm_path): ("native" | "fp32_upcast", reason).
+std::pair<std::string, std::string> linear_ce_gemm_path(at::ScalarType dtype) {
+  const CpuGemmDecision decision = cpu_gemm_decision(dtype);
+  return {decision.route == CpuGemmRoute::native ? "native" : "fp32_upcast", decision.reason};
+}
 
 }  // namespace logitkit::cpu
 

@@ -47,14 +47,16 @@ inline void define_schemas(torch::Library& m) {
   //   linear_ce_backward -> (grad_hidden, grad_weight, grad_bias) from the per-token
   //                         normaliser (N, 2) [max z, log sum exp(z - max)] and
   //                         coefficients (N, 4) [a, e, beta, sigma];
-  //                         grad_bias has shape (V) if bias_grad else (0).
+  //                         grad_bias has shape (V) if bias_grad else (0);
+  //                         grad_filter_eps > 0: skips the gradient GEMMs of tiles
+  //                         where every |dL/dx| < grad_filter_eps * max_token |a|.
   m.def(
       "linear_ce_stats(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, Tensor? class_weight, "
       "int ignore_index, float softcap, float temperature, int chunk_budget) -> Tensor");
   m.def(
       "linear_ce_backward(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, Tensor? class_weight, "
-      "Tensor normaliser, Tensor coefficients, float softcap, float temperature, int chunk_budget, bool bias_grad) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor normaliser, Tensor coefficients, float softcap, float temperature, int chunk_budget, bool bias_grad, "
+      "float grad_filter_eps=0.0) -> (Tensor, Tensor, Tensor)");
 }
 
 }  // namespace logitkit

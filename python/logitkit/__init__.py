@@ -19,7 +19,15 @@ from ._loader import build_info
 # isort: split
 from ._build_config import VERSION as __version__
 from .cross_entropy import cross_entropy
-from .linear_ce import DEFAULT_CHUNK_BUDGET, LinearCrossEntropyLoss, linear_cross_entropy, linear_log_probs_and_entropy
+from .linear_ce import (
+    DEFAULT_CHUNK_BUDGET,
+    GemmPath,
+    LinearCrossEntropyLoss,
+    default_chunk_budget,
+    gemm_path,
+    linear_cross_entropy,
+    linear_log_probs_and_entropy,
+)
 from .row_ops import (
     entropy,
     log_softmax,
@@ -34,11 +42,14 @@ from .sampling import sample, top_h, top_h_mask
 
 __all__ = [
     "DEFAULT_CHUNK_BUDGET",
+    "GemmPath",
     "LinearCrossEntropyLoss",
     "__version__",
     "build_info",
     "cross_entropy",
+    "default_chunk_budget",
     "entropy",
+    "gemm_path",
     "linear_cross_entropy",
     "linear_log_probs_and_entropy",
     "log_softmax",

@@ -26,6 +26,7 @@ from ._layout import LceCoefField, StatsField, column
 from ._loss_math import (
     REDUCTIONS,
     LossOptions,
+    check_out_dtype,
     cross_entropy_coefficients,
     loss_per_token,
     normaliser_from_stats,
@@ -46,20 +47,30 @@ def _weighted_logit_sum(logits: torch.Tensor, class_weight: torch.Tensor | None,
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, logits: torch.Tensor, target: torch.Tensor, class_weight: torch.Tensor | None, options: LossOptions
+        ctx: Any,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        class_weight: torch.Tensor | None,
+        options: LossOptions,
+        out_dtype: torch.dtype,
     ) -> torch.Tensor:
         namespace = _backend.namespace()
         vocab, temperature = logits.shape[-1], options.temperature
         stats = _backend.ops(namespace).softmax_stats(logits, temperature)  # (N, 3) fp32: one read pass
-        _, lse = normaliser_from_stats(column(stats, StatsField.MAX), column(stats, StatsField.SUM_EXP))
+        max_z = column(stats, StatsField.MAX)
+        log_s, lse = normaliser_from_stats(max_z, column(stats, StatsField.SUM_EXP))
         t = targets(target, class_weight, options.ignore_index, vocab)
         # (the target gather rejects a target outside [0, V), where the host did not check it)
         z_target = logits.gather(1, torch.where(t.valid, target, 0)[:, None]).squeeze(1).float() / temperature
         weighted_sum = _weighted_logit_sum(logits, class_weight, temperature) if options.label_smoothing > 0 else None
-        loss = loss_per_token(t, lse - z_target, lse, weighted_sum, options)
+        # lse - z_y as (m - z_y) + log s: exact where z_y is near the max m, whatever |z| (lse - z_y
+        # would lose ulp(lse): all logits 1e8 gave 8.0 instead of log V). A +inf logit makes m and
+        # z_y (or s) non-finite: NaN, as F.cross_entropy gives.
+        target_nll = (max_z - z_target) + log_s
+        loss = loss_per_token(t, target_nll, lse, weighted_sum, options)
         ctx.save_for_backward(logits, target, class_weight, lse)
         ctx.config = (namespace, options)
-        return reduce_loss(loss, t, options.reduction).to(logits.dtype)
+        return reduce_loss(loss, t, options.reduction).to(out_dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -80,7 +91,7 @@ class _CrossEntropy(torch.autograd.Function):
             w = class_weight.float() if class_weight is not None else torch.ones(vocab, device=grad.device)
             smooth_coef = column(coefficients, LceCoefField.SMOOTH) / temperature
             grad.addr_(smooth_coef.to(grad.dtype), w.to(grad.dtype), alpha=-1)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def _check_args(
@@ -136,6 +147,7 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     temperature: float = 1.0,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``logits`` (..., V) against ``target`` (...) int64.
 
@@ -143,7 +155,13 @@ def cross_entropy(
     ignore_index=..., reduction=..., label_smoothing=...)`` plus
     ``z_loss * logsumexp(logits / temperature)**2`` per non-ignored token, with
     one fp32 read pass for the forward and the gradient written directly in
-    the logits' dtype (no N x V fp32 buffer). Returns the logits' dtype.
+    the logits' dtype (no N x V fp32 buffer).
+
+    The loss is computed in float32 and returned in float32 by default, for
+    every logits dtype (as transformers' loss, which upcasts the logits, and
+    Cut Cross-Entropy return it; ``F.cross_entropy`` on bf16 logits returns a
+    bf16 loss instead). ``out_dtype=logits.dtype`` rounds it to the logits'
+    dtype once.
 
     Targets outside [0, V) that are not ``ignore_index`` raise ``ValueError``
     naming the position on CPU; on CUDA (and under torch.compile) they are not
@@ -151,10 +169,11 @@ def cross_entropy(
     as an index error.
     """
     _check_args(logits, target, class_weight, reduction, label_smoothing, z_loss)
+    dtype = check_out_dtype(out_dtype, "cross_entropy")
     vocab = logits.shape[-1]
     logits2d = logits.reshape(-1, vocab)
     target1d = target.reshape(-1)
     _check_target_range(target1d, vocab, ignore_index)
     options = LossOptions(int(ignore_index), reduction, float(label_smoothing), float(z_loss), float(temperature))
-    loss = _CrossEntropy.apply(logits2d, target1d, class_weight, options)
+    loss = _CrossEntropy.apply(logits2d, target1d, class_weight, options, dtype)
     return loss.reshape(target.shape) if reduction == "none" else loss

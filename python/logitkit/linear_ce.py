@@ -23,11 +23,12 @@ from typing import Any, NamedTuple
 
 import torch
 
-from . import _backend
+from . import _backend, _loader
 from ._layout import LCE_COEF_WIDTH, LCE_STATE_WIDTH, LceStateField, NormaliserField, column, normaliser_tensor
 from ._loss_math import (
     REDUCTIONS,
     LossOptions,
+    check_out_dtype,
     cross_entropy_coefficients,
     entropy_from_stats,
     log_prob_entropy_coefficients,
@@ -44,6 +45,68 @@ from ._registration import check_logits, check_temperature, cpp_float, register_
 # 4 MiB up (tiles of 1024 tokens x 1024-2048 vocabulary entries keep the GEMMs
 # compute-bound), so the default stays small.
 DEFAULT_CHUNK_BUDGET = 4 * 1024 * 1024
+
+# CUDA: few large GEMMs keep the GPU busy. The budget is 1/256 of the device's
+# memory, clamped to [32 MiB, 256 MiB]: 256 MiB on an 80 GB H100. At
+# Llama-3-8B's N = 16384, V = 128256, D = 4096 (bf16, native route: 6 bytes per
+# tile element + 4 D bytes per vocabulary column) the tiling (the most
+# rows cols / (rows + cols) within the budget) gives tiles of 8192 tokens x
+# 4096 vocabulary entries: 2 x 32 tiles, each GEMM 8192 x 4096 x 4096
+# (~0.28 ms of tensor cores at ~990 TFLOP/s, enough to fill 132 SMs), and a
+# transient memory of ~2% of the materialised loss's peak (bf16 logits 4.2 GB,
+# their fp32 log-softmax and the gradient: > 12 GB). Read from the device
+# properties, no host synchronisation. Launch counts in bench/README.md.
+CUDA_CHUNK_BUDGET_RANGE = (32 * 1024 * 1024, 256 * 1024 * 1024)
+
+
+def default_chunk_budget(device: torch.device | str) -> int:
+    """The ``chunk_budget`` that ``chunk_budget=None`` means on ``device``: 4 MiB on CPU
+    (:data:`DEFAULT_CHUNK_BUDGET`, measured), on CUDA 1/256 of the device memory within
+    :data:`CUDA_CHUNK_BUDGET_RANGE`."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return DEFAULT_CHUNK_BUDGET
+    low, high = CUDA_CHUNK_BUDGET_RANGE
+    total = torch.cuda.get_device_properties(device).total_memory
+    return int(min(high, max(low, total // 256)))
+
+
+def _resolve_budget(chunk_budget: int | None, hidden: torch.Tensor) -> int:
+    return default_chunk_budget(hidden.device) if chunk_budget is None else int(chunk_budget)
+
+
+class GemmPath(NamedTuple):
+    """How linear_cross_entropy runs its GEMMs for a dtype on a device (:func:`gemm_path`)."""
+
+    path: str  # "fp32", "native" (input-dtype operands, fp32 accumulation and output) or "fp32_upcast"
+    reason: str
+
+
+def gemm_path(dtype: torch.dtype, device: torch.device | str = "cpu") -> GemmPath:
+    """The GEMM route of :func:`linear_cross_entropy` (and
+    :func:`linear_log_probs_and_entropy`) for inputs of ``dtype`` on ``device``.
+
+    * float32: ``"fp32"``, ``torch.mm``'s own precision settings
+      (``torch.backends.cuda.matmul.allow_tf32``, ``torch.set_float32_matmul_precision``:
+      TF32 on CUDA only where the user allowed it; IEEE by default).
+    * bf16/fp16 on CUDA: ``"native"``, cuBLAS with operands in the input dtype on the
+      tensor cores, fp32 accumulation and output (the logits stay fp32).
+    * bf16/fp16 on CPU: ``"native"`` (ATen's batch-reduce GEMM, AMX / AVX512-BF16) where the
+      CPU has units for the dtype and they win a one-time probe, else ``"fp32_upcast"`` (fp32
+      GEMMs on exact fp32 copies). ``LOGITKIT_CPU_GEMM=native|fp32`` forces a route (tests,
+      measurements). The emulated-CUDA test backend always takes the CPU native route.
+    """
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"logitkit.gemm_path: dtype must be float32, bfloat16 or float16, got {dtype}")
+    device_type = torch.device(device).type
+    if dtype == torch.float32:
+        return GemmPath("fp32", "float32 inputs: torch.mm in float32 under torch's matmul precision settings")
+    if device_type == "cuda":
+        return GemmPath("native", "cuBLAS with bf16/fp16 operands on the tensor cores, fp32 accumulation and output")
+    if device_type != "cpu":
+        raise ValueError(f"logitkit.gemm_path: device must be cpu or cuda, got {device}")
+    path, reason = _loader._C.cpu_gemm_path(str(dtype).removeprefix("torch."))
+    return GemmPath(path, reason)
 
 
 # ---------------------------------------------------------------------------
@@ -138,9 +201,24 @@ def _linear_ce_stats_fake(hidden, weight, target, bias, class_weight, ignore_ind
 
 @register_fake("linear_ce_backward")
 def _linear_ce_backward_fake(
-    hidden, weight, target, bias, class_weight, normaliser, coefficients, softcap, temperature, chunk_budget, bias_grad
+    hidden,
+    weight,
+    target,
+    bias,
+    class_weight,
+    normaliser,
+    coefficients,
+    softcap,
+    temperature,
+    chunk_budget,
+    bias_grad,
+    grad_filter_eps=0.0,
 ):
     op = "linear_cross_entropy_backward"
+    if not (math.isfinite(grad_filter_eps) and grad_filter_eps >= 0.0):
+        raise ValueError(
+            f"logitkit.{op}: grad_filter_eps must be a finite number >= 0 (0: exact), got {cpp_float(grad_filter_eps)}"
+        )
     _check_op_inputs(_OpInputs(hidden, weight, target, bias, class_weight, softcap, temperature, chunk_budget), op)
     _check_per_token(normaliser, hidden, len(NormaliserField), op, "normaliser")
     _check_per_token(coefficients, hidden, LCE_COEF_WIDTH, op, "coefficients")
@@ -162,6 +240,7 @@ class _Tiles(NamedTuple):
     softcap: float  # 0: none
     temperature: float
     chunk_budget: int
+    grad_filter_eps: float = 0.0  # 0: exact gradients
 
 
 class _Forward(NamedTuple):
@@ -221,6 +300,7 @@ def _input_grads(ctx: Any, coefficients: torch.Tensor, class_weight: torch.Tenso
         tiles.temperature,
         tiles.chunk_budget,
         bias_grad,
+        tiles.grad_filter_eps,
     )
     return (
         grad_h.reshape(ctx.hidden_shape) if ctx.needs_input_grad[0] else None,
@@ -234,7 +314,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     recomputed tile by tile (linear_ce_backward)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, class_weight, options: LossOptions, tiles: _Tiles):
+    def forward(
+        ctx, hidden, weight, bias, target, class_weight, options: LossOptions, tiles: _Tiles, out_dtype: torch.dtype
+    ):
         f = _forward_stats(ctx, hidden, weight, bias, target, class_weight, options.ignore_index, tiles)
         t = targets(f.target1d, class_weight, options.ignore_index, weight.shape[0])
         # lse - z_y as (m - z_y) + log s: no ulp(lse) rounding when p_y -> 1.
@@ -245,7 +327,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.options = options
         lse_out = f.lse.reshape(target.shape)
         ctx.mark_non_differentiable(lse_out)
-        return (out.reshape(target.shape) if options.reduction == "none" else out).to(hidden.dtype), lse_out
+        return (out.reshape(target.shape) if options.reduction == "none" else out).to(out_dtype), lse_out
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_lse):
@@ -254,7 +336,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         t = targets(t1, class_weight, options.ignore_index, weight.shape[0])
         g = upstream_per_token(grad_loss, t, options.reduction)
         coefficients = cross_entropy_coefficients(g, t, lse, options)
-        return (*_input_grads(ctx, coefficients, class_weight), None, None, None, None)
+        return (*_input_grads(ctx, coefficients, class_weight), None, None, None, None, None)
 
 
 def _check_args(
@@ -267,7 +349,7 @@ def _check_args(
     softcap: float | None,
     z_loss: float,
     temperature: float,
-    chunk_budget: int,
+    chunk_budget: int | None,
 ) -> None:
     """The Python API's checks (before the leading dimensions are flattened for the ops)."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1:
@@ -290,8 +372,8 @@ def _check_args(
     if not (math.isfinite(z_loss) and z_loss >= 0):
         raise ValueError(f"logitkit.{op}: z_loss must be a finite number >= 0, got {z_loss}")
     check_temperature(temperature, op)
-    if int(chunk_budget) <= 0:
-        raise ValueError(f"logitkit.{op}: chunk_budget must be > 0 bytes, got {chunk_budget}")
+    if chunk_budget is not None and int(chunk_budget) <= 0:
+        raise ValueError(f"logitkit.{op}: chunk_budget must be None or > 0 bytes, got {chunk_budget}")
 
 
 def linear_cross_entropy(
@@ -308,7 +390,9 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     temperature: float = 1.0,
     return_lse: bool = False,
-    chunk_budget: int = DEFAULT_CHUNK_BUDGET,
+    chunk_budget: int | None = None,
+    out_dtype: torch.dtype | None = None,
+    grad_filter_eps: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``hidden @ weight.T + bias`` without materialising the logits.
 
@@ -332,13 +416,32 @@ def linear_cross_entropy(
             class weights; the z-loss term is divided by the same number).
         return_lse: also return the per-token log-sum-exp of z (float32, shape of
             ``target``, not differentiable).
-        chunk_budget: bytes of transient memory per tile (default 4 MiB):
-            the fp32 logits tile, plus for bf16/fp16 inputs the fp32 copies
-            of the tile's weight rows and grad_weight accumulator. Memory
-            above inputs and gradients is this plus O(N) fp32 state, plus
-            for bf16/fp16 inputs fp32 copies of hidden and grad_hidden
-            (N x D each). The backward recomputes the logits tile by tile
+        chunk_budget: bytes of transient memory per tile; ``None`` (default):
+            the device's default (:func:`default_chunk_budget`: 4 MiB on CPU,
+            1/256 of the GPU's memory within [32, 256] MiB on CUDA). It holds
+            the fp32 logits tile, plus for bf16/fp16 inputs the fp32
+            grad_weight accumulator of the tile's weight rows and either
+            their fp32 copies (``fp32_upcast`` route) or the gradient tile
+            rounded to the input dtype (``native`` route, see
+            :func:`gemm_path`). Memory above inputs and gradients is this
+            plus O(N) fp32 state, plus for bf16/fp16 inputs an fp32
+            grad_hidden (N x D) and, on the ``fp32_upcast`` route, an fp32
+            copy of hidden. The backward recomputes the logits tile by tile
             (four GEMM-equivalents in all).
+        out_dtype: the loss's dtype. ``None`` (default): float32 for every
+            input dtype, as Cut Cross-Entropy and transformers' upcast loss
+            return it (a bf16-rounded per-token loss is off by up to ~0.024 at
+            a loss of ~10). Pass ``hidden.dtype`` for the loss in the input
+            dtype (rounded once, from the float32 loss).
+        grad_filter_eps: ``None`` (default): exact gradients. A number > 0:
+            Cut Cross-Entropy's gradient filtering; the backward leaves out
+            both gradient GEMMs of a logits tile where every |dL/dlogit| is
+            below ``grad_filter_eps * max_t |a_t|`` (a_t: the token's
+            coefficient of p in dL/dz, so off the target this is
+            p < grad_filter_eps, whatever the reduction's scale). The loss
+            is unchanged; gradients lose those tiny terms (error measured in
+            bench/README.md). On CUDA the decision costs one device-to-host
+            synchronisation per tile.
 
     All-ignored batch: ``"sum"`` gives 0, ``"none"`` zeros, ``"mean"`` NaN (0/0,
     exactly as ``F.cross_entropy``); gradients are 0 in all three cases.
@@ -348,7 +451,7 @@ def linear_cross_entropy(
     synchronisation to check it: such a token's loss is NaN (so the reduced
     loss is NaN) and so are the gradients it touches.
 
-    Returns the loss in ``hidden``'s dtype (computed in float32), and the
+    Returns the loss (computed in float32, returned in ``out_dtype``), and the
     log-sum-exp with ``return_lse=True``.
     """
     _check_args(
@@ -363,13 +466,28 @@ def linear_cross_entropy(
         temperature,
         chunk_budget,
     )
+    dtype = check_out_dtype(out_dtype, "linear_cross_entropy")
+    if grad_filter_eps is not None and not (math.isfinite(grad_filter_eps) and grad_filter_eps > 0):
+        raise ValueError(
+            f"logitkit.linear_cross_entropy: grad_filter_eps must be None or a finite number > 0, got {grad_filter_eps}"
+        )
     options = LossOptions(int(ignore_index), reduction, float(label_smoothing), float(z_loss), float(temperature))
-    tiles = _Tiles(0.0 if softcap is None else float(softcap), float(temperature), int(chunk_budget))
-    loss, lse = _LinearCrossEntropy.apply(hidden, weight, bias, target, class_weight, options, tiles)
+    softcap_value, filter_eps = 0.0 if softcap is None else float(softcap), float(grad_filter_eps or 0.0)
+    tiles = _Tiles(softcap_value, float(temperature), _resolve_budget(chunk_budget, hidden), filter_eps)
+    loss, lse = _LinearCrossEntropy.apply(hidden, weight, bias, target, class_weight, options, tiles, dtype)
     return (loss, lse) if return_lse else loss
 
 
-_MODULE_OPTIONS = ("ignore_index", "reduction", "label_smoothing", "softcap", "z_loss", "temperature", "chunk_budget")
+_MODULE_OPTIONS = (
+    "ignore_index",
+    "reduction",
+    "label_smoothing",
+    "softcap",
+    "z_loss",
+    "temperature",
+    "chunk_budget",
+    "out_dtype",
+)
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
@@ -385,7 +503,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         softcap: float | None = None,
         z_loss: float = 0.0,
         temperature: float = 1.0,
-        chunk_budget: int = DEFAULT_CHUNK_BUDGET,
+        chunk_budget: int | None = None,
+        out_dtype: torch.dtype | None = None,
     ):
         super().__init__()
         self.ignore_index = ignore_index
@@ -397,6 +516,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.z_loss = z_loss
         self.temperature = temperature
         self.chunk_budget = chunk_budget
+        self.out_dtype = out_dtype
 
     def forward(
         self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None = None
@@ -407,14 +527,14 @@ class LinearCrossEntropyLoss(torch.nn.Module):
 
 class _LinearLogProbsAndEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, tiles: _Tiles):
+    def forward(ctx, hidden, weight, bias, target, tiles: _Tiles, out_dtype: torch.dtype):
         f = _forward_stats(ctx, hidden, weight, bias, target, None, -100, tiles)
         log_prob = (column(f.stats, LceStateField.TARGET_LOGIT) - f.m) - f.log_s
         entropy = entropy_from_stats(
             f.log_s, column(f.stats, LceStateField.SUM_EXP), column(f.stats, LceStateField.SUM_SHIFTED)
         )
         _save_for_tiles(ctx, f, weight, bias, entropy)
-        return log_prob.reshape(target.shape), entropy.reshape(target.shape)
+        return log_prob.reshape(target.shape).to(out_dtype), entropy.reshape(target.shape).to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_log_prob, grad_entropy):
@@ -423,7 +543,7 @@ class _LinearLogProbsAndEntropy(torch.autograd.Function):
         g_l = grad_log_prob.float().reshape(-1) if grad_log_prob is not None else zeros
         g_h = grad_entropy.float().reshape(-1) if grad_entropy is not None else zeros
         coefficients = log_prob_entropy_coefficients(g_l, g_h, entropy)
-        return (*_input_grads(ctx, coefficients, None), None, None)
+        return (*_input_grads(ctx, coefficients, None), None, None, None)
 
 
 def linear_log_probs_and_entropy(
@@ -433,18 +553,20 @@ def linear_log_probs_and_entropy(
     *,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
-    chunk_budget: int = DEFAULT_CHUNK_BUDGET,
+    chunk_budget: int | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``log softmax(z)[target]`` and entropy of ``softmax(z)``, with
     ``z = (hidden @ weight.T + bias) / temperature``, without materialising z.
 
-    What PPO/GRPO training needs: both outputs are float32 of ``target``'s shape
-    and both are differentiable (w.r.t. hidden, weight and bias). Targets must
+    What PPO/GRPO training needs: both outputs are float32 (or ``out_dtype``) of
+    ``target``'s shape, computed in float32, and both are differentiable (w.r.t. hidden, weight and bias). Targets must
     lie in [0, V) (checked on CPU; on CUDA an out-of-range target gives a NaN
     log-probability). Memory as for :func:`linear_cross_entropy`.
     """
     _check_args(
         "linear_log_probs_and_entropy", hidden, weight, target, "none", 0.0, None, 0.0, temperature, chunk_budget
     )
-    tiles = _Tiles(0.0, float(temperature), int(chunk_budget))
-    return _LinearLogProbsAndEntropy.apply(hidden, weight, bias, target, tiles)
+    dtype = check_out_dtype(out_dtype, "linear_log_probs_and_entropy")
+    tiles = _Tiles(0.0, float(temperature), _resolve_budget(chunk_budget, hidden))
+    return _LinearLogProbsAndEntropy.apply(hidden, weight, bias, target, tiles, dtype)

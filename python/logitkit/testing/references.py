@@ -219,4 +219,5 @@ def linear_log_probs_and_entropy(
     """``log softmax(z)[target]`` and the entropy of softmax(z), z = (hidden @ weight.T + bias) / T."""
     logp = torch.log_softmax(linear_logits(hidden, weight, bias, dtype) / temperature, -1)
     log_prob = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    return log_prob, -(logp.exp() * logp).sum(-1)
+    p_log_p = torch.where(logp == -math.inf, 0.0, logp.exp() * logp)  # masked logits: 0 log 0 = 0
+    return log_prob, -p_log_p.sum(-1)

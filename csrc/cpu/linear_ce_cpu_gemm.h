@@ -1,0 +1,146 @@
+// The CPU GEMM routes of the linear cross-entropy for bf16/fp16 inputs
+// (csrc/frontend/linear_ce.h, GemmPath):
+//
+//   fp32_upcast  operands upcast to fp32 (exact), sgemm (MKL / OpenBLAS via
+//                at::mm). On CPUs without bf16/fp16 units this is the fast
+//                route: AMD Zen 1 (AVX2 + FMA, 2 cores) runs a bf16 GEMM
+//                ~17x slower than an fp32 one.
+//   native       operands in their own dtype, fp32 output and accumulation,
+//                through at::native::cpublas::brgemm (TORCH_API: oneDNN's
+//                micro-kernel on AMX, ATen's bf16/fp16 -> fp32 CPU BLAS
+//                GEMM otherwise). The bf16bf16f32 overload of
+//                cpublas::gemm itself is not exported from libtorch_cpu
+//                (torch 2.14, `nm -D`), and its dispatch stub's inline
+//                call depends on torch's build macros, so brgemm is the
+//                route an extension can link.
+//
+// Auto: fp32_upcast unless the CPU has units for the dtype (amx_bf16 or
+// avx512_bf16 for bf16, amx_fp16 or avx512_fp16 for fp16, from
+// at::cpu::get_cpu_capabilities()); where it does, a one-time probe times
+// both routes on a 256 x 256 x 256 GEMM and keeps the faster. The
+// environment variable LOGITKIT_CPU_GEMM=native|fp32 forces a route (tests,
+// measurements); it is read at every call.
+#pragma once
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <string>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/Utils.h>
+#include <ATen/native/CPUBlas.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/randn.h>
+#include <c10/util/Exception.h>
+
+namespace logitkit::cpu {
+
+// The routes of GemmPath that a CPU chooses between for bf16/fp16 inputs.
+enum class CpuGemmRoute { fp32_upcast, native };
+
+struct CpuGemmDecision {
+  CpuGemmRoute route;
+  std::string reason;
+};
+
+// A row-major operand of brgemm: rows contiguous (unit column stride), with
+// its leading dimension; a contiguous copy where the view is not (a
+// transposed operand: cols x D weight rows, the gradient tile).
+inline at::Tensor row_major(const at::Tensor& x) {
+  return x.stride(1) == 1 && x.stride(0) >= std::max<int64_t>(1, x.size(1)) ? x : x.contiguous();
+}
+
+// out (fp32, rows contiguous) = a @ b (+ out if accumulate), a (m x k) and
+// b (k x n) bf16 or fp16, accumulation in fp32, by ATen's batch-reduce GEMM
+// (oneDNN's micro-kernel on AMX, ATen's CPU BLAS bf16/fp16 -> fp32 GEMM
+// elsewhere), with B in plain (not VNNI-packed) layout.
+template <class scalar_t>
+void native_gemm_typed(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  const at::Tensor ra = row_major(a), rb = row_major(b);
+  const int64_t ldc = std::max<int64_t>(out.stride(0), std::max<int64_t>(1, out.size(1)));
+  at::native::cpublas::brgemm(a.size(0), b.size(1), a.size(1), std::max<int64_t>(1, ra.stride(0)),
+                              std::max<int64_t>(1, rb.stride(0)), ldc, accumulate, ra.const_data_ptr<scalar_t>(),
+                              rb.const_data_ptr<scalar_t>(), out.data_ptr<float>(), /*is_vnni=*/false);
+}
+
+inline void native_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  TORCH_INTERNAL_ASSERT(out.scalar_type() == at::kFloat && out.stride(1) == 1 && a.scalar_type() == b.scalar_type());
+  if (out.numel() == 0) return;
+  if (a.size(1) == 0) {
+    if (!accumulate) out.zero_();
+    return;
+  }
+  if (a.scalar_type() == at::kBFloat16) {
+    native_gemm_typed<at::BFloat16>(out, a, b, accumulate);
+  } else {
+    native_gemm_typed<at::Half>(out, a, b, accumulate);
+  }
+  at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+}
+
+// Whether the CPU has matrix or vector units for products of `dtype`.
+inline bool cpu_has_units_for(at::ScalarType dtype) {
+  const auto caps = at::cpu::get_cpu_capabilities();
+  auto has = [&](const char* name) {
+    const auto it = caps.find(name);
+    return it != caps.end() && it->second.isBool() && it->second.toBool();
+  };
+  if (dtype == at::kBFloat16) return has("amx_bf16") || has("avx512_bf16");
+  if (dtype == at::kHalf) return has("amx_fp16") || has("avx512_fp16");
+  return false;
+}
+
+// Seconds of the faster of three runs of fn.
+template <class Fn>
+double best_seconds(Fn&& fn) {
+  double best = 1e30;
+  for (int i = 0; i < 3; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    fn();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+  return best;
+}
+
+// The probe: both routes on one 256-cube GEMM (upcasts included).
+inline CpuGemmDecision probe_cpu_gemm(at::ScalarType dtype) {
+  constexpr int64_t kSize = 256;
+  const auto options = at::TensorOptions().dtype(dtype);
+  const at::Tensor a = at::randn({kSize, kSize}, options), b = at::randn({kSize, kSize}, options);
+  at::Tensor out = at::empty({kSize, kSize}, options.dtype(at::kFloat));
+  const double native = best_seconds([&] { native_gemm(out, a, b, false); });
+  const double upcast = best_seconds([&] { at::mm_out(out, a.to(at::kFloat), b.to(at::kFloat)); });
+  const std::string timing = " (probe: native " + std::to_string(native * 1e3) + " ms, fp32 upcast " +
+                             std::to_string(upcast * 1e3) + " ms on a 256^3 GEMM)";
+  if (native < upcast) return {CpuGemmRoute::native, "the CPU's units for this dtype win the probe" + timing};
+  return {CpuGemmRoute::fp32_upcast, "the CPU has units for this dtype but fp32 wins the probe" + timing};
+}
+
+// The automatic choice for `dtype`, made once per dtype.
+inline const CpuGemmDecision& auto_cpu_gemm(at::ScalarType dtype) {
+  auto decide = [](at::ScalarType t) -> CpuGemmDecision {
+    if (!cpu_has_units_for(t)) {
+      return {CpuGemmRoute::fp32_upcast,
+              "no bf16/fp16 units on this CPU (amx/avx512 bf16/fp16 absent): fp32 GEMMs on exact upcasts"};
+    }
+    return probe_cpu_gemm(t);
+  };
+  static const CpuGemmDecision bf16 = decide(at::kBFloat16);
+  static const CpuGemmDecision fp16 = decide(at::kHalf);
+  return dtype == at::kBFloat16 ? bf16 : fp16;
+}
+
+// The route for bf16/fp16 inputs: LOGITKIT_CPU_GEMM if set, else auto.
+inline CpuGemmDecision cpu_gemm_decision(at::ScalarType dtype) {
+  const char* forced = std::getenv("LOGITKIT_CPU_GEMM");
+  const std::string value = forced != nullptr ? forced : "";
+  if (value == "native") return {CpuGemmRoute::native, "forced by LOGITKIT_CPU_GEMM=native"};
+  if (value == "fp32") return {CpuGemmRoute::fp32_upcast, "forced by LOGITKIT_CPU_GEMM=fp32"};
+  TORCH_CHECK_VALUE(value.empty() || value == "auto", "logitkit: LOGITKIT_CPU_GEMM must be native, fp32 or auto, got '",
+                    value, "'");
+  return auto_cpu_gemm(dtype);
+}
+
+}  // namespace logitkit::cpu
