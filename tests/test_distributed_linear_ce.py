@@ -59,6 +59,8 @@ CASES: dict[str, tuple[int, tuple[int, ...], dict]] = {
     "return_lse": (3, (333, 333, 334), {"return_lse": True}),
     "small_chunk_budget": (3, (333, 333, 334), {"chunk_budget": 4096, "label_smoothing": 0.1}),
     "bf16": (3, (333, 333, 334), {"dtype": torch.bfloat16}),
+    "bf16_out_dtype_bf16": (2, (500, 500), {"dtype": torch.bfloat16, "out_dtype": torch.bfloat16}),
+    "default_chunk_budget": (2, (1, 999), {"chunk_budget": None}),
     "bf16_everything": (
         2,
         (1, 999),
@@ -162,6 +164,7 @@ def _run_case_on_backend(rank: int, group, world: int, sizes, opts: dict) -> str
 
     try:
         for i, (a, r) in enumerate(zip(out, ref)):
+            assert a.dtype == r.dtype, f"output {i}: dtype {a.dtype}, single-device {r.dtype}"
             _close(a, r, dtype, f"output {i}")
         # Backward with the same upstream gradients on every rank.
         gen_g = torch.Generator().manual_seed(99)

@@ -52,6 +52,11 @@ CASES.update(
                 "n_ignored": 3,
             },
         ),
+        "ce_bf16_out_dtype_bf16": (
+            2,
+            (500, 500),
+            {"op": "cross_entropy", "dtype": torch.bfloat16, "out_dtype": torch.bfloat16},
+        ),
         "ce_everything_bf16": (
             2,
             (1, 999),
@@ -144,6 +149,7 @@ def _run_case_on_backend(group, sizes, opts: dict) -> str | None:
         else testing.tolerances.ROW_OPS["logsumexp" if op == "softmax_stats" else op][dtype]
     )
     try:
+        assert out.dtype == ref.dtype, f"forward: dtype {out.dtype}, single-device {ref.dtype}"
         testing.assert_close(out.float(), ref.float(), tol.atol, tol.rtol, "forward")
         if op == "softmax_stats":
             return None

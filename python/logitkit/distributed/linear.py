@@ -31,6 +31,7 @@ from .._layout import LceStateField, column, normaliser_tensor
 from .._loss_math import (
     LossOptions,
     Targets,
+    check_out_dtype,
     cross_entropy_coefficients,
     entropy_from_stats,
     log_prob_entropy_coefficients,
@@ -39,7 +40,7 @@ from .._loss_math import (
     reduce_loss,
     upstream_per_token,
 )
-from ..linear_ce import DEFAULT_CHUNK_BUDGET
+from ..linear_ce import default_chunk_budget
 from . import _comm, _dtensor
 from ._common import MERGE_CODES, REDUCTION_CODES, check_ce_options, check_logits_arg, first_error, range_error
 from ._merge import MERGE_STRATEGIES, merge_states
@@ -59,9 +60,12 @@ class _Plan:
     reduce_grad_hidden: bool
     hidden_grad: bool
     softcap: float = 0.0  # 0: none
+    out_dtype: torch.dtype = torch.float32  # the loss's dtype (single-device ``out_dtype`` rule)
 
 
-def _check_linear_args(op: str, hidden: Any, weight: Any, target: Any, bias: Any, chunk_budget: int) -> str | None:
+def _check_linear_args(
+    op: str, hidden: Any, weight: Any, target: Any, bias: Any, chunk_budget: int | None
+) -> str | None:
     prefix = f"logitkit.distributed.{op}"
 
     def shapes() -> str | None:
@@ -84,8 +88,8 @@ def _check_linear_args(op: str, hidden: Any, weight: Any, target: Any, bias: Any
             return f"{prefix}: target is on {target.device} but hidden is on {hidden.device}"
         if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
             return f"{prefix}: bias must be this rank's shard of shape ({weight.shape[0]},), got {list(bias.shape)}"
-        if int(chunk_budget) <= 0:
-            return f"{prefix}: chunk_budget must be > 0 bytes, got {chunk_budget}"
+        if chunk_budget is not None and int(chunk_budget) <= 0:
+            return f"{prefix}: chunk_budget must be None or > 0 bytes, got {chunk_budget}"
         return None
 
     return first_error(lambda: check_logits_arg(hidden, op, "hidden"), shapes)
@@ -225,7 +229,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.total_weight = t.total_weight
         lse_out = lse.reshape(target.shape)
         ctx.mark_non_differentiable(lse_out)
-        return (out.reshape(target.shape) if options.reduction == "none" else out).to(hidden.dtype), lse_out
+        return (out.reshape(target.shape) if options.reduction == "none" else out).to(plan.out_dtype), lse_out
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_lse):
@@ -335,7 +339,8 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     temperature: float = 1.0,
     return_lse: bool = False,
-    chunk_budget: int = DEFAULT_CHUNK_BUDGET,
+    chunk_budget: int | None = None,
+    out_dtype: torch.dtype | None = None,
     reduce_grad_hidden: bool = True,
     vocab_start: int | None = None,
     vocab_size: int | None = None,
@@ -354,11 +359,12 @@ def linear_cross_entropy(
     given on every rank.
 
     Returns, on every rank, what ``logitkit.linear_cross_entropy`` returns on
-    the full weight (loss in hidden's dtype, computed in fp32; with
-    ``return_lse`` also the per-token log-sum-exp), for every option:
-    ``ignore_index``, ``reduction`` ("none", "sum", "mean"),
+    the full weight (the loss computed in fp32 and returned in float32, or
+    in ``out_dtype``; with ``return_lse`` also the per-token log-sum-exp), for
+    every option: ``ignore_index``, ``reduction`` ("none", "sum", "mean"),
     ``label_smoothing``, ``class_weight``, ``softcap``, ``z_loss``,
-    ``temperature``, ``chunk_budget`` (per rank, as single-device).
+    ``temperature``, ``chunk_budget`` (per rank, as single-device; ``None``:
+    the device's default).
 
     Backward: ``weight_shard.grad`` / ``bias.grad`` get this shard's
     gradient; ``hidden.grad`` gets the full gradient (this rank's part summed
@@ -390,6 +396,7 @@ def linear_cross_entropy(
     so all ranks get bitwise the same loss.
     """
     op = "linear_cross_entropy"
+    out_dtype_checked = check_out_dtype(out_dtype, f"distributed.{op}")  # before any collective
     hidden, weight_shard, bias, class_weight, group, info = _unwrap_dtensors(
         op, hidden, weight_shard, bias, class_weight, group, reduce_grad_hidden
     )
@@ -451,10 +458,11 @@ def linear_cross_entropy(
             z_loss=float(z_loss),
             temperature=float(temperature),
         ),
-        chunk_budget=int(chunk_budget),
+        chunk_budget=default_chunk_budget(hidden.device) if chunk_budget is None else int(chunk_budget),
         reduce_grad_hidden=bool(reduce_grad_hidden),
         hidden_grad=hidden_grad,
         softcap=0.0 if softcap is None else float(softcap),
+        out_dtype=out_dtype_checked,
     )
     loss, lse = _LinearCrossEntropy.apply(hidden, weight_shard, bias, class_weight, target, plan)
     if info is not None:
@@ -471,7 +479,7 @@ def linear_log_probs_and_entropy(
     group: _comm.ProcessGroup | None = None,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
-    chunk_budget: int = DEFAULT_CHUNK_BUDGET,
+    chunk_budget: int | None = None,
     reduce_grad_hidden: bool = True,
     vocab_start: int | None = None,
     vocab_size: int | None = None,
@@ -532,7 +540,7 @@ def linear_log_probs_and_entropy(
         options=LossOptions(
             ignore_index=-100, reduction="none", label_smoothing=0.0, z_loss=0.0, temperature=float(temperature)
         ),
-        chunk_budget=int(chunk_budget),
+        chunk_budget=default_chunk_budget(hidden.device) if chunk_budget is None else int(chunk_budget),
         reduce_grad_hidden=bool(reduce_grad_hidden),
         hidden_grad=hidden_grad,
     )

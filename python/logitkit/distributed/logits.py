@@ -33,6 +33,7 @@ from .._layout import LceCoefField, StatsField, column
 from .._loss_math import (
     LossOptions,
     Targets,
+    check_out_dtype,
     cross_entropy_coefficients,
     entropy_from_stats,
     loss_per_token,
@@ -66,6 +67,7 @@ class _Plan:
     shape: torch.Size
     n_checks: int
     options: LossOptions | None = None  # cross_entropy's
+    out_dtype: torch.dtype = torch.float32  # cross_entropy's loss dtype (single-device ``out_dtype`` rule)
 
 
 def _prologue(
@@ -453,7 +455,7 @@ class _CrossEntropy(torch.autograd.Function):
         c = torch.exp(lse_local - lse)
         ctx.save_for_backward(x2, target, local_t, owned, valid, t.weight, lse, c, lse_local == _NEG_INF, class_weight)
         ctx.total_weight = t.total_weight
-        return out.to(x2.dtype)
+        return out.to(plan.out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -495,11 +497,12 @@ def cross_entropy(
     vocab_size: int | None = None,
     validate: bool = True,
     merge: str = "allgather",
+    out_dtype: torch.dtype | None = None,
 ) -> Any:
     """Vocabulary-parallel :func:`logitkit.cross_entropy`: rank r passes its
     shard ``logits[..., v0_r:v1_r]`` and the same global ``target`` (...);
-    every rank gets the loss of the concatenated logits (logits' dtype,
-    computed in fp32), for every option (``class_weight`` as this rank's slice
+    every rank gets the loss of the concatenated logits (computed in fp32,
+    returned in float32 or ``out_dtype``, as single-device), for every option (``class_weight`` as this rank's slice
     (V_r,) or the whole vector (V,), ``ignore_index``, ``reduction``,
     ``label_smoothing``, ``z_loss``, ``temperature``).
 
@@ -514,6 +517,7 @@ def cross_entropy(
     needs no DTensor (it accepts one: ``Shard(-1)`` logits).
     """
     op = "cross_entropy"
+    loss_dtype = check_out_dtype(out_dtype, f"distributed.{op}")  # before any collective
 
     info = None
     if _dtensor.is_dtensor(logits):
@@ -594,6 +598,7 @@ def cross_entropy(
     msg = range_error(op, target, lay.vocab, int(ignore_index))
     if msg:
         raise ValueError(msg)
+    plan.out_dtype = loss_dtype
     plan.options = LossOptions(
         ignore_index=int(ignore_index),
         reduction=reduction,
