@@ -61,6 +61,10 @@ CASES: dict[str, tuple[int, tuple[int, ...], dict]] = {
     "bf16": (3, (333, 333, 334), {"dtype": torch.bfloat16}),
     "bf16_out_dtype_bf16": (2, (500, 500), {"dtype": torch.bfloat16, "out_dtype": torch.bfloat16}),
     "default_chunk_budget": (2, (1, 999), {"chunk_budget": None}),
+    # grad_filter_eps reaches the shard's backward: below every gradient nothing is skipped, above
+    # every gradient every tile is (zero gradients), on both sides.
+    "grad_filter_eps_tiny": (2, (500, 500), {"grad_filter_eps": 1e-30}),
+    "grad_filter_eps_huge": (2, (333, 667), {"grad_filter_eps": 1e30}),
     "bf16_everything": (
         2,
         (1, 999),

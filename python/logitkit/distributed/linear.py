@@ -22,6 +22,7 @@ over the group (``reduce_grad_hidden=False`` leaves it to the caller).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -61,6 +62,7 @@ class _Plan:
     hidden_grad: bool
     softcap: float = 0.0  # 0: none
     out_dtype: torch.dtype = torch.float32  # the loss's dtype (single-device ``out_dtype`` rule)
+    grad_filter_eps: float = 0.0  # 0: exact gradients (single-device ``grad_filter_eps``)
 
 
 def _check_linear_args(
@@ -170,6 +172,7 @@ def _input_grads(ctx: Any, plan: _Plan, coefficients: torch.Tensor, class_weight
             plan.options.temperature,
             plan.chunk_budget,
             bias_grad,
+            plan.grad_filter_eps,
         )
     if plan.reduce_grad_hidden and plan.hidden_grad:
         _comm.all_reduce(grad_h, plan.group, "grad_hidden")
@@ -341,6 +344,7 @@ def linear_cross_entropy(
     return_lse: bool = False,
     chunk_budget: int | None = None,
     out_dtype: torch.dtype | None = None,
+    grad_filter_eps: float | None = None,
     reduce_grad_hidden: bool = True,
     vocab_start: int | None = None,
     vocab_size: int | None = None,
@@ -364,7 +368,8 @@ def linear_cross_entropy(
     every option: ``ignore_index``, ``reduction`` ("none", "sum", "mean"),
     ``label_smoothing``, ``class_weight``, ``softcap``, ``z_loss``,
     ``temperature``, ``chunk_budget`` (per rank, as single-device; ``None``:
-    the device's default).
+    the device's default), ``grad_filter_eps`` (decided per tile of this
+    rank's shard, with the global per-token coefficients).
 
     Backward: ``weight_shard.grad`` / ``bias.grad`` get this shard's
     gradient; ``hidden.grad`` gets the full gradient (this rank's part summed
@@ -404,6 +409,12 @@ def linear_cross_entropy(
     local_error = first_error(
         lambda: _check_linear_args(op, hidden, weight_shard, target, bias, chunk_budget),
         lambda: check_ce_options(op, reduction, label_smoothing, z_loss, temperature, softcap),
+        lambda: (
+            None
+            if grad_filter_eps is None or (math.isfinite(grad_filter_eps) and grad_filter_eps > 0)
+            else f"logitkit.distributed.{op}: grad_filter_eps must be None or a finite number > 0, "
+            f"got {grad_filter_eps}"
+        ),
         lambda: (
             None
             if merge in MERGE_STRATEGIES
@@ -463,6 +474,7 @@ def linear_cross_entropy(
         hidden_grad=hidden_grad,
         softcap=0.0 if softcap is None else float(softcap),
         out_dtype=out_dtype_checked,
+        grad_filter_eps=float(grad_filter_eps or 0.0),
     )
     loss, lse = _LinearCrossEntropy.apply(hidden, weight_shard, bias, class_weight, target, plan)
     if info is not None:
