@@ -50,6 +50,22 @@ def row_blocks(rows: int, cols: int, bytes_per_element: int = 4, budget: int = B
         yield start, min(rows, start + step)
 
 
+def target_error(op: str, target: object, like: torch.Tensor, like_name: str) -> str | None:
+    """The checks of a loss's ``target`` of global class ids against the tensor whose leading
+    dims it indexes (``hidden`` or ``logits``), returned as a message (see check_ce_options)."""
+    prefix = f"logitkit.distributed.{op}"
+    if not isinstance(target, torch.Tensor) or target.dtype != torch.int64:
+        return f"{prefix}: target must be a torch.int64 tensor of global class ids"
+    if target.shape != like.shape[:-1]:
+        return (
+            f"{prefix}: target must have shape {list(like.shape[:-1])} ({like_name}'s leading dims), "
+            f"got {list(target.shape)}"
+        )
+    if target.device != like.device:
+        return f"{prefix}: target is on {target.device} but {like_name} is on {like.device}"
+    return None
+
+
 def check_ce_options(
     op: str, reduction: str, label_smoothing: float, z_loss: float, temperature: float, softcap: float | None
 ) -> str | None:

@@ -43,7 +43,15 @@ from .._loss_math import (
 )
 from ..linear_ce import default_chunk_budget
 from . import _comm, _dtensor
-from ._common import MERGE_CODES, REDUCTION_CODES, check_ce_options, check_logits_arg, first_error, range_error
+from ._common import (
+    MERGE_CODES,
+    REDUCTION_CODES,
+    check_ce_options,
+    check_logits_arg,
+    first_error,
+    range_error,
+    target_error,
+)
 from ._merge import MERGE_STRATEGIES, merge_states
 
 _SENTINEL = -1  # local target of a token whose class another rank holds (outside [0, V_r), passed as ignore_index)
@@ -79,15 +87,9 @@ def _check_linear_args(
                 f"{prefix}: weight_shard ({weight.dtype}, {weight.device}) must have hidden's dtype and device "
                 f"({hidden.dtype}, {hidden.device})"
             )
-        if not isinstance(target, torch.Tensor) or target.dtype != torch.int64:
-            return f"{prefix}: target must be a torch.int64 tensor of global class ids"
-        if target.shape != hidden.shape[:-1]:
-            return (
-                f"{prefix}: target must have shape {list(hidden.shape[:-1])} (hidden's leading dims), "
-                f"got {list(target.shape)}"
-            )
-        if target.device != hidden.device:
-            return f"{prefix}: target is on {target.device} but hidden is on {hidden.device}"
+        msg = target_error(op, target, hidden, "hidden")
+        if msg:
+            return msg
         if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
             return f"{prefix}: bias must be this rank's shard of shape ({weight.shape[0]},), got {list(bias.shape)}"
         if chunk_budget is not None and int(chunk_budget) <= 0:

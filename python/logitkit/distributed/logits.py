@@ -51,6 +51,7 @@ from ._common import (
     first_error,
     range_error,
     row_blocks,
+    target_error,
 )
 from ._merge import MERGE_STRATEGIES, merge_states
 
@@ -535,15 +536,9 @@ def cross_entropy(
         msg = check_ce_options(op, reduction, label_smoothing, z_loss, temperature, None)
         if msg or not isinstance(local_logits, torch.Tensor):
             return msg
-        if not isinstance(target, torch.Tensor) or target.dtype != torch.int64:
-            return f"logitkit.distributed.{op}: target must be a torch.int64 tensor of global class ids"
-        if target.shape != local_logits.shape[:-1]:
-            return (
-                f"logitkit.distributed.{op}: target must have shape {list(local_logits.shape[:-1])}, "
-                f"got {list(target.shape)}"
-            )
-        if target.device != local_logits.device:
-            return f"logitkit.distributed.{op}: target is on {target.device} but logits is on {local_logits.device}"
+        msg = target_error(op, target, local_logits, "logits")
+        if msg:
+            return msg
         if class_weight is not None and (not isinstance(class_weight, torch.Tensor) or class_weight.dim() != 1):
             return f"logitkit.distributed.{op}: class_weight must be a 1-D tensor"
         return None
