@@ -69,16 +69,6 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def run_variant(args: argparse.Namespace) -> dict:
     """Runs in the child process: one variant, returns its measurements."""
     import torch
@@ -229,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             print(proc.stderr, file=sys.stderr)
             return proc.returncode
         variants[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    from logitkit.bench.environment import cpu_model  # (after the variants: imports torch)
+
     result = {
         "config": config,
         "environment": {
