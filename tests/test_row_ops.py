@@ -449,3 +449,17 @@ def test_temperature_must_be_a_number(op):
     assert torch.equal(
         getattr(logitkit, op)(torch.ones(2, 3), torch.tensor(0.5)), getattr(logitkit, op)(torch.ones(2, 3), 0.5)
     )
+
+
+def test_top_token_log_prob_is_exactly_zero(backend):
+    """z = x * (1/T) rounds once and z - m is formed from the rounded z: the token
+    that sets the row max gets log-prob exactly 0 (a contracted fma(x, 1/T, -m)
+    left the product's rounding residual, 2.3e-5 here, a log-prob > 0)."""
+    x = torch.tensor([[15409.9609, -2934.2891, -21787.8945, 5684.3130, -10845.2236, -13985.9541, 4033.4685, 8380.2637]])
+    low = torch.full((1, 37), -3e4)
+    # The max in the first full vector, and in the tail of a row of 45.
+    x = torch.cat([torch.cat([x, low], dim=1), torch.cat([low, x], dim=1)])
+    for temperature in (10.0, 3.0, 0.7):
+        lsm = logitkit.log_softmax(backend.tensor(x), temperature=temperature).cpu()
+        assert lsm[0, 0].item() == 0.0 and lsm[1, 37].item() == 0.0, temperature
+        assert logitkit.softmax(backend.tensor(x), temperature=temperature).cpu().max().item() <= 1.0

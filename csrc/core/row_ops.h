@@ -43,7 +43,7 @@ struct SoftmaxReduction {
   LK_HOST_DEVICE State merge(const State& x, const State& y) const { return core::merge(x, y); }
   LK_HOST_DEVICE void accumulate(State& state, const T* a, const T*, int n) const {
     T z[kMaxAccumulate];
-    for (int j = 0; j < n; ++j) z[j] = a[j] * inv_temperature;
+    for (int j = 0; j < n; ++j) z[j] = scaled_logit(a[j], inv_temperature);
     core::accumulate(state, z, n);
   }
 };
@@ -78,7 +78,9 @@ struct SoftmaxMap : SoftmaxReduction<T> {
   using typename SoftmaxReduction<T>::State;
   using RowConstants = BasicNormaliser<T>;
   LK_HOST_DEVICE RowConstants row_constants(const State& s, T) const { return normaliser(s); }
-  LK_HOST_DEVICE T output(const RowConstants& c, T x, T) const { return exp_of(c.log_prob(x * this->inv_temperature)); }
+  LK_HOST_DEVICE T output(const RowConstants& c, T x, T) const {
+    return exp_of(c.log_prob(scaled_logit(x, this->inv_temperature)));
+  }
 };
 
 // log_softmax: (z_i - m) - log s
@@ -87,7 +89,9 @@ struct LogSoftmaxMap : SoftmaxReduction<T> {
   using typename SoftmaxReduction<T>::State;
   using RowConstants = BasicNormaliser<T>;
   LK_HOST_DEVICE RowConstants row_constants(const State& s, T) const { return normaliser(s); }
-  LK_HOST_DEVICE T output(const RowConstants& c, T x, T) const { return c.log_prob(x * this->inv_temperature); }
+  LK_HOST_DEVICE T output(const RowConstants& c, T x, T) const {
+    return c.log_prob(scaled_logit(x, this->inv_temperature));
+  }
 };
 
 // d lse / d x_i = (g p_i) / T, with g the incoming per-row gradient. (g p_i
@@ -104,7 +108,7 @@ struct LogsumexpGradMap : SoftmaxReduction<T> {
   }
   LK_HOST_DEVICE T output(const RowConstants& c, T x, T) const {
     const T inv_t = this->inv_temperature;
-    return c.grad * exp_of(c.normaliser.log_prob(x * inv_t)) * inv_t;
+    return c.grad * exp_of(c.normaliser.log_prob(scaled_logit(x, inv_t))) * inv_t;
   }
 };
 
@@ -122,7 +126,7 @@ struct EntropyGradMap : SoftmaxReduction<T> {
   }
   LK_HOST_DEVICE T output(const RowConstants& c, T x, T) const {
     const T inv_t = this->inv_temperature;
-    return c.grad * entropy_grad_term(c.normaliser.log_prob(x * inv_t), c.entropy) * inv_t;
+    return c.grad * entropy_grad_term(c.normaliser.log_prob(scaled_logit(x, inv_t)), c.entropy) * inv_t;
   }
 };
 

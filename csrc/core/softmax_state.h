@@ -52,6 +52,25 @@ struct BasicSoftmaxState {
 };
 using SoftmaxState = BasicSoftmaxState<float>;
 
+// The scaled logit z = x * (1/T), rounded once as a product and never
+// contracted with a following subtraction: z - m must be exactly 0 for the
+// row's max, whichever kernel forms it (a contracted fma(x, 1/T, -m) keeps the
+// product's rounding residual, which made the top log-prob come out > 0).
+// Device code uses the never-contracted __fmul_rn / __dmul_rn; the host
+// sources are compiled with -ffp-contract=off (CMakeLists.txt).
+template <class T>
+LK_HOST_DEVICE T scaled_logit(T x, T inv_temperature) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(T) == sizeof(float)) {
+    return __fmul_rn(x, inv_temperature);
+  } else {
+    return __dmul_rn(x, inv_temperature);
+  }
+#else
+  return x * inv_temperature;
+#endif
+}
+
 template <class T = float>
 LK_HOST_DEVICE T neg_infinity() {
   return -std::numeric_limits<T>::infinity();

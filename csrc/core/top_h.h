@@ -22,21 +22,10 @@ namespace logitkit::core {
 
 enum class TopHRule : int { hf = 0, official = 1, exact = 2 };
 
-// z = x / T, computed as the product x * (1 / T) rounded on its own. Compilers
-// contract a * b - c into one FMA by default (nvcc --fmad, g++
-// -ffp-contract=fast); then z - m for the token that set the row max
-// m = z_max is the product's rounding error instead of 0, which decides the
-// "exact" rule on peaked rows whose entropy budget is ~1e-24. Device code
-// uses the never-contracted __fmul_rn; the Top-H host sources (CPU kernel,
-// emulated CUDA kernel) are compiled with -ffp-contract=off (CMakeLists.txt),
-// so the plain product rounds there too.
-LK_HOST_DEVICE float scaled_logit(float x, float inv_temperature) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(x, inv_temperature);
-#else
-  return x * inv_temperature;
-#endif
-}
+// z = x / T is core::scaled_logit (softmax_state.h): the product x * (1 / T)
+// rounded on its own, never contracted into an FMA, so that z - m for the
+// token that set the row max is 0; that decides the "exact" rule on peaked
+// rows whose entropy budget is ~1e-24.
 
 // Default number of top tokens the capped rules ("hf", "official") look at.
 constexpr int64_t kTopHDefaultCap = 100;
