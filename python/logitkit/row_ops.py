@@ -234,15 +234,45 @@ def _save_input(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
     ctx.save_for_backward(inputs[0])
 
 
+def _composite_backward(op: str, ns_ops: Any, grad: torch.Tensor, saved: torch.Tensor, temperature: float) -> Any:
+    """The gradient of ``op`` w.r.t. its input, written with differentiable ops (c = 1/T):
+
+    * softmax y:      dx = c * y * (g - <g, y>)
+    * log_softmax y:  dx = c * (g - exp(y) * sum(g))
+    * logsumexp:      dx = c * g * softmax(x)
+    * entropy H:      dx = -c * g * p * (log p + H), with p log p = 0 at p = 0
+
+    Used only when autograd records the backward itself (``create_graph=True``:
+    double backward, ``gradgradcheck``); otherwise the fused backward kernel runs.
+    """
+    c = 1.0 / temperature
+    if op == "softmax":
+        return c * saved * (grad - (grad * saved).sum(-1, keepdim=True))
+    if op == "log_softmax":
+        return c * (grad - saved.exp() * grad.sum(-1, keepdim=True))
+    if op == "logsumexp":
+        return c * grad.unsqueeze(-1) * ns_ops.softmax(saved, temperature)
+    log_p = ns_ops.log_softmax(saved, temperature)
+    p = log_p.exp()
+    h = ns_ops.entropy(saved, temperature).unsqueeze(-1)
+    return -c * grad.unsqueeze(-1) * p * (log_p.masked_fill(p == 0, 0.0) + h)
+
+
 def _backward_with(backward_op: str) -> Callable[[Any], Callable[..., Any]]:
-    """The autograd backward calling ``backward_op(grad, saved, temperature)`` of the op's namespace."""
+    """The autograd backward calling ``backward_op(grad, saved, temperature)`` of the op's
+    namespace (the fused kernel), or its composite form when the backward is itself
+    differentiated."""
+    forward_op = backward_op.removesuffix("_backward")
 
     def backward_for(ns_ops: Any) -> Callable[..., Any]:
         op = getattr(ns_ops, backward_op)
 
         def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
             (saved,) = ctx.saved_tensors
-            return op(grad.to(saved.dtype), saved, ctx.temperature), None
+            grad = grad.to(saved.dtype)
+            if torch.is_grad_enabled() and (grad.requires_grad or saved.requires_grad):
+                return _composite_backward(forward_op, ns_ops, grad, saved, ctx.temperature).to(saved.dtype), None
+            return op(grad, saved, ctx.temperature), None
 
         return backward
 
