@@ -74,6 +74,13 @@ def test_block_reduce_atomics_and_dynamic_shared(threads, schedule):
             assert neighbours[b * threads + t] == 1000 * b + (t + 1) % threads
 
 
+def test_missing_barrier_kernel_runs():
+    """The deliberately racy self-test kernel (a read of a neighbour's shared
+    slot with no barrier) runs here without a check failing: only the
+    ThreadSanitizer build reports it (.ci/sanitize thread asserts that)."""
+    assert len(emu.selftest("missing_barrier", 64, 2)) == 128
+
+
 def test_divergent_barrier_is_reported():
     with pytest.raises(RuntimeError, match="divergent __syncthreads"):
         emu.selftest("divergent_barrier", 64)

@@ -55,6 +55,18 @@ __global__ void block_reduce_kernel(int64_t* block_sums, unsigned long long* gri
   neighbours[static_cast<int64_t>(blockIdx.x) * blockDim.x + t] = slots[(t + 1) % blockDim.x];
 }
 
+// Misuse: a shared-memory race. Each thread writes its slot and reads its
+// neighbour's with no __syncthreads in between, so the read may see the old
+// or the new value. The ThreadSanitizer build must report it as a data race
+// (.ci/sanitize thread checks that it does); other builds just return the
+// values read.
+__global__ void missing_barrier_kernel(int64_t* neighbours) {
+  __shared__ int64_t slots[1024];
+  const int t = threadIdx.x;
+  slots[t] = 1000LL * blockIdx.x + t;
+  neighbours[static_cast<int64_t>(blockIdx.x) * blockDim.x + t] = slots[(t + 1) % blockDim.x];
+}
+
 // Misuse: odd and even threads wait at two different __syncthreads.
 __global__ void divergent_barrier_kernel() {
   if (threadIdx.x % 2 == 0) {
@@ -98,6 +110,12 @@ std::vector<int64_t> run_selftest(const std::string& name, int threads, int bloc
     sums.push_back(static_cast<int64_t>(counter));
     sums.insert(sums.end(), neighbours.begin(), neighbours.end());
     return sums;
+  }
+  if (name == "missing_barrier") {
+    std::vector<int64_t> neighbours(static_cast<size_t>(threads) * blocks, -1);
+    auto* kernel = &missing_barrier_kernel;
+    LK_LAUNCH_KERNEL(kernel, dim3(blocks), dim3(threads), 0, nullptr, neighbours.data());
+    return neighbours;
   }
   if (name == "divergent_barrier") {
     auto* kernel = &divergent_barrier_kernel;

@@ -208,7 +208,9 @@ class CheckedBarrier {
 // State of one warp of the block being executed.
 struct WarpState {
   CheckedBarrier barrier;
-  unsigned live_mask = 0;       // lanes that exist and have not returned
+  // Lanes that exist and have not returned. Atomic: a returning lane clears
+  // its bit while the others may be reading the mask (__activemask).
+  std::atomic<unsigned> live_mask{0};
   unsigned call_mask[32] = {};  // mask argument passed by each lane
   uint64_t slot[32] = {};       // exchange buffer, one value per lane
 };
@@ -244,7 +246,7 @@ struct Launch {
       const int lanes = std::min(32, threads_per_block - 32 * static_cast<int>(w));
       WarpState& ws = *block.warps[w];
       ws.barrier.reset(lanes, &state, "warp intrinsic");
-      ws.live_mask = lanes == 32 ? 0xFFFFFFFFu : ((1u << lanes) - 1u);
+      ws.live_mask.store(lanes == 32 ? 0xFFFFFFFFu : ((1u << lanes) - 1u));
     }
     block.start_turn.store(0);
   }
@@ -284,14 +286,15 @@ inline void sync_block(const std::source_location& site) {
 
 // Checks a warp intrinsic's mask against the warp's live lanes.
 inline void check_warp_masks(WarpState& w, const char* intrinsic, const std::source_location& site) {
+  const unsigned live = w.live_mask.load();
   for (int lane = 0; lane < 32; ++lane) {
-    if (!((w.live_mask >> lane) & 1u)) continue;
-    if (w.call_mask[lane] != w.live_mask) {
+    if (!((live >> lane) & 1u)) continue;
+    if (w.call_mask[lane] != live) {
       char buf[256];
       std::snprintf(buf, sizeof buf,
                     "%s at %s: lane %d passed mask 0x%08x but the warp's live lanes are 0x%08x "
                     "(a mask must name exactly the lanes that execute the intrinsic)",
-                    intrinsic, site_string(site).c_str(), lane, w.call_mask[lane], w.live_mask);
+                    intrinsic, site_string(site).c_str(), lane, w.call_mask[lane], live);
       launch_ref().state.fail(buf);
       return;
     }
@@ -449,9 +452,10 @@ inline void run_thread_in_block(Launch& launch, int t, const std::function<void(
     }
   }
   WarpState& w = *launch.block.warps[t / 32];
-  // live_mask is read by the completion check under the warp barrier's lock
-  // only while all live lanes wait, so updating it before dropping is safe.
-  w.live_mask &= ~(1u << (t % 32));
+  // The completion check reads live_mask under the warp barrier's lock while
+  // all live lanes wait, so clearing the bit before dropping out is safe;
+  // __activemask may read it at any time (hence the atomic).
+  w.live_mask.fetch_and(~(1u << (t % 32)));
   w.barrier.drop();
   launch.block.barrier.drop();
 }
@@ -492,7 +496,7 @@ inline void launch(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std
   if (launch.state.failed()) throw std::runtime_error("emulated CUDA launch failed: " + launch.state.message());
 }
 
-inline unsigned active_mask() { return my_warp().live_mask; }
+inline unsigned active_mask() { return my_warp().live_mask.load(); }
 
 inline void* dynamic_shared_memory() {
   auto& buf = launch_ref().dynamic_shared;
