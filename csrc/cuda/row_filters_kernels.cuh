@@ -5,15 +5,15 @@
 // One block per row, one parameterised body for every rule (the rules differ
 // only in core::filter_cut's threshold). Passes over the row:
 //   pass 1   every thread folds its tokens (strided, coalesced) into a
-//            core::FilterState (+ the raw softmax state at temperature 1 when
-//            the raw log-prob is asked for); one block reduction; every
-//            thread then computes the same cut (threshold, max).
+//            core::FilterState; one block reduction; every thread then
+//            computes the same cut (threshold, max).
 //   mask     pass 2 writes z >= threshold.                   -> 2 passes
 //   sample   pass 2 sums the kept weights (mass, shifted sum, count; block
 //            reduction), pass 3 draws by inverse CDF tile by tile (a
 //            block-wide inclusive scan on top of the mass of the tiles
 //            before) and stops at the tile holding the token. -> 2 passes
-//            + the draw pass, which reads the row up to the drawn token.
+//            + the draw pass, which reads the row up to the drawn token;
+//            + one pass for the raw log-prob, only when asked for.
 // A token of zero weight is never returned; when rounding makes the scan end
 // at or below u * mass, the last kept token of positive weight is returned.
 #pragma once
@@ -41,38 +41,48 @@ LK_DEVICE inline float filter_logit(const scalar_t* row, int64_t i) {
   return static_cast<float>(row[i]);
 }
 
-// Pass 1: the row's cut (the same in every thread) and, when `raw` is
-// non-null, the softmax state of x at temperature 1.
+// At most 512 threads per block: 128 registers per thread, so that the
+// FilterState reductions do not spill (1024 threads cap them at 64).
+constexpr int kMaxFilterThreads = 512;
+
+// Pass 1: the row's cut (the same in every thread).
 template <class scalar_t>
 LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols, const core::FilterParams& p,
-                                                 RowFilterStorage& s, core::SoftmaxState* raw) {
+                                                 RowFilterStorage& s) {
   core::FilterState st = core::empty_filter_state();
-  core::SoftmaxState raw_st = core::empty_state();
   for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
-    const float xv = filter_logit(x, i);
-    core::accumulate(st, core::filter_scaled(xv, p.inv_temperature));
-    if (raw != nullptr) core::accumulate(raw_st, &xv, 1);
+    core::accumulate(st, core::filter_scaled(filter_logit(x, i), p.inv_temperature));
   }
   st = block_reduce(
       st, [](const core::FilterState& a, const core::FilterState& b) { return core::merge(a, b); },
       core::empty_filter_state(), s.state_scratch);
-  if (raw != nullptr) {
-    *raw = block_reduce(
-        raw_st, [](const core::SoftmaxState& a, const core::SoftmaxState& b) { return core::merge(a, b); },
-        core::empty_state(), s.raw_scratch);
-  }
   return core::filter_cut(st, p);
 }
 
+// The raw distribution's log sum exp(x - max x) at temperature 1 (its own
+// pass, only for the raw log-prob: kept out of pass 1 so that its state is
+// not live, and spilled, across the draw).
 template <class scalar_t>
-__global__ void __launch_bounds__(kMaxTopHThreads)
+LK_DEVICE inline core::SoftmaxState raw_state(const scalar_t* x, int64_t cols, RowFilterStorage& s) {
+  core::SoftmaxState raw = core::empty_state();
+  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
+    const float xv = filter_logit(x, i);
+    core::accumulate(raw, &xv, 1);
+  }
+  return block_reduce(
+      raw, [](const core::SoftmaxState& a, const core::SoftmaxState& b) { return core::merge(a, b); },
+      core::empty_state(), s.raw_scratch);
+}
+
+template <class scalar_t>
+__global__ void __launch_bounds__(kMaxFilterThreads)
     filter_mask_kernel(RowsView<scalar_t> rows, int64_t cols, const float* params, bool* mask) {
   const scalar_t* x = rows.row(blockIdx.x);
   bool* out = mask + static_cast<int64_t>(blockIdx.x) * cols;
   __shared__ RowFilterStorage s;
   const core::FilterParams p =
       core::decode_filter_params(params + static_cast<int64_t>(blockIdx.x) * core::kFilterParamCount);
-  const core::FilterCut cut = filter_pass_one(x, cols, p, s, nullptr);
+  const core::FilterCut cut = filter_pass_one(x, cols, p, s);
   for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
     if (!cut.defined || cut.max == core::neg_infinity()) {
       out[i] = cut.defined && i == 0;  // NaN / +inf: nothing; all -inf: token 0 only
@@ -129,16 +139,16 @@ LK_DEVICE inline int64_t filter_draw_pass(const scalar_t* x, int64_t cols, const
   return found;
 }
 
-template <class scalar_t>
-__global__ void __launch_bounds__(kMaxTopHThreads)
+// kRaw: also the raw log-prob (raw_log_prob = true).
+template <bool kRaw, class scalar_t>
+__global__ void __launch_bounds__(kMaxFilterThreads)
     filter_sample_kernel(RowsView<scalar_t> rows, int64_t cols, const float* params, const float* uniform,
-                         bool raw_log_prob, int64_t* tokens, float* stats) {
+                         int64_t* tokens, float* stats) {
   const int64_t row = blockIdx.x;
   const scalar_t* x = rows.row(row);
   __shared__ RowFilterStorage s;
   const core::FilterParams p = core::decode_filter_params(params + row * core::kFilterParamCount);
-  core::SoftmaxState raw = core::empty_state();
-  const core::FilterCut cut = filter_pass_one(x, cols, p, s, raw_log_prob ? &raw : nullptr);
+  const core::FilterCut cut = filter_pass_one(x, cols, p, s);
   float* st = stats + row * kSampleStatCount;
   const float nan = core::quiet_nan();
   if (!cut.defined || cut.max == core::neg_infinity()) {
@@ -153,12 +163,14 @@ __global__ void __launch_bounds__(kMaxTopHThreads)
   }
   const core::KeptSums sums = kept_sums(x, cols, cut, p.inv_temperature, s);
   const int64_t token = filter_draw_pass(x, cols, cut, p.inv_temperature, uniform[row] * sums.mass, s);
+  core::SoftmaxState raw = core::empty_state();
+  if constexpr (kRaw) raw = raw_state(x, cols, s);
   if (threadIdx.x == 0) {
     const float xv = filter_logit(x, token);
     const float log_mass = core::log_of(sums.mass);
     tokens[row] = token;
     st[kLogProb] = (core::filter_scaled(xv, p.inv_temperature) - cut.max) - log_mass;
-    st[kRawLogProb] = raw_log_prob ? (xv - raw.max) - core::log_of(raw.sum_exp) : nan;
+    st[kRawLogProb] = kRaw ? (xv - raw.max) - core::log_of(raw.sum_exp) : nan;
     st[kEntropy] = log_mass - sums.shifted / sums.mass;
     st[kKeptCount] = sums.count;
   }

@@ -3,6 +3,8 @@
 // other families, this file is also compiled by the host compiler through the
 // SIMT emulator (csrc/emu/top_h_emulated.cpp) and registered for CPU tensors
 // under `logitkit_emulated`.
+#include <algorithm>
+
 #include <torch/library.h>
 
 #include "../frontend/row_filters.h"
@@ -74,7 +76,11 @@ struct RowFiltersBackend {
   template <class scalar_t>
   static void filter_sample(const Rows& r, const float* params, const float* uniform, bool raw_log_prob,
                             int64_t* tokens, float* stats) {
-    launch<scalar_t>(r, "filter_sample", &filter_sample_kernel<scalar_t>, params, uniform, raw_log_prob, tokens, stats);
+    if (raw_log_prob) {
+      launch<scalar_t>(r, "filter_sample", &filter_sample_kernel<true, scalar_t>, params, uniform, tokens, stats);
+    } else {
+      launch<scalar_t>(r, "filter_sample", &filter_sample_kernel<false, scalar_t>, params, uniform, tokens, stats);
+    }
   }
   static void philox_uniform(const at::Tensor& seed, const at::Tensor& offset, at::Tensor& out) {
     const DeviceContext ctx(seed);
@@ -90,7 +96,7 @@ struct RowFiltersBackend {
   static void launch(const Rows& r, const char* op, Kernel* kernel, Args... args) {
     TORCH_CHECK_VALUE(r.rows <= kMaxGridX, "logitkit.", op, ": at most 2^31 - 1 rows are supported on CUDA");
     const DeviceContext ctx(r.tensor);
-    const int threads = threads_per_block(KernelFamily::top_h, r.cols);
+    const int threads = std::min(threads_per_block(KernelFamily::top_h, r.cols), kMaxFilterThreads);
     const RowsView<scalar_t> view{r.tensor.data_ptr<scalar_t>(), r.row_stride};
     LK_LAUNCH_KERNEL(kernel, dim3(static_cast<unsigned>(r.rows)), dim3(threads), 0, ctx.stream(), view, r.cols,
                      args...);
