@@ -70,6 +70,10 @@ template <class scalar_t>
 struct TopHKernels {
   void (*mask)(const Rows&, const TopHParams&, bool* out);
   void (*sample)(const Rows&, const TopHParams&, const float* uniform, int64_t* out);
+  // The row-statistics sampler ops (row_filters_cpu.h), per-row params table.
+  void (*filter_mask)(const Rows&, const float* params, bool* out);
+  void (*filter_sample)(const Rows&, const float* params, const float* uniform, bool raw_log_prob, int64_t* tokens,
+                        float* stats);
 };
 
 // The chunk kernels of LinearCeFrontend: the tiles are fp32 whatever the

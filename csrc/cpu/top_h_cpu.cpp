@@ -55,6 +55,7 @@
 #include <ATen/Parallel.h>
 
 #include "../core/top_h.h"
+#include "../frontend/row_filters.h"
 #include "../frontend/top_h.h"
 #include "kernel_tables.h"
 #include "tuning.h"
@@ -403,9 +404,13 @@ void sample_rows(const Rows& r, const TopHParams& p, const float* uniform, int64
   });
 }
 
+#include "row_filters_cpu.h"
+
 }  // namespace
 
-const PerDtype<TopHKernels> top_h_kernels = PerDtype<TopHKernels>::build(
-    []<class scalar_t>() { return TopHKernels<scalar_t>{&mask_rows<scalar_t>, &sample_rows<scalar_t>}; });
+const PerDtype<TopHKernels> top_h_kernels = PerDtype<TopHKernels>::build([]<class scalar_t>() {
+  return TopHKernels<scalar_t>{&mask_rows<scalar_t>, &sample_rows<scalar_t>, &filter_mask_rows<scalar_t>,
+                               &filter_sample_rows<scalar_t>};
+});
 
 }  // namespace logitkit::cpu::CPU_CAPABILITY

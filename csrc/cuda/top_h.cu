@@ -3,11 +3,15 @@
 // other families, this file is also compiled by the host compiler through the
 // SIMT emulator (csrc/emu/top_h_emulated.cpp) and registered for CPU tensors
 // under `logitkit_emulated`.
+#include <algorithm>
+
 #include <torch/library.h>
 
+#include "../frontend/row_filters.h"
 #include "../frontend/top_h.h"
 #include "device_context.h"
 #include "launch_config.h"
+#include "row_filters_kernels.cuh"
 #include "top_h_kernels.cuh"
 
 namespace logitkit::cuda {
@@ -62,7 +66,48 @@ struct TopHBackend {
   }
 };
 
+// The backend of RowFiltersFrontend (the row-statistics sampler ops,
+// row_filters_kernels.cuh): one block per row.
+struct RowFiltersBackend {
+  template <class scalar_t>
+  static void filter_mask(const Rows& r, const float* params, bool* out) {
+    launch<scalar_t>(r, "filter_mask", &filter_mask_kernel<scalar_t>, params, out);
+  }
+  template <class scalar_t>
+  static void filter_sample(const Rows& r, const float* params, const float* uniform, bool raw_log_prob,
+                            int64_t* tokens, float* stats) {
+    if (raw_log_prob) {
+      launch<scalar_t>(r, "filter_sample", &filter_sample_kernel<true, scalar_t>, params, uniform, tokens, stats);
+    } else {
+      launch<scalar_t>(r, "filter_sample", &filter_sample_kernel<false, scalar_t>, params, uniform, tokens, stats);
+    }
+  }
+  static void philox_uniform(const at::Tensor& seed, const at::Tensor& offset, at::Tensor& out) {
+    const DeviceContext ctx(seed);
+    constexpr int kThreads = 128;
+    const int64_t n = out.numel();
+    TORCH_CHECK_VALUE(n / kThreads < kMaxGridX, "logitkit.philox_uniform: too many rows for one launch");
+    LK_LAUNCH_KERNEL(philox_uniform_kernel, dim3(static_cast<unsigned>((n + kThreads - 1) / kThreads)), dim3(kThreads),
+                     0, ctx.stream(), seed.data_ptr<int64_t>(), offset.data_ptr<int64_t>(), n, out.data_ptr<float>());
+    ctx.check_launch();
+  }
+
+  template <class scalar_t, class Kernel, class... Args>
+  static void launch(const Rows& r, const char* op, Kernel* kernel, Args... args) {
+    TORCH_CHECK_VALUE(r.rows <= kMaxGridX, "logitkit.", op, ": at most 2^31 - 1 rows are supported on CUDA");
+    const DeviceContext ctx(r.tensor);
+    const int threads = std::min(threads_per_block(KernelFamily::top_h, r.cols), kMaxFilterThreads);
+    const RowsView<scalar_t> view{r.tensor.data_ptr<scalar_t>(), r.row_stride};
+    LK_LAUNCH_KERNEL(kernel, dim3(static_cast<unsigned>(r.rows)), dim3(threads), 0, ctx.stream(), view, r.cols,
+                     args...);
+    ctx.check_launch();
+  }
+};
+
 }  // namespace
 }  // namespace logitkit::cuda
 
-LOGITKIT_CUDA_LIBRARY_IMPL(m) { logitkit::TopHFrontend<logitkit::cuda::TopHBackend>::register_all(m); }
+LOGITKIT_CUDA_LIBRARY_IMPL(m) {
+  logitkit::TopHFrontend<logitkit::cuda::TopHBackend>::register_all(m);
+  logitkit::RowFiltersFrontend<logitkit::cuda::RowFiltersBackend>::register_all(m);
+}

@@ -10,6 +10,7 @@
 #include "../cpu/kernel_tables.h"
 #include "../cpu/linear_ce_cpu_gemm.h"
 #include "../frontend/linear_ce.h"
+#include "../frontend/row_filters.h"
 #include "../frontend/row_ops.h"
 #include "../frontend/top_h.h"
 #include "schemas.h"
@@ -68,6 +69,25 @@ struct TopHBackend {
   }
 };
 
+// The backend of RowFiltersFrontend for CPU tensors.
+struct RowFiltersBackend {
+  template <class scalar_t>
+  static void filter_mask(const Rows& r, const float* params, bool* out) {
+    for_cpu_capability().top_h->of<scalar_t>().filter_mask(r, params, out);
+  }
+  template <class scalar_t>
+  static void filter_sample(const Rows& r, const float* params, const float* uniform, bool raw_log_prob,
+                            int64_t* tokens, float* stats) {
+    for_cpu_capability().top_h->of<scalar_t>().filter_sample(r, params, uniform, raw_log_prob, tokens, stats);
+  }
+  static void philox_uniform(const at::Tensor& seed, const at::Tensor& offset, at::Tensor& out) {
+    const int64_t* s = seed.data_ptr<int64_t>();
+    const int64_t* o = offset.data_ptr<int64_t>();
+    float* u = out.data_ptr<float>();
+    for (int64_t i = 0; i < out.numel(); ++i) u[i] = core::philox_uniform(s[i], o[i]);
+  }
+};
+
 // The backend of LinearCeFrontend for CPU tensors.
 struct LinearCeBackend {
   static void forward_chunk(const core::LinearCeChunk& c, const at::Tensor&) {
@@ -105,4 +125,5 @@ TORCH_LIBRARY_IMPL(logitkit, CPU, m) {
   logitkit::RowOpsFrontend<logitkit::cpu::RowOpsBackend>::register_all(m);
   logitkit::LinearCeFrontend<logitkit::cpu::LinearCeBackend>::register_all(m);
   logitkit::TopHFrontend<logitkit::cpu::TopHBackend>::register_all(m);
+  logitkit::RowFiltersFrontend<logitkit::cpu::RowFiltersBackend>::register_all(m);
 }

@@ -19,6 +19,7 @@ from ._loader import build_info
 # isort: split
 from ._build_config import VERSION as __version__
 from .cross_entropy import cross_entropy
+from .filters import filter_logits, philox_uniform, truncation_mask
 from .linear_ce import (
     DEFAULT_CHUNK_BUDGET,
     GemmPath,
@@ -38,23 +39,26 @@ from .row_ops import (
     stats_entropy,
     stats_logsumexp,
 )
-from .sampling import sample, top_h, top_h_mask
+from .sampling import SampleResult, sample, top_h, top_h_mask
 
 __all__ = [
     "DEFAULT_CHUNK_BUDGET",
     "GemmPath",
     "LinearCrossEntropyLoss",
+    "SampleResult",
     "__version__",
     "build_info",
     "cross_entropy",
     "default_chunk_budget",
     "entropy",
+    "filter_logits",
     "gemm_path",
     "linear_cross_entropy",
     "linear_log_probs_and_entropy",
     "log_softmax",
     "logsumexp",
     "merge_stats",
+    "philox_uniform",
     "sample",
     "softmax",
     "softmax_stats",
@@ -62,4 +66,5 @@ __all__ = [
     "stats_logsumexp",
     "top_h",
     "top_h_mask",
+    "truncation_mask",
 ]

@@ -7,12 +7,23 @@ The rules' exact definitions are in docs/top_h.md. (This module is not named
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from . import _backend
 from ._registration import check_logits, check_temperature, cpp_float, register_fake
+from .filters import (
+    STAT_ENTROPY,
+    STAT_KEPT,
+    STAT_LOG_PROB,
+    STAT_RAW_LOG_PROB,
+    RowParam,
+    filter_params,
+    row_uniform,
+)
 
-__all__ = ["sample", "top_h", "top_h_mask"]
+__all__ = ["SampleResult", "sample", "top_h", "top_h_mask"]
 
 TOP_H_RULES = ("hf", "official", "exact")
 
@@ -82,33 +93,105 @@ def top_h(
     return torch.where(mask, logits, torch.tensor(filter_value, dtype=logits.dtype, device=logits.device))
 
 
+class SampleResult(NamedTuple):
+    """What :func:`sample` returns when asked for more than the tokens; a field not asked for is None.
+
+    * ``tokens`` (...) int64;
+    * ``logprobs``: log q(token), q the processed distribution (temperature-scaled, truncated,
+      renormalised), float32;
+    * ``raw_logprobs``: log softmax(logits)(token) at temperature 1 without truncation, float32;
+    * ``entropy``: H(q) in nats, float32;
+    * ``kept``: the size of the kept set, int64.
+    """
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    raw_logprobs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    kept: torch.Tensor | None = None
+
+
+def _is_legacy_call(temperature: RowParam, extra: dict, seed: object) -> bool:
+    """The Top-H / plain-temperature path of the original ``sample`` (scalar temperature > 0,
+    no row-statistics rule, no extra output)."""
+    if isinstance(temperature, torch.Tensor) or seed is not None:
+        return False
+    if float(temperature) == 0.0:  # type: ignore[arg-type]
+        return False
+    return not any(v is not None and v is not False for v in extra.values())
+
+
 def sample(
     logits: torch.Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: RowParam = 1.0,
     top_h: float | None = None,
     rule: str = "hf",
     cap: int | None = None,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Draws one token per row from softmax(logits / temperature), restricted to
-    the Top-H kept set when ``top_h`` (alpha) is given (plain temperature
-    sampling otherwise).
+    min_p: RowParam = None,
+    top_n_sigma: RowParam = None,
+    p_less: RowParam = False,
+    epsilon: RowParam = None,
+    eta: RowParam = None,
+    min_tokens_to_keep: int = 1,
+    seed: int | torch.Tensor | None = None,
+    offset: int | torch.Tensor | None = None,
+    return_logprobs: bool = False,
+    return_entropy: bool = False,
+    return_kept: bool = False,
+) -> torch.Tensor | SampleResult:
+    """Draws one token per row from softmax(logits / temperature) restricted to the kept set of
+    the truncation rules given: Top-H (``top_h`` = alpha, with ``rule`` and ``cap``), or the
+    row-statistics chain min-p / top-n-sigma / p-less / epsilon / eta (docs/sampling.md; the
+    same kept set as :func:`logitkit.truncation_mask`). Plain temperature sampling without any.
 
-    Shape (..., V) -> (...), int64. One uniform number per row comes from
-    ``generator`` (or torch's default generator of the device), so the same
-    generator state gives the same tokens; rows are independent. The fused
-    kernel finds the kept set's threshold, then draws by inverse CDF over the
-    kept weights exp(z - max z) (no softmax tensor, no host synchronisation):
-    the first kept token whose running weight exceeds u * (kept mass). A
-    dropped token, or one of probability 0, is never drawn. A row without a
-    defined distribution (NaN or +inf logits) gives -1; a row of only -inf
-    gives 0.
+    Shape (..., V) -> (...), int64. Every parameter of the chain (and ``temperature``) is a
+    number or a tensor of shape ``logits.shape[:-1]`` (per row); temperature 0 is greedy (the
+    largest logit; ties drawn uniformly). Randomness: one uniform number per row, from
+    ``generator`` (torch's default generator of the device when None), or counter-based from
+    ``seed`` and ``offset`` (ints or int64 tensors per row; Philox4x32-10, the same number for
+    the same pair on every backend and batch composition, no host synchronisation; see
+    :func:`logitkit.philox_uniform`). The draw is by inverse CDF over the kept weights
+    exp(z - max z) in vocabulary order, no softmax tensor, no sort. A dropped token, or one of
+    probability 0, is never drawn. A row holding NaN or +inf gives -1; a row of only -inf gives 0.
+
+    With ``return_logprobs`` / ``return_entropy`` / ``return_kept``, returns a
+    :class:`SampleResult` (tokens, log q(token) and the raw log p(token), H(q), kept-set size;
+    row-statistics chain and plain sampling only, not with ``top_h`` yet). Combining ``top_h``
+    with the row-statistics rules is not supported yet (ValueError).
     """
+    chain = {"min_p": min_p, "top_n_sigma": top_n_sigma, "p_less": p_less, "epsilon": epsilon, "eta": eta}
+    outputs = {"return_logprobs": return_logprobs or None, "return_entropy": return_entropy or None}
+    outputs["return_kept"] = return_kept or None
+    if _is_legacy_call(temperature, {**chain, **outputs}, seed) or top_h is not None:
+        return _sample_top_h(logits, temperature, top_h, rule, cap, generator, chain, outputs, seed, offset)
+    params = filter_params(logits, temperature=temperature, min_tokens_to_keep=min_tokens_to_keep, op="sample", **chain)
+    u = row_uniform(logits, seed, offset, generator, "sample")
+    tokens, stats = _backend.ops().filter_sample(logits, params, u, bool(return_logprobs))
+    if not (return_logprobs or return_entropy or return_kept):
+        return tokens
+    return SampleResult(
+        tokens,
+        logprobs=stats[..., STAT_LOG_PROB] if return_logprobs else None,
+        raw_logprobs=stats[..., STAT_RAW_LOG_PROB] if return_logprobs else None,
+        entropy=stats[..., STAT_ENTROPY] if return_entropy else None,
+        kept=stats[..., STAT_KEPT].to(torch.int64) if return_kept else None,
+    )
+
+
+def _sample_top_h(logits, temperature, top_h, rule, cap, generator, chain, outputs, seed, offset) -> torch.Tensor:
+    """The original Top-H / plain-temperature sampler (scalar temperature), with ``generator``
+    or counter-based (seed, offset) uniforms."""
+    for name, value in {**chain, **outputs}.items():
+        if value is not None and value is not False:
+            raise ValueError(f"logitkit.sample: {name} cannot be combined with top_h yet (docs/sampling.md)")
+    if isinstance(temperature, torch.Tensor):
+        raise ValueError("logitkit.sample: a per-row temperature cannot be combined with top_h yet")
     cap_arg = -1 if cap is None else int(cap)
     alpha = None if top_h is None else float(top_h)
     check_top_h_args(logits, alpha, float(temperature), str(rule), cap_arg, "sample")
-    u = torch.rand(logits.shape[:-1], generator=generator, device=logits.device, dtype=torch.float32)
+    u = row_uniform(logits, seed, offset, generator, "sample")
     return _backend.ops().sample(logits, u, alpha, float(temperature), str(rule), cap_arg)
 
 

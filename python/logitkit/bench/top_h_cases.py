@@ -160,7 +160,9 @@ def register_cases() -> None:
         register(Case(name, make_logits, fn, baselines, reference, top_h_mask_bytes, default=False, check=check))
 
     def sample_logitkit(x: torch.Tensor) -> torch.Tensor:
-        return logitkit.sample(x, temperature=T, top_h=alpha)
+        tokens = logitkit.sample(x, temperature=T, top_h=alpha)
+        assert isinstance(tokens, torch.Tensor)  # no return_* flag: the tokens alone
+        return tokens
 
     if transformers_mask is not None:
         sample_baselines = {"transformers": lambda x: _draw(transformers_mask(x))}

@@ -139,6 +139,72 @@ def top_h_mask(
 
 
 # ---------------------------------------------------------------------------
+# The row-statistics rules of the sampler family (docs/sampling.md)
+# ---------------------------------------------------------------------------
+
+
+def _per_row(value, batch: torch.Size, off: float) -> torch.Tensor:
+    """A parameter (number, None or per-row tensor) as a float64 tensor of shape (*batch, 1)."""
+    if value is None or value is False:
+        value = off
+    t = value.double().cpu() if isinstance(value, torch.Tensor) else torch.tensor(float(value), dtype=F64)
+    return t.expand(batch).unsqueeze(-1)
+
+
+def truncation_mask(
+    x: torch.Tensor,
+    temperature=1.0,
+    min_p=None,
+    top_n_sigma=None,
+    p_less=False,
+    epsilon=None,
+    eta=None,
+    min_tokens_to_keep: int = 1,
+) -> torch.Tensor:
+    """The kept set of the chain, evaluated in float64 by sorting each row (stable, largest first)
+    and scanning the published definitions on p = softmax(x / T) (T = 0: the largest logits):
+
+    * min-p (Nguyen et al. 2024): p >= min_p * p_max;
+    * top-n-sigma (Tang et al. 2024): z >= max z - n * std(z), std the population std of the
+      finite z;
+    * p-less: p >= sum p^2;
+    * epsilon (Hewitt et al. 2022): p >= eps;  eta: p >= min(eta, sqrt(eta) exp(-H(p)));
+    the intersection, at least the most probable token and the tokens whose logit reaches the
+    ``min_tokens_to_keep``-th largest one (not for T = 0). Rows holding NaN / +inf keep nothing, all -inf rows
+    keep token 0.
+    """
+    batch = x.shape[:-1]
+    xd = x.detach().double().cpu()
+    t = _per_row(temperature, batch, 1.0)
+    greedy = t == 0
+    z = torch.where(greedy, torch.where(xd == xd.amax(-1, keepdim=True), 0.0, -math.inf), xd / t.clamp_min(1e-300))
+    order = torch.sort(z, dim=-1, descending=True, stable=True)
+    zs = order.values
+    p = torch.softmax(zs, dim=-1)
+    keep = torch.ones_like(zs, dtype=torch.bool)
+    keep &= p >= _per_row(min_p, batch, 0.0) * p[..., :1]
+    finite = zs.isfinite()
+    count = finite.sum(-1, keepdim=True)
+    mean = torch.where(finite, zs, 0.0).sum(-1, keepdim=True) / count
+    std = (torch.where(finite, zs - mean, 0.0) ** 2).sum(-1, keepdim=True).div(count).sqrt()
+    n_sigma = _per_row(top_n_sigma, batch, math.inf)
+    keep &= (n_sigma == math.inf) | (zs >= zs[..., :1] - n_sigma * std)
+    keep &= (_per_row(p_less, batch, 0.0) == 0) | (p >= (p * p).sum(-1, keepdim=True))
+    keep &= p >= _per_row(epsilon, batch, 0.0)
+    eta_v = _per_row(eta, batch, 0.0)
+    h = entropy_terms(p).sum(-1, keepdim=True)
+    keep &= (eta_v == 0) | (p >= torch.minimum(eta_v, eta_v.sqrt() * torch.exp(-h)))
+    keep &= p > 0
+    k = min(max(min_tokens_to_keep, 1), zs.shape[-1])
+    xs = xd.gather(-1, order.indices)
+    keep |= (xs >= xs[..., k - 1 : k]) & (p > 0) & ~greedy  # greedy rows: the largest logits only
+    keep[..., 0] = True
+    bad = ~(xd.isnan().any(-1) | (xd == math.inf).any(-1))
+    keep &= bad.unsqueeze(-1)
+    return torch.zeros_like(keep).scatter(-1, order.indices, keep)
+
+
+# ---------------------------------------------------------------------------
 # Cross-entropy
 # ---------------------------------------------------------------------------
 

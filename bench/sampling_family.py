@@ -1,0 +1,141 @@
+"""Benchmark of the row-statistics sampler rules (docs/sampling.md) against the baselines run in
+the same invocation: transformers' warper chain (Temperature + MinP [+ Epsilon / Eta] warpers,
+then softmax + multinomial), a sort-based torch sampler in the style of vLLM's native path, each
+single rule against its transformers warper, on ROWS x V = 128256 float32 logits with per-row
+parameters for logitkit (transformers takes one value per batch).
+
+    python bench/sampling_family.py [--rows 64 256] [--repeats 5] [--out bench/results/sampling_family.txt]
+
+Prints median times and the speed-up ratios measured side by side (ratios, not absolute times, are
+what carries over on a shared machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+
+import logitkit
+from logitkit.bench.environment import cpu_model
+
+VOCAB = 128256
+TEMPERATURE, MIN_P, EPSILON, ETA = 0.8, 0.05, 3e-4, 3e-4
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def transformers_chain(x, warpers):
+    out = x
+    for w in warpers:
+        out = w(None, out)
+    return torch.multinomial(torch.softmax(out, -1), 1).squeeze(-1)
+
+
+def sort_based_sample(x, temperature, min_p):
+    """vLLM-style native path: scale, sort, softmax, min-p on the sorted probabilities, scatter
+    back, exponential-race draw (probs / Exp(1))."""
+    z = x / temperature.unsqueeze(-1)
+    sorted_z, idx = torch.sort(z, dim=-1, descending=True)
+    probs = torch.softmax(sorted_z, -1)
+    probs = probs.masked_fill(probs < min_p.unsqueeze(-1) * probs[..., :1], 0.0)
+    q = torch.empty_like(probs).exponential_()
+    return idx.gather(-1, (probs / q).argmax(-1, keepdim=True)).squeeze(-1)
+
+
+def make_cases(rows: int, tlp) -> dict:
+    """The cases at `rows` rows: name -> (logitkit call, {baseline name: call})."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, VOCAB, generator=g) * 3
+    t_rows = torch.full((rows,), TEMPERATURE) + 0.1 * torch.rand(rows, generator=g)
+    p_rows = torch.full((rows,), MIN_P)
+    seeds = torch.arange(rows)
+    temp = tlp.TemperatureLogitsWarper(TEMPERATURE)
+    return {
+        "chain: temperature+min_p sample": (
+            lambda: logitkit.sample(x, temperature=t_rows, min_p=p_rows, seed=seeds),
+            {
+                "transformers": lambda: transformers_chain(x, [temp, tlp.MinPLogitsWarper(MIN_P)]),
+                "sort-based": lambda: sort_based_sample(x, t_rows, p_rows),
+            },
+        ),
+        "chain: temperature+min_p+epsilon+eta sample": (
+            lambda: logitkit.sample(x, temperature=t_rows, min_p=p_rows, epsilon=EPSILON, eta=ETA, seed=seeds),
+            {
+                "transformers": lambda: transformers_chain(
+                    x,
+                    [temp, tlp.MinPLogitsWarper(MIN_P), tlp.EpsilonLogitsWarper(EPSILON), tlp.EtaLogitsWarper(ETA)],
+                )
+            },
+        ),
+        "min_p mask": (
+            lambda: logitkit.filter_logits(x, min_p=p_rows),
+            {"transformers": lambda: tlp.MinPLogitsWarper(MIN_P)(None, x)},
+        ),
+        "epsilon mask": (
+            lambda: logitkit.filter_logits(x, epsilon=EPSILON),
+            {"transformers": lambda: tlp.EpsilonLogitsWarper(EPSILON)(None, x)},
+        ),
+        "eta mask": (
+            lambda: logitkit.filter_logits(x, eta=ETA),
+            {"transformers": lambda: tlp.EtaLogitsWarper(ETA)(None, x)},
+        ),
+        "top_n_sigma mask": (
+            lambda: logitkit.filter_logits(x, top_n_sigma=1.0),
+            {
+                "torch": lambda: x.masked_fill(
+                    x < x.amax(-1, keepdim=True) - x.std(-1, correction=0, keepdim=True), -math.inf
+                )
+            },
+        ),
+        "p_less mask": (
+            lambda: logitkit.filter_logits(x, p_less=True),
+            {
+                "torch": lambda: (lambda p: x.masked_fill(p < (p * p).sum(-1, keepdim=True), -math.inf))(
+                    torch.softmax(x, -1)
+                )
+            },
+        ),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    from transformers.generation import logits_process as tlp
+
+    lines = [f"CPU: {cpu_model()}, torch threads {torch.get_num_threads()}, V = {VOCAB}, float32"]
+    for rows in args.rows:
+        cases = make_cases(rows, tlp)
+        lines.append(f"\nrows = {rows}")
+        for name, (ours, baselines) in cases.items():
+            t_ours = timed(ours, args.repeats)
+            parts = [f"logitkit {t_ours * 1e3:8.2f} ms"]
+            for bname, fn in baselines.items():
+                t_b = timed(fn, args.repeats)
+                parts.append(f"{bname} {t_b * 1e3:8.2f} ms (x{t_b / t_ours:5.2f})")
+            lines.append(f"  {name:45s} " + "  ".join(parts))
+            print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+// The "row-statistics" truncation rules of the sampler family (docs/sampling.md),
+// shared by the CPU and CUDA kernels: each rule keeps the tokens whose scaled
+// logit z = x / T reaches a threshold that follows from a few mergeable sums
+// over the row, so a kernel needs one pass for the statistics and one pass to
+// write the mask or draw.
+//
+// Per row, over z (m = max z, e_i = exp(z_i - m), s = sum e_i, p_i = e_i / s):
+//   min-p        p_i >= min_p * p_max          <=>  z_i >= m + log(min_p)
+//   p-less       p_i >= sum_j p_j^2            <=>  z_i >= m + log(s2 / s),   s2 = sum e_j^2
+//   epsilon      p_i >= eps                    <=>  z_i >= m + log(s) + log(eps)
+//   eta          p_i >= min(eta, sqrt(eta) e^-H) <=> z_i >= m + log(s) + log(min(...))
+//   top-n-sigma  z_i >= m - n * sigma,  sigma = population std of the finite z
+// with H = log s - b / s (SoftmaxState). The kept set is the intersection of
+// the enabled rules (the largest threshold), never empty: the threshold is at
+// most m, and at most `floor` (the k-th largest z, for min_tokens_to_keep = k).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "host_device.h"
+#include "softmax_state.h"
+
+namespace logitkit::core {
+
+// The per-row parameter table (float32, one row of kFilterParamCount per
+// logits row) written by python/logitkit/sampling.py. A disabled rule has its
+// "off" value: min_p 0, top_n_sigma +inf, p_less 0, epsilon 0, eta 0,
+// keep_floor +inf (min_tokens_to_keep <= 1).
+enum FilterParam : int {
+  kTemperature = 0,  // T > 0; 0 (or a T whose 1 / T overflows): greedy
+  kMinP = 1,
+  kTopNSigma = 2,
+  kPLess = 3,
+  kEpsilon = 4,
+  kEta = 5,
+  kKeepFloor = 6,  // the min_tokens_to_keep-th largest raw logit x
+  kFilterParamCount = 7,
+};
+
+// The extended row state: the softmax state of z plus what the thresholds
+// need. Mergeable like SoftmaxState (the same rescaling for s2, with the
+// factor squared), and the finite z's count / mean / M2 merge as Chan et al.
+// (1979)'s pairwise variance update.
+struct FilterState {
+  SoftmaxState sm;
+  float sum_exp2;  // s2 = sum exp(2 (z - m))
+  float count;     // finite z
+  float mean;      // their mean
+  float m2;        // sum (z - mean)^2 over them
+};
+
+LK_HOST_DEVICE FilterState empty_filter_state() { return FilterState{empty_state(), 0.0f, 0.0f, 0.0f, 0.0f}; }
+
+LK_HOST_DEVICE FilterState merge(const FilterState& a, const FilterState& b) {
+  FilterState r;
+  r.sm = merge(a.sm, b.sm);
+  const float fa = rescale_factor(a.sm.max, r.sm.max), fb = rescale_factor(b.sm.max, r.sm.max);
+  r.sum_exp2 = a.sum_exp2 * fa * fa + b.sum_exp2 * fb * fb;
+  r.count = a.count + b.count;
+  if (r.count == 0.0f) {
+    r.mean = r.m2 = 0.0f;
+    return r;
+  }
+  const float delta = b.mean - a.mean, wb = b.count / r.count;
+  r.mean = a.mean + delta * wb;
+  r.m2 = a.m2 + b.m2 + delta * delta * a.count * wb;
+  return r;
+}
+
+// Adds one scaled logit (online: the softmax state's update, s2 rescaled by
+// the same factor squared, Welford's update of the finite z's mean and M2).
+LK_HOST_DEVICE void accumulate(FilterState& st, float z) {
+  const float old_max = st.sm.max;
+  accumulate(st.sm, &z, 1);
+  if (!(z > neg_infinity() && z < pos_infinity())) return;  // -inf adds nothing; NaN/+inf: undefined row
+  const float f = rescale_factor(old_max, st.sm.max);
+  const float e = exp_of(z - st.sm.max);
+  st.sum_exp2 = st.sum_exp2 * f * f + e * e;
+  st.count += 1.0f;
+  const float delta = z - st.mean;
+  st.mean += delta / st.count;
+  st.m2 += delta * (z - st.mean);
+}
+
+// The per-row rule parameters, decoded from the table.
+struct FilterParams {
+  bool greedy;  // the T -> 0 limit: every token equal to the max, uniformly
+  float inv_temperature;
+  float min_p, top_n_sigma, p_less, epsilon, eta, keep_floor;
+};
+
+LK_HOST_DEVICE FilterParams decode_filter_params(const float* row) {
+  FilterParams p;
+  const float t = row[kTemperature];
+  const float inv_t = 1.0f / t;
+  p.greedy = !(t > 0.0f) || !(inv_t < pos_infinity());
+  p.inv_temperature = p.greedy ? 1.0f : inv_t;
+  p.min_p = row[kMinP];
+  p.top_n_sigma = row[kTopNSigma];
+  p.p_less = row[kPLess];
+  p.epsilon = row[kEpsilon];
+  p.eta = row[kEta];
+  p.keep_floor = row[kKeepFloor];
+  return p;
+}
+
+// z = x / T (x * (1 / T), the product rounded on its own as in top_h.h).
+LK_HOST_DEVICE float filter_scaled(float x, float inv_t) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(x, inv_t);
+#else
+  return x * inv_t;
+#endif
+}
+
+// What a row's kernel needs after pass 1: keep z >= threshold (z = x * inv_t),
+// weights exp(z - max). `defined` is false for a row holding NaN or +inf (no
+// distribution: nothing kept, no token); an all -inf row is defined with
+// max = -inf and keeps token 0 only (handled by the kernels).
+struct FilterCut {
+  bool defined;
+  float max;        // m
+  float threshold;  // keep z >= threshold (<= m)
+  float log_sum;    // log s over the whole row (log-probs under the scaled distribution)
+};
+
+LK_HOST_DEVICE float max_of(float a, float b) { return a > b ? a : b; }
+
+// The combined threshold of the enabled rules (the largest), clamped to the
+// row max and to the keep floor. Greedy rows keep the max only (ties: all).
+LK_HOST_DEVICE FilterCut filter_cut(const FilterState& st, const FilterParams& p) {
+  const float m = st.sm.max;
+  FilterCut c{true, m, m, 0.0f};
+  if (m != m || m == pos_infinity()) {
+    c.defined = false;
+    return c;
+  }
+  if (m == neg_infinity()) return c;
+  const float log_s = log_of(st.sm.sum_exp);
+  c.log_sum = log_s;
+  if (p.greedy) return c;
+  float t = neg_infinity();
+  if (p.min_p > 0.0f) t = max_of(t, m + log_of(p.min_p));
+  if (p.p_less != 0.0f) t = max_of(t, m + log_of(st.sum_exp2) - log_s);
+  if (p.epsilon > 0.0f) t = max_of(t, m + log_s + log_of(p.epsilon));
+  if (p.eta > 0.0f) {
+    const float h = entropy(st.sm);
+    const float eta = fminf(p.eta, sqrtf(p.eta) * exp_of(-h));
+    t = max_of(t, m + log_s + log_of(eta));
+  }
+  if (p.top_n_sigma < pos_infinity() && st.count > 0.0f) {
+    const float sigma = sqrtf(st.m2 / st.count);  // population std (docs/sampling.md)
+    t = max_of(t, m - p.top_n_sigma * sigma);
+  }
+  const float floor_z = filter_scaled(p.keep_floor, p.inv_temperature);
+  if (t > floor_z) t = floor_z;  // at least min_tokens_to_keep tokens
+  c.threshold = t > m ? m : t;
+  return c;
+}
+
+// Whether a token is kept, and its weight exp(z - m) (0 when dropped).
+LK_HOST_DEVICE float kept_weight(const FilterCut& c, float x, float inv_t) {
+  const float z = filter_scaled(x, inv_t);
+  return z >= c.threshold ? exp_of(z - c.max) : 0.0f;
+}
+
+// The processed distribution's outputs from its kept sums (relative to m):
+// K = sum kept e, D = sum kept (z - m) e; log q_tok = (z_tok - m) - log K,
+// H(q) = log K - D / K.
+struct KeptSums {
+  float mass;     // K
+  float shifted;  // D
+  float count;
+};
+
+// Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2,
+// 3", SC 2011): a counter-based generator, one 128-bit block per (key,
+// counter). The uniform of a row is the first 32-bit output of
+// Philox(key = seed, counter = (offset, 0)), as (bits >> 8) * 2^-24 in [0, 1):
+// the same number on every backend for the same seed and offset.
+struct Philox4x32 {
+  uint32_t v[4];
+};
+
+LK_HOST_DEVICE void mul_hi_lo(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+  const uint64_t prod = static_cast<uint64_t>(a) * b;
+  hi = static_cast<uint32_t>(prod >> 32);
+  lo = static_cast<uint32_t>(prod);
+}
+
+LK_HOST_DEVICE Philox4x32 philox4x32_10(Philox4x32 ctr, uint32_t key0, uint32_t key1) {
+  constexpr uint32_t kMul0 = 0xD2511F53u, kMul1 = 0xCD9E8D57u;
+  constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;
+  for (int round = 0; round < 10; ++round) {
+    uint32_t hi0, lo0, hi1, lo1;
+    mul_hi_lo(kMul0, ctr.v[0], hi0, lo0);
+    mul_hi_lo(kMul1, ctr.v[2], hi1, lo1);
+    ctr = Philox4x32{{hi1 ^ ctr.v[1] ^ key0, lo1, hi0 ^ ctr.v[3] ^ key1, lo0}};
+    key0 += kWeyl0;
+    key1 += kWeyl1;
+  }
+  return ctr;
+}
+
+LK_HOST_DEVICE float philox_uniform(int64_t seed, int64_t offset) {
+  const uint64_t s = static_cast<uint64_t>(seed), o = static_cast<uint64_t>(offset);
+  const Philox4x32 ctr{{static_cast<uint32_t>(o), static_cast<uint32_t>(o >> 32), 0u, 0u}};
+  const Philox4x32 out = philox4x32_10(ctr, static_cast<uint32_t>(s), static_cast<uint32_t>(s >> 32));
+  return static_cast<float>(out.v[0] >> 8) * (1.0f / 16777216.0f);
+}
+
+}  // namespace logitkit::core

@@ -1,0 +1,189 @@
+// CPU kernels of filter_mask and filter_sample (the row-statistics rules of
+// csrc/core/row_filters.h, docs/sampling.md). Included by top_h_cpu.cpp (the
+// same per-ISA translation unit, scratch and row loading as Top-H), inside
+// its anonymous namespace.
+//
+// One thread per row (at::parallel_for over rows); the row is loaded once in
+// fp32 into the thread's scratch (s.x, padded with -inf), then
+//   pass 1  tile by tile (vectorised): the tile's FilterState (max, sum exp,
+//           sum shifted, sum exp^2, finite count / mean / M2 by the tile's
+//           own two passes over the cached tile), merged into the row's; the
+//           raw log-sum-exp at temperature 1 when asked for;
+//   cut     the threshold (core::filter_cut);
+//   pass 2  mask: z >= threshold. sample: the kept weights of every tile,
+//           their sums (mass, shifted sum, count), then the draw by inverse
+//           CDF at u * mass: the tile where the running mass first exceeds
+//           it, whose weights are recomputed to find the token (one tile).
+// Special rows: NaN or +inf logits: nothing kept, token -1, statistics NaN
+// (kept count 0). All -inf: token 0 kept alone (log q = 0, H = 0, count 1).
+
+// Pass 1 over the loaded row: the extended state of z = x * inv_t.
+core::FilterState filter_state_of_row(RowScratch& s, float inv_t) {
+  const int64_t padded = static_cast<int64_t>(s.x.size());
+  const FVec vt(inv_t), zero(0.0f), one(1.0f), neg_inf(kNegInf), pos_inf(kPosInf);
+  core::FilterState row = core::empty_filter_state();
+  for (int64_t t = 0; t < padded; t += kTile) {
+    const int64_t n = std::min(kTile, padded - t);
+    FVec vmax(kNegInf), vcount(0.0f), vtotal(0.0f);
+    for (int64_t j = 0; j < n; j += kLanes) {
+      const FVec z = FVec::loadu(s.x.data() + t + j) * vt;
+      z.store(s.a + j);
+      vmax = at::vec::maximum(vmax, z);
+      const FVec finite = (z > neg_inf) & (z < pos_inf);
+      vcount = vcount + (finite & one);
+      vtotal = vtotal + FVec::blendv(zero, z, finite);
+    }
+    const float m = reduce_max(vmax);
+    if (m != m || m == kPosInf) return core::FilterState{core::SoftmaxState{m, 0.0f, 0.0f}, 0.0f, 0.0f, 0.0f, 0.0f};
+    if (m == kNegInf) continue;  // only masked entries
+    const float count = vsum(vcount), mean = vsum(vtotal) / count;
+    const FVec vm(m), vmean(mean);
+    FVec se(0.0f), sb(0.0f), se2(0.0f), m2(0.0f);
+    for (int64_t j = 0; j < n; j += kLanes) {
+      const FVec z = FVec::loadu(s.a + j);
+      const FVec d = z - vm, e = vexp(d);
+      const FVec positive = e > zero;
+      se = se + e;
+      se2 = se2 + e * e;
+      sb = sb + FVec::blendv(zero, d * e, positive);
+      const FVec c = FVec::blendv(zero, z - vmean, z > neg_inf);
+      m2 = m2 + c * c;
+    }
+    const core::FilterState tile{core::SoftmaxState{m, vsum(se), vsum(sb)}, vsum(se2), count, mean, vsum(m2)};
+    row = core::merge(row, tile);
+  }
+  return row;
+}
+
+// log sum exp(x - max_x) of the loaded row at temperature 1 (the raw distribution).
+float raw_log_sum_shifted(const RowScratch& s, float max_x) {
+  const int64_t padded = static_cast<int64_t>(s.x.size());
+  const FVec vm(max_x);
+  FVec acc(0.0f);
+  for (int64_t i = 0; i < padded; i += kLanes) acc = acc + vexp(FVec::loadu(s.x.data() + i) - vm);
+  return std::log(vsum(acc));
+}
+
+// The kept weights of the tile [t, t + n) into w; adds the tile's sums to `sums`
+// and returns the tile's mass.
+float filter_tile_weights(const RowScratch& s, int64_t t, int64_t n, const core::FilterCut& cut, float inv_t, float* w,
+                          core::KeptSums* sums) {
+  const FVec vt(inv_t), vm(cut.max), vthr(cut.threshold), zero(0.0f), one(1.0f);
+  FVec mass(0.0f), shifted(0.0f), count(0.0f);
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const FVec z = FVec::loadu(s.x.data() + t + j) * vt;
+    const FVec d = z - vm;
+    const FVec all = vexp(d);
+    const FVec keep = (z >= vthr) & (all > zero);
+    const FVec e = FVec::blendv(zero, all, keep);
+    e.store(w + j);
+    mass = mass + e;
+    if (sums != nullptr) {
+      shifted = shifted + FVec::blendv(zero, d * e, keep);
+      count = count + (keep & one);
+    }
+  }
+  const float tile_mass = vsum(mass);
+  if (sums != nullptr) {
+    sums->mass += tile_mass;
+    sums->shifted += vsum(shifted);
+    sums->count += vsum(count);
+  }
+  return tile_mass;
+}
+
+// Pass 2 of filter_sample: the kept sums, then the token at u (see the top).
+int64_t filter_draw(RowScratch& s, const core::FilterCut& cut, float inv_t, float u, core::KeptSums& sums) {
+  const int64_t padded = static_cast<int64_t>(s.x.size());
+  const int64_t tiles = (padded + kTile - 1) / kTile;
+  s.tile_mass.resize(tiles);
+  for (int64_t t = 0; t < tiles; ++t)
+    s.tile_mass[t] = filter_tile_weights(s, t * kTile, std::min(kTile, padded - t * kTile), cut, inv_t, s.a, &sums);
+  const float target = u * sums.mass;
+  float before = 0.0f, in_tile_target = kPosInf;  // +inf: rounding ran past the end, take the last kept token
+  int64_t tile = -1;
+  for (int64_t t = 0; t < tiles; ++t) {
+    if (!(s.tile_mass[t] > 0.0f)) continue;
+    tile = t;
+    if (before + s.tile_mass[t] > target) {
+      in_tile_target = target;
+      break;
+    }
+    before += s.tile_mass[t];
+  }
+  const int64_t begin = tile * kTile, n = std::min(kTile, padded - begin);
+  filter_tile_weights(s, begin, n, cut, inv_t, s.a, nullptr);
+  float running = before;
+  int64_t last_positive = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    if (!(s.a[j] > 0.0f)) continue;
+    running += s.a[j];
+    last_positive = j;
+    if (running > in_tile_target) break;
+  }
+  return begin + last_positive;
+}
+
+// Runs finish(row, scratch, params, cut, max_x) for every row, in parallel.
+template <class scalar_t, class Finish>
+void for_each_filter_row(const Rows& r, const float* params, Finish finish) {
+  const scalar_t* data = r.tensor.data_ptr<scalar_t>();
+  at::parallel_for(0, r.rows, 1, [&](int64_t first, int64_t last) {
+    auto s = std::make_unique<RowScratch>();
+    s->x.resize(round_up_to_lanes(r.cols));
+    for (int64_t row = first; row < last; ++row) {
+      const core::FilterParams p = core::decode_filter_params(params + row * core::kFilterParamCount);
+      const float max_x = load_row(data + row * r.row_stride, r.cols, *s);
+      const core::FilterState st = filter_state_of_row(*s, p.inv_temperature);
+      finish(row, *s, p, core::filter_cut(st, p), max_x);
+    }
+  });
+}
+
+template <class scalar_t>
+void filter_mask_rows(const Rows& r, const float* params, bool* out) {
+  const int64_t cols = r.cols;
+  for_each_filter_row<scalar_t>(
+      r, params, [&](int64_t row, const RowScratch& s, const core::FilterParams& p, const core::FilterCut& cut, float) {
+        bool* o = out + row * cols;
+        if (!cut.defined) return std::fill(o, o + cols, false);
+        if (cut.max == kNegInf) {  // all -inf: token 0 only
+          std::fill(o, o + cols, false);
+          o[0] = true;
+          return;
+        }
+        for (int64_t i = 0; i < cols; ++i) {
+          const float z = core::filter_scaled(s.x[i], p.inv_temperature);
+          o[i] = z >= cut.threshold && std::exp(z - cut.max) > 0.0f;
+        }
+      });
+}
+
+// Writes a row's token and statistics (SampleStat columns).
+inline void write_draw(int64_t token, float log_q, float raw, float entropy, float count, int64_t* tokens, float* stats,
+                       int64_t row) {
+  tokens[row] = token;
+  float* st = stats + row * kSampleStatCount;
+  st[kLogProb] = log_q;
+  st[kRawLogProb] = raw;
+  st[kEntropy] = entropy;
+  st[kKeptCount] = count;
+}
+
+template <class scalar_t>
+void filter_sample_rows(const Rows& r, const float* params, const float* uniform, bool raw_log_prob, int64_t* tokens,
+                        float* stats) {
+  constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+  for_each_filter_row<scalar_t>(
+      r, params, [&](int64_t row, RowScratch& s, const core::FilterParams& p, const core::FilterCut& cut, float max_x) {
+        if (!cut.defined) return write_draw(-1, kNaN, kNaN, kNaN, 0.0f, tokens, stats, row);
+        if (cut.max == kNegInf) return write_draw(0, 0.0f, kNaN, 0.0f, 1.0f, tokens, stats, row);
+        core::KeptSums sums{0.0f, 0.0f, 0.0f};
+        const int64_t token = filter_draw(s, cut, p.inv_temperature, uniform[row], sums);
+        const float x = s.x[token];
+        const float log_mass = std::log(sums.mass);
+        const float log_q = (core::filter_scaled(x, p.inv_temperature) - cut.max) - log_mass;
+        const float raw = raw_log_prob ? (x - max_x) - raw_log_sum_shifted(s, max_x) : kNaN;
+        write_draw(token, log_q, raw, log_mass - sums.shifted / sums.mass, sums.count, tokens, stats, row);
+      });
+}

@@ -1,0 +1,185 @@
+// CUDA kernels of filter_mask and filter_sample (the row-statistics rules of
+// csrc/core/row_filters.h, docs/sampling.md), also built for the host through
+// the SIMT emulator. Host launch and registration: top_h.cu.
+//
+// One block per row, one parameterised body for every rule (the rules differ
+// only in core::filter_cut's threshold). Passes over the row:
+//   pass 1   every thread folds its tokens (strided, coalesced) into a
+//            core::FilterState; one block reduction; every thread then
+//            computes the same cut (threshold, max).
+//   mask     pass 2 writes z >= threshold.                   -> 2 passes
+//   sample   pass 2 sums the kept weights (mass, shifted sum, count; block
+//            reduction), pass 3 draws by inverse CDF tile by tile (a
+//            block-wide inclusive scan on top of the mass of the tiles
+//            before) and stops at the tile holding the token. -> 2 passes
+//            + the draw pass, which reads the row up to the drawn token;
+//            + one pass for the raw log-prob, only when asked for.
+// A token of zero weight is never returned; when rounding makes the scan end
+// at or below u * mass, the last kept token of positive weight is returned.
+#pragma once
+
+#include <cstdint>
+
+#include "../core/row_filters.h"
+#include "../frontend/row_filters.h"
+#include "collectives.cuh"
+#include "launch_config.h"
+#include "row_kernels.cuh"
+
+namespace logitkit::cuda {
+
+struct RowFilterStorage {
+  core::FilterState state_scratch[kReduceScratchSize];
+  core::SoftmaxState raw_scratch[kReduceScratchSize];
+  core::KeptSums sums_scratch[kReduceScratchSize];
+  float mass_scratch[kReduceScratchSize];
+  int64_t index_scratch[kReduceScratchSize];
+};
+
+template <class scalar_t>
+LK_DEVICE inline float filter_logit(const scalar_t* row, int64_t i) {
+  return static_cast<float>(row[i]);
+}
+
+// At most 512 threads per block: 128 registers per thread, so that the
+// FilterState reductions do not spill (1024 threads cap them at 64).
+constexpr int kMaxFilterThreads = 512;
+
+// Pass 1: the row's cut (the same in every thread).
+template <class scalar_t>
+LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols, const core::FilterParams& p,
+                                                 RowFilterStorage& s) {
+  core::FilterState st = core::empty_filter_state();
+  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
+    core::accumulate(st, core::filter_scaled(filter_logit(x, i), p.inv_temperature));
+  }
+  st = block_reduce(
+      st, [](const core::FilterState& a, const core::FilterState& b) { return core::merge(a, b); },
+      core::empty_filter_state(), s.state_scratch);
+  return core::filter_cut(st, p);
+}
+
+// The raw distribution's log sum exp(x - max x) at temperature 1 (its own
+// pass, only for the raw log-prob: kept out of pass 1 so that its state is
+// not live, and spilled, across the draw).
+template <class scalar_t>
+LK_DEVICE inline core::SoftmaxState raw_state(const scalar_t* x, int64_t cols, RowFilterStorage& s) {
+  core::SoftmaxState raw = core::empty_state();
+  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
+    const float xv = filter_logit(x, i);
+    core::accumulate(raw, &xv, 1);
+  }
+  return block_reduce(
+      raw, [](const core::SoftmaxState& a, const core::SoftmaxState& b) { return core::merge(a, b); },
+      core::empty_state(), s.raw_scratch);
+}
+
+template <class scalar_t>
+__global__ void __launch_bounds__(kMaxFilterThreads)
+    filter_mask_kernel(RowsView<scalar_t> rows, int64_t cols, const float* params, bool* mask) {
+  const scalar_t* x = rows.row(blockIdx.x);
+  bool* out = mask + static_cast<int64_t>(blockIdx.x) * cols;
+  __shared__ RowFilterStorage s;
+  const core::FilterParams p =
+      core::decode_filter_params(params + static_cast<int64_t>(blockIdx.x) * core::kFilterParamCount);
+  const core::FilterCut cut = filter_pass_one(x, cols, p, s);
+  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
+    if (!cut.defined || cut.max == core::neg_infinity()) {
+      out[i] = cut.defined && i == 0;  // NaN / +inf: nothing; all -inf: token 0 only
+    } else {
+      out[i] = core::kept_weight(cut, filter_logit(x, i), p.inv_temperature) > 0.0f;
+    }
+  }
+}
+
+// Pass 2 of sampling: the kept sums of the row (every thread gets them).
+template <class scalar_t>
+LK_DEVICE inline core::KeptSums kept_sums(const scalar_t* x, int64_t cols, const core::FilterCut& cut, float inv_t,
+                                          RowFilterStorage& s) {
+  core::KeptSums mine{0.0f, 0.0f, 0.0f};
+  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
+    const float xv = filter_logit(x, i);
+    const float w = core::kept_weight(cut, xv, inv_t);
+    if (w > 0.0f) {
+      mine.mass += w;
+      mine.shifted += (core::filter_scaled(xv, inv_t) - cut.max) * w;
+      mine.count += 1.0f;
+    }
+  }
+  return block_reduce(
+      mine,
+      [](const core::KeptSums& a, const core::KeptSums& b) {
+        return core::KeptSums{a.mass + b.mass, a.shifted + b.shifted, a.count + b.count};
+      },
+      core::KeptSums{0.0f, 0.0f, 0.0f}, s.sums_scratch);
+}
+
+// The draw pass (see the top): the first kept token whose running weight
+// exceeds target, else the last kept token of positive weight.
+template <class scalar_t>
+LK_DEVICE inline int64_t filter_draw_pass(const scalar_t* x, int64_t cols, const core::FilterCut& cut, float inv_t,
+                                          float target, RowFilterStorage& s) {
+  constexpr int64_t kNone = -1, kNoIndex = INT64_MAX;
+  auto max_index = [](int64_t a, int64_t b) { return a > b ? a : b; };
+  auto min_index = [](int64_t a, int64_t b) { return a < b ? a : b; };
+  float before = 0.0f;  // kept mass of the tiles before (the same in every thread)
+  int64_t found = kNone, last_positive = kNone;
+  for (int64_t base = 0; base < cols && found == kNone; base += blockDim.x) {
+    const int64_t i = base + threadIdx.x;
+    const float w = i < cols ? core::kept_weight(cut, filter_logit(x, i), inv_t) : 0.0f;
+    if (w > 0.0f) last_positive = i;
+    float tile_mass;
+    const float running = before + block_inclusive_scan(w, s.mass_scratch, tile_mass);
+    const bool crosses = w > 0.0f && running > target;
+    const int64_t first = block_reduce(crosses ? i : kNoIndex, min_index, kNoIndex, s.index_scratch);
+    found = first == kNoIndex ? kNone : first;
+    before += tile_mass;
+  }
+  if (found == kNone) found = block_reduce(last_positive, max_index, kNone, s.index_scratch);
+  return found;
+}
+
+// kRaw: also the raw log-prob (raw_log_prob = true).
+template <bool kRaw, class scalar_t>
+__global__ void __launch_bounds__(kMaxFilterThreads)
+    filter_sample_kernel(RowsView<scalar_t> rows, int64_t cols, const float* params, const float* uniform,
+                         int64_t* tokens, float* stats) {
+  const int64_t row = blockIdx.x;
+  const scalar_t* x = rows.row(row);
+  __shared__ RowFilterStorage s;
+  const core::FilterParams p = core::decode_filter_params(params + row * core::kFilterParamCount);
+  const core::FilterCut cut = filter_pass_one(x, cols, p, s);
+  float* st = stats + row * kSampleStatCount;
+  const float nan = core::quiet_nan();
+  if (!cut.defined || cut.max == core::neg_infinity()) {
+    if (threadIdx.x == 0) {  // NaN / +inf: no token; all -inf: token 0 alone
+      tokens[row] = cut.defined ? 0 : -1;
+      st[kLogProb] = cut.defined ? 0.0f : nan;
+      st[kRawLogProb] = nan;
+      st[kEntropy] = cut.defined ? 0.0f : nan;
+      st[kKeptCount] = cut.defined ? 1.0f : 0.0f;
+    }
+    return;
+  }
+  const core::KeptSums sums = kept_sums(x, cols, cut, p.inv_temperature, s);
+  const int64_t token = filter_draw_pass(x, cols, cut, p.inv_temperature, uniform[row] * sums.mass, s);
+  core::SoftmaxState raw = core::empty_state();
+  if constexpr (kRaw) raw = raw_state(x, cols, s);
+  if (threadIdx.x == 0) {
+    const float xv = filter_logit(x, token);
+    const float log_mass = core::log_of(sums.mass);
+    tokens[row] = token;
+    st[kLogProb] = (core::filter_scaled(xv, p.inv_temperature) - cut.max) - log_mass;
+    st[kRawLogProb] = kRaw ? (xv - raw.max) - core::log_of(raw.sum_exp) : nan;
+    st[kEntropy] = log_mass - sums.shifted / sums.mass;
+    st[kKeptCount] = sums.count;
+  }
+}
+
+// One thread per (seed, offset) pair.
+__global__ void philox_uniform_kernel(const int64_t* seed, const int64_t* offset, int64_t n, float* out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = core::philox_uniform(seed[i], offset[i]);
+}
+
+}  // namespace logitkit::cuda

@@ -1,0 +1,279 @@
+"""Tests of the row-statistics rules of the sampler family (logitkit.truncation_mask,
+filter_logits, sample with min_p / top_n_sigma / p_less / epsilon / eta / temperature 0,
+counter-based seeds) on every backend. References: logitkit.testing.references.truncation_mask
+(float64, sort and scan of the published definitions) and transformers' warpers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import logitkit
+import logitkit.testing
+from logitkit import _loader
+from logitkit.testing import references
+
+RULES = {
+    "min_p": dict(min_p=0.1),
+    "top_n_sigma": dict(top_n_sigma=1.0),
+    "p_less": dict(p_less=True),
+    "epsilon": dict(epsilon=3e-4),
+    "eta": dict(eta=3e-4),
+    "all": dict(min_p=0.02, top_n_sigma=2.0, p_less=True, epsilon=1e-4, eta=1e-3),
+    "none": dict(),
+}
+
+
+def rows(n: int, vocab: int, scale: float = 3.0, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, vocab, generator=g) * scale
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+@pytest.mark.parametrize("vocab", [1, 31, 1000])
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
+def test_kept_set_matches_reference(backend, rule, vocab, temperature):
+    x = rows(6, vocab)
+    got = logitkit.truncation_mask(backend.tensor(x), temperature=temperature, **RULES[rule]).cpu()
+    expected = references.truncation_mask(x, temperature=temperature, **RULES[rule])
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rule", ["min_p", "top_n_sigma", "eta"])
+def test_low_precision_inputs(backend, dtype, rule):
+    x = rows(4, 1000).to(dtype)  # the reference sees the same rounded values
+    got = logitkit.truncation_mask(backend.tensor(x), temperature=0.9, **RULES[rule]).cpu()
+    assert torch.equal(got, references.truncation_mask(x, temperature=0.9, **RULES[rule]))
+
+
+def test_large_vocab_and_non_contiguous(backend):
+    x = rows(2, 2 * 50257, scale=2.0)[:, ::2]
+    got = logitkit.truncation_mask(backend.tensor(x), min_p=0.05, top_n_sigma=3.0).cpu()
+    assert torch.equal(got, references.truncation_mask(x, min_p=0.05, top_n_sigma=3.0))
+
+
+@pytest.mark.parametrize("min_tokens_to_keep", [1, 5])
+@pytest.mark.parametrize("warper", ["MinP", "Epsilon", "Eta"])
+def test_equals_transformers_warpers(backend, warper, min_tokens_to_keep):
+    tlp = pytest.importorskip("transformers.generation.logits_process")
+    x = rows(8, 1000, scale=2.0)
+    x[0] *= 20  # a peaked row: most rules keep fewer than min_tokens_to_keep there
+    arg = {"MinP": ("min_p", 0.1), "Epsilon": ("epsilon", 3e-3), "Eta": ("eta", 3e-3)}[warper]
+    theirs = getattr(tlp, f"{warper}LogitsWarper")(arg[1], min_tokens_to_keep=min_tokens_to_keep)
+    expected = theirs(None, tlp.TemperatureLogitsWarper(0.8)(None, x.clone())) != -math.inf
+    got = logitkit.truncation_mask(
+        backend.tensor(x), temperature=0.8, min_tokens_to_keep=min_tokens_to_keep, **{arg[0]: arg[1]}
+    ).cpu()
+    assert torch.equal(got, expected)
+
+
+def test_per_row_parameters_equal_row_by_row(backend):
+    x = rows(5, 300)
+    params = dict(
+        temperature=torch.tensor([1.0, 0.5, 0.0, 2.0, 1.3]),
+        min_p=torch.tensor([0.0, 0.2, 0.1, 0.05, 0.0]),
+        top_n_sigma=torch.tensor([math.inf, 1.0, 2.0, math.inf, 0.5]),
+        p_less=torch.tensor([False, True, False, False, True]),
+        epsilon=torch.tensor([0.0, 0.0, 1e-3, 1e-3, 0.0]),
+        eta=torch.tensor([1e-3, 0.0, 0.0, 0.0, 2e-3]),
+    )
+    on_backend = {k: backend.tensor(v) for k, v in params.items()}
+    batched = logitkit.truncation_mask(backend.tensor(x), **on_backend).cpu()
+    for r in range(x.shape[0]):
+        one = {k: v[r].item() for k, v in params.items()}
+        assert torch.equal(batched[r], logitkit.truncation_mask(backend.tensor(x[r]), **one).cpu()), r
+        assert torch.equal(batched[r], references.truncation_mask(x[r], **one))
+    tokens = logitkit.sample(backend.tensor(x), seed=backend.tensor(torch.arange(5)), **on_backend).cpu()
+    for r in range(x.shape[0]):
+        one = {k: v[r].item() for k, v in params.items()}
+        assert logitkit.sample(backend.tensor(x[r : r + 1]), seed=r, **one).item() == tokens[r].item()
+        assert batched[r, tokens[r]]
+
+
+def test_special_rows(backend):
+    x = rows(4, 50)
+    x[0, 7] = math.nan
+    x[1, 3] = math.inf
+    x[2] = -math.inf
+    x[3, :40] = -math.inf
+    mask = logitkit.truncation_mask(backend.tensor(x), min_p=0.1).cpu()
+    assert not mask[0].any() and not mask[1].any()
+    assert mask[2].tolist() == [True] + [False] * 49
+    assert not mask[3, :40].any() and mask[3, 40:].any()
+    out = logitkit.sample(backend.tensor(x), min_p=0.1, seed=3, return_logprobs=True, return_entropy=True)
+    assert out.tokens.cpu().tolist()[:3] == [-1, -1, 0]
+    assert out.tokens[3].item() >= 40
+    assert out.logprobs[:2].isnan().all() and out.logprobs[2].item() == 0.0
+
+
+def test_statistics(backend):
+    x = rows(6, 1000)
+    out = logitkit.sample(
+        backend.tensor(x),
+        temperature=0.8,
+        min_p=0.05,
+        seed=11,
+        return_logprobs=True,
+        return_entropy=True,
+        return_kept=True,
+    )
+    keep = references.truncation_mask(x, temperature=0.8, min_p=0.05)
+    q = torch.softmax((x.double() / 0.8).masked_fill(~keep, -math.inf), -1)
+    tok = out.tokens.cpu()
+    assert keep.gather(-1, tok[:, None]).all()
+    torch.testing.assert_close(
+        out.logprobs.cpu().double(), q.gather(-1, tok[:, None]).squeeze(-1).log(), atol=1e-4, rtol=1e-4
+    )
+    raw = torch.log_softmax(x.double(), -1).gather(-1, tok[:, None]).squeeze(-1)
+    torch.testing.assert_close(out.raw_logprobs.cpu().double(), raw, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.entropy.cpu().double(), references.entropy_terms(q).sum(-1), atol=1e-4, rtol=1e-4)
+    assert torch.equal(out.kept.cpu(), keep.sum(-1))
+
+
+@pytest.mark.parametrize("rule", ["min_p", "p_less", "none"])
+def test_draws_follow_the_processed_distribution(backend, rule):
+    """Chi-square of the draws (one row per draw, seeds 0..draws-1). The emulator runs a block in
+    ~0.1 s, so there the draws are fewer and must equal the CPU kernel's draws instead (the
+    chi-square on the CPU then covers them)."""
+    vocab, draws = 12, 4000
+    if backend.name == "emulated-cuda":
+        x = rows(1, vocab, scale=1.0).expand(48, vocab)
+        got = logitkit.sample(backend.tensor(x), temperature=0.9, seed=torch.arange(48), **RULES[rule])
+        with logitkit.testing.use_backend("cpu"):
+            assert torch.equal(got, logitkit.sample(x, temperature=0.9, seed=torch.arange(48), **RULES[rule]))
+        return
+    x = rows(1, vocab, scale=1.0).expand(draws, vocab)
+    keep = references.truncation_mask(x[:1], temperature=0.9, **RULES[rule])[0]
+    q = torch.softmax((x[0].double() / 0.9).masked_fill(~keep, -math.inf), -1)
+    tokens = logitkit.sample(
+        backend.tensor(x), temperature=0.9, seed=backend.tensor(torch.arange(draws)), **RULES[rule]
+    ).cpu()
+    counts = torch.bincount(tokens, minlength=vocab).double()
+    assert counts[~keep].sum() == 0
+    expected = q[keep] * draws
+    chi2 = ((counts[keep] - expected) ** 2 / expected).sum().item()
+    dof = int(keep.sum()) - 1
+    assert chi2 < dof + 5 * math.sqrt(2 * max(dof, 1)) + 10, (chi2, dof)
+
+
+def philox_reference(seed: int, offset: int) -> float:
+    """Philox4x32-10 written out in Python (Salmon et al. 2011), first output word."""
+    m32 = 0xFFFFFFFF
+    k0, k1 = seed & m32, (seed >> 32) & m32
+    c = [offset & m32, (offset >> 32) & m32, 0, 0]
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+        c = [((p1 >> 32) ^ c[1] ^ k0) & m32, p1 & m32, ((p0 >> 32) ^ c[3] ^ k1) & m32, p0 & m32]
+        k0, k1 = (k0 + 0x9E3779B9) & m32, (k1 + 0xBB67AE85) & m32
+    return (c[0] >> 8) / 2**24
+
+
+def test_philox_known_answer_and_reference(backend):
+    # Random123's known answer for key (0, 0), counter (0, 0, 0, 0): first word 0x6627e8d5.
+    assert philox_reference(0, 0) == (0x6627E8D5 >> 8) / 2**24
+    seeds = torch.tensor([0, 1, -1, 2**40 + 3, 123456789])
+    offsets = torch.tensor([0, 5, 7, -2, 2**33])
+    got = logitkit.philox_uniform(backend.tensor(seeds), backend.tensor(offsets)).cpu()
+    expected = [philox_reference(s % 2**64, o % 2**64) for s, o in zip(seeds.tolist(), offsets.tolist())]
+    assert got.tolist() == expected
+
+
+def test_same_seed_same_token_on_every_backend():
+    if _loader._C_emulated is None:
+        pytest.skip("emulated backend not built")
+    x = rows(64, 1000)
+    seed, offset = torch.arange(64) * 7919, torch.full((64,), 3)
+    params = logitkit.filters.filter_params(x, temperature=0.8, min_p=0.02, op="sample")
+    tokens = {}
+    for ns in ("logitkit", "logitkit_emulated"):
+        ops = getattr(torch.ops, ns)
+        u = ops.philox_uniform(seed, offset)
+        tokens[ns] = ops.filter_sample(x, params, u, False)[0]
+    assert torch.equal(tokens["logitkit"], tokens["logitkit_emulated"])
+    # a row's token does not depend on the rest of the batch
+    alone = torch.ops.logitkit.filter_sample(
+        x[5:6], params[5:6], torch.ops.logitkit.philox_uniform(seed[5:6], offset[5:6]), False
+    )[0]
+    assert alone.item() == tokens["logitkit"][5].item()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(min_p=1.5), ValueError, "min_p must be in"),
+        (dict(epsilon=-1e-3), ValueError, "epsilon must be in"),
+        (dict(eta=1.0), ValueError, "eta must be in"),
+        (dict(top_n_sigma=-1.0), ValueError, "top_n_sigma must be"),
+        (dict(temperature=-0.5), ValueError, "temperature must be"),
+        (dict(min_p=torch.zeros(3)), ValueError, "min_p must be a number or a tensor of shape"),
+        (dict(min_p=torch.tensor([0.1, 2.0])), ValueError, "min_p must be in"),
+        (dict(min_p=0.1, min_tokens_to_keep=0), ValueError, "min_tokens_to_keep"),
+        (dict(seed=torch.zeros(2, dtype=torch.int32)), TypeError, "seed must be an int64"),
+        (dict(seed=torch.zeros(3, dtype=torch.int64)), ValueError, "seed must be an int or an int64 tensor of shape"),
+        (dict(seed=1, generator=torch.Generator()), ValueError, "either generator or seed"),
+        (dict(offset=3), ValueError, "offset needs seed"),
+        (dict(top_h=0.5, min_p=0.1), ValueError, "min_p cannot be combined with top_h"),
+    ],
+)
+def test_bad_parameters(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        logitkit.sample(torch.randn(2, 10), **kwargs)
+
+
+def test_seed_on_wrong_device():
+    with pytest.raises(ValueError, match="seed is on meta but logits is on cpu"):
+        logitkit.sample(torch.randn(2, 10), min_p=0.1, seed=torch.zeros(2, dtype=torch.int64, device="meta"))
+
+
+def test_legacy_sample_with_seed(backend):
+    x = rows(3, 100)
+    a = logitkit.sample(backend.tensor(x), top_h=0.5, seed=4, offset=2).cpu()
+    b = logitkit.sample(backend.tensor(x), top_h=0.5, seed=4, offset=2).cpu()
+    assert torch.equal(a, b)
+    assert logitkit.top_h_mask(x, 0.5).gather(-1, a[:, None]).all()
+
+
+def test_opcheck_and_compile(backend):
+    x = backend.tensor(rows(3, 40))
+    params = logitkit.filters.filter_params(x, temperature=0.9, min_p=0.05, top_n_sigma=2.0)
+    u = backend.tensor(torch.rand(3))
+    ops = backend.ops
+    torch.library.opcheck(ops.filter_mask, (x, params))
+    torch.library.opcheck(ops.filter_sample, (x, params, u, True))
+    seeds = backend.tensor(torch.arange(3))
+    torch.library.opcheck(ops.philox_uniform, (seeds, seeds))
+
+    def chain(logits, seed):
+        mask = logitkit.truncation_mask(logits, temperature=0.9, min_p=0.05)
+        return mask, logitkit.sample(logits, temperature=0.9, min_p=0.05, seed=seed)
+
+    compiled = torch.compile(chain, fullgraph=True, backend="aot_eager")
+    got, want = compiled(x, seeds), chain(x, seeds)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("name", ["MinP", "Epsilon", "Eta"])
+def test_processors_equal_transformers(backend, name):
+    tlp = pytest.importorskip("transformers.generation.logits_process")
+    from logitkit.integrations import transformers as lk_tf
+
+    x = rows(4, 500, scale=2.0)
+    value = {"MinP": 0.1, "Epsilon": 1e-3, "Eta": 1e-3}[name]
+    kwargs = dict(filter_value=-100.0, min_tokens_to_keep=3)
+    theirs = getattr(tlp, f"{name}LogitsWarper")(value, **kwargs)(None, x.clone())
+    ours = getattr(lk_tf, f"{name}LogitsWarper")(value, **kwargs)(None, backend.tensor(x)).cpu()
+    assert torch.equal(ours, theirs)
+
+
+def test_fused_processor_equals_chain(backend):
+    tlp = pytest.importorskip("transformers.generation.logits_process")
+    from logitkit.integrations import transformers as lk_tf
+
+    x = rows(4, 500, scale=2.0)
+    theirs = tlp.MinPLogitsWarper(0.05)(None, tlp.TemperatureLogitsWarper(0.7)(None, x.clone()))
+    ours = lk_tf.FusedSamplingLogitsWarper(0.7, min_p=0.05)(None, backend.tensor(x)).cpu()
+    assert torch.equal(ours.isfinite(), theirs.isfinite())
+    torch.testing.assert_close(ours[ours.isfinite()], theirs[theirs.isfinite()])
