@@ -18,6 +18,7 @@ from ._loader import build_info
 
 # isort: split
 from ._build_config import VERSION as __version__
+from ._loss_math import CrossEntropyOutput
 from .cross_entropy import cross_entropy
 from .linear_ce import (
     DEFAULT_CHUNK_BUDGET,
@@ -42,6 +43,7 @@ from .sampling import sample, top_h, top_h_mask
 
 __all__ = [
     "DEFAULT_CHUNK_BUDGET",
+    "CrossEntropyOutput",
     "GemmPath",
     "LinearCrossEntropyLoss",
     "__version__",
