@@ -342,3 +342,12 @@ def test_linear_ce_thread_count_invariant():
     for threads, fused, *tensors in results[2:]:
         _, _, *first = results[int(fused)]
         assert all(torch.equal(a, b) for a, b in zip(tensors, first)), (threads, fused)
+
+
+def test_no_silent_second_derivative():
+    """The backwards are kernels (once differentiable): a second derivative raises instead of
+    returning a partial, wrong one."""
+    x = torch.randn(3, 5, dtype=F64, requires_grad=True)
+    (g,) = torch.autograd.grad(logitkit.cross_entropy(x, torch.tensor([1, 2, 3])), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        g.sum().backward()

@@ -22,6 +22,7 @@ import math
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _backend
 from . import row_ops as _row_ops  # noqa: F401  (registers the fake kernels and autograd of the row kernels used here)
@@ -132,6 +133,7 @@ class _CrossEntropy(torch.autograd.Function):
         return reduce_loss(loss, t, options.reduction).to(out_dtype), lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         logits, target, class_weight, max_z, log_s, lse = ctx.saved_tensors
         namespace, options = ctx.config
@@ -195,6 +197,7 @@ class _SoftTargetCrossEntropy(torch.autograd.Function):
         return reduce_loss(loss, t, options.reduction).to(out_dtype), lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
         logits, q, class_weight, max_z, log_s, lse, total = ctx.saved_tensors
         options = ctx.options

@@ -22,6 +22,7 @@ import math
 from typing import Any, NamedTuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _backend, _loader
 from ._layout import (
@@ -346,6 +347,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return out.to(out_dtype), f.lse, hit
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss, grad_lse, _grad_hit):
         _, weight, _, t1, _, class_weight, lse = ctx.saved_tensors
         options = ctx.options
@@ -434,6 +436,7 @@ class _LinearCrossEntropyGradInForward(torch.autograd.Function):
         return loss.to(out_dtype), lse_all, hit
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss, _grad_lse, _grad_hit):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         check_real_grad(grad_loss)
@@ -720,6 +723,7 @@ class _LinearLogProbsAndEntropy(torch.autograd.Function):
         return log_prob.reshape(target.shape).to(out_dtype), entropy.reshape(target.shape).to(out_dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_log_prob, grad_entropy):
         entropy, valid = ctx.saved_tensors[5:7]
         zeros = entropy.new_zeros(entropy.shape)
