@@ -155,7 +155,8 @@ def render(result: dict) -> str:
         f"(N = {n_tokens}; the fp32 logits alone are {_gib(4 * n_tokens * cfg['vocab'])}), "
         f"{un['num_parameters'] / 1e6:.1f} M parameters",
         f"CPU: {env['cpu_model']}, {un['num_threads']} threads; torch {un['torch_version']}, "
-        f"transformers {un['transformers_version']}; {cfg['warmup']} warm-up + {cfg['steps']} timed steps each",
+        f"transformers {un['transformers_version']}; {cfg['warmup']} warm-up + {cfg['steps']} timed steps each, "
+        f"{un.get('rounds', 1)} interleaved round(s) (unpatched, patched, ...)",
         "",
         f"{'':28}{'unpatched':>14}{'patched':>14}{'patched/unpatched':>20}",
         f"{'peak above baseline':28}{_gib(un['peak_above_baseline_max_bytes']):>14}"
@@ -177,6 +178,20 @@ def render(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _merge_rounds(rounds: list[dict]) -> dict:
+    """One variant's measurements over the interleaved rounds: all timed steps pooled (medians
+    over them), the largest peaks."""
+    merged = dict(rounds[0])
+    for key in ("step_times_s", "step_cpu_times_s", "load_average_1min_after_steps", "peak_above_baseline_bytes"):
+        merged[key] = [x for r in rounds for x in r[key]]
+    merged["step_time_median_s"] = statistics.median(merged["step_times_s"])
+    merged["step_cpu_time_median_s"] = statistics.median(merged["step_cpu_times_s"])
+    merged["peak_above_baseline_max_bytes"] = max(merged["peak_above_baseline_bytes"])
+    merged["process_peak_rss_bytes"] = max(r["process_peak_rss_bytes"] for r in rounds)
+    merged["rounds"] = len(rounds)
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--vocab", type=int, default=128256)
@@ -189,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="run the variants alternately this many times (interleaved; merged)"
+    )
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (V = 1000, D = 32, 2 x 64 tokens)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
     p.add_argument("--txt", type=Path, help="write the table here")
@@ -208,17 +226,21 @@ def main(argv: list[str] | None = None) -> int:
         k: getattr(args, k)
         for k in ("vocab", "hidden", "intermediate", "heads", "layers", "batch", "seq", "warmup", "steps", "threads")
     }
-    variants = {}
-    for name in args.variants.split(","):
+    names = args.variants.split(",")
+    for name in names:
         if name not in VARIANTS:
             p.error(f"--variants: unknown variant {name!r}")
-        cmd = [sys.executable, __file__, *(f"--{k}={v}" for k, v in config.items()), "--variant", name]
-        print(f"running {name} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(proc.stderr, file=sys.stderr)
-            return proc.returncode
-        variants[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for _ in range(args.rounds):  # interleaved: u, p, u, p, ... so both see the same load over time
+        for name in names:
+            cmd = [sys.executable, __file__, *(f"--{k}={v}" for k, v in config.items()), "--variant", name]
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stderr, file=sys.stderr)
+                return proc.returncode
+            runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    variants = {name: _merge_rounds(r) for name, r in runs.items()}
     from logitkit.bench.environment import cpu_model  # (after the variants: imports torch)
 
     result = {

@@ -18,6 +18,7 @@ from ._loader import build_info
 
 # isort: split
 from ._build_config import VERSION as __version__
+from ._loss_math import CrossEntropyOutput
 from .cross_entropy import cross_entropy
 from .filters import filter_logits, philox_uniform, truncation_mask
 from .linear_ce import (
@@ -43,6 +44,7 @@ from .sampling import SampleResult, sample, top_h, top_h_mask
 
 __all__ = [
     "DEFAULT_CHUNK_BUDGET",
+    "CrossEntropyOutput",
     "GemmPath",
     "LinearCrossEntropyLoss",
     "SampleResult",

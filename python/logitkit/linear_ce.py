@@ -22,23 +22,39 @@ import math
 from typing import Any, NamedTuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _backend, _loader
-from ._layout import LCE_COEF_WIDTH, LCE_STATE_WIDTH, LceStateField, NormaliserField, column, normaliser_tensor
+from ._layout import (
+    LCE_COEF_WIDTH,
+    LCE_STATE_WIDTH,
+    LceCoefField,
+    LceStateField,
+    NormaliserField,
+    column,
+    normaliser_tensor,
+)
 from ._loss_math import (
     REDUCTIONS,
+    CrossEntropyOutput,
     LossOptions,
+    OutputRequest,
+    Targets,
     check_out_dtype,
+    check_real_grad,
     cross_entropy_coefficients,
     entropy_from_stats,
     log_prob_entropy_coefficients,
+    loss_outputs,
     loss_per_token,
     normaliser_from_stats,
     reduce_loss,
+    shifted_target,
     targets,
     upstream_per_token,
 )
 from ._registration import check_logits, check_temperature, cpp_float, register_fake
+from .cross_entropy import cross_entropy as _cross_entropy
 
 # Bytes of transient memory per tile. Measured at N = 1024, D = 1024,
 # V = 128256 on CPU (fp32, fwd+bwd, see bench/README.md): time is flat from
@@ -325,18 +341,116 @@ class _LinearCrossEntropy(torch.autograd.Function):
         out = reduce_loss(loss, t, options.reduction)
         _save_for_tiles(ctx, f, weight, bias, class_weight, f.lse)
         ctx.options = options
-        lse_out = f.lse.reshape(target.shape)
-        ctx.mark_non_differentiable(lse_out)
-        return (out.reshape(target.shape) if options.reduction == "none" else out).to(out_dtype), lse_out
+        # (N,) per-token outputs: the loss ("none"), lse (differentiable) and target hit (z_y = max z)
+        hit = column(f.stats, LceStateField.TARGET_LOGIT) == f.m
+        ctx.mark_non_differentiable(hit)
+        return out.to(out_dtype), f.lse, hit
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_lse):
+    @once_differentiable
+    def backward(ctx, grad_loss, grad_lse, _grad_hit):
         _, weight, _, t1, _, class_weight, lse = ctx.saved_tensors
         options = ctx.options
         t = targets(t1, class_weight, options.ignore_index, weight.shape[0])
         g = upstream_per_token(grad_loss, t, options.reduction)
-        coefficients = cross_entropy_coefficients(g, t, lse, options)
+        coefficients = cross_entropy_coefficients(g, t, lse, options, grad_lse)
         return (*_input_grads(ctx, coefficients, class_weight), None, None, None, None, None)
+
+
+def _gradient_rows_in_place(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    k: torch.Tensor,
+    norm: tuple[torch.Tensor, torch.Tensor],
+    class_weight: torch.Tensor | None,
+    tiles: _Tiles,
+    smoothing: bool,
+) -> torch.Tensor:
+    """Turns a (rows, V) fp32 tile of z into dL/dx in place (csrc/core/linear_ce.h in torch ops):
+    p (a) - beta [c = y] - sigma w_c, the target column as beta expm1(z_y - lse) + (a - beta) p_y,
+    times dz/dx."""
+    m, log_s = norm
+    a, beta, sigma = (column(k, f)[:, None] for f in (LceCoefField.PROB, LceCoefField.TARGET, LceCoefField.SMOOTH))
+    derivative = None
+    if tiles.softcap > 0.0:  # dz/dx = (1 - (z / c)^2) / T
+        derivative = (z / tiles.softcap).square_().neg_().add_(1.0).mul_(1.0 / tiles.temperature)
+    shifted = z.sub_(m[:, None]).sub_(log_s[:, None])  # z - lse, exact near the max
+    s_y = shifted.gather(1, y)
+    grad = shifted.exp_().mul_(a)  # p a (p = 0 at masked logits: 0)
+    w = None if class_weight is None else class_weight.float()
+    w_y = 1.0 if w is None else w[y]
+    if smoothing:
+        grad.addr_(sigma[:, 0], w if w is not None else torch.ones_like(grad[0]), alpha=-1)
+    grad.scatter_(1, y, beta * torch.expm1(s_y) + (a - beta) * s_y.exp() - sigma * w_y)
+    return grad.mul_(derivative) if derivative is not None else grad.mul_(1.0 / tiles.temperature)
+
+
+class _LinearCrossEntropyGradInForward(torch.autograd.Function):
+    """``grad_in_forward=True``: for a reduced (scalar) loss the upstream gradient only rescales
+    the gradient, so it is formed in the forward pass, Liger's scheme: blocks of tokens with
+    their whole rows of logits (one GEMM each), the row state, the loss, dL/dlogits in place,
+    and the two gradient GEMMs; the backward multiplies by the upstream gradient. Three
+    GEMM-equivalents instead of four, no recomputation; the fp32 grad_hidden and grad_weight
+    (and grad_bias) are held from the forward to the backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, class_weight, options: LossOptions, tiles: _Tiles, out_dtype):
+        ops = _backend.ops(_backend.namespace())
+        h2, t1 = hidden.reshape(-1, weight.shape[1]), target.reshape(-1)
+        n, vocab = h2.shape[0], weight.shape[0]
+        t = targets(t1, class_weight, options.ignore_index, vocab)
+        unit = upstream_per_token(torch.ones((), device=h2.device), t, options.reduction)
+        grad_h, grad_w = torch.empty_like(h2), torch.zeros_like(weight)
+        grad_b = torch.zeros_like(bias) if bias is not None else None
+        losses, lses, hits = [], [], []
+        step = max(1, tiles.chunk_budget // (4 * vocab))
+        for r in range(0, n, step):
+            hc, rows = h2[r : r + step], slice(r, r + step)
+            x = hc @ weight.T if bias is None else torch.addmm(bias, hc, weight.T)
+            z = x.mul_(1.0 / tiles.temperature)
+            if tiles.softcap > 0.0:
+                z = z.div_(tiles.softcap).tanh_().mul_(tiles.softcap)
+            stats = ops.softmax_stats(z, 1.0)
+            m = column(stats, LceStateField.MAX)
+            log_s, lse = normaliser_from_stats(m, column(stats, LceStateField.SUM_EXP))
+            tc = Targets(t1[rows], t.valid[rows], t.weight[rows], vocab, t.total_weight)
+            y = torch.where(tc.valid, tc.target, 0)[:, None]
+            weighted = None
+            if options.label_smoothing > 0.0:
+                weighted = z.sum(-1) if class_weight is None else z @ class_weight.float()
+            z_target = z.gather(1, y)[:, 0]
+            losses.append(loss_per_token(tc, (m - z_target) + log_s, lse, weighted, options))
+            lses.append(lse)
+            hits.append(z_target == m)
+            k = cross_entropy_coefficients(unit[rows], tc, lse, options)
+            grad = _gradient_rows_in_place(z, y, k, (m, log_s), class_weight, tiles, options.label_smoothing > 0.0)
+            torch.mm(grad, weight, out=grad_h[rows])
+            grad_w.addmm_(grad.T, hc)
+            if grad_b is not None:
+                grad_b.add_(grad.sum(0))
+        loss = reduce_loss(torch.cat(losses), t, options.reduction)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.hidden_shape = hidden.shape
+        lse_all, hit = torch.cat(lses), torch.cat(hits)
+        ctx.mark_non_differentiable(lse_all, hit)
+        return loss.to(out_dtype), lse_all, hit
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_lse, _grad_hit):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        check_real_grad(grad_loss)
+        g = grad_loss.float()  # (not in place: a retained graph may run the backward again)
+        return (
+            (grad_h * g).reshape(ctx.hidden_shape) if ctx.needs_input_grad[0] else None,
+            grad_w * g if ctx.needs_input_grad[1] else None,
+            grad_b * g if grad_b is not None and ctx.needs_input_grad[2] else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def _check_args(
@@ -354,15 +468,21 @@ def _check_args(
     """The Python API's checks (before the leading dimensions are flattened for the ops)."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1:
         raise ValueError(f"logitkit.{op}: hidden must be a tensor of shape (..., D)")
+    if hidden.shape[-1] < 1:
+        raise ValueError(f"logitkit.{op}: hidden must have a hidden size D >= 1, got shape {list(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
             f"logitkit.{op}: weight must have shape (V, {hidden.shape[-1]}) to match hidden, got {list(weight.shape)}"
         )
+    if weight.shape[0] < 1:
+        raise ValueError(f"logitkit.{op}: weight must have at least one row (V >= 1), got shape {list(weight.shape)}")
     if target.shape != hidden.shape[:-1]:
         raise ValueError(
             f"logitkit.{op}: target must have shape {list(hidden.shape[:-1])} (hidden's leading dims), "
             f"got {list(target.shape)}"
         )
+    if hidden.dtype == torch.float64 and hidden.device.type != "cpu":
+        raise TypeError(f"logitkit.{op}: float64 inputs are supported on CPU only (gradcheck, references)")
     if reduction not in REDUCTIONS:
         raise ValueError(f"logitkit.{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not (0.0 <= label_smoothing <= 1.0):
@@ -390,10 +510,14 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     temperature: float = 1.0,
     return_lse: bool = False,
+    shift: bool = False,
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
     chunk_budget: int | None = None,
     out_dtype: torch.dtype | None = None,
     grad_filter_eps: float | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    grad_in_forward: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | CrossEntropyOutput:
     """Cross-entropy of ``hidden @ weight.T + bias`` without materialising the logits.
 
     Equal to::
@@ -413,9 +537,30 @@ def linear_cross_entropy(
         reduction: ``"none"`` (per-token losses, shape of ``target``, 0 at ignored
             tokens), ``"sum"``, or ``"mean"`` (sum divided by the sum of the target
             class weights of the non-ignored tokens, i.e. their count without
-            class weights; the z-loss term is divided by the same number).
+            class weights). The z-loss term is divided by the number of non-ignored
+            tokens, with class weights too, as Liger and PaLM (not by the sum of the
+            target weights: it penalises every token's normaliser alike).
         return_lse: also return the per-token log-sum-exp of z (float32, shape of
-            ``target``, not differentiable).
+            ``target``). Differentiable, as Cut Cross-Entropy's: a gradient ``g_lse`` on
+            it adds ``g_lse * softmax(z)`` to dL/dz (folded into the backward's per-token
+            coefficient of p: no extra pass), so a user's own z-loss on it trains.
+        shift: Cut Cross-Entropy's ``shift``: hidden (..., T, D) at position t predicts
+            ``target[..., t + 1]`` (target (..., T)), the causal-LM shift. Done by
+            shifting the targets (the last position of each sequence predicts nothing,
+            ``ignore_index``), never by slicing (copying) the hidden states: the logits of
+            those B positions are computed and ignored. Per-token outputs then have the
+            shape of ``target[..., 1:]``.
+        return_z_loss: Liger's option: return a :class:`~logitkit.CrossEntropyOutput`
+            whose ``z_loss`` is the z-loss part of ``loss`` (``loss`` includes it),
+            reduced as the loss, not differentiable (for logging).
+        return_token_accuracy: Liger's option: ``token_accuracy`` in the
+            :class:`~logitkit.CrossEntropyOutput`: whether argmax z == target over the
+            non-ignored tokens ("mean": their fraction, "sum": their count, "none": 1/0
+            per token), from the streamed state (no logits, no extra pass): a token counts
+            as correct when its target's z equals the row maximum. Ties: where another
+            class has exactly the same maximal z, the target counts as correct, where
+            ``torch.argmax`` would pick the lowest index (a difference only on exact ties
+            at the maximum).
         chunk_budget: bytes of transient memory per tile; ``None`` (default):
             the device's default (:func:`default_chunk_budget`: 4 MiB on CPU,
             1/256 of the GPU's memory within [32, 256] MiB on CUDA). It holds
@@ -442,6 +587,14 @@ def linear_cross_entropy(
             is unchanged; gradients lose those tiny terms (error measured in
             bench/README.md). On CUDA the decision costs one device-to-host
             synchronisation per tile.
+        grad_in_forward: for a reduced loss ("mean"/"sum") of float32 inputs under
+            autograd, form the gradients in the forward pass (as Liger does): blocks of
+            ``chunk_budget / (4 V)`` tokens with their whole rows, three GEMM-equivalents
+            in all instead of four (no recomputation); the backward only rescales. Costs
+            the fp32 grad_hidden and grad_weight held from forward to backward, and the
+            gradient GEMMs even if no backward follows. Ignored (the two-pass route) for
+            ``reduction="none"``, ``return_lse``, ``grad_filter_eps``, other dtypes, or
+            without autograd. The causal-LM integration turns it on (bench/README.md).
 
     All-ignored batch: ``"sum"`` gives 0, ``"none"`` zeros, ``"mean"`` NaN (0/0,
     exactly as ``F.cross_entropy``); gradients are 0 in all three cases.
@@ -451,8 +604,14 @@ def linear_cross_entropy(
     synchronisation to check it: such a token's loss is NaN (so the reduced
     loss is NaN) and so are the gradients it touches.
 
+    float64 inputs (CPU only: ``torch.autograd.gradcheck`` and references) take the
+    materialised route: the logits in float64 and :func:`logitkit.cross_entropy` on them
+    (no memory saving; the tiled kernels are fp32).
+
     Returns the loss (computed in float32, returned in ``out_dtype``), and the
-    log-sum-exp with ``return_lse=True``.
+    log-sum-exp with ``return_lse=True``; a :class:`~logitkit.CrossEntropyOutput`
+    (loss, z_loss, token_accuracy, lse) with ``return_z_loss`` or
+    ``return_token_accuracy``.
     """
     _check_args(
         "linear_cross_entropy",
@@ -466,16 +625,41 @@ def linear_cross_entropy(
         temperature,
         chunk_budget,
     )
-    dtype = check_out_dtype(out_dtype, "linear_cross_entropy")
+    dtype = check_out_dtype(out_dtype, "linear_cross_entropy", hidden.dtype)
     if grad_filter_eps is not None and not (math.isfinite(grad_filter_eps) and grad_filter_eps > 0):
         raise ValueError(
             f"logitkit.linear_cross_entropy: grad_filter_eps must be None or a finite number > 0, got {grad_filter_eps}"
         )
+    if hidden.dtype == torch.float64:
+        logits = hidden @ weight.T if bias is None else torch.addmm(bias, hidden.reshape(-1, weight.shape[1]), weight.T)
+        return _cross_entropy(
+            logits.reshape(*hidden.shape[:-1], -1),
+            target,
+            class_weight=class_weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            temperature=temperature,
+            softcap=softcap,
+            shift=shift,
+            return_lse=return_lse,
+            return_z_loss=return_z_loss,
+            return_token_accuracy=return_token_accuracy,
+            out_dtype=dtype,
+        )
     options = LossOptions(int(ignore_index), reduction, float(label_smoothing), float(z_loss), float(temperature))
     softcap_value, filter_eps = 0.0 if softcap is None else float(softcap), float(grad_filter_eps or 0.0)
     tiles = _Tiles(softcap_value, float(temperature), _resolve_budget(chunk_budget, hidden), filter_eps)
-    loss, lse = _LinearCrossEntropy.apply(hidden, weight, bias, target, class_weight, options, tiles, dtype)
-    return (loss, lse) if return_lse else loss
+    labels = shifted_target(target, ignore_index) if shift else target
+    fused = grad_in_forward and reduction != "none" and not return_lse and filter_eps == 0.0
+    fused = fused and hidden.dtype == torch.float32 and torch.is_grad_enabled()
+    fused = fused and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
+    function = _LinearCrossEntropyGradInForward if fused else _LinearCrossEntropy
+    loss, lse, hit = function.apply(hidden, weight, bias, labels, class_weight, options, tiles, dtype)
+    t = targets(labels.reshape(-1), class_weight, options.ignore_index, weight.shape[0])
+    request = OutputRequest(target.shape, shift, return_lse, return_z_loss, return_token_accuracy)
+    return loss_outputs(loss, lse, t, options, lambda: hit, request)
 
 
 _MODULE_OPTIONS = (
@@ -520,30 +704,56 @@ class LinearCrossEntropyLoss(torch.nn.Module):
 
     def forward(
         self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | CrossEntropyOutput:
         options = {name: getattr(self, name) for name in _MODULE_OPTIONS}  # read at each call: attributes may change
         return linear_cross_entropy(hidden, weight, target, bias=bias, class_weight=self.class_weight, **options)
 
 
 class _LinearLogProbsAndEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, tiles: _Tiles, out_dtype: torch.dtype):
-        f = _forward_stats(ctx, hidden, weight, bias, target, None, -100, tiles)
+    def forward(ctx, hidden, weight, bias, target, ignore_index: int, tiles: _Tiles, out_dtype: torch.dtype):
+        f = _forward_stats(ctx, hidden, weight, bias, target, None, ignore_index, tiles)
+        valid = f.target1d != ignore_index
         log_prob = (column(f.stats, LceStateField.TARGET_LOGIT) - f.m) - f.log_s
+        log_prob = torch.where(valid, log_prob, torch.zeros_like(log_prob))  # ignored: 0 (masked), not NaN
         entropy = entropy_from_stats(
             f.log_s, column(f.stats, LceStateField.SUM_EXP), column(f.stats, LceStateField.SUM_SHIFTED)
         )
-        _save_for_tiles(ctx, f, weight, bias, entropy)
+        _save_for_tiles(ctx, f, weight, bias, entropy, valid)
         return log_prob.reshape(target.shape).to(out_dtype), entropy.reshape(target.shape).to(out_dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_log_prob, grad_entropy):
-        entropy = ctx.saved_tensors[5]
+        entropy, valid = ctx.saved_tensors[5:7]
         zeros = entropy.new_zeros(entropy.shape)
+        check_real_grad(grad_log_prob)
+        check_real_grad(grad_entropy)
         g_l = grad_log_prob.float().reshape(-1) if grad_log_prob is not None else zeros
+        g_l = torch.where(valid, g_l, zeros)  # an ignored token's log-prob is the constant 0
         g_h = grad_entropy.float().reshape(-1) if grad_entropy is not None else zeros
         coefficients = log_prob_entropy_coefficients(g_l, g_h, entropy)
-        return (*_input_grads(ctx, coefficients, None), None, None, None)
+        return (*_input_grads(ctx, coefficients, None), None, None, None, None)
+
+
+def _materialised_log_probs_and_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None,
+    softcap: float | None,
+    temperature: float,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 (CPU): the logits materialised and logitkit's float64 row ops on them."""
+    from . import row_ops
+
+    z = (hidden @ weight.T if bias is None else hidden @ weight.T + bias) / temperature
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    valid = target != ignore_index
+    log_prob = row_ops.log_softmax(z).gather(-1, torch.where(valid, target, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, log_prob, torch.zeros_like(log_prob)), row_ops.entropy(z)
 
 
 def linear_log_probs_and_entropy(
@@ -553,20 +763,35 @@ def linear_log_probs_and_entropy(
     *,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
     chunk_budget: int | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``log softmax(z)[target]`` and entropy of ``softmax(z)``, with
-    ``z = (hidden @ weight.T + bias) / temperature``, without materialising z.
+    ``z = (hidden @ weight.T + bias) / temperature`` (and, with ``softcap``,
+    ``z = softcap * tanh(z / softcap)``, as :func:`linear_cross_entropy`), without
+    materialising z.
 
-    What PPO/GRPO training needs: both outputs are float32 (or ``out_dtype``) of
-    ``target``'s shape, computed in float32, and both are differentiable (w.r.t. hidden, weight and bias). Targets must
-    lie in [0, V) (checked on CPU; on CUDA an out-of-range target gives a NaN
-    log-probability). Memory as for :func:`linear_cross_entropy`.
+    What PPO/GRPO training needs: both outputs are float32 (or ``out_dtype``; float64 for
+    float64 inputs) of ``target``'s shape, computed in float32, and both are differentiable
+    (w.r.t. hidden, weight and bias). Targets must lie in [0, V) (checked on CPU; on CUDA an
+    out-of-range target gives a NaN log-probability) or be ``ignore_index``: such a token
+    (padding, prompt) gets log-probability 0 with no gradient, as the masked positions of
+    TRL's and verl's per-token log-probs (they are multiplied by the mask anyway), and its
+    entropy is still the row's entropy (it does not depend on the target). Memory as for
+    :func:`linear_cross_entropy`; float64 inputs (CPU) take the materialised route.
     """
     _check_args(
-        "linear_log_probs_and_entropy", hidden, weight, target, "none", 0.0, None, 0.0, temperature, chunk_budget
+        "linear_log_probs_and_entropy", hidden, weight, target, "none", 0.0, softcap, 0.0, temperature, chunk_budget
     )
-    dtype = check_out_dtype(out_dtype, "linear_log_probs_and_entropy")
-    tiles = _Tiles(0.0, float(temperature), _resolve_budget(chunk_budget, hidden))
-    return _LinearLogProbsAndEntropy.apply(hidden, weight, bias, target, tiles, dtype)
+    dtype = check_out_dtype(out_dtype, "linear_log_probs_and_entropy", hidden.dtype)
+    if hidden.dtype == torch.float64:
+        log_prob, entropy = _materialised_log_probs_and_entropy(
+            hidden, weight, target, bias, softcap, float(temperature), int(ignore_index)
+        )
+        return log_prob.to(dtype), entropy.to(dtype)
+    tiles = _Tiles(
+        0.0 if softcap is None else float(softcap), float(temperature), _resolve_budget(chunk_budget, hidden)
+    )
+    return _LinearLogProbsAndEntropy.apply(hidden, weight, bias, target, int(ignore_index), tiles, dtype)

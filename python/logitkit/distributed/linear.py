@@ -232,17 +232,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         normaliser = normaliser_tensor(max=merged.m, log_sum_exp=log_s)
         ctx.save_for_backward(h2, weight, bias, local_t, normaliser, class_weight, t1, valid, t.weight, lse)
         ctx.total_weight = t.total_weight
-        lse_out = lse.reshape(target.shape)
-        ctx.mark_non_differentiable(lse_out)
+        lse_out = lse.reshape(target.shape)  # differentiable, as single-device (dlse/dz = p)
         return (out.reshape(target.shape) if options.reduction == "none" else out).to(plan.out_dtype), lse_out
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_lse):
+    def backward(ctx, grad_loss, grad_lse):
         class_weight, t1, valid, w_y, lse = ctx.saved_tensors[5:]
         plan = ctx.plan
         t = Targets(target=t1, valid=valid, weight=w_y, vocab=plan.layout.vocab, total_weight=ctx.total_weight)
         g = upstream_per_token(grad_loss, t, plan.options.reduction)
-        coefficients = cross_entropy_coefficients(g, t, lse, plan.options)
+        coefficients = cross_entropy_coefficients(g, t, lse, plan.options, grad_lse)
         return (*_input_grads(ctx, plan, coefficients, class_weight), None, None, None)
 
 

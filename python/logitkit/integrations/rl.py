@@ -52,7 +52,7 @@ def token_log_probs_and_entropy(
             completion), as TRL. ``None``: every token but the first.
         temperature: the logits are divided by it (as TRL before
             ``selective_log_softmax``).
-        chunk_budget: see :func:`logitkit.linear_log_probs_and_entropy` (default here 32 MiB, as
+        chunk_budget: see :func:`logitkit.linear_log_probs_and_entropy` (default here 128 MiB, as
             ``apply_linear_cross_entropy``).
         group: tensor-parallel process group, reserved (vocabulary-parallel
             heads land separately); must be ``None`` for now.

@@ -224,19 +224,24 @@ def cross_entropy(
 ) -> torch.Tensor:
     """``F.cross_entropy(z, target, weight=class_weight, ...)`` plus ``z_loss * logsumexp(z)**2``
     per non-ignored token, with z = softcap * tanh((logits / T) / softcap) (no softcap: logits / T).
-    "mean" divides both terms by the sum of the target class weights of the non-ignored tokens."""
+    ``target``: class indices, or probabilities of the logits' shape (every token counts).
+    "mean" divides the cross-entropy by the sum of the target class weights of the non-ignored
+    tokens (torch; N for probability targets) and the z-loss by the number of non-ignored
+    tokens (Liger, PaLM)."""
     z = logits.to(dtype)
     if temperature != 1.0:
         z = z / temperature
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
-    z2, t1 = z.reshape(-1, z.shape[-1]), target.reshape(-1)
+    z2 = z.reshape(-1, z.shape[-1])
+    soft = target.dtype.is_floating_point
+    t1 = target.reshape(-1, z.shape[-1]).to(dtype) if soft else target.reshape(-1)
     w = None if class_weight is None else class_weight.to(dtype)
     loss = F.cross_entropy(
         z2, t1, weight=w, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
     )
     if z_loss:
-        valid = t1 != ignore_index
+        valid = torch.ones(z2.shape[0], dtype=torch.bool) if soft else t1 != ignore_index
         # (the z-loss's logsumexp in float32 at least, as a user writes it)
         lse = torch.logsumexp(z2 if z2.dtype == F64 else z2.float(), -1)
         zl = torch.where(valid, z_loss * lse**2, torch.zeros((), dtype=lse.dtype))
@@ -245,9 +250,8 @@ def cross_entropy(
         elif reduction == "sum":
             loss = loss + zl.sum()
         else:
-            w_y = valid.to(lse.dtype) if w is None else w[torch.where(valid, t1, 0)] * valid
-            loss = loss + zl.sum() / w_y.sum()
-    return loss.reshape(target.shape) if reduction == "none" else loss
+            loss = loss + zl.sum() / valid.sum()
+    return loss.reshape(z.shape[:-1]) if reduction == "none" else loss
 
 
 def linear_logits(
@@ -280,10 +284,17 @@ def linear_log_probs_and_entropy(
     *,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int | None = None,
     dtype: torch.dtype = F64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``log softmax(z)[target]`` and the entropy of softmax(z), z = (hidden @ weight.T + bias) / T."""
-    logp = torch.log_softmax(linear_logits(hidden, weight, bias, dtype) / temperature, -1)
-    log_prob = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    """``log softmax(z)[target]`` and the entropy of softmax(z), z = (hidden @ weight.T + bias) / T
+    (then softcap * tanh(z / softcap) with ``softcap``); log-prob 0 where target == ``ignore_index``."""
+    z = linear_logits(hidden, weight, bias, dtype) / temperature
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    logp = torch.log_softmax(z, -1)
+    valid = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
+    log_prob = logp.gather(-1, torch.where(valid, target, 0).unsqueeze(-1)).squeeze(-1)
     p_log_p = torch.where(logp == -math.inf, 0.0, logp.exp() * logp)  # masked logits: 0 log 0 = 0
-    return log_prob, -p_log_p.sum(-1)
+    return torch.where(valid, log_prob, 0.0), -p_log_p.sum(-1)
