@@ -105,15 +105,6 @@ LK_HOST_DEVICE FilterParams decode_filter_params(const float* row) {
   return p;
 }
 
-// z = x / T (x * (1 / T), the product rounded on its own as in top_h.h).
-LK_HOST_DEVICE float filter_scaled(float x, float inv_t) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(x, inv_t);
-#else
-  return x * inv_t;
-#endif
-}
-
 // What a row's kernel needs after pass 1: keep z >= threshold (z = x * inv_t),
 // weights exp(z - max). `defined` is false for a row holding NaN or +inf (no
 // distribution: nothing kept, no token); an all -inf row is defined with
@@ -153,7 +144,7 @@ LK_HOST_DEVICE FilterCut filter_cut(const FilterState& st, const FilterParams& p
     const float sigma = sqrtf(st.m2 / st.count);  // population std (docs/sampling.md)
     t = max_of(t, m - p.top_n_sigma * sigma);
   }
-  const float floor_z = filter_scaled(p.keep_floor, p.inv_temperature);
+  const float floor_z = scaled_logit(p.keep_floor, p.inv_temperature);
   if (t > floor_z) t = floor_z;  // at least min_tokens_to_keep tokens
   c.threshold = t > m ? m : t;
   return c;
@@ -161,7 +152,7 @@ LK_HOST_DEVICE FilterCut filter_cut(const FilterState& st, const FilterParams& p
 
 // Whether a token is kept, and its weight exp(z - m) (0 when dropped).
 LK_HOST_DEVICE float kept_weight(const FilterCut& c, float x, float inv_t) {
-  const float z = filter_scaled(x, inv_t);
+  const float z = scaled_logit(x, inv_t);
   return z >= c.threshold ? exp_of(z - c.max) : 0.0f;
 }
 

@@ -153,7 +153,7 @@ void filter_mask_rows(const Rows& r, const float* params, bool* out) {
           return;
         }
         for (int64_t i = 0; i < cols; ++i) {
-          const float z = core::filter_scaled(s.x[i], p.inv_temperature);
+          const float z = core::scaled_logit(s.x[i], p.inv_temperature);
           o[i] = z >= cut.threshold && std::exp(z - cut.max) > 0.0f;
         }
       });
@@ -182,7 +182,7 @@ void filter_sample_rows(const Rows& r, const float* params, const float* uniform
         const int64_t token = filter_draw(s, cut, p.inv_temperature, uniform[row], sums);
         const float x = s.x[token];
         const float log_mass = std::log(sums.mass);
-        const float log_q = (core::filter_scaled(x, p.inv_temperature) - cut.max) - log_mass;
+        const float log_q = (core::scaled_logit(x, p.inv_temperature) - cut.max) - log_mass;
         const float raw = raw_log_prob ? (x - max_x) - raw_log_sum_shifted(s, max_x) : kNaN;
         write_draw(token, log_q, raw, log_mass - sums.shifted / sums.mass, sums.count, tokens, stats, row);
       });

@@ -51,7 +51,7 @@ LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols
                                                  RowFilterStorage& s) {
   core::FilterState st = core::empty_filter_state();
   for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
-    core::accumulate(st, core::filter_scaled(filter_logit(x, i), p.inv_temperature));
+    core::accumulate(st, core::scaled_logit(filter_logit(x, i), p.inv_temperature));
   }
   st = block_reduce(
       st, [](const core::FilterState& a, const core::FilterState& b) { return core::merge(a, b); },
@@ -102,7 +102,7 @@ LK_DEVICE inline core::KeptSums kept_sums(const scalar_t* x, int64_t cols, const
     const float w = core::kept_weight(cut, xv, inv_t);
     if (w > 0.0f) {
       mine.mass += w;
-      mine.shifted += (core::filter_scaled(xv, inv_t) - cut.max) * w;
+      mine.shifted += (core::scaled_logit(xv, inv_t) - cut.max) * w;
       mine.count += 1.0f;
     }
   }
@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(kMaxFilterThreads)
     const float xv = filter_logit(x, token);
     const float log_mass = core::log_of(sums.mass);
     tokens[row] = token;
-    st[kLogProb] = (core::filter_scaled(xv, p.inv_temperature) - cut.max) - log_mass;
+    st[kLogProb] = (core::scaled_logit(xv, p.inv_temperature) - cut.max) - log_mass;
     st[kRawLogProb] = kRaw ? (xv - raw.max) - core::log_of(raw.sum_exp) : nan;
     st[kEntropy] = log_mass - sums.shifted / sums.mass;
     st[kKeptCount] = sums.count;
