@@ -122,7 +122,7 @@ def _bad_other_cases(lk: Any) -> list[Case]:
             lambda: lce(h, w, t, class_weight=torch.ones(16, device="meta")),
         ),
         Case("linear_cross_entropy: z_loss=nan", "bad", lambda: lce(h, w, t, z_loss=NAN)),
-        Case("linear_cross_entropy: chunk_budget=None", "bad", lambda: lce(h, w, t, chunk_budget=None)),
+        Case("linear_cross_entropy: chunk_budget=-1", "bad", lambda: lce(h, w, t, chunk_budget=-1)),
         Case("linear_cross_entropy: chunk_budget=2**63", "bad", lambda: lce(h, w, t, chunk_budget=2**63)),
         Case("linear_cross_entropy: ignore_index=2**63", "bad", lambda: lce(h, w, t, ignore_index=2**63)),
         Case(
@@ -131,7 +131,13 @@ def _bad_other_cases(lk: Any) -> list[Case]:
             lambda: lce(h, w[:0], torch.zeros(4, dtype=torch.long), class_weight=torch.ones(0)),
         ),
         Case("linear_cross_entropy: D=0", "bad", lambda: lce(h[:, :0], w[:, :0], t)),
-        Case("linear_log_probs_and_entropy: target=ignore_index", "bad", lambda: lpe(h, w, torch.full((4,), -100))),
+        # target = ignore_index is a masked position (log-prob 0, as TRL/verl mask), not bad input.
+        Case(
+            "linear_log_probs_and_entropy: target=ignore_index gives log-prob 0",
+            "special",
+            lambda: lpe(h, w, torch.full((4,), -100))[0],
+            lambda: torch.zeros(4, dtype=torch.float64),
+        ),
         Case(
             "cross_entropy: complex logits",
             "bad",
