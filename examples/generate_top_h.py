@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Sample with ``generate()`` and logitkit's Top-H truncation.
+"""Sample with ``generate()`` and logitkit's Top-H truncation, or its fused sampler chain.
 
 Top-H keeps the most probable tokens whose (partial) entropy stays within a
 fraction ``alpha`` of the distribution's entropy. logitkit's
@@ -8,7 +8,7 @@ same kept set as transformers' own ``TopHLogitsWarper``) computed by a fused
 kernel::
 
     from transformers import LogitsProcessorList
-    from logitkit.integrations.transformers import TopHLogitsWarper
+    from logitkit.integrations.transformers import FusedSamplingLogitsWarper, TopHLogitsWarper
 
     model.generate(**inputs, do_sample=True, top_k=0, temperature=0.8,
                    logits_processor=LogitsProcessorList([TopHLogitsWarper(0.4)]))
@@ -18,9 +18,17 @@ temperature`` as transformers' Top-H does. Pass ``top_k=0`` (and keep
 ``top_p=1``): otherwise the generation config's top-k (often 50) cuts the
 vocabulary first.
 
+With ``--min-p`` (and optionally ``--epsilon`` / ``--eta``) the example runs
+logitkit's ``FusedSamplingLogitsWarper`` instead: temperature and every rule in
+one call (docs/sampling.md). It replaces generate's own temperature warper, so
+generate then runs with ``temperature=1``::
+
+    FusedSamplingLogitsWarper(0.8, min_p=0.05, epsilon=3e-4)
+
 Examples::
 
     python examples/generate_top_h.py --tiny
+    python examples/generate_top_h.py --tiny --min-p 0.05 --epsilon 3e-4
     python examples/generate_top_h.py --model Qwen/Qwen2.5-0.5B-Instruct --prompt "Once upon a time" --top-h 0.4
 """
 
@@ -41,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt", default="Once upon a time", help="the prompt (with --model)")
     p.add_argument("--top-h", type=float, default=0.4, help="alpha in (0, 1]: the entropy budget fraction")
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=None, help="use the fused sampler chain with this min-p")
+    p.add_argument("--epsilon", type=float, default=None, help="with --min-p: also epsilon truncation")
+    p.add_argument("--eta", type=float, default=None, help="with --min-p: also eta truncation")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 12 with --tiny, else 64")
     p.add_argument("--num-samples", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -52,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     import transformers
 
-    from logitkit.integrations.transformers import TopHLogitsWarper
+    from logitkit.integrations.transformers import FusedSamplingLogitsWarper, TopHLogitsWarper
 
     torch.manual_seed(args.seed)
     tokenizer = None
@@ -82,7 +93,13 @@ def main(argv: list[str] | None = None) -> None:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     max_new = args.max_new_tokens or (12 if args.tiny else 64)
-    processors = transformers.LogitsProcessorList([TopHLogitsWarper(args.top_h)])
+    if args.min_p is None:
+        processor, temperature = TopHLogitsWarper(args.top_h), args.temperature
+    else:  # the fused chain applies the temperature itself
+        chain = dict(min_p=args.min_p, epsilon=args.epsilon, eta=args.eta)
+        processor, temperature = FusedSamplingLogitsWarper(args.temperature, **chain), 1.0
+    print(f"processor: {type(processor).__name__}")
+    processors = transformers.LogitsProcessorList([processor])
     with torch.no_grad():
         out = model.generate(
             input_ids=input_ids.repeat(args.num_samples, 1),
@@ -90,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
             do_sample=True,
             top_k=0,
             top_p=1.0,
-            temperature=args.temperature,
+            temperature=temperature,
             max_new_tokens=max_new,
             logits_processor=processors,
             pad_token_id=pad_id,

@@ -45,6 +45,11 @@ def test_generate_top_h_tiny():
     assert "sample 1:" in out
 
 
+def test_generate_fused_sampler_chain_tiny():
+    out = _run(ROOT / "examples" / "generate_top_h.py", "--tiny", "--min-p", "0.05", "--epsilon", "3e-4")
+    assert "processor: FusedSamplingLogitsWarper" in out and "sample 1:" in out
+
+
 def test_train_step_bench_tiny(tmp_path):
     out = _run(ROOT / "bench" / "train_step.py", "--tiny", "--steps", "1", "--json", str(tmp_path / "r.json"))
     assert "patched/unpatched" in out
