@@ -99,29 +99,8 @@ int64_t filter_draw(RowScratch& s, const core::FilterCut& cut, float inv_t, floa
   s.tile_mass.resize(tiles);
   for (int64_t t = 0; t < tiles; ++t)
     s.tile_mass[t] = filter_tile_weights(s, t * kTile, std::min(kTile, padded - t * kTile), cut, inv_t, s.a, &sums);
-  const float target = u * sums.mass;
-  float before = 0.0f, in_tile_target = kPosInf;  // +inf: rounding ran past the end, take the last kept token
-  int64_t tile = -1;
-  for (int64_t t = 0; t < tiles; ++t) {
-    if (!(s.tile_mass[t] > 0.0f)) continue;
-    tile = t;
-    if (before + s.tile_mass[t] > target) {
-      in_tile_target = target;
-      break;
-    }
-    before += s.tile_mass[t];
-  }
-  const int64_t begin = tile * kTile, n = std::min(kTile, padded - begin);
-  filter_tile_weights(s, begin, n, cut, inv_t, s.a, nullptr);
-  float running = before;
-  int64_t last_positive = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    if (!(s.a[j] > 0.0f)) continue;
-    running += s.a[j];
-    last_positive = j;
-    if (running > in_tile_target) break;
-  }
-  return begin + last_positive;
+  return draw_from_tiles(s, u * sums.mass,
+                         [&](int64_t begin, int64_t n) { filter_tile_weights(s, begin, n, cut, inv_t, s.a, nullptr); });
 }
 
 // Runs finish(row, scratch, params, cut, max_x) for every row, in parallel.

@@ -353,20 +353,17 @@ float kept_weights(const RowScratch& s, int64_t t, int64_t n, const RowCut& cut,
   return vsum(acc);
 }
 
-// Inverse-CDF draw at u in [0, 1) from the kept weights (see the top).
-int64_t sample_row(RowScratch& s, const RowCut& cut, float inv_t, float m, float u) {
+// Inverse-CDF draw of the token at `target` from a row's kept weights, given
+// the kept mass of every tile in s.tile_mass: the tile where the running mass
+// first exceeds the target, whose weights fill_tile(begin, n) recomputes into
+// s.a, then the token inside it. If rounding runs past the end (the tile
+// masses add up to less than the target), the last positive weight of the
+// last tile of positive mass is taken (target +inf). Shared by Top-H sampling
+// and the sampler family's filter_sample (row_filters_cpu.h).
+template <class FillTile>
+int64_t draw_from_tiles(RowScratch& s, float target, FillTile fill_tile) {
   const int64_t padded = static_cast<int64_t>(s.x.size());
-  const int64_t tiles = (padded + kTile - 1) / kTile;
-  s.tile_mass.resize(tiles);
-  float total = 0.0f;
-  for (int64_t t = 0; t < tiles; ++t) {
-    s.tile_mass[t] = kept_weights(s, t * kTile, std::min(kTile, padded - t * kTile), cut, inv_t, m, s.a);
-    total += s.tile_mass[t];
-  }
-  const float target = u * total;
-  // The tile where the running mass first exceeds the target, else (rounding
-  // past the end) the last tile of positive mass, searched for its last
-  // positive weight (target +inf).
+  const int64_t tiles = static_cast<int64_t>(s.tile_mass.size());
   float before = 0.0f, in_tile_target = kPosInf;
   int64_t tile = -1;
   for (int64_t t = 0; t < tiles; ++t) {
@@ -379,7 +376,7 @@ int64_t sample_row(RowScratch& s, const RowCut& cut, float inv_t, float m, float
     before += s.tile_mass[t];
   }
   const int64_t begin = tile * kTile, n = std::min(kTile, padded - begin);
-  kept_weights(s, begin, n, cut, inv_t, m, s.a);
+  fill_tile(begin, n);
   float running = before;
   int64_t last_positive = 0;
   for (int64_t j = 0; j < n; ++j) {
@@ -389,6 +386,20 @@ int64_t sample_row(RowScratch& s, const RowCut& cut, float inv_t, float m, float
     if (running > in_tile_target) break;
   }
   return begin + last_positive;
+}
+
+// Inverse-CDF draw at u in [0, 1) from the kept weights (see the top).
+int64_t sample_row(RowScratch& s, const RowCut& cut, float inv_t, float m, float u) {
+  const int64_t padded = static_cast<int64_t>(s.x.size());
+  const int64_t tiles = (padded + kTile - 1) / kTile;
+  s.tile_mass.resize(tiles);
+  float total = 0.0f;
+  for (int64_t t = 0; t < tiles; ++t) {
+    s.tile_mass[t] = kept_weights(s, t * kTile, std::min(kTile, padded - t * kTile), cut, inv_t, m, s.a);
+    total += s.tile_mass[t];
+  }
+  return draw_from_tiles(s, u * total,
+                         [&](int64_t begin, int64_t n) { kept_weights(s, begin, n, cut, inv_t, m, s.a); });
 }
 
 template <class scalar_t>
