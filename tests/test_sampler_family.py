@@ -1,6 +1,6 @@
 """Tests of the row-statistics rules of the sampler family (logitkit.truncation_mask,
-filter_logits, sample with min_p / top_n_sigma / p_less / epsilon / eta / temperature 0,
-counter-based seeds) on every backend. References: logitkit.testing.references.truncation_mask
+filter_logits, sample with top_k / min_p / top_n_sigma / p_less / epsilon / eta / EDT /
+temperature 0, counter-based seeds, mirostat_sample) on every backend. References: logitkit.testing.references.truncation_mask
 (float64, sort and scan of the published definitions) and transformers' warpers."""
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ RULES = {
     "eta": dict(eta=3e-4),
     "all": dict(min_p=0.02, top_n_sigma=2.0, p_less=True, epsilon=1e-4, eta=1e-3),
     "none": dict(),
+    "top_k": dict(top_k=20),
+    "top_k_then_rest": dict(top_k=40, top_n_sigma=1.0, p_less=True, epsilon=3e-3, eta=3e-3),
+    "edt": dict(edt_theta=1.0),
+    "edt_min_p": dict(edt_theta=0.5, edt_base=0.6, min_p=0.1, top_k=100),
 }
 
 
@@ -56,12 +60,14 @@ def test_large_vocab_and_non_contiguous(backend):
 
 
 @pytest.mark.parametrize("min_tokens_to_keep", [1, 5])
-@pytest.mark.parametrize("warper", ["MinP", "Epsilon", "Eta"])
+@pytest.mark.parametrize("warper", ["MinP", "Epsilon", "Eta", "TopK"])
 def test_equals_transformers_warpers(backend, warper, min_tokens_to_keep):
     tlp = pytest.importorskip("transformers.generation.logits_process")
     x = rows(8, 1000, scale=2.0)
     x[0] *= 20  # a peaked row: most rules keep fewer than min_tokens_to_keep there
-    arg = {"MinP": ("min_p", 0.1), "Epsilon": ("epsilon", 3e-3), "Eta": ("eta", 3e-3)}[warper]
+    x[1, :10] = x[1, 10]  # a tie across the k-th largest logit: top-k keeps the whole group
+    args = {"MinP": ("min_p", 0.1), "Epsilon": ("epsilon", 3e-3), "Eta": ("eta", 3e-3), "TopK": ("top_k", 4)}
+    arg = args[warper]
     theirs = getattr(tlp, f"{warper}LogitsWarper")(arg[1], min_tokens_to_keep=min_tokens_to_keep)
     expected = theirs(None, tlp.TemperatureLogitsWarper(0.8)(None, x.clone())) != -math.inf
     got = logitkit.truncation_mask(
@@ -70,9 +76,35 @@ def test_equals_transformers_warpers(backend, warper, min_tokens_to_keep):
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize(
+    "chain",
+    [
+        [("TopK", 30), ("MinP", 0.05)],
+        [("TopK", 50), ("Epsilon", 1e-2)],
+        [("TopK", 50), ("Eta", 1e-2)],
+        [("MinP", 0.02), ("Eta", 3e-3)],
+    ],
+)
+def test_equals_transformers_chain(backend, chain):
+    """transformers' chain in its documented order (temperature, top-k, min-p, epsilon, eta):
+    top-k first, the rules after it on the renormalised survivors, min-p invariant to that."""
+    tlp = pytest.importorskip("transformers.generation.logits_process")
+    x = rows(8, 1000, scale=2.0)
+    scores = tlp.TemperatureLogitsWarper(0.8)(None, x.clone())
+    names = {"TopK": "top_k", "MinP": "min_p", "Epsilon": "epsilon", "Eta": "eta"}
+    for warper, value in chain:
+        scores = getattr(tlp, f"{warper}LogitsWarper")(value)(None, scores)
+    kwargs = {names[w]: v for w, v in chain}
+    got = logitkit.truncation_mask(backend.tensor(x), temperature=0.8, **kwargs).cpu()
+    assert torch.equal(got, scores != -math.inf)
+    assert torch.equal(got, references.truncation_mask(x, temperature=0.8, **kwargs))
+
+
 def test_per_row_parameters_equal_row_by_row(backend):
     x = rows(5, 300)
     params = dict(
+        top_k=torch.tensor([0, 5, 3, 400, 40]),
+        edt_theta=torch.tensor([0.0, 0.0, 0.5, 1.0, 0.0]),
         temperature=torch.tensor([1.0, 0.5, 0.0, 2.0, 1.3]),
         min_p=torch.tensor([0.0, 0.2, 0.1, 0.05, 0.0]),
         top_n_sigma=torch.tensor([math.inf, 1.0, 2.0, math.inf, 0.5]),
@@ -84,11 +116,13 @@ def test_per_row_parameters_equal_row_by_row(backend):
     batched = logitkit.truncation_mask(backend.tensor(x), **on_backend).cpu()
     for r in range(x.shape[0]):
         one = {k: v[r].item() for k, v in params.items()}
+        one["top_k"] = int(one["top_k"])
         assert torch.equal(batched[r], logitkit.truncation_mask(backend.tensor(x[r]), **one).cpu()), r
         assert torch.equal(batched[r], references.truncation_mask(x[r], **one))
     tokens = logitkit.sample(backend.tensor(x), seed=backend.tensor(torch.arange(5)), **on_backend).cpu()
     for r in range(x.shape[0]):
         one = {k: v[r].item() for k, v in params.items()}
+        one["top_k"] = int(one["top_k"])
         assert logitkit.sample(backend.tensor(x[r : r + 1]), seed=r, **one).item() == tokens[r].item()
         assert batched[r, tokens[r]]
 
@@ -216,6 +250,14 @@ def test_same_seed_same_token_on_every_backend():
         (dict(seed=1, generator=torch.Generator()), ValueError, "either generator or seed"),
         (dict(offset=3), ValueError, "offset needs seed"),
         (dict(top_h=0.5, min_p=0.1), ValueError, "min_p cannot be combined with top_h"),
+        (dict(top_k=-1), ValueError, "top_k must be an int >= 0"),
+        (dict(top_k=2.5), TypeError, "top_k must be an int or an integer tensor"),
+        (dict(top_k=torch.tensor([1.0, 2.0])), TypeError, "top_k must be an int or an integer tensor"),
+        (dict(top_k=torch.tensor([1, -2])), ValueError, "top_k must be an int >= 0"),
+        (dict(top_k=torch.tensor([1, 2, 3])), ValueError, "top_k must be a number or a tensor of shape"),
+        (dict(edt_theta=-1.0), ValueError, "edt_theta must be a finite number >= 0"),
+        (dict(edt_theta=1.0, edt_base=1.0), ValueError, "edt_base must be in"),
+        (dict(edt_base=0.5), ValueError, "edt_base needs edt_theta"),
     ],
 )
 def test_bad_parameters(kwargs, error, match):
@@ -277,3 +319,123 @@ def test_fused_processor_equals_chain(backend):
     ours = lk_tf.FusedSamplingLogitsWarper(0.7, min_p=0.05)(None, backend.tensor(x)).cpu()
     assert torch.equal(ours.isfinite(), theirs.isfinite())
     torch.testing.assert_close(ours[ours.isfinite()], theirs[theirs.isfinite()])
+
+
+def test_edt_temperature_follows_the_entropy(backend):
+    """EDT: T = T0 * N^(theta / H): flat rows (large H) keep a temperature near T0, peaked rows
+    (small H) a lower one; the kept set and draws are those of that per-row temperature."""
+    x = rows(4, 500, scale=1.0)
+    x[1] *= 8.0  # peaked
+    x[2] = 0.0  # uniform: H = log V
+    x[3] = -math.inf
+    x[3, 7] = 2.0  # one token: H = 0 -> greedy
+    t = references.edt_temperature(x, 1.5, 0.7, 0.8)
+    assert t[2].item() == pytest.approx(1.5 * 0.8 ** (0.7 / math.log(500)))
+    assert t[3].item() == 0.0 and t[1] < t[0] < 1.5
+    got = logitkit.sample(backend.tensor(x), temperature=1.5, edt_theta=0.7, seed=1, return_logprobs=True)
+    plain = logitkit.sample(backend.tensor(x), temperature=t.float(), seed=1, return_logprobs=True)
+    assert torch.equal(got.tokens.cpu(), plain.tokens.cpu())
+    torch.testing.assert_close(got.logprobs.cpu(), plain.logprobs.cpu())
+    assert got.tokens[3].item() == 7
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_mirostat_step_matches_definition(backend, temperature):
+    x = rows(6, 1000, scale=2.0)
+    x[5] *= 10  # peaked: p_max > 2^-mu for small mu
+    mu = torch.tensor([1.0, 3.0, 6.0, 10.0, 0.0, 4.0])
+    out = logitkit.mirostat_sample(
+        backend.tensor(x), backend.tensor(mu), tau=3.0, eta=0.1, temperature=temperature, seed=5,
+        return_logprobs=True, return_kept=True,
+    )
+    keep = references.mirostat_keep(x, mu, temperature)
+    tok = out.tokens.cpu()
+    assert torch.equal(out.kept.cpu(), keep.sum(-1))
+    assert keep.gather(-1, tok[:, None]).all()
+    q = torch.softmax((x.double() / temperature).masked_fill(~keep, -math.inf), -1)
+    log_q = q.gather(-1, tok[:, None]).squeeze(-1).log()
+    torch.testing.assert_close(out.logprobs.cpu().double(), log_q, atol=1e-4, rtol=1e-4)
+    expected_mu = references.mirostat_update(mu.double(), log_q, 3.0, 0.1)
+    torch.testing.assert_close(out.mu.cpu().double(), expected_mu, atol=1e-4, rtol=1e-4)
+    tokens, new_mu = logitkit.mirostat_sample(backend.tensor(x), backend.tensor(mu), tau=3.0, seed=5,
+                                              temperature=temperature)
+    assert torch.equal(tokens.cpu(), tok) and new_mu.device == backend.tensor(mu).device
+    for r in (0, 5):  # a row's step does not depend on the batch
+        alone = logitkit.mirostat_sample(backend.tensor(x[r : r + 1]), backend.tensor(mu[r : r + 1]), tau=3.0,
+                                         seed=5, temperature=temperature)
+        assert alone[0].item() == tok[r].item()
+
+
+def test_mirostat_controls_the_surprise():
+    """The point of Mirostat: over many steps the average observed surprise approaches tau."""
+    g = torch.Generator().manual_seed(0)
+    ranks = torch.arange(1, 2001, dtype=torch.float64)
+    x = (-1.1 * ranks.log()).float().expand(64, -1)  # Zipf-like rows
+    mu = torch.full((64,), 2 * 5.0)
+    surprises = []
+    for step in range(150):
+        out = logitkit.mirostat_sample(x, mu, tau=5.0, eta=0.1, generator=g, return_logprobs=True)
+        mu = out.mu
+        if step >= 50:
+            surprises.append(-out.logprobs / math.log(2.0))
+    assert abs(torch.stack(surprises).mean().item() - 5.0) < 0.25
+
+
+def test_mirostat_special_rows_and_bad_input(backend):
+    x = rows(3, 50)
+    x[0, 3] = math.nan
+    x[1] = -math.inf
+    mu = torch.full((3,), 6.0)
+    tokens, new_mu = logitkit.mirostat_sample(backend.tensor(x), backend.tensor(mu), tau=3.0, seed=0)
+    assert tokens.cpu().tolist()[:2] == [-1, 0]
+    assert new_mu[0].item() == 6.0  # no distribution: mu unchanged
+    assert new_mu[1].item() == pytest.approx(6.0 + 0.1 * 3.0)  # one token: surprise 0
+    logits = torch.randn(2, 10)
+    cases = [
+        (dict(mu=torch.zeros(3), tau=3.0), ValueError, "mu must have shape"),
+        (dict(mu=torch.zeros(2, dtype=torch.int64), tau=3.0), TypeError, "mu must be a floating-point tensor"),
+        (dict(mu=torch.zeros(2, device="meta"), tau=3.0), ValueError, "mu is on meta"),
+        (dict(mu=torch.zeros(2), tau=0.0), ValueError, "tau must be a finite number > 0"),
+        (dict(mu=torch.zeros(2), tau=3.0, eta=-0.1), ValueError, "eta must be a finite number >= 0"),
+    ]
+    for kwargs, error, match in cases:
+        with pytest.raises(error, match=match):
+            logitkit.mirostat_sample(logits, kwargs.pop("mu"), **kwargs)
+
+
+def test_top_k_and_edt_processors(backend):
+    tlp = pytest.importorskip("transformers.generation.logits_process")
+    from logitkit.integrations import transformers as lk_tf
+
+    x = rows(4, 500, scale=2.0)
+    kwargs = dict(filter_value=-100.0, min_tokens_to_keep=3)
+    theirs = tlp.TopKLogitsWarper(2, **kwargs)(None, x.clone())
+    ours = lk_tf.TopKLogitsWarper(2, **kwargs)(None, backend.tensor(x)).cpu()
+    assert torch.equal(ours, theirs)
+    t = references.edt_temperature(x, 0.9, 0.5).float().unsqueeze(-1)
+    edt = lk_tf.EDTLogitsWarper(0.5, temperature=0.9)(None, backend.tensor(x)).cpu()
+    torch.testing.assert_close(edt, x / t)
+    fused = lk_tf.FusedSamplingLogitsWarper(0.9, edt_theta=0.5, top_k=40, min_p=0.05)(None, backend.tensor(x))
+    keep = references.truncation_mask(x, temperature=0.9, edt_theta=0.5, top_k=40, min_p=0.05)
+    assert torch.equal(fused.cpu().isfinite(), keep)
+
+
+def test_mirostat_processor_tracks_mu(backend):
+    pytest.importorskip("transformers")
+    from logitkit.integrations import transformers as lk_tf
+
+    warper = lk_tf.MirostatLogitsWarper(tau=3.0, eta=0.2)
+    x = rows(3, 200, scale=2.0)
+    ids = torch.zeros(3, 4, dtype=torch.int64)
+    out = warper(ids, backend.tensor(x)).cpu()
+    mu = torch.full((3,), 6.0)
+    assert torch.equal(out.isfinite(), references.mirostat_keep(x, mu))
+    token = out.argmax(-1)  # what generate() might draw
+    x2 = rows(3, 200, scale=2.0, seed=1)
+    out2 = warper(torch.cat([ids, token[:, None]], 1), backend.tensor(x2)).cpu()
+    log_q = torch.log_softmax(out.double(), -1).gather(-1, token[:, None]).squeeze(-1)
+    mu = references.mirostat_update(mu.double(), log_q, 3.0, 0.2)
+    torch.testing.assert_close(warper.mu.cpu().double(), mu, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out2.isfinite(), references.mirostat_keep(x2, mu))
+    warper(ids, backend.tensor(x))  # a new sequence (shorter input): mu restarts at 2 tau
+    assert torch.equal(warper.mu.cpu(), torch.full((3,), 6.0))

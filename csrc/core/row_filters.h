@@ -4,7 +4,10 @@
 // over the row, so a kernel needs one pass for the statistics and one pass to
 // write the mask or draw.
 //
-// Per row, over z (m = max z, e_i = exp(z_i - m), s = sum e_i, p_i = e_i / s):
+// top-k comes first (transformers' order): the k-th largest x gives z_k, and
+// every statistic below is over the survivors z >= z_k only (the others'
+// "renormalised" distribution); the threshold is then at least z_k.
+// Per row, over the survivors z (m = max z, e_i = exp(z_i - m), s = sum e_i, p_i = e_i / s):
 //   min-p        p_i >= min_p * p_max          <=>  z_i >= m + log(min_p)
 //   p-less       p_i >= sum_j p_j^2            <=>  z_i >= m + log(s2 / s),   s2 = sum e_j^2
 //   epsilon      p_i >= eps                    <=>  z_i >= m + log(s) + log(eps)
@@ -26,7 +29,7 @@ namespace logitkit::core {
 // The per-row parameter table (float32, one row of kFilterParamCount per
 // logits row) written by python/logitkit/sampling.py. A disabled rule has its
 // "off" value: min_p 0, top_n_sigma +inf, p_less 0, epsilon 0, eta 0,
-// keep_floor +inf (min_tokens_to_keep <= 1).
+// keep_floor +inf (min_tokens_to_keep <= 1), top_k_logit -inf (top-k off).
 enum FilterParam : int {
   kTemperature = 0,  // T > 0; 0 (or a T whose 1 / T overflows): greedy
   kMinP = 1,
@@ -35,7 +38,8 @@ enum FilterParam : int {
   kEpsilon = 4,
   kEta = 5,
   kKeepFloor = 6,  // the min_tokens_to_keep-th largest raw logit x
-  kFilterParamCount = 7,
+  kTopKLogit = 7,  // the max(top_k, min_tokens_to_keep)-th largest raw logit x
+  kFilterParamCount = 8,
 };
 
 // The extended row state: the softmax state of z plus what the thresholds
@@ -88,6 +92,7 @@ struct FilterParams {
   bool greedy;  // the T -> 0 limit: every token equal to the max, uniformly
   float inv_temperature;
   float min_p, top_n_sigma, p_less, epsilon, eta, keep_floor;
+  float top_k_z;  // z of the top_k-th largest logit: the statistics' survivors are z >= top_k_z
 };
 
 LK_HOST_DEVICE FilterParams decode_filter_params(const float* row) {
@@ -102,6 +107,7 @@ LK_HOST_DEVICE FilterParams decode_filter_params(const float* row) {
   p.epsilon = row[kEpsilon];
   p.eta = row[kEta];
   p.keep_floor = row[kKeepFloor];
+  p.top_k_z = scaled_logit(row[kTopKLogit], p.inv_temperature);
   return p;
 }
 
@@ -131,7 +137,7 @@ LK_HOST_DEVICE FilterCut filter_cut(const FilterState& st, const FilterParams& p
   const float log_s = log_of(st.sm.sum_exp);
   c.log_sum = log_s;
   if (p.greedy) return c;
-  float t = neg_infinity();
+  float t = p.top_k_z;  // -inf when top-k is off
   if (p.min_p > 0.0f) t = max_of(t, m + log_of(p.min_p));
   if (p.p_less != 0.0f) t = max_of(t, m + log_of(st.sum_exp2) - log_s);
   if (p.epsilon > 0.0f) t = max_of(t, m + log_s + log_of(p.epsilon));
@@ -149,6 +155,10 @@ LK_HOST_DEVICE FilterCut filter_cut(const FilterState& st, const FilterParams& p
   c.threshold = t > m ? m : t;
   return c;
 }
+
+// A scaled logit as pass 1 sees it: top-k's dropped tokens (z < z_k) count as
+// masked (-inf); NaN and +inf pass unchanged, so such a row stays undefined.
+LK_HOST_DEVICE float top_k_survivor(float z, const FilterParams& p) { return z < p.top_k_z ? neg_infinity() : z; }
 
 // Whether a token is kept, and its weight exp(z - m) (0 when dropped).
 LK_HOST_DEVICE float kept_weight(const FilterCut& c, float x, float inv_t) {

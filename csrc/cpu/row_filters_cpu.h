@@ -17,16 +17,17 @@
 // Special rows: NaN or +inf logits: nothing kept, token -1, statistics NaN
 // (kept count 0). All -inf: token 0 kept alone (log q = 0, H = 0, count 1).
 
-// Pass 1 over the loaded row: the extended state of z = x * inv_t.
-core::FilterState filter_state_of_row(RowScratch& s, float inv_t) {
+// Pass 1 over the loaded row: the extended state of the top-k survivors of z = x * inv_t.
+core::FilterState filter_state_of_row(RowScratch& s, const core::FilterParams& p) {
   const int64_t padded = static_cast<int64_t>(s.x.size());
-  const FVec vt(inv_t), zero(0.0f), one(1.0f), neg_inf(kNegInf), pos_inf(kPosInf);
+  const FVec vt(p.inv_temperature), vk(p.top_k_z), zero(0.0f), one(1.0f), neg_inf(kNegInf), pos_inf(kPosInf);
   core::FilterState row = core::empty_filter_state();
   for (int64_t t = 0; t < padded; t += kTile) {
     const int64_t n = std::min(kTile, padded - t);
     FVec vmax(kNegInf), vcount(0.0f), vtotal(0.0f);
     for (int64_t j = 0; j < n; j += kLanes) {
-      const FVec z = FVec::loadu(s.x.data() + t + j) * vt;
+      const FVec scaled = FVec::loadu(s.x.data() + t + j) * vt;
+      const FVec z = FVec::blendv(scaled, neg_inf, scaled < vk);  // core::top_k_survivor
       z.store(s.a + j);
       vmax = at::vec::maximum(vmax, z);
       const FVec finite = (z > neg_inf) & (z < pos_inf);
@@ -113,7 +114,7 @@ void for_each_filter_row(const Rows& r, const float* params, Finish finish) {
     for (int64_t row = first; row < last; ++row) {
       const core::FilterParams p = core::decode_filter_params(params + row * core::kFilterParamCount);
       const float max_x = load_row(data + row * r.row_stride, r.cols, *s);
-      const core::FilterState st = filter_state_of_row(*s, p.inv_temperature);
+      const core::FilterState st = filter_state_of_row(*s, p);
       finish(row, *s, p, core::filter_cut(st, p), max_x);
     }
   });

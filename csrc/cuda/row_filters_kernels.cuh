@@ -51,7 +51,7 @@ LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols
                                                  RowFilterStorage& s) {
   core::FilterState st = core::empty_filter_state();
   for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
-    core::accumulate(st, core::scaled_logit(filter_logit(x, i), p.inv_temperature));
+    core::accumulate(st, core::top_k_survivor(core::scaled_logit(filter_logit(x, i), p.inv_temperature), p));
   }
   st = block_reduce(
       st, [](const core::FilterState& a, const core::FilterState& b) { return core::merge(a, b); },

@@ -40,13 +40,14 @@ from .row_ops import (
     stats_entropy,
     stats_logsumexp,
 )
-from .sampling import SampleResult, sample, top_h, top_h_mask
+from .sampling import MirostatResult, SampleResult, mirostat_sample, sample, top_h, top_h_mask
 
 __all__ = [
     "DEFAULT_CHUNK_BUDGET",
     "CrossEntropyOutput",
     "GemmPath",
     "LinearCrossEntropyLoss",
+    "MirostatResult",
     "SampleResult",
     "__version__",
     "build_info",
@@ -60,6 +61,7 @@ __all__ = [
     "log_softmax",
     "logsumexp",
     "merge_stats",
+    "mirostat_sample",
     "philox_uniform",
     "sample",
     "softmax",

@@ -1,6 +1,7 @@
 """The row-statistics truncation rules of the sampler family (docs/sampling.md):
-temperature (0 = greedy), min-p, top-n-sigma, p-less, epsilon and eta, each a
-threshold on the scaled logit found from one pass of row statistics.
+temperature (0 = greedy, or entropy-adaptive: EDT), top-k, min-p, top-n-sigma,
+p-less, epsilon and eta, each a threshold on the scaled logit found from one
+pass of row statistics.
 
 * :func:`truncation_mask`: the boolean kept set of the chain;
 * :func:`filter_logits`: the logits where kept, ``filter_value`` elsewhere;
@@ -28,9 +29,11 @@ __all__ = ["filter_logits", "philox_uniform", "truncation_mask"]
 RowParam = float | int | bool | torch.Tensor | None
 
 # Columns of the per-row parameter table (csrc/core/row_filters.h, FilterParam).
-PARAM_COLUMNS = ("temperature", "min_p", "top_n_sigma", "p_less", "epsilon", "eta", "keep_floor")
+PARAM_COLUMNS = ("temperature", "min_p", "top_n_sigma", "p_less", "epsilon", "eta", "keep_floor", "top_k_logit")
 #: The value of each rule that turns it off for a row.
 OFF_VALUES = {"min_p": 0.0, "top_n_sigma": math.inf, "p_less": 0.0, "epsilon": 0.0, "eta": 0.0}
+#: The EDT base N of Zhang et al. (2024), their recommended value.
+EDT_DEFAULT_BASE = 0.8
 #: Columns of filter_sample's statistics (SampleStat in csrc/frontend/row_filters.h).
 STAT_LOG_PROB, STAT_RAW_LOG_PROB, STAT_ENTROPY, STAT_KEPT = 0, 1, 2, 3
 
@@ -41,6 +44,9 @@ _RANGES = {
     "top_n_sigma": (0.0, math.inf, True, True, "a number >= 0 (None or inf: off)"),
     "epsilon": (0.0, 1.0, True, False, "in [0, 1)"),
     "eta": (0.0, 1.0, True, False, "in [0, 1)"),
+    "top_k": (0.0, math.inf, True, False, "an int >= 0 (0 or None: off)"),
+    "edt_theta": (0.0, math.inf, True, False, "a finite number >= 0"),
+    "edt_base": (0.0, 1.0, False, False, "in (0, 1)"),
 }
 
 
@@ -92,35 +98,99 @@ def _column(value: RowParam, name: str, logits: torch.Tensor, op: str) -> torch.
     return number
 
 
+def _top_k_column(top_k: RowParam, logits: torch.Tensor, op: str) -> int | torch.Tensor:
+    """top_k as an int (0: off) or an int64 tensor of the rows' shape (0: off for that row)."""
+    if top_k is None:
+        return 0
+    if isinstance(top_k, torch.Tensor):
+        if top_k.dtype.is_floating_point or top_k.dtype.is_complex or top_k.dtype == torch.bool:
+            raise TypeError(f"logitkit.{op}: top_k must be an int or an integer tensor, got {top_k.dtype}")
+        _column(top_k, "top_k", logits, op)  # device, shape and range checks
+        return top_k.to(torch.int64)
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"logitkit.{op}: top_k must be an int or an integer tensor, got {type(top_k).__name__}")
+    _check_value(top_k, "top_k", op)
+    return top_k
+
+
+def _rank_columns(
+    logits: torch.Tensor, top_k: int | torch.Tensor, min_tokens_to_keep: int
+) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """The keep floor (the min_tokens_to_keep-th largest logit; +inf: none) and the top-k
+    logit (the max(top_k, min_tokens_to_keep)-th largest, transformers' TopKLogitsWarper;
+    -inf: off), both from one ``torch.topk`` of the rows. A per-row ``top_k`` tensor needs the
+    largest k on the host: one device-to-host read on CUDA (docs/sampling.md)."""
+    vocab = logits.shape[-1]
+    floor_k = min(min_tokens_to_keep, vocab) if min_tokens_to_keep > 1 else 0
+    if isinstance(top_k, torch.Tensor):
+        k_rows = torch.where(top_k > 0, top_k.clamp(min=min_tokens_to_keep, max=vocab), 0)
+        k_max = int(k_rows.max()) if k_rows.numel() > 0 else 0
+    else:
+        k_rows = min(max(top_k, min_tokens_to_keep), vocab) if 0 < top_k < vocab else 0
+        k_max = k_rows
+    largest = max(floor_k, k_max)
+    if largest == 0 or vocab == 0:
+        return math.inf, -math.inf
+    values = torch.topk(logits.detach().float(), largest, dim=-1).values
+    floor = values[..., floor_k - 1] if floor_k > 0 else math.inf
+    if isinstance(k_rows, torch.Tensor):
+        kth = values.gather(-1, (k_rows - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        top_k_logit: torch.Tensor | float = torch.where(k_rows > 0, kth, -math.inf)
+    else:
+        top_k_logit = values[..., k_rows - 1] if k_rows > 0 else -math.inf
+    return floor, top_k_logit
+
+
+def _edt_temperature(logits: torch.Tensor, temperature, theta, base, op: str) -> torch.Tensor:
+    """Entropy-based dynamic temperature (Zhang et al., 2024, "EDT: Improving Large Language
+    Models' Generation by Entropy-based Dynamic Temperature Sampling"): T = T0 * N^(theta / H),
+    H the entropy (nats) of softmax(logits) at temperature 1, per row; theta = 0 gives T0."""
+    from . import _backend as backend
+
+    t0 = _column(temperature, "temperature", logits, op)
+    theta_c = _column(theta, "edt_theta", logits, op)
+    base_c = _column(EDT_DEFAULT_BASE if base is None else base, "edt_base", logits, op)
+    # H >= 0 (a rounding below 0 would give N^-inf); a row holding NaN / +inf (NaN entropy) has
+    # nothing kept whatever its temperature: 0 there, so that no NaN reaches the checks.
+    h = backend.ops().entropy(logits.detach(), 1.0)
+    h = torch.where(h > 0, h, 0.0)  # also -0.0 -> +0.0, so that theta / H = +inf, not -inf
+    # theta / H with theta = 0 -> 0 (also for H = 0); H = 0 and theta > 0 -> inf -> T = 0: greedy
+    exponent = torch.where(torch.as_tensor(theta_c, device=h.device) == 0, 0.0, theta_c / h)
+    t = t0 * torch.pow(torch.as_tensor(base_c, dtype=torch.float32, device=h.device), exponent)
+    return torch.nan_to_num(t, nan=0.0)
+
+
 def filter_params(
     logits: torch.Tensor,
     *,
     temperature: RowParam = 1.0,
+    top_k: RowParam = None,
     min_p: RowParam = None,
     top_n_sigma: RowParam = None,
     p_less: RowParam = False,
     epsilon: RowParam = None,
     eta: RowParam = None,
+    edt_theta: RowParam = None,
+    edt_base: RowParam = None,
     min_tokens_to_keep: int = 1,
     op: str = "truncation_mask",
 ) -> torch.Tensor:
-    """The per-row parameter table (..., 7) float32 of the ops, from the Python arguments
+    """The per-row parameter table (..., 8) float32 of the ops, from the Python arguments
     (checked, with messages naming the argument)."""
     check_logits(logits, op, "logits")
     if isinstance(min_tokens_to_keep, bool) or not isinstance(min_tokens_to_keep, int) or min_tokens_to_keep < 1:
         raise ValueError(f"logitkit.{op}: min_tokens_to_keep must be an int >= 1, got {min_tokens_to_keep!r}")
+    if edt_theta is not None:
+        temperature = _edt_temperature(logits, temperature, edt_theta, edt_base, op)
+    elif edt_base is not None:
+        raise ValueError(f"logitkit.{op}: edt_base needs edt_theta")
     given = {"temperature": temperature, "min_p": min_p, "top_n_sigma": top_n_sigma, "p_less": p_less}
     given.update({"epsilon": epsilon, "eta": eta})
     columns = []
-    for name in PARAM_COLUMNS[:-1]:
+    for name in PARAM_COLUMNS[:-2]:
         value = given[name]
         columns.append(_column(OFF_VALUES[name] if value is None else value, name, logits, op))
-    vocab = logits.shape[-1]
-    if min_tokens_to_keep > 1 and vocab > 0:
-        k = min(min_tokens_to_keep, vocab)
-        columns.append(torch.topk(logits.detach().float(), k, dim=-1).values[..., -1])
-    else:
-        columns.append(math.inf)  # no floor
+    columns.extend(_rank_columns(logits, _top_k_column(top_k, logits, op), min_tokens_to_keep))
     table = torch.empty((*logits.shape[:-1], len(PARAM_COLUMNS)), dtype=torch.float32, device=logits.device)
     for j, column in enumerate(columns):
         table[..., j] = column
@@ -131,20 +201,29 @@ def truncation_mask(
     logits: torch.Tensor,
     *,
     temperature: RowParam = 1.0,
+    top_k: RowParam = None,
     min_p: RowParam = None,
     top_n_sigma: RowParam = None,
     p_less: RowParam = False,
     epsilon: RowParam = None,
     eta: RowParam = None,
+    edt_theta: RowParam = None,
+    edt_base: RowParam = None,
     min_tokens_to_keep: int = 1,
 ) -> torch.Tensor:
     """The boolean kept set (same shape as ``logits``) of the chain temperature ->
-    {min-p, top-n-sigma, p-less, epsilon, eta} (definitions and composition in
+    top-k -> {min-p, top-n-sigma, p-less, epsilon, eta} (definitions and composition in
     docs/sampling.md), each parameter a number or a per-row tensor; ``None`` /
     ``False`` / 0 (inf for ``top_n_sigma``) turns a rule off.
 
-    The rules are evaluated on the temperature-scaled distribution of the whole
-    row and the kept set is their intersection; the most probable token is
+    ``edt_theta`` (with ``edt_base`` N, default 0.8) makes the temperature entropy-adaptive
+    (EDT, Zhang et al. 2024): T = temperature * N^(edt_theta / H), H the entropy of the row's
+    softmax at temperature 1 (one more pass); a one-hot row (H = 0) becomes greedy.
+
+    ``top_k`` (transformers' ``TopKLogitsWarper``) keeps the tokens whose logit reaches the
+    k-th largest (ties kept; k = max(top_k, min_tokens_to_keep)); the other rules are then
+    evaluated on the temperature-scaled distribution of its survivors (transformers' order:
+    top-k before them), and the kept set is their intersection; the most probable token is
     always kept, and at least ``min_tokens_to_keep`` tokens (the largest logits,
     ties at the k-th kept too, as transformers' epsilon/eta warpers). Temperature
     0 keeps the largest logits only. NaN or +inf in a row: nothing kept; a row
@@ -153,11 +232,14 @@ def truncation_mask(
     params = filter_params(
         logits,
         temperature=temperature,
+        top_k=top_k,
         min_p=min_p,
         top_n_sigma=top_n_sigma,
         p_less=p_less,
         epsilon=epsilon,
         eta=eta,
+        edt_theta=edt_theta,
+        edt_base=edt_base,
         min_tokens_to_keep=min_tokens_to_keep,
     )
     return _backend.ops().filter_mask(logits, params)
@@ -167,11 +249,14 @@ def filter_logits(
     logits: torch.Tensor,
     *,
     temperature: RowParam = 1.0,
+    top_k: RowParam = None,
     min_p: RowParam = None,
     top_n_sigma: RowParam = None,
     p_less: RowParam = False,
     epsilon: RowParam = None,
     eta: RowParam = None,
+    edt_theta: RowParam = None,
+    edt_base: RowParam = None,
     min_tokens_to_keep: int = 1,
     filter_value: float = -math.inf,
 ) -> torch.Tensor:
@@ -180,11 +265,14 @@ def filter_logits(
     mask = truncation_mask(
         logits,
         temperature=temperature,
+        top_k=top_k,
         min_p=min_p,
         top_n_sigma=top_n_sigma,
         p_less=p_less,
         epsilon=epsilon,
         eta=eta,
+        edt_theta=edt_theta,
+        edt_base=edt_base,
         min_tokens_to_keep=min_tokens_to_keep,
     )
     # torch.where, not masked_fill(~mask): one pass instead of two (3x faster on the CPU at V = 128256)

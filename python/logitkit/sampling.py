@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import math
+
 import torch
 
 from . import _backend
@@ -23,7 +25,7 @@ from .filters import (
     row_uniform,
 )
 
-__all__ = ["SampleResult", "sample", "top_h", "top_h_mask"]
+__all__ = ["MirostatResult", "SampleResult", "mirostat_sample", "sample", "top_h", "top_h_mask"]
 
 TOP_H_RULES = ("hf", "official", "exact")
 
@@ -129,11 +131,14 @@ def sample(
     rule: str = "hf",
     cap: int | None = None,
     generator: torch.Generator | None = None,
+    top_k: RowParam = None,
     min_p: RowParam = None,
     top_n_sigma: RowParam = None,
     p_less: RowParam = False,
     epsilon: RowParam = None,
     eta: RowParam = None,
+    edt_theta: RowParam = None,
+    edt_base: RowParam = None,
     min_tokens_to_keep: int = 1,
     seed: int | torch.Tensor | None = None,
     offset: int | torch.Tensor | None = None,
@@ -143,8 +148,9 @@ def sample(
 ) -> torch.Tensor | SampleResult:
     """Draws one token per row from softmax(logits / temperature) restricted to the kept set of
     the truncation rules given: Top-H (``top_h`` = alpha, with ``rule`` and ``cap``), or the
-    row-statistics chain min-p / top-n-sigma / p-less / epsilon / eta (docs/sampling.md; the
-    same kept set as :func:`logitkit.truncation_mask`). Plain temperature sampling without any.
+    chain top-k -> min-p / top-n-sigma / p-less / epsilon / eta, with an optional
+    entropy-adaptive temperature (``edt_theta``, ``edt_base``) (docs/sampling.md; the same kept
+    set as :func:`logitkit.truncation_mask`). Plain temperature sampling without any.
 
     Shape (..., V) -> (...), int64. Every parameter of the chain (and ``temperature``) is a
     number or a tensor of shape ``logits.shape[:-1]`` (per row); temperature 0 is greedy (the
@@ -161,7 +167,8 @@ def sample(
     row-statistics chain and plain sampling only, not with ``top_h`` yet). Combining ``top_h``
     with the row-statistics rules is not supported yet (ValueError).
     """
-    chain = {"min_p": min_p, "top_n_sigma": top_n_sigma, "p_less": p_less, "epsilon": epsilon, "eta": eta}
+    chain = {"top_k": top_k, "min_p": min_p, "top_n_sigma": top_n_sigma, "p_less": p_less, "epsilon": epsilon}
+    chain.update({"eta": eta, "edt_theta": edt_theta, "edt_base": edt_base})
     outputs = {"return_logprobs": return_logprobs or None, "return_entropy": return_entropy or None}
     outputs["return_kept"] = return_kept or None
     if _is_legacy_call(temperature, {**chain, **outputs}, seed) or top_h is not None:
@@ -173,6 +180,80 @@ def sample(
         return tokens
     return SampleResult(
         tokens,
+        logprobs=stats[..., STAT_LOG_PROB] if return_logprobs else None,
+        raw_logprobs=stats[..., STAT_RAW_LOG_PROB] if return_logprobs else None,
+        entropy=stats[..., STAT_ENTROPY] if return_entropy else None,
+        kept=stats[..., STAT_KEPT].to(torch.int64) if return_kept else None,
+    )
+
+
+class MirostatResult(NamedTuple):
+    """What :func:`mirostat_sample` returns when asked for more than (tokens, mu): the fields
+    of :class:`SampleResult` (None where not asked for) and the updated ``mu``."""
+
+    tokens: torch.Tensor
+    mu: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    raw_logprobs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    kept: torch.Tensor | None = None
+
+
+def mirostat_sample(
+    logits: torch.Tensor,
+    mu: torch.Tensor,
+    *,
+    tau: float,
+    eta: float = 0.1,
+    temperature: RowParam = 1.0,
+    generator: torch.Generator | None = None,
+    seed: int | torch.Tensor | None = None,
+    offset: int | torch.Tensor | None = None,
+    return_logprobs: bool = False,
+    return_entropy: bool = False,
+    return_kept: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | MirostatResult:
+    """Mirostat v2 (Basu et al., 2021, "Mirostat: A Neural Text Decoding Algorithm that Directly
+    Controls Perplexity", Algorithm 2): one step for every row, with its own state ``mu``.
+
+    With p = softmax(logits / temperature): keep the tokens whose surprise -log2 p is at most
+    mu (at least the most probable one), draw from them renormalised (q), then
+    ``mu <- mu - eta * (-log2 q(token) - tau)``. ``mu`` is a float tensor of shape
+    ``logits.shape[:-1]`` (start it at ``2 * tau``, as the paper does); the new mu is computed
+    on the device, with no host synchronisation (the kept set is the epsilon rule's with
+    epsilon = 2^-mu, in the fused sampler of :func:`sample`: 2 passes + the draw). ``tau``
+    (target surprise, bits) > 0, ``eta`` (learning rate) >= 0. Randomness as in :func:`sample`
+    (``generator``, or per-row ``seed`` / ``offset``). Returns ``(tokens, new_mu)``, or a
+    :class:`MirostatResult` with the ``return_*`` outputs of :func:`sample`. A row without a
+    distribution (NaN / +inf) gives token -1 and keeps its mu.
+    """
+    op = "mirostat_sample"
+    check_logits(logits, op, "logits")
+    if not isinstance(mu, torch.Tensor) or not mu.dtype.is_floating_point:
+        raise TypeError(f"logitkit.{op}: mu must be a floating-point tensor of shape {list(logits.shape[:-1])}")
+    if mu.device != logits.device:
+        raise ValueError(f"logitkit.{op}: mu is on {mu.device} but logits is on {logits.device}")
+    if mu.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"logitkit.{op}: mu must have shape {list(logits.shape[:-1])} (one value per row), got {list(mu.shape)}"
+        )
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (0 < tau < math.inf):
+        raise ValueError(f"logitkit.{op}: tau must be a finite number > 0, got {tau!r}")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (0 <= eta < math.inf):
+        raise ValueError(f"logitkit.{op}: eta must be a finite number >= 0, got {eta!r}")
+    # surprise -log2 p <= mu  <=>  p >= 2^-mu: the epsilon rule. Below 1 (its range): an epsilon
+    # at or above p_max keeps the most probable token alone either way.
+    epsilon = torch.exp2(-mu.detach().float()).clamp(max=1.0 - 2.0**-24).nan_to_num(nan=0.0)
+    params = filter_params(logits, temperature=temperature, epsilon=epsilon, op=op)
+    u = row_uniform(logits, seed, offset, generator, op)
+    tokens, stats = _backend.ops().filter_sample(logits, params, u, bool(return_logprobs))
+    surprise = stats[..., STAT_LOG_PROB] * (-1.0 / math.log(2.0))  # -log2 q(token)
+    new_mu = torch.where(tokens >= 0, mu - eta * (surprise.to(mu.dtype) - tau), mu)
+    if not (return_logprobs or return_entropy or return_kept):
+        return tokens, new_mu
+    return MirostatResult(
+        tokens,
+        new_mu,
         logprobs=stats[..., STAT_LOG_PROB] if return_logprobs else None,
         raw_logprobs=stats[..., STAT_RAW_LOG_PROB] if return_logprobs else None,
         entropy=stats[..., STAT_ENTROPY] if return_entropy else None,

@@ -10,11 +10,14 @@ it is imported only when a processor class is first accessed.
 * ``OfficialTopHLogitsWarper(top_h, temperature)``: the authors' reference
   processor (rule "official"), which runs before temperature and takes it as
   an argument.
-* ``MinPLogitsWarper``, ``EpsilonLogitsWarper``, ``EtaLogitsWarper``: drop-ins for
-  transformers' warpers of the same names and arguments (``min_tokens_to_keep``,
-  ``filter_value``), backed by :func:`logitkit.filter_logits`; ``TopNSigmaLogitsWarper(n)``
-  and ``PLessLogitsWarper()`` for the rules transformers lacks (docs/sampling.md).
-* ``FusedSamplingLogitsWarper(temperature=..., min_p=..., ...)``: the whole chain of
+* ``TopKLogitsWarper``, ``MinPLogitsWarper``, ``EpsilonLogitsWarper``, ``EtaLogitsWarper``:
+  drop-ins for transformers' warpers of the same names and arguments (``min_tokens_to_keep``,
+  ``filter_value``), backed by :func:`logitkit.filter_logits`; ``TopNSigmaLogitsWarper(n)``,
+  ``PLessLogitsWarper()`` and ``EDTLogitsWarper(theta)`` (entropy-adaptive temperature) for
+  the rules transformers lacks (docs/sampling.md).
+* ``MirostatLogitsWarper(tau, eta)``: Mirostat v2 inside ``generate()``, keeping each
+  sequence's ``mu`` across steps (docs/sampling.md).
+* ``FusedSamplingLogitsWarper(temperature=..., top_k=..., min_p=..., ...)``: the whole chain of
   :func:`logitkit.filter_logits` (temperature included) in one processor call; put it in
   place of transformers' temperature and truncation warpers.
 """
@@ -33,13 +36,16 @@ _DEFAULT_CAP = 100
 # The classes are created on first access (module __getattr__), so that importing this module
 # does not import transformers; linters cannot see them.
 __all__ = [  # noqa: F822
+    "EDTLogitsWarper",
     "EpsilonLogitsWarper",
     "EtaLogitsWarper",
     "FusedSamplingLogitsWarper",
     "MinPLogitsWarper",
+    "MirostatLogitsWarper",
     "OfficialTopHLogitsWarper",
     "PLessLogitsWarper",
     "TopHLogitsWarper",
+    "TopKLogitsWarper",
     "TopNSigmaLogitsWarper",
 ]
 
@@ -136,6 +142,16 @@ def _row_statistics_classes(base: type) -> dict:
                 scores, min_tokens_to_keep=self.min_tokens_to_keep, filter_value=self.filter_value, **self.rules
             )
 
+    class TopKLogitsWarper(_ChainProcessor):
+        """transformers' ``TopKLogitsWarper``: keeps the tokens whose score reaches the k-th
+        largest, k = max(top_k, min_tokens_to_keep) (ties at the k-th kept)."""
+
+        def __init__(self, top_k: int, filter_value: float = -float("inf"), min_tokens_to_keep: int = 1):
+            if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0:
+                raise ValueError(f"`top_k` has to be a strictly positive integer, but is {top_k}")
+            super().__init__(filter_value=filter_value, min_tokens_to_keep=min_tokens_to_keep, top_k=top_k)
+            self.top_k = max(top_k, min_tokens_to_keep)
+
     class MinPLogitsWarper(_ChainProcessor):
         """transformers' ``MinPLogitsWarper``: keeps p >= min_p * p_max."""
 
@@ -174,44 +190,108 @@ def _row_statistics_classes(base: type) -> dict:
             super().__init__(filter_value=filter_value, min_tokens_to_keep=min_tokens_to_keep, p_less=True)
 
     class FusedSamplingLogitsWarper(_ChainProcessor):
-        """The whole chain in one call: temperature (0: greedy), min_p, top_n_sigma, p_less,
-        epsilon, eta, each a number or a per-row tensor (docs/sampling.md). Replaces
-        transformers' temperature warper too: the returned scores are the kept logits
-        divided by the temperature (greedy rows: 0 for the kept tokens)."""
+        """The whole chain in one call: temperature (0: greedy; entropy-adaptive with
+        ``edt_theta``), top_k, min_p, top_n_sigma, p_less, epsilon, eta, each a number or a
+        per-row tensor (docs/sampling.md). Replaces transformers' temperature warper too: the
+        returned scores are the kept logits divided by the row's temperature (greedy rows: 0 for
+        the kept tokens)."""
 
         def __init__(
             self,
             temperature=1.0,
             *,
+            top_k=None,
             min_p=None,
             top_n_sigma=None,
             p_less=False,
             epsilon=None,
             eta=None,
+            edt_theta=None,
+            edt_base=None,
             filter_value: float = -float("inf"),
             min_tokens_to_keep: int = 1,
         ):
-            rules = dict(min_p=min_p, top_n_sigma=top_n_sigma, p_less=p_less, epsilon=epsilon, eta=eta)
+            rules = dict(top_k=top_k, min_p=min_p, top_n_sigma=top_n_sigma, p_less=p_less, epsilon=epsilon, eta=eta)
             super().__init__(filter_value=filter_value, min_tokens_to_keep=min_tokens_to_keep, **rules)
             self.temperature = temperature
+            self.edt_theta, self.edt_base = edt_theta, edt_base
 
         def __call__(self, input_ids, scores):
             import torch
 
+            from ..filters import _edt_temperature
+
+            t = self.temperature
+            if self.edt_theta is not None:
+                t = _edt_temperature(scores, t, self.edt_theta, self.edt_base, "FusedSamplingLogitsWarper")
             kept = _filter_logits(
                 scores,
-                temperature=self.temperature,
+                temperature=t,
                 min_tokens_to_keep=self.min_tokens_to_keep,
                 filter_value=self.filter_value,
                 **self.rules,
             )
-            t = self.temperature
             t = t.to(scores.dtype).unsqueeze(-1) if isinstance(t, torch.Tensor) else torch.tensor(float(t))
             greedy = t == 0
             scaled = torch.where(greedy, torch.zeros_like(kept), kept / torch.where(greedy, 1.0, t))
             return scaled.masked_fill(kept == self.filter_value, self.filter_value)
 
+    class EDTLogitsWarper(FusedSamplingLogitsWarper):
+        """Entropy-based dynamic temperature (Zhang et al. 2024) in place of transformers'
+        temperature warper: scores / T with T = temperature * base^(theta / H), H the entropy of
+        softmax(scores) per row."""
+
+        def __init__(self, theta: float, base: float = 0.8, temperature: float = 1.0):
+            super().__init__(temperature, edt_theta=theta, edt_base=base)
+
+    class MirostatLogitsWarper(base):
+        """Mirostat v2 (Basu et al. 2021) as the last warper of ``generate()``: keeps the tokens
+        of surprise -log2 p <= mu (p = softmax of the incoming scores, i.e. after transformers'
+        temperature warper), and updates each row's ``mu`` from the token ``generate`` drew, which
+        it reads from ``input_ids`` at the next call: mu <- mu - eta (-log2 q(token) - tau), q the
+        kept distribution it returned. ``mu`` starts at 2 tau and restarts when a new sequence
+        begins (``input_ids`` not one token longer than at the last call, or another batch size)
+        or after :meth:`reset`. Holds the returned scores until the next call (one batch x vocab
+        tensor); it must be the last processor, so that the scores it returned are those sampled."""
+
+        def __init__(self, tau: float = 5.0, eta: float = 0.1, filter_value: float = -float("inf")):
+            if not (0 < tau < float("inf")):
+                raise ValueError(f"`tau` has to be a finite number > 0, but is {tau}")
+            if not (0 <= eta < float("inf")):
+                raise ValueError(f"`eta` has to be a finite number >= 0, but is {eta}")
+            self.tau, self.eta, self.filter_value = float(tau), float(eta), float(filter_value)
+            self.reset()
+
+        def reset(self) -> None:
+            self.mu = None
+            self._returned = None  # (scores returned, their log-normaliser, input length)
+
+        def __call__(self, input_ids, scores):
+            import math
+
+            import torch
+
+            batch, length = scores.shape[0], input_ids.shape[-1]
+            if self._returned is not None:
+                returned, log_norm, last_length = self._returned
+                if last_length + 1 == length and returned.shape[0] == batch:
+                    token = input_ids[:, -1:].to(returned.device)
+                    log_q = returned.gather(-1, token).squeeze(-1).float() - log_norm
+                    self.mu = self.mu - self.eta * (-log_q / math.log(2.0) - self.tau)
+                else:
+                    self.mu = None
+            if self.mu is None:
+                self.mu = torch.full((batch,), 2.0 * self.tau, device=scores.device)
+            epsilon = torch.exp2(-self.mu).clamp(max=1.0 - 2.0**-24)
+            kept = _filter_logits(scores, epsilon=epsilon, filter_value=self.filter_value)
+            finite = kept.masked_fill(kept == self.filter_value, -float("inf"))
+            self._returned = (kept, torch.logsumexp(finite.float(), dim=-1), length)
+            return kept
+
     return {
+        "TopKLogitsWarper": TopKLogitsWarper,
+        "EDTLogitsWarper": EDTLogitsWarper,
+        "MirostatLogitsWarper": MirostatLogitsWarper,
         "MinPLogitsWarper": MinPLogitsWarper,
         "EpsilonLogitsWarper": EpsilonLogitsWarper,
         "EtaLogitsWarper": EtaLogitsWarper,

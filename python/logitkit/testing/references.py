@@ -151,6 +151,16 @@ def _per_row(value, batch: torch.Size, off: float) -> torch.Tensor:
     return t.expand(batch).unsqueeze(-1)
 
 
+def edt_temperature(x: torch.Tensor, temperature=1.0, theta=0.0, base=0.8) -> torch.Tensor:
+    """EDT (Zhang et al. 2024): T = T0 * N^(theta / H), H the entropy of softmax(x) (float64)."""
+    batch = x.shape[:-1]
+    h = entropy(x.detach().cpu())
+    h = torch.where(h > 0, h, 0.0)  # also -0.0 -> +0.0: theta / H = +inf
+    theta_v, base_v = _per_row(theta, batch, 0.0).squeeze(-1), _per_row(base, batch, 0.8).squeeze(-1)
+    exponent = torch.where(theta_v == 0, 0.0, theta_v / h)
+    return _per_row(temperature, batch, 1.0).squeeze(-1) * base_v**exponent
+
+
 def truncation_mask(
     x: torch.Tensor,
     temperature=1.0,
@@ -160,10 +170,16 @@ def truncation_mask(
     epsilon=None,
     eta=None,
     min_tokens_to_keep: int = 1,
+    top_k=None,
+    edt_theta=None,
+    edt_base=None,
 ) -> torch.Tensor:
     """The kept set of the chain, evaluated in float64 by sorting each row (stable, largest first)
-    and scanning the published definitions on p = softmax(x / T) (T = 0: the largest logits):
+    and scanning the published definitions on p = softmax(x / T) (T = 0: the largest logits),
+    T from EDT when ``edt_theta`` is given:
 
+    * top-k first (transformers' order): the tokens whose logit reaches the k-th largest,
+      k = max(top_k, min_tokens_to_keep); the rules below see softmax over these survivors only;
     * min-p (Nguyen et al. 2024): p >= min_p * p_max;
     * top-n-sigma (Tang et al. 2024): z >= max z - n * std(z), std the population std of the
       finite z;
@@ -175,11 +191,19 @@ def truncation_mask(
     """
     batch = x.shape[:-1]
     xd = x.detach().double().cpu()
+    if edt_theta is not None:
+        temperature = edt_temperature(x, temperature, edt_theta, 0.8 if edt_base is None else edt_base)
     t = _per_row(temperature, batch, 1.0)
     greedy = t == 0
     z = torch.where(greedy, torch.where(xd == xd.amax(-1, keepdim=True), 0.0, -math.inf), xd / t.clamp_min(1e-300))
     order = torch.sort(z, dim=-1, descending=True, stable=True)
-    zs = order.values
+    xs = xd.gather(-1, order.indices)
+    vocab = xs.shape[-1]
+    k_top = _per_row(0 if top_k is None else top_k, batch, 0.0).long()
+    k_top = torch.where(k_top > 0, k_top.clamp(min=min_tokens_to_keep, max=max(vocab, 1)), 0)
+    kth = xs.gather(-1, (k_top - 1).clamp(min=0)) if vocab > 0 else xs
+    survivor = (k_top == 0) | (xs >= kth) | greedy
+    zs = order.values.masked_fill(~survivor, -math.inf)
     p = torch.softmax(zs, dim=-1)
     keep = torch.ones_like(zs, dtype=torch.bool)
     keep &= p >= _per_row(min_p, batch, 0.0) * p[..., :1]
@@ -195,8 +219,8 @@ def truncation_mask(
     h = entropy_terms(p).sum(-1, keepdim=True)
     keep &= (eta_v == 0) | (p >= torch.minimum(eta_v, eta_v.sqrt() * torch.exp(-h)))
     keep &= p > 0
+    keep &= survivor
     k = min(max(min_tokens_to_keep, 1), zs.shape[-1])
-    xs = xd.gather(-1, order.indices)
     keep |= (xs >= xs[..., k - 1 : k]) & (p > 0) & ~greedy  # greedy rows: the largest logits only
     keep[..., 0] = True
     bad = ~(xd.isnan().any(-1) | (xd == math.inf).any(-1))
@@ -298,3 +322,24 @@ def linear_log_probs_and_entropy(
     log_prob = logp.gather(-1, torch.where(valid, target, 0).unsqueeze(-1)).squeeze(-1)
     p_log_p = torch.where(logp == -math.inf, 0.0, logp.exp() * logp)  # masked logits: 0 log 0 = 0
     return torch.where(valid, log_prob, 0.0), -p_log_p.sum(-1)
+
+
+# ---------------------------------------------------------------------------
+# Mirostat v2
+# ---------------------------------------------------------------------------
+
+
+def mirostat_keep(x: torch.Tensor, mu, temperature=1.0) -> torch.Tensor:
+    """Mirostat v2's kept set (Basu et al. 2021, Algorithm 2) in float64 by sorting: the tokens
+    whose surprise -log2 p is at most mu (p = softmax(x / T)), at least the most probable one."""
+    xd = x.detach().double().cpu()
+    p = torch.softmax(xd / _per_row(temperature, x.shape[:-1], 1.0), dim=-1)
+    order = torch.sort(p, dim=-1, descending=True, stable=True)
+    keep = -torch.log2(order.values) <= _per_row(mu, x.shape[:-1], 0.0)
+    keep[..., 0] = True
+    return torch.zeros_like(keep).scatter(-1, order.indices, keep)
+
+
+def mirostat_update(mu, log_q: torch.Tensor, tau: float, eta: float) -> torch.Tensor:
+    """mu <- mu - eta * (-log2 q(token) - tau), q the renormalised kept distribution."""
+    return mu - eta * (-log_q / math.log(2.0) - tau)
