@@ -1,5 +1,5 @@
 """Benchmark of the row-statistics sampler rules (docs/sampling.md) against the baselines run in
-the same invocation: transformers' warper chain (Temperature + MinP [+ Epsilon / Eta] warpers,
+the same invocation: transformers' warper chain (Temperature [+ TopK] + MinP [+ Epsilon / Eta] warpers,
 then softmax + multinomial), a sort-based torch sampler in the style of vLLM's native path, each
 single rule against its transformers warper, on ROWS x V = 128256 float32 logits with per-row
 parameters for logitkit (transformers takes one value per batch).
@@ -23,7 +23,7 @@ import logitkit
 from logitkit.bench.environment import cpu_model
 
 VOCAB = 128256
-TEMPERATURE, MIN_P, EPSILON, ETA = 0.8, 0.05, 3e-4, 3e-4
+TEMPERATURE, MIN_P, EPSILON, ETA, TOP_K = 0.8, 0.05, 3e-4, 3e-4, 50
 
 
 def timed(fn, repeats: int) -> float:
@@ -43,11 +43,14 @@ def transformers_chain(x, warpers):
     return torch.multinomial(torch.softmax(out, -1), 1).squeeze(-1)
 
 
-def sort_based_sample(x, temperature, min_p):
-    """vLLM-style native path: scale, sort, softmax, min-p on the sorted probabilities, scatter
-    back, exponential-race draw (probs / Exp(1))."""
+def sort_based_sample(x, temperature, min_p, top_k=None):
+    """vLLM-style native path: scale, sort, [top-k on the ranks,] softmax, min-p on the sorted
+    probabilities, scatter back, exponential-race draw (probs / Exp(1))."""
     z = x / temperature.unsqueeze(-1)
     sorted_z, idx = torch.sort(z, dim=-1, descending=True)
+    if top_k is not None:
+        ranks = torch.arange(z.shape[-1])
+        sorted_z = sorted_z.masked_fill(ranks >= top_k.unsqueeze(-1), -math.inf)
     probs = torch.softmax(sorted_z, -1)
     probs = probs.masked_fill(probs < min_p.unsqueeze(-1) * probs[..., :1], 0.0)
     q = torch.empty_like(probs).exponential_()
@@ -60,6 +63,7 @@ def make_cases(rows: int, tlp) -> dict:
     x = torch.randn(rows, VOCAB, generator=g) * 3
     t_rows = torch.full((rows,), TEMPERATURE) + 0.1 * torch.rand(rows, generator=g)
     p_rows = torch.full((rows,), MIN_P)
+    k_rows = torch.full((rows,), TOP_K)
     seeds = torch.arange(rows)
     temp = tlp.TemperatureLogitsWarper(TEMPERATURE)
     return {
@@ -68,6 +72,15 @@ def make_cases(rows: int, tlp) -> dict:
             {
                 "transformers": lambda: transformers_chain(x, [temp, tlp.MinPLogitsWarper(MIN_P)]),
                 "sort-based": lambda: sort_based_sample(x, t_rows, p_rows),
+            },
+        ),
+        "chain: temperature+top_k+min_p sample": (
+            lambda: logitkit.sample(x, temperature=t_rows, top_k=k_rows, min_p=p_rows, seed=seeds),
+            {
+                "transformers": lambda: transformers_chain(
+                    x, [temp, tlp.TopKLogitsWarper(TOP_K), tlp.MinPLogitsWarper(MIN_P)]
+                ),
+                "sort-based": lambda: sort_based_sample(x, t_rows, p_rows, k_rows),
             },
         ),
         "chain: temperature+min_p+epsilon+eta sample": (
@@ -82,6 +95,10 @@ def make_cases(rows: int, tlp) -> dict:
         "min_p mask": (
             lambda: logitkit.filter_logits(x, min_p=p_rows),
             {"transformers": lambda: tlp.MinPLogitsWarper(MIN_P)(None, x)},
+        ),
+        "top_k mask": (
+            lambda: logitkit.filter_logits(x, top_k=TOP_K),
+            {"transformers": lambda: tlp.TopKLogitsWarper(TOP_K)(None, x)},
         ),
         "epsilon mask": (
             lambda: logitkit.filter_logits(x, epsilon=EPSILON),

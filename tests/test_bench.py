@@ -216,6 +216,13 @@ def test_top_h_cases_pass_their_guards(tmp_path):
     assert ("top_h", expected) in impls and ("sample", expected) in impls
 
 
+def test_sampling_cases_pass_their_guards(tmp_path):
+    rc, doc = _run([*FAST, "sampling", "mirostat", "sample_edt", "--dtype", "fp32,bf16"], tmp_path)
+    assert rc == 0, [(r["op"], r["impl"], r["status"], r["error"]) for r in doc["results"]]
+    impls = {(r["op"], r["impl"]) for r in doc["results"]}
+    assert {("sampling", "sort-based"), ("mirostat", "torch"), ("sample_edt", "torch")} <= impls
+
+
 def test_top_h_guards_flag_wrong_kept_sets_and_tokens():
     x = torch.randn(8, 500, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3
     keep = references.top_h_mask(x, 0.4, 1.5, "hf")
@@ -277,6 +284,10 @@ def test_compare_tolerance_and_special_values():
         ("top_h_exact", "fp16", 2 * 3 * 1000 * 2),
         ("sample", "fp32", 3 * 1000 * 4 + 3 * (4 + 8)),  # + one float32 uniform in, one int64 token out per row
         ("sample", "bf16", 3 * 1000 * 2 + 3 * (4 + 8)),
+        # + per-row float32 temperature and min-p, int64 top-k and seed
+        ("sampling", "fp32", 3 * 1000 * 4 + 3 * (4 + 8) + 3 * (4 + 4 + 8 + 8)),
+        ("mirostat", "bf16", 3 * 1000 * 2 + 3 * (4 + 8) + 3 * (4 + 4)),  # + mu read and written
+        ("sample_edt", "fp16", 3 * 1000 * 2 + 3 * (4 + 8)),
         # read hidden (3 x D) and weight (1000 x D), write their gradients, read 3 int64 targets
         ("linear_ce", "fp32", 2 * (3 + 1000) * bench.LINEAR_CE_HIDDEN * 4 + 3 * 8),
         ("linear_ce", "bf16", 2 * (3 + 1000) * bench.LINEAR_CE_HIDDEN * 2 + 3 * 8),
@@ -296,6 +307,9 @@ def test_every_registered_op_has_a_bytes_model_test():
         "top_h_official",
         "top_h_exact",
         "sample",
+        "sampling",
+        "mirostat",
+        "sample_edt",
         "linear_ce",
     }
     assert set(bench.CASES) <= tested, "add a test_bytes_moved case for the new op"

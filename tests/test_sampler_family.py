@@ -1,7 +1,8 @@
 """Tests of the row-statistics rules of the sampler family (logitkit.truncation_mask,
 filter_logits, sample with top_k / min_p / top_n_sigma / p_less / epsilon / eta / EDT /
-temperature 0, counter-based seeds, mirostat_sample) on every backend. References: logitkit.testing.references.truncation_mask
-(float64, sort and scan of the published definitions) and transformers' warpers."""
+temperature 0, counter-based seeds, mirostat_sample) on every backend. References:
+logitkit.testing.references.truncation_mask (float64, sort and scan of the published
+definitions), references.mirostat_keep and transformers' warpers."""
 
 from __future__ import annotations
 
@@ -345,8 +346,14 @@ def test_mirostat_step_matches_definition(backend, temperature):
     x[5] *= 10  # peaked: p_max > 2^-mu for small mu
     mu = torch.tensor([1.0, 3.0, 6.0, 10.0, 0.0, 4.0])
     out = logitkit.mirostat_sample(
-        backend.tensor(x), backend.tensor(mu), tau=3.0, eta=0.1, temperature=temperature, seed=5,
-        return_logprobs=True, return_kept=True,
+        backend.tensor(x),
+        backend.tensor(mu),
+        tau=3.0,
+        eta=0.1,
+        temperature=temperature,
+        seed=5,
+        return_logprobs=True,
+        return_kept=True,
     )
     keep = references.mirostat_keep(x, mu, temperature)
     tok = out.tokens.cpu()
@@ -357,12 +364,14 @@ def test_mirostat_step_matches_definition(backend, temperature):
     torch.testing.assert_close(out.logprobs.cpu().double(), log_q, atol=1e-4, rtol=1e-4)
     expected_mu = references.mirostat_update(mu.double(), log_q, 3.0, 0.1)
     torch.testing.assert_close(out.mu.cpu().double(), expected_mu, atol=1e-4, rtol=1e-4)
-    tokens, new_mu = logitkit.mirostat_sample(backend.tensor(x), backend.tensor(mu), tau=3.0, seed=5,
-                                              temperature=temperature)
+    tokens, new_mu = logitkit.mirostat_sample(
+        backend.tensor(x), backend.tensor(mu), tau=3.0, seed=5, temperature=temperature
+    )
     assert torch.equal(tokens.cpu(), tok) and new_mu.device == backend.tensor(mu).device
     for r in (0, 5):  # a row's step does not depend on the batch
-        alone = logitkit.mirostat_sample(backend.tensor(x[r : r + 1]), backend.tensor(mu[r : r + 1]), tau=3.0,
-                                         seed=5, temperature=temperature)
+        alone = logitkit.mirostat_sample(
+            backend.tensor(x[r : r + 1]), backend.tensor(mu[r : r + 1]), tau=3.0, seed=5, temperature=temperature
+        )
         assert alone[0].item() == tok[r].item()
 
 

@@ -122,16 +122,17 @@ def _rank_columns(
     largest k on the host: one device-to-host read on CUDA (docs/sampling.md)."""
     vocab = logits.shape[-1]
     floor_k = min(min_tokens_to_keep, vocab) if min_tokens_to_keep > 1 else 0
+    k_rows: int | torch.Tensor  # the k of each row, 0: off
     if isinstance(top_k, torch.Tensor):
         k_rows = torch.where(top_k > 0, top_k.clamp(min=min_tokens_to_keep, max=vocab), 0)
         k_max = int(k_rows.max()) if k_rows.numel() > 0 else 0
     else:
-        k_rows = min(max(top_k, min_tokens_to_keep), vocab) if 0 < top_k < vocab else 0
-        k_max = k_rows
+        k_max = min(max(top_k, min_tokens_to_keep), vocab) if 0 < top_k < vocab else 0
+        k_rows = k_max
     largest = max(floor_k, k_max)
     if largest == 0 or vocab == 0:
         return math.inf, -math.inf
-    values = torch.topk(logits.detach().float(), largest, dim=-1).values
+    values = torch.topk(logits.detach(), largest, dim=-1).values.float()  # exact: no float copy of the rows
     floor = values[..., floor_k - 1] if floor_k > 0 else math.inf
     if isinstance(k_rows, torch.Tensor):
         kth = values.gather(-1, (k_rows - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)

@@ -7,9 +7,8 @@ The rules' exact definitions are in docs/top_h.md. (This module is not named
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import math
+from typing import NamedTuple
 
 import torch
 

@@ -27,7 +27,10 @@ Implementations ("impl" column): ``logitkit``; ``eager`` (what a user writes
 in plain PyTorch, same dtype as the input); with ``--compile`` also
 ``compiled`` (``torch.compile`` of the eager reference). Top-H ops compare with
 transformers' warper, a per-row loop of the authors' processor and a
-sort-and-scan. ``linear_ce`` (rows = tokens N, vocab = V, hidden size
+sort-and-scan. ``sampling`` (temperature -> top-k -> min-p with per-row
+parameters and seeds), ``mirostat`` and ``sample_edt`` compare with
+transformers' warper chain, a sort-based sampler in the style of vLLM's
+native path and straightforward torch code. ``linear_ce`` (rows = tokens N, vocab = V, hidden size
 ``--hidden`` D, default 1024) times one forward + backward of a summed loss
 returning (loss, grad_hidden, grad_weight), against the materialised
 ``F.cross_entropy(hidden @ weight.T, target)`` and PyTorch's chunked
@@ -108,7 +111,8 @@ Layout of the package: :mod:`~logitkit.bench.cli` (options, :func:`main`),
 (timing, memory probe, output comparison), :mod:`~logitkit.bench.environment`,
 :mod:`~logitkit.bench.report` (table, JSON, CSV, plots), and one module per
 case family: :mod:`~logitkit.bench.row_ops_cases`,
-:mod:`~logitkit.bench.top_h_cases`, :mod:`~logitkit.bench.linear_ce_cases`.
+:mod:`~logitkit.bench.top_h_cases`, :mod:`~logitkit.bench.sampling_cases`,
+:mod:`~logitkit.bench.linear_ce_cases`.
 References and tolerances come from :mod:`logitkit.testing`.
 
 Adding an op: :func:`register` one more :class:`Case` (inputs maker, logitkit
@@ -118,7 +122,7 @@ the ``register_cases()`` of its family's module.
 
 from __future__ import annotations
 
-from . import linear_ce_cases, row_ops_cases, top_h_cases
+from . import linear_ce_cases, row_ops_cases, sampling_cases, top_h_cases
 from .cli import build_parser, main, parse_args
 from .environment import datasheet_peak_gbps
 from .harness import MemoryProbe, compare, measure
@@ -127,7 +131,7 @@ from .report import Result, plot_paths, print_report, summary, write_csv, write_
 from .runner import Config, run_benchmark
 
 # The registration order is the order of the table and of "all".
-for _family in (row_ops_cases, top_h_cases, linear_ce_cases):
+for _family in (row_ops_cases, top_h_cases, sampling_cases, linear_ce_cases):
     _family.register_cases()
 
 __all__ = [

@@ -25,6 +25,7 @@ it is imported only when a processor class is first accessed.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 from ..filters import filter_logits as _filter_logits
 from ..sampling import top_h as _top_h
@@ -263,8 +264,8 @@ def _row_statistics_classes(base: type) -> dict:
             self.reset()
 
         def reset(self) -> None:
-            self.mu = None
-            self._returned = None  # (scores returned, their log-normaliser, input length)
+            self.mu: Any = None  # float32 (batch,) on the scores' device once a sequence started
+            self._returned: Any = None  # (scores returned, their log-normaliser, input length)
 
         def __call__(self, input_ids, scores):
             import math
