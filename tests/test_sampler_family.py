@@ -54,6 +54,25 @@ def test_low_precision_inputs(backend, dtype, rule):
     assert torch.equal(got, references.truncation_mask(x, temperature=0.9, **RULES[rule]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_filter_logits_writes_kept_logits(backend, dtype):
+    """filter_logits: the logits (exactly, in their dtype) where the mask keeps them, filter_value
+    elsewhere, special rows included; with requires_grad the gradient reaches the kept logits."""
+    x = rows(5, 1000).to(dtype)
+    x[1, 5] = math.nan
+    x[2] = -math.inf
+    x[3, :900] = -math.inf
+    rules = dict(temperature=0.9, top_k=100, min_p=0.02, eta=1e-3)
+    keep = references.truncation_mask(x, **rules)
+    for fill in (-math.inf, -123.0):
+        got = logitkit.filter_logits(backend.tensor(x), filter_value=fill, **rules).cpu()
+        assert got.dtype == dtype
+        assert torch.equal(got, torch.where(keep, x, torch.tensor(fill, dtype=dtype)))
+    leaf = backend.tensor(x[4:].float()).requires_grad_()
+    logitkit.filter_logits(leaf, **rules).masked_fill(~keep[4:].to(leaf.device), 0.0).sum().backward()
+    assert torch.equal(leaf.grad.cpu(), keep[4:].float())
+
+
 def test_large_vocab_and_non_contiguous(backend):
     x = rows(2, 2 * 50257, scale=2.0)[:, ::2]
     got = logitkit.truncation_mask(backend.tensor(x), min_p=0.05, top_n_sigma=3.0).cpu()
@@ -285,6 +304,7 @@ def test_opcheck_and_compile(backend):
     u = backend.tensor(torch.rand(3))
     ops = backend.ops
     torch.library.opcheck(ops.filter_mask, (x, params))
+    torch.library.opcheck(ops.filter_logits, (x, params, -100.0))
     torch.library.opcheck(ops.filter_sample, (x, params, u, True))
     seeds = backend.tensor(torch.arange(3))
     torch.library.opcheck(ops.philox_uniform, (seeds, seeds))

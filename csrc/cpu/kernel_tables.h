@@ -72,6 +72,7 @@ struct TopHKernels {
   void (*sample)(const Rows&, const TopHParams&, const float* uniform, int64_t* out);
   // The row-statistics sampler ops (row_filters_cpu.h), per-row params table.
   void (*filter_mask)(const Rows&, const float* params, bool* out);
+  void (*filter_logits)(const Rows&, const float* params, float filter_value, scalar_t* out);
   void (*filter_sample)(const Rows&, const float* params, const float* uniform, bool raw_log_prob, int64_t* tokens,
                         float* stats);
 };

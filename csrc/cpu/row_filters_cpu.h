@@ -18,6 +18,9 @@
 // (kept count 0). All -inf: token 0 kept alone (log q = 0, H = 0, count 1).
 
 // Pass 1 over the loaded row: the extended state of the top-k survivors of z = x * inv_t.
+// kMoments: also sum exp^2 and the finite count / mean / M2, which only p-less
+// and top-n-sigma use (without them those stay 0).
+template <bool kMoments>
 core::FilterState filter_state_of_row(RowScratch& s, const core::FilterParams& p) {
   const int64_t padded = static_cast<int64_t>(s.x.size());
   const FVec vt(p.inv_temperature), vk(p.top_k_z), zero(0.0f), one(1.0f), neg_inf(kNegInf), pos_inf(kPosInf);
@@ -30,14 +33,16 @@ core::FilterState filter_state_of_row(RowScratch& s, const core::FilterParams& p
       const FVec z = FVec::blendv(scaled, neg_inf, scaled < vk);  // core::top_k_survivor
       z.store(s.a + j);
       vmax = at::vec::maximum(vmax, z);
-      const FVec finite = (z > neg_inf) & (z < pos_inf);
-      vcount = vcount + (finite & one);
-      vtotal = vtotal + FVec::blendv(zero, z, finite);
+      if constexpr (kMoments) {
+        const FVec finite = (z > neg_inf) & (z < pos_inf);
+        vcount = vcount + (finite & one);
+        vtotal = vtotal + FVec::blendv(zero, z, finite);
+      }
     }
     const float m = reduce_max(vmax);
     if (m != m || m == kPosInf) return core::FilterState{core::SoftmaxState{m, 0.0f, 0.0f}, 0.0f, 0.0f, 0.0f, 0.0f};
     if (m == kNegInf) continue;  // only masked entries
-    const float count = vsum(vcount), mean = vsum(vtotal) / count;
+    const float count = kMoments ? vsum(vcount) : 0.0f, mean = kMoments ? vsum(vtotal) / count : 0.0f;
     const FVec vm(m), vmean(mean);
     FVec se(0.0f), sb(0.0f), se2(0.0f), m2(0.0f);
     for (int64_t j = 0; j < n; j += kLanes) {
@@ -45,10 +50,12 @@ core::FilterState filter_state_of_row(RowScratch& s, const core::FilterParams& p
       const FVec d = z - vm, e = vexp(d);
       const FVec positive = e > zero;
       se = se + e;
-      se2 = se2 + e * e;
       sb = sb + FVec::blendv(zero, d * e, positive);
-      const FVec c = FVec::blendv(zero, z - vmean, z > neg_inf);
-      m2 = m2 + c * c;
+      if constexpr (kMoments) {
+        se2 = se2 + e * e;
+        const FVec c = FVec::blendv(zero, z - vmean, z > neg_inf);
+        m2 = m2 + c * c;
+      }
     }
     const core::FilterState tile{core::SoftmaxState{m, vsum(se), vsum(sb)}, vsum(se2), count, mean, vsum(m2)};
     row = core::merge(row, tile);
@@ -114,29 +121,77 @@ void for_each_filter_row(const Rows& r, const float* params, Finish finish) {
     for (int64_t row = first; row < last; ++row) {
       const core::FilterParams p = core::decode_filter_params(params + row * core::kFilterParamCount);
       const float max_x = load_row(data + row * r.row_stride, r.cols, *s);
-      const core::FilterState st = filter_state_of_row(*s, p);
+      const bool moments = p.p_less != 0.0f || p.top_n_sigma < kPosInf;
+      const core::FilterState st = moments ? filter_state_of_row<true>(*s, p) : filter_state_of_row<false>(*s, p);
       finish(row, *s, p, core::filter_cut(st, p), max_x);
     }
   });
 }
 
-template <class scalar_t>
-void filter_mask_rows(const Rows& r, const float* params, bool* out) {
+// What pass 2 of filter_mask / filter_logits writes for a token: the keep
+// mask (out_t = bool), or the logit where kept and filter_value elsewhere
+// (out_t = the input dtype; x came from it, so the conversion back is exact).
+template <class out_t>
+struct FilterOutput {
+  out_t* out;
+  float filter_value;
+  out_t kept(float x) const {
+    if constexpr (std::is_same_v<out_t, bool>) {
+      return true;
+    } else {
+      return static_cast<out_t>(x);
+    }
+  }
+  out_t dropped() const {
+    if constexpr (std::is_same_v<out_t, bool>) {
+      return false;
+    } else {
+      return static_cast<out_t>(filter_value);
+    }
+  }
+};
+
+// filter_mask and filter_logits: pass 2 tests z >= threshold and
+// exp(z - m) > 0 (the same vectorised exp as sampling's kept weights), kLanes
+// tokens at a time; float32 output is blended and stored as vectors.
+template <class scalar_t, class out_t>
+void filter_write_rows(const Rows& r, const float* params, FilterOutput<out_t> o) {
   const int64_t cols = r.cols;
   for_each_filter_row<scalar_t>(
       r, params, [&](int64_t row, const RowScratch& s, const core::FilterParams& p, const core::FilterCut& cut, float) {
-        bool* o = out + row * cols;
-        if (!cut.defined) return std::fill(o, o + cols, false);
+        out_t* dst = o.out + row * cols;
+        if (!cut.defined) return std::fill(dst, dst + cols, o.dropped());
         if (cut.max == kNegInf) {  // all -inf: token 0 only
-          std::fill(o, o + cols, false);
-          o[0] = true;
+          std::fill(dst, dst + cols, o.dropped());
+          dst[0] = o.kept(s.x[0]);
           return;
         }
-        for (int64_t i = 0; i < cols; ++i) {
-          const float z = core::scaled_logit(s.x[i], p.inv_temperature);
-          o[i] = z >= cut.threshold && std::exp(z - cut.max) > 0.0f;
+        const FVec vt(p.inv_temperature), vm(cut.max), vthr(cut.threshold), zero(0.0f), one(1.0f);
+        const FVec dropped(o.filter_value);
+        alignas(64) float lanes[kLanes];
+        for (int64_t i = 0; i < cols; i += kLanes) {
+          const FVec x = FVec::loadu(s.x.data() + i);
+          const FVec z = x * vt;
+          const FVec keep = (z >= vthr) & (vexp(z - vm) > zero);
+          const int64_t n = std::min(kLanes, cols - i);
+          if constexpr (std::is_same_v<out_t, float>) {
+            FVec::blendv(dropped, x, keep).store(dst + i, static_cast<int>(n));
+          } else {
+            (keep & one).store(lanes);
+            for (int64_t j = 0; j < n; ++j) dst[i + j] = lanes[j] != 0.0f ? o.kept(s.x[i + j]) : o.dropped();
+          }
         }
       });
+}
+
+template <class scalar_t>
+void filter_mask_rows(const Rows& r, const float* params, bool* out) {
+  filter_write_rows<scalar_t, bool>(r, params, FilterOutput<bool>{out, 0.0f});
+}
+
+template <class scalar_t>
+void filter_logits_rows(const Rows& r, const float* params, float filter_value, scalar_t* out) {
+  filter_write_rows<scalar_t, scalar_t>(r, params, FilterOutput<scalar_t>{out, filter_value});
 }
 
 // Writes a row's token and statistics (SampleStat columns).

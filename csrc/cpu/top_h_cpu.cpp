@@ -50,6 +50,7 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -421,7 +422,7 @@ void sample_rows(const Rows& r, const TopHParams& p, const float* uniform, int64
 
 const PerDtype<TopHKernels> top_h_kernels = PerDtype<TopHKernels>::build([]<class scalar_t>() {
   return TopHKernels<scalar_t>{&mask_rows<scalar_t>, &sample_rows<scalar_t>, &filter_mask_rows<scalar_t>,
-                               &filter_sample_rows<scalar_t>};
+                               &filter_logits_rows<scalar_t>, &filter_sample_rows<scalar_t>};
 });
 
 }  // namespace logitkit::cpu::CPU_CAPABILITY

@@ -19,6 +19,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../core/row_filters.h"
 #include "../frontend/row_filters.h"
@@ -74,20 +75,29 @@ LK_DEVICE inline core::SoftmaxState raw_state(const scalar_t* x, int64_t cols, R
       core::empty_state(), s.raw_scratch);
 }
 
-template <class scalar_t>
+// filter_mask (out_t = bool: the keep mask) and filter_logits (out_t =
+// scalar_t: the logit where kept, filter_value elsewhere).
+template <class scalar_t, class out_t>
 __global__ void __launch_bounds__(kMaxFilterThreads)
-    filter_mask_kernel(RowsView<scalar_t> rows, int64_t cols, const float* params, bool* mask) {
+    filter_write_kernel(RowsView<scalar_t> rows, int64_t cols, const float* params, float filter_value,
+                        out_t* output) {
   const scalar_t* x = rows.row(blockIdx.x);
-  bool* out = mask + static_cast<int64_t>(blockIdx.x) * cols;
+  out_t* out = output + static_cast<int64_t>(blockIdx.x) * cols;
   __shared__ RowFilterStorage s;
   const core::FilterParams p =
       core::decode_filter_params(params + static_cast<int64_t>(blockIdx.x) * core::kFilterParamCount);
   const core::FilterCut cut = filter_pass_one(x, cols, p, s);
   for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
+    bool keep;
     if (!cut.defined || cut.max == core::neg_infinity()) {
-      out[i] = cut.defined && i == 0;  // NaN / +inf: nothing; all -inf: token 0 only
+      keep = cut.defined && i == 0;  // NaN / +inf: nothing; all -inf: token 0 only
     } else {
-      out[i] = core::kept_weight(cut, filter_logit(x, i), p.inv_temperature) > 0.0f;
+      keep = core::kept_weight(cut, filter_logit(x, i), p.inv_temperature) > 0.0f;
+    }
+    if constexpr (std::is_same_v<out_t, bool>) {
+      out[i] = keep;
+    } else {
+      out[i] = keep ? x[i] : static_cast<out_t>(filter_value);
     }
   }
 }

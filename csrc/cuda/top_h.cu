@@ -71,7 +71,11 @@ struct TopHBackend {
 struct RowFiltersBackend {
   template <class scalar_t>
   static void filter_mask(const Rows& r, const float* params, bool* out) {
-    launch<scalar_t>(r, "filter_mask", &filter_mask_kernel<scalar_t>, params, out);
+    launch<scalar_t>(r, "filter_mask", &filter_write_kernel<scalar_t, bool>, params, 0.0f, out);
+  }
+  template <class scalar_t>
+  static void filter_logits(const Rows& r, const float* params, float filter_value, scalar_t* out) {
+    launch<scalar_t>(r, "filter_logits", &filter_write_kernel<scalar_t, scalar_t>, params, filter_value, out);
   }
   template <class scalar_t>
   static void filter_sample(const Rows& r, const float* params, const float* uniform, bool raw_log_prob,

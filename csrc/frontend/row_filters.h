@@ -5,6 +5,8 @@
 // A backend supplies
 //
 //   template <class scalar_t> static void filter_mask(const Rows&, const float* params, bool* out);
+//   template <class scalar_t> static void filter_logits(const Rows&, const float* params, float filter_value,
+//                                                       scalar_t* out);
 //   template <class scalar_t> static void filter_sample(const Rows&, const float* params, const float* uniform,
 //                                                       bool raw_log_prob, int64_t* tokens, float* stats);
 //   static void philox_uniform(const at::Tensor& seed, const at::Tensor& offset, at::Tensor& out);
@@ -57,6 +59,18 @@ struct RowFiltersFrontend {
     return out;
   }
 
+  static at::Tensor filter_logits(const at::Tensor& logits, const at::Tensor& params, double filter_value) {
+    const at::Tensor prm = checked_filter_params(logits, params, "filter_logits");
+    at::Tensor out = at::empty(logits.sizes(), logits.options());
+    if (out.numel() == 0) return out;
+    const Rows r = as_rows(logits);
+    LOGITKIT_DISPATCH_LOGIT_TYPES(logits.scalar_type(), [&] {
+      Backend::template filter_logits<scalar_t>(r, prm.data_ptr<float>(), static_cast<float>(filter_value),
+                                                out.data_ptr<scalar_t>());
+    });
+    return out;
+  }
+
   static std::tuple<at::Tensor, at::Tensor> filter_sample(const at::Tensor& logits, const at::Tensor& params,
                                                           const at::Tensor& uniform, bool raw_log_prob) {
     const at::Tensor prm = checked_filter_params(logits, params, "filter_sample");
@@ -99,6 +113,7 @@ struct RowFiltersFrontend {
 
   static void register_all(torch::Library& m) {
     m.impl("filter_mask", &filter_mask);
+    m.impl("filter_logits", &filter_logits);
     m.impl("filter_sample", &filter_sample);
     m.impl("philox_uniform", &philox_uniform);
   }

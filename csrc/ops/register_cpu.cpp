@@ -76,6 +76,10 @@ struct RowFiltersBackend {
     for_cpu_capability().top_h->of<scalar_t>().filter_mask(r, params, out);
   }
   template <class scalar_t>
+  static void filter_logits(const Rows& r, const float* params, float filter_value, scalar_t* out) {
+    for_cpu_capability().top_h->of<scalar_t>().filter_logits(r, params, filter_value, out);
+  }
+  template <class scalar_t>
   static void filter_sample(const Rows& r, const float* params, const float* uniform, bool raw_log_prob,
                             int64_t* tokens, float* stats) {
     for_cpu_capability().top_h->of<scalar_t>().filter_sample(r, params, uniform, raw_log_prob, tokens, stats);

@@ -61,12 +61,14 @@ inline void define_schemas(torch::Library& m) {
   // ---- Sampler family: the row-statistics rules (docs/sampling.md) ----
   // params: float32 (..., 8) per-row table [temperature, min_p, top_n_sigma,
   // p_less, epsilon, eta, keep_floor, top_k_logit] (csrc/core/row_filters.h), built by
-  // logitkit.sampling. filter_mask -> bool keep mask of logits' shape.
+  // logitkit.sampling. filter_mask -> bool keep mask of logits' shape;
+  // filter_logits -> logits where kept, filter_value elsewhere (logits' dtype).
   // filter_sample -> (tokens int64 (...), stats float32 (..., 4) [log q(token),
   // raw log p(token) (NaN unless raw_log_prob), H(q), kept count]) drawn by
   // inverse CDF at `uniform`. philox_uniform: the Philox4x32-10 uniform in
   // [0, 1) of each (seed, offset) pair (int64, same shape).
   m.def("filter_mask(Tensor logits, Tensor params) -> Tensor");
+  m.def("filter_logits(Tensor logits, Tensor params, float filter_value) -> Tensor");
   m.def("filter_sample(Tensor logits, Tensor params, Tensor uniform, bool raw_log_prob=False) -> (Tensor, Tensor)");
   m.def("philox_uniform(Tensor seed, Tensor offset) -> Tensor");
 }

@@ -263,7 +263,7 @@ def filter_logits(
 ) -> torch.Tensor:
     """``logits`` (not divided by the temperature) where :func:`truncation_mask` keeps the
     token, ``filter_value`` elsewhere."""
-    mask = truncation_mask(
+    params = filter_params(
         logits,
         temperature=temperature,
         top_k=top_k,
@@ -275,9 +275,13 @@ def filter_logits(
         edt_theta=edt_theta,
         edt_base=edt_base,
         min_tokens_to_keep=min_tokens_to_keep,
+        op="filter_logits",
     )
-    # torch.where, not masked_fill(~mask): one pass instead of two (3x faster on the CPU at V = 128256)
-    return torch.where(mask, logits, torch.tensor(filter_value, dtype=logits.dtype, device=logits.device))
+    if torch.is_grad_enabled() and logits.requires_grad:  # differentiable: the gradient flows to the kept logits
+        mask = _backend.ops().filter_mask(logits, params)
+        return torch.where(mask, logits, torch.tensor(filter_value, dtype=logits.dtype, device=logits.device))
+    # written by the kernel's second pass: no bool mask and no torch.where pass over the rows
+    return _backend.ops().filter_logits(logits, params, float(filter_value))
 
 
 def _as_counter(value: int | torch.Tensor, name: str, like: torch.Tensor, op: str) -> torch.Tensor:
@@ -339,6 +343,12 @@ def _check_params_table(logits: torch.Tensor, params: torch.Tensor, op: str) -> 
 def _filter_mask_fake(logits: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     _check_params_table(logits, params, "filter_mask")
     return logits.new_empty(logits.shape, dtype=torch.bool)
+
+
+@register_fake("filter_logits")
+def _filter_logits_fake(logits: torch.Tensor, params: torch.Tensor, filter_value: float) -> torch.Tensor:
+    _check_params_table(logits, params, "filter_logits")
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 @register_fake("filter_sample")
