@@ -79,8 +79,7 @@ LK_DEVICE inline core::SoftmaxState raw_state(const scalar_t* x, int64_t cols, R
 // scalar_t: the logit where kept, filter_value elsewhere).
 template <class scalar_t, class out_t>
 __global__ void __launch_bounds__(kMaxFilterThreads)
-    filter_write_kernel(RowsView<scalar_t> rows, int64_t cols, const float* params, float filter_value,
-                        out_t* output) {
+    filter_write_kernel(RowsView<scalar_t> rows, int64_t cols, const float* params, float filter_value, out_t* output) {
   const scalar_t* x = rows.row(blockIdx.x);
   out_t* out = output + static_cast<int64_t>(blockIdx.x) * cols;
   __shared__ RowFilterStorage s;
