@@ -27,6 +27,7 @@ ENV_FIELDS = {
     "git_commit",
     "git_dirty",
     "build_info",
+    "gemm_paths",
     "copy_bandwidth_gbps",
     "copy_buffer_bytes",
     "datasheet_peak_gbps",
@@ -328,13 +329,17 @@ def test_linear_ce_case_runs_and_reports_transient_memory(tmp_path, capsys):
     assert rc == 0, [(r["impl"], r["status"], r["error"]) for r in doc["results"]]
     assert doc["config"]["hidden"] == 64
     impls = {r["impl"] for r in doc["results"]}
-    assert {"logitkit", "materialised"} <= impls
+    assert {"logitkit", "materialised", "torch.mm x3"} <= impls
+    roofline = next(r for r in doc["results"] if r["impl"] == "torch.mm x3")
+    assert roofline["max_abs_err"] is None and roofline["status"] == "OK"  # timed, not checked
+    assert set(doc["environment"]["gemm_paths"]) == {"fp32", "bf16", "fp16"}
     for r in doc["results"]:
         assert r["status"] == "OK" and r["gflops"] == pytest.approx(
             6 * r["rows"] * 300 * 64 / (r["median_ms"] * 1e-3) / 1e9
         )
         assert r["samples"] <= 3  # max_repeats of the case
-    assert "GFLOP/s" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "GFLOP/s" in out and "linear_ce GEMM path: fp32 fp32" in out
 
 
 def test_memory_probe_can_exclude_outputs():

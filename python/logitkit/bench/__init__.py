@@ -37,7 +37,10 @@ returning (loss, grad_hidden, grad_weight), against the materialised
 ``F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())``; its
 "mem" column is the peak above the inputs *and* the gradients (the transient
 memory), its GFLOP/s column counts the materialised loss's three GEMMs
-(6 N D V), and it runs at most 3 timed samples.
+(6 N D V), and it runs at most 3 timed samples. Its roofline row ``torch.mm x3``
+times those three GEMMs alone in the input dtype (not checked: it is not the
+loss), so logitkit's GFLOP/s can be read against the GEMM throughput of the same
+run; the header names the GEMM path per dtype (``logitkit.gemm_path``).
 
 Roofline: each op has a bytes-moved model (:func:`bytes_moved`): the bytes an
 ideal implementation must read and write once. ``GB/s`` is that model divided
@@ -71,6 +74,7 @@ JSON schema (``--json PATH``; ``schema_version`` 1)::
         "git_commit": str | null,      # of the logitkit source checkout, if any
         "git_dirty": bool | null,
         "build_info": {...},           # logitkit.build_info()
+        "gemm_paths": {"fp32": str, "bf16": str, "fp16": str},  # linear_ce's GEMM route (gemm_path)
         "copy_bandwidth_gbps": float,  # measured dst.copy_(src), read + write
         "copy_buffer_bytes": int,
         "datasheet_peak_gbps": float | null,

@@ -100,6 +100,11 @@ def collect_environment(
         "git_commit": commit,
         "git_dirty": dirty,
         "build_info": logitkit.build_info(),
+        # linear_ce's GEMM route per input dtype on this device (logitkit.gemm_path)
+        "gemm_paths": {
+            name: logitkit.gemm_path(dtype, device).path
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16))
+        },
         "copy_bandwidth_gbps": copy_gbps,
         "copy_buffer_bytes": copy_bytes,
         "datasheet_peak_gbps": datasheet_peak_gbps(name) if device.type == "cuda" else None,

@@ -58,12 +58,21 @@ def linear_ce_flops(rows: int, vocab: int, dtype: torch.dtype, params: CaseParam
     return 6 * rows * vocab * params.hidden
 
 
+def gemm_roofline(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> tuple:
+    """The roofline of the loss: its three GEMMs alone with ``torch.mm`` in the input dtype
+    (logits = h W^T, then the gradient GEMMs with the logits standing in for dL/dz), 6 N D V
+    flops as the GFLOP/s column counts them."""
+    logits = hidden @ weight.T
+    return logits @ weight, logits.T @ hidden
+
+
 def register_cases() -> None:
     """``linear_ce``: loss (reduction "sum", so gradients are O(1) for the guard) and its gradients
     for hidden and weight. Baselines: the materialised ``F.cross_entropy(hidden @ weight.T,
     target)`` in the input dtype, and PyTorch's chunked ``F.linear_cross_entropy`` with its
     default ``LinearCrossEntropyOptions()`` when this torch has it. Reference: the materialised
-    loss in float64 (:func:`logitkit.testing.references.linear_cross_entropy`)."""
+    loss in float64 (:func:`logitkit.testing.references.linear_cross_entropy`). Roofline (timed,
+    not checked): the three GEMMs with ``torch.mm`` in the input dtype (:func:`gemm_roofline`)."""
     baselines = {"materialised": forward_backward(lambda h, w, t: F.cross_entropy(h @ w.T, t, reduction="sum"))}
     options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
     if options is not None and hasattr(F, "linear_cross_entropy"):
@@ -85,5 +94,6 @@ def register_cases() -> None:
             flops_model=linear_ce_flops,
             memory_excludes_outputs=True,
             max_repeats=3,
+            rooflines={"torch.mm x3": gemm_roofline},
         )
     )

@@ -90,6 +90,8 @@ class Case:
             (for ops whose outputs are gradients: the transient memory users compare).
         max_repeats: cap on the timed samples, with a single warm-up call (ops that take seconds
             per call).
+        rooflines: name -> callable timed like an implementation but not checked (its output is
+            not the op's): the hardware ceiling the op is compared with, e.g. its GEMMs alone.
     """
 
     name: str
@@ -104,6 +106,7 @@ class Case:
     flops_model: Model | None = None
     memory_excludes_outputs: bool = False
     max_repeats: int | None = None
+    rooflines: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
 
 
 #: All registered cases, by name, in registration order.

@@ -171,6 +171,8 @@ def environment_summary(env: dict) -> str:
         f"read+write)" + (f"; datasheet {env['datasheet_peak_gbps']:.0f} GB/s" if env["datasheet_peak_gbps"] else ""),
         f"inputs rotate over >= {env['rotation_target_bytes'] >> 20} MiB; memory: {env['memory_method']}",
     ]
+    if env.get("gemm_paths"):
+        lines.append("linear_ce GEMM path: " + ", ".join(f"{k} {v}" for k, v in env["gemm_paths"].items()))
     return "\n".join(lines)
 
 
