@@ -23,12 +23,17 @@ logitkit's ``FusedSamplingLogitsWarper`` instead: temperature and every rule in
 one call (docs/sampling.md). It replaces generate's own temperature warper, so
 generate then runs with ``temperature=1``::
 
-    FusedSamplingLogitsWarper(0.8, min_p=0.05, epsilon=3e-4)
+    FusedSamplingLogitsWarper(0.8, top_k=50, min_p=0.05, epsilon=3e-4)
+
+With ``--mirostat-tau`` it runs Mirostat v2 (``MirostatLogitsWarper(tau)``, after
+generate's temperature warper), which keeps each sequence's ``mu`` across the
+steps of ``generate()`` and prints it at the end.
 
 Examples::
 
     python examples/generate_top_h.py --tiny
     python examples/generate_top_h.py --tiny --min-p 0.05 --epsilon 3e-4
+    python examples/generate_top_h.py --tiny --mirostat-tau 3.0
     python examples/generate_top_h.py --model Qwen/Qwen2.5-0.5B-Instruct --prompt "Once upon a time" --top-h 0.4
 """
 
@@ -52,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-p", type=float, default=None, help="use the fused sampler chain with this min-p")
     p.add_argument("--epsilon", type=float, default=None, help="with --min-p: also epsilon truncation")
     p.add_argument("--eta", type=float, default=None, help="with --min-p: also eta truncation")
+    p.add_argument("--top-k", type=int, default=None, help="with --min-p: also top-k (applied first)")
+    p.add_argument("--mirostat-tau", type=float, default=None, help="Mirostat v2 with this target surprise (bits)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 12 with --tiny, else 64")
     p.add_argument("--num-samples", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -63,7 +70,11 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     import transformers
 
-    from logitkit.integrations.transformers import FusedSamplingLogitsWarper, TopHLogitsWarper
+    from logitkit.integrations.transformers import (
+        FusedSamplingLogitsWarper,
+        MirostatLogitsWarper,
+        TopHLogitsWarper,
+    )
 
     torch.manual_seed(args.seed)
     tokenizer = None
@@ -93,10 +104,12 @@ def main(argv: list[str] | None = None) -> None:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     max_new = args.max_new_tokens or (12 if args.tiny else 64)
-    if args.min_p is None:
+    if args.mirostat_tau is not None:  # after generate's temperature warper
+        processor, temperature = MirostatLogitsWarper(args.mirostat_tau), args.temperature
+    elif args.min_p is None:
         processor, temperature = TopHLogitsWarper(args.top_h), args.temperature
     else:  # the fused chain applies the temperature itself
-        chain = dict(min_p=args.min_p, epsilon=args.epsilon, eta=args.eta)
+        chain = dict(top_k=args.top_k, min_p=args.min_p, epsilon=args.epsilon, eta=args.eta)
         processor, temperature = FusedSamplingLogitsWarper(args.temperature, **chain), 1.0
     print(f"processor: {type(processor).__name__}")
     processors = transformers.LogitsProcessorList([processor])
@@ -116,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     for i, row in enumerate(completions):
         text = tokenizer.decode(row, skip_special_tokens=True) if tokenizer is not None else row.tolist()
         print(f"sample {i}: {text}")
+    if args.mirostat_tau is not None:
+        print(f"mu after the last step: {processor.mu.tolist()}")
 
 
 if __name__ == "__main__":

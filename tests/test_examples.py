@@ -46,8 +46,17 @@ def test_generate_top_h_tiny():
 
 
 def test_generate_fused_sampler_chain_tiny():
-    out = _run(ROOT / "examples" / "generate_top_h.py", "--tiny", "--min-p", "0.05", "--epsilon", "3e-4")
+    out = _run(
+        ROOT / "examples" / "generate_top_h.py", "--tiny", "--min-p", "0.05", "--epsilon", "3e-4", "--top-k", "40"
+    )
     assert "processor: FusedSamplingLogitsWarper" in out and "sample 1:" in out
+
+
+def test_generate_mirostat_tiny():
+    out = _run(ROOT / "examples" / "generate_top_h.py", "--tiny", "--mirostat-tau", "3.0")
+    assert "processor: MirostatLogitsWarper" in out and "sample 1:" in out
+    mu = [float(v) for v in out.split("mu after the last step: [")[1].split("]")[0].split(",")]
+    assert len(mu) == 2 and all(v != 6.0 for v in mu)  # updated from 2 tau over the steps
 
 
 def test_train_step_bench_tiny(tmp_path):
