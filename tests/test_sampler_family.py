@@ -466,5 +466,9 @@ def test_mirostat_processor_tracks_mu(backend):
     mu = references.mirostat_update(mu.double(), log_q, 3.0, 0.2)
     torch.testing.assert_close(warper.mu.cpu().double(), mu, atol=1e-5, rtol=1e-5)
     assert torch.equal(out2.isfinite(), references.mirostat_keep(x2, mu))
+    dropped = out2.isinf().float().argmax(-1)  # generate's padding of a finished row: mu unchanged
+    before = warper.mu.clone()
+    warper(torch.cat([ids, token[:, None], dropped[:, None]], 1), backend.tensor(x))
+    assert torch.equal(warper.mu, before)
     warper(ids, backend.tensor(x))  # a new sequence (shorter input): mu restarts at 2 tau
     assert torch.equal(warper.mu.cpu(), torch.full((3,), 6.0))

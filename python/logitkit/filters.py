@@ -146,14 +146,12 @@ def _edt_temperature(logits: torch.Tensor, temperature, theta, base, op: str) ->
     """Entropy-based dynamic temperature (Zhang et al., 2024, "EDT: Improving Large Language
     Models' Generation by Entropy-based Dynamic Temperature Sampling"): T = T0 * N^(theta / H),
     H the entropy (nats) of softmax(logits) at temperature 1, per row; theta = 0 gives T0."""
-    from . import _backend as backend
-
     t0 = _column(temperature, "temperature", logits, op)
     theta_c = _column(theta, "edt_theta", logits, op)
     base_c = _column(EDT_DEFAULT_BASE if base is None else base, "edt_base", logits, op)
     # H >= 0 (a rounding below 0 would give N^-inf); a row holding NaN / +inf (NaN entropy) has
     # nothing kept whatever its temperature: 0 there, so that no NaN reaches the checks.
-    h = backend.ops().entropy(logits.detach(), 1.0)
+    h = _backend.ops().entropy(logits.detach(), 1.0)
     h = torch.where(h > 0, h, 0.0)  # also -0.0 -> +0.0, so that theta / H = +inf, not -inf
     # theta / H with theta = 0 -> 0 (also for H = 0); H = 0 and theta > 0 -> inf -> T = 0: greedy
     exponent = torch.where(torch.as_tensor(theta_c, device=h.device) == 0, 0.0, theta_c / h)

@@ -278,12 +278,14 @@ def _row_statistics_classes(base: type) -> dict:
                 if last_length + 1 == length and returned.shape[0] == batch:
                     token = input_ids[:, -1:].to(returned.device)
                     log_q = returned.gather(-1, token).squeeze(-1).float() - log_norm
-                    self.mu = self.mu - self.eta * (-log_q / math.log(2.0) - self.tau)
+                    updated = self.mu - self.eta * (-log_q / math.log(2.0) - self.tau)
+                    # a token outside the kept set (generate's padding of finished rows): mu unchanged
+                    self.mu = torch.where(torch.isfinite(log_q), updated, self.mu)
                 else:
                     self.mu = None
             if self.mu is None:
                 self.mu = torch.full((batch,), 2.0 * self.tau, device=scores.device)
-            epsilon = torch.exp2(-self.mu).clamp(max=1.0 - 2.0**-24)
+            epsilon = torch.exp2(-self.mu).clamp(max=1.0 - 2.0**-24).nan_to_num(nan=0.0)
             kept = _filter_logits(scores, epsilon=epsilon, filter_value=self.filter_value)
             finite = kept.masked_fill(kept == self.filter_value, -float("inf"))
             self._returned = (kept, torch.logsumexp(finite.float(), dim=-1), length)
