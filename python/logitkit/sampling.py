@@ -186,6 +186,21 @@ def sample(
     )
 
 
+def mirostat_epsilon(mu: torch.Tensor) -> torch.Tensor:
+    """Mirostat v2's kept set as the epsilon rule: surprise -log2 p <= mu  <=>  p >= 2^-mu.
+    Kept below 1 (the rule's range): an epsilon at or above p_max keeps the most probable token
+    alone either way. A NaN mu gives 0 (the rule off)."""
+    return torch.exp2(-mu.detach().float()).clamp(max=1.0 - 2.0**-24).nan_to_num(nan=0.0)
+
+
+def mirostat_update(mu: torch.Tensor, log_q: torch.Tensor, tau: float, eta: float) -> torch.Tensor:
+    """mu - eta * (-log2 q(token) - tau), q the kept distribution the token was drawn from; mu
+    unchanged where log q is not finite (no token drawn: a row without a distribution, or a token
+    outside the kept set, as generate() pads finished rows)."""
+    surprise = (log_q * (-1.0 / math.log(2.0))).to(mu.dtype)
+    return torch.where(torch.isfinite(log_q), mu - eta * (surprise - tau), mu)
+
+
 class MirostatResult(NamedTuple):
     """What :func:`mirostat_sample` returns when asked for more than (tokens, mu): the fields
     of :class:`SampleResult` (None where not asked for) and the updated ``mu``."""
@@ -240,14 +255,10 @@ def mirostat_sample(
         raise ValueError(f"logitkit.{op}: tau must be a finite number > 0, got {tau!r}")
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (0 <= eta < math.inf):
         raise ValueError(f"logitkit.{op}: eta must be a finite number >= 0, got {eta!r}")
-    # surprise -log2 p <= mu  <=>  p >= 2^-mu: the epsilon rule. Below 1 (its range): an epsilon
-    # at or above p_max keeps the most probable token alone either way.
-    epsilon = torch.exp2(-mu.detach().float()).clamp(max=1.0 - 2.0**-24).nan_to_num(nan=0.0)
-    params = filter_params(logits, temperature=temperature, epsilon=epsilon, op=op)
+    params = filter_params(logits, temperature=temperature, epsilon=mirostat_epsilon(mu), op=op)
     u = row_uniform(logits, seed, offset, generator, op)
     tokens, stats = _backend.ops().filter_sample(logits, params, u, bool(return_logprobs))
-    surprise = stats[..., STAT_LOG_PROB] * (-1.0 / math.log(2.0))  # -log2 q(token)
-    new_mu = torch.where(tokens >= 0, mu - eta * (surprise.to(mu.dtype) - tau), mu)
+    new_mu = mirostat_update(mu, stats[..., STAT_LOG_PROB], tau, eta)  # token -1 <=> log q NaN
     if not (return_logprobs or return_entropy or return_kept):
         return tokens, new_mu
     return MirostatResult(

@@ -28,6 +28,8 @@ import functools
 from typing import Any
 
 from ..filters import filter_logits as _filter_logits
+from ..sampling import mirostat_epsilon as _mirostat_epsilon
+from ..sampling import mirostat_update as _mirostat_update
 from ..sampling import top_h as _top_h
 
 # The number of largest logits rules "hf" and "official" consider when no cap is given
@@ -268,8 +270,6 @@ def _row_statistics_classes(base: type) -> dict:
             self._returned: Any = None  # (scores returned, their log-normaliser, input length)
 
         def __call__(self, input_ids, scores):
-            import math
-
             import torch
 
             batch, length = scores.shape[0], input_ids.shape[-1]
@@ -278,15 +278,12 @@ def _row_statistics_classes(base: type) -> dict:
                 if last_length + 1 == length and returned.shape[0] == batch:
                     token = input_ids[:, -1:].to(returned.device)
                     log_q = returned.gather(-1, token).squeeze(-1).float() - log_norm
-                    updated = self.mu - self.eta * (-log_q / math.log(2.0) - self.tau)
-                    # a token outside the kept set (generate's padding of finished rows): mu unchanged
-                    self.mu = torch.where(torch.isfinite(log_q), updated, self.mu)
+                    self.mu = _mirostat_update(self.mu, log_q, self.tau, self.eta)
                 else:
                     self.mu = None
             if self.mu is None:
                 self.mu = torch.full((batch,), 2.0 * self.tau, device=scores.device)
-            epsilon = torch.exp2(-self.mu).clamp(max=1.0 - 2.0**-24).nan_to_num(nan=0.0)
-            kept = _filter_logits(scores, epsilon=epsilon, filter_value=self.filter_value)
+            kept = _filter_logits(scores, epsilon=_mirostat_epsilon(self.mu), filter_value=self.filter_value)
             finite = kept.masked_fill(kept == self.filter_value, -float("inf"))
             self._returned = (kept, torch.logsumexp(finite.float(), dim=-1), length)
             return kept
