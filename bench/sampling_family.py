@@ -21,6 +21,8 @@ import torch
 
 import logitkit
 from logitkit.bench.environment import cpu_model
+from logitkit.bench.sampling_cases import sort_based_sample
+from logitkit.bench.sampling_cases import warpers_then_multinomial as transformers_chain
 
 VOCAB = 128256
 TEMPERATURE, MIN_P, EPSILON, ETA, TOP_K = 0.8, 0.05, 3e-4, 3e-4, 50
@@ -34,27 +36,6 @@ def timed(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def transformers_chain(x, warpers):
-    out = x
-    for w in warpers:
-        out = w(None, out)
-    return torch.multinomial(torch.softmax(out, -1), 1).squeeze(-1)
-
-
-def sort_based_sample(x, temperature, min_p, top_k=None):
-    """vLLM-style native path: scale, sort, [top-k on the ranks,] softmax, min-p on the sorted
-    probabilities, scatter back, exponential-race draw (probs / Exp(1))."""
-    z = x / temperature.unsqueeze(-1)
-    sorted_z, idx = torch.sort(z, dim=-1, descending=True)
-    if top_k is not None:
-        ranks = torch.arange(z.shape[-1])
-        sorted_z = sorted_z.masked_fill(ranks >= top_k.unsqueeze(-1), -math.inf)
-    probs = torch.softmax(sorted_z, -1)
-    probs = probs.masked_fill(probs < min_p.unsqueeze(-1) * probs[..., :1], 0.0)
-    q = torch.empty_like(probs).exponential_()
-    return idx.gather(-1, (probs / q).argmax(-1, keepdim=True)).squeeze(-1)
 
 
 def make_cases(rows: int, tlp) -> dict:

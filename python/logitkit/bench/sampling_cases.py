@@ -62,6 +62,28 @@ def make_mirostat_inputs(
     return x.to(dtype), mu
 
 
+def warpers_then_multinomial(x, warpers):
+    """transformers' way: each warper on the float32 scores in turn, then softmax + multinomial."""
+    scores = x.float()
+    for warper in warpers:
+        scores = warper(None, scores)
+    return torch.multinomial(torch.softmax(scores, -1), 1).squeeze(-1)
+
+
+def sort_based_sample(x, temperature, min_p, top_k=None):
+    """vLLM-style native path: scale, sort, [top-k on the ranks,] softmax, min-p on the sorted
+    probabilities, exponential-race draw (argmax of probs / Exp(1)) mapped back to the token."""
+    z = x.float() / temperature.unsqueeze(-1)
+    sorted_z, index = torch.sort(z, dim=-1, descending=True)
+    if top_k is not None:
+        ranks = torch.arange(z.shape[-1], device=z.device)
+        sorted_z = sorted_z.masked_fill(ranks >= top_k.unsqueeze(-1), -math.inf)
+    probs = torch.softmax(sorted_z, -1)
+    probs = probs.masked_fill(probs < min_p.unsqueeze(-1) * probs[..., :1], 0.0)
+    race = torch.empty_like(probs).exponential_()
+    return index.gather(-1, (probs / race).argmax(-1, keepdim=True)).squeeze(-1)
+
+
 def chain_logitkit(x, temperature, top_k, min_p, seed):
     return logitkit.sample(x, temperature=temperature, top_k=top_k, min_p=min_p, seed=seed)
 
@@ -79,25 +101,13 @@ def chain_transformers():
     ]
 
     def run(x, temperature, top_k, min_p, seed):
-        scores = x.float()
-        for warper in warpers:
-            scores = warper(None, scores)
-        return torch.multinomial(torch.softmax(scores, -1), 1).squeeze(-1)
+        return warpers_then_multinomial(x, warpers)
 
     return run
 
 
 def chain_sort_based(x, temperature, top_k, min_p, seed):
-    """vLLM-style native path: scale, sort, softmax, top-k and min-p on the sorted
-    probabilities, exponential-race draw (argmax of probs / Exp(1))."""
-    z = x.float() / temperature.unsqueeze(-1)
-    sorted_z, index = torch.sort(z, dim=-1, descending=True)
-    ranks = torch.arange(z.shape[-1], device=z.device)
-    sorted_z = sorted_z.masked_fill(ranks >= top_k.unsqueeze(-1), -math.inf)
-    probs = torch.softmax(sorted_z, -1)
-    probs = probs.masked_fill(probs < min_p.unsqueeze(-1) * probs[..., :1], 0.0)
-    race = torch.empty_like(probs).exponential_()
-    return index.gather(-1, (probs / race).argmax(-1, keepdim=True)).squeeze(-1)
+    return sort_based_sample(x, temperature, min_p, top_k)
 
 
 def chain_reference(x, temperature, top_k, min_p, seed):
