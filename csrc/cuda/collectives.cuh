@@ -115,4 +115,38 @@ LK_DEVICE inline T block_inclusive_scan(T value, T* scratch, T& total) {
   return warps_before + value;
 }
 
+// The draw of the sampling kernels: inverse CDF over per-token weights w_i,
+// tile by tile (blockDim.x tokens): a block-wide inclusive scan of w on top of
+// the mass of the tiles before; the token is the first one of positive weight
+// whose running sum exceeds `target`, and the loop stops at its tile. If none
+// crosses (target at or above the scan's total, a different rounding of the
+// kept mass), the last token of positive weight; -1 if no weight is positive.
+// weight(i, valid) gives w_i (valid: i < cols); every thread calls it once per
+// tile in tile order, so it may be a block collective. The scratch arrays are
+// shared memory of kReduceScratchSize elements.
+template <class Weight>
+LK_DEVICE inline int64_t block_inverse_cdf_draw(int64_t cols, float target, Weight weight, float* mass_scratch,
+                                                int64_t* index_scratch) {
+  constexpr int64_t kNone = -1, kNoIndex = INT64_MAX;
+  auto max_index = [](int64_t a, int64_t b) { return a > b ? a : b; };
+  auto min_index = [](int64_t a, int64_t b) { return a < b ? a : b; };
+  float before = 0.0f;  // kept mass of the tiles before (the same in every thread)
+  int64_t found = kNone;
+  int64_t last_positive = kNone;  // this thread's last token of positive weight
+  for (int64_t base = 0; base < cols && found == kNone; base += blockDim.x) {
+    const int64_t i = base + threadIdx.x;
+    const float w = weight(i, i < cols);
+    if (w > 0.0f) last_positive = i;
+    float tile_mass;
+    const float running = before + block_inclusive_scan(w, mass_scratch, tile_mass);
+    const bool crosses = w > 0.0f && running > target;
+    const int64_t first = block_reduce(crosses ? i : kNoIndex, min_index, kNoIndex, index_scratch);
+    found = first == kNoIndex ? kNone : first;
+    before += tile_mass;
+  }
+  // block-uniform: every thread left the loop at the same tile
+  if (found == kNone) found = block_reduce(last_positive, max_index, kNone, index_scratch);
+  return found;
+}
+
 }  // namespace logitkit::cuda

@@ -128,24 +128,8 @@ LK_DEVICE inline core::KeptSums kept_sums(const scalar_t* x, int64_t cols, const
 template <class scalar_t>
 LK_DEVICE inline int64_t filter_draw_pass(const scalar_t* x, int64_t cols, const core::FilterCut& cut, float inv_t,
                                           float target, RowFilterStorage& s) {
-  constexpr int64_t kNone = -1, kNoIndex = INT64_MAX;
-  auto max_index = [](int64_t a, int64_t b) { return a > b ? a : b; };
-  auto min_index = [](int64_t a, int64_t b) { return a < b ? a : b; };
-  float before = 0.0f;  // kept mass of the tiles before (the same in every thread)
-  int64_t found = kNone, last_positive = kNone;
-  for (int64_t base = 0; base < cols && found == kNone; base += blockDim.x) {
-    const int64_t i = base + threadIdx.x;
-    const float w = i < cols ? core::kept_weight(cut, filter_logit(x, i), inv_t) : 0.0f;
-    if (w > 0.0f) last_positive = i;
-    float tile_mass;
-    const float running = before + block_inclusive_scan(w, s.mass_scratch, tile_mass);
-    const bool crosses = w > 0.0f && running > target;
-    const int64_t first = block_reduce(crosses ? i : kNoIndex, min_index, kNoIndex, s.index_scratch);
-    found = first == kNoIndex ? kNone : first;
-    before += tile_mass;
-  }
-  if (found == kNone) found = block_reduce(last_positive, max_index, kNone, s.index_scratch);
-  return found;
+  auto weight = [&](int64_t i, bool valid) { return valid ? core::kept_weight(cut, filter_logit(x, i), inv_t) : 0.0f; };
+  return block_inverse_cdf_draw(cols, target, weight, s.mass_scratch, s.index_scratch);
 }
 
 // kRaw: also the raw log-prob (raw_log_prob = true).

@@ -678,7 +678,7 @@ __global__ void __launch_bounds__(kMaxTopHThreads)
     sample_kernel(RowsView<scalar_t> rows, int64_t cols, TopHParams p, const float* uniform, int64_t* tokens) {
   const int64_t row = blockIdx.x;
   const scalar_t* x = rows.row(row);
-  const int64_t tid = threadIdx.x, stride = blockDim.x;
+  const int64_t tid = threadIdx.x;
   __shared__ TopHStorage s;
   select_cut<kSel>(x, cols, p, s);
   if (s.cut.kind != RowKind::defined) {
@@ -687,29 +687,16 @@ __global__ void __launch_bounds__(kMaxTopHThreads)
   }
   const float inv_t = p.inv_temperature, m = s.cut.m;
   const float target = uniform[row] * s.cut.mass;
-  constexpr int64_t kNone = -1, kNoIndex = INT64_MAX;
-  auto max_index = [](int64_t a, int64_t b) { return a > b ? a : b; };
-  auto min_index = [](int64_t a, int64_t b) { return a < b ? a : b; };
 
   // ---- draw pass ----
+  // The keep test counts the tie group's tokens in index order: a block
+  // collective, called by every thread once per tile (as the draw does).
   KeepTest<kSel> keep(s.cut, p);
-  float before = 0.0f;  // kept mass of the tiles before (same in every thread)
-  int64_t found = kNone;
-  int64_t last_positive = kNone;  // this thread's last kept token of positive weight
-  for (int64_t base = 0; base < cols && found == kNone; base += stride) {
-    const int64_t i = base + tid;
-    const bool valid = i < cols;
+  auto weight = [&](int64_t i, bool valid) {
     const float xv = valid ? load_logit(x, i) : 0.0f;
-    const float w = keep.next(valid, xv, s.warp_counts) ? expf(core::scaled_logit(xv, inv_t) - m) : 0.0f;
-    if (w > 0.0f) last_positive = i;
-    float tile_mass;
-    const float running = before + block_inclusive_scan(w, s.mass_scratch, tile_mass);
-    const bool crosses = w > 0.0f && running > target;
-    const int64_t first = block_reduce(crosses ? i : kNoIndex, min_index, kNoIndex, s.index_scratch);
-    found = first == kNoIndex ? kNone : first;
-    before += tile_mass;
-  }
-  if (found == kNone) found = block_reduce(last_positive, max_index, kNone, s.index_scratch);
+    return keep.next(valid, xv, s.warp_counts) ? expf(core::scaled_logit(xv, inv_t) - m) : 0.0f;
+  };
+  const int64_t found = block_inverse_cdf_draw(cols, target, weight, s.mass_scratch, s.index_scratch);
   if (tid == 0) tokens[row] = found;
 }
 
