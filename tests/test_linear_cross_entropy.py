@@ -179,6 +179,40 @@ def test_gemm_path_reports_the_route(monkeypatch):
         logitkit.gemm_path(torch.float64)
 
 
+def bf16_gemm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """The native CPU route's AVX512-BF16 GEMM (csrc/cpu/bf16_gemm.h) on tensors of any strides."""
+    from logitkit._loader import _C
+
+    (m, k), n = a.shape, b.shape[1]
+    a_view, b_view = (a.data_ptr(), *a.stride()), (b.data_ptr(), *b.stride())
+    _C.cpu_bf16_gemm(m, n, k, *a_view, *b_view, out.data_ptr(), out.stride(0), accumulate)
+
+
+@pytest.mark.skipif(
+    not logitkit._loader._C.cpu_bf16_gemm_supported(), reason="this CPU has no AVX512-BF16 (the kernel is not used)"
+)
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("layout", ["nn", "tn", "nt", "tt"])
+# Odd sizes; K = 1025 spans five K blocks (256 bf16 each) with an odd tail, N = 2100 two column
+# blocks (2048), M = 300 several row blocks and a partial micro-tile.
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (7, 3, 5), (9, 17, 33), (33, 1025, 70), (300, 600, 2100)])
+def test_cpu_bf16_gemm(m, k, n, layout, accumulate):
+    """out = a @ b (+ out) with bf16 operands, fp32 result: within the fp32 accumulation bound
+    |error| <= (K + 2) u (|a| @ |b| + |out|), u = 2^-24, of the exact product, for transposed
+    operands ('t': a column-major view) and an output with row padding."""
+    g = torch.Generator().manual_seed(m * 7 + k)
+    a = torch.randn(k, m, generator=g).bfloat16().t() if layout[0] == "t" else torch.randn(m, k, generator=g).bfloat16()
+    b = torch.randn(n, k, generator=g).bfloat16().t() if layout[1] == "t" else torch.randn(k, n, generator=g).bfloat16()
+    padded = torch.randn(m, n + 3, generator=g)
+    before = padded.clone()
+    out = padded[:, :n]
+    bf16_gemm(out, a, b, accumulate)
+    exact = a.double() @ b.double() + (before[:, :n].double() if accumulate else 0.0)
+    bound = (k + 2) * 2.0**-24 * (a.double().abs() @ b.double().abs() + before[:, :n].double().abs())
+    assert ((out.double() - exact).abs() <= bound).all()
+    assert torch.equal(padded[:, n:], before[:, n:])  # the row padding is left alone
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_half_dtypes(backend, dtype, reduction):

@@ -5,14 +5,18 @@
 //                at::mm). On CPUs without bf16/fp16 units this is the fast
 //                route: AMD Zen 1 (AVX2 + FMA, 2 cores) runs a bf16 GEMM
 //                ~17x slower than an fp32 one.
-//   native       operands in their own dtype, fp32 output and accumulation,
-//                through at::native::cpublas::brgemm (TORCH_API: oneDNN's
-//                micro-kernel on AMX, ATen's bf16/fp16 -> fp32 CPU BLAS
-//                GEMM otherwise). The bf16bf16f32 overload of
-//                cpublas::gemm itself is not exported from libtorch_cpu
-//                (torch 2.14, `nm -D`), and its dispatch stub's inline
-//                call depends on torch's build macros, so brgemm is the
-//                route an extension can link.
+//   native       operands in their own dtype, fp32 output and accumulation.
+//                bf16 on a CPU with AVX512-BF16 (AMD Zen 4, Intel Cooper
+//                Lake / Sapphire Rapids and later): our own vdpbf16ps GEMM
+//                (bf16_gemm.h), since torch exports none that is fast here.
+//                Otherwise (fp16; bf16 without AVX512-BF16)
+//                at::native::cpublas::brgemm with plain (non-VNNI)
+//                operands, which is ATen's reference bf16/fp16 -> fp32 GEMM:
+//                correct, slow, and there so that the route exists (tests,
+//                the emulated CUDA backend) on every CPU. (The bf16bf16f32
+//                overload of cpublas::gemm is not exported from libtorch_cpu,
+//                torch 2.14, `nm -D`; brgemm reaches oneDNN only with
+//                VNNI-packed operands on AMX.)
 //
 // Auto: fp32_upcast unless the CPU has units for the dtype (amx_bf16 or
 // avx512_bf16 for bf16, amx_fp16 or avx512_fp16 for fp16, from
@@ -35,6 +39,8 @@
 #include <ATen/ops/randn.h>
 #include <c10/util/Exception.h>
 
+#include "bf16_gemm.h"
+
 namespace logitkit::cpu {
 
 // The routes of GemmPath that a CPU chooses between for bf16/fp16 inputs.
@@ -52,17 +58,21 @@ inline at::Tensor row_major(const at::Tensor& x) {
   return x.stride(1) == 1 && x.stride(0) >= std::max<int64_t>(1, x.size(1)) ? x : x.contiguous();
 }
 
-// out (fp32, rows contiguous) = a @ b (+ out if accumulate), a (m x k) and
-// b (k x n) bf16 or fp16, accumulation in fp32, by ATen's batch-reduce GEMM
-// (oneDNN's micro-kernel on AMX, ATen's CPU BLAS bf16/fp16 -> fp32 GEMM
-// elsewhere), with B in plain (not VNNI-packed) layout.
+// out (fp32, rows contiguous) = a @ b (+ out if accumulate) on the
+// reference route: a (m x k) and b (k x n) bf16 or fp16, accumulation in
+// fp32, ATen's batch-reduce GEMM entry with B in plain (not VNNI) layout.
 template <class scalar_t>
-void native_gemm_typed(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+void reference_gemm_typed(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   const at::Tensor ra = row_major(a), rb = row_major(b);
   const int64_t ldc = std::max<int64_t>(out.stride(0), std::max<int64_t>(1, out.size(1)));
   at::native::cpublas::brgemm(a.size(0), b.size(1), a.size(1), std::max<int64_t>(1, ra.stride(0)),
                               std::max<int64_t>(1, rb.stride(0)), ldc, accumulate, ra.const_data_ptr<scalar_t>(),
                               rb.const_data_ptr<scalar_t>(), out.data_ptr<float>(), /*is_vnni=*/false);
+}
+
+// A bf16 tensor as the view bf16_gemm takes (any strides).
+inline Bf16MatrixView bf16_view(const at::Tensor& x) {
+  return {reinterpret_cast<const uint16_t*>(x.const_data_ptr<at::BFloat16>()), x.stride(0), x.stride(1)};
 }
 
 inline void native_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
@@ -72,10 +82,15 @@ inline void native_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& 
     if (!accumulate) out.zero_();
     return;
   }
+  if (a.scalar_type() == at::kBFloat16 && bf16_gemm_supported()) {
+    const int64_t ldc = std::max<int64_t>(out.stride(0), std::max<int64_t>(1, out.size(1)));
+    bf16_gemm(a.size(0), b.size(1), a.size(1), bf16_view(a), bf16_view(b), out.data_ptr<float>(), ldc, accumulate);
+    return;
+  }
   if (a.scalar_type() == at::kBFloat16) {
-    native_gemm_typed<at::BFloat16>(out, a, b, accumulate);
+    reference_gemm_typed<at::BFloat16>(out, a, b, accumulate);
   } else {
-    native_gemm_typed<at::Half>(out, a, b, accumulate);
+    reference_gemm_typed<at::Half>(out, a, b, accumulate);
   }
   at::native::cpublas::brgemm_release(/*is_vnni=*/false);
 }

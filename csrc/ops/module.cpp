@@ -1,12 +1,15 @@
 // The Python extension module logitkit._C. Importing it registers the
 // `logitkit` operators (static initialisers of the linked kernel files);
 // it also reports how the library was built.
+#include <cstdint>
 #include <string>
 #include <utility>
 
 #include <c10/core/ScalarType.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+
+#include "../cpu/bf16_gemm.h"
 
 namespace logitkit::cpu {
 std::string selected_cpu_capability();
@@ -29,5 +32,18 @@ PYBIND11_MODULE(_C, module) {
   module.def("cpu_gemm_path", [](const std::string& dtype) {
     TORCH_CHECK_VALUE(dtype == "bfloat16" || dtype == "float16", "cpu_gemm_path: bfloat16 or float16, got ", dtype);
     return logitkit::cpu::linear_ce_gemm_path(dtype == "bfloat16" ? at::kBFloat16 : at::kHalf);
+  });
+  // The AVX512-BF16 GEMM of the native CPU route, for its tests (private:
+  // raw addresses from Tensor.data_ptr(), strides in elements; see
+  // tests/test_linear_cross_entropy.py): c (fp32) = a @ b (+ c).
+  module.def("cpu_bf16_gemm_supported", &logitkit::cpu::bf16_gemm_supported);
+  module.def("cpu_bf16_gemm", [](int64_t m, int64_t n, int64_t k, uintptr_t a, int64_t a_row_stride,
+                                 int64_t a_col_stride, uintptr_t b, int64_t b_row_stride, int64_t b_col_stride,
+                                 uintptr_t c, int64_t ldc, bool accumulate) {
+    TORCH_CHECK_VALUE(logitkit::cpu::bf16_gemm_supported(), "cpu_bf16_gemm: this CPU has no AVX512-BF16");
+    using logitkit::cpu::Bf16MatrixView;
+    logitkit::cpu::bf16_gemm(m, n, k, Bf16MatrixView{reinterpret_cast<const uint16_t*>(a), a_row_stride, a_col_stride},
+                             Bf16MatrixView{reinterpret_cast<const uint16_t*>(b), b_row_stride, b_col_stride},
+                             reinterpret_cast<float*>(c), ldc, accumulate);
   });
 }
