@@ -4,6 +4,7 @@ ratio taken from timings of the same run (the machine is shared: absolute times 
 
     python bench/linear_ce_paths.py routes [--rows 1024 --hidden 1024 --vocab 128256]
     python bench/linear_ce_paths.py filter [--rows 1024 --hidden 256 --vocab 32000]
+    python bench/linear_ce_paths.py budgets [--rows 1024 --hidden 1024 --vocab 128256]
 """
 
 from __future__ import annotations
@@ -80,6 +81,26 @@ def routes(args: argparse.Namespace) -> None:
             )
 
 
+def budgets(args: argparse.Namespace) -> None:
+    """fwd+bwd time of logitkit per chunk_budget (the CPU default is 4 MiB), each dtype's auto route,
+    interleaved: best of two rounds over the budgets."""
+    n, d, v = args.rows, args.hidden, args.vocab
+    g = torch.Generator().manual_seed(0)
+    print(f"CPU: {logitkit.build_info()['cpu_capability']}, threads {torch.get_num_threads()}; N={n} D={d} V={v}")
+    sizes = [4, 8, 16, 32]
+    for dtype in [{"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[x] for x in args.dtypes]:
+        hidden = torch.randn(n, d, generator=g).to(dtype)
+        weight = (torch.randn(v, d, generator=g) / math.sqrt(d)).to(dtype)
+        target = torch.randint(0, v, (n,), generator=g)
+        best = dict.fromkeys(sizes, math.inf)
+        for _ in range(2):
+            for mib in sizes:
+                loss = functools.partial(logitkit.linear_cross_entropy, chunk_budget=mib << 20)
+                best[mib] = min(best[mib], best_seconds(fwd_bwd(loss, hidden, weight, target), 1))
+        cells = "  ".join(f"{mib} MiB {best[mib]:.3f} s (x{best[mib] / best[4]:.2f})" for mib in sizes)
+        print(f"{str(dtype).removeprefix('torch.')} ({logitkit.gemm_path(dtype).path}): {cells}")
+
+
 def peaked_problem(n: int, d: int, v: int, dtype: torch.dtype) -> tuple:
     """Zipf-distributed targets and hidden states that predict them (peaked softmax rows)."""
     g = torch.Generator().manual_seed(0)
@@ -120,16 +141,16 @@ def filtering(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("what", choices=["routes", "filter"])
+    parser.add_argument("what", choices=["routes", "filter", "budgets"])
     parser.add_argument("--rows", type=int, default=1024)
     parser.add_argument("--hidden", type=int, default=None)
     parser.add_argument("--vocab", type=int, default=None)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="filter: the inputs' dtype")
-    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp16", "fp32"], help="routes: the dtypes to run")
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp16", "fp32"], help="routes, budgets: dtypes")
     args = parser.parse_args()
-    if args.what == "routes":
+    if args.what in ("routes", "budgets"):
         args.hidden, args.vocab = args.hidden or 1024, args.vocab or 128256
-        routes(args)
+        (routes if args.what == "routes" else budgets)(args)
     else:
         args.hidden, args.vocab = args.hidden or 256, args.vocab or 32000
         filtering(args)
