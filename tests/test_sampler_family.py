@@ -28,6 +28,9 @@ RULES = {
     "top_k_then_rest": dict(top_k=40, top_n_sigma=1.0, p_less=True, epsilon=3e-3, eta=3e-3),
     "edt": dict(edt_theta=1.0),
     "edt_min_p": dict(edt_theta=0.5, edt_base=0.6, min_p=0.1, top_k=100),
+    "top_p": dict(top_p=0.8),
+    "top_k_top_p_min_p": dict(top_k=50, top_p=0.9, min_p=0.02),
+    "top_p_epsilon_eta": dict(top_p=0.7, epsilon=1e-3, eta=3e-3),
 }
 
 
@@ -103,15 +106,21 @@ def test_equals_transformers_warpers(backend, warper, min_tokens_to_keep):
         [("TopK", 50), ("Epsilon", 1e-2)],
         [("TopK", 50), ("Eta", 1e-2)],
         [("MinP", 0.02), ("Eta", 3e-3)],
+        [("TopK", 40), ("TopP", 0.8), ("MinP", 0.05)],
+        [("TopP", 0.9), ("MinP", 0.1)],
+        [("TopP", 0.95), ("Epsilon", 2e-3)],
+        [("TopP", 0.9), ("Eta", 3e-3)],
+        [("TopK", 100), ("TopP", 0.97), ("Eta", 1e-2)],
     ],
 )
 def test_equals_transformers_chain(backend, chain):
-    """transformers' chain in its documented order (temperature, top-k, min-p, epsilon, eta):
-    top-k first, the rules after it on the renormalised survivors, min-p invariant to that."""
+    """transformers' chain in its documented order (temperature, top-k, top-p, min-p, epsilon,
+    eta): top-k first, the rules after it on the renormalised survivors, min-p invariant to that
+    (epsilon and eta after top-p see its renormalised survivors)."""
     tlp = pytest.importorskip("transformers.generation.logits_process")
     x = rows(8, 1000, scale=2.0)
     scores = tlp.TemperatureLogitsWarper(0.8)(None, x.clone())
-    names = {"TopK": "top_k", "MinP": "min_p", "Epsilon": "epsilon", "Eta": "eta"}
+    names = {"TopK": "top_k", "TopP": "top_p", "MinP": "min_p", "Epsilon": "epsilon", "Eta": "eta"}
     for warper, value in chain:
         scores = getattr(tlp, f"{warper}LogitsWarper")(value)(None, scores)
     kwargs = {names[w]: v for w, v in chain}
@@ -147,34 +156,37 @@ def test_per_row_parameters_equal_row_by_row(backend):
         assert batched[r, tokens[r]]
 
 
-def test_special_rows(backend):
+@pytest.mark.parametrize("rule", [dict(min_p=0.1), dict(top_p=0.5)])
+def test_special_rows(backend, rule):
     x = rows(4, 50)
     x[0, 7] = math.nan
     x[1, 3] = math.inf
     x[2] = -math.inf
     x[3, :40] = -math.inf
-    mask = logitkit.truncation_mask(backend.tensor(x), min_p=0.1).cpu()
+    mask = logitkit.truncation_mask(backend.tensor(x), **rule).cpu()
     assert not mask[0].any() and not mask[1].any()
     assert mask[2].tolist() == [True] + [False] * 49
     assert not mask[3, :40].any() and mask[3, 40:].any()
-    out = logitkit.sample(backend.tensor(x), min_p=0.1, seed=3, return_logprobs=True, return_entropy=True)
+    assert torch.equal(mask[3], references.truncation_mask(x[3], **rule))
+    out = logitkit.sample(backend.tensor(x), seed=3, return_logprobs=True, return_entropy=True, **rule)
     assert out.tokens.cpu().tolist()[:3] == [-1, -1, 0]
     assert out.tokens[3].item() >= 40
     assert out.logprobs[:2].isnan().all() and out.logprobs[2].item() == 0.0
 
 
-def test_statistics(backend):
+@pytest.mark.parametrize("rule", [dict(min_p=0.05), dict(top_p=0.8), dict(top_k=50, top_p=0.9, eta=1e-3)])
+def test_statistics(backend, rule):
     x = rows(6, 1000)
     out = logitkit.sample(
         backend.tensor(x),
         temperature=0.8,
-        min_p=0.05,
         seed=11,
         return_logprobs=True,
         return_entropy=True,
         return_kept=True,
+        **rule,
     )
-    keep = references.truncation_mask(x, temperature=0.8, min_p=0.05)
+    keep = references.truncation_mask(x, temperature=0.8, **rule)
     q = torch.softmax((x.double() / 0.8).masked_fill(~keep, -math.inf), -1)
     tok = out.tokens.cpu()
     assert keep.gather(-1, tok[:, None]).all()
@@ -187,7 +199,7 @@ def test_statistics(backend):
     assert torch.equal(out.kept.cpu(), keep.sum(-1))
 
 
-@pytest.mark.parametrize("rule", ["min_p", "p_less", "none"])
+@pytest.mark.parametrize("rule", ["min_p", "p_less", "none", "top_p"])
 def test_draws_follow_the_processed_distribution(backend, rule):
     """Chi-square of the draws (one row per draw, seeds 0..draws-1). The emulator runs a block in
     ~0.1 s, so there the draws are fewer and must equal the CPU kernel's draws instead (the
@@ -278,6 +290,11 @@ def test_same_seed_same_token_on_every_backend():
         (dict(edt_theta=-1.0), ValueError, "edt_theta must be a finite number >= 0"),
         (dict(edt_theta=1.0, edt_base=1.0), ValueError, "edt_base must be in"),
         (dict(edt_base=0.5), ValueError, "edt_base needs edt_theta"),
+        (dict(top_p=0.0), ValueError, "top_p must be in"),
+        (dict(top_p=1.5), ValueError, "top_p must be in"),
+        (dict(top_p=math.nan), ValueError, "top_p must be in"),
+        (dict(top_p=torch.tensor([0.5, 0.0])), ValueError, "top_p must be in"),
+        (dict(top_p=torch.full((3,), 0.5)), ValueError, "top_p must be a number or a tensor of shape"),
     ],
 )
 def test_bad_parameters(kwargs, error, match):
@@ -301,30 +318,32 @@ def test_legacy_sample_with_seed(backend):
 def test_opcheck_and_compile(backend):
     x = backend.tensor(rows(3, 40))
     params = logitkit.filters.filter_params(x, temperature=0.9, min_p=0.05, top_n_sigma=2.0)
+    with_top_p = logitkit.filters.filter_params(x, temperature=0.9, top_p=backend.tensor(torch.tensor([0.5, 1.0, 0.9])))
     u = backend.tensor(torch.rand(3))
     ops = backend.ops
-    torch.library.opcheck(ops.filter_mask, (x, params))
-    torch.library.opcheck(ops.filter_logits, (x, params, -100.0))
-    torch.library.opcheck(ops.filter_sample, (x, params, u, True))
+    for table in (params, with_top_p):
+        torch.library.opcheck(ops.filter_mask, (x, table))
+        torch.library.opcheck(ops.filter_logits, (x, table, -100.0))
+        torch.library.opcheck(ops.filter_sample, (x, table, u, True))
     seeds = backend.tensor(torch.arange(3))
     torch.library.opcheck(ops.philox_uniform, (seeds, seeds))
 
     def chain(logits, seed):
-        mask = logitkit.truncation_mask(logits, temperature=0.9, min_p=0.05)
-        return mask, logitkit.sample(logits, temperature=0.9, min_p=0.05, seed=seed)
+        mask = logitkit.truncation_mask(logits, temperature=0.9, min_p=0.05, top_p=0.8)
+        return mask, logitkit.sample(logits, temperature=0.9, min_p=0.05, top_p=0.8, seed=seed)
 
     compiled = torch.compile(chain, fullgraph=True, backend="aot_eager")
     got, want = compiled(x, seeds), chain(x, seeds)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-@pytest.mark.parametrize("name", ["MinP", "Epsilon", "Eta"])
+@pytest.mark.parametrize("name", ["MinP", "Epsilon", "Eta", "TopP"])
 def test_processors_equal_transformers(backend, name):
     tlp = pytest.importorskip("transformers.generation.logits_process")
     from logitkit.integrations import transformers as lk_tf
 
     x = rows(4, 500, scale=2.0)
-    value = {"MinP": 0.1, "Epsilon": 1e-3, "Eta": 1e-3}[name]
+    value = {"MinP": 0.1, "Epsilon": 1e-3, "Eta": 1e-3, "TopP": 0.8}[name]
     kwargs = dict(filter_value=-100.0, min_tokens_to_keep=3)
     theirs = getattr(tlp, f"{name}LogitsWarper")(value, **kwargs)(None, x.clone())
     ours = getattr(lk_tf, f"{name}LogitsWarper")(value, **kwargs)(None, backend.tensor(x)).cpu()
@@ -472,3 +491,92 @@ def test_mirostat_processor_tracks_mu(backend):
     assert torch.equal(warper.mu, before)
     warper(ids, backend.tensor(x))  # a new sequence (shorter input): mu restarts at 2 tau
     assert torch.equal(warper.mu.cpu(), torch.full((3,), 6.0))
+
+
+# ---------------------------------------------------------------------------
+# top-p (transformers' TopPLogitsWarper; docs/sampling.md)
+# ---------------------------------------------------------------------------
+
+
+def top_p_between_steps(x: torch.Tensor, temperature: float, targets: list[float]) -> torch.Tensor:
+    """A top_p per row near each target, moved to the middle of the step of the row's sorted
+    cumulative mass (float64) that crosses it: the kept set is then the same whatever the
+    rounding of the sums (tie-free rows)."""
+    out = []
+    for row, target in zip(x.double(), targets):
+        z = row / temperature if temperature > 0 else row
+        cum = torch.softmax(z, -1).sort(descending=True).values.cumsum(-1)
+        j = min(int((cum < target).sum()), row.numel() - 1)  # the crossing token
+        before = cum[j - 1].item() if j > 0 else 0.0
+        out.append(min((before + cum[j].item()) / 2, 1.0))
+    return torch.tensor(out)
+
+
+def non_contiguous(backend, x: torch.Tensor) -> torch.Tensor:
+    """x on the backend as a view with a column stride of 2."""
+    wide = torch.stack([x, torch.full_like(x, math.nan)], -1).flatten(-2)
+    view = backend.tensor(wide)[..., ::2]
+    assert not view.is_contiguous()
+    return view
+
+
+@pytest.mark.parametrize("vocab", [1, 31, 1000, 50257])
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
+def test_top_p_equals_reference_and_transformers(backend, vocab, temperature):
+    n = 2 if vocab > 1000 else 4
+    x = rows(n, vocab, scale=3.0, seed=vocab)
+    top_p = top_p_between_steps(x, temperature, [0.3, 0.9, 0.6, 0.99][:n])
+    got = logitkit.truncation_mask(non_contiguous(backend, x), temperature=temperature, top_p=backend.tensor(top_p))
+    expected = references.truncation_mask(x, temperature=temperature, top_p=top_p)
+    assert torch.equal(got.cpu(), expected)
+    tlp = pytest.importorskip("transformers.generation.logits_process")
+    for r in range(n):
+        scores = x[r : r + 1].double()
+        if temperature > 0:
+            scores = tlp.TemperatureLogitsWarper(temperature)(None, scores)
+            theirs = tlp.TopPLogitsWarper(top_p[r].item())(None, scores) != -math.inf
+            assert torch.equal(got[r].cpu(), theirs[0]), r
+        one = logitkit.truncation_mask(backend.tensor(x[r]), temperature=temperature, top_p=top_p[r].item()).cpu()
+        assert torch.equal(one, got[r].cpu()), r
+
+
+def test_top_p_per_row_and_off(backend):
+    """Mixed per-row top_p (1 = off for that row) equals row-by-row calls and the reference;
+    sampling draws the same tokens batched and row by row, from the kept set."""
+    x = rows(6, 400, seed=2)
+    top_p = torch.tensor([1.0, 0.5, 0.9, 1.0, 0.2, 0.75])
+    min_p = torch.tensor([0.0, 0.0, 0.01, 0.05, 0.0, 0.02])
+    batched = logitkit.truncation_mask(backend.tensor(x), top_p=backend.tensor(top_p), min_p=backend.tensor(min_p))
+    batched = batched.cpu()
+    assert torch.equal(batched, references.truncation_mask(x, top_p=top_p, min_p=min_p))
+    tokens = logitkit.sample(
+        backend.tensor(x),
+        top_p=backend.tensor(top_p),
+        min_p=backend.tensor(min_p),
+        seed=backend.tensor(torch.arange(6)),
+    ).cpu()
+    for r in range(x.shape[0]):
+        one = dict(top_p=top_p[r].item(), min_p=min_p[r].item())
+        assert torch.equal(batched[r], logitkit.truncation_mask(backend.tensor(x[r]), **one).cpu()), r
+        assert logitkit.sample(backend.tensor(x[r : r + 1]), seed=r, **one).item() == tokens[r].item()
+        assert batched[r, tokens[r]]
+    off = logitkit.truncation_mask(backend.tensor(x[[0, 3]]), min_p=backend.tensor(min_p[[0, 3]])).cpu()
+    assert torch.equal(batched[[0, 3]], off)
+
+
+def test_top_p_processors(backend):
+    tlp = pytest.importorskip("transformers.generation.logits_process")
+    from logitkit.integrations import transformers as lk_tf
+
+    x = rows(4, 500, scale=2.0, seed=9)
+    for top_p, keep in ((0.0, 1), (0.0, 4), (1.0, 1), (0.6, 20)):
+        theirs = tlp.TopPLogitsWarper(top_p, filter_value=-5.0, min_tokens_to_keep=keep)(None, x.clone())
+        ours = lk_tf.TopPLogitsWarper(top_p, filter_value=-5.0, min_tokens_to_keep=keep)(None, backend.tensor(x))
+        assert torch.equal(ours.cpu(), theirs), (top_p, keep)
+    with pytest.raises(ValueError, match="top_p"):
+        lk_tf.TopPLogitsWarper(1.5)
+    theirs = tlp.TopKLogitsWarper(50)(None, tlp.TemperatureLogitsWarper(0.7)(None, x.clone()))
+    theirs = tlp.MinPLogitsWarper(0.02)(None, tlp.TopPLogitsWarper(0.85)(None, theirs))
+    ours = lk_tf.FusedSamplingLogitsWarper(0.7, top_k=50, top_p=0.85, min_p=0.02)(None, backend.tensor(x)).cpu()
+    assert torch.equal(ours.isfinite(), theirs.isfinite())
+    torch.testing.assert_close(ours[ours.isfinite()], theirs[theirs.isfinite()])

@@ -7,6 +7,13 @@
 // top-k comes first (transformers' order): the k-th largest x gives z_k, and
 // every statistic below is over the survivors z >= z_k only (the others'
 // "renormalised" distribution); the threshold is then at least z_k.
+// top-p comes next: its threshold z_p is found by a radix / bucket walk over
+// the survivors (not from the sums below; TopPCut), and it hands the mass K
+// and shifted sum D of its own kept set to epsilon and eta, which then see the
+// renormalised top-p survivors (s -> K, H -> log K - D / K), as in
+// transformers' chain. min-p is a ratio to p_max, which renormalisation does
+// not change; p-less and top-n-sigma stay on the top-k survivors
+// (docs/sampling.md).
 // Per row, over the survivors z (m = max z, e_i = exp(z_i - m), s = sum e_i, p_i = e_i / s):
 //   min-p        p_i >= min_p * p_max          <=>  z_i >= m + log(min_p)
 //   p-less       p_i >= sum_j p_j^2            <=>  z_i >= m + log(s2 / s),   s2 = sum e_j^2
@@ -29,7 +36,8 @@ namespace logitkit::core {
 // The per-row parameter table (float32, one row of kFilterParamCount per
 // logits row) written by python/logitkit/sampling.py. A disabled rule has its
 // "off" value: min_p 0, top_n_sigma +inf, p_less 0, epsilon 0, eta 0,
-// keep_floor +inf (min_tokens_to_keep <= 1), top_k_logit -inf (top-k off).
+// keep_floor +inf (min_tokens_to_keep <= 1), top_k_logit -inf (top-k off),
+// top_p 1.
 enum FilterParam : int {
   kTemperature = 0,  // T > 0; 0 (or a T whose 1 / T overflows): greedy
   kMinP = 1,
@@ -39,7 +47,8 @@ enum FilterParam : int {
   kEta = 5,
   kKeepFloor = 6,  // the min_tokens_to_keep-th largest raw logit x
   kTopKLogit = 7,  // the max(top_k, min_tokens_to_keep)-th largest raw logit x
-  kFilterParamCount = 8,
+  kTopP = 8,       // in (0, 1]; 1: off
+  kFilterParamCount = 9,
 };
 
 // The extended row state: the softmax state of z plus what the thresholds
@@ -93,6 +102,7 @@ struct FilterParams {
   float inv_temperature;
   float min_p, top_n_sigma, p_less, epsilon, eta, keep_floor;
   float top_k_z;  // z of the top_k-th largest logit: the statistics' survivors are z >= top_k_z
+  float top_p;    // 1: off
 };
 
 LK_HOST_DEVICE FilterParams decode_filter_params(const float* row) {
@@ -108,7 +118,45 @@ LK_HOST_DEVICE FilterParams decode_filter_params(const float* row) {
   p.eta = row[kEta];
   p.keep_floor = row[kKeepFloor];
   p.top_k_z = scaled_logit(row[kTopKLogit], p.inv_temperature);
+  p.top_p = row[kTopP];
   return p;
+}
+
+// Whether a row runs the top-p walk: a defined, non-greedy row (max z finite)
+// with top_p < 1 (NaN counts as off; Python rejects it).
+LK_HOST_DEVICE bool uses_top_p(const FilterParams& p, float max_z) {
+  return p.top_p < 1.0f && !p.greedy && max_z > neg_infinity() && max_z < pos_infinity();
+}
+
+// top-p (transformers' TopPLogitsWarper) on the tokens ranked by z, with
+// weights e = exp(z - m) over the top-k survivors of total s: a token is kept
+// iff the mass of the tokens ranked strictly before it is < top_p * s. The
+// kept set is a prefix of the ranking, ending at the first token whose
+// running mass (itself included) reaches the limit, plus the ties of that
+// token. A walk over ranked prefixes stops at the first prefix for which
+// top_p_reached() holds; that prefix's last token is the last one kept.
+template <class T>
+LK_HOST_DEVICE T top_p_mass_limit(float top_p, T total_mass) {
+  return static_cast<T>(top_p) * total_mass;
+}
+template <class T>
+LK_HOST_DEVICE bool top_p_reached(T prefix_mass, T limit) {
+  return prefix_mass >= limit;
+}
+
+// What the top-p walk found: keep z >= threshold; the kept set's
+// K = sum e and D = sum (z - m) e (relative to the row max m), and its size
+// (-1: not counted). Without top-p: threshold -inf and K, D of all the
+// survivors.
+struct TopPCut {
+  float threshold;
+  float mass;
+  float shifted;
+  float count;
+};
+
+LK_HOST_DEVICE TopPCut no_top_p_cut(const FilterState& st) {
+  return TopPCut{neg_infinity(), st.sm.sum_exp, st.sm.sum_shifted, -1.0f};
 }
 
 // What a row's kernel needs after pass 1: keep z >= threshold (z = x * inv_t),
@@ -126,7 +174,9 @@ LK_HOST_DEVICE float max_of(float a, float b) { return a > b ? a : b; }
 
 // The combined threshold of the enabled rules (the largest), clamped to the
 // row max and to the keep floor. Greedy rows keep the max only (ties: all).
-LK_HOST_DEVICE FilterCut filter_cut(const FilterState& st, const FilterParams& p) {
+// epsilon and eta see the renormalised top-p survivors: log K for log s, and
+// H = log K - D / K (top_p.mass = s, top_p.shifted = b without top-p).
+LK_HOST_DEVICE FilterCut filter_cut(const FilterState& st, const FilterParams& p, const TopPCut& top_p) {
   const float m = st.sm.max;
   FilterCut c{true, m, m, 0.0f};
   if (m != m || m == pos_infinity()) {
@@ -137,14 +187,16 @@ LK_HOST_DEVICE FilterCut filter_cut(const FilterState& st, const FilterParams& p
   const float log_s = log_of(st.sm.sum_exp);
   c.log_sum = log_s;
   if (p.greedy) return c;
-  float t = p.top_k_z;  // -inf when top-k is off
+  float t = max_of(p.top_k_z, top_p.threshold);  // -inf when top-k / top-p are off
+  const bool renormalised = top_p.threshold > neg_infinity();
+  const float log_kept = renormalised ? log_of(top_p.mass) : log_s;
   if (p.min_p > 0.0f) t = max_of(t, m + log_of(p.min_p));
   if (p.p_less != 0.0f) t = max_of(t, m + log_of(st.sum_exp2) - log_s);
-  if (p.epsilon > 0.0f) t = max_of(t, m + log_s + log_of(p.epsilon));
+  if (p.epsilon > 0.0f) t = max_of(t, m + log_kept + log_of(p.epsilon));
   if (p.eta > 0.0f) {
-    const float h = entropy(st.sm);
+    const float h = renormalised ? log_kept - top_p.shifted / top_p.mass : entropy(st.sm);
     const float eta = fminf(p.eta, sqrtf(p.eta) * exp_of(-h));
-    t = max_of(t, m + log_s + log_of(eta));
+    t = max_of(t, m + log_kept + log_of(eta));
   }
   if (p.top_n_sigma < pos_infinity() && st.count > 0.0f) {
     const float sigma = sqrtf(st.m2 / st.count);  // population std (docs/sampling.md)

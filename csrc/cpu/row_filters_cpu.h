@@ -9,6 +9,12 @@
 //           sum shifted, sum exp^2, finite count / mean / M2 by the tile's
 //           own two passes over the cached tile), merged into the row's; the
 //           raw log-sum-exp at temperature 1 when asked for;
+//   top-p   only for a row with top_p < 1: Top-H "exact"'s bucket walk
+//           (top_h_cpu.cpp) with top-p's predicate: one vectorised pass
+//           buckets the survivors by d = z - m with their sums (e, d e), the
+//           walk finds the bucket of the crossing token, a second pass
+//           (skipping vectors far below it) gathers that bucket's tokens, a
+//           quickselect finds the crossing token: threshold, kept K and D;
 //   cut     the threshold (core::filter_cut);
 //   pass 2  mask: z >= threshold. sample: the kept weights of every tile,
 //           their sums (mass, shifted sum, count), then the draw by inverse
@@ -111,6 +117,39 @@ int64_t filter_draw(RowScratch& s, const core::FilterCut& cut, float inv_t, floa
                          [&](int64_t begin, int64_t n) { filter_tile_weights(s, begin, n, cut, inv_t, s.a, nullptr); });
 }
 
+// top-p over the top-k survivors of a defined, non-greedy row of max z m
+// (core::top_p_reached): the crossing token is the first of the rank order
+// whose prefix mass reaches top_p * s; it and every token of at least its z
+// are kept. The walk's predicate "fits" is the negation (the prefix through
+// a token is still short of the limit, so the next token is kept too).
+core::TopPCut top_p_cut(RowScratch& s, int64_t cols, const core::FilterParams& p, float m) {
+  const float inv_t = p.inv_temperature;
+  const Sums all = fill_buckets(s, inv_t, m, p.top_k_z);
+  const double limit = core::top_p_mass_limit(p.top_p, all.e);
+  auto fits = [limit](const Sums& prefix) { return !core::top_p_reached(prefix.e, limit); };
+  const CutBucket cut = find_cut_bucket(s, fits);
+  gather_cut_bucket(s, cols, cut.bucket, inv_t, m);
+  const int64_t fit = keep_in_bucket(s.tokens, cut.above, fits, inv_t, m);
+  const int64_t n = static_cast<int64_t>(s.tokens.size());
+  // The crossing token is the bucket's token of rank `fit`; when rounding
+  // lets the whole bucket fit (the bucket sums and the quickselect's exp
+  // differ in the last bits), the bucket is kept whole.
+  const float cut_x =
+      fit < n ? s.tokens[fit].x
+              : std::min_element(
+                    s.tokens.begin(), s.tokens.end(), [](const Token& a, const Token& b) { return a.x < b.x; })
+                    ->x;
+  Sums kept = cut.above;  // the buckets before the cut bucket, then its tokens of x >= cut_x
+  for (const Token& t : s.tokens) {
+    if (t.x < cut_x) continue;
+    const float d = t.x * inv_t - m;
+    const float e = std::exp(d);
+    kept += Sums{e, static_cast<double>(d) * e};
+  }
+  return core::TopPCut{core::scaled_logit(cut_x, inv_t), static_cast<float>(kept.e), static_cast<float>(kept.d),
+                       -1.0f};  // pass 2 over the thread's copy counts the kept set
+}
+
 // Runs finish(row, scratch, params, cut, max_x) for every row, in parallel.
 template <class scalar_t, class Finish>
 void for_each_filter_row(const Rows& r, const float* params, Finish finish) {
@@ -123,7 +162,9 @@ void for_each_filter_row(const Rows& r, const float* params, Finish finish) {
       const float max_x = load_row(data + row * r.row_stride, r.cols, *s);
       const bool moments = p.p_less != 0.0f || p.top_n_sigma < kPosInf;
       const core::FilterState st = moments ? filter_state_of_row<true>(*s, p) : filter_state_of_row<false>(*s, p);
-      finish(row, *s, p, core::filter_cut(st, p), max_x);
+      const core::TopPCut top_p =
+          core::uses_top_p(p, st.sm.max) ? top_p_cut(*s, r.cols, p, st.sm.max) : core::no_top_p_cut(st);
+      finish(row, *s, p, core::filter_cut(st, p, top_p), max_x);
     }
   });
 }

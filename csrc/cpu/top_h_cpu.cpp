@@ -155,14 +155,17 @@ Token capped_cut(RowScratch& s, int64_t cols, const TopHParams& p, float full_ls
 
 // Visits the padded row tile by tile with d = x * inv_t - m and e = exp(d)
 // computed (vectorised) into the scratch tile buffers: visit(t, d, e, n).
+// Tokens with z = x * inv_t below floor_z (top-k's dropped tokens in the
+// sampler family) get d = -inf, e = 0.
 template <class Visit>
-void for_each_exp_tile(RowScratch& s, float inv_t, float m, Visit visit) {
+void for_each_exp_tile(RowScratch& s, float inv_t, float m, Visit visit, float floor_z = kNegInf) {
   const int64_t padded = static_cast<int64_t>(s.x.size());
-  const FVec vt(inv_t), vm(m);
+  const FVec vt(inv_t), vm(m), vfloor(floor_z), neg_inf(kNegInf);
   for (int64_t t = 0; t < padded; t += kTile) {
     const int64_t n = std::min(kTile, padded - t);
     for (int64_t j = 0; j < n; j += kLanes) {
-      const FVec d = FVec::loadu(s.x.data() + t + j) * vt - vm;
+      const FVec z = FVec::loadu(s.x.data() + t + j) * vt;
+      const FVec d = FVec::blendv(z - vm, neg_inf, z < vfloor);
       d.store(s.a + j);
       vexp(d).store(s.b + j);
     }
@@ -179,10 +182,17 @@ float full_log_sum_exp(RowScratch& s, float inv_t, float m) {
   return m + std::log(vsum(acc));
 }
 
-// "exact" inside one bucket: tokens[lo, hi) are the bucket's tokens, above
-// holds the sums of everything ranked before them. Returns how many of them
-// are kept (quickselect on the monotone entropy predicate, see the top).
-int64_t keep_in_bucket(std::vector<Token>& tokens, Sums above, double budget, float inv_t, float m) {
+// The bucket walk's predicate: fits(prefix sums) holds for every prefix of
+// the rank order up to the cut and fails after it ("exact": H(q) <= alpha
+// H(p); the sampler family's top-p: mass < top_p * s, row_filters_cpu.h).
+//
+// Inside the cut bucket: tokens are the bucket's tokens, above holds the sums
+// of everything ranked before them. Returns how many of them fit
+// (quickselect on the monotone predicate, see the top); when that count c is
+// below tokens.size(), tokens[c] is the bucket's token of rank c (the first
+// that does not fit).
+template <class Fits>
+int64_t keep_in_bucket(std::vector<Token>& tokens, Sums above, Fits fits, float inv_t, float m) {
   auto begin = tokens.begin();
   int64_t lo = 0, hi = static_cast<int64_t>(tokens.size());
   while (lo < hi) {
@@ -194,7 +204,7 @@ int64_t keep_in_bucket(std::vector<Token>& tokens, Sums above, double budget, fl
       const float e = std::exp(d);
       with += Sums{e, static_cast<double>(d) * e};
     }
-    if (with.entropy() <= budget) {
+    if (fits(with)) {
       lo = mid + 1;  // the prefix up to the pivot fits: everything ranked up to it is kept
       above = with;
     } else {
@@ -205,21 +215,25 @@ int64_t keep_in_bucket(std::vector<Token>& tokens, Sums above, double budget, fl
 }
 
 // "exact", pass 1 (vectorised exp, scalar scatter): each token's bucket and
-// the bucket sums. Returns the sums of the whole row.
-Sums fill_buckets(RowScratch& s, float inv_t, float m) {
+// the bucket sums. Returns the sums of the whole row (of its tokens with
+// z >= floor_z: see for_each_exp_tile).
+Sums fill_buckets(RowScratch& s, float inv_t, float m, float floor_z = kNegInf) {
   s.buckets.assign(kBuckets, Sums{});
   s.bucket.resize(s.x.size());
-  for_each_exp_tile(s, inv_t, m, [&](int64_t t, const float* d, const float* e, int64_t n) {
-    for (int64_t j = 0; j < n; ++j) {
-      if (e[j] > 0.0f) {
-        const int b = std::min(kBuckets - 1, static_cast<int>(-d[j] * kBucketsPerNat));
-        s.bucket[t + j] = static_cast<uint16_t>(b);
-        s.buckets[b] += Sums{e[j], static_cast<double>(d[j]) * e[j]};
-      } else {
-        s.bucket[t + j] = kNoBucket;
-      }
-    }
-  });
+  for_each_exp_tile(
+      s, inv_t, m,
+      [&](int64_t t, const float* d, const float* e, int64_t n) {
+        for (int64_t j = 0; j < n; ++j) {
+          if (e[j] > 0.0f) {
+            const int b = std::min(kBuckets - 1, static_cast<int>(-d[j] * kBucketsPerNat));
+            s.bucket[t + j] = static_cast<uint16_t>(b);
+            s.buckets[b] += Sums{e[j], static_cast<double>(d[j]) * e[j]};
+          } else {
+            s.bucket[t + j] = kNoBucket;
+          }
+        }
+      },
+      floor_z);
   Sums all;
   for (const Sums& b : s.buckets) all += b;
   return all;
@@ -234,14 +248,15 @@ struct CutBucket {
 // The walk: whole buckets are kept while H of the prefix fits; the cut is
 // inside the first bucket that breaks the budget (or, when everything fits,
 // at the end of the last non-empty bucket).
-CutBucket find_cut_bucket(const RowScratch& s, double budget) {
+template <class Fits>
+CutBucket find_cut_bucket(const RowScratch& s, Fits fits) {
   Sums above, above_last;
   int last_bucket = -1;
   for (int b = 0; b < kBuckets; ++b) {
     if (s.buckets[b].e == 0.0) continue;  // empty
     Sums with = above;
     with += s.buckets[b];
-    if (with.entropy() > budget) return CutBucket{b, above};
+    if (!fits(with)) return CutBucket{b, above};
     above_last = above;
     above = with;
     last_bucket = b;
@@ -278,9 +293,10 @@ Token exact_cut(RowScratch& s, int64_t cols, const TopHParams& p, float m) {
   const float inv_t = p.inv_temperature;
   const Sums all = fill_buckets(s, inv_t, m);
   const double budget = core::exact_budget(p.alpha, static_cast<float>(all.entropy()));
-  const CutBucket cut = find_cut_bucket(s, budget);
+  auto fits = [budget](const Sums& prefix) { return prefix.entropy() <= budget; };
+  const CutBucket cut = find_cut_bucket(s, fits);
   const Token before = gather_cut_bucket(s, cols, cut.bucket, inv_t, m);
-  const int64_t kept = keep_in_bucket(s.tokens, cut.above, budget, inv_t, m);
+  const int64_t kept = keep_in_bucket(s.tokens, cut.above, fits, inv_t, m);
   if (kept == 0 && before.index >= 0) return before;
   // The bucket's kept tokens are tokens[0, kept) (in some order): the cut is
   // the one ranked last. (kept == 0 with nothing before cannot happen: the

@@ -6,12 +6,25 @@
 // only in core::filter_cut's threshold). Passes over the row:
 //   pass 1   every thread folds its tokens (strided, coalesced) into a
 //            core::FilterState; one block reduction; every thread then
-//            computes the same cut (threshold, max).
+//            computes the same cut (threshold, max). With top_p < 1 the
+//            pass also builds the first radix digit's histogram of the top-k
+//            survivors, as Top-H "exact"'s pass 1 does (per-bin references,
+//            each thread's top bin as a softmax state, rescaled to the row
+//            max after the pass: top_h_kernels.cuh).
+//   top-p    only for a row with top_p < 1: Top-H "exact"'s radix selection
+//            (radix_select) with TopPPredicate over the top-k survivors: the
+//            walk over the first digit, then 0 to 2 digit passes, stopping
+//            at the first digit whose failing bin holds one token. It gives
+//            top-p's threshold and the kept K, D, count that epsilon / eta
+//            (core::filter_cut) and sampling use.
 //   mask     pass 2 writes z >= threshold.                   -> 2 passes
+//            (+ 0 to 2 with top-p)
 //   sample   pass 2 sums the kept weights (mass, shifted sum, count; block
-//            reduction), pass 3 draws by inverse CDF tile by tile (a
-//            block-wide inclusive scan on top of the mass of the tiles
-//            before) and stops at the tile holding the token. -> 2 passes
+//            reduction; skipped when top-p's threshold is the row's
+//            threshold: its walk counted and summed that set), pass 3
+//            draws by inverse CDF tile by tile (a block-wide inclusive scan
+//            on top of the mass of the tiles before) and stops at the tile
+//            holding the token.                              -> 2 passes
 //            + the draw pass, which reads the row up to the drawn token;
 //            + one pass for the raw log-prob, only when asked for.
 // A token of zero weight is never returned; when rounding makes the scan end
@@ -26,6 +39,7 @@
 #include "collectives.cuh"
 #include "launch_config.h"
 #include "row_kernels.cuh"
+#include "top_h_kernels.cuh"
 
 namespace logitkit::cuda {
 
@@ -35,6 +49,7 @@ struct RowFilterStorage {
   core::KeptSums sums_scratch[kReduceScratchSize];
   float mass_scratch[kReduceScratchSize];
   int64_t index_scratch[kReduceScratchSize];
+  TopHStorage radix;  // top-p's histograms and walk
 };
 
 template <class scalar_t>
@@ -46,18 +61,61 @@ LK_DEVICE inline float filter_logit(const scalar_t* row, int64_t i) {
 // FilterState reductions do not spill (1024 threads cap them at 64).
 constexpr int kMaxFilterThreads = 512;
 
-// Pass 1: the row's cut (the same in every thread).
+// top-p's threshold and kept sums for a row whose pass-1 state is st and
+// whose first digit pass 1 built (`mine`: this thread's top bin; see the top;
+// block-uniform: every thread has the same st).
+template <class scalar_t>
+LK_DEVICE inline core::TopPCut top_p_passes(const scalar_t* x, int64_t cols, const core::FilterParams& p,
+                                            const core::FilterState& st, const TopBinState& mine, RowFilterStorage& s) {
+  const float m = st.sm.max;
+  const bool built = p.top_p < 1.0f && !p.greedy;  // pass 1 built the first digit
+  // B*, the bin of the row max with all its tokens (a block collective: before any return).
+  const TopBinState best =
+      built ? block_reduce(
+                  mine, [](const TopBinState& a, const TopBinState& b) { return merge_top_bins(a, b); },
+                  empty_top_bin(), s.radix.top_bin_scratch)
+            : empty_top_bin();
+  if (!core::uses_top_p(p, m)) return core::no_top_p_cut(st);
+  rescale_first_digit_bins(s.radix, FirstDigit{st.sm, mine, best}, p.inv_temperature);
+  __syncthreads();
+  const TopPPredicate pred{core::top_p_mass_limit(p.top_p, st.sm.sum_exp)};
+  radix_select<Selection::exact>(x, cols, pred, m, p.inv_temperature, p.top_k_z, s.radix, nullptr);
+  const Cut& cut = s.radix.cut;
+  // Kept: keys >= full_from, and the whole tie group when the last digit
+  // resolved the cut. The lowest kept key as a logit is the threshold (a key
+  // of the NaN range, or 0 = "everything", means no cut).
+  const uint64_t lowest_key = cut.tie_keep > 0 ? cut.tie_key : cut.full_from;
+  float x_cut = lowest_key == 0 ? core::neg_infinity() : core::key_to_float(static_cast<uint32_t>(lowest_key));
+  if (x_cut != x_cut) x_cut = core::neg_infinity();
+  const float count = static_cast<float>(cut.selected + cut.tie_keep);  // the tie group is kept whole
+  return core::TopPCut{core::scaled_logit(x_cut, p.inv_temperature), cut.mass, s.radix.kept_shifted, count};
+}
+
+// Pass 1 (and top-p's passes): the row's cut (the same in every thread);
+// top-p's own result into *top_p_out when given.
 template <class scalar_t>
 LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols, const core::FilterParams& p,
-                                                 RowFilterStorage& s) {
+                                                 RowFilterStorage& s, core::TopPCut* top_p_out = nullptr) {
+  const bool first_digit = p.top_p < 1.0f && !p.greedy;  // block-uniform
+  if (first_digit) clear_bins<Selection::exact>(s.radix);
+  __syncthreads();
   core::FilterState st = core::empty_filter_state();
+  TopBinState mine = empty_top_bin();
   for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
-    core::accumulate(st, core::top_k_survivor(core::scaled_logit(filter_logit(x, i), p.inv_temperature), p));
+    const float xv = filter_logit(x, i);
+    const float z = core::top_k_survivor(core::scaled_logit(xv, p.inv_temperature), p);
+    core::accumulate(st, z);
+    if (first_digit && z > core::neg_infinity()) {  // a survivor (NaN / +inf: the row is undefined anyway)
+      const int bin = static_cast<int>(core::orderable_key(xv) >> digit_shift(0));
+      add_first_digit_token(s.radix, mine, bin, z, p.inv_temperature);
+    }
   }
   st = block_reduce(
       st, [](const core::FilterState& a, const core::FilterState& b) { return core::merge(a, b); },
       core::empty_filter_state(), s.state_scratch);
-  return core::filter_cut(st, p);
+  const core::TopPCut top_p = top_p_passes(x, cols, p, st, mine, s);
+  if (top_p_out != nullptr) *top_p_out = top_p;
+  return core::filter_cut(st, p, top_p);
 }
 
 // The raw distribution's log sum exp(x - max x) at temperature 1 (its own
@@ -141,7 +199,8 @@ __global__ void __launch_bounds__(kMaxFilterThreads)
   const scalar_t* x = rows.row(row);
   __shared__ RowFilterStorage s;
   const core::FilterParams p = core::decode_filter_params(params + row * core::kFilterParamCount);
-  const core::FilterCut cut = filter_pass_one(x, cols, p, s);
+  core::TopPCut top_p{};
+  const core::FilterCut cut = filter_pass_one(x, cols, p, s, &top_p);
   float* st = stats + row * kSampleStatCount;
   const float nan = core::quiet_nan();
   if (!cut.defined || cut.max == core::neg_infinity()) {
@@ -154,7 +213,11 @@ __global__ void __launch_bounds__(kMaxFilterThreads)
     }
     return;
   }
-  const core::KeptSums sums = kept_sums(x, cols, cut, p.inv_temperature, s);
+  // top-p's threshold binds (block-uniform): its walk has the kept sums.
+  const bool top_p_set =
+      top_p.count > 0.0f && top_p.threshold > core::neg_infinity() && cut.threshold == top_p.threshold;
+  const core::KeptSums sums = top_p_set ? core::KeptSums{top_p.mass, top_p.shifted, top_p.count}
+                                        : kept_sums(x, cols, cut, p.inv_temperature, s);
   const int64_t token = filter_draw_pass(x, cols, cut, p.inv_temperature, uniform[row] * sums.mass, s);
   core::SoftmaxState raw = core::empty_state();
   if constexpr (kRaw) raw = raw_state(x, cols, s);

@@ -185,6 +185,10 @@ struct TopHStorage {
   float bin_e[kBins];
   float bin_d[kBins];
   Cut cut;
+  // sum of (z - m) exp(z - m) over the kept set, beside cut.mass (predicates
+  // with sums; read by the sampler family's top-p). Not a member of Cut: a
+  // larger Cut made ptxas spill in top_h_mask_kernel.
+  float kept_shifted;
   BinTotals above;  // totals of the tokens above the current candidate range
   uint32_t prefix;  // digits fixed so far
   int gathered;     // capped rules: selected keys gathered so far
@@ -205,6 +209,7 @@ struct CountPredicate {
   // the last digit's histogram then spells out the selected keys exactly (see
   // gather_and_sort_candidates), which saves the gather pass.
   LK_DEVICE bool bin_fully_dropped(const BinTotals&, int64_t) const { return false; }
+  LK_DEVICE bool bin_fully_kept(int64_t) const { return false; }
   // How many tokens of a tie group (of `group` tokens with equal logit) fit.
   LK_DEVICE int64_t tie_keep(const BinTotals& above, int64_t, float, float) const { return k - above.count; }
 };
@@ -223,6 +228,7 @@ struct EntropyPredicate {
   LK_DEVICE bool bin_fully_dropped(const BinTotals& above, int64_t bin_count) const {
     return bin_count == 1 && above.e > 0.0f;
   }
+  LK_DEVICE bool bin_fully_kept(int64_t) const { return false; }
   // Largest j in [0, group] with H(above + j tokens of (e, d)) <= budget
   // (monotone in j: binary search).
   LK_DEVICE int64_t tie_keep(const BinTotals& above, int64_t group, float e, float d) const {
@@ -239,6 +245,20 @@ struct EntropyPredicate {
     }
     return lo;
   }
+};
+
+// The sampler family's top-p (core::top_p_reached; row_filters_kernels.cuh):
+// the first bin whose inclusion brings the mass to the limit holds the
+// crossing token, which is kept (the mass above it is below the limit), so a
+// failing bin of one token is kept whole, and at the last digit the whole tie
+// group is kept. Bins hold (count, sum e, sum d e) over the top-k survivors.
+struct TopPPredicate {
+  static constexpr bool kSums = true;
+  float limit;  // top_p * s
+  LK_DEVICE bool exceeds(const BinTotals& t) const { return core::top_p_reached(t.e, limit); }
+  LK_DEVICE bool bin_fully_dropped(const BinTotals&, int64_t) const { return false; }
+  LK_DEVICE bool bin_fully_kept(int64_t bin_count) const { return bin_count == 1; }
+  LK_DEVICE int64_t tie_keep(const BinTotals&, int64_t group, float, float) const { return group; }
 };
 
 // The predicate of a selection: capped rules select the top K tokens, "exact"
@@ -396,10 +416,12 @@ LK_DEVICE inline void rescale_first_digit_bins(TopHStorage& s, const FirstDigit&
 // fixed so far (`prefix`); "exact" relative to the row max m, without tokens
 // of zero probability (never candidates). Capped rules, last digit: the keys
 // above the candidate range are selected for sure and are collected into
-// `candidates` now (no separate gather pass).
+// `candidates` now (no separate gather pass). Tokens with z < floor_z
+// (top-k's dropped ones, for the sampler family's top-p) are no candidates
+// (floor_z = -inf for Top-H).
 template <Selection kSel, class scalar_t>
 LK_DEVICE inline void digit_pass(const scalar_t* x, int64_t cols, int level, uint32_t prefix, float m, float inv_t,
-                                 TopHStorage& s, uint32_t* candidates) {
+                                 float floor_z, TopHStorage& s, uint32_t* candidates) {
   __syncthreads();  // previous readers of the bins are done
   clear_bins<kSel>(s);
   __syncthreads();
@@ -418,9 +440,10 @@ LK_DEVICE inline void digit_pass(const scalar_t* x, int64_t cols, int level, uin
     if constexpr (kSel == Selection::capped) {
       atomicAdd(&s.bin_count[bin], 1u);
     } else {
-      const float d = core::scaled_logit(xv, inv_t) - m;
+      const float z = core::scaled_logit(xv, inv_t);
+      const float d = z - m;
       const float e = expf(d);
-      if (e != 0.0f) add_to_bin(s, bin, 1u, e, d * e);
+      if (e != 0.0f && !(z < floor_z)) add_to_bin(s, bin, 1u, e, d * e);
     }
   }
 }
@@ -429,11 +452,13 @@ LK_DEVICE inline void digit_pass(const scalar_t* x, int64_t cols, int level, uin
 // bin_prefix): at the last digit a single key value, whose tie group keeps
 // its first j tokens (weight: the draw pass's expf(x / T - m) of the same
 // float x); else a bin whose single token is dropped (see
-// bin_fully_dropped), or a bin to refine with the next digit. Returns
-// whether the cut is resolved.
+// bin_fully_dropped) or kept (bin_fully_kept; bin_e, bin_d: the bin's sums,
+// passed as values: a reference to the walk's local totals made ptxas spill),
+// or a bin to refine with the next digit. Returns whether the cut is resolved.
 template <class Predicate>
 LK_DEVICE inline bool resolve_in_bin(const Predicate& pred, int level, uint32_t bin_prefix, int64_t bin_count,
-                                     const BinTotals& above, float m, float inv_t, Cut& cut) {
+                                     const BinTotals& above, float bin_e, float bin_d, float m, float inv_t, Cut& cut,
+                                     float& kept_shifted) {
   if (level == kDigitCount - 1) {
     const float z = core::scaled_logit(core::key_to_float(bin_prefix), inv_t);
     const float d = z - m;
@@ -444,12 +469,21 @@ LK_DEVICE inline bool resolve_in_bin(const Predicate& pred, int level, uint32_t 
     cut.tie_keep = pred.tie_keep(above, bin_count, e, d);
     cut.selected = above.count;
     cut.mass = above.e + static_cast<float>(cut.tie_keep) * e;
+    kept_shifted = above.d + static_cast<float>(cut.tie_keep) * (d * e);
     return true;
   }
   if (pred.bin_fully_dropped(above, bin_count)) {
     cut.full_from = (static_cast<uint64_t>(bin_prefix) + 1) << digit_shift(level);
     cut.selected = above.count;
     cut.mass = above.e;
+    kept_shifted = above.d;
+    return true;
+  }
+  if (pred.bin_fully_kept(bin_count)) {
+    cut.full_from = static_cast<uint64_t>(bin_prefix) << digit_shift(level);
+    cut.selected = above.count + bin_count;
+    cut.mass = above.e + bin_e;
+    kept_shifted = above.d + bin_d;
     return true;
   }
   return false;
@@ -475,7 +509,8 @@ LK_DEVICE inline void walk(const Predicate& pred, int level, float m, float inv_
       continue;
     }
     const uint32_t bin_prefix = (s.prefix << digit_bits(level)) | static_cast<uint32_t>(b);
-    if (resolve_in_bin(pred, level, bin_prefix, s.bin_count[b], s.above, m, inv_t, s.cut)) {
+    if (resolve_in_bin(pred, level, bin_prefix, s.bin_count[b], s.above, s.bin_e[b], s.bin_d[b], m, inv_t, s.cut,
+                       s.kept_shifted)) {
       s.cut.done = level + 1;
     } else {
       s.prefix = bin_prefix;  // refine inside this bin with the next digit
@@ -486,6 +521,7 @@ LK_DEVICE inline void walk(const Predicate& pred, int level, float m, float inv_
   s.cut.full_from = level == 0 ? 0 : static_cast<uint64_t>(s.prefix) << (digit_shift(level) + digit_bits(level));
   s.cut.selected = s.above.count;
   s.cut.mass = s.above.e;
+  s.kept_shifted = s.above.d;
   s.cut.done = level + 1;
 }
 
@@ -554,29 +590,38 @@ LK_DEVICE inline void capped_scan(const TopHParams& p, const core::SoftmaxState&
   cut.mass = mass;
 }
 
+// The radix selection of a defined row of max z m whose first digit's
+// histogram pass 1 built: the walk over it, then per further digit a
+// histogram (digit_pass) and the walk, until pred resolves the cut into s.cut.
+template <Selection kSel, class Predicate, class scalar_t>
+LK_DEVICE inline void radix_select(const scalar_t* x, int64_t cols, const Predicate& pred, float m, float inv_t,
+                                   float floor_z, TopHStorage& s, uint32_t* candidates) {
+  if (threadIdx.x == 0) {
+    s.above = BinTotals{0, 0.0f, 0.0f};
+    s.cut = Cut{0, 0, 0, 0, 0, 0, RowKind::defined, m, 0.0f};
+    s.kept_shifted = 0.0f;
+    s.prefix = 0;
+    s.gathered = 0;
+  }
+  uint32_t prefix = 0;  // digits fixed so far (same in every thread: read back from shared memory)
+  for (int level = 0; level < kDigitCount; ++level) {
+    if (level > 0) digit_pass<kSel>(x, cols, level, prefix, m, inv_t, floor_z, s, candidates);
+    __syncthreads();
+    if (threadIdx.x == 0) walk(pred, level, m, inv_t, s);
+    __syncthreads();
+    if (s.cut.done) break;
+    prefix = s.prefix;
+  }
+}
+
 // The digit passes of a defined row ("exact" and capped rules), and for the
 // capped rules the sort and scan of the K selected keys.
 template <Selection kSel, class scalar_t>
 LK_DEVICE inline void refine_cut(const scalar_t* x, int64_t cols, const TopHParams& p, const FirstDigit& f,
                                  TopHStorage& s) {
   LK_DYNAMIC_SHARED(uint32_t, candidates);  // 2 * k keys (capped rules)
-  const float m = f.row.max;
   const auto pred = rule_predicate<kSel>(p, f.row);
-  if (threadIdx.x == 0) {
-    s.above = BinTotals{0, 0.0f, 0.0f};
-    s.cut = Cut{0, 0, 0, 0, 0, 0, RowKind::defined, m, 0.0f};
-    s.prefix = 0;
-    s.gathered = 0;
-  }
-  uint32_t prefix = 0;  // digits fixed so far (same in every thread: read back from shared memory)
-  for (int level = 0; level < kDigitCount; ++level) {
-    if (level > 0) digit_pass<kSel>(x, cols, level, prefix, m, p.inv_temperature, s, candidates);
-    __syncthreads();
-    if (threadIdx.x == 0) walk(pred, level, m, p.inv_temperature, s);
-    __syncthreads();
-    if (s.cut.done) break;
-    prefix = s.prefix;
-  }
+  radix_select<kSel>(x, cols, pred, f.row.max, p.inv_temperature, core::neg_infinity(), s, candidates);
   if constexpr (kSel == Selection::capped) {
     uint32_t* sorted = candidates + p.k;
     gather_and_sort_candidates(x, cols, p.k, s, candidates, sorted);

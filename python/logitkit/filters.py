@@ -1,7 +1,7 @@
 """The row-statistics truncation rules of the sampler family (docs/sampling.md):
-temperature (0 = greedy, or entropy-adaptive: EDT), top-k, min-p, top-n-sigma,
-p-less, epsilon and eta, each a threshold on the scaled logit found from one
-pass of row statistics.
+temperature (0 = greedy, or entropy-adaptive: EDT), top-k, top-p, min-p,
+top-n-sigma, p-less, epsilon and eta, each a threshold on the scaled logit found
+from one pass of row statistics (top-p: from a radix / bucket walk).
 
 * :func:`truncation_mask`: the boolean kept set of the chain;
 * :func:`filter_logits`: the logits where kept, ``filter_value`` elsewhere;
@@ -29,9 +29,21 @@ __all__ = ["filter_logits", "philox_uniform", "truncation_mask"]
 RowParam = float | int | bool | torch.Tensor | None
 
 # Columns of the per-row parameter table (csrc/core/row_filters.h, FilterParam).
-PARAM_COLUMNS = ("temperature", "min_p", "top_n_sigma", "p_less", "epsilon", "eta", "keep_floor", "top_k_logit")
+PARAM_COLUMNS = (
+    "temperature",
+    "min_p",
+    "top_n_sigma",
+    "p_less",
+    "epsilon",
+    "eta",
+    "keep_floor",
+    "top_k_logit",
+    "top_p",
+)
+#: The columns filled from a rule's value (the others come from torch.topk: _rank_columns).
+_VALUE_COLUMNS = ("temperature", "min_p", "top_n_sigma", "p_less", "epsilon", "eta", "top_p")
 #: The value of each rule that turns it off for a row.
-OFF_VALUES = {"min_p": 0.0, "top_n_sigma": math.inf, "p_less": 0.0, "epsilon": 0.0, "eta": 0.0}
+OFF_VALUES = {"min_p": 0.0, "top_n_sigma": math.inf, "p_less": 0.0, "epsilon": 0.0, "eta": 0.0, "top_p": 1.0}
 #: The EDT base N of Zhang et al. (2024), their recommended value.
 EDT_DEFAULT_BASE = 0.8
 #: Columns of filter_sample's statistics (SampleStat in csrc/frontend/row_filters.h).
@@ -41,6 +53,7 @@ STAT_LOG_PROB, STAT_RAW_LOG_PROB, STAT_ENTROPY, STAT_KEPT = 0, 1, 2, 3
 _RANGES = {
     "temperature": (0.0, math.inf, True, False, "a finite number >= 0 (0: greedy)"),
     "min_p": (0.0, 1.0, True, True, "in [0, 1]"),
+    "top_p": (0.0, 1.0, False, True, "in (0, 1] (1 or None: off)"),
     "top_n_sigma": (0.0, math.inf, True, True, "a number >= 0 (None or inf: off)"),
     "epsilon": (0.0, 1.0, True, False, "in [0, 1)"),
     "eta": (0.0, 1.0, True, False, "in [0, 1)"),
@@ -164,6 +177,7 @@ def filter_params(
     *,
     temperature: RowParam = 1.0,
     top_k: RowParam = None,
+    top_p: RowParam = None,
     min_p: RowParam = None,
     top_n_sigma: RowParam = None,
     p_less: RowParam = False,
@@ -174,8 +188,8 @@ def filter_params(
     min_tokens_to_keep: int = 1,
     op: str = "truncation_mask",
 ) -> torch.Tensor:
-    """The per-row parameter table (..., 8) float32 of the ops, from the Python arguments
-    (checked, with messages naming the argument)."""
+    """The per-row parameter table (..., 9) float32 of the ops (columns: PARAM_COLUMNS), from the
+    Python arguments (checked, with messages naming the argument)."""
     check_logits(logits, op, "logits")
     if isinstance(min_tokens_to_keep, bool) or not isinstance(min_tokens_to_keep, int) or min_tokens_to_keep < 1:
         raise ValueError(f"logitkit.{op}: min_tokens_to_keep must be an int >= 1, got {min_tokens_to_keep!r}")
@@ -184,15 +198,16 @@ def filter_params(
     elif edt_base is not None:
         raise ValueError(f"logitkit.{op}: edt_base needs edt_theta")
     given = {"temperature": temperature, "min_p": min_p, "top_n_sigma": top_n_sigma, "p_less": p_less}
-    given.update({"epsilon": epsilon, "eta": eta})
-    columns = []
-    for name in PARAM_COLUMNS[:-2]:
+    given.update({"epsilon": epsilon, "eta": eta, "top_p": top_p})
+    columns: dict[str, torch.Tensor | float] = {}
+    for name in _VALUE_COLUMNS:
         value = given[name]
-        columns.append(_column(OFF_VALUES[name] if value is None else value, name, logits, op))
-    columns.extend(_rank_columns(logits, _top_k_column(top_k, logits, op), min_tokens_to_keep))
+        columns[name] = _column(OFF_VALUES[name] if value is None else value, name, logits, op)
+    keep_floor, top_k_logit = _rank_columns(logits, _top_k_column(top_k, logits, op), min_tokens_to_keep)
+    columns.update(keep_floor=keep_floor, top_k_logit=top_k_logit)
     table = torch.empty((*logits.shape[:-1], len(PARAM_COLUMNS)), dtype=torch.float32, device=logits.device)
-    for j, column in enumerate(columns):
-        table[..., j] = column
+    for j, name in enumerate(PARAM_COLUMNS):
+        table[..., j] = columns[name]
     return table
 
 
@@ -201,6 +216,7 @@ def truncation_mask(
     *,
     temperature: RowParam = 1.0,
     top_k: RowParam = None,
+    top_p: RowParam = None,
     min_p: RowParam = None,
     top_n_sigma: RowParam = None,
     p_less: RowParam = False,
@@ -211,9 +227,13 @@ def truncation_mask(
     min_tokens_to_keep: int = 1,
 ) -> torch.Tensor:
     """The boolean kept set (same shape as ``logits``) of the chain temperature ->
-    top-k -> {min-p, top-n-sigma, p-less, epsilon, eta} (definitions and composition in
-    docs/sampling.md), each parameter a number or a per-row tensor; ``None`` /
-    ``False`` / 0 (inf for ``top_n_sigma``) turns a rule off.
+    top-k -> top-p -> {min-p, top-n-sigma, p-less, epsilon, eta} (definitions and composition
+    in docs/sampling.md), each parameter a number or a per-row tensor; ``None`` /
+    ``False`` / 0 (inf for ``top_n_sigma``, 1 for ``top_p``) turns a rule off.
+
+    ``top_p`` in (0, 1] (transformers' ``TopPLogitsWarper``) keeps the tokens for which the
+    probability mass of the more probable tokens is below ``top_p`` (ties of the last one
+    kept); min-p, epsilon and eta then see its survivors renormalised, as in transformers.
 
     ``edt_theta`` (with ``edt_base`` N, default 0.8) makes the temperature entropy-adaptive
     (EDT, Zhang et al. 2024): T = temperature * N^(edt_theta / H), H the entropy of the row's
@@ -232,6 +252,7 @@ def truncation_mask(
         logits,
         temperature=temperature,
         top_k=top_k,
+        top_p=top_p,
         min_p=min_p,
         top_n_sigma=top_n_sigma,
         p_less=p_less,
@@ -249,6 +270,7 @@ def filter_logits(
     *,
     temperature: RowParam = 1.0,
     top_k: RowParam = None,
+    top_p: RowParam = None,
     min_p: RowParam = None,
     top_n_sigma: RowParam = None,
     p_less: RowParam = False,
@@ -265,6 +287,7 @@ def filter_logits(
         logits,
         temperature=temperature,
         top_k=top_k,
+        top_p=top_p,
         min_p=min_p,
         top_n_sigma=top_n_sigma,
         p_less=p_less,

@@ -131,6 +131,7 @@ def sample(
     cap: int | None = None,
     generator: torch.Generator | None = None,
     top_k: RowParam = None,
+    top_p: RowParam = None,
     min_p: RowParam = None,
     top_n_sigma: RowParam = None,
     p_less: RowParam = False,
@@ -147,7 +148,7 @@ def sample(
 ) -> torch.Tensor | SampleResult:
     """Draws one token per row from softmax(logits / temperature) restricted to the kept set of
     the truncation rules given: Top-H (``top_h`` = alpha, with ``rule`` and ``cap``), or the
-    chain top-k -> min-p / top-n-sigma / p-less / epsilon / eta, with an optional
+    chain top-k -> top-p -> min-p / top-n-sigma / p-less / epsilon / eta, with an optional
     entropy-adaptive temperature (``edt_theta``, ``edt_base``) (docs/sampling.md; the same kept
     set as :func:`logitkit.truncation_mask`). Plain temperature sampling without any.
 
@@ -166,7 +167,14 @@ def sample(
     row-statistics chain and plain sampling only, not with ``top_h`` yet). Combining ``top_h``
     with the row-statistics rules is not supported yet (ValueError).
     """
-    chain = {"top_k": top_k, "min_p": min_p, "top_n_sigma": top_n_sigma, "p_less": p_less, "epsilon": epsilon}
+    chain = {
+        "top_k": top_k,
+        "top_p": top_p,
+        "min_p": min_p,
+        "top_n_sigma": top_n_sigma,
+        "p_less": p_less,
+        "epsilon": epsilon,
+    }
     chain.update({"eta": eta, "edt_theta": edt_theta, "edt_base": edt_base})
     outputs = {"return_logprobs": return_logprobs or None, "return_entropy": return_entropy or None}
     outputs["return_kept"] = return_kept or None

@@ -10,7 +10,7 @@ it is imported only when a processor class is first accessed.
 * ``OfficialTopHLogitsWarper(top_h, temperature)``: the authors' reference
   processor (rule "official"), which runs before temperature and takes it as
   an argument.
-* ``TopKLogitsWarper``, ``MinPLogitsWarper``, ``EpsilonLogitsWarper``, ``EtaLogitsWarper``:
+* ``TopKLogitsWarper``, ``TopPLogitsWarper``, ``MinPLogitsWarper``, ``EpsilonLogitsWarper``, ``EtaLogitsWarper``:
   drop-ins for transformers' warpers of the same names and arguments (``min_tokens_to_keep``,
   ``filter_value``), backed by :func:`logitkit.filter_logits`; ``TopNSigmaLogitsWarper(n)``,
   ``PLessLogitsWarper()`` and ``EDTLogitsWarper(theta)`` (entropy-adaptive temperature) for
@@ -50,6 +50,7 @@ __all__ = [  # noqa: F822
     "TopHLogitsWarper",
     "TopKLogitsWarper",
     "TopNSigmaLogitsWarper",
+    "TopPLogitsWarper",
 ]
 
 
@@ -155,6 +156,22 @@ def _row_statistics_classes(base: type) -> dict:
             super().__init__(filter_value=filter_value, min_tokens_to_keep=min_tokens_to_keep, top_k=top_k)
             self.top_k = max(top_k, min_tokens_to_keep)
 
+    class TopPLogitsWarper(_ChainProcessor):
+        """transformers' ``TopPLogitsWarper``: keeps the most probable tokens until their mass
+        reaches top_p (the token that reaches it included; ties of it kept), at least
+        ``min_tokens_to_keep``. Accepts top_p in [0, 1] like transformers; 0 keeps the most
+        probable token (and its ties), as transformers keeps its top ``min_tokens_to_keep``."""
+
+        def __init__(self, top_p: float, filter_value: float = -float("inf"), min_tokens_to_keep: int = 1):
+            top_p = float(top_p)
+            if not (0.0 <= top_p <= 1.0):
+                raise ValueError(f"`top_p` has to be a float > 0 and < 1, but is {top_p}")
+            # logitkit's range is (0, 1]: the smallest positive float32 keeps the same set as 0
+            # (the first token's mass already reaches top_p * s).
+            kernel_top_p = max(top_p, 2.0**-149)
+            super().__init__(filter_value=filter_value, min_tokens_to_keep=min_tokens_to_keep, top_p=kernel_top_p)
+            self.top_p = top_p
+
     class MinPLogitsWarper(_ChainProcessor):
         """transformers' ``MinPLogitsWarper``: keeps p >= min_p * p_max."""
 
@@ -194,7 +211,7 @@ def _row_statistics_classes(base: type) -> dict:
 
     class FusedSamplingLogitsWarper(_ChainProcessor):
         """The whole chain in one call: temperature (0: greedy; entropy-adaptive with
-        ``edt_theta``), top_k, min_p, top_n_sigma, p_less, epsilon, eta, each a number or a
+        ``edt_theta``), top_k, top_p, min_p, top_n_sigma, p_less, epsilon, eta, each a number or a
         per-row tensor (docs/sampling.md). Replaces transformers' temperature warper too: the
         returned scores are the kept logits divided by the row's temperature (greedy rows: 0 for
         the kept tokens)."""
@@ -204,6 +221,7 @@ def _row_statistics_classes(base: type) -> dict:
             temperature=1.0,
             *,
             top_k=None,
+            top_p=None,
             min_p=None,
             top_n_sigma=None,
             p_less=False,
@@ -214,7 +232,8 @@ def _row_statistics_classes(base: type) -> dict:
             filter_value: float = -float("inf"),
             min_tokens_to_keep: int = 1,
         ):
-            rules = dict(top_k=top_k, min_p=min_p, top_n_sigma=top_n_sigma, p_less=p_less, epsilon=epsilon, eta=eta)
+            rules = dict(top_k=top_k, top_p=top_p, min_p=min_p, top_n_sigma=top_n_sigma, p_less=p_less)
+            rules.update(epsilon=epsilon, eta=eta)
             super().__init__(filter_value=filter_value, min_tokens_to_keep=min_tokens_to_keep, **rules)
             self.temperature = temperature
             self.edt_theta, self.edt_base = edt_theta, edt_base
@@ -290,6 +309,7 @@ def _row_statistics_classes(base: type) -> dict:
 
     return {
         "TopKLogitsWarper": TopKLogitsWarper,
+        "TopPLogitsWarper": TopPLogitsWarper,
         "EDTLogitsWarper": EDTLogitsWarper,
         "MirostatLogitsWarper": MirostatLogitsWarper,
         "MinPLogitsWarper": MinPLogitsWarper,

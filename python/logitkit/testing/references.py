@@ -173,6 +173,7 @@ def truncation_mask(
     top_k=None,
     edt_theta=None,
     edt_base=None,
+    top_p=None,
 ) -> torch.Tensor:
     """The kept set of the chain, evaluated in float64 by sorting each row (stable, largest first)
     and scanning the published definitions on p = softmax(x / T) (T = 0: the largest logits),
@@ -180,6 +181,10 @@ def truncation_mask(
 
     * top-k first (transformers' order): the tokens whose logit reaches the k-th largest,
       k = max(top_k, min_tokens_to_keep); the rules below see softmax over these survivors only;
+    * top-p next (transformers' TopPLogitsWarper): keep a token iff the mass of the tokens ranked
+      before it is < top_p, and the ties of the last one kept; epsilon and eta below see the
+      top-p survivors renormalised (transformers' chain); min-p is unchanged by that;
+      top-n-sigma and p-less stay on the top-k survivors (docs/sampling.md);
     * min-p (Nguyen et al. 2024): p >= min_p * p_max;
     * top-n-sigma (Tang et al. 2024): z >= max z - n * std(z), std the population std of the
       finite z;
@@ -205,7 +210,14 @@ def truncation_mask(
     survivor = (k_top == 0) | (xs >= kth) | greedy
     zs = order.values.masked_fill(~survivor, -math.inf)
     p = torch.softmax(zs, dim=-1)
-    keep = torch.ones_like(zs, dtype=torch.bool)
+    mass_before = torch.cumsum(p, dim=-1) - p
+    top_p_v = _per_row(top_p, batch, 1.0)
+    # the last kept token's z: ties with it are kept too (the rows are sorted, largest first)
+    crossing = torch.where(mass_before < top_p_v, zs, math.inf).amin(-1, keepdim=True)
+    top_p_keep = (top_p_v >= 1) | (zs >= crossing)
+    renormalised = torch.where(top_p_keep, p, 0.0)
+    renormalised = renormalised / renormalised.sum(-1, keepdim=True)
+    keep = top_p_keep.clone()
     keep &= p >= _per_row(min_p, batch, 0.0) * p[..., :1]
     finite = zs.isfinite()
     count = finite.sum(-1, keepdim=True)
@@ -214,10 +226,10 @@ def truncation_mask(
     n_sigma = _per_row(top_n_sigma, batch, math.inf)
     keep &= (n_sigma == math.inf) | (zs >= zs[..., :1] - n_sigma * std)
     keep &= (_per_row(p_less, batch, 0.0) == 0) | (p >= (p * p).sum(-1, keepdim=True))
-    keep &= p >= _per_row(epsilon, batch, 0.0)
+    keep &= renormalised >= _per_row(epsilon, batch, 0.0)
     eta_v = _per_row(eta, batch, 0.0)
-    h = entropy_terms(p).sum(-1, keepdim=True)
-    keep &= (eta_v == 0) | (p >= torch.minimum(eta_v, eta_v.sqrt() * torch.exp(-h)))
+    h = entropy_terms(renormalised).sum(-1, keepdim=True)
+    keep &= (eta_v == 0) | (renormalised >= torch.minimum(eta_v, eta_v.sqrt() * torch.exp(-h)))
     keep &= p > 0
     keep &= survivor
     k = min(max(min_tokens_to_keep, 1), zs.shape[-1])
