@@ -50,6 +50,9 @@ struct RowFilterStorage {
   float mass_scratch[kReduceScratchSize];
   int64_t index_scratch[kReduceScratchSize];
   TopHStorage radix;  // top-p's histograms and walk
+  // The row's pass-1 state, parked here while top-p's radix passes run, so
+  // that it does not hold registers across them (it spilled otherwise).
+  core::FilterState row_state;
 };
 
 template <class scalar_t>
@@ -113,9 +116,11 @@ LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols
   st = block_reduce(
       st, [](const core::FilterState& a, const core::FilterState& b) { return core::merge(a, b); },
       core::empty_filter_state(), s.state_scratch);
+  if (threadIdx.x == 0) s.row_state = st;
   const core::TopPCut top_p = top_p_passes(x, cols, p, st, mine, s);
   if (top_p_out != nullptr) *top_p_out = top_p;
-  return core::filter_cut(st, p, top_p);
+  __syncthreads();  // row_state written; also: read back below, so st is not live across the passes
+  return core::filter_cut(s.row_state, p, top_p);
 }
 
 // The raw distribution's log sum exp(x - max x) at temperature 1 (its own

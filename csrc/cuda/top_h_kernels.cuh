@@ -203,6 +203,7 @@ struct TopHStorage {
 // The rule's predicate over the statistics of a candidate prefix set.
 struct CountPredicate {
   static constexpr bool kSums = false;  // bins hold counts only
+  static constexpr bool kKeptShifted = false;
   int64_t k;
   LK_DEVICE bool exceeds(const BinTotals& t) const { return t.count > k; }
   // No early stop: the capped rules always resolve all three digits, because
@@ -216,7 +217,8 @@ struct CountPredicate {
 
 struct EntropyPredicate {
   static constexpr bool kSums = true;  // bins hold (count, sum e, sum d e)
-  float budget;                        // alpha H(p), see core::exact_budget
+  static constexpr bool kKeptShifted = false;
+  float budget;  // alpha H(p), see core::exact_budget
   LK_DEVICE bool exceeds(const BinTotals& t) const {
     return t.e > 0.0f && core::renormalised_entropy(t.e, t.d) > budget;
   }
@@ -254,7 +256,8 @@ struct EntropyPredicate {
 // group is kept. Bins hold (count, sum e, sum d e) over the top-k survivors.
 struct TopPPredicate {
   static constexpr bool kSums = true;
-  float limit;  // top_p * s
+  static constexpr bool kKeptShifted = true;  // also sum (z - m) e of the kept set (TopHStorage::kept_shifted)
+  float limit;                                // top_p * s
   LK_DEVICE bool exceeds(const BinTotals& t) const { return core::top_p_reached(t.e, limit); }
   LK_DEVICE bool bin_fully_dropped(const BinTotals&, int64_t) const { return false; }
   LK_DEVICE bool bin_fully_kept(int64_t bin_count) const { return bin_count == 1; }
@@ -419,7 +422,7 @@ LK_DEVICE inline void rescale_first_digit_bins(TopHStorage& s, const FirstDigit&
 // `candidates` now (no separate gather pass). Tokens with z < floor_z
 // (top-k's dropped ones, for the sampler family's top-p) are no candidates
 // (floor_z = -inf for Top-H).
-template <Selection kSel, class scalar_t>
+template <Selection kSel, bool kFloor, class scalar_t>
 LK_DEVICE inline void digit_pass(const scalar_t* x, int64_t cols, int level, uint32_t prefix, float m, float inv_t,
                                  float floor_z, TopHStorage& s, uint32_t* candidates) {
   __syncthreads();  // previous readers of the bins are done
@@ -443,7 +446,7 @@ LK_DEVICE inline void digit_pass(const scalar_t* x, int64_t cols, int level, uin
       const float z = core::scaled_logit(xv, inv_t);
       const float d = z - m;
       const float e = expf(d);
-      if (e != 0.0f && !(z < floor_z)) add_to_bin(s, bin, 1u, e, d * e);
+      if (e != 0.0f && !(kFloor && z < floor_z)) add_to_bin(s, bin, 1u, e, d * e);
     }
   }
 }
@@ -456,9 +459,9 @@ LK_DEVICE inline void digit_pass(const scalar_t* x, int64_t cols, int level, uin
 // passed as values: a reference to the walk's local totals made ptxas spill),
 // or a bin to refine with the next digit. Returns whether the cut is resolved.
 template <class Predicate>
-LK_DEVICE inline bool resolve_in_bin(const Predicate& pred, int level, uint32_t bin_prefix, int64_t bin_count,
-                                     const BinTotals& above, float bin_e, float bin_d, float m, float inv_t, Cut& cut,
-                                     float& kept_shifted) {
+LK_DEVICE __forceinline__ bool resolve_in_bin(const Predicate& pred, int level, uint32_t bin_prefix, int64_t bin_count,
+                                              const BinTotals& above, float bin_e, float bin_d, float m, float inv_t,
+                                              Cut& cut, float& kept_shifted) {
   if (level == kDigitCount - 1) {
     const float z = core::scaled_logit(core::key_to_float(bin_prefix), inv_t);
     const float d = z - m;
@@ -469,22 +472,24 @@ LK_DEVICE inline bool resolve_in_bin(const Predicate& pred, int level, uint32_t 
     cut.tie_keep = pred.tie_keep(above, bin_count, e, d);
     cut.selected = above.count;
     cut.mass = above.e + static_cast<float>(cut.tie_keep) * e;
-    kept_shifted = above.d + static_cast<float>(cut.tie_keep) * (d * e);
+    if constexpr (Predicate::kKeptShifted) kept_shifted = above.d + static_cast<float>(cut.tie_keep) * (d * e);
     return true;
   }
   if (pred.bin_fully_dropped(above, bin_count)) {
     cut.full_from = (static_cast<uint64_t>(bin_prefix) + 1) << digit_shift(level);
     cut.selected = above.count;
     cut.mass = above.e;
-    kept_shifted = above.d;
+    if constexpr (Predicate::kKeptShifted) kept_shifted = above.d;
     return true;
   }
-  if (pred.bin_fully_kept(bin_count)) {
-    cut.full_from = static_cast<uint64_t>(bin_prefix) << digit_shift(level);
-    cut.selected = above.count + bin_count;
-    cut.mass = above.e + bin_e;
-    kept_shifted = above.d + bin_d;
-    return true;
+  if constexpr (Predicate::kKeptShifted) {  // top-p only: Top-H's walk stays as it was (register budget)
+    if (pred.bin_fully_kept(bin_count)) {
+      cut.full_from = static_cast<uint64_t>(bin_prefix) << digit_shift(level);
+      cut.selected = above.count + bin_count;
+      cut.mass = above.e + bin_e;
+      kept_shifted = above.d + bin_d;
+      return true;
+    }
   }
   return false;
 }
@@ -509,7 +514,10 @@ LK_DEVICE inline void walk(const Predicate& pred, int level, float m, float inv_
       continue;
     }
     const uint32_t bin_prefix = (s.prefix << digit_bits(level)) | static_cast<uint32_t>(b);
-    if (resolve_in_bin(pred, level, bin_prefix, s.bin_count[b], s.above, s.bin_e[b], s.bin_d[b], m, inv_t, s.cut,
+    // (the bin's sums only for top-p's fully kept bins: no loads for the other rules)
+    const float bin_e = Predicate::kKeptShifted ? s.bin_e[b] : 0.0f;
+    const float bin_d = Predicate::kKeptShifted ? s.bin_d[b] : 0.0f;
+    if (resolve_in_bin(pred, level, bin_prefix, s.bin_count[b], s.above, bin_e, bin_d, m, inv_t, s.cut,
                        s.kept_shifted)) {
       s.cut.done = level + 1;
     } else {
@@ -521,7 +529,7 @@ LK_DEVICE inline void walk(const Predicate& pred, int level, float m, float inv_
   s.cut.full_from = level == 0 ? 0 : static_cast<uint64_t>(s.prefix) << (digit_shift(level) + digit_bits(level));
   s.cut.selected = s.above.count;
   s.cut.mass = s.above.e;
-  s.kept_shifted = s.above.d;
+  if constexpr (Predicate::kKeptShifted) s.kept_shifted = s.above.d;
   s.cut.done = level + 1;
 }
 
@@ -594,8 +602,8 @@ LK_DEVICE inline void capped_scan(const TopHParams& p, const core::SoftmaxState&
 // histogram pass 1 built: the walk over it, then per further digit a
 // histogram (digit_pass) and the walk, until pred resolves the cut into s.cut.
 template <Selection kSel, class Predicate, class scalar_t>
-LK_DEVICE inline void radix_select(const scalar_t* x, int64_t cols, const Predicate& pred, float m, float inv_t,
-                                   float floor_z, TopHStorage& s, uint32_t* candidates) {
+LK_DEVICE __forceinline__ void radix_select(const scalar_t* x, int64_t cols, const Predicate pred, float m, float inv_t,
+                                            float floor_z, TopHStorage& s, uint32_t* candidates) {
   if (threadIdx.x == 0) {
     s.above = BinTotals{0, 0.0f, 0.0f};
     s.cut = Cut{0, 0, 0, 0, 0, 0, RowKind::defined, m, 0.0f};
@@ -605,7 +613,7 @@ LK_DEVICE inline void radix_select(const scalar_t* x, int64_t cols, const Predic
   }
   uint32_t prefix = 0;  // digits fixed so far (same in every thread: read back from shared memory)
   for (int level = 0; level < kDigitCount; ++level) {
-    if (level > 0) digit_pass<kSel>(x, cols, level, prefix, m, inv_t, floor_z, s, candidates);
+    if (level > 0) digit_pass<kSel, Predicate::kKeptShifted>(x, cols, level, prefix, m, inv_t, floor_z, s, candidates);
     __syncthreads();
     if (threadIdx.x == 0) walk(pred, level, m, inv_t, s);
     __syncthreads();
