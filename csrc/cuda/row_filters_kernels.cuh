@@ -50,9 +50,6 @@ struct RowFilterStorage {
   float mass_scratch[kReduceScratchSize];
   int64_t index_scratch[kReduceScratchSize];
   TopHStorage radix;  // top-p's histograms and walk
-  // The row's pass-1 state, parked here while top-p's radix passes run, so
-  // that it does not hold registers across them (it spilled otherwise).
-  core::FilterState row_state;
 };
 
 template <class scalar_t>
@@ -83,22 +80,24 @@ LK_DEVICE inline core::TopPCut top_p_passes(const scalar_t* x, int64_t cols, con
   __syncthreads();
   const TopPPredicate pred{core::top_p_mass_limit(p.top_p, st.sm.sum_exp)};
   radix_select<Selection::exact>(x, cols, pred, m, p.inv_temperature, p.top_k_z, s.radix, nullptr);
-  const Cut& cut = s.radix.cut;
   // Kept: keys >= full_from, and the whole tie group when the last digit
   // resolved the cut. The lowest kept key as a logit is the threshold (a key
-  // of the NaN range, or 0 = "everything", means no cut).
-  const uint64_t lowest_key = cut.tie_keep > 0 ? cut.tie_key : cut.full_from;
+  // of the NaN range, or 0 = "everything", means no cut). (The cut's fields
+  // are read one by one: a copy of the whole Cut went to local memory.)
+  const int64_t tie_keep = s.radix.cut.tie_keep;
+  const uint64_t lowest_key = tie_keep > 0 ? s.radix.cut.tie_key : s.radix.cut.full_from;
   float x_cut = lowest_key == 0 ? core::neg_infinity() : core::key_to_float(static_cast<uint32_t>(lowest_key));
   if (x_cut != x_cut) x_cut = core::neg_infinity();
-  const float count = static_cast<float>(cut.selected + cut.tie_keep);  // the tie group is kept whole
-  return core::TopPCut{core::scaled_logit(x_cut, p.inv_temperature), cut.mass, s.radix.kept_shifted, count};
+  const float count = static_cast<float>(s.radix.cut.selected + tie_keep);  // the tie group is kept whole
+  return core::TopPCut{core::scaled_logit(x_cut, p.inv_temperature), s.radix.cut.mass, s.radix.kept_shifted, count};
 }
 
 // Pass 1 (and top-p's passes): the row's cut (the same in every thread);
 // top-p's own result into *top_p_out when given.
 template <class scalar_t>
-LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols, const core::FilterParams& p,
-                                                 RowFilterStorage& s, core::TopPCut* top_p_out = nullptr) {
+LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols, const float* param_row,
+                                                 const core::FilterParams& p, RowFilterStorage& s,
+                                                 core::TopPCut* top_p_out = nullptr) {
   const bool first_digit = p.top_p < 1.0f && !p.greedy;  // block-uniform
   if (first_digit) clear_bins<Selection::exact>(s.radix);
   __syncthreads();
@@ -116,11 +115,11 @@ LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols
   st = block_reduce(
       st, [](const core::FilterState& a, const core::FilterState& b) { return core::merge(a, b); },
       core::empty_filter_state(), s.state_scratch);
-  if (threadIdx.x == 0) s.row_state = st;
   const core::TopPCut top_p = top_p_passes(x, cols, p, st, mine, s);
   if (top_p_out != nullptr) *top_p_out = top_p;
-  __syncthreads();  // row_state written; also: read back below, so st is not live across the passes
-  return core::filter_cut(s.row_state, p, top_p);
+  // The rules' parameters decoded again from the table: kept live across
+  // top-p's passes, two of them spilled to local memory (sm_90).
+  return core::filter_cut(st, core::decode_filter_params(param_row), top_p);
 }
 
 // The raw distribution's log sum exp(x - max x) at temperature 1 (its own
@@ -146,9 +145,9 @@ __global__ void __launch_bounds__(kMaxFilterThreads)
   const scalar_t* x = rows.row(blockIdx.x);
   out_t* out = output + static_cast<int64_t>(blockIdx.x) * cols;
   __shared__ RowFilterStorage s;
-  const core::FilterParams p =
-      core::decode_filter_params(params + static_cast<int64_t>(blockIdx.x) * core::kFilterParamCount);
-  const core::FilterCut cut = filter_pass_one(x, cols, p, s);
+  const float* param_row = params + static_cast<int64_t>(blockIdx.x) * core::kFilterParamCount;
+  const core::FilterParams p = core::decode_filter_params(param_row);
+  const core::FilterCut cut = filter_pass_one(x, cols, param_row, p, s);
   for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
     bool keep;
     if (!cut.defined || cut.max == core::neg_infinity()) {
@@ -203,9 +202,10 @@ __global__ void __launch_bounds__(kMaxFilterThreads)
   const int64_t row = blockIdx.x;
   const scalar_t* x = rows.row(row);
   __shared__ RowFilterStorage s;
-  const core::FilterParams p = core::decode_filter_params(params + row * core::kFilterParamCount);
+  const float* param_row = params + row * core::kFilterParamCount;
+  const core::FilterParams p = core::decode_filter_params(param_row);
   core::TopPCut top_p{};
-  const core::FilterCut cut = filter_pass_one(x, cols, p, s, &top_p);
+  const core::FilterCut cut = filter_pass_one(x, cols, param_row, p, s, &top_p);
   float* st = stats + row * kSampleStatCount;
   const float nan = core::quiet_nan();
   if (!cut.defined || cut.max == core::neg_infinity()) {
@@ -224,16 +224,19 @@ __global__ void __launch_bounds__(kMaxFilterThreads)
   const core::KeptSums sums = top_p_set ? core::KeptSums{top_p.mass, top_p.shifted, top_p.count}
                                         : kept_sums(x, cols, cut, p.inv_temperature, s);
   const int64_t token = filter_draw_pass(x, cols, cut, p.inv_temperature, uniform[row] * sums.mass, s);
-  core::SoftmaxState raw = core::empty_state();
-  if constexpr (kRaw) raw = raw_state(x, cols, s);
   if (threadIdx.x == 0) {
     const float xv = filter_logit(x, token);
     const float log_mass = core::log_of(sums.mass);
     tokens[row] = token;
     st[kLogProb] = (core::scaled_logit(xv, p.inv_temperature) - cut.max) - log_mass;
-    st[kRawLogProb] = kRaw ? (xv - raw.max) - core::log_of(raw.sum_exp) : nan;
+    st[kRawLogProb] = nan;  // kRaw: written below
     st[kEntropy] = log_mass - sums.shifted / sums.mass;
     st[kKeptCount] = sums.count;
+  }
+  // The raw log-prob last, so that only the token is live across its pass.
+  if constexpr (kRaw) {
+    const core::SoftmaxState raw = raw_state(x, cols, s);
+    if (threadIdx.x == 0) st[kRawLogProb] = (filter_logit(x, token) - raw.max) - core::log_of(raw.sum_exp);
   }
 }
 

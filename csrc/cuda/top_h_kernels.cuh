@@ -185,10 +185,6 @@ struct TopHStorage {
   float bin_e[kBins];
   float bin_d[kBins];
   Cut cut;
-  // sum of (z - m) exp(z - m) over the kept set, beside cut.mass (predicates
-  // with sums; read by the sampler family's top-p). Not a member of Cut: a
-  // larger Cut made ptxas spill in top_h_mask_kernel.
-  float kept_shifted;
   BinTotals above;  // totals of the tokens above the current candidate range
   uint32_t prefix;  // digits fixed so far
   int gathered;     // capped rules: selected keys gathered so far
@@ -198,6 +194,10 @@ struct TopHStorage {
   int warp_counts[kMaxWarpsPerBlock];
   float mass_scratch[kReduceScratchSize];
   int64_t index_scratch[kReduceScratchSize];
+  // sum of (z - m) exp(z - m) over the kept set, beside cut.mass (predicates
+  // with sums; read by the sampler family's top-p). Not a member of Cut: a
+  // larger Cut made ptxas spill in top_h_mask_kernel.
+  float kept_shifted;
 };
 
 // The rule's predicate over the statistics of a candidate prefix set.
@@ -607,7 +607,7 @@ LK_DEVICE __forceinline__ void radix_select(const scalar_t* x, int64_t cols, con
   if (threadIdx.x == 0) {
     s.above = BinTotals{0, 0.0f, 0.0f};
     s.cut = Cut{0, 0, 0, 0, 0, 0, RowKind::defined, m, 0.0f};
-    s.kept_shifted = 0.0f;
+    if constexpr (Predicate::kKeptShifted) s.kept_shifted = 0.0f;
     s.prefix = 0;
     s.gathered = 0;
   }
