@@ -5,6 +5,7 @@ ratio taken from timings of the same run (the machine is shared: absolute times 
     python bench/linear_ce_paths.py routes [--rows 1024 --hidden 1024 --vocab 128256]
     python bench/linear_ce_paths.py filter [--rows 1024 --hidden 256 --vocab 32000]
     python bench/linear_ce_paths.py budgets [--rows 1024 --hidden 1024 --vocab 128256]
+    python bench/linear_ce_paths.py kernels [--rows 1024 --hidden 1024 --cols 409]
 """
 
 from __future__ import annotations
@@ -101,6 +102,58 @@ def budgets(args: argparse.Namespace) -> None:
         print(f"{str(dtype).removeprefix('torch.')} ({logitkit.gemm_path(dtype).path}): {cells}")
 
 
+def kernels(args: argparse.Namespace) -> None:
+    """GFLOP/s of the native route's bf16 GEMM, per micro-kernel this CPU runs (AMX-BF16,
+    AVX512-BF16), against torch.mm in bf16 and fp32, on the three GEMMs of one loss tile of
+    N tokens x C vocabulary columns (C = 409 is the CPU's 4 MiB default at N = D = 1024),
+    operands as the loss passes them (weight rows and gradient tiles as transposed views).
+    Interleaved, best of --repeats rounds."""
+    from logitkit._loader import _C
+
+    n, d, c = args.rows, args.hidden, args.cols
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, d, generator=g).bfloat16()
+    weight_rows = torch.randn(c, d, generator=g).bfloat16()
+    grad_tile = torch.randn(n, c, generator=g).bfloat16()
+    shapes = {
+        "logits  h @ w^T": (hidden, weight_rows.t()),
+        "grad_h  g @ w": (grad_tile, weight_rows),
+        "grad_w  g^T @ h": (grad_tile.t(), hidden),
+    }
+    units = _C.cpu_bf16_gemm_units()
+    print(f"CPU: {logitkit.build_info()['cpu_capability']}, threads {torch.get_num_threads()}; bf16 units: {units}")
+    print(f"N={n} D={d} C={c}; GFLOP/s (2 m n k), ratio to torch.mm bf16 in brackets")
+    for name, (a, b) in shapes.items():
+        out = torch.empty(a.shape[0], b.shape[1])
+        impls: dict[str, Callable[[], object]] = {
+            u: functools.partial(
+                _C.cpu_bf16_gemm,
+                a.shape[0],
+                b.shape[1],
+                a.shape[1],
+                a.data_ptr(),
+                *a.stride(),
+                b.data_ptr(),
+                *b.stride(),
+                out.data_ptr(),
+                out.stride(0),
+                False,
+                u,
+            )
+            for u in units
+        }
+        impls["torch.mm bf16"] = functools.partial(torch.mm, a, b)
+        a32, b32 = a.float(), b.float()
+        impls["torch.mm fp32"] = functools.partial(torch.mm, a32, b32)
+        best = dict.fromkeys(impls, math.inf)
+        for _ in range(args.repeats):
+            for key, fn in impls.items():
+                best[key] = min(best[key], best_seconds(fn, 1))
+        flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        cells = "  ".join(f"{key} {flops / t / 1e9:6.0f} ({best['torch.mm bf16'] / t:4.2f})" for key, t in best.items())
+        print(f"  {name:16s} {a.shape[0]}x{a.shape[1]}x{b.shape[1]}: {cells}")
+
+
 def peaked_problem(n: int, d: int, v: int, dtype: torch.dtype) -> tuple:
     """Zipf-distributed targets and hidden states that predict them (peaked softmax rows)."""
     g = torch.Generator().manual_seed(0)
@@ -141,14 +194,19 @@ def filtering(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("what", choices=["routes", "filter", "budgets"])
+    parser.add_argument("what", choices=["routes", "filter", "budgets", "kernels"])
     parser.add_argument("--rows", type=int, default=1024)
     parser.add_argument("--hidden", type=int, default=None)
     parser.add_argument("--vocab", type=int, default=None)
+    parser.add_argument("--cols", type=int, default=409, help="kernels: vocabulary columns per tile")
+    parser.add_argument("--repeats", type=int, default=10, help="kernels: interleaved rounds")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="filter: the inputs' dtype")
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp16", "fp32"], help="routes, budgets: dtypes")
     args = parser.parse_args()
-    if args.what in ("routes", "budgets"):
+    if args.what == "kernels":
+        args.hidden = args.hidden or 1024
+        kernels(args)
+    elif args.what in ("routes", "budgets"):
         args.hidden, args.vocab = args.hidden or 1024, args.vocab or 128256
         (routes if args.what == "routes" else budgets)(args)
     else:

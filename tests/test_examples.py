@@ -1,4 +1,5 @@
-"""The scripts in examples/ (and bench/train_step.py) run on tiny random models, so they never rot."""
+"""The scripts in examples/ (and bench/train_step.py, bench/linear_ce_paths.py) run on tiny random
+models or shapes, so they never rot."""
 
 from __future__ import annotations
 
@@ -63,3 +64,20 @@ def test_train_step_bench_tiny(tmp_path):
     out = _run(ROOT / "bench" / "train_step.py", "--tiny", "--steps", "1", "--json", str(tmp_path / "r.json"))
     assert "patched/unpatched" in out
     assert (tmp_path / "r.json").exists()
+
+
+def test_gemm_kernels_bench_tiny():
+    """bench/linear_ce_paths.py kernels: every bf16 micro-kernel this CPU runs next to torch.mm."""
+    out = _run(
+        ROOT / "bench" / "linear_ce_paths.py",
+        "kernels",
+        "--rows",
+        "40",
+        "--hidden",
+        "33",
+        "--cols",
+        "70",
+        "--repeats",
+        "1",
+    )
+    assert "torch.mm bf16" in out and "grad_w" in out

@@ -167,11 +167,15 @@ def test_gemm_path_reports_the_route(monkeypatch):
         got = logitkit.gemm_path(torch.bfloat16)
         assert got.path == path and "LOGITKIT_CPU_GEMM" in got.reason
     monkeypatch.delenv("LOGITKIT_CPU_GEMM")
+    # fp16: no CPU unit logitkit drives multiplies fp16 with fp32 accumulation.
     auto = logitkit.gemm_path(torch.float16, "cpu")
-    assert auto.path in ("native", "fp32_upcast") and auto.reason
-    caps = torch.backends.cpu.get_cpu_capability()
-    if caps in ("DEFAULT", "AVX2"):  # no AVX-512 at all, hence no bf16/fp16 units: fp32 must win
-        assert logitkit.gemm_path(torch.bfloat16).path == "fp32_upcast"
+    assert auto.path == "fp32_upcast" and "AVX512-FP16" in auto.reason
+    bf16 = logitkit.gemm_path(torch.bfloat16)
+    units = logitkit._loader._C.cpu_bf16_gemm_units()
+    if not units:  # no AMX-BF16 / AVX512-BF16: no probe, fp32 upcasts
+        assert bf16.path == "fp32_upcast" and "absent" in bf16.reason
+    else:  # the probe ran with the best micro-kernel, and its reason names it
+        assert f"logitkit's {units[0]} GEMM" in bf16.reason
     monkeypatch.setenv("LOGITKIT_CPU_GEMM", "fast")
     with pytest.raises(ValueError, match="LOGITKIT_CPU_GEMM"):
         logitkit.gemm_path(torch.bfloat16)
@@ -179,34 +183,38 @@ def test_gemm_path_reports_the_route(monkeypatch):
         logitkit.gemm_path(torch.float64)
 
 
-def bf16_gemm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
-    """The native CPU route's AVX512-BF16 GEMM (csrc/cpu/bf16_gemm.h) on tensors of any strides."""
+def bf16_gemm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool, units: str) -> None:
+    """The native CPU route's bf16 GEMM (csrc/cpu/bf16_gemm.h) on `units`, on tensors of any strides."""
     from logitkit._loader import _C
 
     (m, k), n = a.shape, b.shape[1]
     a_view, b_view = (a.data_ptr(), *a.stride()), (b.data_ptr(), *b.stride())
-    _C.cpu_bf16_gemm(m, n, k, *a_view, *b_view, out.data_ptr(), out.stride(0), accumulate)
+    _C.cpu_bf16_gemm(m, n, k, *a_view, *b_view, out.data_ptr(), out.stride(0), accumulate, units)
 
 
-@pytest.mark.skipif(
-    not logitkit._loader._C.cpu_bf16_gemm_supported(), reason="this CPU has no AVX512-BF16 (the kernel is not used)"
-)
+BF16_UNITS = ["amx_bf16", "avx512_bf16"]
+
+
+@pytest.mark.parametrize("units", BF16_UNITS)
 @pytest.mark.parametrize("accumulate", [False, True])
 @pytest.mark.parametrize("layout", ["nn", "tn", "nt", "tt"])
-# Odd sizes; K = 1025 spans five K blocks (256 bf16 each) with an odd tail, N = 2100 two column
-# blocks (2048), M = 300 several row blocks and a partial micro-tile.
-@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (7, 3, 5), (9, 17, 33), (33, 1025, 70), (300, 600, 2100)])
-def test_cpu_bf16_gemm(m, k, n, layout, accumulate):
+# Odd sizes; K = 1025 spans several K blocks (256 bf16 for AVX512-BF16, 1024 for AMX) with an odd
+# tail, N = 2100 two column blocks (2048), M = 300 several row blocks and a partial micro-tile.
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (7, 3, 5), (9, 17, 33), (33, 1025, 70), (300, 600, 2100), (40, 2100, 40)])
+def test_cpu_bf16_gemm(m, k, n, layout, accumulate, units):
     """out = a @ b (+ out) with bf16 operands, fp32 result: within the fp32 accumulation bound
     |error| <= (K + 2) u (|a| @ |b| + |out|), u = 2^-24, of the exact product, for transposed
-    operands ('t': a column-major view) and an output with row padding."""
+    operands ('t': a column-major view) and an output with row padding; each micro-kernel this
+    CPU has (skipped for the others: the route never runs them here)."""
+    if units not in logitkit._loader._C.cpu_bf16_gemm_units():
+        pytest.skip(f"this CPU (or OS) cannot run {units}")
     g = torch.Generator().manual_seed(m * 7 + k)
     a = torch.randn(k, m, generator=g).bfloat16().t() if layout[0] == "t" else torch.randn(m, k, generator=g).bfloat16()
     b = torch.randn(n, k, generator=g).bfloat16().t() if layout[1] == "t" else torch.randn(k, n, generator=g).bfloat16()
     padded = torch.randn(m, n + 3, generator=g)
     before = padded.clone()
     out = padded[:, :n]
-    bf16_gemm(out, a, b, accumulate)
+    bf16_gemm(out, a, b, accumulate, units)
     exact = a.double() @ b.double() + (before[:, :n].double() if accumulate else 0.0)
     bound = (k + 2) * 2.0**-24 * (a.double().abs() @ b.double().abs() + before[:, :n].double().abs())
     assert ((out.double() - exact).abs() <= bound).all()

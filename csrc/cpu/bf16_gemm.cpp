@@ -1,8 +1,9 @@
-// The AVX512-BF16 GEMM of bf16_gemm.h. Compiled once with the build's
-// baseline flags: only the functions marked LOGITKIT_AVX512_BF16 use the
-// extension's instructions, and they run only where bf16_gemm_supported()
-// says the CPU has them (no other code of this file, and none of the
-// templates it instantiates, is compiled for AVX-512).
+// The bf16 GEMM of bf16_gemm.h. Compiled once with the build's baseline
+// flags: only the functions marked LOGITKIT_AVX512_BF16 or LOGITKIT_AMX_BF16
+// use the extensions' instructions, and they run only where
+// bf16_units_available() says this process may use them (no other code of
+// this file, and none of the templates it instantiates, is compiled for
+// AVX-512 or AMX).
 #include "bf16_gemm.h"
 
 #include <algorithm>
@@ -16,7 +17,12 @@
 #define LOGITKIT_HAVE_BF16_GEMM 1
 #include <cpuid.h>
 #include <immintrin.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #define LOGITKIT_AVX512_BF16 __attribute__((target("avx512f,avx512bf16")))
+#define LOGITKIT_AMX_BF16 __attribute__((target("amx-tile,amx-bf16")))
 #else
 #define LOGITKIT_HAVE_BF16_GEMM 0
 #endif
@@ -27,23 +33,16 @@ namespace logitkit::cpu {
 
 namespace {
 
-// Micro-tile: kMicroRows rows of C x kMicroCols columns (two 16-lane fp32
-// registers per row): 16 accumulators, enough independent dot products to
-// hide vdpbf16ps' latency, and few enough registers for the B operands.
-constexpr int64_t kMicroRows = 8;
+// Both micro-kernels read B panels of kMicroCols columns.
 constexpr int64_t kMicroCols = 32;
-// Cache blocks: kBlockPairs k-pairs (256 bf16 of K) per block, so that a B
-// panel (kBlockPairs x kMicroCols words, 16 KiB) stays in L1 while the A
-// panels of a row block (at most kMaxBlockRows rows, 96 KiB: L2) stream past
-// it; B blocks of at most kMaxBlockCols columns. (Measured on an AMD EPYC
-// with AVX512-BF16, 2 threads: 8 x 32 tiles with 128 or 256 pairs ran
-// 150-280 GFLOP/s on the loss's GEMM shapes; 12 x 32, 14 x 32, 6 x 64 and
-// 4 x 96 tiles were slower.)
-constexpr int64_t kBlockPairs = 128;
+// Cache blocks: row blocks of at most kMaxBlockRows rows (their A panels,
+// kMaxBlockRows x kBlockPairs words, stay in L2 while B panels stream past)
+// and B blocks of at most kMaxBlockCols columns.
 constexpr int64_t kMaxBlockRows = 192;
 constexpr int64_t kMaxBlockCols = 2048;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 // A matrix seen as `lines` (the rows of A, or the columns of B) along K:
 // element (line, kk) at data[line * line_stride + kk * k_stride].
@@ -54,7 +53,8 @@ struct Lines {
   int64_t k;  // K (elements)
 
   // bf16 elements kk and kk + 1 of a line as one word (low half first, the
-  // order vdpbf16ps pairs them in); the element past an odd K is 0.
+  // order vdpbf16ps and tdpbf16ps pair them in); the element past an odd K
+  // is 0.
   uint32_t pair(int64_t line, int64_t kk) const {
     const uint16_t* x = data + line * line_stride + kk * k_stride;
     const uint32_t hi = kk + 1 < k ? x[k_stride] : 0u;
@@ -62,105 +62,218 @@ struct Lines {
   }
 };
 
-// Packs lines [first, first + count) and k-pairs [pair0, pair0 + pairs) into
-// panels of `width` lines: word (panel, p, w) at ((panel * pairs) + p) *
-// width + w, lines past the end as zeros. The loop runs along whichever of K
-// and the lines is contiguous in memory.
-void pack_panels(const Lines& x, int64_t first, int64_t count, int64_t pair0, int64_t pairs, int64_t width,
-                 uint32_t* out) {
-  const int64_t panels = ceil_div(count, width);
-  for (int64_t panel = 0; panel < panels; ++panel) {
-    uint32_t* dst = out + panel * pairs * width;
-    const int64_t live = std::min(width, count - panel * width);
-    const int64_t line0 = first + panel * width;
-    if (x.k_stride == 1) {
-      for (int64_t w = 0; w < live; ++w) {
-        for (int64_t p = 0; p < pairs; ++p) dst[p * width + w] = x.pair(line0 + w, 2 * (pair0 + p));
-      }
-    } else {
-      for (int64_t p = 0; p < pairs; ++p) {
-        for (int64_t w = 0; w < live; ++w) dst[p * width + w] = x.pair(line0 + w, 2 * (pair0 + p));
+// Where packed word (line, p) of a block goes (pair_stride: the packed
+// pairs per line, a multiple of the layout's pair alignment).
+//
+// InterleavedPanels<W>: panels of W lines; in a panel, the W lines' words
+// of one pair side by side: ((line / W) * pair_stride + p) * W + line % W.
+template <int64_t kWidth>
+struct InterleavedPanels {
+  static int64_t index(int64_t line, int64_t p, int64_t pair_stride) {
+    return ((line / kWidth) * pair_stride + p) * kWidth + line % kWidth;
+  }
+};
+
+// TiledPanels<W, kLinesAreTileRows>: panels of W lines (a multiple of 16)
+// cut into AMX tiles of 16 lines x 16 pairs (1 KiB each, contiguous), in
+// the order the micro-kernel loads them: per 16 pairs, the panel's W / 16
+// tiles. A tile row holds 16 words: a line's 16 pairs for A tiles
+// (kLinesAreTileRows), one pair of 16 lines for B tiles.
+template <int64_t kWidth, bool kLinesAreTileRows>
+struct TiledPanels {
+  static_assert(kWidth % 16 == 0);
+  static int64_t index(int64_t line, int64_t p, int64_t pair_stride) {
+    const int64_t in_panel = line % kWidth, row = kLinesAreTileRows ? in_panel % 16 : p % 16,
+                  col = kLinesAreTileRows ? p % 16 : in_panel % 16;
+    return (line / kWidth) * kWidth * pair_stride + (p / 16) * kWidth * 16 + (in_panel / 16) * 256 + row * 16 + col;
+  }
+};
+
+// Packs lines [first, first + count) and k-pairs [pair0, pair0 + pairs) in
+// `Layout`. Pairs past `pairs` (up to pair_stride) and lines past `count`
+// (up to padded_count) are zeros. The loop runs along whichever of K and the
+// lines is contiguous in memory; pairs with both elements inside K are read
+// without the bounds test.
+template <class Layout>
+void pack_panels(const Lines& x, int64_t first, int64_t count, int64_t padded_count, int64_t pair0, int64_t pairs,
+                 int64_t pair_stride, uint32_t* out) {
+  auto word = [&](int64_t line, int64_t p) -> uint32_t& { return out[Layout::index(line, p, pair_stride)]; };
+  const int64_t whole_pairs = std::clamp<int64_t>(x.k / 2 - pair0, 0, pairs);
+  if (x.k_stride == 1) {
+    for (int64_t line = 0; line < count; ++line) {
+      const uint16_t* src = x.data + (first + line) * x.line_stride + 2 * pair0;
+      for (int64_t p = 0; p < whole_pairs; ++p) std::memcpy(&word(line, p), src + 2 * p, sizeof(uint32_t));
+    }
+  } else {
+    for (int64_t p = 0; p < whole_pairs; ++p) {
+      const uint16_t* low = x.data + first * x.line_stride + 2 * (pair0 + p) * x.k_stride;
+      const uint16_t* high = low + x.k_stride;
+      for (int64_t line = 0; line < count; ++line) {
+        const int64_t at = line * x.line_stride;
+        word(line, p) = static_cast<uint32_t>(low[at]) | (static_cast<uint32_t>(high[at]) << 16);
       }
     }
-    for (int64_t w = live; w < width; ++w) {
-      for (int64_t p = 0; p < pairs; ++p) dst[p * width + w] = 0u;
-    }
+  }
+  for (int64_t line = 0; line < count; ++line) {
+    for (int64_t p = whole_pairs; p < pairs; ++p) word(line, p) = x.pair(first + line, 2 * (pair0 + p));
+  }
+  for (int64_t line = 0; line < padded_count; ++line) {
+    for (int64_t p = line < count ? pairs : 0; p < pair_stride; ++p) word(line, p) = 0u;
   }
 }
 
-// c[r][j] (+)= sum_p a-pair(r, p) . b-pair(p, j) for a kMicroRows x
-// kMicroCols tile: a is an A panel (kMicroRows words per pair), b a B panel
-// (kMicroCols words per pair), c rows ldc apart.
-LOGITKIT_AVX512_BF16 void micro_kernel(int64_t pairs, const uint32_t* a, const uint32_t* b, float* c, int64_t ldc,
-                                       bool accumulate) {
-  __m512 acc[kMicroRows][2];
+// The AVX512-BF16 micro-kernel: an 8 x 32 block of C in 16 zmm
+// accumulators (two 16-lane fp32 registers per row), enough independent dot
+// products to hide vdpbf16ps' latency, few enough registers for the B
+// operands. A panels interleave their 8 rows pair by pair. (Measured on an
+// AMD EPYC with AVX512-BF16, 2 threads: 8 x 32 tiles with 128 or 256 pairs
+// ran 150-280 GFLOP/s on the loss's GEMM shapes; 12 x 32, 14 x 32, 6 x 64
+// and 4 x 96 tiles were slower.)
+struct Avx512Bf16Kernel {
+  static constexpr int64_t kMicroRows = 8;
+  using APanels = InterleavedPanels<kMicroRows>;
+  using BPanels = InterleavedPanels<kMicroCols>;
+  static constexpr int64_t kPairAlign = 1;  // pair_stride is a multiple of this
+  static constexpr int64_t kBlockPairs = 128;
+
+  struct ThreadScope {};  // no per-thread state
+
+  // c[r][j] (+)= sum_p a-pair(r, p) . b-pair(p, j) over `pairs` k-pairs.
+  LOGITKIT_AVX512_BF16 static void micro(int64_t pairs, const uint32_t* a, const uint32_t* b, float* c, int64_t ldc,
+                                         bool accumulate) {
+    __m512 acc[kMicroRows][2];
 #pragma GCC unroll 8
-  for (int64_t r = 0; r < kMicroRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < pairs; ++p) {
-    const __m512bh b0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b));
-    const __m512bh b1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + 16));
+    for (int64_t r = 0; r < kMicroRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < pairs; ++p) {
+      const __m512bh b0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b));
+      const __m512bh b1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + 16));
+#pragma GCC unroll 8
+      for (int64_t r = 0; r < kMicroRows; ++r) {
+        const __m512bh ar = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(a[r])));
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], ar, b0);
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], ar, b1);
+      }
+      a += kMicroRows;
+      b += kMicroCols;
+    }
 #pragma GCC unroll 8
     for (int64_t r = 0; r < kMicroRows; ++r) {
-      const __m512bh ar = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(a[r])));
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], ar, b0);
-      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], ar, b1);
+      float* row = c + r * ldc;
+      if (accumulate) {
+        acc[r][0] = _mm512_add_ps(acc[r][0], _mm512_loadu_ps(row));
+        acc[r][1] = _mm512_add_ps(acc[r][1], _mm512_loadu_ps(row + 16));
+      }
+      _mm512_storeu_ps(row, acc[r][0]);
+      _mm512_storeu_ps(row + 16, acc[r][1]);
     }
-    a += kMicroRows;
-    b += kMicroCols;
   }
-#pragma GCC unroll 8
-  for (int64_t r = 0; r < kMicroRows; ++r) {
-    float* row = c + r * ldc;
-    if (accumulate) {
-      acc[r][0] = _mm512_add_ps(acc[r][0], _mm512_loadu_ps(row));
-      acc[r][1] = _mm512_add_ps(acc[r][1], _mm512_loadu_ps(row + 16));
-    }
-    _mm512_storeu_ps(row, acc[r][0]);
-    _mm512_storeu_ps(row + 16, acc[r][1]);
-  }
-}
+};
 
-// One micro-tile of C at (row, col) with `rows` x `cols` live entries: in
-// place when whole, through a padded scratch tile at the edges.
-void tile(int64_t pairs, const uint32_t* a, const uint32_t* b, float* c, int64_t ldc, int64_t rows, int64_t cols,
+// The AMX micro-kernel: a 32 x 32 block of C in four 16 x 16 fp32 tiles
+// (tmm0-3), fed per 16 k-pairs by two A tiles (tmm4-5: 16 rows x 16 pairs)
+// and two B tiles (tmm6-7: 16 pairs x 16 columns), i.e. four tdpbf16ps per
+// four tile loads, all four tiles read from 4 KiB of contiguous packed
+// words (TiledPanels).
+struct AmxBf16Kernel {
+  static constexpr int64_t kMicroRows = 32;
+  using APanels = TiledPanels<kMicroRows, true>;
+  using BPanels = TiledPanels<kMicroCols, false>;
+  static constexpr int64_t kPairAlign = 16;  // a tile row holds 16 pairs
+  // (Measured on an Intel Xeon with AMX-BF16, 2 threads, on the loss's
+  // three GEMM shapes at N = D = 1024: 512 pairs and 192-row blocks ran
+  // 0.45-1.05x torch.mm bf16 (oneDNN) side by side; 128-256 pairs or
+  // 64-row blocks were no better within the machine's 2x run-to-run noise.
+  // Tiles packed contiguously, in load order, ran ~1.5x faster than tiles
+  // read from row-major panels with a 1-2 KiB row stride.)
+  static constexpr int64_t kBlockPairs = 512;
+
+  // The tile configuration (palette 1): every tile 16 rows of 64 bytes. It
+  // is per thread state, loaded by each worker before its first tile
+  // instruction and released after its last one.
+  struct alignas(64) TileConfig {
+    uint8_t palette_id;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+  };
+  // (A constant in memory: GCC 12's _tile_loadconfig tells the compiler it
+  // reads only 8 bytes, so a configuration built on the stack just before
+  // it loses its other stores.)
+  static constexpr TileConfig kTileConfig = [] {
+    TileConfig config{};
+    config.palette_id = 1;
+    for (int t = 0; t < 8; ++t) {
+      config.bytes_per_row[t] = 64;
+      config.rows[t] = 16;
+    }
+    return config;
+  }();
+  struct ThreadScope {
+    LOGITKIT_AMX_BF16 ThreadScope() { _tile_loadconfig(&kTileConfig); }
+    LOGITKIT_AMX_BF16 ~ThreadScope() { _tile_release(); }
+    ThreadScope(const ThreadScope&) = delete;
+    ThreadScope& operator=(const ThreadScope&) = delete;
+  };
+
+  LOGITKIT_AMX_BF16 static void micro(int64_t pair_stride, const uint32_t* a, const uint32_t* b, float* c, int64_t ldc,
+                                      bool accumulate) {
+    const int64_t c_bytes = ldc * static_cast<int64_t>(sizeof(float));
+    float* c_low = c + 16 * ldc;
+    if (accumulate) {
+      _tile_loadd(0, c, c_bytes);
+      _tile_loadd(1, c + 16, c_bytes);
+      _tile_loadd(2, c_low, c_bytes);
+      _tile_loadd(3, c_low + 16, c_bytes);
+    } else {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+    // Per 16 pairs: A's two tiles, then B's two (TiledPanels), 1 KiB each.
+    constexpr int64_t kTileWords = 256, kTileRowBytes = 64;
+    const uint32_t* const a_end = a + pair_stride * kMicroRows;
+    for (; a != a_end; a += 2 * kTileWords, b += 2 * kTileWords) {
+      _tile_loadd(4, a, kTileRowBytes);
+      _tile_loadd(5, a + kTileWords, kTileRowBytes);
+      _tile_loadd(6, b, kTileRowBytes);
+      _tile_loadd(7, b + kTileWords, kTileRowBytes);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, c, c_bytes);
+    _tile_stored(1, c + 16, c_bytes);
+    _tile_stored(2, c_low, c_bytes);
+    _tile_stored(3, c_low + 16, c_bytes);
+  }
+};
+
+// One micro-tile of C with `rows` x `cols` live entries: in place when
+// whole, through a padded scratch tile at the edges.
+template <class Kernel>
+void tile(int64_t pair_stride, const uint32_t* a, const uint32_t* b, float* c, int64_t ldc, int64_t rows, int64_t cols,
           bool accumulate) {
-  if (rows == kMicroRows && cols == kMicroCols) {
-    micro_kernel(pairs, a, b, c, ldc, accumulate);
+  constexpr int64_t kRows = Kernel::kMicroRows;
+  if (rows == kRows && cols == kMicroCols) {
+    Kernel::micro(pair_stride, a, b, c, ldc, accumulate);
     return;
   }
-  float scratch[kMicroRows * kMicroCols] = {};
+  alignas(64) float scratch[kRows * kMicroCols] = {};
   if (accumulate) {
     for (int64_t r = 0; r < rows; ++r) std::memcpy(scratch + r * kMicroCols, c + r * ldc, cols * sizeof(float));
   }
-  micro_kernel(pairs, a, b, scratch, kMicroCols, accumulate);
+  Kernel::micro(pair_stride, a, b, scratch, kMicroCols, accumulate);
   for (int64_t r = 0; r < rows; ++r) std::memcpy(c + r * ldc, scratch + r * kMicroCols, cols * sizeof(float));
 }
 
-}  // namespace
-
-bool bf16_gemm_supported() {
-  static const bool supported = [] {
-    __builtin_cpu_init();
-    if (!__builtin_cpu_supports("avx512f")) return false;
-    // AVX512_BF16: CPUID leaf 7, sub-leaf 1, EAX bit 5 (GCC 12's
-    // __builtin_cpu_supports does not know the name).
-    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-    if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx)) return false;
-    return ((eax >> 5) & 1u) != 0;
-  }();
-  return supported;
-}
-
-void bf16_gemm(int64_t m, int64_t n, int64_t k, Bf16MatrixView a, Bf16MatrixView b, float* c, int64_t ldc,
-               bool accumulate) {
-  TORCH_INTERNAL_ASSERT(bf16_gemm_supported(), "bf16_gemm: this CPU has no AVX512-BF16");
-  if (m <= 0 || n <= 0) return;
-  if (k <= 0) {
-    if (!accumulate) {
-      for (int64_t i = 0; i < m; ++i) std::fill_n(c + i * ldc, n, 0.0f);
-    }
-    return;
-  }
+// The blocked driver of bf16_gemm for one micro-kernel.
+template <class Kernel>
+void blocked_gemm(int64_t m, int64_t n, int64_t k, Bf16MatrixView a, Bf16MatrixView b, float* c, int64_t ldc,
+                  bool accumulate) {
+  constexpr int64_t kRows = Kernel::kMicroRows;
   const Lines a_lines{a.data, a.row_stride, a.col_stride, k};  // A's rows
   const Lines b_lines{b.data, b.col_stride, b.row_stride, k};  // B's columns
   const int64_t total_pairs = ceil_div(k, 2);
@@ -168,7 +281,7 @@ void bf16_gemm(int64_t m, int64_t n, int64_t k, Bf16MatrixView a, Bf16MatrixView
   // block); when there are fewer row blocks than threads, also column parts.
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   int64_t row_blocks = threads * ceil_div(m, threads * kMaxBlockRows);
-  const int64_t block_rows = ceil_div(ceil_div(m, row_blocks), kMicroRows) * kMicroRows;
+  const int64_t block_rows = round_up(ceil_div(m, row_blocks), kRows);
   row_blocks = ceil_div(m, block_rows);
 
   std::vector<uint32_t> b_packed;
@@ -176,32 +289,36 @@ void bf16_gemm(int64_t m, int64_t n, int64_t k, Bf16MatrixView a, Bf16MatrixView
     const int64_t block_cols = std::min(kMaxBlockCols, n - col0);
     const int64_t col_panels = ceil_div(block_cols, kMicroCols);
     const int64_t col_parts = std::min(col_panels, std::max<int64_t>(1, threads / row_blocks));
-    for (int64_t pair0 = 0; pair0 < total_pairs; pair0 += kBlockPairs) {
-      const int64_t pairs = std::min(kBlockPairs, total_pairs - pair0);
+    for (int64_t pair0 = 0; pair0 < total_pairs; pair0 += Kernel::kBlockPairs) {
+      const int64_t pairs = std::min(Kernel::kBlockPairs, total_pairs - pair0);
+      const int64_t pair_stride = round_up(pairs, Kernel::kPairAlign);
       const bool add = accumulate || pair0 > 0;
-      b_packed.resize(col_panels * pairs * kMicroCols);
+      b_packed.resize(col_panels * pair_stride * kMicroCols);
       at::parallel_for(0, col_panels, 1, [&](int64_t first, int64_t last) {
-        pack_panels(b_lines, col0 + first * kMicroCols,
-                    std::min(block_cols - first * kMicroCols, (last - first) * kMicroCols), pair0, pairs, kMicroCols,
-                    b_packed.data() + first * pairs * kMicroCols);
+        const int64_t count = std::min(block_cols - first * kMicroCols, (last - first) * kMicroCols);
+        pack_panels<typename Kernel::BPanels>(b_lines, col0 + first * kMicroCols, count, round_up(count, kMicroCols),
+                                              pair0, pairs, pair_stride,
+                                              b_packed.data() + first * pair_stride * kMicroCols);
       });
       at::parallel_for(0, row_blocks * col_parts, 1, [&](int64_t first, int64_t last) {
-        std::vector<uint32_t> a_packed(block_rows * pairs);
+        [[maybe_unused]] const typename Kernel::ThreadScope thread_scope;
+        std::vector<uint32_t> a_packed(block_rows * pair_stride);
         int64_t packed_block = -1;
         for (int64_t task = first; task < last; ++task) {
           const int64_t block = task / col_parts, part = task % col_parts;
           const int64_t row0 = block * block_rows, rows = std::min(block_rows, m - row0);
           if (block != packed_block) {
-            pack_panels(a_lines, row0, rows, pair0, pairs, kMicroRows, a_packed.data());
+            pack_panels<typename Kernel::APanels>(a_lines, row0, rows, round_up(rows, kRows), pair0, pairs, pair_stride,
+                                                  a_packed.data());
             packed_block = block;
           }
           const int64_t panel_begin = part * col_panels / col_parts, panel_end = (part + 1) * col_panels / col_parts;
           for (int64_t cp = panel_begin; cp < panel_end; ++cp) {
             const int64_t col = cp * kMicroCols, cols = std::min(kMicroCols, block_cols - col);
-            const uint32_t* b_panel = b_packed.data() + cp * pairs * kMicroCols;
-            for (int64_t r = 0; r < rows; r += kMicroRows) {
-              tile(pairs, a_packed.data() + r * pairs, b_panel, c + (row0 + r) * ldc + col0 + col, ldc,
-                   std::min(kMicroRows, rows - r), cols, add);
+            const uint32_t* b_panel = b_packed.data() + cp * pair_stride * kMicroCols;
+            for (int64_t r = 0; r < rows; r += kRows) {
+              tile<Kernel>(pair_stride, a_packed.data() + r * pair_stride, b_panel, c + (row0 + r) * ldc + col0 + col,
+                           ldc, std::min(kRows, rows - r), cols, add);
             }
           }
         }
@@ -210,14 +327,86 @@ void bf16_gemm(int64_t m, int64_t n, int64_t k, Bf16MatrixView a, Bf16MatrixView
   }
 }
 
+// AMX needs the OS's permission for the tile state (Linux: arch_prctl
+// ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA, once per process).
+bool amx_permitted() {
+#if defined(__linux__)
+  constexpr long kArchReqXcompPerm = 0x1023;
+  constexpr long kXfeatureXtileData = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtileData) == 0;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+bool bf16_units_available(Bf16Units units) {
+  static const bool avx512_bf16 = [] {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx512f")) return false;
+    // AVX512_BF16: CPUID leaf 7, sub-leaf 1, EAX bit 5 (GCC 12's
+    // __builtin_cpu_supports does not know the name).
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx)) return false;
+    return ((eax >> 5) & 1u) != 0;
+  }();
+  static const bool amx_bf16 = [] {
+    // AMX-BF16 and AMX-TILE: CPUID leaf 7, sub-leaf 0, EDX bits 22 and 24.
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    return ((edx >> 22) & 1u) != 0 && ((edx >> 24) & 1u) != 0 && amx_permitted();
+  }();
+  if (units == Bf16Units::amx_bf16) return amx_bf16;
+  if (units == Bf16Units::avx512_bf16) return avx512_bf16;
+  return false;
+}
+
+void bf16_gemm(int64_t m, int64_t n, int64_t k, Bf16MatrixView a, Bf16MatrixView b, float* c, int64_t ldc,
+               bool accumulate, Bf16Units units) {
+  TORCH_INTERNAL_ASSERT(bf16_units_available(units), "bf16_gemm: this CPU cannot run ", bf16_units_name(units));
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0) {
+    if (!accumulate) {
+      for (int64_t i = 0; i < m; ++i) std::fill_n(c + i * ldc, n, 0.0f);
+    }
+    return;
+  }
+  if (units == Bf16Units::amx_bf16) {
+    blocked_gemm<AmxBf16Kernel>(m, n, k, a, b, c, ldc, accumulate);
+  } else {
+    blocked_gemm<Avx512Bf16Kernel>(m, n, k, a, b, c, ldc, accumulate);
+  }
+}
+
 #else  // not x86-64 with GCC/Clang: no kernel
 
-bool bf16_gemm_supported() { return false; }
+bool bf16_units_available(Bf16Units) { return false; }
 
-void bf16_gemm(int64_t, int64_t, int64_t, Bf16MatrixView, Bf16MatrixView, float*, int64_t, bool) {
+void bf16_gemm(int64_t, int64_t, int64_t, Bf16MatrixView, Bf16MatrixView, float*, int64_t, bool, Bf16Units) {
   TORCH_INTERNAL_ASSERT(false, "bf16_gemm: not built for this CPU");
 }
 
 #endif
+
+Bf16Units bf16_gemm_best_units() {
+  static const Bf16Units best = [] {
+    for (Bf16Units units : {Bf16Units::amx_bf16, Bf16Units::avx512_bf16}) {
+      if (bf16_units_available(units)) return units;
+    }
+    return Bf16Units::none;
+  }();
+  return best;
+}
+
+bool bf16_gemm_supported() { return bf16_gemm_best_units() != Bf16Units::none; }
+
+const char* bf16_units_name(Bf16Units units) {
+  switch (units) {
+    case Bf16Units::amx_bf16: return "amx_bf16";
+    case Bf16Units::avx512_bf16: return "avx512_bf16";
+    default: return "none";
+  }
+}
 
 }  // namespace logitkit::cpu

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include <c10/core/ScalarType.h>
 #include <pybind11/pybind11.h>
@@ -33,17 +34,29 @@ PYBIND11_MODULE(_C, module) {
     TORCH_CHECK_VALUE(dtype == "bfloat16" || dtype == "float16", "cpu_gemm_path: bfloat16 or float16, got ", dtype);
     return logitkit::cpu::linear_ce_gemm_path(dtype == "bfloat16" ? at::kBFloat16 : at::kHalf);
   });
-  // The AVX512-BF16 GEMM of the native CPU route, for its tests (private:
-  // raw addresses from Tensor.data_ptr(), strides in elements; see
-  // tests/test_linear_cross_entropy.py): c (fp32) = a @ b (+ c).
-  module.def("cpu_bf16_gemm_supported", &logitkit::cpu::bf16_gemm_supported);
+  // The bf16 GEMM of the native CPU route, for its tests and benchmarks
+  // (private: raw addresses from Tensor.data_ptr(), strides in elements; see
+  // tests/test_linear_cross_entropy.py): the micro-kernels this process can
+  // run, best first, and c (fp32) = a @ b (+ c) on one of them.
+  module.def("cpu_bf16_gemm_units", [] {
+    std::vector<std::string> names;
+    for (auto units : {logitkit::cpu::Bf16Units::amx_bf16, logitkit::cpu::Bf16Units::avx512_bf16}) {
+      if (logitkit::cpu::bf16_units_available(units)) names.emplace_back(logitkit::cpu::bf16_units_name(units));
+    }
+    return names;
+  });
   module.def("cpu_bf16_gemm", [](int64_t m, int64_t n, int64_t k, uintptr_t a, int64_t a_row_stride,
                                  int64_t a_col_stride, uintptr_t b, int64_t b_row_stride, int64_t b_col_stride,
-                                 uintptr_t c, int64_t ldc, bool accumulate) {
-    TORCH_CHECK_VALUE(logitkit::cpu::bf16_gemm_supported(), "cpu_bf16_gemm: this CPU has no AVX512-BF16");
+                                 uintptr_t c, int64_t ldc, bool accumulate, const std::string& units_name) {
+    using logitkit::cpu::Bf16Units;
+    const Bf16Units units = units_name == "amx_bf16"      ? Bf16Units::amx_bf16
+                            : units_name == "avx512_bf16" ? Bf16Units::avx512_bf16
+                                                          : Bf16Units::none;
+    TORCH_CHECK_VALUE(logitkit::cpu::bf16_units_available(units), "cpu_bf16_gemm: this process cannot run '",
+                      units_name, "'");
     using logitkit::cpu::Bf16MatrixView;
     logitkit::cpu::bf16_gemm(m, n, k, Bf16MatrixView{reinterpret_cast<const uint16_t*>(a), a_row_stride, a_col_stride},
                              Bf16MatrixView{reinterpret_cast<const uint16_t*>(b), b_row_stride, b_col_stride},
-                             reinterpret_cast<float*>(c), ldc, accumulate);
+                             reinterpret_cast<float*>(c), ldc, accumulate, units);
   });
 }

@@ -107,13 +107,16 @@ def gemm_path(dtype: torch.dtype, device: torch.device | str = "cpu") -> GemmPat
       TF32 on CUDA only where the user allowed it; IEEE by default).
     * bf16/fp16 on CUDA: ``"native"``, cuBLAS with operands in the input dtype on the
       tensor cores, fp32 accumulation and output (the logits stay fp32).
-    * bf16/fp16 on CPU: ``"native"`` where the CPU has units for the dtype and they win a
-      one-time probe, else ``"fp32_upcast"`` (fp32 GEMMs on exact fp32 copies). The native
-      bf16 GEMM is logitkit's own AVX512-BF16 kernel (``vdpbf16ps``, fp32 accumulation and
-      output) on CPUs that have the instruction (AMD Zen 4, Intel Cooper Lake, Sapphire Rapids
-      and later), ATen's reference bf16/fp16 GEMM elsewhere (correct but slow: the probe then
-      keeps ``"fp32_upcast"``). ``LOGITKIT_CPU_GEMM=native|fp32`` forces a route (tests,
-      measurements). The emulated-CUDA test backend always takes the CPU native route.
+    * bf16 on CPU: ``"native"`` where the CPU has bf16 units and they win a one-time probe,
+      else ``"fp32_upcast"`` (fp32 GEMMs on exact fp32 copies). The native bf16 GEMM is
+      logitkit's own, on the best bf16 units of the CPU: AMX-BF16 tiles (``tdpbf16ps``; Intel
+      Sapphire Rapids and later) or AVX512-BF16 (``vdpbf16ps``; AMD Zen 4, Intel Cooper Lake
+      and later), fp32 accumulation and output either way.
+    * fp16 on CPU: ``"fp32_upcast"``. No CPU unit that logitkit drives multiplies fp16 with fp32
+      accumulation (AVX512-FP16 accumulates in fp16), and ATen's reference fp16 GEMM, the
+      ``"native"`` route, is slower than the upcast at the loss's shapes.
+    * ``LOGITKIT_CPU_GEMM=native|fp32`` forces a CPU route (tests, measurements). The
+      emulated-CUDA test backend always takes the CPU native route.
     """
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"logitkit.gemm_path: dtype must be float32, bfloat16 or float16, got {dtype}")
