@@ -1,5 +1,5 @@
 """Benchmark of the row-statistics sampler rules (docs/sampling.md) against the baselines run in
-the same invocation: transformers' warper chain (Temperature [+ TopK] + MinP [+ Epsilon / Eta] warpers,
+the same invocation: transformers' warper chain (Temperature [+ TopK + TopP] + MinP [+ Epsilon / Eta] warpers,
 then softmax + multinomial), a sort-based torch sampler in the style of vLLM's native path, each
 single rule against its transformers warper, on ROWS x V = 128256 float32 logits with per-row
 parameters for logitkit (transformers takes one value per batch).
@@ -25,7 +25,7 @@ from logitkit.bench.sampling_cases import sort_based_sample
 from logitkit.bench.sampling_cases import warpers_then_multinomial as transformers_chain
 
 VOCAB = 128256
-TEMPERATURE, MIN_P, EPSILON, ETA, TOP_K = 0.8, 0.05, 3e-4, 3e-4, 50
+TEMPERATURE, MIN_P, EPSILON, ETA, TOP_K, TOP_P = 0.8, 0.05, 3e-4, 3e-4, 50, 0.9
 
 
 def timed(fn, repeats: int) -> float:
@@ -45,6 +45,7 @@ def make_cases(rows: int, tlp) -> dict:
     t_rows = torch.full((rows,), TEMPERATURE) + 0.1 * torch.rand(rows, generator=g)
     p_rows = torch.full((rows,), MIN_P)
     k_rows = torch.full((rows,), TOP_K)
+    top_p_rows = torch.full((rows,), TOP_P) - 0.05 * torch.rand(rows, generator=g)
     seeds = torch.arange(rows)
     temp = tlp.TemperatureLogitsWarper(TEMPERATURE)
     return {
@@ -64,6 +65,16 @@ def make_cases(rows: int, tlp) -> dict:
                 "sort-based": lambda: sort_based_sample(x, t_rows, p_rows, k_rows),
             },
         ),
+        "chain: temperature+top_k+top_p+min_p sample": (
+            lambda: logitkit.sample(x, temperature=t_rows, top_k=k_rows, top_p=top_p_rows, min_p=p_rows, seed=seeds),
+            {
+                "transformers": lambda: transformers_chain(
+                    x,
+                    [temp, tlp.TopKLogitsWarper(TOP_K), tlp.TopPLogitsWarper(TOP_P), tlp.MinPLogitsWarper(MIN_P)],
+                ),
+                "sort-based": lambda: sort_based_sample(x, t_rows, p_rows, k_rows, top_p_rows),
+            },
+        ),
         "chain: temperature+min_p+epsilon+eta sample": (
             lambda: logitkit.sample(x, temperature=t_rows, min_p=p_rows, epsilon=EPSILON, eta=ETA, seed=seeds),
             {
@@ -80,6 +91,10 @@ def make_cases(rows: int, tlp) -> dict:
         "top_k mask": (
             lambda: logitkit.filter_logits(x, top_k=TOP_K),
             {"transformers": lambda: tlp.TopKLogitsWarper(TOP_K)(None, x)},
+        ),
+        "top_p mask": (
+            lambda: logitkit.filter_logits(x, top_p=top_p_rows),
+            {"transformers": lambda: tlp.TopPLogitsWarper(TOP_P)(None, x)},
         ),
         "epsilon mask": (
             lambda: logitkit.filter_logits(x, epsilon=EPSILON),

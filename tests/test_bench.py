@@ -286,7 +286,7 @@ def test_compare_tolerance_and_special_values():
         ("sample", "fp32", 3 * 1000 * 4 + 3 * (4 + 8)),  # + one float32 uniform in, one int64 token out per row
         ("sample", "bf16", 3 * 1000 * 2 + 3 * (4 + 8)),
         # + per-row float32 temperature and min-p, int64 top-k and seed
-        ("sampling", "fp32", 3 * 1000 * 4 + 3 * (4 + 8) + 3 * (4 + 4 + 8 + 8)),
+        ("sampling", "fp32", 3 * 1000 * 4 + 3 * (4 + 8) + 3 * (4 + 4 + 4 + 8 + 8)),
         ("mirostat", "bf16", 3 * 1000 * 2 + 3 * (4 + 8) + 3 * (4 + 4)),  # + mu read and written
         ("sample_edt", "fp16", 3 * 1000 * 2 + 3 * (4 + 8)),
         # read hidden (3 x D) and weight (1000 x D), write their gradients, read 3 int64 targets

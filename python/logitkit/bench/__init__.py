@@ -27,7 +27,7 @@ Implementations ("impl" column): ``logitkit``; ``eager`` (what a user writes
 in plain PyTorch, same dtype as the input); with ``--compile`` also
 ``compiled`` (``torch.compile`` of the eager reference). Top-H ops compare with
 transformers' warper, a per-row loop of the authors' processor and a
-sort-and-scan. ``sampling`` (temperature -> top-k -> min-p with per-row
+sort-and-scan. ``sampling`` (temperature -> top-k -> top-p -> min-p with per-row
 parameters and seeds), ``mirostat`` and ``sample_edt`` compare with
 transformers' warper chain, a sort-based sampler in the style of vLLM's
 native path and straightforward torch code. ``linear_ce`` (rows = tokens N, vocab = V, hidden size

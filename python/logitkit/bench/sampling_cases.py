@@ -1,10 +1,10 @@
 """Benchmark cases of the sampler family (docs/sampling.md), not run by default:
 
-* ``sampling``: temperature -> top-k -> min-p, per-row parameters and per-row seeds, one token
-  per row. Baselines: transformers' chain (Temperature + TopK + MinP warpers with one value for
-  the batch, then softmax + multinomial) and a sort-based torch sampler in the style of vLLM's
-  native path (scale, sort, softmax, top-k and min-p on the sorted probabilities, exponential
-  race).
+* ``sampling``: temperature -> top-k -> top-p -> min-p, per-row parameters and per-row seeds,
+  one token per row. Baselines: transformers' chain (Temperature + TopK + TopP + MinP warpers
+  with one value for the batch, then softmax + multinomial) and a sort-based torch sampler in
+  the style of vLLM's native path (scale, sort, softmax, top-k, top-p and min-p on the sorted
+  probabilities, exponential race).
 * ``mirostat``: one Mirostat v2 step (:func:`logitkit.mirostat_sample`) against a
   straightforward torch implementation (softmax, sort, surprise cut, renormalise, multinomial,
   mu update).
@@ -27,7 +27,7 @@ from .registry import DEFAULT_PARAMS, Case, CaseParams, register
 from .top_h_cases import _sample_check, sample_bytes
 
 #: The chain's settings (per-row values spread around them).
-TEMPERATURE, TOP_K, MIN_P = 0.8, 50, 0.05
+TEMPERATURE, TOP_K, TOP_P, MIN_P = 0.8, 50, 0.9, 0.05
 #: Mirostat v2 (Basu et al.'s defaults) and EDT (Zhang et al.'s N).
 MIROSTAT_TAU, MIROSTAT_ETA, EDT_THETA, EDT_BASE = 5.0, 0.1, 1.0, 0.8
 
@@ -35,13 +35,14 @@ MIROSTAT_TAU, MIROSTAT_ETA, EDT_THETA, EDT_BASE = 5.0, 0.1, 1.0, 0.8
 def make_chain_inputs(
     rows: int, vocab: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, params: CaseParams
 ) -> tuple:
-    """(logits, temperature, top_k, min_p, seed) with per-row parameters."""
+    """(logits, temperature, top_k, top_p, min_p, seed) with per-row parameters."""
     x = (torch.randn(rows, vocab, device=device, generator=gen) * 3).to(dtype)
     jitter = torch.rand(rows, device=device, generator=gen)
     temperature = TEMPERATURE + 0.1 * jitter
     top_k = torch.full((rows,), TOP_K, dtype=torch.int64, device=device) + (jitter * 10).long()
+    top_p = TOP_P - 0.05 * jitter
     min_p = torch.full((rows,), MIN_P, device=device)
-    return x, temperature, top_k, min_p, torch.arange(rows, device=device)
+    return x, temperature, top_k, top_p, min_p, torch.arange(rows, device=device)
 
 
 def make_logits_only(
@@ -70,22 +71,26 @@ def warpers_then_multinomial(x, warpers):
     return torch.multinomial(torch.softmax(scores, -1), 1).squeeze(-1)
 
 
-def sort_based_sample(x, temperature, min_p, top_k=None):
-    """vLLM-style native path: scale, sort, [top-k on the ranks,] softmax, min-p on the sorted
-    probabilities, exponential-race draw (argmax of probs / Exp(1)) mapped back to the token."""
+def sort_based_sample(x, temperature, min_p, top_k=None, top_p=None):
+    """vLLM-style native path: scale, sort, [top-k on the ranks,] softmax, [top-p: drop the tokens
+    whose preceding mass already reaches top_p,] min-p on the sorted probabilities (relative to the
+    largest, so renormalising after top-p changes nothing), exponential-race draw (argmax of
+    probs / Exp(1), which needs no normalisation) mapped back to the token."""
     z = x.float() / temperature.unsqueeze(-1)
     sorted_z, index = torch.sort(z, dim=-1, descending=True)
     if top_k is not None:
         ranks = torch.arange(z.shape[-1], device=z.device)
         sorted_z = sorted_z.masked_fill(ranks >= top_k.unsqueeze(-1), -math.inf)
     probs = torch.softmax(sorted_z, -1)
+    if top_p is not None:
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p.unsqueeze(-1), 0.0)
     probs = probs.masked_fill(probs < min_p.unsqueeze(-1) * probs[..., :1], 0.0)
     race = torch.empty_like(probs).exponential_()
     return index.gather(-1, (probs / race).argmax(-1, keepdim=True)).squeeze(-1)
 
 
-def chain_logitkit(x, temperature, top_k, min_p, seed):
-    return logitkit.sample(x, temperature=temperature, top_k=top_k, min_p=min_p, seed=seed)
+def chain_logitkit(x, temperature, top_k, top_p, min_p, seed):
+    return logitkit.sample(x, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
 
 
 def chain_transformers():
@@ -97,21 +102,22 @@ def chain_transformers():
     warpers = [
         tlp.TemperatureLogitsWarper(TEMPERATURE),
         tlp.TopKLogitsWarper(TOP_K),
+        tlp.TopPLogitsWarper(TOP_P),
         tlp.MinPLogitsWarper(MIN_P),
     ]
 
-    def run(x, temperature, top_k, min_p, seed):
+    def run(x, temperature, top_k, top_p, min_p, seed):
         return warpers_then_multinomial(x, warpers)
 
     return run
 
 
-def chain_sort_based(x, temperature, top_k, min_p, seed):
-    return sort_based_sample(x, temperature, min_p, top_k)
+def chain_sort_based(x, temperature, top_k, top_p, min_p, seed):
+    return sort_based_sample(x, temperature, min_p, top_k, top_p)
 
 
-def chain_reference(x, temperature, top_k, min_p, seed):
-    return references.truncation_mask(x, temperature=temperature, top_k=top_k.long(), min_p=min_p)
+def chain_reference(x, temperature, top_k, top_p, min_p, seed):
+    return references.truncation_mask(x, temperature=temperature, top_k=top_k.long(), top_p=top_p, min_p=min_p)
 
 
 def mirostat_logitkit(x, mu):
@@ -155,9 +161,9 @@ def edt_reference(x):
 
 
 def chain_bytes(rows: int, vocab: int, dtype: torch.dtype, params: CaseParams = DEFAULT_PARAMS) -> int:
-    """Sampling's bytes model plus the per-row parameters read: float32 temperature and min-p,
-    int64 top-k and seed."""
-    return sample_bytes(rows, vocab, dtype, params) + rows * (4 + 4 + 8 + 8)
+    """Sampling's bytes model plus the per-row parameters read: float32 temperature, top-p and
+    min-p, int64 top-k and seed."""
+    return sample_bytes(rows, vocab, dtype, params) + rows * (4 + 4 + 4 + 8 + 8)
 
 
 def mirostat_bytes(rows: int, vocab: int, dtype: torch.dtype, params: CaseParams = DEFAULT_PARAMS) -> int:
