@@ -107,8 +107,9 @@ def gemm_path(dtype: torch.dtype, device: torch.device | str = "cpu") -> GemmPat
       TF32 on CUDA only where the user allowed it; IEEE by default).
     * bf16/fp16 on CUDA: ``"native"``, cuBLAS with operands in the input dtype on the
       tensor cores, fp32 accumulation and output (the logits stay fp32).
-    * bf16 on CPU: ``"native"`` where the CPU has bf16 units and they win a one-time probe,
-      else ``"fp32_upcast"`` (fp32 GEMMs on exact fp32 copies). The native bf16 GEMM is
+    * bf16 on CPU: ``"native"`` where the CPU has AMX-BF16 (by capability), or AVX512-BF16 only
+      and it wins a one-time probe (512^3, interleaved medians), else ``"fp32_upcast"`` (fp32
+      GEMMs on exact fp32 copies). The native bf16 GEMM is
       logitkit's own, on the best bf16 units of the CPU: AMX-BF16 tiles (``tdpbf16ps``; Intel
       Sapphire Rapids and later) or AVX512-BF16 (``vdpbf16ps``; AMD Zen 4, Intel Cooper Lake
       and later), fp32 accumulation and output either way.
