@@ -140,6 +140,7 @@ def test_per_row_parameters_equal_row_by_row(backend):
         p_less=torch.tensor([False, True, False, False, True]),
         epsilon=torch.tensor([0.0, 0.0, 1e-3, 1e-3, 0.0]),
         eta=torch.tensor([1e-3, 0.0, 0.0, 0.0, 2e-3]),
+        min_tokens_to_keep=torch.tensor([1, 4, 1, 7, 30]),
     )
     on_backend = {k: backend.tensor(v) for k, v in params.items()}
     batched = logitkit.truncation_mask(backend.tensor(x), **on_backend).cpu()
@@ -197,6 +198,38 @@ def test_statistics(backend, rule):
     torch.testing.assert_close(out.raw_logprobs.cpu().double(), raw, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out.entropy.cpu().double(), references.entropy_terms(q).sum(-1), atol=1e-4, rtol=1e-4)
     assert torch.equal(out.kept.cpu(), keep.sum(-1))
+
+
+@pytest.mark.parametrize("top_h_rule", ["hf", "exact"])
+def test_top_h_statistics_and_special_rows(backend, top_h_rule):
+    x = rows(6, 1000)
+    x[4] = -math.inf  # all -inf: token 0, log q = 0, H = 0, count 1, raw NaN
+    x[5, 7] = math.nan  # no distribution: token -1, NaN, count 0
+    out = logitkit.sample(
+        backend.tensor(x),
+        top_h=0.6,
+        rule=top_h_rule,
+        temperature=0.8,
+        seed=5,
+        return_logprobs=True,
+        return_entropy=True,
+        return_kept=True,
+    )
+    tokens_only = logitkit.sample(backend.tensor(x), top_h=0.6, rule=top_h_rule, temperature=0.8, seed=5)
+    assert torch.equal(out.tokens, tokens_only)
+    keep = references.top_h_mask(x[:4], 0.6, 0.8, top_h_rule)
+    q = torch.softmax((x[:4].double() / 0.8).masked_fill(~keep, -math.inf), -1)
+    tok = out.tokens.cpu()
+    assert keep.gather(-1, tok[:4, None]).all()
+    tol = dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.logprobs.cpu()[:4].double(), q.gather(-1, tok[:4, None]).squeeze(-1).log(), **tol)
+    raw = torch.log_softmax(x[:4].double(), -1).gather(-1, tok[:4, None]).squeeze(-1)
+    torch.testing.assert_close(out.raw_logprobs.cpu()[:4].double(), raw, **tol)
+    torch.testing.assert_close(out.entropy.cpu()[:4].double(), references.entropy_terms(q).sum(-1), **tol)
+    assert torch.equal(out.kept.cpu()[:4], keep.sum(-1))
+    assert tok[4:].tolist() == [0, -1] and out.kept.cpu()[4:].tolist() == [1, 0]
+    assert out.logprobs[4].item() == 0.0 and out.entropy[4].item() == 0.0 and math.isnan(out.raw_logprobs[4].item())
+    assert all(math.isnan(v[5].item()) for v in (out.logprobs, out.raw_logprobs, out.entropy))
 
 
 @pytest.mark.parametrize("rule", ["min_p", "p_less", "none", "top_p"])
@@ -266,6 +299,28 @@ def test_same_seed_same_token_on_every_backend():
     assert alone.item() == tokens["logitkit"][5].item()
 
 
+@pytest.mark.parametrize("rule", ["min_p", "none", "top_p"])
+@pytest.mark.parametrize("vocab", [1, 31, 1000, 5003])
+def test_draw_is_the_inverse_cdf_at_u(backend, rule, vocab):
+    """filter_sample's token for given u is the kept token whose fp64 CDF interval (kept weights
+    in vocabulary order) holds u, up to float32 rounding of the sums: the CUDA kernel sums each
+    warp's contiguous share and re-reads only the share holding u * mass (partial warps in the
+    emulated launch), or walks tile by tile when top-p's walk gave the mass."""
+    x = rows(1, vocab, seed=vocab)
+    u = torch.tensor([0.0, 1e-6, 0.1, 0.37, 0.5, 0.77, 0.999, 1.0 - 2.0**-24])
+    xs = x.expand(len(u), vocab).contiguous()
+    params = logitkit.filters.filter_params(xs, temperature=0.8, op="sample", **RULES[rule])
+    tokens = backend.ops.filter_sample(backend.tensor(xs), backend.tensor(params), backend.tensor(u), False)[0].cpu()
+    kept = references.truncation_mask(x[0], temperature=0.8, **RULES[rule])
+    z = x[0].double() / 0.8
+    w = torch.where(kept, torch.exp(z - z.max()), 0.0)
+    cdf = torch.cumsum(w, 0) / w.sum()
+    for uu, token in zip(u.tolist(), tokens.tolist()):
+        assert 0 <= token < vocab and kept[token], (uu, token)
+        low = cdf[token - 1].item() if token > 0 else 0.0
+        assert low - 1e-5 <= uu <= cdf[token].item() + 1e-5, (uu, token, low, cdf[token].item())
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
@@ -277,6 +332,9 @@ def test_same_seed_same_token_on_every_backend():
         (dict(min_p=torch.zeros(3)), ValueError, "min_p must be a number or a tensor of shape"),
         (dict(min_p=torch.tensor([0.1, 2.0])), ValueError, "min_p must be in"),
         (dict(min_p=0.1, min_tokens_to_keep=0), ValueError, "min_tokens_to_keep"),
+        (dict(min_tokens_to_keep=torch.tensor([1, 0])), ValueError, "min_tokens_to_keep must be an int >= 1"),
+        (dict(min_tokens_to_keep=torch.tensor([1.0, 2.0])), TypeError, "min_tokens_to_keep must be an int or an"),
+        (dict(min_tokens_to_keep=torch.tensor([1, 2, 3])), ValueError, "min_tokens_to_keep must be a number or a"),
         (dict(seed=torch.zeros(2, dtype=torch.int32)), TypeError, "seed must be an int64"),
         (dict(seed=torch.zeros(3, dtype=torch.int64)), ValueError, "seed must be an int or an int64 tensor of shape"),
         (dict(seed=1, generator=torch.Generator()), ValueError, "either generator or seed"),

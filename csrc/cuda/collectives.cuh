@@ -149,4 +149,63 @@ LK_DEVICE inline int64_t block_inverse_cdf_draw(int64_t cols, float target, Weig
   return found;
 }
 
+// Contiguous per-warp shares of a row of `cols` tokens: warp w owns
+// [w * length, min((w + 1) * length, cols)) with length = ceil(cols / warps),
+// read by its lanes a warp-width at a time (coalesced). A pass can then give
+// each warp's share of a sum, and a later step re-read one share only.
+struct WarpShare {
+  int64_t begin, end;
+};
+
+LK_DEVICE inline WarpShare warp_share(int64_t cols) {
+  const int64_t warps = warps_per_block();
+  const int64_t length = (cols + warps - 1) / warps;
+  const int64_t begin = warp_rank() * length;
+  return WarpShare{begin < cols ? begin : cols, begin + length < cols ? begin + length : cols};
+}
+
+// Index of the lowest / highest set bit of a nonzero mask (__ffs(mask) - 1,
+// 31 - __clz(mask); written with __popc and shifts so that they also compile
+// for the host through the emulator).
+LK_DEVICE inline int lowest_set_lane(unsigned mask) { return __popc((mask & (0u - mask)) - 1u); }
+LK_DEVICE inline int highest_set_lane(unsigned mask) {
+  int lane = 0;
+  while ((mask >> lane) > 1u) ++lane;
+  return lane;
+}
+
+// The inverse-CDF draw inside one warp's share, called by every lane of the
+// warp (an empty share returns -1 at once): weights w_i = weight(i), running
+// sum from `before` (the mass of the shares before); the first token of
+// positive weight whose running sum exceeds `target`, a warp-width chunk at a
+// time (a warp inclusive scan), stopping at that chunk. If none crosses (the
+// share's sums and the caller's round differently), the share's last token of
+// positive weight; -1 if it has none. Every lane gets the result.
+template <class Weight>
+LK_DEVICE inline int64_t warp_share_inverse_cdf_draw(WarpShare share, float before, float target, Weight weight) {
+  const unsigned mask = warp_live_mask();
+  const int lanes = lanes_in_warp(), lane = lane_rank();
+  int64_t last_chunk = -1;      // the last chunk holding a token of positive weight
+  unsigned last_positive = 0u;  // and its lanes of positive weight
+  for (int64_t base = share.begin; base < share.end; base += lanes) {
+    const int64_t i = base + lane;
+    const float w = i < share.end ? weight(i) : 0.0f;
+    float running = w;
+#pragma unroll
+    for (int offset = 1; offset < kWarpSize; offset *= 2) {
+      const float other = __shfl_up_sync(mask, running, offset);
+      if (lane >= offset) running += other;
+    }
+    const unsigned crossing = __ballot_sync(mask, w > 0.0f && before + running > target);
+    if (crossing != 0u) return base + lowest_set_lane(crossing);
+    const unsigned positive = __ballot_sync(mask, w > 0.0f);
+    if (positive != 0u) {
+      last_chunk = base;
+      last_positive = positive;
+    }
+    before += __shfl_sync(mask, running, lanes - 1);
+  }
+  return last_chunk < 0 ? -1 : last_chunk + highest_set_lane(last_positive);
+}
+
 }  // namespace logitkit::cuda

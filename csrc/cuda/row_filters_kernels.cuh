@@ -15,20 +15,23 @@
 //            (radix_select) with TopPPredicate over the top-k survivors: the
 //            walk over the first digit, then 0 to 2 digit passes, stopping
 //            at the first digit whose failing bin holds one token. It gives
-//            top-p's threshold and the kept K, D, count that epsilon / eta
-//            (core::filter_cut) and sampling use.
+//            top-p's threshold and the kept K, D that epsilon / eta
+//            (core::filter_cut) use.
 //   mask     pass 2 writes z >= threshold.                   -> 2 passes
 //            (+ 0 to 2 with top-p)
 //   sample   pass 2 sums the kept weights (mass, shifted sum, count; block
-//            reduction; skipped when top-p's threshold is the row's
-//            threshold: its walk counted and summed that set), pass 3
-//            draws by inverse CDF tile by tile (a block-wide inclusive scan
-//            on top of the mass of the tiles before) and stops at the tile
-//            holding the token.                              -> 2 passes
-//            + the draw pass, which reads the row up to the drawn token;
-//            + one pass for the raw log-prob, only when asked for.
-// A token of zero weight is never returned; when rounding makes the scan end
-// at or below u * mass, the last kept token of positive weight is returned.
+//            reduction), each warp over its own contiguous share of the
+//            row, and the warp whose share holds u * mass re-reads that
+//            share up to the drawn token (kept_sums_and_draw)
+//                                                            -> 2 passes
+//            + 1 / warps of a pass (1/16 at 512 threads), also when
+//            top-p's walk has summed the kept set already (an earlier
+//            version skipped pass 2 there and drew tile by tile up to the
+//            token; two draw bodies in one kernel made nvcc outline its
+//            shuffles into calls with a stack frame, which the build
+//            rejects); + one pass for the raw log-prob, only when asked for.
+// A token of zero weight is never returned; when rounding makes the search
+// end at or below u * mass, the last kept token of positive weight is returned.
 #pragma once
 
 #include <cstdint>
@@ -48,6 +51,7 @@ struct RowFilterStorage {
   core::SoftmaxState raw_scratch[kReduceScratchSize];
   core::KeptSums sums_scratch[kReduceScratchSize];
   float mass_scratch[kReduceScratchSize];
+  float share_mass[kMaxWarpsPerBlock];  // each warp's kept mass (kept_sums_and_draw)
   int64_t index_scratch[kReduceScratchSize];
   TopHStorage radix;  // top-p's histograms and walk
 };
@@ -92,12 +96,10 @@ LK_DEVICE inline core::TopPCut top_p_passes(const scalar_t* x, int64_t cols, con
   return core::TopPCut{core::scaled_logit(x_cut, p.inv_temperature), s.radix.cut.mass, s.radix.kept_shifted, count};
 }
 
-// Pass 1 (and top-p's passes): the row's cut (the same in every thread);
-// top-p's own result into *top_p_out when given.
+// Pass 1 (and top-p's passes): the row's cut (the same in every thread).
 template <class scalar_t>
 LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols, const float* param_row,
-                                                 const core::FilterParams& p, RowFilterStorage& s,
-                                                 core::TopPCut* top_p_out = nullptr) {
+                                                 const core::FilterParams& p, RowFilterStorage& s) {
   const bool first_digit = p.top_p < 1.0f && !p.greedy;  // block-uniform
   if (first_digit) clear_bins<Selection::exact>(s.radix);
   __syncthreads();
@@ -116,7 +118,6 @@ LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols
       st, [](const core::FilterState& a, const core::FilterState& b) { return core::merge(a, b); },
       core::empty_filter_state(), s.state_scratch);
   const core::TopPCut top_p = top_p_passes(x, cols, p, st, mine, s);
-  if (top_p_out != nullptr) *top_p_out = top_p;
   // The rules' parameters decoded again from the table: kept live across
   // top-p's passes, two of them spilled to local memory (sm_90).
   return core::filter_cut(st, core::decode_filter_params(param_row), top_p);
@@ -163,12 +164,19 @@ __global__ void __launch_bounds__(kMaxFilterThreads)
   }
 }
 
-// Pass 2 of sampling: the kept sums of the row (every thread gets them).
+// Pass 2 of sampling with the draw's search folded in: every warp sums the
+// kept weights of its own contiguous share of the row (warp_share); the block
+// reduction gives the kept sums (every thread gets them), the warps' masses
+// locate the share where the running mass first exceeds u * K, and only
+// that warp re-reads its share to find the token. When rounding leaves u * K
+// at or above the shares' total, the last share of positive mass is searched
+// (its last kept token of positive weight).
 template <class scalar_t>
-LK_DEVICE inline core::KeptSums kept_sums(const scalar_t* x, int64_t cols, const core::FilterCut& cut, float inv_t,
-                                          RowFilterStorage& s) {
+LK_DEVICE inline int64_t kept_sums_and_draw(const scalar_t* x, int64_t cols, const core::FilterCut& cut, float inv_t,
+                                            float u, RowFilterStorage& s, core::KeptSums& sums) {
+  const WarpShare share = warp_share(cols);
   core::KeptSums mine{0.0f, 0.0f, 0.0f};
-  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
+  for (int64_t i = share.begin + lane_rank(); i < share.end; i += lanes_in_warp()) {
     const float xv = filter_logit(x, i);
     const float w = core::kept_weight(cut, xv, inv_t);
     if (w > 0.0f) {
@@ -177,21 +185,35 @@ LK_DEVICE inline core::KeptSums kept_sums(const scalar_t* x, int64_t cols, const
       mine.count += 1.0f;
     }
   }
-  return block_reduce(
+  const float share_mass = warp_reduce(mine.mass, [](float a, float b) { return a + b; });
+  if (lane_rank() == 0) s.share_mass[warp_rank()] = share_mass;
+  sums = block_reduce(  // its barriers publish share_mass too
       mine,
       [](const core::KeptSums& a, const core::KeptSums& b) {
         return core::KeptSums{a.mass + b.mass, a.shifted + b.shifted, a.count + b.count};
       },
       core::KeptSums{0.0f, 0.0f, 0.0f}, s.sums_scratch);
-}
-
-// The draw pass (see the top): the first kept token whose running weight
-// exceeds target, else the last kept token of positive weight.
-template <class scalar_t>
-LK_DEVICE inline int64_t filter_draw_pass(const scalar_t* x, int64_t cols, const core::FilterCut& cut, float inv_t,
-                                          float target, RowFilterStorage& s) {
-  auto weight = [&](int64_t i, bool valid) { return valid ? core::kept_weight(cut, filter_logit(x, i), inv_t) : 0.0f; };
-  return block_inverse_cdf_draw(cols, target, weight, s.mass_scratch, s.index_scratch);
+  const float target = u * sums.mass;
+  int crossing = -1;
+  float before = 0.0f, before_crossing = 0.0f;
+  for (int w = 0; w < warps_per_block(); ++w) {  // the same in every thread
+    const float mass = s.share_mass[w];
+    if (mass > 0.0f) {
+      crossing = w;
+      before_crossing = before;
+      if (before + mass > target) break;
+    }
+    before += mass;
+  }
+  // Every warp runs the search (a warp collective), on an empty share but the crossing one's.
+  const WarpShare search = warp_rank() == crossing ? share : WarpShare{0, 0};
+  auto weight = [&](int64_t i) { return core::kept_weight(cut, filter_logit(x, i), inv_t); };
+  const int64_t found = warp_share_inverse_cdf_draw(search, before_crossing, target, weight);
+  if (warp_rank() == crossing && lane_rank() == 0) s.index_scratch[0] = found;
+  __syncthreads();
+  const int64_t token = crossing < 0 ? -1 : s.index_scratch[0];
+  __syncthreads();  // index_scratch may be reused right away
+  return token;
 }
 
 // kRaw: also the raw log-prob (raw_log_prob = true).
@@ -204,8 +226,7 @@ __global__ void __launch_bounds__(kMaxFilterThreads)
   __shared__ RowFilterStorage s;
   const float* param_row = params + row * core::kFilterParamCount;
   const core::FilterParams p = core::decode_filter_params(param_row);
-  core::TopPCut top_p{};
-  const core::FilterCut cut = filter_pass_one(x, cols, param_row, p, s, &top_p);
+  const core::FilterCut cut = filter_pass_one(x, cols, param_row, p, s);
   float* st = stats + row * kSampleStatCount;
   const float nan = core::quiet_nan();
   if (!cut.defined || cut.max == core::neg_infinity()) {
@@ -218,12 +239,8 @@ __global__ void __launch_bounds__(kMaxFilterThreads)
     }
     return;
   }
-  // top-p's threshold binds (block-uniform): its walk has the kept sums.
-  const bool top_p_set =
-      top_p.count > 0.0f && top_p.threshold > core::neg_infinity() && cut.threshold == top_p.threshold;
-  const core::KeptSums sums = top_p_set ? core::KeptSums{top_p.mass, top_p.shifted, top_p.count}
-                                        : kept_sums(x, cols, cut, p.inv_temperature, s);
-  const int64_t token = filter_draw_pass(x, cols, cut, p.inv_temperature, uniform[row] * sums.mass, s);
+  core::KeptSums sums{0.0f, 0.0f, 0.0f};
+  const int64_t token = kept_sums_and_draw(x, cols, cut, p.inv_temperature, uniform[row], s, sums);
   if (threadIdx.x == 0) {
     const float xv = filter_logit(x, token);
     const float log_mass = core::log_of(sums.mass);

@@ -58,6 +58,7 @@ _RANGES = {
     "epsilon": (0.0, 1.0, True, False, "in [0, 1)"),
     "eta": (0.0, 1.0, True, False, "in [0, 1)"),
     "top_k": (0.0, math.inf, True, False, "an int >= 0 (0 or None: off)"),
+    "min_tokens_to_keep": (1.0, math.inf, True, False, "an int >= 1"),
     "edt_theta": (0.0, math.inf, True, False, "a finite number >= 0"),
     "edt_base": (0.0, 1.0, False, False, "in (0, 1)"),
 }
@@ -126,33 +127,55 @@ def _top_k_column(top_k: RowParam, logits: torch.Tensor, op: str) -> int | torch
     return top_k
 
 
+def _keep_count_column(min_tokens_to_keep: int | torch.Tensor, logits: torch.Tensor, op: str) -> int | torch.Tensor:
+    """min_tokens_to_keep as an int >= 1 or an int64 tensor of the rows' shape (values >= 1)."""
+    name = "min_tokens_to_keep"
+    if isinstance(min_tokens_to_keep, torch.Tensor):
+        dtype = min_tokens_to_keep.dtype
+        if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+            raise TypeError(f"logitkit.{op}: {name} must be an int or an integer tensor, got {dtype}")
+        _column(min_tokens_to_keep, name, logits, op)  # device, shape and range checks
+        return min_tokens_to_keep.to(torch.int64)
+    if isinstance(min_tokens_to_keep, bool) or not isinstance(min_tokens_to_keep, int) or min_tokens_to_keep < 1:
+        raise ValueError(f"logitkit.{op}: {name} must be an int >= 1, got {min_tokens_to_keep!r}")
+    return min_tokens_to_keep
+
+
 def _rank_columns(
-    logits: torch.Tensor, top_k: int | torch.Tensor, min_tokens_to_keep: int
+    logits: torch.Tensor, top_k: int | torch.Tensor, min_tokens_to_keep: int | torch.Tensor
 ) -> tuple[torch.Tensor | float, torch.Tensor | float]:
     """The keep floor (the min_tokens_to_keep-th largest logit; +inf: none) and the top-k
     logit (the max(top_k, min_tokens_to_keep)-th largest, transformers' TopKLogitsWarper;
-    -inf: off), both from one ``torch.topk`` of the rows. A per-row ``top_k`` tensor needs the
-    largest k on the host: one device-to-host read on CUDA (docs/sampling.md)."""
+    -inf: off), both from one ``torch.topk`` of the rows. A per-row ``top_k`` or
+    ``min_tokens_to_keep`` tensor needs its largest k on the host: one device-to-host read on
+    CUDA (docs/sampling.md)."""
     vocab = logits.shape[-1]
-    floor_k = min(min_tokens_to_keep, vocab) if min_tokens_to_keep > 1 else 0
-    k_rows: int | torch.Tensor  # the k of each row, 0: off
-    if isinstance(top_k, torch.Tensor):
-        k_rows = torch.where(top_k > 0, top_k.clamp(min=min_tokens_to_keep, max=vocab), 0)
-        k_max = int(k_rows.max()) if k_rows.numel() > 0 else 0
+    floor_rows: int | torch.Tensor  # the floor's k of each row, 0: none
+    k_rows: int | torch.Tensor  # top-k's k of each row, 0: off
+    if isinstance(top_k, int) and isinstance(min_tokens_to_keep, int):
+        floor_rows = min(min_tokens_to_keep, vocab) if min_tokens_to_keep > 1 else 0
+        k_rows = min(max(top_k, min_tokens_to_keep), vocab) if 0 < top_k < vocab else 0
+        largest = max(floor_rows, k_rows)
     else:
-        k_max = min(max(top_k, min_tokens_to_keep), vocab) if 0 < top_k < vocab else 0
-        k_rows = k_max
-    largest = max(floor_k, k_max)
+        batch = logits.shape[:-1]
+        keep = torch.as_tensor(min_tokens_to_keep, dtype=torch.int64, device=logits.device).expand(batch)
+        top_k_rows = torch.as_tensor(top_k, dtype=torch.int64, device=logits.device).expand(batch)
+        floor_rows = torch.where(keep > 1, keep.clamp(max=vocab), 0)
+        top_k_on = (top_k_rows > 0) & (top_k_rows < vocab)
+        k_rows = torch.where(top_k_on, torch.maximum(top_k_rows, keep).clamp(max=vocab), 0)
+        both = torch.maximum(floor_rows, k_rows)
+        largest = int(both.max()) if both.numel() > 0 else 0
     if largest == 0 or vocab == 0:
         return math.inf, -math.inf
     values = torch.topk(logits.detach(), largest, dim=-1).values.float()  # exact: no float copy of the rows
-    floor = values[..., floor_k - 1] if floor_k > 0 else math.inf
-    if isinstance(k_rows, torch.Tensor):
-        kth = values.gather(-1, (k_rows - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        top_k_logit: torch.Tensor | float = torch.where(k_rows > 0, kth, -math.inf)
-    else:
-        top_k_logit = values[..., k_rows - 1] if k_rows > 0 else -math.inf
-    return floor, top_k_logit
+
+    def kth_largest(k: int | torch.Tensor, off: float) -> torch.Tensor | float:
+        if isinstance(k, torch.Tensor):
+            kth = values.gather(-1, (k - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            return torch.where(k > 0, kth, off)
+        return values[..., k - 1] if k > 0 else off
+
+    return kth_largest(floor_rows, math.inf), kth_largest(k_rows, -math.inf)
 
 
 def _edt_temperature(logits: torch.Tensor, temperature, theta, base, op: str) -> torch.Tensor:
@@ -185,14 +208,13 @@ def filter_params(
     eta: RowParam = None,
     edt_theta: RowParam = None,
     edt_base: RowParam = None,
-    min_tokens_to_keep: int = 1,
+    min_tokens_to_keep: int | torch.Tensor = 1,
     op: str = "truncation_mask",
 ) -> torch.Tensor:
     """The per-row parameter table (..., 9) float32 of the ops (columns: PARAM_COLUMNS), from the
     Python arguments (checked, with messages naming the argument)."""
     check_logits(logits, op, "logits")
-    if isinstance(min_tokens_to_keep, bool) or not isinstance(min_tokens_to_keep, int) or min_tokens_to_keep < 1:
-        raise ValueError(f"logitkit.{op}: min_tokens_to_keep must be an int >= 1, got {min_tokens_to_keep!r}")
+    keep_count = _keep_count_column(min_tokens_to_keep, logits, op)
     if edt_theta is not None:
         temperature = _edt_temperature(logits, temperature, edt_theta, edt_base, op)
     elif edt_base is not None:
@@ -203,7 +225,7 @@ def filter_params(
     for name in _VALUE_COLUMNS:
         value = given[name]
         columns[name] = _column(OFF_VALUES[name] if value is None else value, name, logits, op)
-    keep_floor, top_k_logit = _rank_columns(logits, _top_k_column(top_k, logits, op), min_tokens_to_keep)
+    keep_floor, top_k_logit = _rank_columns(logits, _top_k_column(top_k, logits, op), keep_count)
     columns.update(keep_floor=keep_floor, top_k_logit=top_k_logit)
     table = torch.empty((*logits.shape[:-1], len(PARAM_COLUMNS)), dtype=torch.float32, device=logits.device)
     for j, name in enumerate(PARAM_COLUMNS):
@@ -224,7 +246,7 @@ def truncation_mask(
     eta: RowParam = None,
     edt_theta: RowParam = None,
     edt_base: RowParam = None,
-    min_tokens_to_keep: int = 1,
+    min_tokens_to_keep: int | torch.Tensor = 1,
 ) -> torch.Tensor:
     """The boolean kept set (same shape as ``logits``) of the chain temperature ->
     top-k -> top-p -> {min-p, top-n-sigma, p-less, epsilon, eta} (definitions and composition
@@ -244,7 +266,8 @@ def truncation_mask(
     evaluated on the temperature-scaled distribution of its survivors (transformers' order:
     top-k before them), and the kept set is their intersection; the most probable token is
     always kept, and at least ``min_tokens_to_keep`` tokens (the largest logits,
-    ties at the k-th kept too, as transformers' epsilon/eta warpers). Temperature
+    ties at the k-th kept too, as transformers' epsilon/eta warpers; an int, or an integer
+    tensor of one value >= 1 per row, where transformers takes one int). Temperature
     0 keeps the largest logits only. NaN or +inf in a row: nothing kept; a row
     of only -inf keeps token 0. A token of probability 0 in float32 is never kept.
     """
@@ -278,7 +301,7 @@ def filter_logits(
     eta: RowParam = None,
     edt_theta: RowParam = None,
     edt_base: RowParam = None,
-    min_tokens_to_keep: int = 1,
+    min_tokens_to_keep: int | torch.Tensor = 1,
     filter_value: float = -math.inf,
 ) -> torch.Tensor:
     """``logits`` (not divided by the temperature) where :func:`truncation_mask` keeps the

@@ -122,6 +122,10 @@ def _is_legacy_call(temperature: RowParam, extra: dict, seed: object) -> bool:
     return not any(v is not None and v is not False for v in extra.values())
 
 
+def _is_default_keep(min_tokens_to_keep: object) -> bool:
+    return type(min_tokens_to_keep) is int and min_tokens_to_keep == 1
+
+
 def sample(
     logits: torch.Tensor,
     *,
@@ -139,7 +143,7 @@ def sample(
     eta: RowParam = None,
     edt_theta: RowParam = None,
     edt_base: RowParam = None,
-    min_tokens_to_keep: int = 1,
+    min_tokens_to_keep: int | torch.Tensor = 1,
     seed: int | torch.Tensor | None = None,
     offset: int | torch.Tensor | None = None,
     return_logprobs: bool = False,
@@ -164,8 +168,8 @@ def sample(
 
     With ``return_logprobs`` / ``return_entropy`` / ``return_kept``, returns a
     :class:`SampleResult` (tokens, log q(token) and the raw log p(token), H(q), kept-set size;
-    row-statistics chain and plain sampling only, not with ``top_h`` yet). Combining ``top_h``
-    with the row-statistics rules is not supported yet (ValueError).
+    with ``top_h`` they come from :func:`top_h_mask` and row ops, a few more passes). Combining
+    ``top_h`` with the row-statistics rules is not supported yet (ValueError).
     """
     chain = {
         "top_k": top_k,
@@ -178,8 +182,10 @@ def sample(
     chain.update({"eta": eta, "edt_theta": edt_theta, "edt_base": edt_base})
     outputs = {"return_logprobs": return_logprobs or None, "return_entropy": return_entropy or None}
     outputs["return_kept"] = return_kept or None
-    if _is_legacy_call(temperature, {**chain, **outputs}, seed) or top_h is not None:
-        return _sample_top_h(logits, temperature, top_h, rule, cap, generator, chain, outputs, seed, offset)
+    # min_tokens_to_keep = 1 (the default) changes nothing; any other value is a rule argument
+    keep = {"min_tokens_to_keep": None if _is_default_keep(min_tokens_to_keep) else min_tokens_to_keep}
+    if _is_legacy_call(temperature, {**chain, **keep, **outputs}, seed) or top_h is not None:
+        return _sample_top_h(logits, temperature, top_h, rule, cap, generator, {**chain, **keep}, outputs, seed, offset)
     params = filter_params(logits, temperature=temperature, min_tokens_to_keep=min_tokens_to_keep, op="sample", **chain)
     u = row_uniform(logits, seed, offset, generator, "sample")
     tokens, stats = _backend.ops().filter_sample(logits, params, u, bool(return_logprobs))
@@ -279,10 +285,12 @@ def mirostat_sample(
     )
 
 
-def _sample_top_h(logits, temperature, top_h, rule, cap, generator, chain, outputs, seed, offset) -> torch.Tensor:
+def _sample_top_h(
+    logits, temperature, top_h, rule, cap, generator, chain, outputs, seed, offset
+) -> torch.Tensor | SampleResult:
     """The original Top-H / plain-temperature sampler (scalar temperature), with ``generator``
     or counter-based (seed, offset) uniforms."""
-    for name, value in {**chain, **outputs}.items():
+    for name, value in chain.items():
         if value is not None and value is not False:
             raise ValueError(f"logitkit.sample: {name} cannot be combined with top_h yet (docs/sampling.md)")
     if isinstance(temperature, torch.Tensor):
@@ -291,7 +299,46 @@ def _sample_top_h(logits, temperature, top_h, rule, cap, generator, chain, outpu
     alpha = None if top_h is None else float(top_h)
     check_top_h_args(logits, alpha, float(temperature), str(rule), cap_arg, "sample")
     u = row_uniform(logits, seed, offset, generator, "sample")
-    return _backend.ops().sample(logits, u, alpha, float(temperature), str(rule), cap_arg)
+    tokens = _backend.ops().sample(logits, u, alpha, float(temperature), str(rule), cap_arg)
+    if not any(outputs.values()):
+        return tokens
+    assert alpha is not None  # outputs without top_h take the row-statistics sampler
+    return _top_h_outputs(logits, tokens, alpha, float(temperature), str(rule), cap_arg, outputs)
+
+
+def _top_h_outputs(
+    logits: torch.Tensor, tokens: torch.Tensor, alpha: float, temperature: float, rule: str, cap: int, outputs: dict
+) -> SampleResult:
+    """The optional outputs of a Top-H draw (``SampleResult``, float32 like the fused sampler's),
+    from the kept set of ``top_h_mask`` (the sampler's own set: both ops share the cut) and our
+    row ops on the rows with the dropped tokens set to -inf: log q(token) = z_token - log sum
+    over the kept exp(z), H(q), |kept|, and the raw log p(token) at temperature 1. This costs the
+    mask op, a float32 copy of the rows and up to three row passes over it, not the fused
+    sampler's single statistics pass (docs/sampling.md). Special rows as the fused sampler:
+    NaN / +inf (token -1): NaN and a kept count 0; all -inf (token 0): log q = 0, H = 0, count 1,
+    raw log-prob NaN."""
+    ops = _backend.ops()
+    logits = logits.detach()
+    mask = ops.top_h_mask(logits, alpha, temperature, rule, cap)
+    x = logits.float()
+    kept_logits = x.masked_fill(~mask, -math.inf)
+    index = tokens.clamp(min=0).unsqueeze(-1)
+    x_token = kept_logits.gather(-1, index).squeeze(-1)
+    no_token = tokens < 0
+    only_neg_inf = (x_token == -math.inf) & ~no_token  # an all -inf row: token 0 alone, q = 1
+    nan = torch.full_like(x_token, math.nan)
+
+    def special(value: torch.Tensor) -> torch.Tensor:
+        return torch.where(no_token, nan, torch.where(only_neg_inf, 0.0, value))
+
+    logprobs = raw = entropy = None
+    if outputs.get("return_logprobs"):
+        logprobs = special(x_token / temperature - ops.logsumexp(kept_logits, temperature))
+        raw = torch.where(no_token, nan, x_token - ops.logsumexp(x, 1.0))
+    if outputs.get("return_entropy"):
+        entropy = special(ops.entropy(kept_logits, temperature))
+    kept = mask.sum(-1) if outputs.get("return_kept") else None
+    return SampleResult(tokens, logprobs=logprobs, raw_logprobs=raw, entropy=entropy, kept=kept)
 
 
 # ---------------------------------------------------------------------------
