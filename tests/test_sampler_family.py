@@ -305,7 +305,7 @@ def test_draw_is_the_inverse_cdf_at_u(backend, rule, vocab):
     """filter_sample's token for given u is the kept token whose fp64 CDF interval (kept weights
     in vocabulary order) holds u, up to float32 rounding of the sums: the CUDA kernel sums each
     warp's contiguous share and re-reads only the share holding u * mass (partial warps in the
-    emulated launch), or walks tile by tile when top-p's walk gave the mass."""
+    emulated launch), with or without top-p."""
     x = rows(1, vocab, seed=vocab)
     u = torch.tensor([0.0, 1e-6, 0.1, 0.37, 0.5, 0.77, 0.999, 1.0 - 2.0**-24])
     xs = x.expand(len(u), vocab).contiguous()

@@ -145,18 +145,16 @@ LK_HOST_DEVICE bool top_p_reached(T prefix_mass, T limit) {
 }
 
 // What the top-p walk found: keep z >= threshold; the kept set's
-// K = sum e and D = sum (z - m) e (relative to the row max m), and its size
-// (-1: not counted). Without top-p: threshold -inf and K, D of all the
-// survivors.
+// K = sum e and D = sum (z - m) e (relative to the row max m). Without
+// top-p: threshold -inf and K, D of all the survivors.
 struct TopPCut {
   float threshold;
   float mass;
   float shifted;
-  float count;
 };
 
 LK_HOST_DEVICE TopPCut no_top_p_cut(const FilterState& st) {
-  return TopPCut{neg_infinity(), st.sm.sum_exp, st.sm.sum_shifted, -1.0f};
+  return TopPCut{neg_infinity(), st.sm.sum_exp, st.sm.sum_shifted};
 }
 
 // What a row's kernel needs after pass 1: keep z >= threshold (z = x * inv_t),

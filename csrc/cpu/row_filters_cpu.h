@@ -146,8 +146,7 @@ core::TopPCut top_p_cut(RowScratch& s, int64_t cols, const core::FilterParams& p
     const float e = std::exp(d);
     kept += Sums{e, static_cast<double>(d) * e};
   }
-  return core::TopPCut{core::scaled_logit(cut_x, inv_t), static_cast<float>(kept.e), static_cast<float>(kept.d),
-                       -1.0f};  // pass 2 over the thread's copy counts the kept set
+  return core::TopPCut{core::scaled_logit(cut_x, inv_t), static_cast<float>(kept.e), static_cast<float>(kept.d)};
 }
 
 // Runs finish(row, scratch, params, cut, max_x) for every row, in parallel.

@@ -92,8 +92,7 @@ LK_DEVICE inline core::TopPCut top_p_passes(const scalar_t* x, int64_t cols, con
   const uint64_t lowest_key = tie_keep > 0 ? s.radix.cut.tie_key : s.radix.cut.full_from;
   float x_cut = lowest_key == 0 ? core::neg_infinity() : core::key_to_float(static_cast<uint32_t>(lowest_key));
   if (x_cut != x_cut) x_cut = core::neg_infinity();
-  const float count = static_cast<float>(s.radix.cut.selected + tie_keep);  // the tie group is kept whole
-  return core::TopPCut{core::scaled_logit(x_cut, p.inv_temperature), s.radix.cut.mass, s.radix.kept_shifted, count};
+  return core::TopPCut{core::scaled_logit(x_cut, p.inv_temperature), s.radix.cut.mass, s.radix.kept_shifted};
 }
 
 // Pass 1 (and top-p's passes): the row's cut (the same in every thread).

@@ -112,15 +112,21 @@ def _column(value: RowParam, name: str, logits: torch.Tensor, op: str) -> torch.
     return number
 
 
+def _integer_tensor_column(value: torch.Tensor, name: str, logits: torch.Tensor, op: str) -> torch.Tensor:
+    """A per-row count parameter (top_k, min_tokens_to_keep) given as a tensor: an integer dtype,
+    then the device, shape and range checks of :func:`_column`; as int64."""
+    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+        raise TypeError(f"logitkit.{op}: {name} must be an int or an integer tensor, got {value.dtype}")
+    _column(value, name, logits, op)
+    return value.to(torch.int64)
+
+
 def _top_k_column(top_k: RowParam, logits: torch.Tensor, op: str) -> int | torch.Tensor:
     """top_k as an int (0: off) or an int64 tensor of the rows' shape (0: off for that row)."""
     if top_k is None:
         return 0
     if isinstance(top_k, torch.Tensor):
-        if top_k.dtype.is_floating_point or top_k.dtype.is_complex or top_k.dtype == torch.bool:
-            raise TypeError(f"logitkit.{op}: top_k must be an int or an integer tensor, got {top_k.dtype}")
-        _column(top_k, "top_k", logits, op)  # device, shape and range checks
-        return top_k.to(torch.int64)
+        return _integer_tensor_column(top_k, "top_k", logits, op)
     if isinstance(top_k, bool) or not isinstance(top_k, int):
         raise TypeError(f"logitkit.{op}: top_k must be an int or an integer tensor, got {type(top_k).__name__}")
     _check_value(top_k, "top_k", op)
@@ -129,15 +135,10 @@ def _top_k_column(top_k: RowParam, logits: torch.Tensor, op: str) -> int | torch
 
 def _keep_count_column(min_tokens_to_keep: int | torch.Tensor, logits: torch.Tensor, op: str) -> int | torch.Tensor:
     """min_tokens_to_keep as an int >= 1 or an int64 tensor of the rows' shape (values >= 1)."""
-    name = "min_tokens_to_keep"
     if isinstance(min_tokens_to_keep, torch.Tensor):
-        dtype = min_tokens_to_keep.dtype
-        if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
-            raise TypeError(f"logitkit.{op}: {name} must be an int or an integer tensor, got {dtype}")
-        _column(min_tokens_to_keep, name, logits, op)  # device, shape and range checks
-        return min_tokens_to_keep.to(torch.int64)
+        return _integer_tensor_column(min_tokens_to_keep, "min_tokens_to_keep", logits, op)
     if isinstance(min_tokens_to_keep, bool) or not isinstance(min_tokens_to_keep, int) or min_tokens_to_keep < 1:
-        raise ValueError(f"logitkit.{op}: {name} must be an int >= 1, got {min_tokens_to_keep!r}")
+        raise ValueError(f"logitkit.{op}: min_tokens_to_keep must be an int >= 1, got {min_tokens_to_keep!r}")
     return min_tokens_to_keep
 
 
