@@ -4,7 +4,8 @@ then softmax + multinomial), a sort-based torch sampler in the style of vLLM's n
 single rule against its transformers warper, on ROWS x V = 128256 float32 logits with per-row
 parameters for logitkit (transformers takes one value per batch).
 
-    python bench/sampling_family.py [--rows 64 256] [--repeats 5] [--out bench/results/sampling_family.txt]
+    python bench/sampling_family.py [--rows 64 256] [--repeats 5] [--cases typical ...]
+        [--out bench/results/sampling_family.txt]
 
 Prints median times and the speed-up ratios measured side by side (ratios, not absolute times, are
 what carries over on a shared machine).
@@ -25,7 +26,7 @@ from logitkit.bench.sampling_cases import sort_based_sample
 from logitkit.bench.sampling_cases import warpers_then_multinomial as transformers_chain
 
 VOCAB = 128256
-TEMPERATURE, MIN_P, EPSILON, ETA, TOP_K, TOP_P = 0.8, 0.05, 3e-4, 3e-4, 50, 0.9
+TEMPERATURE, MIN_P, EPSILON, ETA, TOP_K, TOP_P, TYPICAL_P = 0.8, 0.05, 3e-4, 3e-4, 50, 0.9, 0.9
 
 
 def timed(fn, repeats: int) -> float:
@@ -46,6 +47,7 @@ def make_cases(rows: int, tlp) -> dict:
     p_rows = torch.full((rows,), MIN_P)
     k_rows = torch.full((rows,), TOP_K)
     top_p_rows = torch.full((rows,), TOP_P) - 0.05 * torch.rand(rows, generator=g)
+    typical_rows = torch.full((rows,), TYPICAL_P) - 0.05 * torch.rand(rows, generator=g)
     seeds = torch.arange(rows)
     temp = tlp.TemperatureLogitsWarper(TEMPERATURE)
     return {
@@ -96,6 +98,10 @@ def make_cases(rows: int, tlp) -> dict:
             lambda: logitkit.filter_logits(x, top_p=top_p_rows),
             {"transformers": lambda: tlp.TopPLogitsWarper(TOP_P)(None, x)},
         ),
+        "typical mask": (
+            lambda: logitkit.filter_logits(x, typical_p=typical_rows),
+            {"transformers": lambda: tlp.TypicalLogitsWarper(TYPICAL_P)(None, x)},
+        ),
         "epsilon mask": (
             lambda: logitkit.filter_logits(x, epsilon=EPSILON),
             {"transformers": lambda: tlp.EpsilonLogitsWarper(EPSILON)(None, x)},
@@ -128,6 +134,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--cases", nargs="+", default=None, help="run only the cases whose name contains one of these")
     args = parser.parse_args()
     from transformers.generation import logits_process as tlp
 
@@ -136,6 +143,8 @@ def main() -> None:
         cases = make_cases(rows, tlp)
         lines.append(f"\nrows = {rows}")
         for name, (ours, baselines) in cases.items():
+            if args.cases and not any(part in name for part in args.cases):
+                continue
             t_ours = timed(ours, args.repeats)
             parts = [f"logitkit {t_ours * 1e3:8.2f} ms"]
             for bname, fn in baselines.items():

@@ -1,5 +1,5 @@
 """Tests of the row-statistics rules of the sampler family (logitkit.truncation_mask,
-filter_logits, sample with top_k / min_p / top_n_sigma / p_less / epsilon / eta / EDT /
+filter_logits, sample with top_k / min_p / top_n_sigma / p_less / epsilon / eta / typical / EDT /
 temperature 0, counter-based seeds, mirostat_sample) on every backend. References:
 logitkit.testing.references.truncation_mask (float64, sort and scan of the published
 definitions), references.mirostat_keep and transformers' warpers."""
@@ -31,6 +31,9 @@ RULES = {
     "top_p": dict(top_p=0.8),
     "top_k_top_p_min_p": dict(top_k=50, top_p=0.9, min_p=0.02),
     "top_p_epsilon_eta": dict(top_p=0.7, epsilon=1e-3, eta=3e-3),
+    "typical": dict(typical_p=0.6),
+    "top_k_top_p_min_p_typical": dict(top_k=60, top_p=0.9, min_p=0.02, typical_p=0.8),
+    "typical_after_the_rest": dict(typical_p=0.4, top_n_sigma=2.0, p_less=True, epsilon=1e-3, eta=3e-3),
 }
 
 
@@ -50,7 +53,7 @@ def test_kept_set_matches_reference(backend, rule, vocab, temperature):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rule", ["min_p", "top_n_sigma", "eta"])
+@pytest.mark.parametrize("rule", ["min_p", "top_n_sigma", "eta", "typical"])
 def test_low_precision_inputs(backend, dtype, rule):
     x = rows(4, 1000).to(dtype)  # the reference sees the same rounded values
     got = logitkit.truncation_mask(backend.tensor(x), temperature=0.9, **RULES[rule]).cpu()
@@ -79,17 +82,20 @@ def test_filter_logits_writes_kept_logits(backend, dtype):
 def test_large_vocab_and_non_contiguous(backend):
     x = rows(2, 2 * 50257, scale=2.0)[:, ::2]
     got = logitkit.truncation_mask(backend.tensor(x), min_p=0.05, top_n_sigma=3.0).cpu()
+    typical = logitkit.truncation_mask(backend.tensor(x), typical_p=0.9, top_k=5000).cpu()
+    assert torch.equal(typical, references.truncation_mask(x, typical_p=0.9, top_k=5000))
     assert torch.equal(got, references.truncation_mask(x, min_p=0.05, top_n_sigma=3.0))
 
 
 @pytest.mark.parametrize("min_tokens_to_keep", [1, 5])
-@pytest.mark.parametrize("warper", ["MinP", "Epsilon", "Eta", "TopK"])
+@pytest.mark.parametrize("warper", ["MinP", "Epsilon", "Eta", "TopK", "Typical"])
 def test_equals_transformers_warpers(backend, warper, min_tokens_to_keep):
     tlp = pytest.importorskip("transformers.generation.logits_process")
     x = rows(8, 1000, scale=2.0)
     x[0] *= 20  # a peaked row: most rules keep fewer than min_tokens_to_keep there
     x[1, :10] = x[1, 10]  # a tie across the k-th largest logit: top-k keeps the whole group
     args = {"MinP": ("min_p", 0.1), "Epsilon": ("epsilon", 3e-3), "Eta": ("eta", 3e-3), "TopK": ("top_k", 4)}
+    args["Typical"] = ("typical_p", 0.7)
     arg = args[warper]
     theirs = getattr(tlp, f"{warper}LogitsWarper")(arg[1], min_tokens_to_keep=min_tokens_to_keep)
     expected = theirs(None, tlp.TemperatureLogitsWarper(0.8)(None, x.clone())) != -math.inf
@@ -111,22 +117,50 @@ def test_equals_transformers_warpers(backend, warper, min_tokens_to_keep):
         [("TopP", 0.95), ("Epsilon", 2e-3)],
         [("TopP", 0.9), ("Eta", 3e-3)],
         [("TopK", 100), ("TopP", 0.97), ("Eta", 1e-2)],
+        [("Typical", 0.5)],
+        [("TopK", 40), ("Typical", 0.9)],
+        [("TopP", 0.9), ("Typical", 0.5)],
+        [("MinP", 0.05), ("Typical", 0.8)],
+        [("TopK", 80), ("TopP", 0.95), ("MinP", 0.02), ("Typical", 0.7)],
     ],
 )
 def test_equals_transformers_chain(backend, chain):
-    """transformers' chain in its documented order (temperature, top-k, top-p, min-p, epsilon,
-    eta): top-k first, the rules after it on the renormalised survivors, min-p invariant to that
-    (epsilon and eta after top-p see its renormalised survivors)."""
+    """transformers' chain in its documented order (temperature, top-k, top-p, min-p, typical,
+    epsilon, eta): top-k first, the rules after it on the renormalised survivors, min-p invariant
+    to that (epsilon and eta after top-p see its renormalised survivors; typical sees the
+    survivors of all the rules before it renormalised)."""
     tlp = pytest.importorskip("transformers.generation.logits_process")
     x = rows(8, 1000, scale=2.0)
     scores = tlp.TemperatureLogitsWarper(0.8)(None, x.clone())
     names = {"TopK": "top_k", "TopP": "top_p", "MinP": "min_p", "Epsilon": "epsilon", "Eta": "eta"}
+    names["Typical"] = "typical_p"
     for warper, value in chain:
         scores = getattr(tlp, f"{warper}LogitsWarper")(value)(None, scores)
     kwargs = {names[w]: v for w, v in chain}
     got = logitkit.truncation_mask(backend.tensor(x), temperature=0.8, **kwargs).cpu()
     assert torch.equal(got, scores != -math.inf)
     assert torch.equal(got, references.truncation_mask(x, temperature=0.8, **kwargs))
+
+
+def test_typical_keeps_the_tokens_nearest_the_entropy(backend):
+    """typical is not a prefix of the probability ranking: on a row with one token of p ~ 0.3
+    and a flat tail its kept set drops the most probable token (as transformers' warper does);
+    min_tokens_to_keep keeps the most *typical* tokens, not the largest logits; the kept set is
+    never empty."""
+    tlp = pytest.importorskip("transformers.generation.logits_process")
+    x = rows(3, 1000, scale=0.5)
+    x[0, 17] = 6.5  # p ~ 0.37, -log p ~ 1 nat, H ~ 5 nats: dropped by typical_p = 0.5
+    x[2] *= 40  # peaked: the most typical tokens are the most probable ones
+    for typical_p, keep in ((0.5, 1), (1e-6, 3), (0.95, 1)):
+        got = logitkit.truncation_mask(backend.tensor(x), typical_p=typical_p, min_tokens_to_keep=keep).cpu()
+        theirs = tlp.TypicalLogitsWarper(typical_p, min_tokens_to_keep=keep)(None, x.clone()) != -math.inf
+        assert torch.equal(got, theirs), typical_p
+        assert torch.equal(got, references.truncation_mask(x, typical_p=typical_p, min_tokens_to_keep=keep))
+        assert (got.sum(-1) >= keep).all()
+        if typical_p < 0.9:  # the most probable token is not among the most typical ones
+            assert not got[0, 17]
+        if keep == 3:
+            assert got[0].sum() == 3
 
 
 def test_per_row_parameters_equal_row_by_row(backend):
@@ -141,6 +175,7 @@ def test_per_row_parameters_equal_row_by_row(backend):
         epsilon=torch.tensor([0.0, 0.0, 1e-3, 1e-3, 0.0]),
         eta=torch.tensor([1e-3, 0.0, 0.0, 0.0, 2e-3]),
         min_tokens_to_keep=torch.tensor([1, 4, 1, 7, 30]),
+        typical_p=torch.tensor([1.0, 0.9, 0.5, 0.3, 1.0]),
     )
     on_backend = {k: backend.tensor(v) for k, v in params.items()}
     batched = logitkit.truncation_mask(backend.tensor(x), **on_backend).cpu()
@@ -157,7 +192,7 @@ def test_per_row_parameters_equal_row_by_row(backend):
         assert batched[r, tokens[r]]
 
 
-@pytest.mark.parametrize("rule", [dict(min_p=0.1), dict(top_p=0.5)])
+@pytest.mark.parametrize("rule", [dict(min_p=0.1), dict(top_p=0.5), dict(typical_p=0.5)])
 def test_special_rows(backend, rule):
     x = rows(4, 50)
     x[0, 7] = math.nan
@@ -175,7 +210,10 @@ def test_special_rows(backend, rule):
     assert out.logprobs[:2].isnan().all() and out.logprobs[2].item() == 0.0
 
 
-@pytest.mark.parametrize("rule", [dict(min_p=0.05), dict(top_p=0.8), dict(top_k=50, top_p=0.9, eta=1e-3)])
+@pytest.mark.parametrize(
+    "rule",
+    [dict(min_p=0.05), dict(top_p=0.8), dict(top_k=50, top_p=0.9, eta=1e-3), dict(typical_p=0.7, min_p=0.01)],
+)
 def test_statistics(backend, rule):
     x = rows(6, 1000)
     out = logitkit.sample(
@@ -232,7 +270,7 @@ def test_top_h_statistics_and_special_rows(backend, top_h_rule):
     assert all(math.isnan(v[5].item()) for v in (out.logprobs, out.raw_logprobs, out.entropy))
 
 
-@pytest.mark.parametrize("rule", ["min_p", "p_less", "none", "top_p"])
+@pytest.mark.parametrize("rule", ["min_p", "p_less", "none", "top_p", "typical"])
 def test_draws_follow_the_processed_distribution(backend, rule):
     """Chi-square of the draws (one row per draw, seeds 0..draws-1). The emulator runs a block in
     ~0.1 s, so there the draws are fewer and must equal the CPU kernel's draws instead (the
@@ -353,6 +391,10 @@ def test_draw_is_the_inverse_cdf_at_u(backend, rule, vocab):
         (dict(top_p=math.nan), ValueError, "top_p must be in"),
         (dict(top_p=torch.tensor([0.5, 0.0])), ValueError, "top_p must be in"),
         (dict(top_p=torch.full((3,), 0.5)), ValueError, "top_p must be a number or a tensor of shape"),
+        (dict(typical_p=0.0), ValueError, "typical_p must be in"),
+        (dict(typical_p=1.5), ValueError, "typical_p must be in"),
+        (dict(typical_p=math.nan), ValueError, "typical_p must be in"),
+        (dict(typical_p=torch.tensor([0.5, -0.1])), ValueError, "typical_p must be in"),
     ],
 )
 def test_bad_parameters(kwargs, error, match):
@@ -395,13 +437,13 @@ def test_opcheck_and_compile(backend):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-@pytest.mark.parametrize("name", ["MinP", "Epsilon", "Eta", "TopP"])
+@pytest.mark.parametrize("name", ["MinP", "Epsilon", "Eta", "TopP", "Typical"])
 def test_processors_equal_transformers(backend, name):
     tlp = pytest.importorskip("transformers.generation.logits_process")
     from logitkit.integrations import transformers as lk_tf
 
     x = rows(4, 500, scale=2.0)
-    value = {"MinP": 0.1, "Epsilon": 1e-3, "Eta": 1e-3, "TopP": 0.8}[name]
+    value = {"MinP": 0.1, "Epsilon": 1e-3, "Eta": 1e-3, "TopP": 0.8, "Typical": 0.6}[name]
     kwargs = dict(filter_value=-100.0, min_tokens_to_keep=3)
     theirs = getattr(tlp, f"{name}LogitsWarper")(value, **kwargs)(None, x.clone())
     ours = getattr(lk_tf, f"{name}LogitsWarper")(value, **kwargs)(None, backend.tensor(x)).cpu()

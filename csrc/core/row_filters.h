@@ -23,6 +23,20 @@
 // with H = log s - b / s (SoftmaxState). The kept set is the intersection of
 // the enabled rules (the largest threshold), never empty: the threshold is at
 // most m, and at most `floor` (the k-th largest z, for min_tokens_to_keep = k).
+//
+// typical (Meister et al., locally typical sampling) comes last and acts on
+// the kept set of all the rules above renormalised (its "candidates",
+// z >= threshold, of mass K and shifted sum D): with q_i = e_i / K and
+// H(q) = log K - D / K, a token's distance |-log q_i - H(q)| is
+//   |z_i - c|,  c = m + D / K   (the expected z under q),
+// and typical keeps the candidates of distance <= d*, where d* is the
+// distance of the first token, in order of increasing distance, at which the
+// running mass reaches typical_p * K and the running count min_tokens_to_keep
+// (transformers' TypicalLogitsWarper; ties of d* kept). That is an interval
+// of z around c, not a prefix of the probability ranking: FilterCut carries
+// it as (center, radius), found by a selection keyed on the distance
+// (TypicalCut). It keeps at least one candidate, so the kept set stays
+// non-empty (the most probable token may be dropped, as in transformers).
 #pragma once
 
 #include <cmath>
@@ -37,7 +51,7 @@ namespace logitkit::core {
 // logits row) written by python/logitkit/sampling.py. A disabled rule has its
 // "off" value: min_p 0, top_n_sigma +inf, p_less 0, epsilon 0, eta 0,
 // keep_floor +inf (min_tokens_to_keep <= 1), top_k_logit -inf (top-k off),
-// top_p 1.
+// top_p 1, typical_p 1.
 enum FilterParam : int {
   kTemperature = 0,  // T > 0; 0 (or a T whose 1 / T overflows): greedy
   kMinP = 1,
@@ -45,10 +59,12 @@ enum FilterParam : int {
   kPLess = 3,
   kEpsilon = 4,
   kEta = 5,
-  kKeepFloor = 6,  // the min_tokens_to_keep-th largest raw logit x
-  kTopKLogit = 7,  // the max(top_k, min_tokens_to_keep)-th largest raw logit x
-  kTopP = 8,       // in (0, 1]; 1: off
-  kFilterParamCount = 9,
+  kKeepFloor = 6,   // the min_tokens_to_keep-th largest raw logit x
+  kTopKLogit = 7,   // the max(top_k, min_tokens_to_keep)-th largest raw logit x
+  kTopP = 8,        // in (0, 1]; 1: off
+  kTypicalP = 9,    // in (0, 1]; 1: off
+  kKeepCount = 10,  // min_tokens_to_keep (>= 1): typical keeps at least this many of the most typical tokens
+  kFilterParamCount = 11,
 };
 
 // The extended row state: the softmax state of z plus what the thresholds
@@ -101,8 +117,10 @@ struct FilterParams {
   bool greedy;  // the T -> 0 limit: every token equal to the max, uniformly
   float inv_temperature;
   float min_p, top_n_sigma, p_less, epsilon, eta, keep_floor;
-  float top_k_z;  // z of the top_k-th largest logit: the statistics' survivors are z >= top_k_z
-  float top_p;    // 1: off
+  float top_k_z;     // z of the top_k-th largest logit: the statistics' survivors are z >= top_k_z
+  float top_p;       // 1: off
+  float typical_p;   // 1: off
+  float keep_count;  // min_tokens_to_keep
 };
 
 LK_HOST_DEVICE FilterParams decode_filter_params(const float* row) {
@@ -119,6 +137,8 @@ LK_HOST_DEVICE FilterParams decode_filter_params(const float* row) {
   p.keep_floor = row[kKeepFloor];
   p.top_k_z = scaled_logit(row[kTopKLogit], p.inv_temperature);
   p.top_p = row[kTopP];
+  p.typical_p = row[kTypicalP];
+  p.keep_count = row[kKeepCount];
   return p;
 }
 
@@ -166,6 +186,10 @@ struct FilterCut {
   float max;        // m
   float threshold;  // keep z >= threshold (<= m)
   float log_sum;    // log s over the whole row (log-probs under the scaled distribution)
+  // typical: keep also only |z - center| <= radius (typical_distance);
+  // without typical, center 0 and radius +inf (every z passes).
+  float center;
+  float radius;
 };
 
 LK_HOST_DEVICE float max_of(float a, float b) { return a > b ? a : b; }
@@ -176,7 +200,7 @@ LK_HOST_DEVICE float max_of(float a, float b) { return a > b ? a : b; }
 // H = log K - D / K (top_p.mass = s, top_p.shifted = b without top-p).
 LK_HOST_DEVICE FilterCut filter_cut(const FilterState& st, const FilterParams& p, const TopPCut& top_p) {
   const float m = st.sm.max;
-  FilterCut c{true, m, m, 0.0f};
+  FilterCut c{true, m, m, 0.0f, 0.0f, pos_infinity()};
   if (m != m || m == pos_infinity()) {
     c.defined = false;
     return c;
@@ -210,10 +234,54 @@ LK_HOST_DEVICE FilterCut filter_cut(const FilterState& st, const FilterParams& p
 // masked (-inf); NaN and +inf pass unchanged, so such a row stays undefined.
 LK_HOST_DEVICE float top_k_survivor(float z, const FilterParams& p) { return z < p.top_k_z ? neg_infinity() : z; }
 
+// typical's distance of a scaled logit z from the center c: |z - c| =
+// |-log q - H(q)| (see the top). z is core::scaled_logit's rounded product,
+// so the selection and every keep test compute the same float.
+LK_HOST_DEVICE float typical_distance(float z, float center) {
+  const float d = z - center;
+  return d < 0.0f ? -d : d;
+}
+
 // Whether a token is kept, and its weight exp(z - m) (0 when dropped).
 LK_HOST_DEVICE float kept_weight(const FilterCut& c, float x, float inv_t) {
   const float z = scaled_logit(x, inv_t);
-  return z >= c.threshold ? exp_of(z - c.max) : 0.0f;
+  return z >= c.threshold && typical_distance(z, c.center) <= c.radius ? exp_of(z - c.max) : 0.0f;
+}
+
+// Whether a defined, non-greedy row runs typical (after filter_cut).
+LK_HOST_DEVICE bool uses_typical(const FilterParams& p, const FilterCut& c) {
+  return p.typical_p < 1.0f && !p.greedy && c.defined && c.max > neg_infinity();
+}
+
+// Whether the candidates' sums (K, D over z >= c.threshold) are already
+// known: the top-p walk's kept sums, or pass 1's sums over the top-k
+// survivors; otherwise (min-p, epsilon, ... or the floor moved the
+// threshold) typical needs a pass of its own over the row to sum them.
+LK_HOST_DEVICE bool typical_candidates_known(const FilterParams& p, const TopPCut& top_p, const FilterCut& c) {
+  return c.threshold == max_of(p.top_k_z, top_p.threshold);
+}
+
+// typical's selection over the candidates ranked by increasing distance: a
+// prefix of that order "fits" while its mass is below typical_p * K or it
+// holds fewer than min_tokens_to_keep tokens; the first token at which it
+// stops fitting sets d*, and it is kept (as top-p's crossing token).
+struct TypicalLimit {
+  float mass;   // typical_p * K
+  float count;  // min_tokens_to_keep
+};
+
+LK_HOST_DEVICE TypicalLimit typical_limit(const FilterParams& p, float candidate_mass) {
+  return TypicalLimit{p.typical_p * candidate_mass, p.keep_count};
+}
+
+template <class T>
+LK_HOST_DEVICE bool typical_reached(T prefix_mass, T prefix_count, const TypicalLimit& limit) {
+  return prefix_mass >= static_cast<T>(limit.mass) && prefix_count >= static_cast<T>(limit.count);
+}
+
+// The center c = m + D / K of the candidates (see the top).
+LK_HOST_DEVICE float typical_center(float m, float candidate_mass, float candidate_shifted) {
+  return m + candidate_shifted / candidate_mass;
 }
 
 // The processed distribution's outputs from its kept sums (relative to m):

@@ -16,7 +16,11 @@
 //           (skipping vectors far below it) gathers that bucket's tokens, a
 //           quickselect finds the crossing token: threshold, kept K and D;
 //   cut     the threshold (core::filter_cut);
-//   pass 2  mask: z >= threshold. sample: the kept weights of every tile,
+//   typical only for a row with typical_p < 1 (apply_typical): the walk of
+//           top-p over buckets of the distance |z - c| instead of z - m,
+//           after one pass for the candidates' sums when no earlier pass
+//           summed them: the cut's center and radius;
+//   pass 2  mask: z >= threshold (and |z - c| <= d*). sample: the kept weights of every tile,
 //           their sums (mass, shifted sum, count), then the draw by inverse
 //           CDF at u * mass: the tile where the running mass first exceeds
 //           it, whose weights are recomputed to find the token (one tile).
@@ -78,17 +82,28 @@ float raw_log_sum_shifted(const RowScratch& s, float max_x) {
   return std::log(vsum(acc));
 }
 
+// core::kept_weight's test, kLanes tokens at a time: z >= threshold, typical's
+// |z - center| <= radius, and a positive weight e = exp(z - m).
+struct KeptLanes {
+  FVec threshold, center, radius;
+  explicit KeptLanes(const core::FilterCut& cut) : threshold(cut.threshold), center(cut.center), radius(cut.radius) {}
+  FVec operator()(const FVec& z, const FVec& e) const {
+    return (z >= threshold) & ((z - center).abs() <= radius) & (e > FVec(0.0f));
+  }
+};
+
 // The kept weights of the tile [t, t + n) into w; adds the tile's sums to `sums`
 // and returns the tile's mass.
 float filter_tile_weights(const RowScratch& s, int64_t t, int64_t n, const core::FilterCut& cut, float inv_t, float* w,
                           core::KeptSums* sums) {
-  const FVec vt(inv_t), vm(cut.max), vthr(cut.threshold), zero(0.0f), one(1.0f);
+  const FVec vt(inv_t), vm(cut.max), zero(0.0f), one(1.0f);
+  const KeptLanes kept(cut);
   FVec mass(0.0f), shifted(0.0f), count(0.0f);
   for (int64_t j = 0; j < n; j += kLanes) {
     const FVec z = FVec::loadu(s.x.data() + t + j) * vt;
     const FVec d = z - vm;
     const FVec all = vexp(d);
-    const FVec keep = (z >= vthr) & (all > zero);
+    const FVec keep = kept(z, all);
     const FVec e = FVec::blendv(zero, all, keep);
     e.store(w + j);
     mass = mass + e;
@@ -149,6 +164,53 @@ core::TopPCut top_p_cut(RowScratch& s, int64_t cols, const core::FilterParams& p
   return core::TopPCut{core::scaled_logit(cut_x, inv_t), static_cast<float>(kept.e), static_cast<float>(kept.d)};
 }
 
+// typical (core::uses_typical) over the candidates z >= cut.threshold of a
+// row: their K and D (top-p's walk or pass 1 summed them, unless another
+// rule moved the threshold: then one vectorised pass), the center
+// c = m + D / K, then the walk of top_p_cut over buckets of the distance
+// |z - c| (kBucketsPerNat per nat, nearest first) with typical's predicate,
+// the cut bucket's tokens gathered (a scan of the stored buckets) and the
+// quickselect by distance: d*, the distance of the first token that does not
+// fit (kept, as its ties are), or the bucket's largest when all of it fits.
+void apply_typical(RowScratch& s, int64_t cols, const core::FilterParams& p, const core::TopPCut& top_p,
+                   core::FilterCut& cut) {
+  const float inv_t = p.inv_temperature, m = cut.max;
+  core::KeptSums candidates{top_p.mass, top_p.shifted, 0.0f};
+  if (!core::typical_candidates_known(p, top_p, cut)) {
+    candidates = core::KeptSums{0.0f, 0.0f, 0.0f};
+    const int64_t padded = static_cast<int64_t>(s.x.size());
+    for (int64_t t = 0; t < padded; t += kTile)
+      filter_tile_weights(s, t, std::min(kTile, padded - t), cut, inv_t, s.a, &candidates);
+  }
+  const float center = core::typical_center(m, candidates.mass, candidates.shifted);
+  auto distance = [inv_t, center](float x) { return core::typical_distance(core::scaled_logit(x, inv_t), center); };
+  auto bucket_of = [center](float z) {
+    return std::min(kBuckets - 1, static_cast<int>(core::typical_distance(z, center) * kBucketsPerNat));
+  };
+  const Sums all = fill_buckets_by(s, inv_t, m, cut.threshold, bucket_of);
+  const core::TypicalLimit limit = core::typical_limit(p, static_cast<float>(all.e));
+  auto fits = [limit](const Sums& prefix) { return !core::typical_reached(prefix.e, prefix.count, limit); };
+  const CutBucket walk = find_cut_bucket(s, fits);
+  s.tokens.clear();
+  for (int64_t i = 0; i < cols && walk.bucket >= 0; ++i) {
+    if (s.bucket[i] == walk.bucket) s.tokens.push_back(Token{s.x[i], i});
+  }
+  auto nearer = [&distance](const Token& a, const Token& b) {
+    const float da = distance(a.x), db = distance(b.x);
+    return da < db || (da == db && a.index < b.index);
+  };
+  const int64_t fit = keep_in_bucket(s.tokens, walk.above, fits, inv_t, m, nearer);
+  const int64_t n = static_cast<int64_t>(s.tokens.size());
+  float radius = kPosInf;  // (no candidate bucket: cannot happen, the row max is a candidate)
+  if (fit < n) {
+    radius = distance(s.tokens[fit].x);
+  } else if (n > 0) {
+    radius = distance(std::max_element(s.tokens.begin(), s.tokens.end(), nearer)->x);
+  }
+  cut.center = center;
+  cut.radius = radius;
+}
+
 // Runs finish(row, scratch, params, cut, max_x) for every row, in parallel.
 template <class scalar_t, class Finish>
 void for_each_filter_row(const Rows& r, const float* params, Finish finish) {
@@ -163,7 +225,9 @@ void for_each_filter_row(const Rows& r, const float* params, Finish finish) {
       const core::FilterState st = moments ? filter_state_of_row<true>(*s, p) : filter_state_of_row<false>(*s, p);
       const core::TopPCut top_p =
           core::uses_top_p(p, st.sm.max) ? top_p_cut(*s, r.cols, p, st.sm.max) : core::no_top_p_cut(st);
-      finish(row, *s, p, core::filter_cut(st, p, top_p), max_x);
+      core::FilterCut cut = core::filter_cut(st, p, top_p);
+      if (core::uses_typical(p, cut)) apply_typical(*s, r.cols, p, top_p, cut);
+      finish(row, *s, p, cut, max_x);
     }
   });
 }
@@ -206,13 +270,14 @@ void filter_write_rows(const Rows& r, const float* params, FilterOutput<out_t> o
           dst[0] = o.kept(s.x[0]);
           return;
         }
-        const FVec vt(p.inv_temperature), vm(cut.max), vthr(cut.threshold), zero(0.0f), one(1.0f);
+        const FVec vt(p.inv_temperature), vm(cut.max), one(1.0f);
+        const KeptLanes kept(cut);
         const FVec dropped(o.filter_value);
         alignas(64) float lanes[kLanes];
         for (int64_t i = 0; i < cols; i += kLanes) {
           const FVec x = FVec::loadu(s.x.data() + i);
           const FVec z = x * vt;
-          const FVec keep = (z >= vthr) & (vexp(z - vm) > zero);
+          const FVec keep = kept(z, vexp(z - vm));
           const int64_t n = std::min(kLanes, cols - i);
           if constexpr (std::is_same_v<out_t, float>) {
             FVec::blendv(dropped, x, keep).store(dst + i, static_cast<int>(n));

@@ -91,11 +91,13 @@ struct RowCut {
 constexpr uint16_t kNoBucket = 0xFFFF;  // zero probability: never a candidate
 
 struct Sums {
-  double e = 0.0;  // sum exp(d)
-  double d = 0.0;  // sum d exp(d)
+  double e = 0.0;      // sum exp(d)
+  double d = 0.0;      // sum d exp(d)
+  double count = 0.0;  // tokens (of positive weight)
   Sums& operator+=(const Sums& o) {
     e += o.e;
     d += o.d;
+    count += o.count;
     return *this;
   }
   double entropy() const { return core::renormalised_entropy(e, d); }
@@ -153,10 +155,10 @@ Token capped_cut(RowScratch& s, int64_t cols, const TopHParams& p, float full_ls
   return s.tokens[kept - 1];
 }
 
-// Visits the padded row tile by tile with d = x * inv_t - m and e = exp(d)
-// computed (vectorised) into the scratch tile buffers: visit(t, d, e, n).
-// Tokens with z = x * inv_t below floor_z (top-k's dropped tokens in the
-// sampler family) get d = -inf, e = 0.
+// Visits the padded row tile by tile with z = x * inv_t and e = exp(z - m)
+// computed (vectorised) into the scratch tile buffers: visit(t, z, e, n).
+// Tokens with z below floor_z (top-k's dropped tokens in the sampler family,
+// or the candidates' threshold of typical) get z = -inf, e = 0.
 template <class Visit>
 void for_each_exp_tile(RowScratch& s, float inv_t, float m, Visit visit, float floor_z = kNegInf) {
   const int64_t padded = static_cast<int64_t>(s.x.size());
@@ -164,10 +166,10 @@ void for_each_exp_tile(RowScratch& s, float inv_t, float m, Visit visit, float f
   for (int64_t t = 0; t < padded; t += kTile) {
     const int64_t n = std::min(kTile, padded - t);
     for (int64_t j = 0; j < n; j += kLanes) {
-      const FVec z = FVec::loadu(s.x.data() + t + j) * vt;
-      const FVec d = FVec::blendv(z - vm, neg_inf, z < vfloor);
-      d.store(s.a + j);
-      vexp(d).store(s.b + j);
+      const FVec scaled = FVec::loadu(s.x.data() + t + j) * vt;
+      const FVec z = FVec::blendv(scaled, neg_inf, scaled < vfloor);
+      z.store(s.a + j);
+      vexp(z - vm).store(s.b + j);
     }
     visit(t, s.a, s.b, n);
   }
@@ -187,22 +189,24 @@ float full_log_sum_exp(RowScratch& s, float inv_t, float m) {
 // H(p); the sampler family's top-p: mass < top_p * s, row_filters_cpu.h).
 //
 // Inside the cut bucket: tokens are the bucket's tokens, above holds the sums
-// of everything ranked before them. Returns how many of them fit
+// of everything ranked before them (`before`: the walk's order, the rank
+// order of the logits unless typical passes its own). Returns how many of them fit
 // (quickselect on the monotone predicate, see the top); when that count c is
 // below tokens.size(), tokens[c] is the bucket's token of rank c (the first
 // that does not fit).
-template <class Fits>
-int64_t keep_in_bucket(std::vector<Token>& tokens, Sums above, Fits fits, float inv_t, float m) {
+template <class Fits, class Before = decltype(&ranks_before)>
+int64_t keep_in_bucket(std::vector<Token>& tokens, Sums above, Fits fits, float inv_t, float m,
+                       Before before = ranks_before) {
   auto begin = tokens.begin();
   int64_t lo = 0, hi = static_cast<int64_t>(tokens.size());
   while (lo < hi) {
     const int64_t mid = lo + (hi - lo) / 2;
-    std::nth_element(begin + lo, begin + mid, begin + hi, ranks_before);
+    std::nth_element(begin + lo, begin + mid, begin + hi, before);
     Sums with = above;
     for (int64_t i = lo; i <= mid; ++i) {
       const float d = tokens[i].x * inv_t - m;
       const float e = std::exp(d);
-      with += Sums{e, static_cast<double>(d) * e};
+      with += Sums{e, static_cast<double>(d) * e, 1.0};
     }
     if (fits(with)) {
       lo = mid + 1;  // the prefix up to the pivot fits: everything ranked up to it is kept
@@ -214,20 +218,28 @@ int64_t keep_in_bucket(std::vector<Token>& tokens, Sums above, Fits fits, float 
   return lo;
 }
 
-// "exact", pass 1 (vectorised exp, scalar scatter): each token's bucket and
-// the bucket sums. Returns the sums of the whole row (of its tokens with
-// z >= floor_z: see for_each_exp_tile).
-Sums fill_buckets(RowScratch& s, float inv_t, float m, float floor_z = kNegInf) {
+// The bucket of a token of scaled logit z in the walk over the rank order
+// of the logits: d = z - m, kBucketsPerNat buckets per nat below the max.
+struct LogitBucket {
+  float m;
+  int operator()(float z) const { return std::min(kBuckets - 1, static_cast<int>(-(z - m) * kBucketsPerNat)); }
+};
+
+// "exact", pass 1 (vectorised exp, scalar scatter): each token's bucket
+// (bucket_of(z): the walk's order) and the bucket sums. Returns the sums of
+// the whole row (of its tokens with z >= floor_z: see for_each_exp_tile).
+template <class BucketOf>
+Sums fill_buckets_by(RowScratch& s, float inv_t, float m, float floor_z, BucketOf bucket_of) {
   s.buckets.assign(kBuckets, Sums{});
   s.bucket.resize(s.x.size());
   for_each_exp_tile(
       s, inv_t, m,
-      [&](int64_t t, const float* d, const float* e, int64_t n) {
+      [&](int64_t t, const float* z, const float* e, int64_t n) {
         for (int64_t j = 0; j < n; ++j) {
           if (e[j] > 0.0f) {
-            const int b = std::min(kBuckets - 1, static_cast<int>(-d[j] * kBucketsPerNat));
+            const int b = bucket_of(z[j]);
             s.bucket[t + j] = static_cast<uint16_t>(b);
-            s.buckets[b] += Sums{e[j], static_cast<double>(d[j]) * e[j]};
+            s.buckets[b] += Sums{e[j], static_cast<double>(z[j] - m) * e[j], 1.0};
           } else {
             s.bucket[t + j] = kNoBucket;
           }
@@ -237,6 +249,11 @@ Sums fill_buckets(RowScratch& s, float inv_t, float m, float floor_z = kNegInf) 
   Sums all;
   for (const Sums& b : s.buckets) all += b;
   return all;
+}
+
+// The walk over the rank order of the logits (Top-H "exact", top-p).
+Sums fill_buckets(RowScratch& s, float inv_t, float m, float floor_z = kNegInf) {
+  return fill_buckets_by(s, inv_t, m, floor_z, LogitBucket{m});
 }
 
 // The bucket that holds the cut, and the sums of the buckets before it.

@@ -17,8 +17,12 @@
 //            at the first digit whose failing bin holds one token. It gives
 //            top-p's threshold and the kept K, D that epsilon / eta
 //            (core::filter_cut) use.
-//   mask     pass 2 writes z >= threshold.                   -> 2 passes
-//            (+ 0 to 2 with top-p)
+//   typical  only for a row with typical_p < 1 (typical_passes): the
+//            radix selection again, keyed on -|z - c| (1 to 3 digit passes,
+//            the first included), after one pass for the candidates' sums
+//            when no earlier pass summed them: the cut's center and radius.
+//   mask     pass 2 writes the kept test (core::kept_weight). -> 2 passes
+//            (+ 0 to 2 with top-p, + 1 to 4 with typical)
 //   sample   pass 2 sums the kept weights (mass, shifted sum, count; block
 //            reduction), each warp over its own contiguous share of the
 //            row, and the warp whose share holds u * mass re-reads that
@@ -95,7 +99,54 @@ LK_DEVICE inline core::TopPCut top_p_passes(const scalar_t* x, int64_t cols, con
   return core::TopPCut{core::scaled_logit(x_cut, p.inv_temperature), s.radix.cut.mass, s.radix.kept_shifted};
 }
 
-// Pass 1 (and top-p's passes): the row's cut (the same in every thread).
+// Adds a token's kept weight w = exp(z - m) (0: dropped) to a thread's kept sums.
+LK_DEVICE inline void add_kept(core::KeptSums& sums, const core::FilterCut& cut, float xv, float inv_t) {
+  const float w = core::kept_weight(cut, xv, inv_t);
+  if (w > 0.0f) {
+    sums.mass += w;
+    sums.shifted += (core::scaled_logit(xv, inv_t) - cut.max) * w;
+    sums.count += 1.0f;
+  }
+}
+
+// The block reductions' combine of kept sums.
+struct AddKeptSums {
+  LK_DEVICE core::KeptSums operator()(const core::KeptSums& a, const core::KeptSums& b) const {
+    return core::KeptSums{a.mass + b.mass, a.shifted + b.shifted, a.count + b.count};
+  }
+};
+
+// typical (core::uses_typical; block-uniform) over the candidates
+// z >= cut.threshold: their K and D (top-p's walk or pass 1 summed them,
+// unless another rule moved the threshold: then one pass), the center
+// c = m + D / K, then Top-H "exact"'s radix selection keyed on the negated
+// distance -|z - c| (DistanceKey, TypicalPredicate): 1 to 3 digit passes, the
+// first one included (pass 1 could not build it: c was not known), stopping
+// at the first digit whose crossing bin holds one token. The lowest kept key
+// is -d*: cut.center and cut.radius.
+template <class scalar_t>
+LK_DEVICE inline void typical_passes(const scalar_t* x, int64_t cols, const core::FilterParams& p,
+                                     const core::TopPCut& top_p, RowFilterStorage& s, core::FilterCut& cut) {
+  __syncthreads();  // every thread has read top-p's cut before the selection resets it
+  core::KeptSums candidates{top_p.mass, top_p.shifted, 0.0f};
+  if (!core::typical_candidates_known(p, top_p, cut)) {
+    core::KeptSums mine{0.0f, 0.0f, 0.0f};
+    for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) add_kept(mine, cut, filter_logit(x, i), p.inv_temperature);
+    candidates = block_reduce(mine, AddKeptSums{}, core::KeptSums{0.0f, 0.0f, 0.0f}, s.sums_scratch);
+  }
+  const float center = core::typical_center(cut.max, candidates.mass, candidates.shifted);
+  const TypicalPredicate pred{core::typical_limit(p, candidates.mass)};
+  radix_select<Selection::exact>(x, cols, pred, cut.max, p.inv_temperature, cut.threshold, s.radix, nullptr, false,
+                                 DistanceKey{center});
+  const int64_t tie_keep = s.radix.cut.tie_keep;
+  const uint64_t lowest_key = tie_keep > 0 ? s.radix.cut.tie_key : s.radix.cut.full_from;
+  // -d* (a key of the NaN range, or 0 = "everything", means no bound)
+  const float negated = lowest_key == 0 ? core::neg_infinity() : core::key_to_float(static_cast<uint32_t>(lowest_key));
+  cut.center = center;
+  cut.radius = negated == negated ? -negated : core::pos_infinity();
+}
+
+// Pass 1 (and top-p's and typical's passes): the row's cut (the same in every thread).
 template <class scalar_t>
 LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols, const float* param_row,
                                                  const core::FilterParams& p, RowFilterStorage& s) {
@@ -119,7 +170,10 @@ LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols
   const core::TopPCut top_p = top_p_passes(x, cols, p, st, mine, s);
   // The rules' parameters decoded again from the table: kept live across
   // top-p's passes, two of them spilled to local memory (sm_90).
-  return core::filter_cut(st, core::decode_filter_params(param_row), top_p);
+  const core::FilterParams params = core::decode_filter_params(param_row);
+  core::FilterCut cut = core::filter_cut(st, params, top_p);
+  if (core::uses_typical(params, cut)) typical_passes(x, cols, params, top_p, s, cut);  // block-uniform
+  return cut;
 }
 
 // The raw distribution's log sum exp(x - max x) at temperature 1 (its own
@@ -175,23 +229,12 @@ LK_DEVICE inline int64_t kept_sums_and_draw(const scalar_t* x, int64_t cols, con
                                             float u, RowFilterStorage& s, core::KeptSums& sums) {
   const WarpShare share = warp_share(cols);
   core::KeptSums mine{0.0f, 0.0f, 0.0f};
-  for (int64_t i = share.begin + lane_rank(); i < share.end; i += lanes_in_warp()) {
-    const float xv = filter_logit(x, i);
-    const float w = core::kept_weight(cut, xv, inv_t);
-    if (w > 0.0f) {
-      mine.mass += w;
-      mine.shifted += (core::scaled_logit(xv, inv_t) - cut.max) * w;
-      mine.count += 1.0f;
-    }
-  }
+  for (int64_t i = share.begin + lane_rank(); i < share.end; i += lanes_in_warp())
+    add_kept(mine, cut, filter_logit(x, i), inv_t);
   const float share_mass = warp_reduce(mine.mass, [](float a, float b) { return a + b; });
   if (lane_rank() == 0) s.share_mass[warp_rank()] = share_mass;
-  sums = block_reduce(  // its barriers publish share_mass too
-      mine,
-      [](const core::KeptSums& a, const core::KeptSums& b) {
-        return core::KeptSums{a.mass + b.mass, a.shifted + b.shifted, a.count + b.count};
-      },
-      core::KeptSums{0.0f, 0.0f, 0.0f}, s.sums_scratch);
+  sums = block_reduce(mine, AddKeptSums{}, core::KeptSums{0.0f, 0.0f, 0.0f},
+                      s.sums_scratch);  // its barriers publish share_mass too
   const float target = u * sums.mass;
   int crossing = -1;
   float before = 0.0f, before_crossing = 0.0f;

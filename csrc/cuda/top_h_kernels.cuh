@@ -86,6 +86,7 @@
 
 #include <cstdint>
 
+#include "../core/row_filters.h"
 #include "../core/softmax_state.h"
 #include "../core/top_h.h"
 #include "../frontend/top_h.h"
@@ -204,6 +205,7 @@ struct TopHStorage {
 struct CountPredicate {
   static constexpr bool kSums = false;  // bins hold counts only
   static constexpr bool kKeptShifted = false;
+  static constexpr bool kKeepsCrossing = false;
   int64_t k;
   LK_DEVICE bool exceeds(const BinTotals& t) const { return t.count > k; }
   // No early stop: the capped rules always resolve all three digits, because
@@ -218,6 +220,7 @@ struct CountPredicate {
 struct EntropyPredicate {
   static constexpr bool kSums = true;  // bins hold (count, sum e, sum d e)
   static constexpr bool kKeptShifted = false;
+  static constexpr bool kKeepsCrossing = false;
   float budget;  // alpha H(p), see core::exact_budget
   LK_DEVICE bool exceeds(const BinTotals& t) const {
     return t.e > 0.0f && core::renormalised_entropy(t.e, t.d) > budget;
@@ -256,12 +259,44 @@ struct EntropyPredicate {
 // group is kept. Bins hold (count, sum e, sum d e) over the top-k survivors.
 struct TopPPredicate {
   static constexpr bool kSums = true;
-  static constexpr bool kKeptShifted = true;  // also sum (z - m) e of the kept set (TopHStorage::kept_shifted)
-  float limit;                                // top_p * s
+  static constexpr bool kKeptShifted = true;    // also sum (z - m) e of the kept set (TopHStorage::kept_shifted)
+  static constexpr bool kKeepsCrossing = true;  // the token that reaches the limit is kept
+  float limit;                                  // top_p * s
   LK_DEVICE bool exceeds(const BinTotals& t) const { return core::top_p_reached(t.e, limit); }
   LK_DEVICE bool bin_fully_dropped(const BinTotals&, int64_t) const { return false; }
   LK_DEVICE bool bin_fully_kept(int64_t bin_count) const { return bin_count == 1; }
   LK_DEVICE int64_t tie_keep(const BinTotals&, int64_t group, float, float) const { return group; }
+};
+
+// The sampler family's typical (core::typical_reached; row_filters_kernels.cuh)
+// over keys of the negated distance -|z - c| (DistanceKey: the nearest token
+// has the largest key, so the walk from the top visits increasing
+// distances): like top-p, the crossing token and its ties are kept. Bins
+// hold (count, sum e, sum d e) of the candidates; only the cut's keys are
+// used (the Cut's mass, computed from a key as if it were a logit, is not).
+struct TypicalPredicate {
+  static constexpr bool kSums = true;
+  static constexpr bool kKeptShifted = false;
+  static constexpr bool kKeepsCrossing = true;
+  core::TypicalLimit limit;
+  LK_DEVICE bool exceeds(const BinTotals& t) const {
+    return core::typical_reached(t.e, static_cast<float>(t.count), limit);
+  }
+  LK_DEVICE bool bin_fully_dropped(const BinTotals&, int64_t) const { return false; }
+  LK_DEVICE bool bin_fully_kept(int64_t bin_count) const { return bin_count == 1; }
+  LK_DEVICE int64_t tie_keep(const BinTotals&, int64_t group, float, float) const { return group; }
+};
+
+// The key a radix selection ranks a token by (largest first): its logit
+// (Top-H, top-p), or typical's negated distance from the center.
+struct LogitKey {
+  LK_DEVICE uint32_t operator()(float x, float) const { return core::orderable_key(x); }
+};
+struct DistanceKey {
+  float center;
+  LK_DEVICE uint32_t operator()(float, float z) const {
+    return core::orderable_key(-core::typical_distance(z, center));
+  }
 };
 
 // The predicate of a selection: capped rules select the top K tokens, "exact"
@@ -415,16 +450,18 @@ LK_DEVICE inline void rescale_first_digit_bins(TopHStorage& s, const FirstDigit&
   }
 }
 
-// Digit passes 2 and 3: the histogram of the tokens whose key has the digits
-// fixed so far (`prefix`); "exact" relative to the row max m, without tokens
-// of zero probability (never candidates). Capped rules, last digit: the keys
-// above the candidate range are selected for sure and are collected into
-// `candidates` now (no separate gather pass). Tokens with z < floor_z
-// (top-k's dropped ones, for the sampler family's top-p) are no candidates
-// (floor_z = -inf for Top-H).
-template <Selection kSel, bool kFloor, class scalar_t>
+// Digit passes (2 and 3; also the first for a key pass 1 could not build:
+// typical's distance): the histogram of the tokens whose key (key_of: the
+// logit's, or typical's distance) has the digits fixed so far (`prefix`);
+// "exact" relative to the row max m, without tokens of zero probability
+// (never candidates). Capped rules, last digit: the keys above the candidate
+// range are selected for sure and are collected into `candidates` now (no
+// separate gather pass). Tokens with z < floor_z (top-k's dropped tokens, for
+// the sampler family's top-p; the candidates' threshold for typical) are no
+// candidates (kFloor; floor_z = -inf for Top-H).
+template <Selection kSel, bool kFloor, class scalar_t, class KeyOf = LogitKey>
 LK_DEVICE inline void digit_pass(const scalar_t* x, int64_t cols, int level, uint32_t prefix, float m, float inv_t,
-                                 float floor_z, TopHStorage& s, uint32_t* candidates) {
+                                 float floor_z, TopHStorage& s, uint32_t* candidates, KeyOf key_of = LogitKey{}) {
   __syncthreads();  // previous readers of the bins are done
   clear_bins<kSel>(s);
   __syncthreads();
@@ -432,8 +469,9 @@ LK_DEVICE inline void digit_pass(const scalar_t* x, int64_t cols, int level, uin
   const int prefix_shift = shift + digit_bits(level);
   for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
     const float xv = load_logit(x, i);
-    const uint32_t key = core::orderable_key(xv);
-    if ((key >> prefix_shift) != prefix) {
+    const float z = core::scaled_logit(xv, inv_t);
+    const uint32_t key = key_of(xv, z);
+    if (level > 0 && (key >> prefix_shift) != prefix) {  // (the first digit has no prefix)
       if constexpr (kSel == Selection::capped) {
         if (level == kDigitCount - 1 && (key >> prefix_shift) > prefix) candidates[atomicAdd(&s.gathered, 1)] = key;
       }
@@ -443,7 +481,6 @@ LK_DEVICE inline void digit_pass(const scalar_t* x, int64_t cols, int level, uin
     if constexpr (kSel == Selection::capped) {
       atomicAdd(&s.bin_count[bin], 1u);
     } else {
-      const float z = core::scaled_logit(xv, inv_t);
       const float d = z - m;
       const float e = expf(d);
       if (e != 0.0f && !(kFloor && z < floor_z)) add_to_bin(s, bin, 1u, e, d * e);
@@ -482,12 +519,12 @@ LK_DEVICE __forceinline__ bool resolve_in_bin(const Predicate& pred, int level, 
     if constexpr (Predicate::kKeptShifted) kept_shifted = above.d;
     return true;
   }
-  if constexpr (Predicate::kKeptShifted) {  // top-p only: Top-H's walk stays as it was (register budget)
+  if constexpr (Predicate::kKeepsCrossing) {  // top-p and typical: Top-H's walk stays as it was (register budget)
     if (pred.bin_fully_kept(bin_count)) {
       cut.full_from = static_cast<uint64_t>(bin_prefix) << digit_shift(level);
       cut.selected = above.count + bin_count;
       cut.mass = above.e + bin_e;
-      kept_shifted = above.d + bin_d;
+      if constexpr (Predicate::kKeptShifted) kept_shifted = above.d + bin_d;
       return true;
     }
   }
@@ -514,8 +551,8 @@ LK_DEVICE inline void walk(const Predicate& pred, int level, float m, float inv_
       continue;
     }
     const uint32_t bin_prefix = (s.prefix << digit_bits(level)) | static_cast<uint32_t>(b);
-    // (the bin's sums only for top-p's fully kept bins: no loads for the other rules)
-    const float bin_e = Predicate::kKeptShifted ? s.bin_e[b] : 0.0f;
+    // (the bin's sums only for fully kept bins: no loads for Top-H's rules)
+    const float bin_e = Predicate::kKeepsCrossing ? s.bin_e[b] : 0.0f;
     const float bin_d = Predicate::kKeptShifted ? s.bin_d[b] : 0.0f;
     if (resolve_in_bin(pred, level, bin_prefix, s.bin_count[b], s.above, bin_e, bin_d, m, inv_t, s.cut,
                        s.kept_shifted)) {
@@ -598,12 +635,14 @@ LK_DEVICE inline void capped_scan(const TopHParams& p, const core::SoftmaxState&
   cut.mass = mass;
 }
 
-// The radix selection of a defined row of max z m whose first digit's
-// histogram pass 1 built: the walk over it, then per further digit a
-// histogram (digit_pass) and the walk, until pred resolves the cut into s.cut.
-template <Selection kSel, class Predicate, class scalar_t>
+// The radix selection of a defined row of max z m: the walk over the first
+// digit's histogram (built by pass 1, or here by a digit pass when
+// first_digit_built is false), then per further digit a histogram
+// (digit_pass) and the walk, until pred resolves the cut into s.cut.
+template <Selection kSel, class Predicate, class scalar_t, class KeyOf = LogitKey>
 LK_DEVICE __forceinline__ void radix_select(const scalar_t* x, int64_t cols, const Predicate pred, float m, float inv_t,
-                                            float floor_z, TopHStorage& s, uint32_t* candidates) {
+                                            float floor_z, TopHStorage& s, uint32_t* candidates,
+                                            bool first_digit_built = true, KeyOf key_of = LogitKey{}) {
   if (threadIdx.x == 0) {
     s.above = BinTotals{0, 0.0f, 0.0f};
     s.cut = Cut{0, 0, 0, 0, 0, 0, RowKind::defined, m, 0.0f};
@@ -613,7 +652,9 @@ LK_DEVICE __forceinline__ void radix_select(const scalar_t* x, int64_t cols, con
   }
   uint32_t prefix = 0;  // digits fixed so far (same in every thread: read back from shared memory)
   for (int level = 0; level < kDigitCount; ++level) {
-    if (level > 0) digit_pass<kSel, Predicate::kKeptShifted>(x, cols, level, prefix, m, inv_t, floor_z, s, candidates);
+    if (level > 0 || !first_digit_built) {
+      digit_pass<kSel, Predicate::kKeepsCrossing>(x, cols, level, prefix, m, inv_t, floor_z, s, candidates, key_of);
+    }
     __syncthreads();
     if (threadIdx.x == 0) walk(pred, level, m, inv_t, s);
     __syncthreads();

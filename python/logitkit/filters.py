@@ -1,7 +1,8 @@
 """The row-statistics truncation rules of the sampler family (docs/sampling.md):
 temperature (0 = greedy, or entropy-adaptive: EDT), top-k, top-p, min-p,
 top-n-sigma, p-less, epsilon and eta, each a threshold on the scaled logit found
-from one pass of row statistics (top-p: from a radix / bucket walk).
+from one pass of row statistics (top-p: from a radix / bucket walk), and typical
+(an interval around the expected scaled logit, from a walk keyed on the distance).
 
 * :func:`truncation_mask`: the boolean kept set of the chain;
 * :func:`filter_logits`: the logits where kept, ``filter_value`` elsewhere;
@@ -39,11 +40,21 @@ PARAM_COLUMNS = (
     "keep_floor",
     "top_k_logit",
     "top_p",
+    "typical_p",
+    "keep_count",
 )
 #: The columns filled from a rule's value (the others come from torch.topk: _rank_columns).
-_VALUE_COLUMNS = ("temperature", "min_p", "top_n_sigma", "p_less", "epsilon", "eta", "top_p")
+_VALUE_COLUMNS = ("temperature", "min_p", "top_n_sigma", "p_less", "epsilon", "eta", "top_p", "typical_p")
 #: The value of each rule that turns it off for a row.
-OFF_VALUES = {"min_p": 0.0, "top_n_sigma": math.inf, "p_less": 0.0, "epsilon": 0.0, "eta": 0.0, "top_p": 1.0}
+OFF_VALUES = {
+    "min_p": 0.0,
+    "top_n_sigma": math.inf,
+    "p_less": 0.0,
+    "epsilon": 0.0,
+    "eta": 0.0,
+    "top_p": 1.0,
+    "typical_p": 1.0,
+}
 #: The EDT base N of Zhang et al. (2024), their recommended value.
 EDT_DEFAULT_BASE = 0.8
 #: Columns of filter_sample's statistics (SampleStat in csrc/frontend/row_filters.h).
@@ -54,6 +65,7 @@ _RANGES = {
     "temperature": (0.0, math.inf, True, False, "a finite number >= 0 (0: greedy)"),
     "min_p": (0.0, 1.0, True, True, "in [0, 1]"),
     "top_p": (0.0, 1.0, False, True, "in (0, 1] (1 or None: off)"),
+    "typical_p": (0.0, 1.0, False, True, "in (0, 1] (1 or None: off)"),
     "top_n_sigma": (0.0, math.inf, True, True, "a number >= 0 (None or inf: off)"),
     "epsilon": (0.0, 1.0, True, False, "in [0, 1)"),
     "eta": (0.0, 1.0, True, False, "in [0, 1)"),
@@ -202,6 +214,7 @@ def filter_params(
     temperature: RowParam = 1.0,
     top_k: RowParam = None,
     top_p: RowParam = None,
+    typical_p: RowParam = None,
     min_p: RowParam = None,
     top_n_sigma: RowParam = None,
     p_less: RowParam = False,
@@ -212,7 +225,7 @@ def filter_params(
     min_tokens_to_keep: int | torch.Tensor = 1,
     op: str = "truncation_mask",
 ) -> torch.Tensor:
-    """The per-row parameter table (..., 9) float32 of the ops (columns: PARAM_COLUMNS), from the
+    """The per-row parameter table (..., 11) float32 of the ops (columns: PARAM_COLUMNS), from the
     Python arguments (checked, with messages naming the argument)."""
     check_logits(logits, op, "logits")
     keep_count = _keep_count_column(min_tokens_to_keep, logits, op)
@@ -221,13 +234,14 @@ def filter_params(
     elif edt_base is not None:
         raise ValueError(f"logitkit.{op}: edt_base needs edt_theta")
     given = {"temperature": temperature, "min_p": min_p, "top_n_sigma": top_n_sigma, "p_less": p_less}
-    given.update({"epsilon": epsilon, "eta": eta, "top_p": top_p})
+    given.update({"epsilon": epsilon, "eta": eta, "top_p": top_p, "typical_p": typical_p})
     columns: dict[str, torch.Tensor | float] = {}
     for name in _VALUE_COLUMNS:
         value = given[name]
         columns[name] = _column(OFF_VALUES[name] if value is None else value, name, logits, op)
     keep_floor, top_k_logit = _rank_columns(logits, _top_k_column(top_k, logits, op), keep_count)
-    columns.update(keep_floor=keep_floor, top_k_logit=top_k_logit)
+    keep_column = keep_count.to(torch.float32) if isinstance(keep_count, torch.Tensor) else float(keep_count)
+    columns.update(keep_floor=keep_floor, top_k_logit=top_k_logit, keep_count=keep_column)
     table = torch.empty((*logits.shape[:-1], len(PARAM_COLUMNS)), dtype=torch.float32, device=logits.device)
     for j, name in enumerate(PARAM_COLUMNS):
         table[..., j] = columns[name]
@@ -240,6 +254,7 @@ def truncation_mask(
     temperature: RowParam = 1.0,
     top_k: RowParam = None,
     top_p: RowParam = None,
+    typical_p: RowParam = None,
     min_p: RowParam = None,
     top_n_sigma: RowParam = None,
     p_less: RowParam = False,
@@ -250,13 +265,20 @@ def truncation_mask(
     min_tokens_to_keep: int | torch.Tensor = 1,
 ) -> torch.Tensor:
     """The boolean kept set (same shape as ``logits``) of the chain temperature ->
-    top-k -> top-p -> {min-p, top-n-sigma, p-less, epsilon, eta} (definitions and composition
+    top-k -> top-p -> {min-p, top-n-sigma, p-less, epsilon, eta} -> typical (definitions and composition
     in docs/sampling.md), each parameter a number or a per-row tensor; ``None`` /
-    ``False`` / 0 (inf for ``top_n_sigma``, 1 for ``top_p``) turns a rule off.
+    ``False`` / 0 (inf for ``top_n_sigma``, 1 for ``top_p`` and ``typical_p``) turns a rule off.
 
     ``top_p`` in (0, 1] (transformers' ``TopPLogitsWarper``) keeps the tokens for which the
     probability mass of the more probable tokens is below ``top_p`` (ties of the last one
     kept); min-p, epsilon and eta then see its survivors renormalised, as in transformers.
+
+    ``typical_p`` in (0, 1] (transformers' ``TypicalLogitsWarper``, Meister et al.) comes last:
+    over the kept set of the other rules renormalised (q), it keeps the tokens nearest the
+    entropy, |-log q - H(q)|, until their mass reaches ``typical_p`` (the token that reaches it
+    and its ties kept), at least ``min_tokens_to_keep`` of the most typical ones. It can drop
+    the most probable token, as transformers' does. transformers applies epsilon and eta after
+    typical; here they act before it (docs/sampling.md).
 
     ``edt_theta`` (with ``edt_base`` N, default 0.8) makes the temperature entropy-adaptive
     (EDT, Zhang et al. 2024): T = temperature * N^(edt_theta / H), H the entropy of the row's
@@ -266,7 +288,7 @@ def truncation_mask(
     k-th largest (ties kept; k = max(top_k, min_tokens_to_keep)); the other rules are then
     evaluated on the temperature-scaled distribution of its survivors (transformers' order:
     top-k before them), and the kept set is their intersection; the most probable token is
-    always kept, and at least ``min_tokens_to_keep`` tokens (the largest logits,
+    always kept (unless typical drops it), and at least ``min_tokens_to_keep`` tokens (the largest logits,
     ties at the k-th kept too, as transformers' epsilon/eta warpers; an int, or an integer
     tensor of one value >= 1 per row, where transformers takes one int). Temperature
     0 keeps the largest logits only. NaN or +inf in a row: nothing kept; a row
@@ -277,6 +299,7 @@ def truncation_mask(
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
+        typical_p=typical_p,
         min_p=min_p,
         top_n_sigma=top_n_sigma,
         p_less=p_less,
@@ -295,6 +318,7 @@ def filter_logits(
     temperature: RowParam = 1.0,
     top_k: RowParam = None,
     top_p: RowParam = None,
+    typical_p: RowParam = None,
     min_p: RowParam = None,
     top_n_sigma: RowParam = None,
     p_less: RowParam = False,
@@ -312,6 +336,7 @@ def filter_logits(
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
+        typical_p=typical_p,
         min_p=min_p,
         top_n_sigma=top_n_sigma,
         p_less=p_less,

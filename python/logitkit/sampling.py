@@ -136,6 +136,7 @@ def sample(
     generator: torch.Generator | None = None,
     top_k: RowParam = None,
     top_p: RowParam = None,
+    typical_p: RowParam = None,
     min_p: RowParam = None,
     top_n_sigma: RowParam = None,
     p_less: RowParam = False,
@@ -152,7 +153,7 @@ def sample(
 ) -> torch.Tensor | SampleResult:
     """Draws one token per row from softmax(logits / temperature) restricted to the kept set of
     the truncation rules given: Top-H (``top_h`` = alpha, with ``rule`` and ``cap``), or the
-    chain top-k -> top-p -> min-p / top-n-sigma / p-less / epsilon / eta, with an optional
+    chain top-k -> top-p -> min-p / top-n-sigma / p-less / epsilon / eta -> typical, with an optional
     entropy-adaptive temperature (``edt_theta``, ``edt_base``) (docs/sampling.md; the same kept
     set as :func:`logitkit.truncation_mask`). Plain temperature sampling without any.
 
@@ -174,6 +175,7 @@ def sample(
     chain = {
         "top_k": top_k,
         "top_p": top_p,
+        "typical_p": typical_p,
         "min_p": min_p,
         "top_n_sigma": top_n_sigma,
         "p_less": p_less,

@@ -10,7 +10,8 @@ it is imported only when a processor class is first accessed.
 * ``OfficialTopHLogitsWarper(top_h, temperature)``: the authors' reference
   processor (rule "official"), which runs before temperature and takes it as
   an argument.
-* ``TopKLogitsWarper``, ``TopPLogitsWarper``, ``MinPLogitsWarper``, ``EpsilonLogitsWarper``, ``EtaLogitsWarper``:
+* ``TopKLogitsWarper``, ``TopPLogitsWarper``, ``MinPLogitsWarper``, ``TypicalLogitsWarper``,
+  ``EpsilonLogitsWarper``, ``EtaLogitsWarper``:
   drop-ins for transformers' warpers of the same names and arguments (``min_tokens_to_keep``,
   ``filter_value``), backed by :func:`logitkit.filter_logits`; ``TopNSigmaLogitsWarper(n)``,
   ``PLessLogitsWarper()`` and ``EDTLogitsWarper(theta)`` (entropy-adaptive temperature) for
@@ -51,6 +52,7 @@ __all__ = [  # noqa: F822
     "TopKLogitsWarper",
     "TopNSigmaLogitsWarper",
     "TopPLogitsWarper",
+    "TypicalLogitsWarper",
 ]
 
 
@@ -179,6 +181,19 @@ def _row_statistics_classes(base: type) -> dict:
             super().__init__(filter_value=filter_value, min_tokens_to_keep=min_tokens_to_keep, min_p=min_p)
             self.min_p = min_p
 
+    class TypicalLogitsWarper(_ChainProcessor):
+        """transformers' ``TypicalLogitsWarper`` (locally typical sampling, Meister et al.):
+        keeps the tokens closest to the entropy, |-log p - H(p)|, until their mass reaches
+        ``mass`` (the token that reaches it included; ties of it kept), at least
+        ``min_tokens_to_keep`` of the closest. Same range as transformers: 0 < mass < 1."""
+
+        def __init__(self, mass: float = 0.9, filter_value: float = -float("inf"), min_tokens_to_keep: int = 1):
+            mass = float(mass)
+            if not (0.0 < mass < 1.0):
+                raise ValueError(f"`typical_p` has to be a float > 0 and < 1, but is {mass}")
+            super().__init__(filter_value=filter_value, min_tokens_to_keep=min_tokens_to_keep, typical_p=mass)
+            self.mass = mass
+
     class EpsilonLogitsWarper(_ChainProcessor):
         """transformers' ``EpsilonLogitsWarper``: keeps p >= epsilon."""
 
@@ -211,7 +226,7 @@ def _row_statistics_classes(base: type) -> dict:
 
     class FusedSamplingLogitsWarper(_ChainProcessor):
         """The whole chain in one call: temperature (0: greedy; entropy-adaptive with
-        ``edt_theta``), top_k, top_p, min_p, top_n_sigma, p_less, epsilon, eta, each a number or a
+        ``edt_theta``), top_k, top_p, min_p, top_n_sigma, p_less, epsilon, eta, typical_p, each a number or a
         per-row tensor (docs/sampling.md). Replaces transformers' temperature warper too: the
         returned scores are the kept logits divided by the row's temperature (greedy rows: 0 for
         the kept tokens)."""
@@ -227,13 +242,14 @@ def _row_statistics_classes(base: type) -> dict:
             p_less=False,
             epsilon=None,
             eta=None,
+            typical_p=None,
             edt_theta=None,
             edt_base=None,
             filter_value: float = -float("inf"),
             min_tokens_to_keep: int = 1,
         ):
             rules = dict(top_k=top_k, top_p=top_p, min_p=min_p, top_n_sigma=top_n_sigma, p_less=p_less)
-            rules.update(epsilon=epsilon, eta=eta)
+            rules.update(epsilon=epsilon, eta=eta, typical_p=typical_p)
             super().__init__(filter_value=filter_value, min_tokens_to_keep=min_tokens_to_keep, **rules)
             self.temperature = temperature
             self.edt_theta, self.edt_base = edt_theta, edt_base
@@ -310,6 +326,7 @@ def _row_statistics_classes(base: type) -> dict:
     return {
         "TopKLogitsWarper": TopKLogitsWarper,
         "TopPLogitsWarper": TopPLogitsWarper,
+        "TypicalLogitsWarper": TypicalLogitsWarper,
         "EDTLogitsWarper": EDTLogitsWarper,
         "MirostatLogitsWarper": MirostatLogitsWarper,
         "MinPLogitsWarper": MinPLogitsWarper,

@@ -161,6 +161,26 @@ def edt_temperature(x: torch.Tensor, temperature=1.0, theta=0.0, base=0.8) -> to
     return _per_row(temperature, batch, 1.0).squeeze(-1) * base_v**exponent
 
 
+def _typical_keep(
+    candidates: torch.Tensor, z: torch.Tensor, typical_p: torch.Tensor, keep_count: int, greedy: torch.Tensor
+) -> torch.Tensor:
+    """Locally typical sampling over the candidates (bool, float64 z of the same shape) renormalised:
+    the distance |-log q - H(q)| equals |z - E_q[z]|; keep by increasing distance up to the first
+    token where the running mass reaches typical_p and the count keep_count (ties kept)."""
+    usable = candidates & (z > -math.inf)
+    q = torch.softmax(z.masked_fill(~usable, -math.inf), dim=-1)
+    center = torch.where(usable, q * z, 0.0).sum(-1, keepdim=True)
+    distance = torch.where(usable & (q > 0), (z - center).abs(), math.inf)
+    ranked = torch.sort(distance, dim=-1, stable=True)
+    mass = torch.cumsum(q.gather(-1, ranked.indices), dim=-1)
+    last = (usable & (q > 0)).sum(-1, keepdim=True).clamp(min=1) - 1
+    crossing = (mass < typical_p).sum(-1, keepdim=True).clamp(max=last)
+    kth = torch.full_like(crossing, keep_count - 1).clamp(max=last)
+    radius = torch.maximum(ranked.values.gather(-1, crossing), ranked.values.gather(-1, kth))
+    on = (typical_p < 1) & ~greedy
+    return torch.where(on, candidates & (distance <= radius), candidates)
+
+
 def truncation_mask(
     x: torch.Tensor,
     temperature=1.0,
@@ -174,6 +194,7 @@ def truncation_mask(
     edt_theta=None,
     edt_base=None,
     top_p=None,
+    typical_p=None,
 ) -> torch.Tensor:
     """The kept set of the chain, evaluated in float64 by sorting each row (stable, largest first)
     and scanning the published definitions on p = softmax(x / T) (T = 0: the largest logits),
@@ -191,8 +212,12 @@ def truncation_mask(
     * p-less: p >= sum p^2;
     * epsilon (Hewitt et al. 2022): p >= eps;  eta: p >= min(eta, sqrt(eta) exp(-H(p)));
     the intersection, at least the most probable token and the tokens whose logit reaches the
-    ``min_tokens_to_keep``-th largest one (not for T = 0). Rows holding NaN / +inf keep nothing, all -inf rows
-    keep token 0.
+    ``min_tokens_to_keep``-th largest one (not for T = 0);
+    * typical last (Meister et al., transformers' TypicalLogitsWarper), on the kept set above
+      renormalised (q): rank its tokens by |-log q - H(q)|, keep them up to the first one at
+      which the running mass of q reaches ``typical_p`` and at least ``min_tokens_to_keep`` of
+      them, with the ties of the last one kept (not for T = 0).
+    Rows holding NaN / +inf keep nothing, all -inf rows keep token 0.
     """
     batch = x.shape[:-1]
     xd = x.detach().double().cpu()
@@ -235,6 +260,7 @@ def truncation_mask(
     k = min(max(min_tokens_to_keep, 1), zs.shape[-1])
     keep |= (xs >= xs[..., k - 1 : k]) & (p > 0) & ~greedy  # greedy rows: the largest logits only
     keep[..., 0] = True
+    keep = _typical_keep(keep, zs, _per_row(typical_p, batch, 1.0), k, greedy)
     bad = ~(xd.isnan().any(-1) | (xd == math.inf).any(-1))
     keep &= bad.unsqueeze(-1)
     return torch.zeros_like(keep).scatter(-1, order.indices, keep)
