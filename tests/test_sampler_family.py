@@ -163,6 +163,56 @@ def test_typical_keeps_the_tokens_nearest_the_entropy(backend):
             assert got[0].sum() == 3
 
 
+@pytest.mark.parametrize("top_h_rule", ["hf", "official", "exact"])
+@pytest.mark.parametrize(
+    "rules",
+    [
+        dict(top_k=40),
+        dict(top_p=0.9, min_p=0.05),
+        dict(top_k=80, top_p=0.95, min_p=0.02, typical_p=0.7),
+        dict(eta=3e-3, top_n_sigma=1.5),
+    ],
+)
+def test_top_h_then_chain(backend, top_h_rule, rules):
+    """Top-H with the chain's rules: Top-H first (transformers' order: temperature, TopH, TopK,
+    TopP, MinP, Typical, ...), the chain on its survivors; equal to the float64 reference of that
+    composition and, for rule "hf" (transformers' TopHLogitsWarper), to transformers' chain.
+    Special rows as the chain's; the sampler's outputs describe the composed distribution."""
+    x = rows(6, 1000, scale=2.0)
+    x[4, 3] = math.nan
+    x[5] = -math.inf
+    args = dict(temperature=0.8, top_h=0.5, rule=top_h_rule, **rules)
+    got = logitkit.truncation_mask(backend.tensor(x), **args).cpu()
+    expected = references.truncation_mask(x, temperature=0.8, top_h=0.5, top_h_rule=top_h_rule, **rules)
+    assert torch.equal(got, expected)
+    assert not got[4].any() and got[5].tolist() == [True] + [False] * 999
+    filtered = logitkit.filter_logits(backend.tensor(x), filter_value=-7.0, **args).cpu()
+    assert torch.equal(filtered, torch.where(got, x, -7.0))
+    tlp = pytest.importorskip("transformers.generation.logits_process")
+    if top_h_rule == "hf" and "top_n_sigma" not in rules:
+        scores = tlp.TopHLogitsWarper(0.5)(None, tlp.TemperatureLogitsWarper(0.8)(None, x[:4].clone()))
+        warpers = {"top_k": "TopK", "top_p": "TopP", "min_p": "MinP", "typical_p": "Typical", "eta": "Eta"}
+        for name, value in rules.items():
+            scores = getattr(tlp, f"{warpers[name]}LogitsWarper")(value)(None, scores)
+        assert torch.equal(got[:4], scores != -math.inf)
+    out = logitkit.sample(
+        backend.tensor(x), seed=5, return_logprobs=True, return_entropy=True, return_kept=True, **args
+    )
+    tok = out.tokens.cpu()
+    assert tok[4].item() == -1 and tok[5].item() == 0
+    assert got[:4].gather(-1, tok[:4, None]).all()
+    assert torch.equal(out.kept.cpu(), got.sum(-1))
+    q = torch.softmax((x[:4].double() / 0.8).masked_fill(~got[:4], -math.inf), -1)
+    log_q = q.gather(-1, tok[:4, None]).squeeze(-1).log()
+    torch.testing.assert_close(out.logprobs[:4].cpu().double(), log_q, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        out.entropy[:4].cpu().double(), references.entropy_terms(q).sum(-1), atol=1e-4, rtol=1e-4
+    )
+    raw = torch.log_softmax(x[:4].double(), -1).gather(-1, tok[:4, None]).squeeze(-1)
+    torch.testing.assert_close(out.raw_logprobs[:4].cpu().double(), raw, atol=1e-4, rtol=1e-4)
+    assert out.raw_logprobs[4:].isnan().all()
+
+
 def test_per_row_parameters_equal_row_by_row(backend):
     x = rows(5, 300)
     params = dict(
@@ -377,7 +427,11 @@ def test_draw_is_the_inverse_cdf_at_u(backend, rule, vocab):
         (dict(seed=torch.zeros(3, dtype=torch.int64)), ValueError, "seed must be an int or an int64 tensor of shape"),
         (dict(seed=1, generator=torch.Generator()), ValueError, "either generator or seed"),
         (dict(offset=3), ValueError, "offset needs seed"),
-        (dict(top_h=0.5, min_p=0.1), ValueError, "min_p cannot be combined with top_h"),
+        (dict(top_h=0.5, min_p=0.1, temperature=torch.ones(2)), ValueError, "top_h needs one temperature"),
+        (dict(top_h=0.5, min_p=0.1, edt_theta=1.0), ValueError, "top_h needs one temperature"),
+        (dict(top_h=0.5, min_tokens_to_keep=3), ValueError, "min_tokens_to_keep applies to the rules after top_h"),
+        (dict(top_h=1.5, min_p=0.1), ValueError, "alpha must be in"),
+        (dict(top_h=0.5, min_p=0.1, rule="nope"), ValueError, "rule must be"),
         (dict(top_k=-1), ValueError, "top_k must be an int >= 0"),
         (dict(top_k=2.5), TypeError, "top_k must be an int or an integer tensor"),
         (dict(top_k=torch.tensor([1.0, 2.0])), TypeError, "top_k must be an int or an integer tensor"),

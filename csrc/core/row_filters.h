@@ -34,9 +34,10 @@
 // running mass reaches typical_p * K and the running count min_tokens_to_keep
 // (transformers' TypicalLogitsWarper; ties of d* kept). That is an interval
 // of z around c, not a prefix of the probability ranking: FilterCut carries
-// it as (center, radius), found by a selection keyed on the distance
-// (TypicalCut). It keeps at least one candidate, so the kept set stays
-// non-empty (the most probable token may be dropped, as in transformers).
+// it as (center, radius), found by a selection keyed on the distance (CPU:
+// apply_typical, CUDA: typical_passes). It keeps at least one candidate, so
+// the kept set stays non-empty (the most probable token may be dropped, as
+// in transformers).
 #pragma once
 
 #include <cmath>

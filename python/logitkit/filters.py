@@ -22,7 +22,7 @@ import math
 import torch
 
 from . import _backend
-from ._registration import check_logits, register_fake
+from ._registration import check_logits, check_temperature, cpp_float, register_fake
 
 __all__ = ["filter_logits", "philox_uniform", "truncation_mask"]
 
@@ -208,6 +208,43 @@ def _edt_temperature(logits: torch.Tensor, temperature, theta, base, op: str) ->
     return torch.nan_to_num(t, nan=0.0)
 
 
+TOP_H_RULES = ("hf", "official", "exact")
+
+
+def check_top_h_args(
+    logits: torch.Tensor, alpha: float | None, temperature: float, rule: str, cap: int, op: str = "top_h_mask"
+) -> None:
+    """The argument checks of top_h_mask and sample (alpha None: no truncation), with the
+    messages of csrc/common/top_h_frontend.h."""
+    check_logits(logits, op, "logits")
+    if alpha is not None and not (alpha > 0 and alpha <= 1):
+        raise ValueError(f"logitkit.{op}: alpha must be in (0, 1], got {cpp_float(alpha)}")
+    check_temperature(temperature, op)
+    if rule not in TOP_H_RULES:
+        raise ValueError(f"logitkit.{op}: rule must be 'hf', 'official' or 'exact', got '{rule}'")
+    if cap != -1 and cap < 1:
+        raise ValueError(f"logitkit.{op}: cap must be >= 1 (or -1 for the rule's default), got {cap}")
+
+
+def top_h_survivors(
+    logits: torch.Tensor, top_h: float, temperature: RowParam, rule: str, cap: int | None, edt_theta: RowParam, op: str
+) -> torch.Tensor:
+    """Top-H as the first stage of the chain, in transformers' order (temperature, Top-H, top-k,
+    top-p, min-p, typical, epsilon, eta): ``logits`` with the tokens Top-H drops (``top_h_mask``)
+    set to -inf, so that the rules after it see its survivors renormalised. A row without a
+    distribution (NaN or +inf, where Top-H keeps nothing) is left as it is, so that the chain
+    reports it as such. Not fused: the Top-H mask op and one masked copy of the rows
+    (docs/sampling.md). Top-H takes one temperature for every row."""
+    if isinstance(temperature, torch.Tensor) or edt_theta is not None:
+        raise ValueError(
+            f"logitkit.{op}: top_h needs one temperature for all rows (a number), not a per-row tensor or edt_theta"
+        )
+    cap_arg = -1 if cap is None else int(cap)
+    check_top_h_args(logits, float(top_h), float(temperature), str(rule), cap_arg, op)  # type: ignore[arg-type]
+    mask = _backend.ops().top_h_mask(logits.detach(), float(top_h), float(temperature), str(rule), cap_arg)  # type: ignore[arg-type]
+    return logits.masked_fill(~(mask | ~mask.any(-1, keepdim=True)), -math.inf)
+
+
 def filter_params(
     logits: torch.Tensor,
     *,
@@ -263,6 +300,9 @@ def truncation_mask(
     edt_theta: RowParam = None,
     edt_base: RowParam = None,
     min_tokens_to_keep: int | torch.Tensor = 1,
+    top_h: float | None = None,
+    rule: str = "hf",
+    cap: int | None = None,
 ) -> torch.Tensor:
     """The boolean kept set (same shape as ``logits``) of the chain temperature ->
     top-k -> top-p -> {min-p, top-n-sigma, p-less, epsilon, eta} -> typical (definitions and composition
@@ -293,7 +333,13 @@ def truncation_mask(
     tensor of one value >= 1 per row, where transformers takes one int). Temperature
     0 keeps the largest logits only. NaN or +inf in a row: nothing kept; a row
     of only -inf keeps token 0. A token of probability 0 in float32 is never kept.
+
+    ``top_h`` (alpha, with ``rule`` and ``cap``: :func:`logitkit.top_h_mask`) adds Top-H as the
+    chain's first rule, as transformers orders it: the other rules then see Top-H's survivors
+    renormalised (one temperature for all rows; not fused, docs/sampling.md).
     """
+    if top_h is not None:
+        logits = top_h_survivors(logits, top_h, temperature, rule, cap, edt_theta, "truncation_mask")
     params = filter_params(
         logits,
         temperature=temperature,
@@ -328,11 +374,17 @@ def filter_logits(
     edt_base: RowParam = None,
     min_tokens_to_keep: int | torch.Tensor = 1,
     filter_value: float = -math.inf,
+    top_h: float | None = None,
+    rule: str = "hf",
+    cap: int | None = None,
 ) -> torch.Tensor:
     """``logits`` (not divided by the temperature) where :func:`truncation_mask` keeps the
-    token, ``filter_value`` elsewhere."""
+    token, ``filter_value`` elsewhere (``top_h``, ``rule``, ``cap``: as there)."""
+    source = logits
+    if top_h is not None:  # (differentiable: masked_fill)
+        source = top_h_survivors(logits, top_h, temperature, rule, cap, edt_theta, "filter_logits")
     params = filter_params(
-        logits,
+        source,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
@@ -348,10 +400,11 @@ def filter_logits(
         op="filter_logits",
     )
     if torch.is_grad_enabled() and logits.requires_grad:  # differentiable: the gradient flows to the kept logits
-        mask = _backend.ops().filter_mask(logits, params)
+        mask = _backend.ops().filter_mask(source.detach(), params)
         return torch.where(mask, logits, torch.tensor(filter_value, dtype=logits.dtype, device=logits.device))
     # written by the kernel's second pass: no bool mask and no torch.where pass over the rows
-    return _backend.ops().filter_logits(logits, params, float(filter_value))
+    # (Top-H's survivors hold the original logits wherever the chain can keep a token)
+    return _backend.ops().filter_logits(source, params, float(filter_value))
 
 
 def _as_counter(value: int | torch.Tensor, name: str, like: torch.Tensor, op: str) -> torch.Tensor:

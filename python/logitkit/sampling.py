@@ -13,35 +13,20 @@ from typing import NamedTuple
 import torch
 
 from . import _backend
-from ._registration import check_logits, check_temperature, cpp_float, register_fake
+from ._registration import check_logits, register_fake
 from .filters import (
     STAT_ENTROPY,
     STAT_KEPT,
     STAT_LOG_PROB,
     STAT_RAW_LOG_PROB,
     RowParam,
+    check_top_h_args,
     filter_params,
     row_uniform,
+    top_h_survivors,
 )
 
 __all__ = ["MirostatResult", "SampleResult", "mirostat_sample", "sample", "top_h", "top_h_mask"]
-
-TOP_H_RULES = ("hf", "official", "exact")
-
-
-def check_top_h_args(
-    logits: torch.Tensor, alpha: float | None, temperature: float, rule: str, cap: int, op: str = "top_h_mask"
-) -> None:
-    """The argument checks of top_h_mask and sample (alpha None: no truncation), with the
-    messages of csrc/common/top_h_frontend.h."""
-    check_logits(logits, op, "logits")
-    if alpha is not None and not (alpha > 0 and alpha <= 1):
-        raise ValueError(f"logitkit.{op}: alpha must be in (0, 1], got {cpp_float(alpha)}")
-    check_temperature(temperature, op)
-    if rule not in TOP_H_RULES:
-        raise ValueError(f"logitkit.{op}: rule must be 'hf', 'official' or 'exact', got '{rule}'")
-    if cap != -1 and cap < 1:
-        raise ValueError(f"logitkit.{op}: cap must be >= 1 (or -1 for the rule's default), got {cap}")
 
 
 def top_h_mask(
@@ -169,8 +154,13 @@ def sample(
 
     With ``return_logprobs`` / ``return_entropy`` / ``return_kept``, returns a
     :class:`SampleResult` (tokens, log q(token) and the raw log p(token), H(q), kept-set size;
-    with ``top_h`` they come from :func:`top_h_mask` and row ops, a few more passes). Combining
-    ``top_h`` with the row-statistics rules is not supported yet (ValueError).
+    with ``top_h`` alone they come from :func:`top_h_mask` and row ops, a few more passes).
+
+    ``top_h`` together with the chain's rules: Top-H first, as in transformers' order
+    (temperature, Top-H, top-k, top-p, min-p, typical, epsilon, eta), the chain on Top-H's
+    survivors renormalised; not fused (the Top-H mask op, one masked copy of the rows, then the
+    chain's sampler: docs/sampling.md). Top-H takes one temperature (a number) for all rows, and
+    has no ``min_tokens_to_keep`` of its own (that applies to the rules after it).
     """
     chain = {
         "top_k": top_k,
@@ -186,20 +176,36 @@ def sample(
     outputs["return_kept"] = return_kept or None
     # min_tokens_to_keep = 1 (the default) changes nothing; any other value is a rule argument
     keep = {"min_tokens_to_keep": None if _is_default_keep(min_tokens_to_keep) else min_tokens_to_keep}
-    if _is_legacy_call(temperature, {**chain, **keep, **outputs}, seed) or top_h is not None:
-        return _sample_top_h(logits, temperature, top_h, rule, cap, generator, {**chain, **keep}, outputs, seed, offset)
-    params = filter_params(logits, temperature=temperature, min_tokens_to_keep=min_tokens_to_keep, op="sample", **chain)
+    chain_rules = any(v is not None and v is not False for v in chain.values())
+    if _is_legacy_call(temperature, {**chain, **keep, **outputs}, seed) or (top_h is not None and not chain_rules):
+        return _sample_top_h(logits, temperature, top_h, rule, cap, generator, keep, outputs, seed, offset)
+    # Top-H with the chain: Top-H first (transformers' order), the chain on its survivors
+    source = logits if top_h is None else top_h_survivors(logits, top_h, temperature, rule, cap, edt_theta, "sample")
+    params = filter_params(source, temperature=temperature, min_tokens_to_keep=min_tokens_to_keep, op="sample", **chain)
     u = row_uniform(logits, seed, offset, generator, "sample")
-    tokens, stats = _backend.ops().filter_sample(logits, params, u, bool(return_logprobs))
+    raw_in_kernel = bool(return_logprobs) and top_h is None  # (the kernel would see Top-H's -inf entries)
+    tokens, stats = _backend.ops().filter_sample(source, params, u, raw_in_kernel)
     if not (return_logprobs or return_entropy or return_kept):
         return tokens
+    raw = None
+    if return_logprobs:
+        raw = stats[..., STAT_RAW_LOG_PROB] if raw_in_kernel else _raw_log_probs(logits, tokens)
     return SampleResult(
         tokens,
         logprobs=stats[..., STAT_LOG_PROB] if return_logprobs else None,
-        raw_logprobs=stats[..., STAT_RAW_LOG_PROB] if return_logprobs else None,
+        raw_logprobs=raw,
         entropy=stats[..., STAT_ENTROPY] if return_entropy else None,
         kept=stats[..., STAT_KEPT].to(torch.int64) if return_kept else None,
     )
+
+
+def _raw_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)(token) at temperature 1 (float32; NaN for token -1, and for an all -inf
+    row, as the fused sampler gives): the gathered logit minus our logsumexp op (one pass)."""
+    x = logits.detach()
+    x_token = x.gather(-1, tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1).float()
+    raw = x_token - _backend.ops().logsumexp(x, 1.0)
+    return torch.where(tokens < 0, math.nan, raw)
 
 
 def mirostat_epsilon(mu: torch.Tensor) -> torch.Tensor:
@@ -288,13 +294,16 @@ def mirostat_sample(
 
 
 def _sample_top_h(
-    logits, temperature, top_h, rule, cap, generator, chain, outputs, seed, offset
+    logits, temperature, top_h, rule, cap, generator, keep, outputs, seed, offset
 ) -> torch.Tensor | SampleResult:
     """The original Top-H / plain-temperature sampler (scalar temperature), with ``generator``
-    or counter-based (seed, offset) uniforms."""
-    for name, value in chain.items():
-        if value is not None and value is not False:
-            raise ValueError(f"logitkit.sample: {name} cannot be combined with top_h yet (docs/sampling.md)")
+    or counter-based (seed, offset) uniforms. ``keep``: min_tokens_to_keep when not 1, which
+    Top-H alone does not take (transformers' TopHLogitsWarper has none either)."""
+    if keep.get("min_tokens_to_keep") is not None:
+        raise ValueError(
+            "logitkit.sample: min_tokens_to_keep applies to the rules after top_h (top_k, top_p, min_p, ...), "
+            "and none is given; Top-H alone has no min_tokens_to_keep (as transformers' TopHLogitsWarper)"
+        )
     if isinstance(temperature, torch.Tensor):
         raise ValueError("logitkit.sample: a per-row temperature cannot be combined with top_h yet")
     cap_arg = -1 if cap is None else int(cap)

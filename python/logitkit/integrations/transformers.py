@@ -226,7 +226,8 @@ def _row_statistics_classes(base: type) -> dict:
 
     class FusedSamplingLogitsWarper(_ChainProcessor):
         """The whole chain in one call: temperature (0: greedy; entropy-adaptive with
-        ``edt_theta``), top_k, top_p, min_p, top_n_sigma, p_less, epsilon, eta, typical_p, each a number or a
+        ``edt_theta``), top_h (transformers' TopHLogitsWarper, first; a number, with one
+        temperature for all rows), top_k, top_p, min_p, top_n_sigma, p_less, epsilon, eta, typical_p, each a number or a
         per-row tensor (docs/sampling.md). Replaces transformers' temperature warper too: the
         returned scores are the kept logits divided by the row's temperature (greedy rows: 0 for
         the kept tokens)."""
@@ -243,6 +244,7 @@ def _row_statistics_classes(base: type) -> dict:
             epsilon=None,
             eta=None,
             typical_p=None,
+            top_h=None,
             edt_theta=None,
             edt_base=None,
             filter_value: float = -float("inf"),
@@ -250,6 +252,8 @@ def _row_statistics_classes(base: type) -> dict:
         ):
             rules = dict(top_k=top_k, top_p=top_p, min_p=min_p, top_n_sigma=top_n_sigma, p_less=p_less)
             rules.update(epsilon=epsilon, eta=eta, typical_p=typical_p)
+            if top_h is not None:  # transformers' TopHLogitsWarper (rule "hf"), first in the chain
+                rules.update(top_h=top_h)
             super().__init__(filter_value=filter_value, min_tokens_to_keep=min_tokens_to_keep, **rules)
             self.temperature = temperature
             self.edt_theta, self.edt_base = edt_theta, edt_base

@@ -195,6 +195,9 @@ def truncation_mask(
     edt_base=None,
     top_p=None,
     typical_p=None,
+    top_h=None,
+    top_h_rule: str = "hf",
+    top_h_cap: int = -1,
 ) -> torch.Tensor:
     """The kept set of the chain, evaluated in float64 by sorting each row (stable, largest first)
     and scanning the published definitions on p = softmax(x / T) (T = 0: the largest logits),
@@ -217,8 +220,13 @@ def truncation_mask(
       renormalised (q): rank its tokens by |-log q - H(q)|, keep them up to the first one at
       which the running mass of q reaches ``typical_p`` and at least ``min_tokens_to_keep`` of
       them, with the ties of the last one kept (not for T = 0).
+    With ``top_h``, Top-H (:func:`top_h_mask`, rule ``top_h_rule``) comes first, as in
+    transformers' order: the chain above runs on its survivors (the others set to -inf).
     Rows holding NaN / +inf keep nothing, all -inf rows keep token 0.
     """
+    if top_h is not None:
+        kept_by_top_h = top_h_mask(x.detach().cpu(), top_h, float(temperature), top_h_rule, top_h_cap)
+        x = x.detach().cpu().masked_fill(~(kept_by_top_h | ~kept_by_top_h.any(-1, keepdim=True)), -math.inf)
     batch = x.shape[:-1]
     xd = x.detach().double().cpu()
     if edt_theta is not None:
