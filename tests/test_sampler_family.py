@@ -482,12 +482,18 @@ def test_opcheck_and_compile(backend):
     seeds = backend.tensor(torch.arange(3))
     torch.library.opcheck(ops.philox_uniform, (seeds, seeds))
 
-    def chain(logits, seed):
-        mask = logitkit.truncation_mask(logits, temperature=0.9, min_p=0.05, top_p=0.8)
-        return mask, logitkit.sample(logits, temperature=0.9, min_p=0.05, top_p=0.8, seed=seed)
+    # per-row top_k / min_tokens_to_keep tensors: the kernels select the k-th largest logits
+    # themselves, so there is no host read to break the graph
+    ranks = dict(
+        top_k=backend.tensor(torch.tensor([0, 5, 12])), min_tokens_to_keep=backend.tensor(torch.tensor([1, 3, 2]))
+    )
+
+    def chain(logits, seed, ranks):
+        rules = dict(temperature=0.9, min_p=0.05, top_p=0.8, typical_p=0.95, **ranks)
+        return logitkit.truncation_mask(logits, **rules), logitkit.sample(logits, seed=seed, **rules)
 
     compiled = torch.compile(chain, fullgraph=True, backend="aot_eager")
-    got, want = compiled(x, seeds), chain(x, seeds)
+    got, want = compiled(x, seeds, ranks), chain(x, seeds, ranks)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 

@@ -51,8 +51,7 @@ namespace logitkit::core {
 // The per-row parameter table (float32, one row of kFilterParamCount per
 // logits row) written by python/logitkit/sampling.py. A disabled rule has its
 // "off" value: min_p 0, top_n_sigma +inf, p_less 0, epsilon 0, eta 0,
-// keep_floor +inf (min_tokens_to_keep <= 1), top_k_logit -inf (top-k off),
-// top_p 1, typical_p 1.
+// top_k 0, top_p 1, typical_p 1; keep_count 1 (min_tokens_to_keep).
 enum FilterParam : int {
   kTemperature = 0,  // T > 0; 0 (or a T whose 1 / T overflows): greedy
   kMinP = 1,
@@ -60,12 +59,11 @@ enum FilterParam : int {
   kPLess = 3,
   kEpsilon = 4,
   kEta = 5,
-  kKeepFloor = 6,   // the min_tokens_to_keep-th largest raw logit x
-  kTopKLogit = 7,   // the max(top_k, min_tokens_to_keep)-th largest raw logit x
-  kTopP = 8,        // in (0, 1]; 1: off
-  kTypicalP = 9,    // in (0, 1]; 1: off
-  kKeepCount = 10,  // min_tokens_to_keep (>= 1): typical keeps at least this many of the most typical tokens
-  kFilterParamCount = 11,
+  kTopK = 6,       // k = max(top_k, min_tokens_to_keep) < V; 0: off (the kernels find the k-th largest x)
+  kTopP = 7,       // in (0, 1]; 1: off
+  kTypicalP = 8,   // in (0, 1]; 1: off
+  kKeepCount = 9,  // min_tokens_to_keep (>= 1): the floor of every rule, and typical's count
+  kFilterParamCount = 10,
 };
 
 // The extended row state: the softmax state of z plus what the thresholds
@@ -117,11 +115,16 @@ LK_HOST_DEVICE void accumulate(FilterState& st, float z) {
 struct FilterParams {
   bool greedy;  // the T -> 0 limit: every token equal to the max, uniformly
   float inv_temperature;
-  float min_p, top_n_sigma, p_less, epsilon, eta, keep_floor;
-  float top_k_z;     // z of the top_k-th largest logit: the statistics' survivors are z >= top_k_z
+  float min_p, top_n_sigma, p_less, epsilon, eta;
+  float top_k;       // top-k's k (0: off)
   float top_p;       // 1: off
   float typical_p;   // 1: off
   float keep_count;  // min_tokens_to_keep
+  // Filled by the kernels from the counts (with_rank_cuts): z of the top_k-th
+  // largest logit (the statistics' survivors are z >= top_k_z; -inf: top-k
+  // off) and the min_tokens_to_keep-th largest logit x (+inf: no floor).
+  float top_k_z;
+  float keep_floor;
 };
 
 LK_HOST_DEVICE FilterParams decode_filter_params(const float* row) {
@@ -135,11 +138,36 @@ LK_HOST_DEVICE FilterParams decode_filter_params(const float* row) {
   p.p_less = row[kPLess];
   p.epsilon = row[kEpsilon];
   p.eta = row[kEta];
-  p.keep_floor = row[kKeepFloor];
-  p.top_k_z = scaled_logit(row[kTopKLogit], p.inv_temperature);
+  p.top_k = row[kTopK];
   p.top_p = row[kTopP];
   p.typical_p = row[kTypicalP];
   p.keep_count = row[kKeepCount];
+  p.top_k_z = neg_infinity();
+  p.keep_floor = pos_infinity();
+  return p;
+}
+
+// The ranks whose logits a row needs (a kernel selects the k-th largest x
+// for each): top-k's k, and the floor's k = min_tokens_to_keep (clamped to
+// the row); 0 where none is needed (top-k off; min_tokens_to_keep 1, which
+// the row max satisfies). A greedy row needs neither (it keeps the max).
+struct RankCounts {
+  int64_t top_k;
+  int64_t floor;
+};
+
+LK_HOST_DEVICE RankCounts rank_counts(const FilterParams& p, int64_t cols) {
+  if (p.greedy) return RankCounts{0, 0};
+  const int64_t top_k = p.top_k >= 1.0f ? static_cast<int64_t>(p.top_k) : 0;
+  const int64_t keep = p.keep_count > 1.0f ? static_cast<int64_t>(p.keep_count) : 0;
+  return RankCounts{top_k < cols ? top_k : 0, keep < cols ? keep : (keep > 0 ? cols : 0)};
+}
+
+// The params with the selected logits filled in (x of the k-th largest; the
+// off values where a count is 0).
+LK_HOST_DEVICE FilterParams with_rank_cuts(FilterParams p, float top_k_x, float floor_x) {
+  p.top_k_z = scaled_logit(top_k_x, p.inv_temperature);
+  p.keep_floor = floor_x;
   return p;
 }
 

@@ -211,6 +211,53 @@ void apply_typical(RowScratch& s, int64_t cols, const core::FilterParams& p, con
   cut.radius = radius;
 }
 
+// The k-th largest logits of the loaded row that top-k and the keep floor
+// need (core::rank_counts; count 0: none, -inf / +inf returned): one
+// vectorised threshold-filter pass, as capped_cut's (top_h_cpu.cpp): a vector
+// whose lanes all lie below the running threshold is skipped, the others'
+// tokens join a buffer of the best ones seen, which nth_element shrinks back
+// to the k best when it reaches about 4k, raising the threshold to the k-th
+// best. Then nth_element puts the k-th (rank order: larger x, then lower
+// index) in place for each count. Expected O(V), no sort, no torch.topk.
+struct RankCutLogits {
+  float top_k_x;
+  float floor_x;
+};
+
+RankCutLogits rank_cut_logits(RowScratch& s, int64_t cols, const core::RankCounts& ranks) {
+  const int64_t k = std::max(ranks.top_k, ranks.floor);
+  s.tokens.clear();
+  float threshold = kNegInf;
+  constexpr int kAllBelow = (1 << kLanes) - 1;  // zero_mask() when no lane passes
+  for (int64_t i0 = 0; i0 < cols; i0 += kLanes) {
+    if ((FVec::loadu(s.x.data() + i0) >= FVec(threshold)).zero_mask() == kAllBelow) continue;
+    for (int64_t i = i0; i < std::min(cols, i0 + kLanes); ++i) {
+      if (!(s.x[i] >= threshold)) continue;
+      s.tokens.push_back(Token{s.x[i], i});
+      if (static_cast<int64_t>(s.tokens.size()) >= kSelectionBufferFactor * k + kSelectionBufferSlack) {
+        std::nth_element(s.tokens.begin(), s.tokens.begin() + (k - 1), s.tokens.end(), ranks_before);
+        threshold = s.tokens[k - 1].x;
+        s.tokens.resize(k);
+      }
+    }
+  }
+  // Fewer than k tokens only when the row holds NaN (never >= a threshold):
+  // such a row keeps nothing whatever these logits are.
+  const int64_t size = static_cast<int64_t>(s.tokens.size());
+  if (size < k) return RankCutLogits{kNegInf, kPosInf};
+  // The rank-th best of tokens[0, end): nth_element leaves the better ones in front of it.
+  auto select = [&](int64_t rank, int64_t end) {
+    std::nth_element(s.tokens.begin(), s.tokens.begin() + (rank - 1), s.tokens.begin() + end, ranks_before);
+    return s.tokens[rank - 1].x;
+  };
+  const float kth_x = select(k, size);  // the larger count's
+  const int64_t other = std::min(ranks.top_k, ranks.floor);
+  const float other_x = other > 0 && other < k ? select(other, k) : kth_x;
+  const bool top_k_larger = ranks.top_k == k;
+  return RankCutLogits{ranks.top_k == 0 ? kNegInf : (top_k_larger ? kth_x : other_x),
+                       ranks.floor == 0 ? kPosInf : (top_k_larger ? other_x : kth_x)};
+}
+
 // Runs finish(row, scratch, params, cut, max_x) for every row, in parallel.
 template <class scalar_t, class Finish>
 void for_each_filter_row(const Rows& r, const float* params, Finish finish) {
@@ -219,8 +266,13 @@ void for_each_filter_row(const Rows& r, const float* params, Finish finish) {
     auto s = std::make_unique<RowScratch>();
     s->x.resize(round_up_to_lanes(r.cols));
     for (int64_t row = first; row < last; ++row) {
-      const core::FilterParams p = core::decode_filter_params(params + row * core::kFilterParamCount);
+      core::FilterParams p = core::decode_filter_params(params + row * core::kFilterParamCount);
       const float max_x = load_row(data + row * r.row_stride, r.cols, *s);
+      const core::RankCounts ranks = core::rank_counts(p, r.cols);
+      if (ranks.top_k > 0 || ranks.floor > 0) {
+        const RankCutLogits cuts = rank_cut_logits(*s, r.cols, ranks);
+        p = core::with_rank_cuts(p, cuts.top_k_x, cuts.floor_x);
+      }
       const bool moments = p.p_less != 0.0f || p.top_n_sigma < kPosInf;
       const core::FilterState st = moments ? filter_state_of_row<true>(*s, p) : filter_state_of_row<false>(*s, p);
       const core::TopPCut top_p =

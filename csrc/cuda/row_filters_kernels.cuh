@@ -57,7 +57,8 @@ struct RowFilterStorage {
   float mass_scratch[kReduceScratchSize];
   float share_mass[kMaxWarpsPerBlock];  // each warp's kept mass (kept_sums_and_draw)
   int64_t index_scratch[kReduceScratchSize];
-  TopHStorage radix;  // top-p's histograms and walk
+  float top_k_x, floor_x;  // the selected ranks' logits (with_selected_ranks), re-read after top-p
+  TopHStorage radix;       // the radix selections' histograms and walk (top-k, top-p, typical)
 };
 
 template <class scalar_t>
@@ -146,10 +147,42 @@ LK_DEVICE inline void typical_passes(const scalar_t* x, int64_t cols, const core
   cut.radius = negated == negated ? -negated : core::pos_infinity();
 }
 
+// The k-th largest logit x of the row (k < cols; a block collective): Top-H's
+// radix selection over the logits' orderable keys, counting (Selection::rank):
+// 3 digit passes, the first included. CountPredicate{k - 1} fails at the
+// first bin where the count from the top reaches k, so the last digit's
+// failing key is the k-th largest token's (ties: the same value as
+// torch.topk's k-th).
+template <class scalar_t>
+LK_DEVICE inline float kth_largest_logit(const scalar_t* x, int64_t cols, int64_t k, RowFilterStorage& s) {
+  __syncthreads();  // every thread has read the previous selection's cut
+  radix_select<Selection::rank>(x, cols, CountPredicate{k - 1}, 0.0f, 1.0f, core::neg_infinity(), s.radix, nullptr,
+                                false);
+  return core::key_to_float(s.radix.cut.tie_key);
+}
+
+// top-k's and the keep floor's logits (core::rank_counts; block-uniform),
+// selected in the kernel: no torch.topk and no host read of the largest k.
+// Also left in shared memory for filter_pass_one to read back after top-p.
+template <class scalar_t>
+LK_DEVICE inline core::FilterParams with_selected_ranks(const scalar_t* x, int64_t cols, const core::FilterParams& p,
+                                                        RowFilterStorage& s) {
+  const core::RankCounts ranks = core::rank_counts(p, cols);
+  float top_k_x = core::neg_infinity(), floor_x = core::pos_infinity();
+  if (ranks.top_k > 0) top_k_x = kth_largest_logit(x, cols, ranks.top_k, s);
+  if (ranks.floor > 0) floor_x = ranks.floor == ranks.top_k ? top_k_x : kth_largest_logit(x, cols, ranks.floor, s);
+  if (threadIdx.x == 0) {  // (read after pass 1's barriers)
+    s.top_k_x = top_k_x;
+    s.floor_x = floor_x;
+  }
+  return core::with_rank_cuts(p, top_k_x, floor_x);
+}
+
 // Pass 1 (and top-p's and typical's passes): the row's cut (the same in every thread).
 template <class scalar_t>
 LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols, const float* param_row,
-                                                 const core::FilterParams& p, RowFilterStorage& s) {
+                                                 const core::FilterParams& decoded, RowFilterStorage& s) {
+  const core::FilterParams p = with_selected_ranks(x, cols, decoded, s);
   const bool first_digit = p.top_p < 1.0f && !p.greedy;  // block-uniform
   if (first_digit) clear_bins<Selection::exact>(s.radix);
   __syncthreads();
@@ -168,9 +201,10 @@ LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols
       st, [](const core::FilterState& a, const core::FilterState& b) { return core::merge(a, b); },
       core::empty_filter_state(), s.state_scratch);
   const core::TopPCut top_p = top_p_passes(x, cols, p, st, mine, s);
-  // The rules' parameters decoded again from the table: kept live across
-  // top-p's passes, two of them spilled to local memory (sm_90).
-  const core::FilterParams params = core::decode_filter_params(param_row);
+  // The rules' parameters decoded again from the table (and the selected
+  // ranks' logits read back): kept live across top-p's passes, two of them
+  // spilled to local memory (sm_90).
+  const core::FilterParams params = core::with_rank_cuts(core::decode_filter_params(param_row), s.top_k_x, s.floor_x);
   core::FilterCut cut = core::filter_cut(st, params, top_p);
   if (core::uses_typical(params, cut)) typical_passes(x, cols, params, top_p, s, cut);  // block-uniform
   return cut;

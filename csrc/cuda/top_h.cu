@@ -45,6 +45,8 @@ struct TopHBackend {
         return launch<scalar_t>(r, p, "sample", &sample_kernel<Selection::capped, scalar_t>, uniform, out);
       case Selection::exact:
         return launch<scalar_t>(r, p, "sample", &sample_kernel<Selection::exact, scalar_t>, uniform, out);
+      case Selection::rank:  // the sampler family's top-k selection, never a Top-H rule (selection_of)
+        break;
     }
   }
 

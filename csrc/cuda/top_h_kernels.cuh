@@ -118,6 +118,7 @@ enum class Selection : int {
   all,     // plain sampling (sample without alpha): every token
   capped,  // "hf" and "official": a scan over the top K
   exact,   // "exact": the entropy-bounded prefix of the whole row
+  rank,    // the sampler family's top-k / keep floor: the k-th largest key (counts, nothing gathered)
 };
 
 // "exact", first digit: the reference r of a bin's sums exp(z - r), taken
@@ -478,7 +479,7 @@ LK_DEVICE inline void digit_pass(const scalar_t* x, int64_t cols, int level, uin
       continue;
     }
     const int bin = static_cast<int>((key >> shift) & ((1u << digit_bits(level)) - 1u));
-    if constexpr (kSel == Selection::capped) {
+    if constexpr (kSel == Selection::capped || kSel == Selection::rank) {
       atomicAdd(&s.bin_count[bin], 1u);
     } else {
       const float d = z - m;

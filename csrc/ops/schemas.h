@@ -59,9 +59,9 @@ inline void define_schemas(torch::Library& m) {
       "float grad_filter_eps=0.0) -> (Tensor, Tensor, Tensor)");
 
   // ---- Sampler family: the row-statistics rules (docs/sampling.md) ----
-  // params: float32 (..., 8) per-row table [temperature, min_p, top_n_sigma,
-  // p_less, epsilon, eta, keep_floor, top_k_logit] (csrc/core/row_filters.h), built by
-  // logitkit.sampling. filter_mask -> bool keep mask of logits' shape;
+  // params: float32 (..., 10) per-row table [temperature, min_p, top_n_sigma,
+  // p_less, epsilon, eta, top_k, top_p, typical_p, min_tokens_to_keep]
+  // (csrc/core/row_filters.h), built by logitkit.filters. filter_mask -> bool keep mask of logits' shape;
   // filter_logits -> logits where kept, filter_value elsewhere (logits' dtype).
   // filter_sample -> (tokens int64 (...), stats float32 (..., 4) [log q(token),
   // raw log p(token) (NaN unless raw_log_prob), H(q), kept count]) drawn by

@@ -37,13 +37,12 @@ PARAM_COLUMNS = (
     "p_less",
     "epsilon",
     "eta",
-    "keep_floor",
-    "top_k_logit",
+    "top_k",
     "top_p",
     "typical_p",
     "keep_count",
 )
-#: The columns filled from a rule's value (the others come from torch.topk: _rank_columns).
+#: The columns filled from a rule's value (the others are the counts top_k and keep_count).
 _VALUE_COLUMNS = ("temperature", "min_p", "top_n_sigma", "p_less", "epsilon", "eta", "top_p", "typical_p")
 #: The value of each rule that turns it off for a row.
 OFF_VALUES = {
@@ -154,41 +153,21 @@ def _keep_count_column(min_tokens_to_keep: int | torch.Tensor, logits: torch.Ten
     return min_tokens_to_keep
 
 
-def _rank_columns(
+def _top_k_count_column(
     logits: torch.Tensor, top_k: int | torch.Tensor, min_tokens_to_keep: int | torch.Tensor
-) -> tuple[torch.Tensor | float, torch.Tensor | float]:
-    """The keep floor (the min_tokens_to_keep-th largest logit; +inf: none) and the top-k
-    logit (the max(top_k, min_tokens_to_keep)-th largest, transformers' TopKLogitsWarper;
-    -inf: off), both from one ``torch.topk`` of the rows. A per-row ``top_k`` or
-    ``min_tokens_to_keep`` tensor needs its largest k on the host: one device-to-host read on
-    CUDA (docs/sampling.md)."""
+) -> torch.Tensor | float:
+    """top-k's k per row, max(top_k, min_tokens_to_keep) as transformers' TopKLogitsWarper, 0
+    where top-k is off (top_k 0, or >= V: every token). The kernels find the k-th largest logit
+    themselves (and the min_tokens_to_keep-th for the keep floor): no torch.topk, no host read
+    (docs/sampling.md). As float32, exact for k < 2^24."""
     vocab = logits.shape[-1]
-    floor_rows: int | torch.Tensor  # the floor's k of each row, 0: none
-    k_rows: int | torch.Tensor  # top-k's k of each row, 0: off
     if isinstance(top_k, int) and isinstance(min_tokens_to_keep, int):
-        floor_rows = min(min_tokens_to_keep, vocab) if min_tokens_to_keep > 1 else 0
-        k_rows = min(max(top_k, min_tokens_to_keep), vocab) if 0 < top_k < vocab else 0
-        largest = max(floor_rows, k_rows)
-    else:
-        batch = logits.shape[:-1]
-        keep = torch.as_tensor(min_tokens_to_keep, dtype=torch.int64, device=logits.device).expand(batch)
-        top_k_rows = torch.as_tensor(top_k, dtype=torch.int64, device=logits.device).expand(batch)
-        floor_rows = torch.where(keep > 1, keep.clamp(max=vocab), 0)
-        top_k_on = (top_k_rows > 0) & (top_k_rows < vocab)
-        k_rows = torch.where(top_k_on, torch.maximum(top_k_rows, keep).clamp(max=vocab), 0)
-        both = torch.maximum(floor_rows, k_rows)
-        largest = int(both.max()) if both.numel() > 0 else 0
-    if largest == 0 or vocab == 0:
-        return math.inf, -math.inf
-    values = torch.topk(logits.detach(), largest, dim=-1).values.float()  # exact: no float copy of the rows
-
-    def kth_largest(k: int | torch.Tensor, off: float) -> torch.Tensor | float:
-        if isinstance(k, torch.Tensor):
-            kth = values.gather(-1, (k - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            return torch.where(k > 0, kth, off)
-        return values[..., k - 1] if k > 0 else off
-
-    return kth_largest(floor_rows, math.inf), kth_largest(k_rows, -math.inf)
+        return float(min(max(top_k, min_tokens_to_keep), vocab)) if 0 < top_k < vocab else 0.0
+    batch = logits.shape[:-1]
+    keep = torch.as_tensor(min_tokens_to_keep, dtype=torch.int64, device=logits.device).expand(batch)
+    top_k_rows = torch.as_tensor(top_k, dtype=torch.int64, device=logits.device).expand(batch)
+    top_k_on = (top_k_rows > 0) & (top_k_rows < vocab)
+    return torch.where(top_k_on, torch.maximum(top_k_rows, keep).clamp(max=vocab), 0).to(torch.float32)
 
 
 def _edt_temperature(logits: torch.Tensor, temperature, theta, base, op: str) -> torch.Tensor:
@@ -262,7 +241,7 @@ def filter_params(
     min_tokens_to_keep: int | torch.Tensor = 1,
     op: str = "truncation_mask",
 ) -> torch.Tensor:
-    """The per-row parameter table (..., 11) float32 of the ops (columns: PARAM_COLUMNS), from the
+    """The per-row parameter table (..., 10) float32 of the ops (columns: PARAM_COLUMNS), from the
     Python arguments (checked, with messages naming the argument)."""
     check_logits(logits, op, "logits")
     keep_count = _keep_count_column(min_tokens_to_keep, logits, op)
@@ -276,9 +255,8 @@ def filter_params(
     for name in _VALUE_COLUMNS:
         value = given[name]
         columns[name] = _column(OFF_VALUES[name] if value is None else value, name, logits, op)
-    keep_floor, top_k_logit = _rank_columns(logits, _top_k_column(top_k, logits, op), keep_count)
-    keep_column = keep_count.to(torch.float32) if isinstance(keep_count, torch.Tensor) else float(keep_count)
-    columns.update(keep_floor=keep_floor, top_k_logit=top_k_logit, keep_count=keep_column)
+    columns["top_k"] = _top_k_count_column(logits, _top_k_column(top_k, logits, op), keep_count)
+    columns["keep_count"] = keep_count.to(torch.float32) if isinstance(keep_count, torch.Tensor) else float(keep_count)
     table = torch.empty((*logits.shape[:-1], len(PARAM_COLUMNS)), dtype=torch.float32, device=logits.device)
     for j, name in enumerate(PARAM_COLUMNS):
         table[..., j] = columns[name]
