@@ -70,6 +70,17 @@ LK_DEVICE inline float filter_logit(const scalar_t* row, int64_t i) {
 // FilterState reductions do not spill (1024 threads cap them at 64).
 constexpr int kMaxFilterThreads = 512;
 
+// The value (logit for top-p, negated distance for typical) of the lowest key
+// a radix selection kept: keys >= full_from, and the whole tie group when the
+// last digit resolved the cut. -inf when everything is kept (key 0) or the key
+// falls in the NaN range. (The cut's fields are read one by one: a copy of the
+// whole Cut went to local memory.)
+LK_DEVICE inline float lowest_kept_value(const Cut& cut) {
+  const uint64_t lowest_key = cut.tie_keep > 0 ? cut.tie_key : cut.full_from;
+  const float value = lowest_key == 0 ? core::neg_infinity() : core::key_to_float(static_cast<uint32_t>(lowest_key));
+  return value == value ? value : core::neg_infinity();
+}
+
 // top-p's threshold and kept sums for a row whose pass-1 state is st and
 // whose first digit pass 1 built (`mine`: this thread's top bin; see the top;
 // block-uniform: every thread has the same st).
@@ -89,14 +100,8 @@ LK_DEVICE inline core::TopPCut top_p_passes(const scalar_t* x, int64_t cols, con
   __syncthreads();
   const TopPPredicate pred{core::top_p_mass_limit(p.top_p, st.sm.sum_exp)};
   radix_select<Selection::exact>(x, cols, pred, m, p.inv_temperature, p.top_k_z, s.radix, nullptr);
-  // Kept: keys >= full_from, and the whole tie group when the last digit
-  // resolved the cut. The lowest kept key as a logit is the threshold (a key
-  // of the NaN range, or 0 = "everything", means no cut). (The cut's fields
-  // are read one by one: a copy of the whole Cut went to local memory.)
-  const int64_t tie_keep = s.radix.cut.tie_keep;
-  const uint64_t lowest_key = tie_keep > 0 ? s.radix.cut.tie_key : s.radix.cut.full_from;
-  float x_cut = lowest_key == 0 ? core::neg_infinity() : core::key_to_float(static_cast<uint32_t>(lowest_key));
-  if (x_cut != x_cut) x_cut = core::neg_infinity();
+  // The lowest kept key as a logit is the threshold (-inf: no cut).
+  const float x_cut = lowest_kept_value(s.radix.cut);
   return core::TopPCut{core::scaled_logit(x_cut, p.inv_temperature), s.radix.cut.mass, s.radix.kept_shifted};
 }
 
@@ -139,12 +144,8 @@ LK_DEVICE inline void typical_passes(const scalar_t* x, int64_t cols, const core
   const TypicalPredicate pred{core::typical_limit(p, candidates.mass)};
   radix_select<Selection::exact>(x, cols, pred, cut.max, p.inv_temperature, cut.threshold, s.radix, nullptr, false,
                                  DistanceKey{center});
-  const int64_t tie_keep = s.radix.cut.tie_keep;
-  const uint64_t lowest_key = tie_keep > 0 ? s.radix.cut.tie_key : s.radix.cut.full_from;
-  // -d* (a key of the NaN range, or 0 = "everything", means no bound)
-  const float negated = lowest_key == 0 ? core::neg_infinity() : core::key_to_float(static_cast<uint32_t>(lowest_key));
   cut.center = center;
-  cut.radius = negated == negated ? -negated : core::pos_infinity();
+  cut.radius = -lowest_kept_value(s.radix.cut);  // the lowest kept key is -d* (-inf: no bound)
 }
 
 // The k-th largest logit x of the row (k < cols; a block collective): Top-H's
