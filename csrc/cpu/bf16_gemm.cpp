@@ -37,8 +37,9 @@ namespace {
 // Both micro-kernels read B panels of kMicroCols columns.
 constexpr int64_t kMicroCols = 32;
 // Cache blocks: row blocks of at most kMaxBlockRows rows (their A panels,
-// kMaxBlockRows x kBlockPairs words, stay in L2 while B panels stream past)
-// and B blocks of at most kMaxBlockCols columns.
+// kMaxBlockRows x kBlockPairs words, stay in L2) and B blocks of at most
+// kMaxBlockCols columns (kMaxBlockCols x kBlockPairs words, in L2 too). Each
+// kernel says which operand's micro-panel stays in L1 (kRowPanelsOuter).
 constexpr int64_t kMaxBlockRows = 192;
 constexpr int64_t kMaxBlockCols = 2048;
 
@@ -213,6 +214,10 @@ struct Avx512Bf16Kernel {
   using BPanels = InterleavedPanels<kMicroCols>;
   static constexpr int64_t kPairAlign = 1;  // pair_stride is a multiple of this
   static constexpr int64_t kBlockPairs = 128;
+  // A block's micro-tiles are visited B panel by B panel: a B panel (32
+  // columns x 128 pairs, 16 KiB) stays in L1 while the block's A panels
+  // (4 KiB each) stream past.
+  static constexpr bool kRowPanelsOuter = false;
 
   struct ThreadScope {};  // no per-thread state
 
@@ -257,13 +262,22 @@ struct AmxBf16Kernel {
   using APanels = TiledPanels<kMicroRows, true>;
   using BPanels = TiledPanels<kMicroCols, false>;
   static constexpr int64_t kPairAlign = 16;  // a tile row holds 16 pairs
-  // (Measured on an Intel Xeon with AMX-BF16, 2 threads, on the loss's
-  // three GEMM shapes at N = D = 1024: 512 pairs and 192-row blocks ran
-  // 0.45-1.05x torch.mm bf16 (oneDNN) side by side; 128-256 pairs or
-  // 64-row blocks were no better within the machine's 2x run-to-run noise.
-  // Tiles packed contiguously, in load order, ran ~1.5x faster than tiles
-  // read from row-major panels with a 1-2 KiB row stride.)
-  static constexpr int64_t kBlockPairs = 512;
+  // A block's micro-tiles are visited row panel by row panel: the row
+  // panel's A tiles (32 rows x 256 pairs, 32 KiB) stay in L1 while the B
+  // panels stream from L2, so half of the micro-kernel's tile loads hit L1.
+  // (With B panels outer and 512 pairs, neither operand fit L1 and every
+  // tile load came from L2: perf put the micro-kernel's stalls on its tile
+  // loads, ~2.3x the samples on its tdpbf16ps. Measured on an Intel Xeon with
+  // AMX-BF16, 2 threads, as ratios to torch.mm bf16 (oneDNN) on the loss's
+  // GEMMs at N = D = 1024, 409 columns, best of 40 interleaved rounds, in
+  // three runs: grad_h 0.47-0.77x -> 0.58-0.84x, grad_w 0.88-1.21x ->
+  // 1.01-1.24x, logits 1.00-1.12x -> 1.10-1.14x; the bf16 loss, medians of
+  // interleaved rounds: 1.16x -> 1.04x materialised at V = 32768, 1.11x ->
+  // 1.05x at V = 128256. 128 pairs were between the two. Tiles packed
+  // contiguously, in load order, ran ~1.5x faster than tiles read from
+  // row-major panels with a 1-2 KiB row stride.)
+  static constexpr int64_t kBlockPairs = 256;
+  static constexpr bool kRowPanelsOuter = true;
 
   // The tile configuration (palette 1): every tile 16 rows of 64 bytes. It
   // is per thread state, loaded by each worker before its first tile
@@ -397,12 +411,19 @@ void blocked_gemm(int64_t m, int64_t n, int64_t k, Bf16MatrixView a, Bf16MatrixV
             packed_block = block;
           }
           const int64_t panel_begin = part * col_panels / col_parts, panel_end = (part + 1) * col_panels / col_parts;
-          for (int64_t cp = panel_begin; cp < panel_end; ++cp) {
-            const int64_t col = cp * kMicroCols, cols = std::min(kMicroCols, block_cols - col);
-            const uint32_t* b_panel = b_packed.data() + cp * pair_stride * kMicroCols;
+          auto micro_tile = [&](int64_t r, int64_t cp) {
+            const int64_t col = cp * kMicroCols;
+            tile<Kernel>(pair_stride, a_packed.data() + r * pair_stride,
+                         b_packed.data() + cp * pair_stride * kMicroCols, c + (row0 + r) * ldc + col0 + col, ldc,
+                         std::min(kRows, rows - r), std::min(kMicroCols, block_cols - col), add);
+          };
+          if constexpr (Kernel::kRowPanelsOuter) {
             for (int64_t r = 0; r < rows; r += kRows) {
-              tile<Kernel>(pair_stride, a_packed.data() + r * pair_stride, b_panel, c + (row0 + r) * ldc + col0 + col,
-                           ldc, std::min(kRows, rows - r), cols, add);
+              for (int64_t cp = panel_begin; cp < panel_end; ++cp) micro_tile(r, cp);
+            }
+          } else {
+            for (int64_t cp = panel_begin; cp < panel_end; ++cp) {
+              for (int64_t r = 0; r < rows; r += kRows) micro_tile(r, cp);
             }
           }
         }
