@@ -69,11 +69,12 @@ struct Lines {
 //
 // InterleavedPanels<W>: panels of W lines; in a panel, the W lines' words
 // of one pair side by side: ((line / W) * pair_stride + p) * W + line % W.
-template <int64_t kWidth>
+template <int64_t kPanelWidth>
 struct InterleavedPanels {
   static constexpr bool kTiled = false;
+  static constexpr int64_t kWidth = kPanelWidth;
   static int64_t index(int64_t line, int64_t p, int64_t pair_stride) {
-    return ((line / kWidth) * pair_stride + p) * kWidth + line % kWidth;
+    return ((line / kPanelWidth) * pair_stride + p) * kPanelWidth + line % kPanelWidth;
   }
 };
 
@@ -124,15 +125,15 @@ LOGITKIT_AVX512 void transpose_16x16(__m512i rows[16]) {
   }
 }
 
-// Packs one whole AMX tile: lines [line0, line0 + 16) and k-pairs
+// Loads the 16 x 16 block of words of lines [line0, line0 + 16) and k-pairs
 // [pair0, pair0 + 16) of x, all inside the matrix, with K or the lines
-// contiguous. Reads 16 vectors along the contiguous dimension (a line's 16
-// pairs, or one pair of 16 lines, built from two rows of bf16) and
-// transposes them when the tile's rows run the other way.
-template <bool kTileRowsAreLines>
-LOGITKIT_AVX512 void pack_whole_tile(const Lines& x, int64_t line0, int64_t pair0, uint32_t* tile) {
-  __m512i v[16];
-  bool by_line = x.k_stride == 1;
+// contiguous: v[i] holds line line0 + i's 16 pairs (kRowsAreLines) or pair
+// pair0 + i of the 16 lines. Reads 16 vectors along the contiguous dimension
+// (a line's 16 pairs, or one pair of 16 lines, built from two rows of bf16)
+// and transposes them when the block's rows run the other way.
+template <bool kRowsAreLines>
+LOGITKIT_AVX512 void load_word_block(const Lines& x, int64_t line0, int64_t pair0, __m512i v[16]) {
+  const bool by_line = x.k_stride == 1;
   if (by_line) {
     const uint16_t* src = x.data + line0 * x.line_stride + 2 * pair0;
     for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_si512(src + i * x.line_stride);
@@ -146,33 +147,56 @@ LOGITKIT_AVX512 void pack_whole_tile(const Lines& x, int64_t line0, int64_t pair
       v[i] = _mm512_or_si512(low_words, _mm512_slli_epi32(high_words, 16));
     }
   }
-  if (by_line != kTileRowsAreLines) transpose_16x16(v);
-  for (int i = 0; i < 16; ++i) _mm512_storeu_si512(tile + 16 * i, v[i]);
+  if (by_line != kRowsAreLines) transpose_16x16(v);
+}
+
+// Packs one 16-line x 16-pair block (see load_word_block) into `Layout`,
+// `at(line, p)` giving the packed word of block line `line` and pair `p`.
+// An AMX tile (TiledPanels) is 16 contiguous rows; in InterleavedPanels<W>
+// the 16 lines' words of one pair are contiguous per W lines (W = 8: two
+// halves in consecutive panels).
+template <class Layout, class WordAt>
+LOGITKIT_AVX512 void pack_word_block(const Lines& x, int64_t line0, int64_t pair0, WordAt&& at) {
+  __m512i v[16];
+  if constexpr (Layout::kTiled) {
+    load_word_block<Layout::kTileRowsAreLines>(x, line0, pair0, v);
+    for (int i = 0; i < 16; ++i) _mm512_storeu_si512(&at(0, 0) + 16 * i, v[i]);
+  } else {
+    static_assert(Layout::kWidth % 8 == 0);
+    load_word_block<false>(x, line0, pair0, v);
+    for (int p = 0; p < 16; ++p) {
+      if constexpr (Layout::kWidth % 16 == 0) {
+        _mm512_storeu_si512(&at(0, p), v[p]);
+      } else {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(&at(0, p)), _mm512_castsi512_si256(v[p]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(&at(8, p)), _mm512_extracti64x4_epi64(v[p], 1));
+      }
+    }
+  }
 }
 
 // Packs lines [first, first + count) and k-pairs [pair0, pair0 + pairs) in
 // `Layout`. Pairs past `pairs` (up to pair_stride) and lines past `count`
-// (up to padded_count) are zeros. Whole AMX tiles (TiledPanels, K or the
+// (up to padded_count) are zeros. Whole 16 x 16 blocks of words (K or the
 // lines contiguous) are packed with vector loads and an in-register
-// transpose (the word-by-word loop took ~17% of the bf16 linear CE's time
-// on an Intel Xeon with AMX). The rest runs word by word along whichever of
-// K and the lines is contiguous in memory; pairs with both elements inside
-// K are read without the bounds test.
+// transpose (pack_word_block: the word-by-word loop took ~17% of the bf16
+// linear CE's time on an Intel Xeon with AMX). The rest runs word by word
+// along whichever of K and the lines is contiguous in memory; pairs with
+// both elements inside K are read without the bounds test.
 template <class Layout>
 void pack_panels(const Lines& x, int64_t first, int64_t count, int64_t padded_count, int64_t pair0, int64_t pairs,
                  int64_t pair_stride, uint32_t* out) {
   auto word = [&](int64_t line, int64_t p) -> uint32_t& { return out[Layout::index(line, p, pair_stride)]; };
   const int64_t whole_pairs = std::clamp<int64_t>(x.k / 2 - pair0, 0, pairs);
-  // Lines [0, tiled_lines) x pairs [0, tiled_pairs): packed by whole tiles.
+  // Lines [0, tiled_lines) x pairs [0, tiled_pairs): packed by whole blocks.
   int64_t tiled_lines = 0, tiled_pairs = 0;
-  if constexpr (Layout::kTiled) {
-    if (x.k_stride == 1 || x.line_stride == 1) {
-      tiled_lines = count / 16 * 16;
-      tiled_pairs = whole_pairs / 16 * 16;
-      for (int64_t line = 0; line < tiled_lines; line += 16) {
-        for (int64_t p = 0; p < tiled_pairs; p += 16) {
-          pack_whole_tile<Layout::kTileRowsAreLines>(x, first + line, pair0 + p, &word(line, p));
-        }
+  if (x.k_stride == 1 || x.line_stride == 1) {
+    tiled_lines = count / 16 * 16;
+    tiled_pairs = whole_pairs / 16 * 16;
+    for (int64_t line = 0; line < tiled_lines; line += 16) {
+      for (int64_t p = 0; p < tiled_pairs; p += 16) {
+        pack_word_block<Layout>(x, first + line, pair0 + p,
+                                [&](int64_t l, int64_t q) -> uint32_t& { return word(line + l, p + q); });
       }
     }
   }
