@@ -456,6 +456,24 @@ def test_bad_parameters(kwargs, error, match):
         logitkit.sample(torch.randn(2, 10), **kwargs)
 
 
+@pytest.mark.parametrize("op", ["sample", "truncation_mask", "filter_logits"])
+def test_top_h_alone_has_no_keep_floor(op):
+    """min_tokens_to_keep applies to the rules after Top-H: every op refuses it without one; with
+    one it is that rule's floor. transformers' TopHLogitsWarper has none, and generate() passes
+    it to the other warpers only, so the fused warper ignores it there, as generate() does."""
+    x = rows(2, 100)
+    with pytest.raises(ValueError, match="min_tokens_to_keep applies to the rules after top_h"):
+        getattr(logitkit, op)(x, top_h=0.5, min_tokens_to_keep=3)
+    survivors = logitkit.top_h_mask(x, 0.5)
+    kept = logitkit.truncation_mask(x, top_h=0.5, min_p=0.999, min_tokens_to_keep=3)
+    assert torch.equal(kept.sum(-1), survivors.sum(-1).clamp(max=3)) and not (kept & ~survivors).any()
+    pytest.importorskip("transformers")
+    from logitkit.integrations.transformers import FusedSamplingLogitsWarper
+
+    alone = FusedSamplingLogitsWarper(top_h=0.5, min_tokens_to_keep=3)(None, x.clone())
+    assert torch.equal(alone != -math.inf, logitkit.top_h_mask(x, 0.5))
+
+
 def test_seed_on_wrong_device():
     with pytest.raises(ValueError, match="seed is on meta but logits is on cpu"):
         logitkit.sample(torch.randn(2, 10), min_p=0.1, seed=torch.zeros(2, dtype=torch.int64, device="meta"))

@@ -82,43 +82,57 @@ float raw_log_sum_shifted(const RowScratch& s, float max_x) {
   return std::log(vsum(acc));
 }
 
-// core::kept_weight's test, kLanes tokens at a time: z >= threshold, typical's
-// |z - center| <= radius, and a positive weight e = exp(z - m).
+// core::kept_weight's test, kLanes tokens at a time: z >= threshold, a
+// positive weight e = exp(z - m) and, where typical ran (kTypical), its
+// interval |z - center| <= radius.
+template <bool kTypical>
 struct KeptLanes {
   FVec threshold, center, radius;
   explicit KeptLanes(const core::FilterCut& cut) : threshold(cut.threshold), center(cut.center), radius(cut.radius) {}
   FVec operator()(const FVec& z, const FVec& e) const {
-    return (z >= threshold) & ((z - center).abs() <= radius) & (e > FVec(0.0f));
+    const FVec keep = (z >= threshold) & (e > FVec(0.0f));
+    if constexpr (kTypical) return keep & ((z - center).abs() <= radius);
+    return keep;
   }
 };
+
+// visit(kept) with the keep test the cut needs: without typical's interval
+// where typical is off (radius +inf), so that the other rules' passes do not
+// pay its two vector operations per kLanes tokens.
+template <class Visit>
+decltype(auto) with_kept_lanes(const core::FilterCut& cut, Visit&& visit) {
+  if (cut.radius == kPosInf) return visit(KeptLanes<false>(cut));
+  return visit(KeptLanes<true>(cut));
+}
 
 // The kept weights of the tile [t, t + n) into w; adds the tile's sums to `sums`
 // and returns the tile's mass.
 float filter_tile_weights(const RowScratch& s, int64_t t, int64_t n, const core::FilterCut& cut, float inv_t, float* w,
                           core::KeptSums* sums) {
-  const FVec vt(inv_t), vm(cut.max), zero(0.0f), one(1.0f);
-  const KeptLanes kept(cut);
-  FVec mass(0.0f), shifted(0.0f), count(0.0f);
-  for (int64_t j = 0; j < n; j += kLanes) {
-    const FVec z = FVec::loadu(s.x.data() + t + j) * vt;
-    const FVec d = z - vm;
-    const FVec all = vexp(d);
-    const FVec keep = kept(z, all);
-    const FVec e = FVec::blendv(zero, all, keep);
-    e.store(w + j);
-    mass = mass + e;
-    if (sums != nullptr) {
-      shifted = shifted + FVec::blendv(zero, d * e, keep);
-      count = count + (keep & one);
+  return with_kept_lanes(cut, [&](const auto& kept) {
+    const FVec vt(inv_t), vm(cut.max), zero(0.0f), one(1.0f);
+    FVec mass(0.0f), shifted(0.0f), count(0.0f);
+    for (int64_t j = 0; j < n; j += kLanes) {
+      const FVec z = FVec::loadu(s.x.data() + t + j) * vt;
+      const FVec d = z - vm;
+      const FVec all = vexp(d);
+      const FVec keep = kept(z, all);
+      const FVec e = FVec::blendv(zero, all, keep);
+      e.store(w + j);
+      mass = mass + e;
+      if (sums != nullptr) {
+        shifted = shifted + FVec::blendv(zero, d * e, keep);
+        count = count + (keep & one);
+      }
     }
-  }
-  const float tile_mass = vsum(mass);
-  if (sums != nullptr) {
-    sums->mass += tile_mass;
-    sums->shifted += vsum(shifted);
-    sums->count += vsum(count);
-  }
-  return tile_mass;
+    const float tile_mass = vsum(mass);
+    if (sums != nullptr) {
+      sums->mass += tile_mass;
+      sums->shifted += vsum(shifted);
+      sums->count += vsum(count);
+    }
+    return tile_mass;
+  });
 }
 
 // Pass 2 of filter_sample: the kept sums, then the token at u (see the top).
@@ -322,22 +336,23 @@ void filter_write_rows(const Rows& r, const float* params, FilterOutput<out_t> o
           dst[0] = o.kept(s.x[0]);
           return;
         }
-        const FVec vt(p.inv_temperature), vm(cut.max), one(1.0f);
-        const KeptLanes kept(cut);
-        const FVec dropped(o.filter_value);
-        alignas(64) float lanes[kLanes];
-        for (int64_t i = 0; i < cols; i += kLanes) {
-          const FVec x = FVec::loadu(s.x.data() + i);
-          const FVec z = x * vt;
-          const FVec keep = kept(z, vexp(z - vm));
-          const int64_t n = std::min(kLanes, cols - i);
-          if constexpr (std::is_same_v<out_t, float>) {
-            FVec::blendv(dropped, x, keep).store(dst + i, static_cast<int>(n));
-          } else {
-            (keep & one).store(lanes);
-            for (int64_t j = 0; j < n; ++j) dst[i + j] = lanes[j] != 0.0f ? o.kept(s.x[i + j]) : o.dropped();
+        with_kept_lanes(cut, [&](const auto& kept) {
+          const FVec vt(p.inv_temperature), vm(cut.max), one(1.0f);
+          const FVec dropped(o.filter_value);
+          alignas(64) float lanes[kLanes];
+          for (int64_t i = 0; i < cols; i += kLanes) {
+            const FVec x = FVec::loadu(s.x.data() + i);
+            const FVec z = x * vt;
+            const FVec keep = kept(z, vexp(z - vm));
+            const int64_t n = std::min(kLanes, cols - i);
+            if constexpr (std::is_same_v<out_t, float>) {
+              FVec::blendv(dropped, x, keep).store(dst + i, static_cast<int>(n));
+            } else {
+              (keep & one).store(lanes);
+              for (int64_t j = 0; j < n; ++j) dst[i + j] = lanes[j] != 0.0f ? o.kept(s.x[i + j]) : o.dropped();
+            }
           }
-        }
+        });
       });
 }
 

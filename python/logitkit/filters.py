@@ -18,6 +18,7 @@ Every rule parameter is a Python number or a tensor of shape
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 
@@ -205,6 +206,23 @@ def check_top_h_args(
         raise ValueError(f"logitkit.{op}: cap must be >= 1 (or -1 for the rule's default), got {cap}")
 
 
+def rules_given(rules: Iterable[object]) -> bool:
+    """Whether any of the chain's rule arguments is given (not None / False; a value that turns
+    the rule off for some rows still counts)."""
+    return any(v is not None and v is not False for v in rules)
+
+
+def check_top_h_keep(min_tokens_to_keep: object, later_rules: Iterable[object], op: str) -> None:
+    """Top-H has no ``min_tokens_to_keep`` of its own (nor has transformers' TopHLogitsWarper):
+    a value other than 1 applies to the rules after it, so it needs one of them."""
+    default_keep = type(min_tokens_to_keep) is int and min_tokens_to_keep == 1
+    if not default_keep and not rules_given(later_rules):
+        raise ValueError(
+            f"logitkit.{op}: min_tokens_to_keep applies to the rules after top_h (top_k, top_p, min_p, ...), "
+            "and none is given; Top-H alone has no min_tokens_to_keep (as transformers' TopHLogitsWarper)"
+        )
+
+
 def top_h_survivors(
     logits: torch.Tensor, top_h: float, temperature: RowParam, rule: str, cap: int | None, edt_theta: RowParam, op: str
 ) -> torch.Tensor:
@@ -317,6 +335,8 @@ def truncation_mask(
     renormalised (one temperature for all rows; not fused, docs/sampling.md).
     """
     if top_h is not None:
+        later = (top_k, top_p, typical_p, min_p, top_n_sigma, p_less, epsilon, eta)
+        check_top_h_keep(min_tokens_to_keep, later, "truncation_mask")
         logits = top_h_survivors(logits, top_h, temperature, rule, cap, edt_theta, "truncation_mask")
     params = filter_params(
         logits,
@@ -360,6 +380,8 @@ def filter_logits(
     token, ``filter_value`` elsewhere (``top_h``, ``rule``, ``cap``: as there)."""
     source = logits
     if top_h is not None:  # (differentiable: masked_fill)
+        later = (top_k, top_p, typical_p, min_p, top_n_sigma, p_less, epsilon, eta)
+        check_top_h_keep(min_tokens_to_keep, later, "filter_logits")
         source = top_h_survivors(logits, top_h, temperature, rule, cap, edt_theta, "filter_logits")
     params = filter_params(
         source,

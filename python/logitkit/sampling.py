@@ -21,8 +21,10 @@ from .filters import (
     STAT_RAW_LOG_PROB,
     RowParam,
     check_top_h_args,
+    check_top_h_keep,
     filter_params,
     row_uniform,
+    rules_given,
     top_h_survivors,
 )
 
@@ -176,7 +178,7 @@ def sample(
     outputs["return_kept"] = return_kept or None
     # min_tokens_to_keep = 1 (the default) changes nothing; any other value is a rule argument
     keep = {"min_tokens_to_keep": None if _is_default_keep(min_tokens_to_keep) else min_tokens_to_keep}
-    chain_rules = any(v is not None and v is not False for v in chain.values())
+    chain_rules = rules_given(chain.values())
     if _is_legacy_call(temperature, {**chain, **keep, **outputs}, seed) or (top_h is not None and not chain_rules):
         return _sample_top_h(logits, temperature, top_h, rule, cap, generator, keep, outputs, seed, offset)
     # Top-H with the chain: Top-H first (transformers' order), the chain on its survivors
@@ -299,11 +301,7 @@ def _sample_top_h(
     """The original Top-H / plain-temperature sampler (scalar temperature), with ``generator``
     or counter-based (seed, offset) uniforms. ``keep``: min_tokens_to_keep when not 1, which
     Top-H alone does not take (transformers' TopHLogitsWarper has none either)."""
-    if keep.get("min_tokens_to_keep") is not None:
-        raise ValueError(
-            "logitkit.sample: min_tokens_to_keep applies to the rules after top_h (top_k, top_p, min_p, ...), "
-            "and none is given; Top-H alone has no min_tokens_to_keep (as transformers' TopHLogitsWarper)"
-        )
+    check_top_h_keep(1 if keep.get("min_tokens_to_keep") is None else keep["min_tokens_to_keep"], (), "sample")
     if isinstance(temperature, torch.Tensor):
         raise ValueError("logitkit.sample: a per-row temperature cannot be combined with top_h yet")
     cap_arg = -1 if cap is None else int(cap)
@@ -345,7 +343,7 @@ def _top_h_outputs(
     logprobs = raw = entropy = None
     if outputs.get("return_logprobs"):
         logprobs = special(x_token / temperature - ops.logsumexp(kept_logits, temperature))
-        raw = torch.where(no_token, nan, x_token - ops.logsumexp(x, 1.0))
+        raw = _raw_log_probs(logits, tokens)
     if outputs.get("return_entropy"):
         entropy = special(ops.entropy(kept_logits, temperature))
     kept = mask.sum(-1) if outputs.get("return_kept") else None

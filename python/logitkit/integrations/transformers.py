@@ -29,6 +29,7 @@ import functools
 from typing import Any
 
 from ..filters import filter_logits as _filter_logits
+from ..filters import rules_given as _rules_given
 from ..sampling import mirostat_epsilon as _mirostat_epsilon
 from ..sampling import mirostat_update as _mirostat_update
 from ..sampling import top_h as _top_h
@@ -252,9 +253,12 @@ def _row_statistics_classes(base: type) -> dict:
         ):
             rules = dict(top_k=top_k, top_p=top_p, min_p=min_p, top_n_sigma=top_n_sigma, p_less=p_less)
             rules.update(epsilon=epsilon, eta=eta, typical_p=typical_p)
+            top_h_alone = top_h is not None and not _rules_given(rules.values())
             if top_h is not None:  # transformers' TopHLogitsWarper (rule "hf"), first in the chain
                 rules.update(top_h=top_h)
             super().__init__(filter_value=filter_value, min_tokens_to_keep=min_tokens_to_keep, **rules)
+            if top_h_alone:  # Top-H has no min_tokens_to_keep: generate() ignores it there, as here
+                self.min_tokens_to_keep = 1
             self.temperature = temperature
             self.edt_theta, self.edt_base = edt_theta, edt_base
 
