@@ -456,6 +456,22 @@ def test_bad_parameters(kwargs, error, match):
         logitkit.sample(torch.randn(2, 10), **kwargs)
 
 
+def test_mask_and_sampler_agree_at_the_exp_cutoff(backend):
+    """A token whose weight exp(z - m) is 0 in float32 is never kept. The CPU mask ops decide it
+    from z - m without the exp (the vectorised exp's cutoff, found once), the sampler from the
+    weight itself: both keep the same tokens around the cutoff (about -86.98 for at::vec's AVX-512
+    exp, whose 2^n factor underflows there; the denormal range for CUDA's expf)."""
+    shifts = torch.tensor([0.0, -80.0, -87.0, -87.3, -87.33, -87.336, -87.34, -87.35, -87.4, -88.0, -90.0, -92.0])
+    x = torch.stack([shifts, shifts.flip(0), shifts * 0.5])
+    xb = backend.tensor(x)
+    mask = logitkit.truncation_mask(xb, min_p=1e-40).cpu()
+    assert torch.equal(mask, logitkit.filter_logits(xb, min_p=1e-40).cpu() != -math.inf)
+    out = logitkit.sample(xb, min_p=1e-40, seed=1, return_kept=True)
+    assert torch.equal(mask.sum(-1), out.kept.cpu())
+    assert mask[0, :2].all() and mask[2].all() and torch.equal(mask[0], mask[1].flip(0))
+    assert (mask[0, 1:] <= mask[0, :-1]).all()  # a prefix of the decreasing shifts
+
+
 @pytest.mark.parametrize("op", ["sample", "truncation_mask", "filter_logits"])
 def test_top_h_alone_has_no_keep_floor(op):
     """min_tokens_to_keep applies to the rules after Top-H: every op refuses it without one; with

@@ -259,6 +259,16 @@ LK_HOST_DEVICE FilterCut filter_cut(const FilterState& st, const FilterParams& p
   return c;
 }
 
+// Whether the row's cut needs pass 1's sums (sum exp, shifted sum, moments):
+// top-p, typical, p-less, epsilon, eta and top-n-sigma do. Temperature, top-k,
+// min-p and the keep floor need only the max z, which is the row's max x
+// scaled (x -> x * inv_t rounds monotonically, and top-k keeps the max); a
+// greedy row is left to pass 1.
+LK_HOST_DEVICE bool needs_row_sums(const FilterParams& p) {
+  return p.greedy || p.top_p < 1.0f || p.typical_p < 1.0f || p.p_less != 0.0f || p.epsilon > 0.0f || p.eta > 0.0f ||
+         p.top_n_sigma < pos_infinity();
+}
+
 // A scaled logit as pass 1 sees it: top-k's dropped tokens (z < z_k) count as
 // masked (-inf); NaN and +inf pass unchanged, so such a row stays undefined.
 LK_HOST_DEVICE float top_k_survivor(float z, const FilterParams& p) { return z < p.top_k_z ? neg_infinity() : z; }

@@ -8,7 +8,9 @@
 //   pass 1  tile by tile (vectorised): the tile's FilterState (max, sum exp,
 //           sum shifted, sum exp^2, finite count / mean / M2 by the tile's
 //           own two passes over the cached tile), merged into the row's; the
-//           raw log-sum-exp at temperature 1 when asked for;
+//           raw log-sum-exp at temperature 1 when asked for. Skipped where
+//           the cut needs only the max z (temperature, top-k, min-p, the
+//           floor: core::needs_row_sums), which loading the row found;
 //   top-p   only for a row with top_p < 1: Top-H "exact"'s bucket walk
 //           (top_h_cpu.cpp) with top-p's predicate: one vectorised pass
 //           buckets the survivors by d = z - m with their sums (e, d e), the
@@ -82,15 +84,43 @@ float raw_log_sum_shifted(const RowScratch& s, float max_x) {
   return std::log(vsum(acc));
 }
 
+// The least d with vexp(d) > 0. vexp is 0 below a cutoff (ln FLT_MIN for
+// at::vec's exp_u20, the denormal range for std::exp) and positive above it,
+// so a token's weight exp(z - m) is positive exactly when z - m reaches this:
+// the mask passes test that instead of computing the exp. Found once per
+// process, by bisection on vexp itself.
+inline float positive_exp_floor() {
+  static const float floor = [] {
+    auto positive = [](float d) {
+      alignas(64) float lanes[kLanes];
+      vexp(FVec(d)).store(lanes);
+      return lanes[0] > 0.0f;
+    };
+    float zero_at = -1000.0f, positive_at = 0.0f;
+    for (;;) {
+      const float mid = zero_at + (positive_at - zero_at) * 0.5f;
+      if (mid == zero_at || mid == positive_at) return positive_at;
+      (positive(mid) ? positive_at : zero_at) = mid;
+    }
+  }();
+  return floor;
+}
+
 // core::kept_weight's test, kLanes tokens at a time: z >= threshold, a
 // positive weight e = exp(z - m) and, where typical ran (kTypical), its
 // interval |z - center| <= radius.
 template <bool kTypical>
 struct KeptLanes {
-  FVec threshold, center, radius;
-  explicit KeptLanes(const core::FilterCut& cut) : threshold(cut.threshold), center(cut.center), radius(cut.radius) {}
-  FVec operator()(const FVec& z, const FVec& e) const {
-    const FVec keep = (z >= threshold) & (e > FVec(0.0f));
+  FVec threshold, center, radius, shift_floor;
+  explicit KeptLanes(const core::FilterCut& cut)
+      : threshold(cut.threshold), center(cut.center), radius(cut.radius), shift_floor(positive_exp_floor()) {}
+  FVec operator()(const FVec& z, const FVec& e) const { return interval(z) & (e > FVec(0.0f)); }
+  // The same test from d = z - m, without the exp (positive_exp_floor).
+  FVec by_shift(const FVec& z, const FVec& d) const { return interval(z) & (d >= shift_floor); }
+
+ private:
+  FVec interval(const FVec& z) const {
+    const FVec keep = z >= threshold;
     if constexpr (kTypical) return keep & ((z - center).abs() <= radius);
     return keep;
   }
@@ -288,7 +318,12 @@ void for_each_filter_row(const Rows& r, const float* params, Finish finish) {
         p = core::with_rank_cuts(p, cuts.top_k_x, cuts.floor_x);
       }
       const bool moments = p.p_less != 0.0f || p.top_n_sigma < kPosInf;
-      const core::FilterState st = moments ? filter_state_of_row<true>(*s, p) : filter_state_of_row<false>(*s, p);
+      core::FilterState st = core::empty_filter_state();
+      if (!core::needs_row_sums(p)) {  // no pass 1: the cut needs only the max z
+        st.sm.max = core::scaled_logit(max_x, p.inv_temperature);
+      } else {
+        st = moments ? filter_state_of_row<true>(*s, p) : filter_state_of_row<false>(*s, p);
+      }
       const core::TopPCut top_p =
           core::uses_top_p(p, st.sm.max) ? top_p_cut(*s, r.cols, p, st.sm.max) : core::no_top_p_cut(st);
       core::FilterCut cut = core::filter_cut(st, p, top_p);
@@ -322,8 +357,9 @@ struct FilterOutput {
 };
 
 // filter_mask and filter_logits: pass 2 tests z >= threshold and
-// exp(z - m) > 0 (the same vectorised exp as sampling's kept weights), kLanes
-// tokens at a time; float32 output is blended and stored as vectors.
+// exp(z - m) > 0 (as z - m >= positive_exp_floor(): the same decision as
+// sampling's kept weights, without the exp), kLanes tokens at a time; float32
+// output is blended and stored as vectors.
 template <class scalar_t, class out_t>
 void filter_write_rows(const Rows& r, const float* params, FilterOutput<out_t> o) {
   const int64_t cols = r.cols;
@@ -343,7 +379,7 @@ void filter_write_rows(const Rows& r, const float* params, FilterOutput<out_t> o
           for (int64_t i = 0; i < cols; i += kLanes) {
             const FVec x = FVec::loadu(s.x.data() + i);
             const FVec z = x * vt;
-            const FVec keep = kept(z, vexp(z - vm));
+            const FVec keep = kept.by_shift(z, z - vm);
             const int64_t n = std::min(kLanes, cols - i);
             if constexpr (std::is_same_v<out_t, float>) {
               FVec::blendv(dropped, x, keep).store(dst + i, static_cast<int>(n));
