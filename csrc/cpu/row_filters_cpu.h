@@ -84,11 +84,12 @@ float raw_log_sum_shifted(const RowScratch& s, float max_x) {
   return std::log(vsum(acc));
 }
 
-// The least d with vexp(d) > 0. vexp is 0 below a cutoff (ln FLT_MIN for
-// at::vec's exp_u20, the denormal range for std::exp) and positive above it,
-// so a token's weight exp(z - m) is positive exactly when z - m reaches this:
-// the mask passes test that instead of computing the exp. Found once per
-// process, by bisection on vexp itself.
+// The least d with vexp(d) > 0. vexp is 0 below a cutoff and positive above
+// it (at::vec's AVX-512 exp_u20: about -86.98, where its 2^(n-1) factor
+// underflows, short of ln FLT_MIN; std::exp: the end of the denormals), so a
+// token's weight exp(z - m) is positive exactly when z - m reaches this: the
+// mask passes test that instead of computing the exp. Found once per process
+// (per CPU kernel copy), by bisection on vexp itself.
 inline float positive_exp_floor() {
   static const float floor = [] {
     auto positive = [](float d) {
