@@ -212,11 +212,15 @@ def rules_given(rules: Iterable[object]) -> bool:
     return any(v is not None and v is not False for v in rules)
 
 
+def is_default_keep(min_tokens_to_keep: object) -> bool:
+    """Whether ``min_tokens_to_keep`` is the default 1 (a Python int; a tensor is a rule argument)."""
+    return type(min_tokens_to_keep) is int and min_tokens_to_keep == 1
+
+
 def check_top_h_keep(min_tokens_to_keep: object, later_rules: Iterable[object], op: str) -> None:
     """Top-H has no ``min_tokens_to_keep`` of its own (nor has transformers' TopHLogitsWarper):
     a value other than 1 applies to the rules after it, so it needs one of them."""
-    default_keep = type(min_tokens_to_keep) is int and min_tokens_to_keep == 1
-    if not default_keep and not rules_given(later_rules):
+    if not is_default_keep(min_tokens_to_keep) and not rules_given(later_rules):
         raise ValueError(
             f"logitkit.{op}: min_tokens_to_keep applies to the rules after top_h (top_k, top_p, min_p, ...), "
             "and none is given; Top-H alone has no min_tokens_to_keep (as transformers' TopHLogitsWarper)"

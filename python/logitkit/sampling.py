@@ -23,6 +23,7 @@ from .filters import (
     check_top_h_args,
     check_top_h_keep,
     filter_params,
+    is_default_keep,
     row_uniform,
     rules_given,
     top_h_survivors,
@@ -106,11 +107,7 @@ def _is_legacy_call(temperature: RowParam, extra: dict, seed: object) -> bool:
         return False
     if float(temperature) == 0.0:  # type: ignore[arg-type]
         return False
-    return not any(v is not None and v is not False for v in extra.values())
-
-
-def _is_default_keep(min_tokens_to_keep: object) -> bool:
-    return type(min_tokens_to_keep) is int and min_tokens_to_keep == 1
+    return not rules_given(extra.values())
 
 
 def sample(
@@ -177,7 +174,7 @@ def sample(
     outputs = {"return_logprobs": return_logprobs or None, "return_entropy": return_entropy or None}
     outputs["return_kept"] = return_kept or None
     # min_tokens_to_keep = 1 (the default) changes nothing; any other value is a rule argument
-    keep = {"min_tokens_to_keep": None if _is_default_keep(min_tokens_to_keep) else min_tokens_to_keep}
+    keep = {"min_tokens_to_keep": None if is_default_keep(min_tokens_to_keep) else min_tokens_to_keep}
     chain_rules = rules_given(chain.values())
     if _is_legacy_call(temperature, {**chain, **keep, **outputs}, seed) or (top_h is not None and not chain_rules):
         return _sample_top_h(logits, temperature, top_h, rule, cap, generator, keep, outputs, seed, offset)
