@@ -288,6 +288,52 @@ def test_statistics(backend, rule):
     assert torch.equal(out.kept.cpu(), keep.sum(-1))
 
 
+@pytest.mark.parametrize("top_h_rule", ["hf", "official", "exact"])
+def test_per_row_top_h_in_the_chain(backend, top_h_rule):
+    """Top-H's alpha and the temperature per row (alpha 0: Top-H off for that row; temperature
+    0: greedy) in the chain: equal to row-by-row calls with numbers, in truncation_mask,
+    filter_logits and sample (counter-based: the same token row by row). EDT is a temperature:
+    Top-H and the chain both take the per-row T it gives."""
+    x = rows(5, 1000, scale=2.0)
+    x[4, 3] = math.nan
+    top_h = torch.tensor([0.5, 0.0, 0.9, 0.3, 0.6])
+    temperature = torch.tensor([0.8, 1.2, 0.0, 1.5, 1.0])
+    seed = torch.tensor([3, 1, 4, 1, 5])
+    chain = dict(min_p=0.02, top_k=torch.tensor([0, 50, 0, 20, 5]))
+    xb = backend.tensor(x)
+    per_row = dict(top_h=backend.tensor(top_h), temperature=backend.tensor(temperature), rule=top_h_rule)
+    got = logitkit.truncation_mask(xb, **per_row, **chain).cpu()
+    filtered = logitkit.filter_logits(xb, filter_value=-7.0, **per_row, **chain).cpu()
+    out = logitkit.sample(xb, seed=backend.tensor(seed), return_logprobs=True, return_kept=True, **per_row, **chain)
+    for i in range(5):
+        a, t = top_h[i].item(), temperature[i].item()
+        one = dict(
+            top_h=None if a == 0.0 else a, temperature=t, rule=top_h_rule, min_p=0.02, top_k=int(chain["top_k"][i])
+        )
+        row = logitkit.truncation_mask(xb[i : i + 1], **one).cpu()[0]
+        assert torch.equal(got[i], row), i
+        token = logitkit.sample(xb[i : i + 1], seed=int(seed[i]), **one).cpu()[0]
+        assert out.tokens[i].item() == token.item(), i
+    assert got[2].sum() == 1 and got[2, x[2].argmax()]  # greedy
+    assert not got[4].any() and out.tokens[4].item() == -1
+    assert torch.equal(filtered, torch.where(got, x, -7.0))
+    assert torch.equal(out.kept.cpu(), got.sum(-1))
+    assert got[:4].gather(-1, out.tokens[:4, None].cpu()).all()
+    # Top-H alone with per-row alpha: the chain's sampler on Top-H's survivors
+    alone = logitkit.sample(xb, top_h=backend.tensor(top_h), rule=top_h_rule, seed=7, return_logprobs=True)
+    keep = logitkit.top_h_mask(xb, backend.tensor(top_h), rule=top_h_rule).cpu()
+    tok = alone.tokens.cpu()
+    assert keep[:4].gather(-1, tok[:4, None]).all() and tok[4].item() == -1
+    q = torch.softmax(x[:4].double().masked_fill(~keep[:4], -math.inf), -1)
+    log_q = q.gather(-1, tok[:4, None]).squeeze(-1).log()
+    torch.testing.assert_close(alone.logprobs[:4].cpu().double(), log_q, atol=1e-4, rtol=1e-4)
+    # EDT then Top-H then min-p: the same as the per-row temperature EDT gives
+    edt = logitkit.truncation_mask(xb, top_h=0.5, rule=top_h_rule, edt_theta=1.5, min_p=0.05).cpu()
+    t_edt = logitkit.filters._edt_temperature(xb, 1.0, 1.5, None, "test")
+    explicit = logitkit.truncation_mask(xb, top_h=0.5, rule=top_h_rule, temperature=t_edt, min_p=0.05).cpu()
+    assert torch.equal(edt, explicit)
+
+
 @pytest.mark.parametrize("top_h_rule", ["hf", "exact"])
 def test_top_h_statistics_and_special_rows(backend, top_h_rule):
     x = rows(6, 1000)
@@ -427,8 +473,10 @@ def test_draw_is_the_inverse_cdf_at_u(backend, rule, vocab):
         (dict(seed=torch.zeros(3, dtype=torch.int64)), ValueError, "seed must be an int or an int64 tensor of shape"),
         (dict(seed=1, generator=torch.Generator()), ValueError, "either generator or seed"),
         (dict(offset=3), ValueError, "offset needs seed"),
-        (dict(top_h=0.5, min_p=0.1, temperature=torch.ones(2)), ValueError, "top_h needs one temperature"),
-        (dict(top_h=0.5, min_p=0.1, edt_theta=1.0), ValueError, "top_h needs one temperature"),
+        (dict(top_h=torch.tensor([0.5, 1.5]), min_p=0.1), ValueError, r"alpha must be in \[0, 1\] per row"),
+        (dict(top_h=torch.ones(3)), ValueError, "alpha must be a number or a tensor of shape"),
+        (dict(top_h=0.5, temperature=torch.tensor([1.0, -1.0])), ValueError, "temperature must be"),
+        (dict(top_h=0.5, edt_theta=1.0, min_tokens_to_keep=2), ValueError, "min_tokens_to_keep applies"),
         (dict(top_h=0.5, min_tokens_to_keep=3), ValueError, "min_tokens_to_keep applies to the rules after top_h"),
         (dict(top_h=1.5, min_p=0.1), ValueError, "alpha must be in"),
         (dict(top_h=0.5, min_p=0.1, rule="nope"), ValueError, "rule must be"),

@@ -571,3 +571,86 @@ def test_transformers_generate_same_tokens():
             )
         )
     assert torch.equal(outs[0], outs[1])
+
+
+# ---------------------------------------------------------------------------
+# Per-row alpha and temperature (top_h_mask_per_row)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", ["hf", "official", "exact"])
+def test_per_row_alpha_and_temperature(backend, rule):
+    """One alpha and one temperature per row equal row-by-row calls with numbers; alpha 0 turns
+    Top-H off for its row (all True, whatever the row holds), and a special row keeps its
+    definition (NaN: nothing; all -inf: token 0) when Top-H is on."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 4, 301, generator=g) * 3
+    x[1, 1, 5] = math.nan  # alpha 0.7: nothing kept
+    x[1, 2] = -math.inf  # alpha 0.2: token 0
+    x[0, 3, 9] = math.nan  # alpha 0: all True
+    alpha = torch.tensor([[0.05, 0.4, 1.0, 0.0], [0.9, 0.7, 0.2, 0.0]])
+    temperature = torch.tensor([[0.5, 1.0, 2.0, 1.0], [0.7, 1.3, 0.9, 3.0]])
+    xd = backend.tensor(x)
+    got = logitkit.top_h_mask(xd, backend.tensor(alpha), temperature=backend.tensor(temperature), rule=rule).cpu()
+    for i in range(2):
+        for j in range(4):
+            a, t = alpha[i, j].item(), temperature[i, j].item()
+            if a == 0.0:
+                assert got[i, j].all()
+            else:
+                row = logitkit.top_h_mask(xd[i, j : j + 1], a, temperature=t, rule=rule).cpu()[0]
+                assert torch.equal(got[i, j], row), (i, j)
+    assert not got[1, 1].any() and got[1, 2].tolist() == [True] + [False] * 300
+    # a number for one of the two, and a non-contiguous input
+    half = logitkit.top_h_mask(xd, backend.tensor(alpha), temperature=1.3, rule=rule).cpu()
+    assert torch.equal(half[1, 1], logitkit.top_h_mask(xd[1, 1:2], 0.7, temperature=1.3, rule=rule).cpu()[0])
+    per_t = logitkit.top_h_mask(xd, 0.4, temperature=backend.tensor(temperature), rule=rule).cpu()
+    assert torch.equal(per_t[0, 2], logitkit.top_h_mask(xd[0, 2:3], 0.4, temperature=2.0, rule=rule).cpu()[0])
+    strided = backend.tensor(torch.randn(3, 2, 200, generator=g))[:, 1, :]
+    a3, t3 = backend.tensor(torch.tensor([0.3, 0.0, 0.8])), backend.tensor(torch.tensor([1.0, 0.5, 2.0]))
+    assert torch.equal(
+        logitkit.top_h_mask(strided, a3, temperature=t3, rule=rule),
+        logitkit.top_h_mask(strided.contiguous(), a3, temperature=t3, rule=rule),
+    )
+    filtered = logitkit.top_h(xd, backend.tensor(alpha), temperature=backend.tensor(temperature), rule=rule)
+    torch.testing.assert_close(filtered.cpu(), torch.where(got, x, -math.inf), rtol=0, atol=0, equal_nan=True)
+
+
+def test_per_row_bad_input(backend):
+    op = backend.ops.top_h_mask_per_row
+    x = backend.tensor(torch.randn(2, 10))
+    ones = backend.tensor(torch.ones(2))
+    with pytest.raises(ValueError, match="alpha must have shape"):
+        op(x, backend.tensor(torch.ones(3)), ones, "hf", -1)
+    with pytest.raises(TypeError, match="temperature must be float32"):
+        op(x, ones, ones.double(), "hf", -1)
+    with pytest.raises(ValueError, match="rule"):
+        op(x, ones, ones, "nope", -1)
+    if backend.device == "cpu":  # (CUDA tensors are not checked: a host synchronisation)
+        for bad in (1.5, -0.1, math.nan):
+            with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\] per row"):
+                op(x, backend.tensor(torch.tensor([0.5, bad])), ones, "hf", -1)
+            with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\] per row"):
+                logitkit.top_h_mask(x, backend.tensor(torch.tensor([0.5, bad])))
+        for bad in (0.0, -1.0, math.inf, math.nan, 1e-39):
+            with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+                op(x, ones, backend.tensor(torch.tensor([1.0, bad])), "hf", -1)
+            with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+                logitkit.top_h_mask(x, 0.5, temperature=backend.tensor(torch.tensor([1.0, bad])))
+    with pytest.raises(ValueError, match="alpha must be a number or a tensor of shape"):
+        logitkit.top_h_mask(x, backend.tensor(torch.ones(2, 1)))
+    with pytest.raises(TypeError, match="alpha must be a floating-point tensor"):
+        logitkit.top_h_mask(x, backend.tensor(torch.ones(2, dtype=torch.int64)))
+    with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\]"):
+        logitkit.top_h_mask(x, 0.0)  # a number: 0 is not "off" (None is, in sample)
+
+
+def test_per_row_opcheck_and_compile(backend):
+    g = torch.Generator().manual_seed(3)
+    x = backend.tensor(torch.randn(3, 37, generator=g))
+    alpha = backend.tensor(torch.tensor([0.5, 0.0, 0.9]))
+    temperature = backend.tensor(torch.tensor([1.2, 0.7, 2.0]))
+    for rule in ("hf", "official", "exact"):
+        torch.library.opcheck(backend.ops.top_h_mask_per_row, (x, alpha, temperature, rule, 10))
+    f = torch.compile(lambda x, a, t: logitkit.top_h(x, a, temperature=t, rule="exact"), fullgraph=True)
+    assert torch.equal(f(x, alpha, temperature), logitkit.top_h(x, alpha, temperature=temperature, rule="exact"))

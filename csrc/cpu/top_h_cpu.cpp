@@ -332,24 +332,33 @@ RowCut row_cut(RowScratch& s, int64_t cols, const TopHParams& p, float max_x) {
   return RowCut{true, capped_cut(s, cols, p, lse)};
 }
 
-// Runs finish(row, scratch, cut, max_x) for every row, in parallel.
-template <class scalar_t, class Finish>
-void for_each_row_cut(const Rows& r, const TopHParams& p, Finish finish) {
+// Runs finish(row, scratch, cut, max_x, p) for every row, in parallel, with
+// p the row's parameters (TopHParams::for_row). skip(row, p) is asked first:
+// true when it has written the row's output itself, without reading the row.
+template <class scalar_t, class Skip, class Finish>
+void for_each_row_cut(const Rows& r, const TopHParams& params, Skip skip, Finish finish) {
   const scalar_t* data = r.tensor.data_ptr<scalar_t>();
   at::parallel_for(0, r.rows, 1, [&](int64_t first, int64_t last) {
     auto s = std::make_unique<RowScratch>();
     s->x.resize(round_up_to_lanes(r.cols));
     for (int64_t row = first; row < last; ++row) {
+      const TopHParams p = params.for_row(row);
+      if (skip(row, p)) continue;
       const float max_x = load_row(data + row * r.row_stride, r.cols, *s);
-      finish(row, *s, row_cut(*s, r.cols, p, max_x), max_x);
+      finish(row, *s, row_cut(*s, r.cols, p, max_x), max_x, p);
     }
   });
 }
 
 template <class scalar_t>
-void mask_rows(const Rows& r, const TopHParams& p, bool* out) {
+void mask_rows(const Rows& r, const TopHParams& params, bool* out) {
   const int64_t cols = r.cols;
-  for_each_row_cut<scalar_t>(r, p, [&](int64_t row, const RowScratch& s, const RowCut& cut, float) {
+  auto untruncated = [&](int64_t row, const TopHParams& p) {  // Top-H off for the row: every token kept
+    if (p.truncate) return false;
+    std::fill(out + row * cols, out + (row + 1) * cols, true);
+    return true;
+  };
+  auto write = [&](int64_t row, const RowScratch& s, const RowCut& cut, float, const TopHParams&) {
     bool* o = out + row * cols;
     if (!cut.defined) {
       std::fill(o, o + cols, false);
@@ -359,7 +368,8 @@ void mask_rows(const Rows& r, const TopHParams& p, bool* out) {
     const float upto = cut.lower_bound_upto(), after = cut.lower_bound_after();
     for (int64_t i = 0; i < split; ++i) o[i] = s.x[i] >= upto;
     for (int64_t i = split; i < cols; ++i) o[i] = s.x[i] >= after;
-  });
+  };
+  for_each_row_cut<scalar_t>(r, params, untruncated, write);
 }
 
 // The kept weights exp(x_i * inv_t - m) of the tile [t, t + n) of the padded
@@ -437,8 +447,9 @@ int64_t sample_row(RowScratch& s, const RowCut& cut, float inv_t, float m, float
 }
 
 template <class scalar_t>
-void sample_rows(const Rows& r, const TopHParams& p, const float* uniform, int64_t* out) {
-  for_each_row_cut<scalar_t>(r, p, [&](int64_t row, RowScratch& s, const RowCut& cut, float max_x) {
+void sample_rows(const Rows& r, const TopHParams& params, const float* uniform, int64_t* out) {
+  auto never = [](int64_t, const TopHParams&) { return false; };
+  auto draw = [&](int64_t row, RowScratch& s, const RowCut& cut, float max_x, const TopHParams& p) {
     if (!cut.defined) {
       out[row] = -1;
     } else if (max_x == kNegInf) {
@@ -446,7 +457,8 @@ void sample_rows(const Rows& r, const TopHParams& p, const float* uniform, int64
     } else {
       out[row] = sample_row(s, cut, p.inv_temperature, max_x * p.inv_temperature, uniform[row]);
     }
-  });
+  };
+  for_each_row_cut<scalar_t>(r, params, never, draw);
 }
 
 #include "row_filters_cpu.h"

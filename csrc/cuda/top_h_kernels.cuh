@@ -735,10 +735,15 @@ struct KeepTest {
 
 template <Selection kSel, class scalar_t>
 __global__ void __launch_bounds__(kMaxTopHThreads)
-    top_h_mask_kernel(RowsView<scalar_t> rows, int64_t cols, TopHParams p, bool* mask) {
+    top_h_mask_kernel(RowsView<scalar_t> rows, int64_t cols, TopHParams params, bool* mask) {
   const scalar_t* x = rows.row(blockIdx.x);
   bool* out = mask + static_cast<int64_t>(blockIdx.x) * cols;
   const int64_t tid = threadIdx.x, stride = blockDim.x;
+  const TopHParams p = params.for_row(blockIdx.x);  // (top_h_mask_per_row: the row's alpha and temperature)
+  if (!p.truncate) {  // Top-H off for this row (block-uniform): every token kept, the row unread
+    for (int64_t i = tid; i < cols; i += stride) out[i] = true;
+    return;
+  }
   __shared__ TopHStorage s;
   select_cut<kSel>(x, cols, p, s);
   if (s.cut.kind != RowKind::defined) {

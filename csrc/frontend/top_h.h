@@ -13,6 +13,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 #include <string>
 
@@ -29,6 +30,32 @@ struct TopHParams {
   float alpha;
   float inv_temperature;
   int64_t k;  // tokens the capped rules select: min(cap, V); unused by "exact"
+  // top_h_mask_per_row: one alpha and one temperature per row (float32,
+  // contiguous, in the row order of as_rows); nullptr: alpha and
+  // inv_temperature above hold for every row.
+  const float* row_alpha = nullptr;
+  const float* row_temperature = nullptr;
+
+  // The parameters of row `row`. A per-row alpha of 0 turns Top-H off for the
+  // row (truncate = false: the mask keeps every token). Values the frontend
+  // rejects on the CPU (alpha outside [0, 1], a temperature that is not a
+  // finite number > 0, or whose 1 / T overflows) cannot be checked for a
+  // CUDA tensor without a host synchronisation; such a row is not truncated
+  // either (docs/sampling.md).
+  LK_HOST_DEVICE TopHParams for_row(int64_t row) const {
+    TopHParams p = *this;
+    if (row_alpha != nullptr) {
+      const float a = row_alpha[row];
+      p.truncate = a > 0.0f && a <= 1.0f;  // (NaN: false)
+      p.alpha = a;
+    }
+    if (row_temperature != nullptr) {
+      const float inv_t = 1.0f / row_temperature[row];
+      if (!(inv_t > 0.0f && inv_t <= core::max_finite())) p.truncate = false;
+      p.inv_temperature = inv_t;
+    }
+    return p;
+  }
 };
 
 inline core::TopHRule parse_top_h_rule(c10::string_view rule, const char* op) {
@@ -63,7 +90,47 @@ template <class Backend>
 struct TopHFrontend {
   static at::Tensor top_h_mask(const at::Tensor& logits, double alpha, double temperature, c10::string_view rule,
                                int64_t cap) {
-    const TopHParams params = top_h_params(logits, alpha, temperature, rule, cap, "top_h_mask");
+    return mask_with(logits, top_h_params(logits, alpha, temperature, rule, cap, "top_h_mask"));
+  }
+
+  // top_h_mask_per_row: alpha and temperature per row (alpha 0: Top-H off
+  // for that row), float32 tensors of shape logits.shape[:-1].
+  static at::Tensor top_h_mask_per_row(const at::Tensor& logits, const at::Tensor& alpha, const at::Tensor& temperature,
+                                       c10::string_view rule, int64_t cap) {
+    TopHParams params = top_h_params(logits, 1.0, 1.0, rule, cap, "top_h_mask");
+    const at::Tensor alpha_rows = per_row_parameter(logits, alpha, "alpha");
+    const at::Tensor temperature_rows = per_row_parameter(logits, temperature, "temperature");
+    if (logits.device().is_cpu()) {  // (a CUDA check would be a host synchronisation: TopHParams::for_row)
+      const float* a = alpha_rows.data_ptr<float>();
+      const float* t = temperature_rows.data_ptr<float>();
+      for (int64_t row = 0; row < alpha_rows.numel(); ++row) {
+        TORCH_CHECK_VALUE(a[row] >= 0.0f && a[row] <= 1.0f,
+                          "logitkit.top_h_mask: alpha must be in [0, 1] per row (0: ", "Top-H off for that row), got ",
+                          a[row], " in row ", row);
+        TORCH_CHECK_VALUE(std::isfinite(t[row]) && t[row] > 0.0f && std::isfinite(1.0f / t[row]),
+                          "logitkit.top_h_mask: temperature must be a finite number > 0, got ", t[row], " in row ",
+                          row);
+      }
+    }
+    params.row_alpha = alpha_rows.data_ptr<float>();
+    params.row_temperature = temperature_rows.data_ptr<float>();
+    return mask_with(logits, params);
+  }
+
+  // A per-row parameter of top_h_mask_per_row: on logits' device, float32,
+  // one value per row; contiguous.
+  static at::Tensor per_row_parameter(const at::Tensor& logits, const at::Tensor& value, const char* arg) {
+    const at::IntArrayRef batch = logits.sizes().slice(0, logits.dim() - 1);
+    TORCH_CHECK_VALUE(value.device() == logits.device(), "logitkit.top_h_mask: ", arg, " is on ", value.device(),
+                      " but logits is on ", logits.device());
+    TORCH_CHECK_TYPE(value.scalar_type() == at::kFloat, "logitkit.top_h_mask: ", arg, " must be float32, got ",
+                     python_dtype_name(value.scalar_type()));
+    TORCH_CHECK_VALUE(value.sizes() == batch, "logitkit.top_h_mask: ", arg, " must have shape ", batch,
+                      " (one value per row), got ", value.sizes());
+    return value.contiguous();
+  }
+
+  static at::Tensor mask_with(const at::Tensor& logits, const TopHParams& params) {
     at::Tensor out = at::empty(logits.sizes(), logits.options().dtype(at::kBool));
     if (out.numel() == 0) return out;
     const Rows r = as_rows(logits);
@@ -95,6 +162,7 @@ struct TopHFrontend {
 
   static void register_all(torch::Library& m) {
     m.impl("top_h_mask", &top_h_mask);
+    m.impl("top_h_mask_per_row", &top_h_mask_per_row);
     m.impl("sample", &sample);
   }
 };

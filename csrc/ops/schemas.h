@@ -30,6 +30,11 @@ inline void define_schemas(torch::Library& m) {
   // row under rule "hf", "official" or "exact"; cap = -1: the rule's default
   // (100) for the capped rules, ignored by "exact". Not differentiable.
   m.def("top_h_mask(Tensor logits, float alpha, float temperature=1.0, str rule=\"hf\", int cap=-1) -> Tensor");
+  // The same with alpha and temperature per row (float32, shape
+  // logits.shape[:-1]); alpha 0 turns Top-H off for that row (every token kept).
+  m.def(
+      "top_h_mask_per_row(Tensor logits, Tensor alpha, Tensor temperature, str rule=\"hf\", int cap=-1) -> "
+      "Tensor");
   // Sampling: one token per row (int64, shape logits.shape[:-1]) from
   // softmax(logits / temperature) restricted to the Top-H kept set (alpha,
   // rule, cap as for top_h_mask; alpha = None: no truncation), by inverse CDF

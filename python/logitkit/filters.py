@@ -227,23 +227,95 @@ def check_top_h_keep(min_tokens_to_keep: object, later_rules: Iterable[object], 
         )
 
 
-def top_h_survivors(
-    logits: torch.Tensor, top_h: float, temperature: RowParam, rule: str, cap: int | None, edt_theta: RowParam, op: str
+def _top_h_rows(
+    logits: torch.Tensor, top_h: float | torch.Tensor, temperature: float | torch.Tensor, op: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-H's alpha and temperature as float32 tensors of one value per row (for the op
+    ``top_h_mask_per_row``), a Python number repeated; a tensor is checked for device and shape
+    (and, on the CPU, outside ``torch.compile``, for its values: alpha in [0, 1], 0 turning Top-H
+    off for the row; temperature a finite number > 0)."""
+    batch = logits.shape[:-1]
+    rows = []
+    for name, value in (("alpha", top_h), ("temperature", temperature)):
+        if not isinstance(value, torch.Tensor):
+            rows.append(torch.full(batch, float(value), dtype=torch.float32, device=logits.device))
+            continue
+        if value.device != logits.device:
+            raise ValueError(f"logitkit.{op}: {name} is on {value.device} but logits is on {logits.device}")
+        if value.shape != batch:
+            raise ValueError(
+                f"logitkit.{op}: {name} must be a number or a tensor of shape {list(batch)} (one value per row), "
+                f"got shape {list(value.shape)}"
+            )
+        if not value.dtype.is_floating_point:
+            raise TypeError(f"logitkit.{op}: {name} must be a floating-point tensor, got {value.dtype}")
+        rows.append(value.to(torch.float32))
+    alpha_rows, temperature_rows = rows
+    if logits.device.type == "cpu" and not torch.compiler.is_compiling() and alpha_rows.numel() > 0:
+        if not bool(((alpha_rows >= 0) & (alpha_rows <= 1)).all()):
+            raise ValueError(f"logitkit.{op}: alpha must be in [0, 1] per row (0: Top-H off for that row), got {top_h}")
+        inverse = temperature_rows.reciprocal()
+        if not bool(((inverse > 0) & (inverse <= torch.finfo(torch.float32).max) & temperature_rows.isfinite()).all()):
+            raise ValueError(f"logitkit.{op}: temperature must be a finite number > 0, got {temperature}")
+    return alpha_rows, temperature_rows
+
+
+def top_h_mask_rows(
+    logits: torch.Tensor,
+    top_h: float | torch.Tensor,
+    temperature: float | torch.Tensor,
+    rule: str,
+    cap: int | None,
+    op: str = "top_h_mask",
 ) -> torch.Tensor:
-    """Top-H as the first stage of the chain, in transformers' order (temperature, Top-H, top-k,
-    top-p, min-p, typical, epsilon, eta): ``logits`` with the tokens Top-H drops (``top_h_mask``)
-    set to -inf, so that the rules after it see its survivors renormalised. A row without a
-    distribution (NaN or +inf, where Top-H keeps nothing) is left as it is, so that the chain
-    reports it as such. Not fused: the Top-H mask op and one masked copy of the rows
-    (docs/sampling.md). Top-H takes one temperature for every row."""
-    if isinstance(temperature, torch.Tensor) or edt_theta is not None:
-        raise ValueError(
-            f"logitkit.{op}: top_h needs one temperature for all rows (a number), not a per-row tensor or edt_theta"
-        )
+    """Top-H's keep mask (the op ``top_h_mask``, or ``top_h_mask_per_row`` when alpha or the
+    temperature is a per-row tensor), after the Python-side checks."""
     cap_arg = -1 if cap is None else int(cap)
-    check_top_h_args(logits, float(top_h), float(temperature), str(rule), cap_arg, op)  # type: ignore[arg-type]
-    mask = _backend.ops().top_h_mask(logits.detach(), float(top_h), float(temperature), str(rule), cap_arg)  # type: ignore[arg-type]
-    return logits.masked_fill(~(mask | ~mask.any(-1, keepdim=True)), -math.inf)
+    if not isinstance(top_h, torch.Tensor) and not isinstance(temperature, torch.Tensor):
+        check_top_h_args(logits, float(top_h), float(temperature), str(rule), cap_arg, op)
+        return _backend.ops().top_h_mask(logits, float(top_h), float(temperature), str(rule), cap_arg)
+    check_top_h_args(logits, None, 1.0, str(rule), cap_arg, op)
+    alpha_rows, temperature_rows = _top_h_rows(logits, top_h, temperature, op)
+    return _backend.ops().top_h_mask_per_row(logits, alpha_rows, temperature_rows, str(rule), cap_arg)
+
+
+def top_h_stage(
+    logits: torch.Tensor,
+    top_h: float | torch.Tensor,
+    temperature: RowParam,
+    rule: str,
+    cap: int | None,
+    edt_theta: RowParam,
+    edt_base: RowParam,
+    op: str,
+) -> tuple[torch.Tensor, RowParam, RowParam, RowParam]:
+    """Top-H as the first stage of the chain, in transformers' order (temperature, Top-H, top-k,
+    top-p, min-p, typical, epsilon, eta). Returns ``logits`` with the tokens Top-H drops
+    (``top_h_mask``) set to -inf, so that the rules after it see its survivors renormalised, and
+    the temperature, ``edt_theta`` and ``edt_base`` the chain then takes.
+
+    * ``top_h`` and ``temperature`` may be per-row tensors (``top_h`` 0: Top-H off for that row).
+    * EDT (``edt_theta``) is a temperature, so it comes first: T per row from the entropy of
+      the untruncated row, used by Top-H and handed to the chain as a per-row temperature.
+    * A greedy row (temperature 0, or 1 / T overflowing) runs Top-H at temperature 1: its kept
+      set holds the largest logit, which is all the greedy chain keeps.
+    * A row without a distribution (NaN or +inf, where Top-H keeps nothing) is left as it is,
+      so that the chain reports it as such.
+
+    Not fused: the Top-H mask op and one masked copy of the rows (docs/sampling.md)."""
+    if edt_theta is not None:
+        temperature = _edt_temperature(logits, temperature, edt_theta, edt_base, op)
+        edt_theta = edt_base = None
+    t = _column(temperature, "temperature", logits, op)  # [0, inf): 0 is greedy
+    if isinstance(t, torch.Tensor):
+        inverse = t.reciprocal()
+        top_h_t: float | torch.Tensor = torch.where((inverse > 0) & (inverse <= torch.finfo(torch.float32).max), t, 1.0)
+    else:
+        top_h_t = t if t > 0 and 1.0 / t <= torch.finfo(torch.float32).max else 1.0
+    x = logits.detach()
+    mask = top_h_mask_rows(x, top_h, top_h_t, rule, cap, op)
+    survivors = logits.masked_fill(~(mask | ~mask.any(-1, keepdim=True)), -math.inf)
+    return survivors, temperature, edt_theta, edt_base
 
 
 def filter_params(
@@ -300,7 +372,7 @@ def truncation_mask(
     edt_theta: RowParam = None,
     edt_base: RowParam = None,
     min_tokens_to_keep: int | torch.Tensor = 1,
-    top_h: float | None = None,
+    top_h: float | torch.Tensor | None = None,
     rule: str = "hf",
     cap: int | None = None,
 ) -> torch.Tensor:
@@ -336,12 +408,15 @@ def truncation_mask(
 
     ``top_h`` (alpha, with ``rule`` and ``cap``: :func:`logitkit.top_h_mask`) adds Top-H as the
     chain's first rule, as transformers orders it: the other rules then see Top-H's survivors
-    renormalised (one temperature for all rows; not fused, docs/sampling.md).
+    renormalised (not fused, docs/sampling.md). ``top_h`` may be a per-row tensor (0: Top-H off
+    for that row), with a per-row or entropy-adaptive temperature too.
     """
     if top_h is not None:
         later = (top_k, top_p, typical_p, min_p, top_n_sigma, p_less, epsilon, eta)
         check_top_h_keep(min_tokens_to_keep, later, "truncation_mask")
-        logits = top_h_survivors(logits, top_h, temperature, rule, cap, edt_theta, "truncation_mask")
+        logits, temperature, edt_theta, edt_base = top_h_stage(
+            logits, top_h, temperature, rule, cap, edt_theta, edt_base, "truncation_mask"
+        )
     params = filter_params(
         logits,
         temperature=temperature,
@@ -376,7 +451,7 @@ def filter_logits(
     edt_base: RowParam = None,
     min_tokens_to_keep: int | torch.Tensor = 1,
     filter_value: float = -math.inf,
-    top_h: float | None = None,
+    top_h: float | torch.Tensor | None = None,
     rule: str = "hf",
     cap: int | None = None,
 ) -> torch.Tensor:
@@ -386,7 +461,9 @@ def filter_logits(
     if top_h is not None:  # (differentiable: masked_fill)
         later = (top_k, top_p, typical_p, min_p, top_n_sigma, p_less, epsilon, eta)
         check_top_h_keep(min_tokens_to_keep, later, "filter_logits")
-        source = top_h_survivors(logits, top_h, temperature, rule, cap, edt_theta, "filter_logits")
+        source, temperature, edt_theta, edt_base = top_h_stage(
+            logits, top_h, temperature, rule, cap, edt_theta, edt_base, "filter_logits"
+        )
     params = filter_params(
         source,
         temperature=temperature,

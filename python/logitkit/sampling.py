@@ -26,7 +26,8 @@ from .filters import (
     is_default_keep,
     row_uniform,
     rules_given,
-    top_h_survivors,
+    top_h_mask_rows,
+    top_h_stage,
 )
 
 __all__ = ["MirostatResult", "SampleResult", "mirostat_sample", "sample", "top_h", "top_h_mask"]
@@ -34,9 +35,9 @@ __all__ = ["MirostatResult", "SampleResult", "mirostat_sample", "sample", "top_h
 
 def top_h_mask(
     logits: torch.Tensor,
-    alpha: float,
+    alpha: float | torch.Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     rule: str = "hf",
     cap: int | None = None,
 ) -> torch.Tensor:
@@ -62,16 +63,20 @@ def top_h_mask(
     +inf has no defined distribution: its mask is all False. A row of only
     -inf keeps token 0. ``alpha`` must be in (0, 1], ``temperature`` > 0.
     Not differentiable.
+
+    Per row: ``alpha`` and ``temperature`` may be tensors of shape ``logits.shape[:-1]`` (the
+    op ``top_h_mask_per_row``); a row whose alpha is 0 is not truncated (all True, whatever
+    it holds). CPU tensors are checked (alpha in [0, 1], temperature a finite number > 0);
+    CUDA tensors are not (a host synchronisation), and a row with such a value is not truncated.
     """
-    cap_arg = -1 if cap is None else int(cap)
-    return _backend.ops().top_h_mask(logits, float(alpha), float(temperature), str(rule), cap_arg)
+    return top_h_mask_rows(logits, alpha, temperature, rule, cap)
 
 
 def top_h(
     logits: torch.Tensor,
-    alpha: float,
+    alpha: float | torch.Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     rule: str = "hf",
     cap: int | None = None,
     filter_value: float = float("-inf"),
@@ -110,11 +115,19 @@ def _is_legacy_call(temperature: RowParam, extra: dict, seed: object) -> bool:
     return not rules_given(extra.values())
 
 
+def _fused_top_h(top_h: float | torch.Tensor, temperature: RowParam) -> bool:
+    """Whether Top-H alone takes the fused Top-H sampler (one alpha and one temperature > 0 for
+    every row), rather than the Top-H mask op and the chain's sampler."""
+    if isinstance(top_h, torch.Tensor) or isinstance(temperature, torch.Tensor):
+        return False
+    return float(temperature) != 0.0  # type: ignore[arg-type]
+
+
 def sample(
     logits: torch.Tensor,
     *,
     temperature: RowParam = 1.0,
-    top_h: float | None = None,
+    top_h: float | torch.Tensor | None = None,
     rule: str = "hf",
     cap: int | None = None,
     generator: torch.Generator | None = None,
@@ -158,8 +171,10 @@ def sample(
     ``top_h`` together with the chain's rules: Top-H first, as in transformers' order
     (temperature, Top-H, top-k, top-p, min-p, typical, epsilon, eta), the chain on Top-H's
     survivors renormalised; not fused (the Top-H mask op, one masked copy of the rows, then the
-    chain's sampler: docs/sampling.md). Top-H takes one temperature (a number) for all rows, and
-    has no ``min_tokens_to_keep`` of its own (that applies to the rules after it).
+    chain's sampler: docs/sampling.md). ``top_h`` may be a per-row tensor (0: Top-H off for that
+    row), and so may the temperature (or EDT's); then, or with temperature 0, Top-H alone also
+    takes that route. Top-H has no ``min_tokens_to_keep`` of its own (that applies to the rules
+    after it).
     """
     chain = {
         "top_k": top_k,
@@ -176,10 +191,20 @@ def sample(
     # min_tokens_to_keep = 1 (the default) changes nothing; any other value is a rule argument
     keep = {"min_tokens_to_keep": None if is_default_keep(min_tokens_to_keep) else min_tokens_to_keep}
     chain_rules = rules_given(chain.values())
-    if _is_legacy_call(temperature, {**chain, **keep, **outputs}, seed) or (top_h is not None and not chain_rules):
+    if top_h is None:
+        if _is_legacy_call(temperature, {**chain, **keep, **outputs}, seed):
+            return _sample_top_h(logits, temperature, None, rule, cap, generator, keep, outputs, seed, offset)
+        source = logits
+    elif not chain_rules and _fused_top_h(top_h, temperature):
         return _sample_top_h(logits, temperature, top_h, rule, cap, generator, keep, outputs, seed, offset)
-    # Top-H with the chain: Top-H first (transformers' order), the chain on its survivors
-    source = logits if top_h is None else top_h_survivors(logits, top_h, temperature, rule, cap, edt_theta, "sample")
+    else:
+        # Top-H first (transformers' order), then the chain (or plain sampling) on its survivors
+        later = [v for name, v in chain.items() if name not in ("edt_theta", "edt_base")]
+        check_top_h_keep(min_tokens_to_keep, later, "sample")
+        source, temperature, edt_theta, edt_base = top_h_stage(
+            logits, top_h, temperature, rule, cap, edt_theta, edt_base, "sample"
+        )
+        chain.update({"edt_theta": edt_theta, "edt_base": edt_base})
     params = filter_params(source, temperature=temperature, min_tokens_to_keep=min_tokens_to_keep, op="sample", **chain)
     u = row_uniform(logits, seed, offset, generator, "sample")
     raw_in_kernel = bool(return_logprobs) and top_h is None  # (the kernel would see Top-H's -inf entries)
@@ -299,8 +324,6 @@ def _sample_top_h(
     or counter-based (seed, offset) uniforms. ``keep``: min_tokens_to_keep when not 1, which
     Top-H alone does not take (transformers' TopHLogitsWarper has none either)."""
     check_top_h_keep(1 if keep.get("min_tokens_to_keep") is None else keep["min_tokens_to_keep"], (), "sample")
-    if isinstance(temperature, torch.Tensor):
-        raise ValueError("logitkit.sample: a per-row temperature cannot be combined with top_h yet")
     cap_arg = -1 if cap is None else int(cap)
     alpha = None if top_h is None else float(top_h)
     check_top_h_args(logits, alpha, float(temperature), str(rule), cap_arg, "sample")
@@ -357,6 +380,23 @@ def _top_h_mask_fake(
     logits: torch.Tensor, alpha: float, temperature: float = 1.0, rule: str = "hf", cap: int = -1
 ) -> torch.Tensor:
     check_top_h_args(logits, alpha, temperature, rule, cap)
+    return logits.new_empty(logits.shape, dtype=torch.bool)
+
+
+@register_fake("top_h_mask_per_row")
+def _top_h_mask_per_row_fake(
+    logits: torch.Tensor, alpha: torch.Tensor, temperature: torch.Tensor, rule: str = "hf", cap: int = -1
+) -> torch.Tensor:
+    check_top_h_args(logits, None, 1.0, rule, cap)
+    batch = logits.shape[:-1]
+    for name, value in (("alpha", alpha), ("temperature", temperature)):
+        if value.dtype != torch.float32:
+            raise TypeError(f"logitkit.top_h_mask: {name} must be float32, got {value.dtype}")
+        if value.shape != batch:
+            raise ValueError(
+                f"logitkit.top_h_mask: {name} must have shape {list(batch)} (one value per row), "
+                f"got {list(value.shape)}"
+            )
     return logits.new_empty(logits.shape, dtype=torch.bool)
 
 
