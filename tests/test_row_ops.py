@@ -209,6 +209,28 @@ def test_vocab_of_one_million(backend):
         assert_close(out, REFERENCES[op](x, 1.0), atol * 10, rtol, op)
 
 
+def test_results_past_the_huge_page_threshold():
+    """Results of 8 MiB and more are advised to use transparent huge pages (empty_row_output in
+    csrc/frontend/common.h): the same values, whether or not the system grants them, for every
+    op that allocates its result that way (bool results need 8 Mi tokens)."""
+    x = random_logits(9, 1_000_003, torch.float32, scale=5.0)
+    x[1, 500_000:] = NEG_INF
+    for op in ("softmax", "log_softmax"):
+        atol, rtol = TOLERANCES[op][torch.float32]
+        assert_close(getattr(logitkit, op)(x, 1.0), REFERENCES[op](x, 1.0), atol * 10, rtol, op)
+    y = x.clone().requires_grad_()
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    logitkit.softmax(y).backward(grad)
+    p = torch.softmax(x.double(), -1)
+    assert_close(y.grad, p * (grad - (grad * p).sum(-1, keepdim=True)), 1e-6, 1e-4, "softmax backward")
+    kept = logitkit.truncation_mask(x, min_p=0.3)
+    p_max = torch.softmax(x.double(), -1).amax(-1, keepdim=True)
+    assert torch.equal(kept, torch.softmax(x.double(), -1) >= 0.3 * p_max)
+    assert torch.equal(logitkit.filter_logits(x, min_p=0.3), torch.where(kept, x, -math.inf))
+    rows = torch.cat([logitkit.top_h_mask(x[i : i + 1], 0.5, rule="exact") for i in range(9)])  # (4 MB each)
+    assert torch.equal(logitkit.top_h_mask(x, 0.5, rule="exact"), rows)
+
+
 # ---------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------

@@ -50,7 +50,7 @@ template <class Backend>
 struct RowFiltersFrontend {
   static at::Tensor filter_mask(const at::Tensor& logits, const at::Tensor& params) {
     const at::Tensor prm = checked_filter_params(logits, params, "filter_mask");
-    at::Tensor out = at::empty(logits.sizes(), logits.options().dtype(at::kBool));
+    at::Tensor out = empty_row_output(logits.sizes(), logits.options().dtype(at::kBool));
     if (out.numel() == 0) return out;
     const Rows r = as_rows(logits);
     LOGITKIT_DISPATCH_LOGIT_TYPES(logits.scalar_type(), [&] {
@@ -61,7 +61,7 @@ struct RowFiltersFrontend {
 
   static at::Tensor filter_logits(const at::Tensor& logits, const at::Tensor& params, double filter_value) {
     const at::Tensor prm = checked_filter_params(logits, params, "filter_logits");
-    at::Tensor out = at::empty(logits.sizes(), logits.options());
+    at::Tensor out = empty_row_output(logits.sizes(), logits.options());
     if (out.numel() == 0) return out;
     const Rows r = as_rows(logits);
     LOGITKIT_DISPATCH_LOGIT_TYPES(logits.scalar_type(), [&] {

@@ -105,7 +105,7 @@ struct RowOpsFrontend {
     if (needs_division(x, temperature)) {
       return forward_map(kind, divided(x, temperature), 1.0, name).to(x.scalar_type());
     }
-    at::Tensor out = at::empty(x.sizes(), x.options());
+    at::Tensor out = empty_row_output(x.sizes(), x.options());
     if (x.numel() == 0) return out;
     const Rows r = as_rows(x);
     dispatch(x.scalar_type(), [&]<class scalar_t>() {
@@ -159,7 +159,7 @@ struct RowOpsFrontend {
       const at::Tensor grad_z = row_result_backward(kind, grad, divided(x, temperature), 1.0, name);
       return divided(grad_z, temperature).to(x.scalar_type());
     }
-    at::Tensor out = at::empty(x.sizes(), x.options());
+    at::Tensor out = empty_row_output(x.sizes(), x.options());
     if (x.numel() == 0) return out;
     const Rows r = as_rows(x);
     const at::Tensor g = grad.to(x.scalar_type()).contiguous();
@@ -180,7 +180,7 @@ struct RowOpsFrontend {
     if (needs_division(y, temperature)) {  // dL/dx = (dL/dz) / T
       return divided(output_backward(kind, grad, y, 1.0, name), temperature).to(y.scalar_type());
     }
-    at::Tensor out = at::empty(y.sizes(), y.options());
+    at::Tensor out = empty_row_output(y.sizes(), y.options());
     if (y.numel() == 0) return out;
     Rows rg = as_rows(grad);
     Rows ry = as_rows(y);

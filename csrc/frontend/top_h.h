@@ -131,7 +131,7 @@ struct TopHFrontend {
   }
 
   static at::Tensor mask_with(const at::Tensor& logits, const TopHParams& params) {
-    at::Tensor out = at::empty(logits.sizes(), logits.options().dtype(at::kBool));
+    at::Tensor out = empty_row_output(logits.sizes(), logits.options().dtype(at::kBool));
     if (out.numel() == 0) return out;
     const Rows r = as_rows(logits);
     LOGITKIT_DISPATCH_LOGIT_TYPES(logits.scalar_type(),
