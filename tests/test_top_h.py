@@ -654,3 +654,63 @@ def test_per_row_opcheck_and_compile(backend):
         torch.library.opcheck(backend.ops.top_h_mask_per_row, (x, alpha, temperature, rule, 10))
     f = torch.compile(lambda x, a, t: logitkit.top_h(x, a, temperature=t, rule="exact"), fullgraph=True)
     assert torch.equal(f(x, alpha, temperature), logitkit.top_h(x, alpha, temperature=temperature, rule="exact"))
+
+
+@pytest.mark.parametrize("rule", ["hf", "official", "exact"])
+def test_sample_per_row_alpha(backend, rule):
+    """The fused Top-H sampler with one alpha per row (op sample_per_row; alpha 0: the whole row)
+    draws the token the same call with numbers draws row by row (counter-based uniforms: the
+    same u per row), and its outputs describe each row's own kept set."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 700, generator=g) * 2
+    x[4, 9] = math.nan
+    x[5] = -math.inf
+    alpha = torch.tensor([0.3, 0.0, 0.9, 0.6, 0.5, 0.0])
+    seed = torch.arange(6) * 7 + 1
+    xd = backend.tensor(x)
+    out = logitkit.sample(
+        xd,
+        top_h=backend.tensor(alpha),
+        temperature=0.8,
+        rule=rule,
+        seed=backend.tensor(seed),
+        return_logprobs=True,
+        return_entropy=True,
+        return_kept=True,
+    )
+    for i in range(6):
+        a = alpha[i].item()
+        one = logitkit.sample(
+            xd[i : i + 1],
+            top_h=None if a == 0.0 else a,
+            temperature=0.8,
+            rule=rule,
+            seed=int(seed[i]),
+            return_kept=True,
+        )
+        assert out.tokens[i].item() == one.tokens[0].item(), i
+        if a != 0.0:
+            assert out.kept[i].item() == one.kept[0].item(), i
+    tok = out.tokens.cpu()
+    assert tok[4].item() == -1 and tok[5].item() == 0
+    assert out.kept.cpu()[4:].tolist() == [0, 1]
+    keep = logitkit.top_h_mask(xd, backend.tensor(alpha), temperature=0.8, rule=rule).cpu()
+    assert keep[:4].gather(-1, tok[:4, None]).all() and keep[1].all()
+    assert torch.equal(out.kept.cpu()[:4], keep[:4].sum(-1))
+    q = torch.softmax((x[:4].double() / 0.8).masked_fill(~keep[:4], -math.inf), -1)
+    log_q = q.gather(-1, tok[:4, None]).squeeze(-1).log()
+    torch.testing.assert_close(out.logprobs[:4].cpu().double(), log_q, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        out.entropy[:4].cpu().double(), references.entropy_terms(q).sum(-1), atol=1e-4, rtol=1e-4
+    )
+    op = backend.ops.sample_per_row
+    u = backend.tensor(torch.rand(6, generator=g))
+    ones = backend.tensor(torch.ones(6))
+    torch.library.opcheck(op, (xd[:4], u[:4], backend.tensor(alpha[:4]), ones[:4], rule, 10))
+    with pytest.raises(ValueError, match="alpha must have shape"):
+        op(xd, u, backend.tensor(torch.ones(5)), ones, rule, -1)
+    with pytest.raises(ValueError, match="uniform must have shape"):
+        op(xd, u[:5], ones, ones, rule, -1)
+    if backend.device == "cpu":
+        with pytest.raises(ValueError, match=r"logitkit\.sample: alpha must be in \[0, 1\] per row"):
+            op(xd, u, ones * 1.5, ones, rule, -1)

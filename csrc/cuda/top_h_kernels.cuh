@@ -775,12 +775,17 @@ __global__ void __launch_bounds__(kMaxTopHThreads)
 // tracks its own last one; reduced only then, which is block-uniform).
 template <Selection kSel, class scalar_t>
 __global__ void __launch_bounds__(kMaxTopHThreads)
-    sample_kernel(RowsView<scalar_t> rows, int64_t cols, TopHParams p, const float* uniform, int64_t* tokens) {
+    sample_kernel(RowsView<scalar_t> rows, int64_t cols, TopHParams params, const float* uniform, int64_t* tokens) {
   const int64_t row = blockIdx.x;
   const scalar_t* x = rows.row(row);
   const int64_t tid = threadIdx.x;
+  const TopHParams p = params.for_row(row);  // (sample_per_row: the row's alpha and temperature)
   __shared__ TopHStorage s;
-  select_cut<kSel>(x, cols, p, s);
+  if (kSel == Selection::all || p.truncate) {
+    select_cut<kSel>(x, cols, p, s);
+  } else {  // Top-H off for this row (block-uniform): every token, as plain sampling (full_from = 0)
+    select_cut<Selection::all>(x, cols, p, s);
+  }
   if (s.cut.kind != RowKind::defined) {
     if (tid == 0) tokens[row] = s.cut.kind == RowKind::all_masked ? 0 : -1;
     return;

@@ -86,6 +86,12 @@ inline TopHParams top_h_params(const at::Tensor& logits, std::optional<double> a
   return p;
 }
 
+// The per-row tensors of top_h_mask_per_row / sample_per_row that
+// TopHParams::row_alpha / row_temperature point into (kept alive by the caller).
+struct TopHRowValues {
+  at::Tensor alpha, temperature;
+};
+
 template <class Backend>
 struct TopHFrontend {
   static at::Tensor top_h_mask(const at::Tensor& logits, double alpha, double temperature, c10::string_view rule,
@@ -97,35 +103,51 @@ struct TopHFrontend {
   // for that row), float32 tensors of shape logits.shape[:-1].
   static at::Tensor top_h_mask_per_row(const at::Tensor& logits, const at::Tensor& alpha, const at::Tensor& temperature,
                                        c10::string_view rule, int64_t cap) {
-    TopHParams params = top_h_params(logits, 1.0, 1.0, rule, cap, "top_h_mask");
-    const at::Tensor alpha_rows = per_row_parameter(logits, alpha, "alpha");
-    const at::Tensor temperature_rows = per_row_parameter(logits, temperature, "temperature");
-    if (logits.device().is_cpu()) {  // (a CUDA check would be a host synchronisation: TopHParams::for_row)
-      const float* a = alpha_rows.data_ptr<float>();
-      const float* t = temperature_rows.data_ptr<float>();
-      for (int64_t row = 0; row < alpha_rows.numel(); ++row) {
-        TORCH_CHECK_VALUE(a[row] >= 0.0f && a[row] <= 1.0f,
-                          "logitkit.top_h_mask: alpha must be in [0, 1] per row (0: ", "Top-H off for that row), got ",
-                          a[row], " in row ", row);
-        TORCH_CHECK_VALUE(std::isfinite(t[row]) && t[row] > 0.0f && std::isfinite(1.0f / t[row]),
-                          "logitkit.top_h_mask: temperature must be a finite number > 0, got ", t[row], " in row ",
-                          row);
-      }
-    }
-    params.row_alpha = alpha_rows.data_ptr<float>();
-    params.row_temperature = temperature_rows.data_ptr<float>();
-    return mask_with(logits, params);
+    TopHRowValues rows;
+    return mask_with(logits, per_row_params(logits, alpha, temperature, rule, cap, "top_h_mask", rows));
   }
 
-  // A per-row parameter of top_h_mask_per_row: on logits' device, float32,
-  // one value per row; contiguous.
-  static at::Tensor per_row_parameter(const at::Tensor& logits, const at::Tensor& value, const char* arg) {
+  // sample_per_row: the Top-H sampler with alpha and temperature per row (as
+  // top_h_mask_per_row: alpha 0 draws from the whole row).
+  static at::Tensor sample_per_row(const at::Tensor& logits, const at::Tensor& uniform, const at::Tensor& alpha,
+                                   const at::Tensor& temperature, c10::string_view rule, int64_t cap) {
+    TopHRowValues rows;
+    return sample_with(logits, uniform, per_row_params(logits, alpha, temperature, rule, cap, "sample", rows));
+  }
+
+  // The checked params of a per-row op: on logits' device, float32, one
+  // value per row (made contiguous into `rows`); on the CPU, alpha in [0, 1]
+  // and temperature a finite number > 0 with a finite 1 / T (a CUDA check
+  // would be a host synchronisation: TopHParams::for_row).
+  static TopHParams per_row_params(const at::Tensor& logits, const at::Tensor& alpha, const at::Tensor& temperature,
+                                   c10::string_view rule, int64_t cap, const char* op, TopHRowValues& rows) {
+    TopHParams params = top_h_params(logits, 1.0, 1.0, rule, cap, op);
+    rows.alpha = per_row_parameter(logits, alpha, "alpha", op);
+    rows.temperature = per_row_parameter(logits, temperature, "temperature", op);
+    if (logits.device().is_cpu()) {
+      const float* a = rows.alpha.data_ptr<float>();
+      const float* t = rows.temperature.data_ptr<float>();
+      for (int64_t row = 0; row < rows.alpha.numel(); ++row) {
+        TORCH_CHECK_VALUE(a[row] >= 0.0f && a[row] <= 1.0f, "logitkit.", op,
+                          ": alpha must be in [0, 1] per row (0: Top-H off for that row), got ", a[row], " in row ",
+                          row);
+        TORCH_CHECK_VALUE(std::isfinite(t[row]) && t[row] > 0.0f && std::isfinite(1.0f / t[row]), "logitkit.", op,
+                          ": temperature must be a finite number > 0, got ", t[row], " in row ", row);
+      }
+    }
+    params.row_alpha = rows.alpha.data_ptr<float>();
+    params.row_temperature = rows.temperature.data_ptr<float>();
+    return params;
+  }
+
+  static at::Tensor per_row_parameter(const at::Tensor& logits, const at::Tensor& value, const char* arg,
+                                      const char* op) {
     const at::IntArrayRef batch = logits.sizes().slice(0, logits.dim() - 1);
-    TORCH_CHECK_VALUE(value.device() == logits.device(), "logitkit.top_h_mask: ", arg, " is on ", value.device(),
+    TORCH_CHECK_VALUE(value.device() == logits.device(), "logitkit.", op, ": ", arg, " is on ", value.device(),
                       " but logits is on ", logits.device());
-    TORCH_CHECK_TYPE(value.scalar_type() == at::kFloat, "logitkit.top_h_mask: ", arg, " must be float32, got ",
+    TORCH_CHECK_TYPE(value.scalar_type() == at::kFloat, "logitkit.", op, ": ", arg, " must be float32, got ",
                      python_dtype_name(value.scalar_type()));
-    TORCH_CHECK_VALUE(value.sizes() == batch, "logitkit.top_h_mask: ", arg, " must have shape ", batch,
+    TORCH_CHECK_VALUE(value.sizes() == batch, "logitkit.", op, ": ", arg, " must have shape ", batch,
                       " (one value per row), got ", value.sizes());
     return value.contiguous();
   }
@@ -141,7 +163,10 @@ struct TopHFrontend {
 
   static at::Tensor sample(const at::Tensor& logits, const at::Tensor& uniform, std::optional<double> alpha,
                            double temperature, c10::string_view rule, int64_t cap) {
-    const TopHParams params = top_h_params(logits, alpha, temperature, rule, cap, "sample");
+    return sample_with(logits, uniform, top_h_params(logits, alpha, temperature, rule, cap, "sample"));
+  }
+
+  static at::Tensor sample_with(const at::Tensor& logits, const at::Tensor& uniform, const TopHParams& params) {
     const at::IntArrayRef batch = logits.sizes().slice(0, logits.dim() - 1);
     TORCH_CHECK_VALUE(uniform.device() == logits.device(), "logitkit.sample: uniform is on ", uniform.device(),
                       " but logits is on ", logits.device());
@@ -163,6 +188,7 @@ struct TopHFrontend {
   static void register_all(torch::Library& m) {
     m.impl("top_h_mask", &top_h_mask);
     m.impl("top_h_mask_per_row", &top_h_mask_per_row);
+    m.impl("sample_per_row", &sample_per_row);
     m.impl("sample", &sample);
   }
 };

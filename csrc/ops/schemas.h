@@ -43,6 +43,11 @@ inline void define_schemas(torch::Library& m) {
   m.def(
       "sample(Tensor logits, Tensor uniform, float? alpha, float temperature=1.0, str rule=\"hf\", "
       "int cap=-1) -> Tensor");
+  // The same with alpha and temperature per row, as top_h_mask_per_row
+  // (alpha 0: the row is drawn from without truncation).
+  m.def(
+      "sample_per_row(Tensor logits, Tensor uniform, Tensor alpha, Tensor temperature, str rule=\"hf\", int cap=-1) "
+      "-> Tensor");
 
   // Memory-light linear cross-entropy (csrc/frontend/linear_ce.h): the
   // logits x = hidden @ weight^T + bias are only ever formed chunk by chunk.

@@ -227,7 +227,7 @@ def check_top_h_keep(min_tokens_to_keep: object, later_rules: Iterable[object], 
         )
 
 
-def _top_h_rows(
+def top_h_rows(
     logits: torch.Tensor, top_h: float | torch.Tensor, temperature: float | torch.Tensor, op: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-H's alpha and temperature as float32 tensors of one value per row (for the op
@@ -275,7 +275,7 @@ def top_h_mask_rows(
         check_top_h_args(logits, float(top_h), float(temperature), str(rule), cap_arg, op)
         return _backend.ops().top_h_mask(logits, float(top_h), float(temperature), str(rule), cap_arg)
     check_top_h_args(logits, None, 1.0, str(rule), cap_arg, op)
-    alpha_rows, temperature_rows = _top_h_rows(logits, top_h, temperature, op)
+    alpha_rows, temperature_rows = top_h_rows(logits, top_h, temperature, op)
     return _backend.ops().top_h_mask_per_row(logits, alpha_rows, temperature_rows, str(rule), cap_arg)
 
 

@@ -27,6 +27,7 @@ from .filters import (
     row_uniform,
     rules_given,
     top_h_mask_rows,
+    top_h_rows,
     top_h_stage,
 )
 
@@ -116,9 +117,10 @@ def _is_legacy_call(temperature: RowParam, extra: dict, seed: object) -> bool:
 
 
 def _fused_top_h(top_h: float | torch.Tensor, temperature: RowParam) -> bool:
-    """Whether Top-H alone takes the fused Top-H sampler (one alpha and one temperature > 0 for
-    every row), rather than the Top-H mask op and the chain's sampler."""
-    if isinstance(top_h, torch.Tensor) or isinstance(temperature, torch.Tensor):
+    """Whether Top-H alone takes the fused Top-H sampler (op ``sample``, or ``sample_per_row`` for
+    a per-row alpha): with one temperature, a number other than 0. A per-row temperature (which
+    may hold greedy rows) or temperature 0 take the Top-H mask op and the chain's sampler."""
+    if isinstance(temperature, torch.Tensor):
         return False
     return float(temperature) != 0.0  # type: ignore[arg-type]
 
@@ -172,9 +174,10 @@ def sample(
     (temperature, Top-H, top-k, top-p, min-p, typical, epsilon, eta), the chain on Top-H's
     survivors renormalised; not fused (the Top-H mask op, one masked copy of the rows, then the
     chain's sampler: docs/sampling.md). ``top_h`` may be a per-row tensor (0: Top-H off for that
-    row), and so may the temperature (or EDT's); then, or with temperature 0, Top-H alone also
-    takes that route. Top-H has no ``min_tokens_to_keep`` of its own (that applies to the rules
-    after it).
+    row; Top-H alone then stays on the fused sampler, op ``sample_per_row``), and so may the
+    temperature (or EDT's); with a per-row temperature, or temperature 0, Top-H alone takes the
+    mask op and the chain's sampler too. Top-H has no ``min_tokens_to_keep`` of its own (that
+    applies to the rules after it).
     """
     chain = {
         "top_k": top_k,
@@ -325,18 +328,31 @@ def _sample_top_h(
     Top-H alone does not take (transformers' TopHLogitsWarper has none either)."""
     check_top_h_keep(1 if keep.get("min_tokens_to_keep") is None else keep["min_tokens_to_keep"], (), "sample")
     cap_arg = -1 if cap is None else int(cap)
-    alpha = None if top_h is None else float(top_h)
-    check_top_h_args(logits, alpha, float(temperature), str(rule), cap_arg, "sample")
-    u = row_uniform(logits, seed, offset, generator, "sample")
-    tokens = _backend.ops().sample(logits, u, alpha, float(temperature), str(rule), cap_arg)
+    if isinstance(top_h, torch.Tensor):  # alpha per row (0: that row untruncated)
+        alpha: float | torch.Tensor | None = top_h
+        check_top_h_args(logits, None, float(temperature), str(rule), cap_arg, "sample")
+        alpha_rows, temperature_rows = top_h_rows(logits, top_h, float(temperature), "sample")
+        u = row_uniform(logits, seed, offset, generator, "sample")
+        tokens = _backend.ops().sample_per_row(logits, u, alpha_rows, temperature_rows, str(rule), cap_arg)
+    else:
+        alpha = None if top_h is None else float(top_h)
+        check_top_h_args(logits, alpha, float(temperature), str(rule), cap_arg, "sample")
+        u = row_uniform(logits, seed, offset, generator, "sample")
+        tokens = _backend.ops().sample(logits, u, alpha, float(temperature), str(rule), cap_arg)
     if not any(outputs.values()):
         return tokens
     assert alpha is not None  # outputs without top_h take the row-statistics sampler
-    return _top_h_outputs(logits, tokens, alpha, float(temperature), str(rule), cap_arg, outputs)
+    return _top_h_outputs(logits, tokens, alpha, float(temperature), str(rule), cap, outputs)
 
 
 def _top_h_outputs(
-    logits: torch.Tensor, tokens: torch.Tensor, alpha: float, temperature: float, rule: str, cap: int, outputs: dict
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    alpha: float | torch.Tensor,
+    temperature: float,
+    rule: str,
+    cap: int | None,
+    outputs: dict,
 ) -> SampleResult:
     """The optional outputs of a Top-H draw (``SampleResult``, float32 like the fused sampler's),
     from the kept set of ``top_h_mask`` (the sampler's own set: both ops share the cut) and our
@@ -348,7 +364,7 @@ def _top_h_outputs(
     raw log-prob NaN."""
     ops = _backend.ops()
     logits = logits.detach()
-    mask = ops.top_h_mask(logits, alpha, temperature, rule, cap)
+    mask = top_h_mask_rows(logits, alpha, temperature, rule, cap, "sample")
     x = logits.float()
     kept_logits = x.masked_fill(~mask, -math.inf)
     index = tokens.clamp(min=0).unsqueeze(-1)
@@ -366,7 +382,8 @@ def _top_h_outputs(
         raw = _raw_log_probs(logits, tokens)
     if outputs.get("return_entropy"):
         entropy = special(ops.entropy(kept_logits, temperature))
-    kept = mask.sum(-1) if outputs.get("return_kept") else None
+    # (an untruncated row's mask is all True, also on a row without a distribution)
+    kept = torch.where(no_token, 0, torch.where(only_neg_inf, 1, mask.sum(-1))) if outputs.get("return_kept") else None
     return SampleResult(tokens, logprobs=logprobs, raw_logprobs=raw, entropy=entropy, kept=kept)
 
 
@@ -387,17 +404,36 @@ def _top_h_mask_fake(
 def _top_h_mask_per_row_fake(
     logits: torch.Tensor, alpha: torch.Tensor, temperature: torch.Tensor, rule: str = "hf", cap: int = -1
 ) -> torch.Tensor:
-    check_top_h_args(logits, None, 1.0, rule, cap)
+    _check_per_row_args(logits, alpha, temperature, rule, cap, "top_h_mask")
+    return logits.new_empty(logits.shape, dtype=torch.bool)
+
+
+def _check_per_row_args(
+    logits: torch.Tensor, alpha: torch.Tensor, temperature: torch.Tensor, rule: str, cap: int, op: str
+) -> None:
+    """The checks of the per-row Top-H ops' C++ frontend (per_row_params) that need no values."""
+    check_top_h_args(logits, None, 1.0, rule, cap, op)
     batch = logits.shape[:-1]
     for name, value in (("alpha", alpha), ("temperature", temperature)):
         if value.dtype != torch.float32:
-            raise TypeError(f"logitkit.top_h_mask: {name} must be float32, got {value.dtype}")
+            raise TypeError(f"logitkit.{op}: {name} must be float32, got {value.dtype}")
         if value.shape != batch:
             raise ValueError(
-                f"logitkit.top_h_mask: {name} must have shape {list(batch)} (one value per row), "
-                f"got {list(value.shape)}"
+                f"logitkit.{op}: {name} must have shape {list(batch)} (one value per row), got {list(value.shape)}"
             )
-    return logits.new_empty(logits.shape, dtype=torch.bool)
+
+
+@register_fake("sample_per_row")
+def _sample_per_row_fake(
+    logits: torch.Tensor,
+    uniform: torch.Tensor,
+    alpha: torch.Tensor,
+    temperature: torch.Tensor,
+    rule: str = "hf",
+    cap: int = -1,
+) -> torch.Tensor:
+    _check_per_row_args(logits, alpha, temperature, rule, cap, "sample")
+    return _sample_fake(logits, uniform, None, 1.0, rule, cap)
 
 
 @register_fake("sample")
