@@ -98,17 +98,22 @@ def _check_value(value: float | torch.Tensor, name: str, op: str) -> None:
         raise ValueError(f"logitkit.{op}: {name} must be {_RANGES[name][4]}, got {value}")
 
 
+def _check_row_tensor(value: torch.Tensor, name: str, logits: torch.Tensor, op: str) -> None:
+    """A per-row parameter given as a tensor is on logits' device, with one value per row."""
+    batch = logits.shape[:-1]
+    if value.device != logits.device:
+        raise ValueError(f"logitkit.{op}: {name} is on {value.device} but logits is on {logits.device}")
+    if value.shape != batch:
+        raise ValueError(
+            f"logitkit.{op}: {name} must be a number or a tensor of shape {list(batch)} (one value per row), "
+            f"got shape {list(value.shape)}"
+        )
+
+
 def _column(value: RowParam, name: str, logits: torch.Tensor, op: str) -> torch.Tensor | float:
     """One column of the table: a float (the same for every row) or a float32 tensor of the rows' shape."""
-    batch = logits.shape[:-1]
     if isinstance(value, torch.Tensor):
-        if value.device != logits.device:
-            raise ValueError(f"logitkit.{op}: {name} is on {value.device} but logits is on {logits.device}")
-        if value.shape != batch:
-            raise ValueError(
-                f"logitkit.{op}: {name} must be a number or a tensor of shape {list(batch)} (one value per row), "
-                f"got shape {list(value.shape)}"
-            )
+        _check_row_tensor(value, name, logits, op)
         if value.dtype == torch.bool:
             return value.to(torch.float32)
         if not (value.dtype.is_floating_point or value.dtype in (torch.int32, torch.int64)):
@@ -240,13 +245,7 @@ def top_h_rows(
         if not isinstance(value, torch.Tensor):
             rows.append(torch.full(batch, float(value), dtype=torch.float32, device=logits.device))
             continue
-        if value.device != logits.device:
-            raise ValueError(f"logitkit.{op}: {name} is on {value.device} but logits is on {logits.device}")
-        if value.shape != batch:
-            raise ValueError(
-                f"logitkit.{op}: {name} must be a number or a tensor of shape {list(batch)} (one value per row), "
-                f"got shape {list(value.shape)}"
-            )
+        _check_row_tensor(value, name, logits, op)
         if not value.dtype.is_floating_point:
             raise TypeError(f"logitkit.{op}: {name} must be a floating-point tensor, got {value.dtype}")
         rows.append(value.to(torch.float32))
