@@ -87,6 +87,77 @@ def test_large_vocab_and_non_contiguous(backend):
     assert torch.equal(got, references.truncation_mask(x, min_p=0.05, top_n_sigma=3.0))
 
 
+def rank_selection_rows(dtype: torch.dtype) -> torch.Tensor:
+    """Rows whose k-th largest logit the CUDA kernels' radix selection resolves at each of its
+    digits: lone tokens far above the rest (a first-digit bin of one token), a tie group across
+    the k-th, fp32 neighbours one ulp apart (only the last digit separates them), signed zeros,
+    -inf past the k-th, one value everywhere, few distinct values, tiny magnitudes."""
+    x = rows(9, 1000, scale=2.0, seed=7)
+    x[0, :3] = torch.tensor([30.0, 20.0, 14.0])
+    x[1, :40] = 7.0
+    ulps = torch.full((30,), 5.0)
+    for i in range(1, 30):
+        ulps[i] = torch.nextafter(ulps[i - 1], torch.tensor(math.inf))
+    x[2, 100:130] = ulps
+    x[3] = -x[3].abs()
+    x[3, 10:15] = 0.0
+    x[3, 20:25] = -0.0
+    x[4, 500:] = -math.inf
+    x[5] = 1.5
+    x[6] = torch.randint(-4, 5, (1000,), generator=torch.Generator().manual_seed(3)).float()
+    x[7] *= 1e-30
+    x[8, ::7] = -x[8, ::7] * 4.0
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_top_k_selection_at_every_digit(backend, dtype):
+    """top-k and min_tokens_to_keep on rows built for the k-th-largest selection (CUDA: it stops
+    at the first digit whose crossing bin holds one value, 16-bit inputs at the second digit at
+    the latest): the kept set equals the float64 reference for k around the ties, the lone
+    tokens and the -inf tail; with top-k / min-p alone (the cut needs only the row max, which the
+    CUDA selection's first pass finds: no statistics pass) and with top-p and other rules after
+    it (CUDA: a top-k of at most 256 tokens, ties included, is gathered and the rules run over
+    that copy; a larger tie group takes the row passes) the sampler's draws stay in that set and
+    its kept count and log-probs match the reference."""
+    x = rank_selection_rows(dtype)
+    for k in (1, 2, 12, 40, 41, 256, 257, 999):  # 256: the gathered path's cap
+        for rules in (
+            dict(top_k=k),
+            dict(top_k=k, min_p=0.05, temperature=0.7),
+            dict(min_p=0.5, min_tokens_to_keep=k),
+            dict(top_k=k, top_p=0.8, eta=1e-3, temperature=0.7),
+            dict(top_k=k, top_p=0.9, typical_p=0.7, top_n_sigma=2.0),
+        ):
+            # row 7 (|z| ~ 1e-30: equal weights, top-p and typical decided by rounding) only without sums
+            y = x[[0, 1, 2, 3, 4, 5, 6, 8]] if "top_p" in rules else x
+            got = logitkit.truncation_mask(backend.tensor(y), **rules).cpu()
+            assert torch.equal(got, references.truncation_mask(y, **rules)), (k, rules)
+    # NaN of either sign (a negative NaN's key lies below -inf's) leaves the row undefined
+    negative_nan = torch.tensor(-4194304, dtype=torch.int32).view(torch.float32)  # bits 0xFFC00000
+    nan_rows = x[:2].float().clone()
+    nan_rows[0, 500] = negative_nan
+    nan_rows[1, 500] = math.nan
+    for rules in (dict(top_k=3), dict(min_p=0.5, min_tokens_to_keep=3)):
+        assert not logitkit.truncation_mask(backend.tensor(nan_rows.to(dtype)), **rules).cpu().any()
+    for rules in (dict(top_k=12, min_p=0.01, temperature=0.7), dict(top_k=40, top_p=0.9, temperature=0.7)):
+        check_sampled_statistics(backend, x, rules)
+
+
+def check_sampled_statistics(backend, x: torch.Tensor, rules: dict) -> None:
+    """The sampler's token lies in the reference's kept set; its kept count and log-prob under the
+    processed distribution match the float64 reference."""
+    out = logitkit.sample(backend.tensor(x), seed=5, return_logprobs=True, return_kept=True, **rules)
+    keep = references.truncation_mask(x, **rules)
+    q = torch.softmax((x.double() / rules["temperature"]).masked_fill(~keep, -math.inf), -1)
+    tok = out.tokens.cpu()
+    assert keep.gather(-1, tok[:, None]).all()
+    assert torch.equal(out.kept.cpu(), keep.sum(-1))
+    torch.testing.assert_close(
+        out.logprobs.cpu().double(), q.gather(-1, tok[:, None]).squeeze(-1).log(), atol=1e-4, rtol=1e-4
+    )
+
+
 @pytest.mark.parametrize("min_tokens_to_keep", [1, 5])
 @pytest.mark.parametrize("warper", ["MinP", "Epsilon", "Eta", "TopK", "Typical"])
 def test_equals_transformers_warpers(backend, warper, min_tokens_to_keep):
@@ -242,7 +313,10 @@ def test_per_row_parameters_equal_row_by_row(backend):
         assert batched[r, tokens[r]]
 
 
-@pytest.mark.parametrize("rule", [dict(min_p=0.1), dict(top_p=0.5), dict(typical_p=0.5)])
+@pytest.mark.parametrize(
+    "rule",
+    [dict(min_p=0.1), dict(top_p=0.5), dict(typical_p=0.5), dict(top_k=5), dict(min_p=0.1, min_tokens_to_keep=3)],
+)
 def test_special_rows(backend, rule):
     x = rows(4, 50)
     x[0, 7] = math.nan

@@ -4,6 +4,16 @@
 //
 // One block per row, one parameterised body for every rule (the rules differ
 // only in core::filter_cut's threshold). Passes over the row:
+//   ranks    only for top-k / min_tokens_to_keep > 1: the k-th largest
+//            logit (kth_largest_logit: 1 to 3 digit passes, bf16 / fp16 1
+//            or 2), whose first pass also finds the row max. When the cut
+//            needs nothing more (temperature, top-k, min-p, the floor:
+//            core::needs_row_sums), pass 1 is skipped.
+//   gather   instead of pass 1 and top-p's passes, for a top-k of at most
+//            kGatheredSurvivors tokens whose cut needs sums: one pass
+//            copies the survivors' z to shared memory, a rank sort orders
+//            them, and the statistics and top-p run over that copy
+//            (gathered_state, gathered_top_p).
 //   pass 1   every thread folds its tokens (strided, coalesced) into a
 //            core::FilterState; one block reduction; every thread then
 //            computes the same cut (threshold, max). With top_p < 1 the
@@ -50,6 +60,11 @@
 
 namespace logitkit::cuda {
 
+// Rows whose top-k keeps at most this many tokens (ties included) gather
+// their survivors into shared memory, and pass 1's statistics and top-p's
+// selection run over that copy instead of over the row (filter_pass_one).
+constexpr int kGatheredSurvivors = 256;
+
 struct RowFilterStorage {
   core::FilterState state_scratch[kReduceScratchSize];
   core::SoftmaxState raw_scratch[kReduceScratchSize];
@@ -57,8 +72,12 @@ struct RowFilterStorage {
   float mass_scratch[kReduceScratchSize];
   float share_mass[kMaxWarpsPerBlock];  // each warp's kept mass (kept_sums_and_draw)
   int64_t index_scratch[kReduceScratchSize];
-  float top_k_x, floor_x;  // the selected ranks' logits (with_selected_ranks), re-read after top-p
-  TopHStorage radix;       // the radix selections' histograms and walk (top-k, top-p, typical)
+  float top_k_x, floor_x;                // the selected ranks' logits (with_selected_ranks), re-read after top-p
+  TopHStorage radix;                     // the radix selections' histograms and walk (top-k, top-p, typical)
+  float gathered_z[kGatheredSurvivors];  // the top-k survivors' z, in the gather's (timing's) order
+  float ranked_z[kGatheredSurvivors];    // the same, largest first
+  float ranked_e[kGatheredSurvivors];    // and their weights exp(z - m)
+  int gathered_count;                    // survivors in the row (only the first kGatheredSurvivors stored)
 };
 
 template <class scalar_t>
@@ -149,16 +168,18 @@ LK_DEVICE inline void typical_passes(const scalar_t* x, int64_t cols, const core
 }
 
 // The k-th largest logit x of the row (k < cols; a block collective): Top-H's
-// radix selection over the logits' orderable keys, counting (Selection::rank):
-// 3 digit passes, the first included. CountPredicate{k - 1} fails at the
-// first bin where the count from the top reaches k, so the last digit's
-// failing key is the k-th largest token's (ties: the same value as
-// torch.topk's k-th).
+// radix selection over the logits' orderable keys, counting (Selection::rank)
+// with RankPredicate{k - 1}: it fails at the first bin where the count from
+// the top reaches k and stops there once that bin holds one key value, the
+// k-th largest token's (ties: the same value as torch.topk's k-th). 1 to 3
+// digit passes (bf16 / fp16: 1 or 2), the first included; that one also
+// leaves the row max in s.radix.row_max_x.
 template <class scalar_t>
 LK_DEVICE inline float kth_largest_logit(const scalar_t* x, int64_t cols, int64_t k, RowFilterStorage& s) {
   __syncthreads();  // every thread has read the previous selection's cut
-  radix_select<Selection::rank>(x, cols, CountPredicate{k - 1}, 0.0f, 1.0f, core::neg_infinity(), s.radix, nullptr,
-                                false);
+  constexpr int kSingleValueLevel = sizeof(scalar_t) == 2 ? 1 : kDigitCount - 1;
+  radix_select<Selection::rank>(x, cols, RankPredicate{{k - 1}, kSingleValueLevel}, 0.0f, 1.0f, core::neg_infinity(),
+                                s.radix, nullptr, false);
   return core::key_to_float(s.radix.cut.tie_key);
 }
 
@@ -179,29 +200,133 @@ LK_DEVICE inline core::FilterParams with_selected_ranks(const scalar_t* x, int64
   return core::with_rank_cuts(p, top_k_x, floor_x);
 }
 
+// Whether a row gathers its top-k survivors (block-uniform): top-k keeps at
+// most kGatheredSurvivors tokens (before ties), the cut needs their sums, and
+// the row max is finite (NaN, +inf and all -inf rows take pass 1).
+LK_DEVICE inline bool gathers_survivors(const core::RankCounts& ranks, const core::FilterParams& p, float row_max_x) {
+  return ranks.top_k > 0 && ranks.top_k <= kGatheredSurvivors && core::needs_row_sums(p) &&
+         row_max_x > core::neg_infinity() && row_max_x < core::pos_infinity();
+}
+
+// One pass: the top-k survivors' z (z >= z_k) into s.gathered_z. Returns how
+// many the row holds (every thread); above kGatheredSurvivors (a tie group at
+// the k-th largest logit), only that many were stored.
+template <class scalar_t>
+LK_DEVICE inline int gather_top_k_survivors(const scalar_t* x, int64_t cols, const core::FilterParams& p,
+                                            RowFilterStorage& s) {
+  if (threadIdx.x == 0) s.gathered_count = 0;
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
+    const float z = core::scaled_logit(filter_logit(x, i), p.inv_temperature);
+    if (z >= p.top_k_z) {
+      const int slot = atomicAdd(&s.gathered_count, 1);
+      if (slot < kGatheredSurvivors) s.gathered_z[slot] = z;
+    }
+  }
+  __syncthreads();
+  return s.gathered_count;
+}
+
+// Sorts the n gathered z into s.ranked_z, largest first (rank sort: n^2 /
+// threads compares). The gather's slots follow the atomics' timing; what is
+// summed below runs over this order, which depends on the values alone, so
+// the results are the same run to run (docs/determinism.md).
+LK_DEVICE inline void rank_gathered(int n, RowFilterStorage& s) {
+  for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x)) {
+    const float z = s.gathered_z[a];
+    int rank = 0;
+    for (int b = 0; b < n; ++b) rank += s.gathered_z[b] > z || (s.gathered_z[b] == z && b < a);
+    s.ranked_z[rank] = z;
+  }
+  __syncthreads();
+}
+
+// Pass 1's statistics over the n ranked survivors (the row's other tokens
+// count as -inf there: they add nothing).
+LK_DEVICE inline core::FilterState gathered_state(int n, RowFilterStorage& s) {
+  core::FilterState st = core::empty_filter_state();
+  for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x))
+    core::accumulate(st, s.ranked_z[a]);
+  return block_reduce(
+      st, [](const core::FilterState& a, const core::FilterState& b) { return core::merge(a, b); },
+      core::empty_filter_state(), s.state_scratch);
+}
+
+// top-p over the n ranked survivors of max m, limit = top_p * their mass: a
+// token is kept iff the mass of the tokens ranked strictly before it is below
+// the limit (core::top_p_reached), and a token's ties are ranked neither
+// before nor after it, so that mass is the sum of e over the strictly larger
+// z, a prefix of the ranking: the crossing token and its ties are kept, as
+// TopPPredicate's walk keeps them. At most n^2 / 2 / threads additions.
+// Threshold -inf when every survivor is kept.
+LK_DEVICE inline core::TopPCut gathered_top_p(int n, float m, float limit, RowFilterStorage& s) {
+  for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x))
+    s.ranked_e[a] = core::exp_of(s.ranked_z[a] - m);
+  __syncthreads();
+  core::KeptSums mine{0.0f, 0.0f, 0.0f};
+  for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x)) {
+    const float z = s.ranked_z[a];
+    float mass_before = 0.0f;
+    for (int b = 0; b < a && s.ranked_z[b] > z; ++b) mass_before += s.ranked_e[b];
+    if (!core::top_p_reached(mass_before, limit)) {
+      const float e = s.ranked_e[a];
+      mine.mass += e;
+      mine.shifted += (z - m) * e;
+      mine.count += 1.0f;
+    }
+  }
+  const core::KeptSums kept = block_reduce(mine, AddKeptSums{}, core::KeptSums{0.0f, 0.0f, 0.0f}, s.sums_scratch);
+  // The kept tokens are a prefix of the ranking: its last one is the threshold.
+  const int count = static_cast<int>(kept.count);
+  return core::TopPCut{count >= n ? core::neg_infinity() : s.ranked_z[count > 0 ? count - 1 : 0], kept.mass,
+                       kept.shifted};
+}
+
 // Pass 1 (and top-p's and typical's passes): the row's cut (the same in every thread).
 template <class scalar_t>
 LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols, const float* param_row,
                                                  const core::FilterParams& decoded, RowFilterStorage& s) {
+  const core::RankCounts ranks = core::rank_counts(decoded, cols);
+  const bool max_only = !core::needs_row_sums(decoded) && (ranks.top_k > 0 || ranks.floor > 0);  // block-uniform
   const core::FilterParams p = with_selected_ranks(x, cols, decoded, s);
-  const bool first_digit = p.top_p < 1.0f && !p.greedy;  // block-uniform
-  if (first_digit) clear_bins<Selection::exact>(s.radix);
-  __syncthreads();
-  core::FilterState st = core::empty_filter_state();
-  TopBinState mine = empty_top_bin();
-  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
-    const float xv = filter_logit(x, i);
-    const float z = core::top_k_survivor(core::scaled_logit(xv, p.inv_temperature), p);
-    core::accumulate(st, z);
-    if (first_digit && z > core::neg_infinity()) {  // a survivor (NaN / +inf: the row is undefined anyway)
-      const int bin = static_cast<int>(core::orderable_key(xv) >> digit_shift(0));
-      add_first_digit_token(s.radix, mine, bin, z, p.inv_temperature);
-    }
+  if (max_only) {
+    // No pass 1: the cut needs only the max z (temperature, top-k, min-p, the
+    // floor), the scaled row max, which the rank selection's first pass found.
+    core::FilterState st = core::empty_filter_state();
+    st.sm.max = core::scaled_logit(s.radix.row_max_x, p.inv_temperature);
+    return core::filter_cut(st, p, core::no_top_p_cut(st));
   }
-  st = block_reduce(
-      st, [](const core::FilterState& a, const core::FilterState& b) { return core::merge(a, b); },
-      core::empty_filter_state(), s.state_scratch);
-  const core::TopPCut top_p = top_p_passes(x, cols, p, st, mine, s);
+  // A short top-k: its survivors gathered in one pass, the statistics and
+  // top-p over them (no pass over the row for either).
+  const int gathered = gathers_survivors(ranks, p, s.radix.row_max_x) ? gather_top_k_survivors(x, cols, p, s) : -1;
+  core::FilterState st;
+  core::TopPCut top_p;
+  if (gathered >= 0 && gathered <= kGatheredSurvivors) {
+    rank_gathered(gathered, s);
+    st = gathered_state(gathered, s);
+    top_p = core::uses_top_p(p, st.sm.max)
+                ? gathered_top_p(gathered, st.sm.max, core::top_p_mass_limit(p.top_p, st.sm.sum_exp), s)
+                : core::no_top_p_cut(st);
+  } else {
+    const bool first_digit = p.top_p < 1.0f && !p.greedy;  // block-uniform
+    if (first_digit) clear_bins<Selection::exact>(s.radix);
+    __syncthreads();
+    st = core::empty_filter_state();
+    TopBinState mine = empty_top_bin();
+    for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
+      const float xv = filter_logit(x, i);
+      const float z = core::top_k_survivor(core::scaled_logit(xv, p.inv_temperature), p);
+      core::accumulate(st, z);
+      if (first_digit && z > core::neg_infinity()) {  // a survivor (NaN / +inf: the row is undefined anyway)
+        const int bin = static_cast<int>(core::orderable_key(xv) >> digit_shift(0));
+        add_first_digit_token(s.radix, mine, bin, z, p.inv_temperature);
+      }
+    }
+    st = block_reduce(
+        st, [](const core::FilterState& a, const core::FilterState& b) { return core::merge(a, b); },
+        core::empty_filter_state(), s.state_scratch);
+    top_p = top_p_passes(x, cols, p, st, mine, s);
+  }
   // The rules' parameters decoded again from the table (and the selected
   // ranks' logits read back): kept live across top-p's passes, two of them
   // spilled to local memory (sm_90).

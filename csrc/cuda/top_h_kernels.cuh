@@ -85,6 +85,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../core/row_filters.h"
 #include "../core/softmax_state.h"
@@ -182,9 +183,13 @@ struct Cut {
 // Everything the kernels keep in shared memory, one instance per block.
 struct TopHStorage {
   // The histogram of the current digit: counts, and for "exact" the sums
-  // (e, d e) relative to the row max (first digit: see pass 1).
+  // (e, d e) relative to the row max (first digit: see pass 1); for the
+  // rank selection each bin's largest key instead of the sum e.
   unsigned bin_count[kBins];
-  float bin_e[kBins];
+  union {
+    float bin_e[kBins];
+    uint32_t bin_max_key[kBins];
+  };
   float bin_d[kBins];
   Cut cut;
   BinTotals above;  // totals of the tokens above the current candidate range
@@ -196,6 +201,10 @@ struct TopHStorage {
   int warp_counts[kMaxWarpsPerBlock];
   float mass_scratch[kReduceScratchSize];
   int64_t index_scratch[kReduceScratchSize];
+  // The rank selection's first digit: NaN tokens seen, and the row max x
+  // (NaN when the row holds one), set by the walk.
+  unsigned nan_tokens;
+  float row_max_x;
   // sum of (z - m) exp(z - m) over the kept set, beside cut.mass (predicates
   // with sums; read by the sampler family's top-p). Not a member of Cut: a
   // larger Cut made ptxas spill in top_h_mask_kernel.
@@ -216,6 +225,20 @@ struct CountPredicate {
   LK_DEVICE bool bin_fully_kept(int64_t) const { return false; }
   // How many tokens of a tie group (of `group` tokens with equal logit) fit.
   LK_DEVICE int64_t tie_keep(const BinTotals& above, int64_t, float, float) const { return k - above.count; }
+};
+
+// The sampler family's k-th largest logit (Selection::rank): CountPredicate's
+// walk, resolved at the first failing bin that holds a single key value, which
+// is then the bin's largest key (TopHStorage::bin_max_key): a bin of one token,
+// or any bin below the first digit for 16-bit inputs (bf16 / fp16 values
+// widened to float leave the key's low 13 bits constant, and such a bin spans
+// only the low 10). So top-k takes 1 to 3 digit passes (16-bit inputs: 1 or
+// 2) instead of always 3.
+struct RankPredicate : CountPredicate {
+  int single_value_level;  // first digit level whose bins each hold one key value
+  LK_DEVICE bool single_valued(int level, int64_t bin_count) const {
+    return bin_count == 1 || level >= single_value_level;
+  }
 };
 
 struct EntropyPredicate {
@@ -345,6 +368,10 @@ LK_DEVICE inline void clear_bins(TopHStorage& s) {
       s.bin_e[b] = 0.0f;
       s.bin_d[b] = 0.0f;
     }
+    if constexpr (kSel == Selection::rank) s.bin_max_key[b] = 0u;
+  }
+  if constexpr (kSel == Selection::rank) {
+    if (threadIdx.x == 0) s.nan_tokens = 0u;
   }
 }
 
@@ -470,6 +497,9 @@ LK_DEVICE inline void digit_pass(const scalar_t* x, int64_t cols, int level, uin
   const int prefix_shift = shift + digit_bits(level);
   for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
     const float xv = load_logit(x, i);
+    if constexpr (kSel == Selection::rank) {
+      if (level == 0 && xv != xv) atomicAdd(&s.nan_tokens, 1u);  // (either sign: see walk)
+    }
     const float z = core::scaled_logit(xv, inv_t);
     const uint32_t key = key_of(xv, z);
     if (level > 0 && (key >> prefix_shift) != prefix) {  // (the first digit has no prefix)
@@ -481,6 +511,7 @@ LK_DEVICE inline void digit_pass(const scalar_t* x, int64_t cols, int level, uin
     const int bin = static_cast<int>((key >> shift) & ((1u << digit_bits(level)) - 1u));
     if constexpr (kSel == Selection::capped || kSel == Selection::rank) {
       atomicAdd(&s.bin_count[bin], 1u);
+      if constexpr (kSel == Selection::rank) atomicMax(&s.bin_max_key[bin], key);
     } else {
       const float d = z - m;
       const float e = expf(d);
@@ -541,6 +572,14 @@ LK_DEVICE __forceinline__ bool resolve_in_bin(const Predicate& pred, int level, 
 template <class Predicate>
 LK_DEVICE inline void walk(const Predicate& pred, int level, float m, float inv_t, TopHStorage& s) {
   for (int b = (1 << digit_bits(level)) - 1; b >= 0; --b) {
+    if constexpr (std::is_same_v<Predicate, RankPredicate>) {
+      // The first digit's highest non-empty bin holds the row's largest key. A
+      // positive NaN's key lies above +inf's, a negative NaN's below -inf's:
+      // counted apart.
+      if (level == 0 && s.above.count == 0 && s.bin_count[b] > 0) {
+        s.row_max_x = s.nan_tokens > 0 ? core::quiet_nan() : core::key_to_float(s.bin_max_key[b]);
+      }
+    }
     BinTotals with = s.above;
     with.count += s.bin_count[b];
     if constexpr (Predicate::kSums) {
@@ -552,6 +591,18 @@ LK_DEVICE inline void walk(const Predicate& pred, int level, float m, float inv_
       continue;
     }
     const uint32_t bin_prefix = (s.prefix << digit_bits(level)) | static_cast<uint32_t>(b);
+    if constexpr (std::is_same_v<Predicate, RankPredicate>) {
+      if (pred.single_valued(level, s.bin_count[b])) {  // the failing bin's one key is the k-th largest
+        const uint32_t key = s.bin_max_key[b];
+        s.cut.full_from = static_cast<uint64_t>(key) + 1;
+        s.cut.tie_key = key;
+        s.cut.tie_total = s.bin_count[b];
+        s.cut.tie_keep = pred.tie_keep(s.above, s.bin_count[b], 0.0f, 0.0f);
+        s.cut.selected = s.above.count;
+        s.cut.done = level + 1;
+        return;
+      }
+    }
     // (the bin's sums only for fully kept bins: no loads for Top-H's rules)
     const float bin_e = Predicate::kKeepsCrossing ? s.bin_e[b] : 0.0f;
     const float bin_d = Predicate::kKeptShifted ? s.bin_d[b] : 0.0f;

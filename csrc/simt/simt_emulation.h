@@ -566,3 +566,10 @@ template <class T>
 inline T atomicAdd(T* address, T value) {
   return std::atomic_ref<T>(*address).fetch_add(value);
 }
+inline unsigned atomicMax(unsigned* address, unsigned value) {
+  std::atomic_ref<unsigned> word(*address);
+  unsigned seen = word.load();
+  while (seen < value && !word.compare_exchange_weak(seen, value)) {
+  }
+  return seen;
+}
