@@ -241,15 +241,21 @@ LK_DEVICE inline void rank_gathered(int n, RowFilterStorage& s) {
   __syncthreads();
 }
 
+// The block's FilterState from every thread's (pass 1, or the gathered copy):
+// one reduction, the same result in every thread.
+LK_DEVICE inline core::FilterState block_filter_state(const core::FilterState& mine, RowFilterStorage& s) {
+  return block_reduce(
+      mine, [](const core::FilterState& a, const core::FilterState& b) { return core::merge(a, b); },
+      core::empty_filter_state(), s.state_scratch);
+}
+
 // Pass 1's statistics over the n ranked survivors (the row's other tokens
 // count as -inf there: they add nothing).
 LK_DEVICE inline core::FilterState gathered_state(int n, RowFilterStorage& s) {
   core::FilterState st = core::empty_filter_state();
   for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x))
     core::accumulate(st, s.ranked_z[a]);
-  return block_reduce(
-      st, [](const core::FilterState& a, const core::FilterState& b) { return core::merge(a, b); },
-      core::empty_filter_state(), s.state_scratch);
+  return block_filter_state(st, s);
 }
 
 // top-p over the n ranked survivors of max m, limit = top_p * their mass: a
@@ -322,9 +328,7 @@ LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols
         add_first_digit_token(s.radix, mine, bin, z, p.inv_temperature);
       }
     }
-    st = block_reduce(
-        st, [](const core::FilterState& a, const core::FilterState& b) { return core::merge(a, b); },
-        core::empty_filter_state(), s.state_scratch);
+    st = block_filter_state(st, s);
     top_p = top_p_passes(x, cols, p, st, mine, s);
   }
   // The rules' parameters decoded again from the table (and the selected
