@@ -108,6 +108,28 @@ def _case_bad_alpha_one_rank(rank):
     ldist.top_h_mask(x, 1.5 if rank == 2 else 0.5)
 
 
+def _case_alpha_rows_differ(rank):
+    x = torch.randn(4, SIZES[rank])
+    alpha = torch.tensor([0.2, 0.0, 0.5, 0.9])
+    alpha[2] += 0.1 * (rank == 1)
+    ldist.top_h_mask(x, alpha, rule="hf")
+
+
+def _case_alpha_rows_on_some_ranks(rank):
+    x = torch.randn(4, SIZES[rank])
+    ldist.sample(x, top_h=torch.full((4,), 0.5) if rank == 0 else 0.5, rule="exact")
+
+
+def _case_alpha_rows_shape(rank):
+    x = torch.randn(4, SIZES[rank])
+    ldist.top_h_mask(x, torch.full((3 if rank == 2 else 4,), 0.5))
+
+
+def _case_alpha_rows_range(rank):
+    x = torch.randn(4, SIZES[rank])
+    ldist.top_h_mask(x, torch.tensor([0.5, 0.5, -0.1 if rank == 1 else 0.5, 0.5]), rule="official")
+
+
 def _case_class_weight_length(rank):
     _, t, _, _ = _inputs(rank)
     x = torch.randn(N, SIZES[rank])
@@ -147,6 +169,10 @@ CASES = {
     "alpha_differs": (_case_alpha_differs, ["alpha", "rank 0: 0.5"]),
     "rule_differs": (_case_rule_differs, ["disagree on rule"]),
     "bad_alpha_one_rank": (_case_bad_alpha_one_rank, [("alpha must be in (0, 1]", "rank(s) [2]")]),
+    "alpha_rows_differ": (_case_alpha_rows_differ, ["alpha (top_h)"]),
+    "alpha_rows_on_some_ranks": (_case_alpha_rows_on_some_ranks, ["alpha (top_h) given per row"]),
+    "alpha_rows_shape": (_case_alpha_rows_shape, [("one value per row", "rank(s) [2]")]),
+    "alpha_rows_range": (_case_alpha_rows_range, [("alpha must be in [0, 1] per row", "rank(s) [1]")]),
     "class_weight_length": (_case_class_weight_length, ["class_weight", "rank 1 passed length 334"]),
     "ce_target_outside": (_case_ce_target_outside, ["target[0] = 1007"]),
     "merge_differs": (_case_merge_differs, ["disagree on merge"]),

@@ -1,7 +1,7 @@
 """Top-H masks, truncated logits and sampling on vocabulary-sharded logits
 (logitkit.distributed.{top_h_mask, top_h, sample}) against the single-device
 ops on the concatenated logits: the same kept sets (exactly) for every rule,
-and the same drawn tokens for the same generator seed. One spawn of 3 gloo
+one alpha or one per row, and the same drawn tokens for the same generator seed. One spawn of 3 gloo
 processes; 2-rank cases on the subgroup {0, 1}.
 """
 
@@ -61,6 +61,13 @@ for _rule in RULES:
         CASES[f"{_rule}_{_ranks}r_bf16"] = (_ranks, "lm_like", torch.bfloat16, _rule, 0.4, 1.5, None)
         CASES[f"{_rule}_{_ranks}r_special"] = (_ranks, "special", torch.float32, _rule, 0.5, 1.0, None)
     CASES[f"{_rule}_3r_fp16"] = (3, "random", torch.float16, _rule, 0.7, 0.9, None)
+# per-row alpha (0: Top-H off for that row), as single-device top_h_mask / sample with a tensor
+ALPHA_ROWS = torch.tensor([0.1, 0.0, 0.5, 0.9, 1.0, 0.3, 0.0, 0.7])
+for _rule in RULES:
+    CASES[f"{_rule}_3r_per_row_alpha"] = (3, "lm_like", torch.float32, _rule, ALPHA_ROWS, 0.8, None)
+    CASES[f"{_rule}_2r_per_row_alpha_special"] = (2, "special", torch.float32, _rule, ALPHA_ROWS.flip(0), 1.0, None)
+CASES["hf_per_row_alpha_ties_bf16"] = (3, "ties", torch.bfloat16, "hf", ALPHA_ROWS, 1.0, 40)
+CASES["exact_per_row_alpha_no_validate"] = (2, "peaked", torch.float32, "exact", ALPHA_ROWS, 1.0, None, False)
 CASES["hf_cap5"] = (3, "random", torch.float32, "hf", 0.8, 1.0, 5)
 CASES["official_cap700"] = (3, "lm_like", torch.float32, "official", 0.8, 1.0, 700)
 CASES["hf_cap_ties"] = (2, "ties", torch.bfloat16, "hf", 0.9, 1.0, 40)

@@ -51,6 +51,11 @@ Plain sampling (``top_h=None``): the state pass, one all-gather of the
 per-rank states, then the rank whose share of the mass holds the draw scans
 its shard (1 pass), and one all-reduce of the tokens.
 
+Per-row alpha (a tensor of the rows' shape, 0: Top-H off for that row, as
+single-device): the capped scan and the "exact" budget take it per row; rows
+at 0 get an all-True mask, and capped ``sample`` runs the plain draw for them.
+Every rank's values are compared through a checksum in the metadata exchange.
+
 The uniform numbers come from ``torch.rand(logits.shape[:-1],
 generator=...)`` exactly as single-device ``logitkit.sample`` draws them;
 every rank draws them (so generators stay in step) and the group uses those
@@ -81,7 +86,8 @@ class _Plan:
     layout: _comm.VocabLayout
     inv_t: float
     temperature: float
-    alpha: float | None
+    alpha: float | None  # one alpha for every row (None: no Top-H, or per row)
+    alpha_rows: torch.Tensor | None  # per-row alpha, fp32 (rows,) on the logits' device (0: Top-H off)
     rule: str
     k: int  # K = min(cap, V) of the capped rules
     shape: torch.Size
@@ -119,7 +125,7 @@ def _key_to_float(key: torch.Tensor) -> torch.Tensor:
 def _prologue(
     op: str,
     logits: Any,
-    alpha: float | None,
+    alpha: float | torch.Tensor | None,
     temperature: float,
     rule: str,
     cap: int | None,
@@ -136,6 +142,8 @@ def _prologue(
 
     def args() -> str | None:
         prefix = f"logitkit.distributed.{op}"
+        if isinstance(alpha, torch.Tensor):
+            return _check_alpha_rows(alpha, logits, prefix)
         if alpha is not None and not (isinstance(alpha, (int, float)) and 0 < alpha <= 1):
             return f"{prefix}: alpha must be in (0, 1], got {alpha}"
         if rule not in RULE_CODES:
@@ -149,11 +157,20 @@ def _prologue(
     )
     ok = local_error is None
     f = _comm.float_bits
+    alpha_rows = alpha.detach().float().reshape(-1) if isinstance(alpha, torch.Tensor) else None
+    alpha_number = None if (alpha is None or isinstance(alpha, torch.Tensor)) else float(alpha)
+    per_row = alpha_rows is not None
+    alpha_check: int | torch.Tensor = -1
+    if alpha_rows is not None and ok:  # the rows' values as exact int32 bits (a checksum tensor: no host read)
+        alpha_check = _comm.target_checksum(alpha_rows.contiguous().view(torch.int32))
+    elif alpha_number is not None and ok:
+        alpha_check = f(alpha_number)
     checks = [
         _comm.Check("the number of rows (logits.shape[:-1].numel())", logits.shape[:-1].numel() if ok else -1),
         _comm.Check("the dtype of logits", _comm.dtype_code(logits.dtype) if ok else -1, render="dtype"),
         _comm.Check("temperature", f(temperature) if ok else 0, render="float"),
-        _comm.Check("alpha (top_h)", f(alpha) if (ok and alpha is not None) else -1, render="float"),
+        _comm.Check("alpha (top_h) given per row", int(per_row), render="bool"),
+        _comm.Check("alpha (top_h)", alpha_check, render="int" if per_row else "float"),
         _comm.Check("rule", RULE_CODES.get(rule, -1), names=tuple(RULE_CODES)),
         _comm.Check("cap", -1 if cap is None else int(cap) if ok else -2),
     ]
@@ -175,12 +192,53 @@ def _prologue(
         layout=layout,
         inv_t=1.0 / float(temperature),
         temperature=float(temperature),
-        alpha=None if alpha is None else float(alpha),
+        alpha=alpha_number,
+        alpha_rows=alpha_rows,
         rule=rule,
         k=min(_DEFAULT_CAP if cap is None else int(cap), layout.vocab),
         shape=logits.shape,
     )
     return logits, x2, plan, info
+
+
+def _check_alpha_rows(alpha: torch.Tensor, logits: Any, prefix: str) -> str | None:
+    """A per-row alpha: a floating-point tensor of the local shard's rows shape on its device,
+    every value in [0, 1] (0: Top-H off for that row), as single-device ``top_h_mask``."""
+    if _dtensor.is_dtensor(alpha):
+        return (
+            f"{prefix}: a per-row alpha must be a plain tensor of this rank's rows (logits.shape[:-1]), got a DTensor"
+        )
+    if not alpha.dtype.is_floating_point:
+        return f"{prefix}: alpha must be a number or a floating-point tensor, got {alpha.dtype}"
+    if not isinstance(logits, torch.Tensor):
+        return None  # (the logits check reports it)
+    if alpha.device != logits.device:
+        return f"{prefix}: alpha is on {alpha.device} but logits is on {logits.device}"
+    if alpha.shape != logits.shape[:-1]:
+        return (
+            f"{prefix}: alpha must be a number or a tensor of shape {list(logits.shape[:-1])} (one value per row), "
+            f"got shape {list(alpha.shape)}"
+        )
+    if alpha.numel() and not bool(((alpha >= 0) & (alpha <= 1)).all()):  # (a host read of one flag)
+        return f"{prefix}: alpha must be in [0, 1] per row (0: Top-H off for that row)"
+    return None
+
+
+def _alpha(plan: _Plan) -> float | torch.Tensor:
+    """alpha for the selections: the number, or the per-row fp32 tensor."""
+    if plan.alpha_rows is not None:
+        return plan.alpha_rows
+    assert plan.alpha is not None
+    return plan.alpha
+
+
+def _top_h_off(plan: _Plan) -> torch.Tensor | None:
+    """Rows whose per-row alpha is 0 (Top-H off: every token kept, plain sampling), if any
+    (one host read: the same decision on every rank, whose alphas agree)."""
+    if plan.alpha_rows is None:
+        return None
+    off = plan.alpha_rows == 0
+    return off if bool(off.any()) else None
 
 
 def _inv_t32(plan: _Plan) -> torch.Tensor:
@@ -242,8 +300,11 @@ def _seq_sum(t: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-def _capped_keep_count(z: torch.Tensor, rule: str, full_lse: torch.Tensor | None, alpha: float) -> torch.Tensor:
-    """core::capped_keep_count for every row of the sorted top-K scaled logits z (rows, K)."""
+def _capped_keep_count(
+    z: torch.Tensor, rule: str, full_lse: torch.Tensor | None, alpha: float | torch.Tensor
+) -> torch.Tensor:
+    """core::capped_keep_count for every row of the sorted top-K scaled logits z (rows, K);
+    alpha a number or one fp32 value per row."""
     rows, k = z.shape
     if rule == "hf":
         top = z[:, 0]
@@ -312,10 +373,10 @@ def _capped_select(x2: torch.Tensor, plan: _Plan, u: torch.Tensor | None) -> _Ca
     u_group = gathered[0, :, col].float() if u is not None else None
     z = _scaled(top_v, plan)
     safe_z = torch.where(defined[:, None], z, torch.zeros_like(z))
-    if plan.alpha is None:
+    if plan.alpha is None and plan.alpha_rows is None:
         kept = torch.full((rows,), k, dtype=torch.int64, device=x2.device)
     else:
-        kept = _capped_keep_count(safe_z, plan.rule, full_lse, plan.alpha)
+        kept = _capped_keep_count(safe_z, plan.rule, full_lse, _alpha(plan))
     all_neg_inf = first == _NEG_INF
     kept = torch.where(all_neg_inf, torch.ones_like(kept), kept)  # only -inf: token 0 (index order breaks the tie)
     return _CappedCut(top_i, z, kept, defined, u_group)
@@ -553,9 +614,13 @@ def _exact_select(x2: torch.Tensor, plan: _Plan, u: torch.Tensor | None, need_ma
     big_m = big_m64.float()
     # core::exact_budget(alpha, float(H(p))): the budget is an fp32 number, as single-device.
     h_p = (torch.log(big_s) - big_b / big_s).float()
-    alpha = plan.alpha if plan.alpha is not None else 1.0
-    alpha32 = torch.tensor(alpha, dtype=torch.float32)
-    budget = torch.full_like(h_p, _POS_INF) if alpha >= 1.0 else (alpha32 * h_p).clamp(min=0.0)
+    if plan.alpha_rows is not None:  # per row; alpha 0 (Top-H off) keeps every token: no budget either
+        a = plan.alpha_rows.to(h_p.device)
+        budget = torch.where((a >= 1.0) | (a == 0.0), _POS_INF, (a * h_p).clamp(min=0.0))
+    else:
+        alpha = plan.alpha if plan.alpha is not None else 1.0
+        alpha32 = torch.tensor(alpha, dtype=torch.float32)
+        budget = torch.full_like(h_p, _POS_INF) if alpha >= 1.0 else (alpha32 * h_p).clamp(min=0.0)
     budget = budget.double()
     undefined = torch.isnan(big_m) | (big_m == _POS_INF) | torch.isnan(big_s)
     neg_inf = big_m == _NEG_INF
@@ -778,7 +843,7 @@ def _finish_draw(
 
 def top_h_mask(
     logits: Any,
-    alpha: float,
+    alpha: float | torch.Tensor,
     *,
     temperature: float = 1.0,
     rule: str = "hf",
@@ -793,6 +858,11 @@ def top_h_mask(
     :func:`logitkit.top_h_mask` for every rule ("hf", "official", "exact"),
     the same tie rule (equal logits: the lower global index ranks first) and
     special rows (NaN/+inf: nothing kept; only -inf: global token 0).
+
+    ``alpha`` may be a tensor of shape ``logits.shape[:-1]`` (this rank's rows; the same values
+    on every rank, which the metadata exchange checks by a checksum), one alpha per row in
+    [0, 1]; a row whose alpha is 0 is not truncated (all True, whatever it holds), as
+    single-device. Checking the values costs one host read. The temperature stays one number.
 
     Cost (read passes over the local logits / collectives besides the
     metadata all-gather): "hf" 1 / one all-gather of 2K fp64 per row
@@ -810,13 +880,18 @@ def top_h_mask(
 
 def _mask(x2: torch.Tensor, plan: _Plan) -> torch.Tensor:
     if plan.rule == "exact":
-        return _exact_mask(x2, _exact_select(x2, plan, None, need_mass=False), plan)
-    return _capped_mask(x2, _capped_select(x2, plan, None), plan)
+        mask = _exact_mask(x2, _exact_select(x2, plan, None, need_mass=False), plan)
+    else:
+        mask = _capped_mask(x2, _capped_select(x2, plan, None), plan)
+    off = _top_h_off(plan)
+    if off is not None:  # per-row alpha 0: not truncated, whatever the row holds (single-device's rule)
+        mask[off] = True
+    return mask
 
 
 def top_h(
     logits: Any,
-    alpha: float,
+    alpha: float | torch.Tensor,
     *,
     temperature: float = 1.0,
     rule: str = "hf",
@@ -843,7 +918,7 @@ def sample(
     logits: Any,
     *,
     temperature: float = 1.0,
-    top_h: float | None = None,
+    top_h: float | torch.Tensor | None = None,
     rule: str = "hf",
     cap: int | None = None,
     generator: torch.Generator | None = None,
@@ -857,6 +932,9 @@ def sample(
     vocabulary, restricted to the Top-H kept set when ``top_h`` (alpha) is
     given: the token :func:`logitkit.sample` draws from the concatenated
     logits with the same generator state.
+
+    ``top_h`` may be a per-row tensor as in :func:`top_h_mask` (0: Top-H off for that row,
+    which then draws over its whole vocabulary).
 
     Every rank draws ``torch.rand(logits.shape[:-1], generator=generator)``
     (so every rank's generator advances as single-device), and the group
@@ -875,30 +953,39 @@ def sample(
     u = torch.rand(plan.shape[:-1], generator=generator, device=dev, dtype=torch.float32).reshape(-1)
     if top_h is not None and rule != "exact":
         tokens = _capped_sample(_capped_select(x2, plan, u))
-    elif top_h is not None:
+        off = _top_h_off(plan)
+        if off is not None:  # per-row alpha 0: plain draws for those rows (the same uniform numbers)
+            tokens = torch.where(off, _plain_sample(x2, plan, u), tokens)
+    elif top_h is not None:  # (per-row alpha 0: no budget, every token of the row in the draw)
         cut = _exact_select(x2, plan, u, need_mass=True)
         tokens = _finish_sample(x2, plan, cut)
     else:
-        state = _backend.ops().softmax_stats(x2, plan.temperature) if x2.shape[1] else _empty_state(x2)
-        gathered = _comm.all_gather(torch.cat([state[:, :2], u[:, None]], -1), plan.group, "state")
-        from ._merge import merge_gathered
-
-        big_m, big_s, _, f = merge_gathered(gathered[..., 0], gathered[..., 1], None)
-        cut = _ExactCut(
-            thr=torch.full_like(big_m, _NEG_INF),  # every token (of positive weight)
-            quota=torch.zeros_like(big_m, dtype=torch.int64),
-            allfit=torch.zeros_like(big_m, dtype=torch.bool),
-            undefined=torch.isnan(big_m) | (big_m == _POS_INF) | torch.isnan(big_s),
-            neg_inf=big_m == _NEG_INF,
-            m=big_m,
-            per_rank_mass=f * gathered[..., 1],
-            u=gathered[0, :, 2],
-        )
-        tokens = _finish_sample(x2, plan, cut, plain=True)
+        tokens = _plain_sample(x2, plan, u)
     tokens = tokens.reshape(plan.shape[:-1])
     if info is not None:
         return _dtensor.wrap_rowwise(tokens, info, torch.Size(info.global_shape[:-1]))
     return tokens
+
+
+def _plain_sample(x2: torch.Tensor, plan: _Plan, u: torch.Tensor) -> torch.Tensor:
+    """Plain temperature sampling over the whole vocabulary (the group's uniform numbers: the
+    first rank's ``u``): the state pass, one all-gather of the states, the draw."""
+    state = _backend.ops().softmax_stats(x2, plan.temperature) if x2.shape[1] else _empty_state(x2)
+    gathered = _comm.all_gather(torch.cat([state[:, :2], u[:, None]], -1), plan.group, "state")
+    from ._merge import merge_gathered
+
+    big_m, big_s, _, f = merge_gathered(gathered[..., 0], gathered[..., 1], None)
+    cut = _ExactCut(
+        thr=torch.full_like(big_m, _NEG_INF),  # every token (of positive weight)
+        quota=torch.zeros_like(big_m, dtype=torch.int64),
+        allfit=torch.zeros_like(big_m, dtype=torch.bool),
+        undefined=torch.isnan(big_m) | (big_m == _POS_INF) | torch.isnan(big_s),
+        neg_inf=big_m == _NEG_INF,
+        m=big_m,
+        per_rank_mass=f * gathered[..., 1],
+        u=gathered[0, :, 2],
+    )
+    return _finish_sample(x2, plan, cut, plain=True)
 
 
 def _finish_sample(x2: torch.Tensor, plan: _Plan, cut: _ExactCut, plain: bool = False) -> torch.Tensor:
