@@ -130,6 +130,16 @@ def _case_alpha_rows_range(rank):
     ldist.top_h_mask(x, torch.tensor([0.5, 0.5, -0.1 if rank == 1 else 0.5, 0.5]), rule="official")
 
 
+def _case_temperature_rows_differ(rank):
+    x = torch.randn(4, SIZES[rank])
+    ldist.sample(x, temperature=torch.tensor([0.5, 1.0, 1.0 + 0.25 * (rank == 2), 2.0]))
+
+
+def _case_temperature_rows_greedy(rank):
+    x = torch.randn(4, SIZES[rank])
+    ldist.top_h_mask(x, 0.5, temperature=torch.tensor([0.5, 0.0 if rank == 0 else 1.0, 1.0, 2.0]))
+
+
 def _case_class_weight_length(rank):
     _, t, _, _ = _inputs(rank)
     x = torch.randn(N, SIZES[rank])
@@ -173,6 +183,8 @@ CASES = {
     "alpha_rows_on_some_ranks": (_case_alpha_rows_on_some_ranks, ["alpha (top_h) given per row"]),
     "alpha_rows_shape": (_case_alpha_rows_shape, [("one value per row", "rank(s) [2]")]),
     "alpha_rows_range": (_case_alpha_rows_range, [("alpha must be in [0, 1] per row", "rank(s) [1]")]),
+    "temperature_rows_differ": (_case_temperature_rows_differ, ["temperature"]),
+    "temperature_rows_greedy": (_case_temperature_rows_greedy, [("finite number > 0 per row", "rank(s) [0]")]),
     "class_weight_length": (_case_class_weight_length, ["class_weight", "rank 1 passed length 334"]),
     "ce_target_outside": (_case_ce_target_outside, ["target[0] = 1007"]),
     "merge_differs": (_case_merge_differs, ["disagree on merge"]),

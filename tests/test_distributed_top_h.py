@@ -1,7 +1,7 @@
 """Top-H masks, truncated logits and sampling on vocabulary-sharded logits
 (logitkit.distributed.{top_h_mask, top_h, sample}) against the single-device
 ops on the concatenated logits: the same kept sets (exactly) for every rule,
-one alpha or one per row, and the same drawn tokens for the same generator seed. One spawn of 3 gloo
+one alpha and temperature or one per row, and the same drawn tokens for the same generator seed. One spawn of 3 gloo
 processes; 2-rank cases on the subgroup {0, 1}.
 """
 
@@ -66,6 +66,14 @@ ALPHA_ROWS = torch.tensor([0.1, 0.0, 0.5, 0.9, 1.0, 0.3, 0.0, 0.7])
 for _rule in RULES:
     CASES[f"{_rule}_3r_per_row_alpha"] = (3, "lm_like", torch.float32, _rule, ALPHA_ROWS, 0.8, None)
     CASES[f"{_rule}_2r_per_row_alpha_special"] = (2, "special", torch.float32, _rule, ALPHA_ROWS.flip(0), 1.0, None)
+# per-row temperature (with one alpha, with per-row alpha, and plain sampling)
+T_ROWS = torch.tensor([0.7, 1.0, 1.5, 0.3, 2.0, 1.0, 0.9, 1.25])
+for _rule in RULES:
+    CASES[f"{_rule}_3r_per_row_temperature"] = (3, "lm_like", torch.float32, _rule, 0.5, T_ROWS, None)
+    CASES[f"{_rule}_2r_per_row_both_special"] = (2, "special", torch.float32, _rule, ALPHA_ROWS, T_ROWS, None)
+CASES["exact_per_row_temperature_bf16"] = (3, "random", torch.bfloat16, "exact", ALPHA_ROWS, T_ROWS.flip(0), None)
+CASES["plain_per_row_temperature"] = (3, "lm_like", torch.float32, None, None, T_ROWS, None)
+CASES["plain_per_row_temperature_special"] = (2, "special", torch.float32, None, None, T_ROWS, None)
 CASES["hf_per_row_alpha_ties_bf16"] = (3, "ties", torch.bfloat16, "hf", ALPHA_ROWS, 1.0, 40)
 CASES["exact_per_row_alpha_no_validate"] = (2, "peaked", torch.float32, "exact", ALPHA_ROWS, 1.0, None, False)
 CASES["hf_cap5"] = (3, "random", torch.float32, "hf", 0.8, 1.0, 5)

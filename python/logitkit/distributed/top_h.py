@@ -54,7 +54,10 @@ its shard (1 pass), and one all-reduce of the tokens.
 Per-row alpha (a tensor of the rows' shape, 0: Top-H off for that row, as
 single-device): the capped scan and the "exact" budget take it per row; rows
 at 0 get an all-True mask, and capped ``sample`` runs the plain draw for them.
-Every rank's values are compared through a checksum in the metadata exchange.
+Per-row temperature (every value > 0): z = x * (1/T) with each row's fp32 1/T,
+per-row first-digit bin references, and the state kernel run at T = 1 on
+row blocks scaled in fp32. Every rank's per-row values are compared through a
+checksum in the metadata exchange.
 
 The uniform numbers come from ``torch.rand(logits.shape[:-1],
 generator=...)`` exactly as single-device ``logitkit.sample`` draws them;
@@ -86,6 +89,7 @@ class _Plan:
     layout: _comm.VocabLayout
     inv_t: float
     temperature: float
+    inv_t_rows: torch.Tensor | None  # per-row 1 / T, fp32 (rows,) (then inv_t and temperature are unused)
     alpha: float | None  # one alpha for every row (None: no Top-H, or per row)
     alpha_rows: torch.Tensor | None  # per-row alpha, fp32 (rows,) on the logits' device (0: Top-H off)
     rule: str
@@ -126,7 +130,7 @@ def _prologue(
     op: str,
     logits: Any,
     alpha: float | torch.Tensor | None,
-    temperature: float,
+    temperature: float | torch.Tensor,
     rule: str,
     cap: int | None,
     group: Any,
@@ -152,23 +156,31 @@ def _prologue(
             return f"{prefix}: cap must be >= 1 (or None for the rule's default), got {cap}"
         return None
 
-    local_error = first_error(
-        lambda: check_logits_arg(logits, op, "logits"), lambda: check_temperature_arg(temperature, op), args
-    )
+    def temperature_arg() -> str | None:
+        if isinstance(temperature, torch.Tensor):
+            return _check_temperature_rows(temperature, logits, f"logitkit.distributed.{op}")
+        return check_temperature_arg(temperature, op)
+
+    local_error = first_error(lambda: check_logits_arg(logits, op, "logits"), temperature_arg, args)
     ok = local_error is None
     f = _comm.float_bits
     alpha_rows = alpha.detach().float().reshape(-1) if isinstance(alpha, torch.Tensor) else None
     alpha_number = None if (alpha is None or isinstance(alpha, torch.Tensor)) else float(alpha)
     per_row = alpha_rows is not None
     alpha_check: int | torch.Tensor = -1
-    if alpha_rows is not None and ok:  # the rows' values as exact int32 bits (a checksum tensor: no host read)
-        alpha_check = _comm.target_checksum(alpha_rows.contiguous().view(torch.int32))
+    if alpha_rows is not None and ok:
+        alpha_check = _rows_checksum(alpha_rows)
     elif alpha_number is not None and ok:
         alpha_check = f(alpha_number)
+    t_rows = temperature.detach().float().reshape(-1) if isinstance(temperature, torch.Tensor) else None
+    t_check: int | torch.Tensor = 0
+    if ok:
+        t_check = _rows_checksum(t_rows) if t_rows is not None else f(float(temperature))
     checks = [
         _comm.Check("the number of rows (logits.shape[:-1].numel())", logits.shape[:-1].numel() if ok else -1),
         _comm.Check("the dtype of logits", _comm.dtype_code(logits.dtype) if ok else -1, render="dtype"),
-        _comm.Check("temperature", f(temperature) if ok else 0, render="float"),
+        _comm.Check("temperature given per row", int(t_rows is not None), render="bool"),
+        _comm.Check("temperature", t_check, render="int" if t_rows is not None else "float"),
         _comm.Check("alpha (top_h) given per row", int(per_row), render="bool"),
         _comm.Check("alpha (top_h)", alpha_check, render="int" if per_row else "float"),
         _comm.Check("rule", RULE_CODES.get(rule, -1), names=tuple(RULE_CODES)),
@@ -190,8 +202,9 @@ def _prologue(
         op=op,
         group=group,
         layout=layout,
-        inv_t=1.0 / float(temperature),
-        temperature=float(temperature),
+        inv_t=1.0 if t_rows is not None else 1.0 / float(temperature),
+        temperature=1.0 if t_rows is not None else float(temperature),
+        inv_t_rows=None if t_rows is None else t_rows.reciprocal(),  # fp32 1 / T, as the kernels' 1.0f / t
         alpha=alpha_number,
         alpha_rows=alpha_rows,
         rule=rule,
@@ -201,27 +214,51 @@ def _prologue(
     return logits, x2, plan, info
 
 
-def _check_alpha_rows(alpha: torch.Tensor, logits: Any, prefix: str) -> str | None:
-    """A per-row alpha: a floating-point tensor of the local shard's rows shape on its device,
-    every value in [0, 1] (0: Top-H off for that row), as single-device ``top_h_mask``."""
-    if _dtensor.is_dtensor(alpha):
+def _rows_checksum(values: torch.Tensor) -> torch.Tensor:
+    """A per-row parameter's checksum over its fp32 bits (exact; a tensor, so the metadata
+    all-gather carries it with no host read)."""
+    return _comm.target_checksum(values.contiguous().view(torch.int32))
+
+
+def _check_row_tensor(value: torch.Tensor, name: str, logits: Any, prefix: str) -> str | None:
+    """A per-row parameter: a plain floating-point tensor of the local shard's rows shape on its device."""
+    if _dtensor.is_dtensor(value):
         return (
-            f"{prefix}: a per-row alpha must be a plain tensor of this rank's rows (logits.shape[:-1]), got a DTensor"
+            f"{prefix}: a per-row {name} must be a plain tensor of this rank's rows (logits.shape[:-1]), not a DTensor"
         )
-    if not alpha.dtype.is_floating_point:
-        return f"{prefix}: alpha must be a number or a floating-point tensor, got {alpha.dtype}"
+    if not value.dtype.is_floating_point:
+        return f"{prefix}: {name} must be a number or a floating-point tensor, got {value.dtype}"
     if not isinstance(logits, torch.Tensor):
         return None  # (the logits check reports it)
-    if alpha.device != logits.device:
-        return f"{prefix}: alpha is on {alpha.device} but logits is on {logits.device}"
-    if alpha.shape != logits.shape[:-1]:
+    if value.device != logits.device:
+        return f"{prefix}: {name} is on {value.device} but logits is on {logits.device}"
+    if value.shape != logits.shape[:-1]:
         return (
-            f"{prefix}: alpha must be a number or a tensor of shape {list(logits.shape[:-1])} (one value per row), "
-            f"got shape {list(alpha.shape)}"
+            f"{prefix}: {name} must be a number or a tensor of shape {list(logits.shape[:-1])} (one value per row), "
+            f"got shape {list(value.shape)}"
         )
-    if alpha.numel() and not bool(((alpha >= 0) & (alpha <= 1)).all()):  # (a host read of one flag)
-        return f"{prefix}: alpha must be in [0, 1] per row (0: Top-H off for that row)"
     return None
+
+
+def _check_temperature_rows(temperature: torch.Tensor, logits: Any, prefix: str) -> str | None:
+    """A per-row temperature: every value a finite number > 0 whose fp32 1 / T is finite (no
+    greedy rows on shards, as with one temperature). One host read of a flag."""
+    error = _check_row_tensor(temperature, "temperature", logits, prefix)
+    if error is None and temperature.numel():
+        t32 = temperature.detach().float()
+        inverse = t32.reciprocal()
+        if not bool(((t32 > 0) & t32.isfinite() & inverse.isfinite()).all()):
+            return f"{prefix}: temperature must be a finite number > 0 per row (with a finite 1 / T)"
+    return error
+
+
+def _check_alpha_rows(alpha: torch.Tensor, logits: Any, prefix: str) -> str | None:
+    """A per-row alpha: every value in [0, 1] (0: Top-H off for that row), as single-device
+    ``top_h_mask``. One host read of a flag."""
+    error = _check_row_tensor(alpha, "alpha", logits, prefix)
+    if error is None and alpha.numel() and not bool(((alpha >= 0) & (alpha <= 1)).all()):
+        return f"{prefix}: alpha must be in [0, 1] per row (0: Top-H off for that row)"
+    return error
 
 
 def _alpha(plan: _Plan) -> float | torch.Tensor:
@@ -246,8 +283,26 @@ def _inv_t32(plan: _Plan) -> torch.Tensor:
     return torch.tensor(plan.inv_t, dtype=torch.float32)
 
 
-def _scaled(x32: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    return x32 * _inv_t32(plan).to(x32.device)
+def _scaled(x32: torch.Tensor, plan: _Plan, rows: Any = None) -> torch.Tensor:
+    """z = x * (1/T) in fp32. With a per-row temperature, ``rows`` names the rows of x's first
+    dimension (None: all rows; a slice or an index tensor); a 1-D x holds one value per row."""
+    if plan.inv_t_rows is None:
+        return x32 * _inv_t32(plan).to(x32.device)
+    inv = plan.inv_t_rows if rows is None else plan.inv_t_rows[rows]
+    return x32 * (inv if x32.dim() == 1 else inv.reshape(-1, *([1] * (x32.dim() - 1))))
+
+
+def _softmax_stats(x2: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """The per-row softmax states (m, s, b) of x / T (logitkit's kernel; a per-row T scales each
+    row block in fp32 first, as the kernel would, and runs it at T = 1)."""
+    if x2.shape[1] == 0:
+        return _empty_state(x2)
+    if plan.inv_t_rows is None:
+        return _backend.ops().softmax_stats(x2, plan.temperature)
+    out = torch.empty((x2.shape[0], 3), dtype=torch.float32, device=x2.device)
+    for a, b in row_blocks(x2.shape[0], x2.shape[1]):
+        out[a:b] = _backend.ops().softmax_stats(_scaled(x2[a:b].float(), plan, slice(a, b)), 1.0)
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -350,7 +405,7 @@ def _capped_select(x2: torch.Tensor, plan: _Plan, u: torch.Tensor | None) -> _Ca
         gidx = torch.nn.functional.pad(gidx, (0, pad), value=big)
     extra = []
     if plan.rule == "official":
-        state = _backend.ops().softmax_stats(x2, plan.temperature) if x2.shape[1] else _empty_state(x2)
+        state = _softmax_stats(x2, plan)
         extra += [state[:, 0].double(), state[:, 1].double()]
     if u is not None:
         extra.append(u.double())
@@ -454,9 +509,12 @@ class _ExactCut:
 
 
 def _bin_refs(plan: _Plan, device: torch.device) -> torch.Tensor:
-    """z at the upper end of every first-digit bin (fp32, 2048)."""
-    upper = (torch.arange(2048, device=device, dtype=torch.int64) << 21) | ((1 << 21) - 1)
-    return _scaled(_key_to_float(upper), plan)
+    """z at the upper end of every first-digit bin: fp32 (2048,), or (rows, 2048) with a
+    per-row temperature."""
+    upper = _key_to_float((torch.arange(2048, device=device, dtype=torch.int64) << 21) | ((1 << 21) - 1))
+    if plan.inv_t_rows is None:
+        return _scaled(upper, plan)
+    return upper[None] * plan.inv_t_rows[:, None]
 
 
 def _histogram(flat: torch.Tensor, e: torch.Tensor, de: torch.Tensor, bins: int) -> torch.Tensor:
@@ -485,7 +543,7 @@ def _first_pass(x2: torch.Tensor, plan: _Plan):
         return state, hist
     for a, b in row_blocks(rows, cols, 64):
         x = x2[a:b].float()
-        z = _scaled(x, plan)
+        z = _scaled(x, plan, slice(a, b))
         m = z.amax(-1, keepdim=True)
         d = z - m
         e = torch.exp(d).nan_to_num_(0.0)  # all -inf / NaN / +inf rows: no probability (flagged by m)
@@ -504,7 +562,7 @@ def _first_pass(x2: torch.Tensor, plan: _Plan):
         state[a:b, 5] = (e64 * in_top).sum(-1)
         state[a:b, 6] = (de * in_top).sum(-1)
         # Every other token of positive probability, relative to its bin's upper end.
-        dd = z - refs[digit.long()]
+        dd = z - (refs[digit.long()] if refs.dim() == 1 else refs[a:b].gather(1, digit.long()))
         ee = torch.exp(dd).double()
         n = b - a
         flat = torch.arange(n, device=dev)[:, None] * 2048 + digit
@@ -529,7 +587,7 @@ def _digit_pass(
         x = x2[rows_idx[a:b]].float()
         skey = _keys(x)
         r, c = ((skey >> 21) + 1024 == prefix[a:b, None]).nonzero(as_tuple=True)
-        d = _scaled(x[r, c], plan) - m[a + r]
+        d = _scaled(x[r, c], plan, rows_idx[a:b][r]) - m[a + r]
         cand_r.append(r + a)
         cand_k.append(_ukeys(skey[r, c]))
         cand_d.append(d)
@@ -628,7 +686,7 @@ def _exact_select(x2: torch.Tensor, plan: _Plan, u: torch.Tensor | None, need_ma
     safe_m = torch.where(live, big_m, torch.zeros_like(big_m))
     # Global first-digit bins relative to the global max.
     refs = _bin_refs(plan, dev).double()
-    shift = refs[None] - safe_m.double()[:, None]
+    shift = (refs[None] if refs.dim() == 1 else refs) - safe_m.double()[:, None]
     scale = torch.exp(shift)
     cnt1, e1, de1 = hist[..., 0], hist[..., 1], hist[..., 2]
     occupied = cnt1 > 0
@@ -695,7 +753,7 @@ def _exact_select(x2: torch.Tensor, plan: _Plan, u: torch.Tensor | None, need_ma
             continue
         # Last digit: the cut bin is one logit value, a tie group of n tokens.
         x_c = _key_to_float(prefix[todo])
-        z_c = _scaled(x_c, plan)
+        z_c = _scaled(x_c, plan, todo)
         d_c = z_c - big_m[todo]
         e_c = torch.exp(d_c).double()
         de_c = d_c.double() * e_c
@@ -764,7 +822,7 @@ def _keep_rows(x: torch.Tensor, ridx: torch.Tensor, cut: _ExactCut, plan: _Plan)
     allfit = cut.allfit[ridx]
     if bool(allfit.any()):
         sub = allfit.nonzero().squeeze(1)
-        keep[sub] = torch.exp(_scaled(x[sub], plan) - cut.m[ridx[sub]][:, None]) > 0
+        keep[sub] = torch.exp(_scaled(x[sub], plan, ridx[sub]) - cut.m[ridx[sub]][:, None]) > 0
     keep &= ~(cut.undefined[ridx] | cut.neg_inf[ridx])[:, None]
     neg = cut.neg_inf[ridx]
     if lay.v0 == 0 and lay.local > 0 and bool(neg.any()):
@@ -791,7 +849,7 @@ def _draw_in_shard(
     for a, b in row_blocks(rows_idx.numel(), cols, 24):
         r = rows_idx[a:b]
         x = x2[r].float()
-        w = torch.exp(_scaled(x, plan) - m[a:b, None])
+        w = torch.exp(_scaled(x, plan, r) - m[a:b, None])
         if cut is not None:
             w = torch.where(_keep_rows(x, r, cut, plan), w, torch.zeros_like(w))
         cum = w.double().cumsum(-1)
@@ -845,7 +903,7 @@ def top_h_mask(
     logits: Any,
     alpha: float | torch.Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     rule: str = "hf",
     cap: int | None = None,
     group: _comm.ProcessGroup | None = None,
@@ -862,7 +920,8 @@ def top_h_mask(
     ``alpha`` may be a tensor of shape ``logits.shape[:-1]`` (this rank's rows; the same values
     on every rank, which the metadata exchange checks by a checksum), one alpha per row in
     [0, 1]; a row whose alpha is 0 is not truncated (all True, whatever it holds), as
-    single-device. Checking the values costs one host read. The temperature stays one number.
+    single-device. ``temperature`` may also be such a tensor (every value a finite number > 0:
+    no greedy rows on shards). Checking per-row values costs one host read each.
 
     Cost (read passes over the local logits / collectives besides the
     metadata all-gather): "hf" 1 / one all-gather of 2K fp64 per row
@@ -893,7 +952,7 @@ def top_h(
     logits: Any,
     alpha: float | torch.Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     rule: str = "hf",
     cap: int | None = None,
     filter_value: float = _NEG_INF,
@@ -917,7 +976,7 @@ def top_h(
 def sample(
     logits: Any,
     *,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     top_h: float | torch.Tensor | None = None,
     rule: str = "hf",
     cap: int | None = None,
@@ -933,8 +992,8 @@ def sample(
     given: the token :func:`logitkit.sample` draws from the concatenated
     logits with the same generator state.
 
-    ``top_h`` may be a per-row tensor as in :func:`top_h_mask` (0: Top-H off for that row,
-    which then draws over its whole vocabulary).
+    ``top_h`` and ``temperature`` may be per-row tensors as in :func:`top_h_mask` (alpha 0:
+    Top-H off for that row, which then draws over its whole vocabulary).
 
     Every rank draws ``torch.rand(logits.shape[:-1], generator=generator)``
     (so every rank's generator advances as single-device), and the group
@@ -970,7 +1029,7 @@ def sample(
 def _plain_sample(x2: torch.Tensor, plan: _Plan, u: torch.Tensor) -> torch.Tensor:
     """Plain temperature sampling over the whole vocabulary (the group's uniform numbers: the
     first rank's ``u``): the state pass, one all-gather of the states, the draw."""
-    state = _backend.ops().softmax_stats(x2, plan.temperature) if x2.shape[1] else _empty_state(x2)
+    state = _softmax_stats(x2, plan)
     gathered = _comm.all_gather(torch.cat([state[:, :2], u[:, None]], -1), plan.group, "state")
     from ._merge import merge_gathered
 
