@@ -72,6 +72,16 @@ for _rule in RULES:
     CASES[f"{_rule}_3r_per_row_temperature"] = (3, "lm_like", torch.float32, _rule, 0.5, T_ROWS, None)
     CASES[f"{_rule}_2r_per_row_both_special"] = (2, "special", torch.float32, _rule, ALPHA_ROWS, T_ROWS, None)
 CASES["exact_per_row_temperature_bf16"] = (3, "random", torch.bfloat16, "exact", ALPHA_ROWS, T_ROWS.flip(0), None)
+# greedy rows (temperature 0: the max, ties drawn uniformly; sample only, as single-device)
+T_GREEDY = torch.tensor([0.7, 0.0, 1.5, 0.0, 2.0, 1.0, 0.0, 1.25])
+for _rule in (*RULES, None):
+    _a = None if _rule is None else 0.6
+    CASES[f"{_rule or 'plain'}_3r_greedy_rows_ties"] = (3, "ties", torch.float32, _rule, _a, T_GREEDY, None)
+    # (bf16: ties straddle the K-th place of the NaN row, whose local top must keep the NaN)
+    CASES[f"{_rule or 'plain'}_2r_greedy_rows_special"] = (2, "special", torch.bfloat16, _rule, _a, T_GREEDY, None)
+CASES["exact_greedy_rows_per_row_alpha"] = (3, "ties", torch.float32, "exact", ALPHA_ROWS, T_GREEDY.flip(0), None)
+CASES["hf_all_greedy"] = (2, "ties", torch.float32, "hf", 0.5, 0.0, None)
+CASES["plain_all_greedy"] = (3, "ties", torch.float32, None, None, 0.0, None)
 CASES["plain_per_row_temperature"] = (3, "lm_like", torch.float32, None, None, T_ROWS, None)
 CASES["plain_per_row_temperature_special"] = (2, "special", torch.float32, None, None, T_ROWS, None)
 CASES["hf_per_row_alpha_ties_bf16"] = (3, "ties", torch.bfloat16, "hf", ALPHA_ROWS, 1.0, 40)
@@ -116,7 +126,8 @@ def _run_case(group, ranks: int, case: tuple, seed: int) -> str | None:
     shard = logits[:, v0:v1]
     kw = {} if validate else {"vocab_start": v0, "vocab_size": V, "validate": False}
     problems = []
-    if rule is not None:
+    greedy = torch.as_tensor(temperature).eq(0).any().item()  # sample only: the mask ops take T > 0
+    if rule is not None and not greedy:
         ref_mask = logitkit.top_h_mask(logits, alpha, temperature=temperature, rule=rule, cap=cap)
         mask = ldist.top_h_mask(shard, alpha, temperature=temperature, rule=rule, cap=cap, group=group, **kw)
         if not torch.equal(mask, ref_mask[:, v0:v1]):

@@ -54,7 +54,7 @@ its shard (1 pass), and one all-reduce of the tokens.
 Per-row alpha (a tensor of the rows' shape, 0: Top-H off for that row, as
 single-device): the capped scan and the "exact" budget take it per row; rows
 at 0 get an all-True mask, and capped ``sample`` runs the plain draw for them.
-Per-row temperature (every value > 0): z = x * (1/T) with each row's fp32 1/T,
+Per-row temperature (rows at 0 greedy in ``sample``): z = x * (1/T) with each row's fp32 1/T,
 per-row first-digit bin references, and the state kernel run at T = 1 on
 row blocks scaled in fp32. Every rank's per-row values are compared through a
 checksum in the metadata exchange.
@@ -90,6 +90,7 @@ class _Plan:
     inv_t: float
     temperature: float
     inv_t_rows: torch.Tensor | None  # per-row 1 / T, fp32 (rows,) (then inv_t and temperature are unused)
+    greedy_rows: torch.Tensor | None  # sample: rows of temperature 0 (1 in inv_t_rows), if any
     alpha: float | None  # one alpha for every row (None: no Top-H, or per row)
     alpha_rows: torch.Tensor | None  # per-row alpha, fp32 (rows,) on the logits' device (0: Top-H off)
     rule: str
@@ -156,10 +157,13 @@ def _prologue(
             return f"{prefix}: cap must be >= 1 (or None for the rule's default), got {cap}"
         return None
 
+    allow_greedy = op == "sample"  # (as single-device: the mask ops take no greedy rows)
+    greedy_number = allow_greedy and isinstance(temperature, (int, float)) and temperature == 0
+
     def temperature_arg() -> str | None:
         if isinstance(temperature, torch.Tensor):
-            return _check_temperature_rows(temperature, logits, f"logitkit.distributed.{op}")
-        return check_temperature_arg(temperature, op)
+            return _check_temperature_rows(temperature, logits, f"logitkit.distributed.{op}", allow_greedy)
+        return None if greedy_number else check_temperature_arg(temperature, op)
 
     local_error = first_error(lambda: check_logits_arg(logits, op, "logits"), temperature_arg, args)
     ok = local_error is None
@@ -173,6 +177,8 @@ def _prologue(
     elif alpha_number is not None and ok:
         alpha_check = f(alpha_number)
     t_rows = temperature.detach().float().reshape(-1) if isinstance(temperature, torch.Tensor) else None
+    if greedy_number and ok:  # temperature 0: every row greedy
+        t_rows = torch.zeros(logits.shape[:-1].numel(), dtype=torch.float32, device=logits.device)
     t_check: int | torch.Tensor = 0
     if ok:
         t_check = _rows_checksum(t_rows) if t_rows is not None else f(float(temperature))
@@ -204,13 +210,21 @@ def _prologue(
         layout=layout,
         inv_t=1.0 if t_rows is not None else 1.0 / float(temperature),
         temperature=1.0 if t_rows is not None else float(temperature),
-        inv_t_rows=None if t_rows is None else t_rows.reciprocal(),  # fp32 1 / T, as the kernels' 1.0f / t
+        inv_t_rows=None,
+        greedy_rows=None,
         alpha=alpha_number,
         alpha_rows=alpha_rows,
         rule=rule,
         k=min(_DEFAULT_CAP if cap is None else int(cap), layout.vocab),
         shape=logits.shape,
     )
+    if t_rows is not None:
+        # fp32 1 / T, as the kernels' 1.0f / t; greedy rows (T = 0, or 1 / T overflowing: the
+        # kernels' rule) take 1 and keep the max (ties drawn uniformly), as single-device
+        inverse = t_rows.reciprocal()
+        greedy = ~(t_rows > 0) | ~(inverse < _POS_INF)
+        plan.inv_t_rows = torch.where(greedy, torch.ones_like(inverse), inverse)
+        plan.greedy_rows = greedy if bool(greedy.any()) else None  # (one host read; every rank's T agree)
     return logits, x2, plan, info
 
 
@@ -240,14 +254,16 @@ def _check_row_tensor(value: torch.Tensor, name: str, logits: Any, prefix: str) 
     return None
 
 
-def _check_temperature_rows(temperature: torch.Tensor, logits: Any, prefix: str) -> str | None:
-    """A per-row temperature: every value a finite number > 0 whose fp32 1 / T is finite (no
-    greedy rows on shards, as with one temperature). One host read of a flag."""
+def _check_temperature_rows(temperature: torch.Tensor, logits: Any, prefix: str, allow_greedy: bool) -> str | None:
+    """A per-row temperature, as single-device: for ``sample`` every value a finite number >= 0
+    (0: greedy); for the mask ops a finite number > 0 whose fp32 1 / T is finite. One host read
+    of a flag."""
     error = _check_row_tensor(temperature, "temperature", logits, prefix)
     if error is None and temperature.numel():
         t32 = temperature.detach().float()
-        inverse = t32.reciprocal()
-        if not bool(((t32 > 0) & t32.isfinite() & inverse.isfinite()).all()):
+        if allow_greedy and not bool((t32.isfinite() & (t32 >= 0)).all()):
+            return f"{prefix}: temperature must be a finite number >= 0 per row (0: greedy)"
+        if not allow_greedy and not bool(((t32 > 0) & t32.isfinite() & t32.reciprocal().isfinite()).all()):
             return f"{prefix}: temperature must be a finite number > 0 per row (with a finite 1 / T)"
     return error
 
@@ -328,7 +344,7 @@ def _local_top(x2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
                 r = bad[a:b]
                 xr = x2[r].float()
                 thr = vals[r, k - 1][:, None]
-                gt = xr > thr
+                gt = (xr > thr) | xr.isnan()  # NaN ranks first, as in topk (the row is then undefined)
                 eq = xr == thr
                 room = k - gt.sum(-1, keepdim=True)
                 keep = gt | (eq & (eq.cumsum(-1) <= room))
@@ -455,7 +471,7 @@ def _capped_mask(x2: torch.Tensor, cut: _CappedCut, plan: _Plan) -> torch.Tensor
     return mask
 
 
-def _capped_sample(cut: _CappedCut) -> torch.Tensor:
+def _capped_sample(cut: _CappedCut, greedy_rows: torch.Tensor | None) -> torch.Tensor:
     """Inverse CDF over the kept list in vocabulary-index order (as the
     single-device draw walks the row): the first kept token whose running
     weight exp(z - max z) exceeds u * (kept mass), else the last one of
@@ -467,6 +483,8 @@ def _capped_sample(cut: _CappedCut) -> torch.Tensor:
     in_set = (torch.arange(k, device=z.device)[None] < cut.kept[:, None]).gather(1, order)
     top = cut.z[:, 0:1]
     w = torch.where(in_set, torch.exp(z - top), torch.zeros_like(z))
+    if greedy_rows is not None:  # the kept tokens equal to the max, each of weight 1
+        w = torch.where(greedy_rows[:, None], (in_set & (z == top)).to(w.dtype), w)
     running = torch.zeros(rows, dtype=torch.float32, device=z.device)
     cums = []
     for i in range(k):
@@ -850,6 +868,8 @@ def _draw_in_shard(
         r = rows_idx[a:b]
         x = x2[r].float()
         w = torch.exp(_scaled(x, plan, r) - m[a:b, None])
+        if plan.greedy_rows is not None:  # greedy rows: weight 1 for the max (z = x there), 0 elsewhere
+            w = torch.where(plan.greedy_rows[r][:, None], (x == m[a:b, None]).to(w.dtype), w)
         if cut is not None:
             w = torch.where(_keep_rows(x, r, cut, plan), w, torch.zeros_like(w))
         cum = w.double().cumsum(-1)
@@ -920,8 +940,8 @@ def top_h_mask(
     ``alpha`` may be a tensor of shape ``logits.shape[:-1]`` (this rank's rows; the same values
     on every rank, which the metadata exchange checks by a checksum), one alpha per row in
     [0, 1]; a row whose alpha is 0 is not truncated (all True, whatever it holds), as
-    single-device. ``temperature`` may also be such a tensor (every value a finite number > 0:
-    no greedy rows on shards). Checking per-row values costs one host read each.
+    single-device. ``temperature`` may also be such a tensor (every value a finite number > 0).
+    Checking per-row values costs one host read each.
 
     Cost (read passes over the local logits / collectives besides the
     metadata all-gather): "hf" 1 / one all-gather of 2K fp64 per row
@@ -993,7 +1013,9 @@ def sample(
     logits with the same generator state.
 
     ``top_h`` and ``temperature`` may be per-row tensors as in :func:`top_h_mask` (alpha 0:
-    Top-H off for that row, which then draws over its whole vocabulary).
+    Top-H off for that row, which then draws over its whole vocabulary). Temperature 0 (a
+    number or rows of the tensor) is greedy, as single-device: Top-H (if any) at T = 1, then a
+    uniform draw among the kept tokens equal to the row's max.
 
     Every rank draws ``torch.rand(logits.shape[:-1], generator=generator)``
     (so every rank's generator advances as single-device), and the group
@@ -1011,7 +1033,7 @@ def sample(
     dev = x2.device
     u = torch.rand(plan.shape[:-1], generator=generator, device=dev, dtype=torch.float32).reshape(-1)
     if top_h is not None and rule != "exact":
-        tokens = _capped_sample(_capped_select(x2, plan, u))
+        tokens = _capped_sample(_capped_select(x2, plan, u), plan.greedy_rows)
         off = _top_h_off(plan)
         if off is not None:  # per-row alpha 0: plain draws for those rows (the same uniform numbers)
             tokens = torch.where(off, _plain_sample(x2, plan, u), tokens)
@@ -1047,11 +1069,31 @@ def _plain_sample(x2: torch.Tensor, plan: _Plan, u: torch.Tensor) -> torch.Tenso
     return _finish_sample(x2, plan, cut, plain=True)
 
 
+def _greedy_counts(x2: torch.Tensor, plan: _Plan, cut: _ExactCut | None, m: torch.Tensor) -> torch.Tensor:
+    """Every rank's count of kept tokens equal to the global max ``m`` on the greedy rows
+    (W, rows), fp64: a pass over those rows and one all-gather."""
+    assert plan.greedy_rows is not None
+    rows, cols = x2.shape
+    local = torch.zeros(rows, dtype=torch.float64, device=x2.device)
+    greedy = plan.greedy_rows.nonzero().squeeze(1)
+    for a, b in row_blocks(greedy.numel(), cols):
+        r = greedy[a:b]
+        x = x2[r].float()
+        hit = x == m[r][:, None]
+        if cut is not None:
+            hit &= _keep_rows(x, r, cut, plan)
+        local[r] = hit.sum(-1).double()
+    return _comm.all_gather(local, plan.group, "greedy_counts")
+
+
 def _finish_sample(x2: torch.Tensor, plan: _Plan, cut: _ExactCut, plain: bool = False) -> torch.Tensor:
     assert cut.per_rank_mass is not None and cut.u is not None, "selected with need_mass=True and u"
     live = ~(cut.undefined | cut.neg_inf)
     safe_m = torch.where(live, cut.m, torch.zeros_like(cut.m))
     masses = torch.where(live[None], cut.per_rank_mass, torch.zeros_like(cut.per_rank_mass))
+    if plan.greedy_rows is not None:  # greedy rows draw among the kept tokens equal to the max
+        counts = _greedy_counts(x2, plan, None if plain else cut, safe_m)
+        masses = torch.where((plan.greedy_rows & live)[None], counts.to(masses.dtype), masses)
     tokens = _finish_draw(x2, plan, masses, cut.u, safe_m, None if plain else cut)
     tokens = torch.where(cut.neg_inf, torch.zeros_like(tokens), tokens)
     return torch.where(cut.undefined, torch.full_like(tokens, -1), tokens)
