@@ -168,16 +168,21 @@ def _prologue(
     local_error = first_error(lambda: check_logits_arg(logits, op, "logits"), temperature_arg, args)
     ok = local_error is None
     f = _comm.float_bits
-    alpha_rows = alpha.detach().float().reshape(-1) if isinstance(alpha, torch.Tensor) else None
-    alpha_number = None if (alpha is None or isinstance(alpha, torch.Tensor)) else float(alpha)
-    per_row = alpha_rows is not None
+    # (Per-row values only once every local check passed: until the metadata exchange has
+    # reported a rank's error, no rank may raise anything else.)
+    per_row = isinstance(alpha, torch.Tensor)
+    alpha_rows = alpha.detach().float().reshape(-1) if (ok and isinstance(alpha, torch.Tensor)) else None
+    alpha_number = None if (alpha is None or per_row or not ok) else float(alpha)
     alpha_check: int | torch.Tensor = -1
-    if alpha_rows is not None and ok:
+    if alpha_rows is not None:
         alpha_check = _rows_checksum(alpha_rows)
-    elif alpha_number is not None and ok:
+    elif alpha_number is not None:
         alpha_check = f(alpha_number)
-    t_rows = temperature.detach().float().reshape(-1) if isinstance(temperature, torch.Tensor) else None
-    if greedy_number and ok:  # temperature 0: every row greedy
+    t_per_row = isinstance(temperature, torch.Tensor) or greedy_number
+    t_rows = None
+    if ok and isinstance(temperature, torch.Tensor):
+        t_rows = temperature.detach().float().reshape(-1)
+    elif ok and greedy_number:  # temperature 0: every row greedy
         t_rows = torch.zeros(logits.shape[:-1].numel(), dtype=torch.float32, device=logits.device)
     t_check: int | torch.Tensor = 0
     if ok:
@@ -185,8 +190,8 @@ def _prologue(
     checks = [
         _comm.Check("the number of rows (logits.shape[:-1].numel())", logits.shape[:-1].numel() if ok else -1),
         _comm.Check("the dtype of logits", _comm.dtype_code(logits.dtype) if ok else -1, render="dtype"),
-        _comm.Check("temperature given per row", int(t_rows is not None), render="bool"),
-        _comm.Check("temperature", t_check, render="int" if t_rows is not None else "float"),
+        _comm.Check("temperature given per row", int(t_per_row), render="bool"),
+        _comm.Check("temperature", t_check, render="int" if t_per_row else "float"),
         _comm.Check("alpha (top_h) given per row", int(per_row), render="bool"),
         _comm.Check("alpha (top_h)", alpha_check, render="int" if per_row else "float"),
         _comm.Check("rule", RULE_CODES.get(rule, -1), names=tuple(RULE_CODES)),
