@@ -3,7 +3,7 @@
     logitkit-bench linear_ce --tp 2 [--rows 1024 --hidden 1024 --vocab 32768 --dtype fp32]
     python -m logitkit.bench.tp linear_ce --tp 2 [...]      (the same)
     python -m logitkit.bench.tp merge --tp 2 3
-    python -m logitkit.bench.tp top_h --tp 2 [--rows 64 --vocab 128256]
+    python -m logitkit.bench.tp top_h --tp 2 [--rows 64 --vocab 128256] [--per-row]
     python -m logitkit.bench.tp model
 
 ``linear_ce``: forward + backward of the vocabulary-parallel linear
@@ -310,22 +310,32 @@ def _top_h_worker(rank: int, world: int, cfg: dict) -> dict:
     v0 = sum(sizes[:rank])
     shard = logits[:, v0 : v0 + sizes[rank]].contiguous()
     out: dict[tuple[str, str], Any] = {}
-    for rule, alpha in _TOP_H_CASES:
+    rows = cfg["rows"]
+    # --per-row: alpha 0.4 / 0 (off) / 0.6 / 0.2 and T 1 / 0.7 / 1.3 / 1 by row (sample: T 0, greedy, for the last)
+    per_row = cfg.get("per_row", False)
+    alpha_rows = torch.tensor([0.4, 0.0, 0.6, 0.2]).repeat(rows // 4 + 1)[:rows]
+    t_mask = torch.tensor([1.0, 0.7, 1.3, 1.0]).repeat(rows // 4 + 1)[:rows]
+    t_sample = torch.tensor([1.0, 0.7, 1.3, 0.0]).repeat(rows // 4 + 1)[:rows]
+    for rule, number in _TOP_H_CASES:
         name = rule or "plain"
         for op in ("mask", "sample"):
             if rule is None and op == "mask":
                 continue
+            alpha: Any = alpha_rows if (per_row and number is not None) else number
+            temperature: Any = (t_mask if op == "mask" else t_sample) if per_row else 1.0
 
-            def call(x=shard, rule=rule, alpha=alpha, op=op):
+            def call(x=shard, rule=rule, alpha=alpha, op=op, t=temperature):
                 if op == "mask":
-                    return ldist.top_h_mask(x, alpha, rule=rule)
-                return ldist.sample(x, top_h=alpha, rule=rule or "hf", generator=torch.Generator().manual_seed(1))
+                    return ldist.top_h_mask(x, alpha, temperature=t, rule=rule)
+                return ldist.sample(
+                    x, temperature=t, top_h=alpha, rule=rule or "hf", generator=torch.Generator().manual_seed(1)
+                )
 
-            def single(rule=rule, alpha=alpha, op=op):
+            def single(rule=rule, alpha=alpha, op=op, t=temperature):
                 if op == "mask":
-                    return logitkit.top_h_mask(logits, alpha, rule=rule)
+                    return logitkit.top_h_mask(logits, alpha, temperature=t, rule=rule)
                 return logitkit.sample(
-                    logits, top_h=alpha, rule=rule or "hf", generator=torch.Generator().manual_seed(1)
+                    logits, temperature=t, top_h=alpha, rule=rule or "hf", generator=torch.Generator().manual_seed(1)
                 )
 
             with ldist.count_collectives() as log:
@@ -353,9 +363,15 @@ def _top_h_worker(rank: int, world: int, cfg: dict) -> dict:
 
 def bench_top_h(args: argparse.Namespace) -> str:
     cfg = {"rows": args.rows, "vocab": args.vocab, "dtype": args.dtype, "repeats": args.repeats}
+    cfg["per_row"] = args.per_row
     ranks = run_group(args.tp, _top_h_worker, cfg, threads=1, timeout=3600)
+    params = (
+        "per row: alpha 0.4 / 0 / 0.6 / 0.2, T 1 / 0.7 / 1.3 / 1 (sample: 0, greedy) by row"
+        if args.per_row
+        else "alpha = 0.4, T = 1"
+    )
     lines = [
-        f"Top-H on vocabulary shards: rows = {args.rows}, V = {args.vocab}, {args.dtype}, alpha = 0.4, "
+        f"Top-H on vocabulary shards: rows = {args.rows}, V = {args.vocab}, {args.dtype}, {params}, "
         f"{args.tp} gloo processes x 1 thread; single-device = logitkit's CPU kernel on the whole row, 1 thread",
         "(the sharded ops are torch-op implementations; single-device is the fused C++ kernel)",
         "",
@@ -493,6 +509,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tp", type=int, nargs="+", default=[2, 3])
     p.add_argument("--repeats", type=int, default=30)
     p = sub.add_parser("top_h")
+    p.add_argument("--per-row", action="store_true", help="per-row alpha and temperature (with greedy rows)")
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--rows", type=int, default=64)
     p.add_argument("--vocab", type=int, default=128256)
