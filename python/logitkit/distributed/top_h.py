@@ -53,7 +53,7 @@ its shard (1 pass), and one all-reduce of the tokens.
 
 Per-row alpha (a tensor of the rows' shape, 0: Top-H off for that row, as
 single-device): the capped scan and the "exact" budget take it per row; rows
-at 0 get an all-True mask, and capped ``sample`` runs the plain draw for them.
+at 0 get an all-True mask, and capped ``sample`` runs the plain draw on them.
 Per-row temperature (rows at 0 greedy in ``sample``): z = x * (1/T) with each row's fp32 1/T,
 per-row first-digit bin references, and the state kernel run at T = 1 on
 row blocks scaled in fp32. Every rank's per-row values are compared through a
@@ -1040,8 +1040,9 @@ def sample(
     if top_h is not None and rule != "exact":
         tokens = _capped_sample(_capped_select(x2, plan, u), plan.greedy_rows)
         off = _top_h_off(plan)
-        if off is not None:  # per-row alpha 0: plain draws for those rows (the same uniform numbers)
-            tokens = torch.where(off, _plain_sample(x2, plan, u), tokens)
+        if off is not None:  # per-row alpha 0: plain draws for those rows only (the same uniform numbers)
+            rows = off.nonzero().squeeze(1)
+            tokens[rows] = _plain_sample(x2[rows], _rows_plan(plan, rows), u[rows])
     elif top_h is not None:  # (per-row alpha 0: no budget, every token of the row in the draw)
         cut = _exact_select(x2, plan, u, need_mass=True)
         tokens = _finish_sample(x2, plan, cut)
@@ -1051,6 +1052,19 @@ def sample(
     if info is not None:
         return _dtensor.wrap_rowwise(tokens, info, torch.Size(info.global_shape[:-1]))
     return tokens
+
+
+def _rows_plan(plan: _Plan, rows: torch.Tensor) -> _Plan:
+    """The plan for a subset of the rows (x2[rows]): the per-row parameters taken at those rows.
+    (Every rank takes the same subset: it comes from per-row values the ranks agree on.)"""
+    greedy = None if plan.greedy_rows is None else plan.greedy_rows[rows]
+    return dataclasses.replace(
+        plan,
+        inv_t_rows=None if plan.inv_t_rows is None else plan.inv_t_rows[rows],
+        greedy_rows=greedy if greedy is not None and bool(greedy.any()) else None,
+        alpha_rows=None if plan.alpha_rows is None else plan.alpha_rows[rows],
+        shape=torch.Size((rows.numel(), plan.shape[-1])),
+    )
 
 
 def _plain_sample(x2: torch.Tensor, plan: _Plan, u: torch.Tensor) -> torch.Tensor:
