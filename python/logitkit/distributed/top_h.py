@@ -695,14 +695,13 @@ def _exact_select(x2: torch.Tensor, plan: _Plan, u: torch.Tensor | None, need_ma
     big_m = big_m64.float()
     # core::exact_budget(alpha, float(H(p))): the budget is an fp32 number, as single-device.
     h_p = (torch.log(big_s) - big_b / big_s).float()
-    if plan.alpha_rows is not None:  # per row; alpha 0 (Top-H off) keeps every token: no budget either
+    # alpha per row (fp32), or the one alpha in every row; alpha >= 1, or 0 (a row's Top-H off),
+    # keeps every token: no budget
+    if plan.alpha_rows is not None:
         a = plan.alpha_rows.to(h_p.device)
-        budget = torch.where((a >= 1.0) | (a == 0.0), _POS_INF, (a * h_p).clamp(min=0.0))
     else:
-        alpha = plan.alpha if plan.alpha is not None else 1.0
-        alpha32 = torch.tensor(alpha, dtype=torch.float32)
-        budget = torch.full_like(h_p, _POS_INF) if alpha >= 1.0 else (alpha32 * h_p).clamp(min=0.0)
-    budget = budget.double()
+        a = torch.full_like(h_p, 1.0 if plan.alpha is None else plan.alpha)
+    budget = torch.where((a >= 1.0) | (a == 0.0), _POS_INF, (a * h_p).clamp(min=0.0)).double()
     undefined = torch.isnan(big_m) | (big_m == _POS_INF) | torch.isnan(big_s)
     neg_inf = big_m == _NEG_INF
     live = ~(undefined | neg_inf)
