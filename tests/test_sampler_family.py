@@ -33,7 +33,8 @@ RULES = {
     "top_p_epsilon_eta": dict(top_p=0.7, epsilon=1e-3, eta=3e-3),
     "typical": dict(typical_p=0.6),
     "top_k_top_p_min_p_typical": dict(top_k=60, top_p=0.9, min_p=0.02, typical_p=0.8),
-    "typical_after_the_rest": dict(typical_p=0.4, top_n_sigma=2.0, p_less=True, epsilon=1e-3, eta=3e-3),
+    "typical_then_epsilon_eta": dict(typical_p=0.4, top_n_sigma=2.0, p_less=True, epsilon=1e-3, eta=3e-3),
+    "min_p_then_epsilon_eta": dict(min_p=0.3, epsilon=0.06, eta=0.05),
 }
 
 
@@ -193,24 +194,46 @@ def test_equals_transformers_warpers(backend, warper, min_tokens_to_keep):
         [("TopP", 0.9), ("Typical", 0.5)],
         [("MinP", 0.05), ("Typical", 0.8)],
         [("TopK", 80), ("TopP", 0.95), ("MinP", 0.02), ("Typical", 0.7)],
+        [("MinP", 0.3), ("Epsilon", 0.06)],
+        [("Epsilon", 1e-3), ("Eta", 4e-3)],
+        [("TopP", 0.9), ("Epsilon", 1e-3), ("Eta", 4e-3)],
+        [("Typical", 0.8), ("Epsilon", 2e-3)],
+        [("Typical", 0.9), ("Eta", 3e-3)],
+        [("TopK", 100), ("TopP", 0.95), ("MinP", 0.01), ("Typical", 0.9), ("Epsilon", 1e-3), ("Eta", 3e-3)],
     ],
 )
-def test_equals_transformers_chain(backend, chain):
+@pytest.mark.parametrize("min_tokens_to_keep", [1, 5])
+def test_equals_transformers_chain(backend, chain, min_tokens_to_keep):
     """transformers' chain in its documented order (temperature, top-k, top-p, min-p, typical,
     epsilon, eta): top-k first, the rules after it on the renormalised survivors, min-p invariant
     to that (epsilon and eta after top-p see its renormalised survivors; typical sees the
-    survivors of all the rules before it renormalised)."""
+    survivors of all the rules before it renormalised; epsilon and eta after min-p, typical or
+    each other, or after top-p with a floor above one token, take a kernel call of their own
+    on the survivors of the calls before). On peaked rows too, where min_tokens_to_keep keeps
+    more than the rules would."""
     tlp = pytest.importorskip("transformers.generation.logits_process")
     x = rows(8, 1000, scale=2.0)
+    x[0] *= 20  # peaked rows: the floor of min_tokens_to_keep decides there
+    x[1] *= 6
     scores = tlp.TemperatureLogitsWarper(0.8)(None, x.clone())
     names = {"TopK": "top_k", "TopP": "top_p", "MinP": "min_p", "Epsilon": "epsilon", "Eta": "eta"}
     names["Typical"] = "typical_p"
     for warper, value in chain:
-        scores = getattr(tlp, f"{warper}LogitsWarper")(value)(None, scores)
+        scores = getattr(tlp, f"{warper}LogitsWarper")(value, min_tokens_to_keep=min_tokens_to_keep)(None, scores)
     kwargs = {names[w]: v for w, v in chain}
-    got = logitkit.truncation_mask(backend.tensor(x), temperature=0.8, **kwargs).cpu()
+    keep = dict(temperature=0.8, min_tokens_to_keep=min_tokens_to_keep)
+    got = logitkit.truncation_mask(backend.tensor(x), **keep, **kwargs).cpu()
     assert torch.equal(got, scores != -math.inf)
-    assert torch.equal(got, references.truncation_mask(x, temperature=0.8, **kwargs))
+    assert torch.equal(got, references.truncation_mask(x, **keep, **kwargs))
+    filtered = logitkit.filter_logits(backend.tensor(x), filter_value=-5.0, **keep, **kwargs).cpu()
+    assert torch.equal(filtered, torch.where(got, x, -5.0))
+    out = logitkit.sample(backend.tensor(x), seed=3, return_logprobs=True, return_kept=True, **keep, **kwargs)
+    assert got.gather(-1, out.tokens.cpu()[:, None]).all()
+    assert torch.equal(out.kept.cpu(), got.sum(-1))
+    log_q = torch.log_softmax((x.double() / 0.8).masked_fill(~got, -math.inf), -1).gather(-1, out.tokens.cpu()[:, None])
+    torch.testing.assert_close(out.logprobs.cpu().double(), log_q.squeeze(-1), atol=1e-4, rtol=1e-4)
+    raw = torch.log_softmax(x.double(), -1).gather(-1, out.tokens.cpu()[:, None]).squeeze(-1)
+    torch.testing.assert_close(out.raw_logprobs.cpu().double(), raw, atol=1e-4, rtol=1e-4)
 
 
 def test_typical_keeps_the_tokens_nearest_the_entropy(backend):
@@ -315,7 +338,15 @@ def test_per_row_parameters_equal_row_by_row(backend):
 
 @pytest.mark.parametrize(
     "rule",
-    [dict(min_p=0.1), dict(top_p=0.5), dict(typical_p=0.5), dict(top_k=5), dict(min_p=0.1, min_tokens_to_keep=3)],
+    [
+        dict(min_p=0.1),
+        dict(top_p=0.5),
+        dict(typical_p=0.5),
+        dict(top_k=5),
+        dict(min_p=0.1, min_tokens_to_keep=3),
+        dict(min_p=0.1, epsilon=1e-3, eta=1e-3),  # three kernel calls (transformers' order)
+        dict(typical_p=0.5, epsilon=1e-3),
+    ],
 )
 def test_special_rows(backend, rule):
     x = rows(4, 50)
@@ -328,10 +359,16 @@ def test_special_rows(backend, rule):
     assert mask[2].tolist() == [True] + [False] * 49
     assert not mask[3, :40].any() and mask[3, 40:].any()
     assert torch.equal(mask[3], references.truncation_mask(x[3], **rule))
-    out = logitkit.sample(backend.tensor(x), seed=3, return_logprobs=True, return_entropy=True, **rule)
+    filtered = logitkit.filter_logits(backend.tensor(x), filter_value=-7.0, **rule).cpu()
+    assert torch.equal(filtered, torch.where(mask, x, -7.0))
+    out = logitkit.sample(
+        backend.tensor(x), seed=3, return_logprobs=True, return_entropy=True, return_kept=True, **rule
+    )
     assert out.tokens.cpu().tolist()[:3] == [-1, -1, 0]
     assert out.tokens[3].item() >= 40
     assert out.logprobs[:2].isnan().all() and out.logprobs[2].item() == 0.0
+    assert out.raw_logprobs[:3].isnan().all() and out.entropy[:2].isnan().all() and out.entropy[2].item() == 0.0
+    assert out.kept.cpu().tolist()[:3] == [0, 0, 1]
 
 
 @pytest.mark.parametrize(
@@ -440,7 +477,7 @@ def test_top_h_statistics_and_special_rows(backend, top_h_rule):
     assert all(math.isnan(v[5].item()) for v in (out.logprobs, out.raw_logprobs, out.entropy))
 
 
-@pytest.mark.parametrize("rule", ["min_p", "p_less", "none", "top_p", "typical"])
+@pytest.mark.parametrize("rule", ["min_p", "p_less", "none", "top_p", "typical", "min_p_then_epsilon_eta"])
 def test_draws_follow_the_processed_distribution(backend, rule):
     """Chi-square of the draws (one row per draw, seeds 0..draws-1). The emulator runs a block in
     ~0.1 s, so there the draws are fewer and must equal the CPU kernel's draws instead (the
@@ -646,11 +683,19 @@ def test_opcheck_and_compile(backend):
 
     def chain(logits, seed, ranks):
         rules = dict(temperature=0.9, min_p=0.05, top_p=0.8, typical_p=0.95, **ranks)
-        return logitkit.truncation_mask(logits, **rules), logitkit.sample(logits, seed=seed, **rules)
+        # epsilon and eta after typical: three kernel calls, each on the survivors of the last
+        staged = dict(rules, epsilon=1e-3, eta=2e-3)
+        return (
+            logitkit.truncation_mask(logits, **rules),
+            logitkit.sample(logits, seed=seed, **rules),
+            logitkit.truncation_mask(logits, **staged),
+            logitkit.filter_logits(logits, filter_value=-5.0, **staged),
+            logitkit.sample(logits, seed=seed, return_kept=True, **staged).kept,
+        )
 
     compiled = torch.compile(chain, fullgraph=True, backend="aot_eager")
     got, want = compiled(x, seeds, ranks), chain(x, seeds, ranks)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
 @pytest.mark.parametrize("name", ["MinP", "Epsilon", "Eta", "TopP", "Typical"])
@@ -673,6 +718,15 @@ def test_fused_processor_equals_chain(backend):
     x = rows(4, 500, scale=2.0)
     theirs = tlp.MinPLogitsWarper(0.05)(None, tlp.TemperatureLogitsWarper(0.7)(None, x.clone()))
     ours = lk_tf.FusedSamplingLogitsWarper(0.7, min_p=0.05)(None, backend.tensor(x)).cpu()
+    assert torch.equal(ours.isfinite(), theirs.isfinite())
+    torch.testing.assert_close(ours[ours.isfinite()], theirs[theirs.isfinite()])
+    # a chain that needs more than one kernel call (epsilon and eta after typical: transformers' order)
+    theirs = tlp.TemperatureLogitsWarper(0.7)(None, x.clone())
+    for warper in (tlp.TopKLogitsWarper(200), tlp.TypicalLogitsWarper(0.9), tlp.EpsilonLogitsWarper(2e-3)):
+        theirs = warper(None, theirs)
+    theirs = tlp.EtaLogitsWarper(4e-3)(None, theirs)
+    fused = lk_tf.FusedSamplingLogitsWarper(0.7, top_k=200, typical_p=0.9, epsilon=2e-3, eta=4e-3)
+    ours = fused(None, backend.tensor(x)).cpu()
     assert torch.equal(ours.isfinite(), theirs.isfinite())
     torch.testing.assert_close(ours[ours.isfinite()], theirs[theirs.isfinite()])
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 
@@ -58,7 +59,7 @@ OFF_VALUES = {
 #: The EDT base N of Zhang et al. (2024), their recommended value.
 EDT_DEFAULT_BASE = 0.8
 #: Columns of filter_sample's statistics (SampleStat in csrc/frontend/row_filters.h).
-STAT_LOG_PROB, STAT_RAW_LOG_PROB, STAT_ENTROPY, STAT_KEPT = 0, 1, 2, 3
+STAT_LOG_PROB, STAT_RAW_LOG_PROB, STAT_ENTROPY, STAT_KEPT = STAT_COLUMNS = (0, 1, 2, 3)
 
 # The valid range of each parameter: (lowest, highest, lowest inclusive, highest inclusive, text).
 _RANGES = {
@@ -312,9 +313,157 @@ def top_h_stage(
     else:
         top_h_t = t if t > 0 and 1.0 / t <= torch.finfo(torch.float32).max else 1.0
     x = logits.detach()
-    mask = top_h_mask_rows(x, top_h, top_h_t, rule, cap, op)
-    survivors = logits.masked_fill(~(mask | ~mask.any(-1, keepdim=True)), -math.inf)
-    return survivors, temperature, edt_theta, edt_base
+    return _survivors(logits, top_h_mask_rows(x, top_h, top_h_t, rule, cap, op)), temperature, edt_theta, edt_base
+
+
+def _survivors(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``logits`` with the tokens a stage of the chain drops set to -inf, so that the stages after
+    it see its survivors renormalised (differentiable: a masked_fill). A row where the stage
+    keeps nothing (NaN or +inf in it) is left as it is, so that the last stage reports it as
+    such; an all -inf row stays all -inf."""
+    return logits.masked_fill(~(mask | ~mask.any(-1, keepdim=True)), -math.inf)
+
+
+#: transformers' order of the chain's warpers after temperature (``GenerationConfig``: top-k,
+#: top-p, min-p, typical, epsilon, eta), each evaluated on the renormalised survivors of the
+#: ones before it; top-n-sigma and p-less (not in transformers) act on top-k's survivors, with
+#: min-p (docs/sampling.md, "Composition").
+CHAIN_ORDER = ("top_k", "top_p", "min_p", "top_n_sigma", "p_less", "typical_p", "epsilon", "eta")
+
+
+def _rule_on(name: str, value: object) -> bool:
+    """Whether a rule argument may change some row's kept set: not None / False, and not a
+    Python number equal to the rule's off value (a tensor always may; bad values count as on,
+    so that the parameter table's checks see them)."""
+    if value is None or value is False:
+        return False
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return True
+    return value != (0 if name == "top_k" else OFF_VALUES[name])
+
+
+def chain_calls(rules: dict[str, RowParam]) -> list[dict[str, RowParam]]:
+    """The chain's rules that are on, split into calls of the fused kernels, in ``CHAIN_ORDER``.
+    One call finds every threshold from one row-statistics pass: top-p on top-k's survivors,
+    epsilon and eta on top-p's survivors renormalised (the kept mass K and D = sum (z - m) e of
+    top-p's walk), min-p, top-n-sigma and p-less on top-k's survivors, and typical on the
+    intersection of all of them renormalised. That is transformers' chain as long as epsilon and
+    eta follow nothing but top-k and top-p in their call; after min-p, top-n-sigma, p-less,
+    typical or each other, transformers evaluates them on survivors whose mass the call does not
+    have (one more pass), so they start a call of their own, which runs on the logits of the
+    earlier calls' survivors (the others -inf). The ``min_tokens_to_keep`` floor changes
+    nothing here: top-k's and top-p's kept sets and the floor are all prefixes of the tokens by
+    logit, so the one that holds the other decides, and where the floor holds top-p's set,
+    epsilon and eta can only drop tokens top-p has already dropped."""
+    fusable = {"top_k", "top_p"}
+    calls: list[dict[str, RowParam]] = [{}]
+    for name in CHAIN_ORDER:
+        value = rules.get(name)
+        if not _rule_on(name, value):
+            continue
+        if name in ("epsilon", "eta") and not set(calls[-1]) <= fusable:
+            calls.append({})
+        calls[-1][name] = value
+    return calls
+
+
+class ChainInput(NamedTuple):
+    """What the chain's last kernel call runs on (:func:`chain_params`)."""
+
+    #: ``logits``, or a copy with the tokens the earlier stages dropped at -inf
+    source: torch.Tensor
+    #: the last call's parameter table
+    params: torch.Tensor
+    #: None, or (when the copy was written by the ``filter_logits`` op, whose rows without a
+    #: distribution come out all -inf) a bool per row: the row holds NaN or +inf, so the last
+    #: call's result for it must be "nothing kept" (see :func:`mark_undefined_rows`)
+    undefined: torch.Tensor | None
+
+
+def chain_stages(
+    logits: torch.Tensor,
+    temperature: RowParam,
+    rules: dict[str, RowParam],
+    edt_theta: RowParam,
+    edt_base: RowParam,
+    min_tokens_to_keep: int | torch.Tensor,
+    op: str,
+) -> tuple[torch.Tensor, RowParam, dict[str, RowParam], RowParam, RowParam, torch.Tensor | None]:
+    """Runs every call of :func:`chain_calls` but the last; returns the logits the last call
+    runs on, its temperature, its rules, EDT's arguments and ``ChainInput.undefined``. With one
+    call (every chain of top-k, top-p, min-p, top-n-sigma, p-less and typical, and epsilon or
+    eta after top-k / top-p only) this returns its inputs and costs nothing. EDT's temperature
+    (from the entropy of the untruncated row) is computed once, before the first call, and
+    every call takes it. Each earlier call writes the copy with the ``filter_logits`` op (one
+    pass; -inf where dropped), and one max over the input rows finds the rows without a
+    distribution; when the logits require a gradient, the ``filter_mask`` op and a masked_fill
+    (:func:`_survivors`) instead, differentiable and keeping such rows as they are."""
+    calls = chain_calls(rules)
+    if len(calls) == 1:
+        return logits, temperature, calls[0], edt_theta, edt_base, None
+    if edt_theta is not None:
+        temperature = _edt_temperature(logits, temperature, edt_theta, edt_base, op)
+        edt_theta = edt_base = None
+    differentiable = torch.is_grad_enabled() and logits.requires_grad
+    source = logits
+    for call in calls[:-1]:
+        params = filter_params(
+            source, temperature=temperature, edt_base=edt_base, min_tokens_to_keep=min_tokens_to_keep, op=op, **call
+        )
+        if differentiable:
+            source = _survivors(source, _backend.ops().filter_mask(source.detach(), params))
+        else:
+            source = _backend.ops().filter_logits(source, params, -math.inf)
+    # NaN or +inf in the row: the max is NaN or +inf (torch.amax propagates NaN); an empty
+    # vocabulary has no such row
+    undefined = None
+    if not differentiable and logits.shape[-1] > 0:
+        undefined = ~(logits.detach().amax(-1) < math.inf)
+    return source, temperature, calls[-1], edt_theta, edt_base, undefined
+
+
+def mark_undefined_rows(kept_first: torch.Tensor, undefined: torch.Tensor | None, value: object) -> None:
+    """Where the chain's copy lost a row without a distribution (``ChainInput.undefined``), the
+    last call saw an all -inf row and kept its token 0 (the rule for all -inf rows); writes
+    ``value`` (False in a mask, the filter value in filtered logits) into that token of those
+    rows, in place, so that they keep nothing, as one call would."""
+    if undefined is not None:
+        kept_first.copy_(torch.where(undefined, torch.as_tensor(value, dtype=kept_first.dtype), kept_first))
+
+
+def chain_params(
+    logits: torch.Tensor,
+    rules: dict[str, RowParam],
+    temperature: RowParam,
+    edt_theta: RowParam,
+    edt_base: RowParam,
+    min_tokens_to_keep: int | torch.Tensor,
+    top_h: float | torch.Tensor | None,
+    rule: str,
+    cap: int | None,
+    op: str,
+) -> ChainInput:
+    """The whole chain in transformers' order up to its last kernel call: Top-H's stage when
+    ``top_h`` is given (:func:`top_h_stage`), the calls of :func:`chain_stages` but the last,
+    then the last call's parameter table."""
+    if top_h is not None:
+        check_top_h_keep(min_tokens_to_keep, rules.values(), op)
+        logits, temperature, edt_theta, edt_base = top_h_stage(
+            logits, top_h, temperature, rule, cap, edt_theta, edt_base, op
+        )
+    source, temperature, last, edt_theta, edt_base, undefined = chain_stages(
+        logits, temperature, rules, edt_theta, edt_base, min_tokens_to_keep, op
+    )
+    params = filter_params(
+        source,
+        temperature=temperature,
+        edt_theta=edt_theta,
+        edt_base=edt_base,
+        min_tokens_to_keep=min_tokens_to_keep,
+        op=op,
+        **last,
+    )
+    return ChainInput(source, params, undefined)
 
 
 def filter_params(
@@ -375,21 +524,23 @@ def truncation_mask(
     rule: str = "hf",
     cap: int | None = None,
 ) -> torch.Tensor:
-    """The boolean kept set (same shape as ``logits``) of the chain temperature ->
-    top-k -> top-p -> {min-p, top-n-sigma, p-less, epsilon, eta} -> typical (definitions and composition
-    in docs/sampling.md), each parameter a number or a per-row tensor; ``None`` /
+    """The boolean kept set (same shape as ``logits``) of the chain temperature -> top-k ->
+    top-p -> {min-p, top-n-sigma, p-less} -> typical -> epsilon -> eta, transformers' order, each
+    stage on the renormalised survivors of the ones before it (definitions and composition in
+    docs/sampling.md), each parameter a number or a per-row tensor; ``None`` /
     ``False`` / 0 (inf for ``top_n_sigma``, 1 for ``top_p`` and ``typical_p``) turns a rule off.
 
     ``top_p`` in (0, 1] (transformers' ``TopPLogitsWarper``) keeps the tokens for which the
     probability mass of the more probable tokens is below ``top_p`` (ties of the last one
-    kept); min-p, epsilon and eta then see its survivors renormalised, as in transformers.
+    kept); the rules after it see its survivors renormalised, as in transformers.
 
-    ``typical_p`` in (0, 1] (transformers' ``TypicalLogitsWarper``, Meister et al.) comes last:
-    over the kept set of the other rules renormalised (q), it keeps the tokens nearest the
+    ``typical_p`` in (0, 1] (transformers' ``TypicalLogitsWarper``, Meister et al.): over the
+    kept set of the rules before it renormalised (q), it keeps the tokens nearest the
     entropy, |-log q - H(q)|, until their mass reaches ``typical_p`` (the token that reaches it
     and its ties kept), at least ``min_tokens_to_keep`` of the most typical ones. It can drop
-    the most probable token, as transformers' does. transformers applies epsilon and eta after
-    typical; here they act before it (docs/sampling.md).
+    the most probable token, as transformers' does. ``epsilon`` and ``eta`` then act on
+    typical's survivors renormalised, eta on epsilon's (a kernel call of their own when they
+    follow min-p, top-n-sigma, p-less, typical or each other: docs/sampling.md).
 
     ``edt_theta`` (with ``edt_base`` N, default 0.8) makes the temperature entropy-adaptive
     (EDT, Zhang et al. 2024): T = temperature * N^(edt_theta / H), H the entropy of the row's
@@ -410,28 +561,15 @@ def truncation_mask(
     renormalised (not fused, docs/sampling.md). ``top_h`` may be a per-row tensor (0: Top-H off
     for that row), with a per-row or entropy-adaptive temperature too.
     """
-    if top_h is not None:
-        later = (top_k, top_p, typical_p, min_p, top_n_sigma, p_less, epsilon, eta)
-        check_top_h_keep(min_tokens_to_keep, later, "truncation_mask")
-        logits, temperature, edt_theta, edt_base = top_h_stage(
-            logits, top_h, temperature, rule, cap, edt_theta, edt_base, "truncation_mask"
-        )
-    params = filter_params(
-        logits,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        typical_p=typical_p,
-        min_p=min_p,
-        top_n_sigma=top_n_sigma,
-        p_less=p_less,
-        epsilon=epsilon,
-        eta=eta,
-        edt_theta=edt_theta,
-        edt_base=edt_base,
-        min_tokens_to_keep=min_tokens_to_keep,
+    rules = dict(top_k=top_k, top_p=top_p, min_p=min_p, top_n_sigma=top_n_sigma, p_less=p_less)
+    rules.update(typical_p=typical_p, epsilon=epsilon, eta=eta)
+    chain = chain_params(
+        logits, rules, temperature, edt_theta, edt_base, min_tokens_to_keep, top_h, rule, cap, "truncation_mask"
     )
-    return _backend.ops().filter_mask(logits, params)
+    mask = _backend.ops().filter_mask(chain.source, chain.params)
+    if mask.shape[-1] > 0:
+        mark_undefined_rows(mask[..., 0], chain.undefined, False)
+    return mask
 
 
 def filter_logits(
@@ -456,35 +594,20 @@ def filter_logits(
 ) -> torch.Tensor:
     """``logits`` (not divided by the temperature) where :func:`truncation_mask` keeps the
     token, ``filter_value`` elsewhere (``top_h``, ``rule``, ``cap``: as there)."""
-    source = logits
-    if top_h is not None:  # (differentiable: masked_fill)
-        later = (top_k, top_p, typical_p, min_p, top_n_sigma, p_less, epsilon, eta)
-        check_top_h_keep(min_tokens_to_keep, later, "filter_logits")
-        source, temperature, edt_theta, edt_base = top_h_stage(
-            logits, top_h, temperature, rule, cap, edt_theta, edt_base, "filter_logits"
-        )
-    params = filter_params(
-        source,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        typical_p=typical_p,
-        min_p=min_p,
-        top_n_sigma=top_n_sigma,
-        p_less=p_less,
-        epsilon=epsilon,
-        eta=eta,
-        edt_theta=edt_theta,
-        edt_base=edt_base,
-        min_tokens_to_keep=min_tokens_to_keep,
-        op="filter_logits",
+    rules = dict(top_k=top_k, top_p=top_p, min_p=min_p, top_n_sigma=top_n_sigma, p_less=p_less)
+    rules.update(typical_p=typical_p, epsilon=epsilon, eta=eta)
+    source, params, undefined = chain_params(  # (differentiable: the earlier stages are masked_fill)
+        logits, rules, temperature, edt_theta, edt_base, min_tokens_to_keep, top_h, rule, cap, "filter_logits"
     )
     if torch.is_grad_enabled() and logits.requires_grad:  # differentiable: the gradient flows to the kept logits
         mask = _backend.ops().filter_mask(source.detach(), params)
         return torch.where(mask, logits, torch.tensor(filter_value, dtype=logits.dtype, device=logits.device))
     # written by the kernel's second pass: no bool mask and no torch.where pass over the rows
-    # (Top-H's survivors hold the original logits wherever the chain can keep a token)
-    return _backend.ops().filter_logits(source, params, float(filter_value))
+    # (earlier stages' survivors hold the original logits wherever the last call can keep a token)
+    filtered = _backend.ops().filter_logits(source, params, float(filter_value))
+    if filtered.shape[-1] > 0:
+        mark_undefined_rows(filtered[..., 0], undefined, float(filter_value))
+    return filtered
 
 
 def _as_counter(value: int | torch.Tensor, name: str, like: torch.Tensor, op: str) -> torch.Tensor:

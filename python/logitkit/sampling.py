@@ -15,11 +15,13 @@ import torch
 from . import _backend
 from ._registration import check_logits, register_fake
 from .filters import (
+    STAT_COLUMNS,
     STAT_ENTROPY,
     STAT_KEPT,
     STAT_LOG_PROB,
     STAT_RAW_LOG_PROB,
     RowParam,
+    chain_params,
     check_top_h_args,
     check_top_h_keep,
     filter_params,
@@ -28,7 +30,6 @@ from .filters import (
     rules_given,
     top_h_mask_rows,
     top_h_rows,
-    top_h_stage,
 )
 
 __all__ = ["MirostatResult", "SampleResult", "mirostat_sample", "sample", "top_h", "top_h_mask"]
@@ -152,9 +153,10 @@ def sample(
 ) -> torch.Tensor | SampleResult:
     """Draws one token per row from softmax(logits / temperature) restricted to the kept set of
     the truncation rules given: Top-H (``top_h`` = alpha, with ``rule`` and ``cap``), or the
-    chain top-k -> top-p -> min-p / top-n-sigma / p-less / epsilon / eta -> typical, with an optional
-    entropy-adaptive temperature (``edt_theta``, ``edt_base``) (docs/sampling.md; the same kept
-    set as :func:`logitkit.truncation_mask`). Plain temperature sampling without any.
+    chain top-k -> top-p -> min-p / top-n-sigma / p-less -> typical -> epsilon -> eta
+    (transformers' order), with an optional entropy-adaptive temperature (``edt_theta``,
+    ``edt_base``) (docs/sampling.md; the same kept set as :func:`logitkit.truncation_mask`).
+    Plain temperature sampling without any.
 
     Shape (..., V) -> (...), int64. Every parameter of the chain (and ``temperature``) is a
     number or a tensor of shape ``logits.shape[:-1]`` (per row); temperature 0 is greedy (the
@@ -179,39 +181,31 @@ def sample(
     mask op and the chain's sampler too. Top-H has no ``min_tokens_to_keep`` of its own (that
     applies to the rules after it).
     """
-    chain = {
-        "top_k": top_k,
-        "top_p": top_p,
-        "typical_p": typical_p,
-        "min_p": min_p,
-        "top_n_sigma": top_n_sigma,
-        "p_less": p_less,
-        "epsilon": epsilon,
-    }
-    chain.update({"eta": eta, "edt_theta": edt_theta, "edt_base": edt_base})
+    chain = dict(top_k=top_k, top_p=top_p, min_p=min_p, top_n_sigma=top_n_sigma, p_less=p_less)
+    chain.update(typical_p=typical_p, epsilon=epsilon, eta=eta)
     outputs = {"return_logprobs": return_logprobs or None, "return_entropy": return_entropy or None}
     outputs["return_kept"] = return_kept or None
     # min_tokens_to_keep = 1 (the default) changes nothing; any other value is a rule argument
     keep = {"min_tokens_to_keep": None if is_default_keep(min_tokens_to_keep) else min_tokens_to_keep}
-    chain_rules = rules_given(chain.values())
+    edt = {"edt_theta": edt_theta, "edt_base": edt_base}
     if top_h is None:
-        if _is_legacy_call(temperature, {**chain, **keep, **outputs}, seed):
+        if _is_legacy_call(temperature, {**chain, **edt, **keep, **outputs}, seed):
             return _sample_top_h(logits, temperature, None, rule, cap, generator, keep, outputs, seed, offset)
-        source = logits
-    elif not chain_rules and _fused_top_h(top_h, temperature):
+    elif not rules_given([*chain.values(), *edt.values()]) and _fused_top_h(top_h, temperature):
         return _sample_top_h(logits, temperature, top_h, rule, cap, generator, keep, outputs, seed, offset)
-    else:
-        # Top-H first (transformers' order), then the chain (or plain sampling) on its survivors
-        later = [v for name, v in chain.items() if name not in ("edt_theta", "edt_base")]
-        check_top_h_keep(min_tokens_to_keep, later, "sample")
-        source, temperature, edt_theta, edt_base = top_h_stage(
-            logits, top_h, temperature, rule, cap, edt_theta, edt_base, "sample"
-        )
-        chain.update({"edt_theta": edt_theta, "edt_base": edt_base})
-    params = filter_params(source, temperature=temperature, min_tokens_to_keep=min_tokens_to_keep, op="sample", **chain)
+    # transformers' order: Top-H's stage, the chain's kernel calls but the last, then the last one here
+    source, params, undefined = chain_params(
+        logits, chain, temperature, edt_theta, edt_base, min_tokens_to_keep, top_h, rule, cap, "sample"
+    )
     u = row_uniform(logits, seed, offset, generator, "sample")
-    raw_in_kernel = bool(return_logprobs) and top_h is None  # (the kernel would see Top-H's -inf entries)
+    # (on a copy, the kernel would see the earlier stages' -inf entries)
+    raw_in_kernel = bool(return_logprobs) and source is logits
     tokens, stats = _backend.ops().filter_sample(source, params, u, raw_in_kernel)
+    if undefined is not None:  # rows with NaN / +inf, all -inf in the chain's copy: as one call gives them
+        tokens = torch.where(undefined, -1, tokens)
+        no_distribution = torch.full((len(STAT_COLUMNS),), math.nan, dtype=stats.dtype, device=stats.device)
+        no_distribution[STAT_KEPT] = 0.0
+        stats = torch.where(undefined.unsqueeze(-1), no_distribution, stats)
     if not (return_logprobs or return_entropy or return_kept):
         return tokens
     raw = None

@@ -228,8 +228,10 @@ def _row_statistics_classes(base: type) -> dict:
     class FusedSamplingLogitsWarper(_ChainProcessor):
         """The whole chain in one call: temperature (0: greedy; entropy-adaptive with
         ``edt_theta``), top_h (transformers' TopHLogitsWarper, first; a number, with one
-        temperature for all rows), top_k, top_p, min_p, top_n_sigma, p_less, epsilon, eta, typical_p, each a number or a
-        per-row tensor (docs/sampling.md). Replaces transformers' temperature warper too: the
+        temperature for all rows), top_k, top_p, min_p, top_n_sigma, p_less, typical_p, epsilon, eta, each a number or
+        a per-row tensor, in transformers' order (docs/sampling.md: one kernel call, and one more
+        for each epsilon / eta after min-p, top-n-sigma, p-less, typical or each other). Replaces
+        transformers' temperature warper too: the
         returned scores are the kept logits divided by the row's temperature (greedy rows: 0 for
         the kept tokens)."""
 

@@ -199,38 +199,66 @@ def truncation_mask(
     top_h_rule: str = "hf",
     top_h_cap: int = -1,
 ) -> torch.Tensor:
-    """The kept set of the chain, evaluated in float64 by sorting each row (stable, largest first)
-    and scanning the published definitions on p = softmax(x / T) (T = 0: the largest logits),
-    T from EDT when ``edt_theta`` is given:
+    """The kept set of the chain in transformers' order (temperature, Top-H, top-k, top-p,
+    min-p, typical, epsilon, eta), each stage evaluated on the renormalised survivors of the
+    ones before it, in float64 by sorting each row (stable, largest first) and scanning the
+    published definitions on p = softmax(x / T) (T = 0: the largest logits), T from EDT when
+    ``edt_theta`` is given (the entropy of the row before the chain's rules):
 
-    * top-k first (transformers' order): the tokens whose logit reaches the k-th largest,
-      k = max(top_k, min_tokens_to_keep); the rules below see softmax over these survivors only;
-    * top-p next (transformers' TopPLogitsWarper): keep a token iff the mass of the tokens ranked
-      before it is < top_p, and the ties of the last one kept; epsilon and eta below see the
-      top-p survivors renormalised (transformers' chain); min-p is unchanged by that;
-      top-n-sigma and p-less stay on the top-k survivors (docs/sampling.md);
-    * min-p (Nguyen et al. 2024): p >= min_p * p_max;
+    * Top-H (:func:`top_h_mask`, rule ``top_h_rule``) first when ``top_h`` is given;
+    * top-k: the tokens whose logit reaches the k-th largest, k = max(top_k, min_tokens_to_keep);
+    * top-p (transformers' TopPLogitsWarper) on top-k's survivors: keep a token iff the mass of
+      the tokens ranked before it is < top_p, and the ties of the last one kept;
+    * min-p (Nguyen et al. 2024): p >= min_p * p_max (the same before and after renormalising);
     * top-n-sigma (Tang et al. 2024): z >= max z - n * std(z), std the population std of the
-      finite z;
-    * p-less: p >= sum p^2;
-    * epsilon (Hewitt et al. 2022): p >= eps;  eta: p >= min(eta, sqrt(eta) exp(-H(p)));
-    the intersection, at least the most probable token and the tokens whose logit reaches the
-    ``min_tokens_to_keep``-th largest one (not for T = 0);
-    * typical last (Meister et al., transformers' TypicalLogitsWarper), on the kept set above
-      renormalised (q): rank its tokens by |-log q - H(q)|, keep them up to the first one at
-      which the running mass of q reaches ``typical_p`` and at least ``min_tokens_to_keep`` of
-      them, with the ties of the last one kept (not for T = 0).
-    With ``top_h``, Top-H (:func:`top_h_mask`, rule ``top_h_rule``) comes first, as in
-    transformers' order: the chain above runs on its survivors (the others set to -inf).
+      finite z, and p-less: p >= sum p^2, both on top-k's survivors (transformers has neither;
+      docs/sampling.md); the intersection of these, at least the most probable token and the
+      tokens whose logit reaches the ``min_tokens_to_keep``-th largest one (not for T = 0);
+    * typical (Meister et al., transformers' TypicalLogitsWarper), on that set renormalised (q):
+      rank its tokens by |-log q - H(q)|, keep them up to the first one at which the running
+      mass of q reaches ``typical_p`` and at least ``min_tokens_to_keep`` of them, with the ties
+      of the last one kept (not for T = 0);
+    * epsilon (Hewitt et al. 2022): p >= eps, then eta: p >= min(eta, sqrt(eta) exp(-H(p))),
+      each on the survivors of everything before it renormalised, with the same floor.
     Rows holding NaN / +inf keep nothing, all -inf rows keep token 0.
     """
     if top_h is not None:
         kept_by_top_h = top_h_mask(x.detach().cpu(), top_h, float(temperature), top_h_rule, top_h_cap)
-        x = x.detach().cpu().masked_fill(~(kept_by_top_h | ~kept_by_top_h.any(-1, keepdim=True)), -math.inf)
-    batch = x.shape[:-1]
-    xd = x.detach().double().cpu()
+        x = _survivors(x.detach().cpu(), kept_by_top_h)
     if edt_theta is not None:
         temperature = edt_temperature(x, temperature, edt_theta, 0.8 if edt_base is None else edt_base)
+    rules = dict(min_p=min_p, top_n_sigma=top_n_sigma, p_less=p_less, top_p=top_p, typical_p=typical_p)
+    keep = _one_stage(x, temperature, min_tokens_to_keep, top_k=top_k, **rules)
+    for name, value in (("epsilon", epsilon), ("eta", eta)):
+        if value is not None:
+            x = _survivors(x.detach().cpu(), keep)
+            keep = _one_stage(x, temperature, min_tokens_to_keep, **{name: value})
+    return keep
+
+
+def _survivors(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """x with the dropped tokens at -inf (rows where nothing is kept, NaN / +inf, left as they are)."""
+    return x.masked_fill(~(keep | ~keep.any(-1, keepdim=True)), -math.inf)
+
+
+def _one_stage(
+    x: torch.Tensor,
+    temperature,
+    min_tokens_to_keep: int,
+    top_k=None,
+    top_p=None,
+    min_p=None,
+    top_n_sigma=None,
+    p_less=False,
+    typical_p=None,
+    epsilon=None,
+    eta=None,
+) -> torch.Tensor:
+    """The kept set of the rules given, as above, on x's finite tokens (the earlier stages'
+    dropped tokens are -inf there); epsilon and eta are evaluated on top-p's survivors
+    renormalised (the chain gives them a stage of their own)."""
+    batch = x.shape[:-1]
+    xd = x.detach().double().cpu()
     t = _per_row(temperature, batch, 1.0)
     greedy = t == 0
     z = torch.where(greedy, torch.where(xd == xd.amax(-1, keepdim=True), 0.0, -math.inf), xd / t.clamp_min(1e-300))
