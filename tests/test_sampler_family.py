@@ -446,6 +446,43 @@ def test_per_row_top_h_in_the_chain(backend, top_h_rule):
 
 
 @pytest.mark.parametrize("top_h_rule", ["hf", "exact"])
+def test_top_h_alone_with_per_row_temperature(backend, top_h_rule):
+    """Top-H alone with a per-row temperature stays on the fused sampler (op sample_per_row) plus
+    a greedy draw for its greedy rows, which skip Top-H: every largest logit is kept and the ties
+    are drawn uniformly, as truncation_mask says, as the route with outputs (mask op + the
+    chain's sampler) draws, and as row-by-row calls with numbers draw."""
+    x = rows(6, 1000, scale=2.0)
+    x[1, [10, 500, 900]] = x[1].max() + 1.0  # three tied maxima on a greedy row
+    x[3, 7] = math.nan
+    top_h = torch.tensor([0.5, 0.5, 0.0, 0.9, 0.3, 0.6])
+    temperature = torch.tensor([0.8, 0.0, 0.0, 1.5, 1.0, 0.0])
+    xb = backend.tensor(x)
+    per_row = dict(top_h=backend.tensor(top_h), temperature=backend.tensor(temperature), rule=top_h_rule)
+    mask = logitkit.truncation_mask(xb, **per_row).cpu()
+    assert mask[1].nonzero().squeeze(1).tolist() == [10, 500, 900]
+    assert not mask[3].any()
+    defined = [0, 1, 2, 4, 5]
+    drawn_ties = set()
+    for draw in range(10):
+        seeds = torch.arange(6) + 100 * draw
+        tokens = logitkit.sample(xb, seed=backend.tensor(seeds), **per_row).cpu()
+        with_outputs = logitkit.sample(xb, seed=backend.tensor(seeds), return_kept=True, **per_row)
+        assert torch.equal(tokens, with_outputs.tokens.cpu())
+        assert tokens[3].item() == -1
+        assert mask[defined].gather(-1, tokens[defined, None]).all()
+        drawn_ties.add(tokens[1].item())
+        for i in (0, 1, 5):
+            one = dict(top_h=top_h[i].item(), temperature=temperature[i].item(), rule=top_h_rule)
+            assert logitkit.sample(xb[i : i + 1], seed=int(seeds[i]), **one).item() == tokens[i].item()
+    assert drawn_ties == {10, 500, 900}
+    # no greedy row (the CPU then skips the greedy draw)
+    per_row["temperature"] = backend.tensor(temperature + 0.5)
+    tokens = logitkit.sample(xb, seed=backend.tensor(seeds), **per_row).cpu()
+    with_outputs = logitkit.sample(xb, seed=backend.tensor(seeds), return_kept=True, **per_row)
+    assert torch.equal(tokens, with_outputs.tokens.cpu())
+
+
+@pytest.mark.parametrize("top_h_rule", ["hf", "exact"])
 def test_top_h_statistics_and_special_rows(backend, top_h_rule):
     x = rows(6, 1000)
     x[4] = -math.inf  # all -inf: token 0, log q = 0, H = 0, count 1, raw NaN

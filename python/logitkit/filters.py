@@ -297,8 +297,8 @@ def top_h_stage(
     * ``top_h`` and ``temperature`` may be per-row tensors (``top_h`` 0: Top-H off for that row).
     * EDT (``edt_theta``) is a temperature, so it comes first: T per row from the entropy of
       the untruncated row, used by Top-H and handed to the chain as a per-row temperature.
-    * A greedy row (temperature 0, or 1 / T overflowing) runs Top-H at temperature 1: its kept
-      set holds the largest logit, which is all the greedy chain keeps.
+    * A greedy row (temperature 0, or 1 / T overflowing float32) skips Top-H, as it skips the
+      chain's other rules: it keeps every token equal to its largest logit.
     * A row without a distribution (NaN or +inf, where Top-H keeps nothing) is left as it is,
       so that the chain reports it as such.
 
@@ -306,14 +306,39 @@ def top_h_stage(
     if edt_theta is not None:
         temperature = _edt_temperature(logits, temperature, edt_theta, edt_base, op)
         edt_theta = edt_base = None
+    alpha, top_h_t, _ = top_h_off_when_greedy(logits, top_h, temperature, rule, cap, op)
+    if alpha is None:  # one temperature, greedy: no row runs Top-H
+        return logits, temperature, edt_theta, edt_base
+    mask = top_h_mask_rows(logits.detach(), alpha, top_h_t, rule, cap, op)
+    return _survivors(logits, mask), temperature, edt_theta, edt_base
+
+
+def scaled_rows(t: torch.Tensor) -> torch.Tensor:
+    """The rows of a per-row temperature that scale the logits: 1 / T a finite number > 0. The
+    others are greedy (0, or a T whose 1 / T overflows float32; on CUDA, where the values are not
+    checked, also a negative or NaN T)."""
+    inverse = t.reciprocal()
+    return (inverse > 0) & (inverse <= torch.finfo(torch.float32).max)
+
+
+def top_h_off_when_greedy(
+    logits: torch.Tensor, top_h: float | torch.Tensor, temperature: RowParam, rule: str, cap: int | None, op: str
+) -> tuple[float | torch.Tensor | None, float | torch.Tensor, torch.Tensor | None]:
+    """Top-H's alpha and temperature with greedy rows taken out (checked as ``top_h_mask``'s),
+    and for a per-row temperature its :func:`scaled_rows`: one greedy temperature gives (None,
+    1.0, None), Top-H off; a per-row temperature gives per-row alpha 0 (Top-H off) and
+    temperature 1 on its greedy rows."""
+    cap_arg = -1 if cap is None else int(cap)
+    alpha = top_h if isinstance(top_h, torch.Tensor) else float(top_h)
+    check_top_h_args(logits, None if isinstance(alpha, torch.Tensor) else alpha, 1.0, str(rule), cap_arg, op)
     t = _column(temperature, "temperature", logits, op)  # [0, inf): 0 is greedy
-    if isinstance(t, torch.Tensor):
-        inverse = t.reciprocal()
-        top_h_t: float | torch.Tensor = torch.where((inverse > 0) & (inverse <= torch.finfo(torch.float32).max), t, 1.0)
-    else:
-        top_h_t = t if t > 0 and 1.0 / t <= torch.finfo(torch.float32).max else 1.0
-    x = logits.detach()
-    return _survivors(logits, top_h_mask_rows(x, top_h, top_h_t, rule, cap, op)), temperature, edt_theta, edt_base
+    if not isinstance(t, torch.Tensor):
+        if t > 0 and 1.0 / t <= torch.finfo(torch.float32).max:
+            return alpha, t, None
+        return None, 1.0, None
+    scaled = scaled_rows(t)
+    alpha_rows, _ = top_h_rows(logits, alpha, 1.0, op)
+    return torch.where(scaled, alpha_rows, 0.0), torch.where(scaled, t, 1.0), scaled
 
 
 def _survivors(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from .filters import (
     row_uniform,
     rules_given,
     top_h_mask_rows,
+    top_h_off_when_greedy,
     top_h_rows,
 )
 
@@ -117,12 +118,13 @@ def _is_legacy_call(temperature: RowParam, extra: dict, seed: object) -> bool:
     return not rules_given(extra.values())
 
 
-def _fused_top_h(top_h: float | torch.Tensor, temperature: RowParam) -> bool:
-    """Whether Top-H alone takes the fused Top-H sampler (op ``sample``, or ``sample_per_row`` for
-    a per-row alpha): with one temperature, a number other than 0. A per-row temperature (which
-    may hold greedy rows) or temperature 0 take the Top-H mask op and the chain's sampler."""
+def _fused_top_h(temperature: RowParam, outputs: dict) -> bool:
+    """Whether Top-H alone takes the fused Top-H sampler (op ``sample``, or ``sample_per_row``
+    for a per-row alpha or temperature): one temperature other than 0, or a per-row temperature
+    without the optional outputs (its greedy rows then take a greedy draw). Temperature 0, or a
+    per-row one with outputs, take the Top-H mask op and the chain's sampler."""
     if isinstance(temperature, torch.Tensor):
-        return False
+        return not any(outputs.values())
     return float(temperature) != 0.0  # type: ignore[arg-type]
 
 
@@ -177,9 +179,11 @@ def sample(
     survivors renormalised; not fused (the Top-H mask op, one masked copy of the rows, then the
     chain's sampler: docs/sampling.md). ``top_h`` may be a per-row tensor (0: Top-H off for that
     row; Top-H alone then stays on the fused sampler, op ``sample_per_row``), and so may the
-    temperature (or EDT's); with a per-row temperature, or temperature 0, Top-H alone takes the
-    mask op and the chain's sampler too. Top-H has no ``min_tokens_to_keep`` of its own (that
-    applies to the rules after it).
+    temperature (or EDT's): Top-H alone stays on the fused sampler there too, its greedy rows
+    (T = 0) skipping Top-H and taking a greedy draw; with temperature 0, or a per-row one and
+    the optional outputs, Top-H alone takes the mask op and the chain's sampler. A greedy row
+    skips Top-H (all its largest logits are kept). Top-H has no ``min_tokens_to_keep`` of its
+    own (that applies to the rules after it).
     """
     chain = dict(top_k=top_k, top_p=top_p, min_p=min_p, top_n_sigma=top_n_sigma, p_less=p_less)
     chain.update(typical_p=typical_p, epsilon=epsilon, eta=eta)
@@ -191,7 +195,7 @@ def sample(
     if top_h is None:
         if _is_legacy_call(temperature, {**chain, **edt, **keep, **outputs}, seed):
             return _sample_top_h(logits, temperature, None, rule, cap, generator, keep, outputs, seed, offset)
-    elif not rules_given([*chain.values(), *edt.values()]) and _fused_top_h(top_h, temperature):
+    elif not rules_given([*chain.values(), *edt.values()]) and _fused_top_h(temperature, outputs):
         return _sample_top_h(logits, temperature, top_h, rule, cap, generator, keep, outputs, seed, offset)
     # transformers' order: Top-H's stage, the chain's kernel calls but the last, then the last one here
     source, params, undefined = chain_params(
@@ -322,6 +326,19 @@ def _sample_top_h(
     Top-H alone does not take (transformers' TopHLogitsWarper has none either)."""
     check_top_h_keep(1 if keep.get("min_tokens_to_keep") is None else keep["min_tokens_to_keep"], (), "sample")
     cap_arg = -1 if cap is None else int(cap)
+    if isinstance(temperature, torch.Tensor):  # per row (with greedy rows), no outputs: _fused_top_h
+        assert top_h is not None
+        alpha_t, temperature_t, scaled = top_h_off_when_greedy(logits, top_h, temperature, rule, cap, "sample")
+        assert isinstance(alpha_t, torch.Tensor) and isinstance(temperature_t, torch.Tensor) and scaled is not None
+        u = row_uniform(logits, seed, offset, generator, "sample")
+        tokens = _backend.ops().sample_per_row(logits, u, alpha_t, temperature_t, str(rule), cap_arg)
+        if scaled.device.type == "cpu" and not torch.compiler.is_compiling() and bool(scaled.all()):
+            return tokens  # no greedy row (a CPU tensor: reading it is no device synchronisation)
+        # greedy rows (Top-H off there, T = 1 above): the largest logit, ties drawn with the same u
+        # by the chain's sampler at temperature 0 (its max-only path: one read of the rows)
+        greedy = filter_params(logits, temperature=0.0, op="sample")
+        greedy_tokens, _ = _backend.ops().filter_sample(logits, greedy, u, False)
+        return torch.where(scaled, tokens, greedy_tokens)
     if isinstance(top_h, torch.Tensor):  # alpha per row (0: that row untruncated)
         alpha: float | torch.Tensor | None = top_h
         check_top_h_args(logits, None, float(temperature), str(rule), cap_arg, "sample")

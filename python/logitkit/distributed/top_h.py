@@ -230,6 +230,14 @@ def _prologue(
         greedy = ~(t_rows > 0) | ~(inverse < _POS_INF)
         plan.inv_t_rows = torch.where(greedy, torch.ones_like(inverse), inverse)
         plan.greedy_rows = greedy if bool(greedy.any()) else None  # (one host read; every rank's T agree)
+        if plan.greedy_rows is not None and (plan.alpha is not None or plan.alpha_rows is not None):
+            # a greedy row skips Top-H, as single-device: alpha 0 there (every token of the row in
+            # the draw, whose greedy weights keep those equal to the max)
+            alpha_rows = plan.alpha_rows
+            if alpha_rows is None:
+                alpha_rows = torch.full_like(t_rows, float(plan.alpha))  # type: ignore[arg-type]
+            plan.alpha_rows = torch.where(plan.greedy_rows, torch.zeros_like(alpha_rows), alpha_rows)
+            plan.alpha = None
     return logits, x2, plan, info
 
 
@@ -1018,8 +1026,8 @@ def sample(
 
     ``top_h`` and ``temperature`` may be per-row tensors as in :func:`top_h_mask` (alpha 0:
     Top-H off for that row, which then draws over its whole vocabulary). Temperature 0 (a
-    number or rows of the tensor) is greedy, as single-device: Top-H (if any) at T = 1, then a
-    uniform draw among the kept tokens equal to the row's max.
+    number or rows of the tensor) is greedy, as single-device: such a row skips Top-H and draws
+    uniformly among the tokens equal to its max.
 
     Every rank draws ``torch.rand(logits.shape[:-1], generator=generator)``
     (so every rank's generator advances as single-device), and the group

@@ -205,7 +205,8 @@ def truncation_mask(
     published definitions on p = softmax(x / T) (T = 0: the largest logits), T from EDT when
     ``edt_theta`` is given (the entropy of the row before the chain's rules):
 
-    * Top-H (:func:`top_h_mask`, rule ``top_h_rule``) first when ``top_h`` is given;
+    * Top-H (:func:`top_h_mask`, rule ``top_h_rule``) first when ``top_h`` is given (not at
+      T = 0: a greedy row keeps all its largest logits);
     * top-k: the tokens whose logit reaches the k-th largest, k = max(top_k, min_tokens_to_keep);
     * top-p (transformers' TopPLogitsWarper) on top-k's survivors: keep a token iff the mass of
       the tokens ranked before it is < top_p, and the ties of the last one kept;
@@ -222,7 +223,7 @@ def truncation_mask(
       each on the survivors of everything before it renormalised, with the same floor.
     Rows holding NaN / +inf keep nothing, all -inf rows keep token 0.
     """
-    if top_h is not None:
+    if top_h is not None and float(temperature) != 0:  # (greedy: Top-H off, the largest logits kept)
         kept_by_top_h = top_h_mask(x.detach().cpu(), top_h, float(temperature), top_h_rule, top_h_cap)
         x = _survivors(x.detach().cpu(), kept_by_top_h)
     if edt_theta is not None:
