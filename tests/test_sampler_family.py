@@ -623,6 +623,12 @@ def test_draw_is_the_inverse_cdf_at_u(backend, rule, vocab):
         (dict(offset=3), ValueError, "offset needs seed"),
         (dict(top_h=torch.tensor([0.5, 1.5]), min_p=0.1), ValueError, r"alpha must be in \[0, 1\] per row"),
         (dict(top_h=torch.ones(3)), ValueError, "alpha must be a number or a tensor of shape"),
+        # greedy rows skip Top-H, but its arguments are still checked
+        (dict(top_h=torch.ones(3), temperature=0.0), ValueError, "alpha must be a number or a tensor of shape"),
+        (dict(top_h=torch.ones(3), temperature=torch.zeros(2)), ValueError, "alpha must be a number or a tensor"),
+        (dict(top_h=1.5, temperature=0.0), ValueError, "alpha must be in"),
+        (dict(top_h=0.5, temperature=torch.zeros(2), rule="nope"), ValueError, "rule must be"),
+        (dict(top_h=0.5, temperature=torch.tensor([1.0, -1.0])), ValueError, "temperature must be"),
         (dict(top_h=0.5, temperature=torch.tensor([1.0, -1.0])), ValueError, "temperature must be"),
         (dict(top_h=0.5, edt_theta=1.0, min_tokens_to_keep=2), ValueError, "min_tokens_to_keep applies"),
         (dict(top_h=0.5, min_tokens_to_keep=3), ValueError, "min_tokens_to_keep applies to the rules after top_h"),

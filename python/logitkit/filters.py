@@ -331,6 +331,8 @@ def top_h_off_when_greedy(
     cap_arg = -1 if cap is None else int(cap)
     alpha = top_h if isinstance(top_h, torch.Tensor) else float(top_h)
     check_top_h_args(logits, None if isinstance(alpha, torch.Tensor) else alpha, 1.0, str(rule), cap_arg, op)
+    if isinstance(alpha, torch.Tensor):  # (device, shape and, on the CPU, values: also when no row uses it)
+        alpha, _ = top_h_rows(logits, alpha, 1.0, op)
     t = _column(temperature, "temperature", logits, op)  # [0, inf): 0 is greedy
     if not isinstance(t, torch.Tensor):
         if t > 0 and 1.0 / t <= torch.finfo(torch.float32).max:
