@@ -234,12 +234,18 @@ def check_top_h_keep(min_tokens_to_keep: object, later_rules: Iterable[object], 
 
 
 def top_h_rows(
-    logits: torch.Tensor, top_h: float | torch.Tensor, temperature: float | torch.Tensor, op: str
+    logits: torch.Tensor,
+    top_h: float | torch.Tensor,
+    temperature: float | torch.Tensor,
+    op: str,
+    check_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-H's alpha and temperature as float32 tensors of one value per row (for the op
     ``top_h_mask_per_row``), a Python number repeated; a tensor is checked for device and shape
-    (and, on the CPU, outside ``torch.compile``, for its values: alpha in [0, 1], 0 turning Top-H
-    off for the row; temperature a finite number > 0)."""
+    (and, with ``check_values``, on the CPU, outside ``torch.compile``, for its values: alpha in
+    [0, 1], 0 turning Top-H off for the row; temperature a finite number > 0). Callers that
+    checked the values already pass ``check_values=False``: each check is two reductions and a
+    read of the rows."""
     batch = logits.shape[:-1]
     rows = []
     for name, value in (("alpha", top_h), ("temperature", temperature)):
@@ -251,7 +257,8 @@ def top_h_rows(
             raise TypeError(f"logitkit.{op}: {name} must be a floating-point tensor, got {value.dtype}")
         rows.append(value.to(torch.float32))
     alpha_rows, temperature_rows = rows
-    if logits.device.type == "cpu" and not torch.compiler.is_compiling() and alpha_rows.numel() > 0:
+    check_values = check_values and logits.device.type == "cpu" and not torch.compiler.is_compiling()
+    if check_values and alpha_rows.numel() > 0:
         if not bool(((alpha_rows >= 0) & (alpha_rows <= 1)).all()):
             raise ValueError(f"logitkit.{op}: alpha must be in [0, 1] per row (0: Top-H off for that row), got {top_h}")
         inverse = temperature_rows.reciprocal()
@@ -267,15 +274,18 @@ def top_h_mask_rows(
     rule: str,
     cap: int | None,
     op: str = "top_h_mask",
+    values_checked: bool = False,
 ) -> torch.Tensor:
     """Top-H's keep mask (the op ``top_h_mask``, or ``top_h_mask_per_row`` when alpha or the
-    temperature is a per-row tensor), after the Python-side checks."""
+    temperature is a per-row tensor), after the Python-side checks (``values_checked``: the
+    per-row values were checked by :func:`top_h_off_when_greedy`; their device and shape are
+    checked again, which costs no reduction)."""
     cap_arg = -1 if cap is None else int(cap)
     if not isinstance(top_h, torch.Tensor) and not isinstance(temperature, torch.Tensor):
         check_top_h_args(logits, float(top_h), float(temperature), str(rule), cap_arg, op)
         return _backend.ops().top_h_mask(logits, float(top_h), float(temperature), str(rule), cap_arg)
     check_top_h_args(logits, None, 1.0, str(rule), cap_arg, op)
-    alpha_rows, temperature_rows = top_h_rows(logits, top_h, temperature, op)
+    alpha_rows, temperature_rows = top_h_rows(logits, top_h, temperature, op, check_values=not values_checked)
     return _backend.ops().top_h_mask_per_row(logits, alpha_rows, temperature_rows, str(rule), cap_arg)
 
 
@@ -309,7 +319,7 @@ def top_h_stage(
     alpha, top_h_t, _ = top_h_off_when_greedy(logits, top_h, temperature, rule, cap, op)
     if alpha is None:  # one temperature, greedy: no row runs Top-H
         return logits, temperature, edt_theta, edt_base
-    mask = top_h_mask_rows(logits.detach(), alpha, top_h_t, rule, cap, op)
+    mask = top_h_mask_rows(logits.detach(), alpha, top_h_t, rule, cap, op, values_checked=True)
     return _survivors(logits, mask), temperature, edt_theta, edt_base
 
 
@@ -327,7 +337,8 @@ def top_h_off_when_greedy(
     """Top-H's alpha and temperature with greedy rows taken out (checked as ``top_h_mask``'s),
     and for a per-row temperature its :func:`scaled_rows`: one greedy temperature gives (None,
     1.0, None), Top-H off; a per-row temperature gives per-row alpha 0 (Top-H off) and
-    temperature 1 on its greedy rows."""
+    temperature 1 on its greedy rows. A per-row alpha is checked here once (also when no row
+    uses it) and returned as float32 rows."""
     cap_arg = -1 if cap is None else int(cap)
     alpha = top_h if isinstance(top_h, torch.Tensor) else float(top_h)
     check_top_h_args(logits, None if isinstance(alpha, torch.Tensor) else alpha, 1.0, str(rule), cap_arg, op)
@@ -339,7 +350,7 @@ def top_h_off_when_greedy(
             return alpha, t, None
         return None, 1.0, None
     scaled = scaled_rows(t)
-    alpha_rows, _ = top_h_rows(logits, alpha, 1.0, op)
+    alpha_rows = alpha if isinstance(alpha, torch.Tensor) else torch.full_like(scaled, alpha, dtype=torch.float32)
     return torch.where(scaled, alpha_rows, 0.0), torch.where(scaled, t, 1.0), scaled
 
 
