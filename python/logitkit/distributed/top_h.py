@@ -73,6 +73,7 @@ from typing import Any
 import torch
 
 from .. import _backend
+from ..filters import scaled_rows
 from . import _comm, _dtensor
 from ._common import RULE_CODES, check_logits_arg, check_temperature_arg, first_error, row_blocks
 
@@ -225,9 +226,10 @@ def _prologue(
     )
     if t_rows is not None:
         # fp32 1 / T, as the kernels' 1.0f / t; greedy rows (T = 0, or 1 / T overflowing: the
-        # kernels' rule) take 1 and keep the max (ties drawn uniformly), as single-device
+        # kernels' rule, filters.scaled_rows) take 1 and keep the max (ties drawn uniformly), as
+        # single-device
         inverse = t_rows.reciprocal()
-        greedy = ~(t_rows > 0) | ~(inverse < _POS_INF)
+        greedy = ~scaled_rows(t_rows)
         plan.inv_t_rows = torch.where(greedy, torch.ones_like(inverse), inverse)
         plan.greedy_rows = greedy if bool(greedy.any()) else None  # (one host read; every rank's T agree)
         if plan.greedy_rows is not None and (plan.alpha is not None or plan.alpha_rows is not None):
