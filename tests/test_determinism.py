@@ -130,3 +130,49 @@ def test_emulated_sampler_gather_schedule_independent():
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert bitwise_equal(a, b)
+
+
+SCHEDULES = (("in_order", 0), ("reversed", 0), ("random", 1), ("random", 7))
+
+
+@pytest.mark.parametrize("rule", ["top_p", "typical_p"])
+def test_emulated_radix_bins_at_the_cut_schedule_independent(rule):
+    """The sampler family's radix selections that sum weights per bin (top-p and typical over the
+    whole row) keep the same set under every thread schedule even where the cut lies within
+    rounding of its limit: their bins add in 64-bit fixed point (integer atomics). With float
+    atomics the kept count at such a limit changed with the schedule (1421 vs 1422 tokens for
+    top-p here; the emulator's threads run concurrently). The limit is found by bisecting the
+    parameter down to two adjacent float32 values, between which the kept count changes."""
+    import numpy as np
+
+    from logitkit import _loader
+    from logitkit.testing import backends
+
+    if _loader._C_emulated is None:
+        pytest.skip("emulated-CUDA module not built")
+    x = torch.randn(1, 20000, generator=torch.Generator().manual_seed(5)) * 1.5
+
+    def kept(value: np.float32, schedule: tuple[str, int]) -> int:
+        _loader._C_emulated.configure(
+            threads_per_block=256, max_elements_per_block=1 << 20, schedule=schedule[0], seed=schedule[1]
+        )
+        return int(logitkit.truncation_mask(x, **{rule: float(value)}).sum())
+
+    try:
+        with backends.use_backend("emulated-cuda"):
+            low, high = np.float32(0.5), np.float32(0.9)
+            kept_low = kept(low, SCHEDULES[0])
+            while True:
+                middle = np.float32((float(low) + float(high)) / 2)
+                if middle in (low, high):
+                    break
+                if kept(middle, SCHEDULES[0]) == kept_low:
+                    low = middle
+                else:
+                    high = middle
+            counts = {value: [kept(value, s) for s in SCHEDULES * 2] for value in (low, high)}
+    finally:
+        _loader._C_emulated.configure(threads_per_block=80, max_elements_per_block=4096, schedule="random", seed=1)
+    assert counts[low][0] != counts[high][0]  # the limit lies between the two adjacent values
+    for value, seen in counts.items():
+        assert len(set(seen)) == 1, (value, seen)

@@ -33,6 +33,8 @@ class DeviceContext {
   explicit DeviceContext(const at::Tensor&) {}
   cudaStream_t stream() const { return nullptr; }
   int multiprocessors() const { return 2; }
+  template <class Kernel>
+  void allow_dynamic_shared(Kernel*, size_t) const {}
   void check_launch() const {}
 };
 
@@ -46,6 +48,14 @@ class DeviceContext {
     int count = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, guard_.current_device().index()));
     return count;
+  }
+  // Lets `kernel` take `bytes` of dynamic shared memory beyond the 48 KiB a
+  // block gets without opting in (static + dynamic; sm_80: up to 163 KiB,
+  // sm_90: 227 KiB). A per-kernel attribute: no synchronisation.
+  template <class Kernel>
+  void allow_dynamic_shared(Kernel* kernel, size_t bytes) const {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   }
   void check_launch() const { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
 

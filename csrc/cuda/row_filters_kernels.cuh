@@ -20,7 +20,10 @@
 //            pass also builds the first radix digit's histogram of the top-k
 //            survivors, as Top-H "exact"'s pass 1 does (per-bin references,
 //            each thread's top bin as a softmax state, rescaled to the row
-//            max after the pass: top_h_kernels.cuh).
+//            max after the pass: top_h_kernels.cuh), its sums in 64-bit
+//            fixed point (FixedPointBins: the same bits in any thread
+//            order, so the kept set is the same run to run; also in the
+//            top-p and typical digit passes).
 //   top-p    only for a row with top_p < 1: Top-H "exact"'s radix selection
 //            (radix_select) with TopPPredicate over the top-k survivors: the
 //            walk over the first digit, then 0 to 2 digit passes, stopping
@@ -86,7 +89,13 @@ LK_DEVICE inline float filter_logit(const scalar_t* row, int64_t i) {
 }
 
 // At most 512 threads per block: 128 registers per thread, so that the
-// FilterState reductions do not spill (1024 threads cap them at 64).
+// FilterState reductions do not spill (1024 threads cap them at 64). The
+// kernels also declare at least 1 block per SM (__launch_bounds__'s second
+// argument): without it ptxas (CUDA 13) kept them to 40 registers, 3 blocks
+// of 512 threads per SM, and spilled 12 to 36 bytes once top-p's bins moved
+// to 64-bit fixed point; they take 48 (2 blocks of 512 per SM). One block
+// runs one row, so batches of fewer rows than twice the SM count (264 on an
+// H100) see no difference.
 constexpr int kMaxFilterThreads = 512;
 
 // The value (logit for top-p, negated distance for typical) of the lowest key
@@ -115,7 +124,7 @@ LK_DEVICE inline core::TopPCut top_p_passes(const scalar_t* x, int64_t cols, con
                   empty_top_bin(), s.radix.top_bin_scratch)
             : empty_top_bin();
   if (!core::uses_top_p(p, m)) return core::no_top_p_cut(st);
-  rescale_first_digit_bins(s.radix, FirstDigit{st.sm, mine, best}, p.inv_temperature);
+  rescale_first_digit_bins<TopPPredicate::kFixedPointSums>(s.radix, FirstDigit{st.sm, mine, best}, p.inv_temperature);
   __syncthreads();
   const TopPPredicate pred{core::top_p_mass_limit(p.top_p, st.sm.sum_exp)};
   radix_select<Selection::exact>(x, cols, pred, m, p.inv_temperature, p.top_k_z, s.radix, nullptr);
@@ -315,7 +324,7 @@ LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols
                 : core::no_top_p_cut(st);
   } else {
     const bool first_digit = p.top_p < 1.0f && !p.greedy;  // block-uniform
-    if (first_digit) clear_bins<Selection::exact>(s.radix);
+    if (first_digit) clear_bins<Selection::exact>(s.radix, cols);
     __syncthreads();
     st = core::empty_filter_state();
     TopBinState mine = empty_top_bin();
@@ -325,7 +334,7 @@ LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols
       core::accumulate(st, z);
       if (first_digit && z > core::neg_infinity()) {  // a survivor (NaN / +inf: the row is undefined anyway)
         const int bin = static_cast<int>(core::orderable_key(xv) >> digit_shift(0));
-        add_first_digit_token(s.radix, mine, bin, z, p.inv_temperature);
+        add_first_digit_token<TopPPredicate::kFixedPointSums>(s.radix, mine, bin, z, p.inv_temperature);
       }
     }
     st = block_filter_state(st, s);
@@ -358,7 +367,7 @@ LK_DEVICE inline core::SoftmaxState raw_state(const scalar_t* x, int64_t cols, R
 // filter_mask (out_t = bool: the keep mask) and filter_logits (out_t =
 // scalar_t: the logit where kept, filter_value elsewhere).
 template <class scalar_t, class out_t>
-__global__ void __launch_bounds__(kMaxFilterThreads)
+__global__ void __launch_bounds__(kMaxFilterThreads, 1)
     filter_write_kernel(RowsView<scalar_t> rows, int64_t cols, const float* params, float filter_value, out_t* output) {
   const scalar_t* x = rows.row(blockIdx.x);
   out_t* out = output + static_cast<int64_t>(blockIdx.x) * cols;
@@ -424,7 +433,7 @@ LK_DEVICE inline int64_t kept_sums_and_draw(const scalar_t* x, int64_t cols, con
 
 // kRaw: also the raw log-prob (raw_log_prob = true).
 template <bool kRaw, class scalar_t>
-__global__ void __launch_bounds__(kMaxFilterThreads)
+__global__ void __launch_bounds__(kMaxFilterThreads, 1)
     filter_sample_kernel(RowsView<scalar_t> rows, int64_t cols, const float* params, const float* uniform,
                          int64_t* tokens, float* stats) {
   const int64_t row = blockIdx.x;

@@ -61,6 +61,8 @@ struct TopHBackend {
     const DeviceContext ctx(r.tensor);
     const int threads = threads_per_block(KernelFamily::top_h, r.cols);
     const size_t shared_bytes = capped ? static_cast<size_t>(2 * p.k) * sizeof(uint32_t) : 0;
+    // With the static TopHStorage (about 42 KiB) a large cap passes 48 KiB.
+    if (shared_bytes > 0) ctx.allow_dynamic_shared(kernel, shared_bytes);
     const RowsView<scalar_t> view{r.tensor.data_ptr<scalar_t>(), r.row_stride};
     LK_LAUNCH_KERNEL(kernel, dim3(static_cast<unsigned>(r.rows)), dim3(threads), shared_bytes, ctx.stream(), view,
                      r.cols, p, outputs...);

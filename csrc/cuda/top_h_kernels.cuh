@@ -79,9 +79,11 @@
 // Sample: at most 4 passes for "exact" and the capped rules (1 + 2 digits +
 // draw), 2 for plain sampling; the draw pass reads on average part of the row.
 //
-// fp32 arithmetic (shared-memory float atomics for the bin sums, so the sums'
-// rounding, not the kept set on tie-free rows away from the boundary, can vary
-// between runs), 64-bit element indices, rows up to 2^31 - 1 elements.
+// fp32 arithmetic, 64-bit element indices, rows up to 2^31 - 1 elements.
+// "exact" adds its bin sums with shared-memory float atomics, so the sums'
+// rounding (not the kept set on tie-free rows away from the boundary) can
+// vary between runs; the sampler family's top-p and typical add theirs in
+// 64-bit fixed point (FixedPointBins), the same bits in any order.
 #pragma once
 
 #include <cstdint>
@@ -185,12 +187,19 @@ struct TopHStorage {
   // The histogram of the current digit: counts, and for "exact" the sums
   // (e, d e) relative to the row max (first digit: see pass 1); for the
   // rank selection each bin's largest key instead of the sum e.
+  // Top-p and typical accumulate the sums in fixed point (fixed_e, fixed_d)
+  // and turn them into bin_e, bin_d in place (fixed_bins_to_float).
   unsigned bin_count[kBins];
   union {
+    unsigned long long fixed_e[kBins];
     float bin_e[kBins];
     uint32_t bin_max_key[kBins];
   };
-  float bin_d[kBins];
+  union {
+    unsigned long long fixed_d[kBins];
+    float bin_d[kBins];
+  };
+  float fixed_one;  // FixedPointBins::one(cols), set by clear_bins
   Cut cut;
   BinTotals above;  // totals of the tokens above the current candidate range
   uint32_t prefix;  // digits fixed so far
@@ -214,6 +223,7 @@ struct TopHStorage {
 // The rule's predicate over the statistics of a candidate prefix set.
 struct CountPredicate {
   static constexpr bool kSums = false;  // bins hold counts only
+  static constexpr bool kFixedPointSums = false;
   static constexpr bool kKeptShifted = false;
   static constexpr bool kKeepsCrossing = false;
   int64_t k;
@@ -242,7 +252,8 @@ struct RankPredicate : CountPredicate {
 };
 
 struct EntropyPredicate {
-  static constexpr bool kSums = true;  // bins hold (count, sum e, sum d e)
+  static constexpr bool kSums = true;             // bins hold (count, sum e, sum d e)
+  static constexpr bool kFixedPointSums = false;  // float atomics: see FixedPointBins
   static constexpr bool kKeptShifted = false;
   static constexpr bool kKeepsCrossing = false;
   float budget;  // alpha H(p), see core::exact_budget
@@ -283,9 +294,10 @@ struct EntropyPredicate {
 // group is kept. Bins hold (count, sum e, sum d e) over the top-k survivors.
 struct TopPPredicate {
   static constexpr bool kSums = true;
-  static constexpr bool kKeptShifted = true;    // also sum (z - m) e of the kept set (TopHStorage::kept_shifted)
-  static constexpr bool kKeepsCrossing = true;  // the token that reaches the limit is kept
-  float limit;                                  // top_p * s
+  static constexpr bool kFixedPointSums = true;  // see FixedPointBins
+  static constexpr bool kKeptShifted = true;     // also sum (z - m) e of the kept set (TopHStorage::kept_shifted)
+  static constexpr bool kKeepsCrossing = true;   // the token that reaches the limit is kept
+  float limit;                                   // top_p * s
   LK_DEVICE bool exceeds(const BinTotals& t) const { return core::top_p_reached(t.e, limit); }
   LK_DEVICE bool bin_fully_dropped(const BinTotals&, int64_t) const { return false; }
   LK_DEVICE bool bin_fully_kept(int64_t bin_count) const { return bin_count == 1; }
@@ -300,6 +312,7 @@ struct TopPPredicate {
 // used (the Cut's mass, computed from a key as if it were a logit, is not).
 struct TypicalPredicate {
   static constexpr bool kSums = true;
+  static constexpr bool kFixedPointSums = true;
   static constexpr bool kKeptShifted = false;
   static constexpr bool kKeepsCrossing = true;
   core::TypicalLimit limit;
@@ -359,39 +372,106 @@ LK_DEVICE inline float load_logit(const scalar_t* row, int64_t i) {
   return static_cast<float>(row[i]);
 }
 
-// Zeroes the histogram (the sums only where the selection uses them).
+// Bin sums in 64-bit fixed point (the sampler family's top-p and typical).
+// A float atomicAdd makes a bin's sum depend on the order in which threads
+// reach it, so a row whose cut lies within rounding of its limit could keep
+// a different set from run to run; integer addition gives the same bits in
+// any order. Every term is a weight e = exp(z - r) <= 1 or d e with
+// |d e| <= 1/e, relative to a reference r >= z (the row max m, or a
+// first-digit bin's upper end; a thread's top-bin state adds at most its
+// count), so a bin's sum is at most `cols` in magnitude and fits a signed
+// 64-bit integer with 62 - bit_width(cols) fraction bits (45 at V = 128256).
+// The absolute error, below cols * 2^-(fraction bits) of exp(r), is far
+// below what top-p and typical compare with: top_p (typical_p) times a mass
+// >= 1 (the max token weighs 1). "exact" keeps float sums: its entropy
+// budget on peaked rows (~1e-24) is set by tokens ~60 nats below the max,
+// which fixed point relative to m (or to a first-digit bin that spans more
+// than 31 nats, |z| >= 128) rounds to 0 (docs/determinism.md).
+struct FixedPointBins {
+  // 2^(62 - bit_width(cols)), a power of two (exact as a float).
+  LK_DEVICE static float one(int64_t cols) {
+    int bits = 0;
+    for (int64_t c = cols; c > 0; c >>= 1) ++bits;
+    return ldexpf(1.0f, 62 - bits);
+  }
+  // A term in fixed point, negative ones as two's complement; inf / NaN (only
+  // in a row holding NaN or +inf, whose bins are never read) add nothing.
+  LK_DEVICE static unsigned long long term(float v, float fixed_one) {
+    const float scaled = v * fixed_one;
+    if (!(fabsf(scaled) < 9.0e18f)) return 0ull;  // (< 2^63)
+    return static_cast<unsigned long long>(llrintf(scaled));
+  }
+  LK_DEVICE static float value(unsigned long long sum, float fixed_one) {
+    return static_cast<float>(static_cast<long long>(sum)) * (1.0f / fixed_one);
+  }
+};
+
+// Zeroes the histogram (the sums only where the selection uses them: the
+// fixed-point words hold the float sums' storage too). A barrier must follow.
 template <Selection kSel>
-LK_DEVICE inline void clear_bins(TopHStorage& s) {
+LK_DEVICE inline void clear_bins(TopHStorage& s, int64_t cols) {
   for (int64_t b = threadIdx.x; b < kBins; b += blockDim.x) {
     s.bin_count[b] = 0;
     if constexpr (kSel == Selection::exact) {
-      s.bin_e[b] = 0.0f;
-      s.bin_d[b] = 0.0f;
+      s.fixed_e[b] = 0ull;
+      s.fixed_d[b] = 0ull;
     }
     if constexpr (kSel == Selection::rank) s.bin_max_key[b] = 0u;
   }
-  if constexpr (kSel == Selection::rank) {
-    if (threadIdx.x == 0) s.nan_tokens = 0u;
+  if (threadIdx.x == 0) {
+    if constexpr (kSel == Selection::rank) s.nan_tokens = 0u;
+    if constexpr (kSel == Selection::exact) s.fixed_one = FixedPointBins::one(cols);
   }
 }
 
-// "exact": adds a token of weight e = exp(d) to a bin.
+// "exact": adds a token of weight e = exp(d) (or a state of `count` tokens)
+// to a bin: in fixed point (kFixed) or with float atomics.
+template <bool kFixed>
 LK_DEVICE inline void add_to_bin(TopHStorage& s, int bin, unsigned count, float e, float de) {
   atomicAdd(&s.bin_count[bin], count);
-  atomicAdd(&s.bin_e[bin], e);
-  atomicAdd(&s.bin_d[bin], de);
+  if constexpr (kFixed) {
+    atomicAdd(&s.fixed_e[bin], FixedPointBins::term(e, s.fixed_one));
+    atomicAdd(&s.fixed_d[bin], FixedPointBins::term(de, s.fixed_one));
+  } else {
+    atomicAdd(&s.bin_e[bin], e);
+    atomicAdd(&s.bin_d[bin], de);
+  }
+}
+
+// After a fixed-point histogram's last add_to_bin (a block collective): the
+// sums become the floats bin_e, bin_d, in place. In chunks of blockDim bins,
+// each read into registers before any write: the float of bin b overlays the
+// fixed-point word of bin b / 2, which lies in this chunk or an earlier one.
+LK_DEVICE inline void fixed_bins_to_float(TopHStorage& s) {
+  __syncthreads();  // every add_to_bin is done
+  for (int base = 0; base < kBins; base += static_cast<int>(blockDim.x)) {
+    const int b = base + static_cast<int>(threadIdx.x);
+    unsigned long long e = 0ull, d = 0ull;
+    if (b < kBins) {
+      e = s.fixed_e[b];
+      d = s.fixed_d[b];
+    }
+    __syncthreads();
+    if (b < kBins) {
+      s.bin_e[b] = FixedPointBins::value(e, s.fixed_one);
+      s.bin_d[b] = FixedPointBins::value(d, s.fixed_one);
+    }
+    __syncthreads();
+  }
 }
 
 // Adds a top-bin state to its bin's shared sums, rescaled from the state's
 // max m_t to the bin's reference r >= m_t (the softmax-state merge):
 // e *= exp(m_t - r), d = exp(m_t - r) (d + (m_t - r) e).
+template <bool kFixed>
 LK_DEVICE inline void flush_top_bin(const TopBinState& t, float inv_t, TopHStorage& s) {
   const core::SoftmaxState relative = core::rescaled(t.st, first_digit_reference(t.bin, inv_t));
-  add_to_bin(s, t.bin, t.count, relative.sum_exp, relative.sum_shifted);
+  add_to_bin<kFixed>(s, t.bin, t.count, relative.sum_exp, relative.sum_shifted);
 }
 
 // "exact", pass 1: one token z (of first-digit bin `bin`, not -inf) into the
 // histogram or into this thread's top bin (see the top of the file).
+template <bool kFixed>
 LK_DEVICE inline void add_first_digit_token(TopHStorage& s, TopBinState& mine, int bin, float z, float inv_t) {
   if (bin < mine.bin) {
     // Below this thread's top bin, hence below the row max's bin:
@@ -399,11 +479,11 @@ LK_DEVICE inline void add_first_digit_token(TopHStorage& s, TopBinState& mine, i
     // here loses no term that relative to m would be positive.
     const float d = z - first_digit_reference(bin, inv_t);  // <= 0
     const float e = expf(d);
-    if (e != 0.0f) add_to_bin(s, bin, 1u, e, d * e);
+    if (e != 0.0f) add_to_bin<kFixed>(s, bin, 1u, e, d * e);
     return;
   }
   if (bin > mine.bin) {  // a new top bin: the previous one goes to the histogram
-    if (mine.bin >= 0) flush_top_bin(mine, inv_t, s);
+    if (mine.bin >= 0) flush_top_bin<kFixed>(mine, inv_t, s);
     mine = TopBinState{bin, 0u, core::empty_state()};
   }
   core::accumulate(mine.st, &z, 1);
@@ -424,7 +504,7 @@ struct FirstDigit {
 template <Selection kSel, class scalar_t>
 LK_DEVICE inline FirstDigit softmax_state_and_first_digit(const scalar_t* x, int64_t cols, float inv_t,
                                                           TopHStorage& s) {
-  if constexpr (kSel != Selection::all) clear_bins<kSel>(s);
+  if constexpr (kSel != Selection::all) clear_bins<kSel>(s, cols);
   __syncthreads();
   FirstDigit f{core::empty_state(), empty_top_bin(), empty_top_bin()};
   for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
@@ -435,7 +515,7 @@ LK_DEVICE inline FirstDigit softmax_state_and_first_digit(const scalar_t* x, int
       const int bin = static_cast<int>(core::orderable_key(xv) >> digit_shift(0));
       if constexpr (kSel == Selection::capped) atomicAdd(&s.bin_count[bin], 1u);
       if constexpr (kSel == Selection::exact) {
-        if (xv != core::neg_infinity()) add_first_digit_token(s, f.mine, bin, z, inv_t);
+        if (xv != core::neg_infinity()) add_first_digit_token<false>(s, f.mine, bin, z, inv_t);
       }
     }
   }
@@ -452,14 +532,20 @@ LK_DEVICE inline FirstDigit softmax_state_and_first_digit(const scalar_t* x, int
   return f;
 }
 
-// "exact", after pass 1: every first-digit bin relative to the row max m.
+// "exact", after pass 1: every first-digit bin relative to the row max m
+// (kFixed: the bins were added in fixed point).
+template <bool kFixed>
 LK_DEVICE inline void rescale_first_digit_bins(TopHStorage& s, const FirstDigit& f, float inv_t) {
   const float m = f.row.max;
   // Top bins below B* join the histogram (relative to their r_b); B*'s
   // tokens are all in `best` (a token of B* is never below its thread's
   // top bin, and B* is never flushed): B*'s shared entry is still empty.
-  if (f.mine.bin >= 0 && f.mine.bin != f.best.bin) flush_top_bin(f.mine, inv_t, s);
-  __syncthreads();
+  if (f.mine.bin >= 0 && f.mine.bin != f.best.bin) flush_top_bin<kFixed>(f.mine, inv_t, s);
+  if constexpr (kFixed) {
+    fixed_bins_to_float(s);
+  } else {
+    __syncthreads();
+  }
   // Rescale the bins b < B* from r_b <= m to m, as merging softmax states:
   // e *= exp(r - m), d = exp(r - m) (d + (r - m) e). B* is written
   // directly relative to m (its max is m: the factor is 1).
@@ -487,11 +573,11 @@ LK_DEVICE inline void rescale_first_digit_bins(TopHStorage& s, const FirstDigit&
 // separate gather pass). Tokens with z < floor_z (top-k's dropped tokens, for
 // the sampler family's top-p; the candidates' threshold for typical) are no
 // candidates (kFloor; floor_z = -inf for Top-H).
-template <Selection kSel, bool kFloor, class scalar_t, class KeyOf = LogitKey>
+template <Selection kSel, bool kFloor, bool kFixed, class scalar_t, class KeyOf = LogitKey>
 LK_DEVICE inline void digit_pass(const scalar_t* x, int64_t cols, int level, uint32_t prefix, float m, float inv_t,
                                  float floor_z, TopHStorage& s, uint32_t* candidates, KeyOf key_of = LogitKey{}) {
   __syncthreads();  // previous readers of the bins are done
-  clear_bins<kSel>(s);
+  clear_bins<kSel>(s, cols);
   __syncthreads();
   const int shift = digit_shift(level);
   const int prefix_shift = shift + digit_bits(level);
@@ -515,9 +601,10 @@ LK_DEVICE inline void digit_pass(const scalar_t* x, int64_t cols, int level, uin
     } else {
       const float d = z - m;
       const float e = expf(d);
-      if (e != 0.0f && !(kFloor && z < floor_z)) add_to_bin(s, bin, 1u, e, d * e);
+      if (e != 0.0f && !(kFloor && z < floor_z)) add_to_bin<kFixed>(s, bin, 1u, e, d * e);
     }
   }
+  if constexpr (kSel == Selection::exact && kFixed) fixed_bins_to_float(s);
 }
 
 // The walk's end inside the failing bin b of digit `level` (with prefix
@@ -705,7 +792,8 @@ LK_DEVICE __forceinline__ void radix_select(const scalar_t* x, int64_t cols, con
   uint32_t prefix = 0;  // digits fixed so far (same in every thread: read back from shared memory)
   for (int level = 0; level < kDigitCount; ++level) {
     if (level > 0 || !first_digit_built) {
-      digit_pass<kSel, Predicate::kKeepsCrossing>(x, cols, level, prefix, m, inv_t, floor_z, s, candidates, key_of);
+      digit_pass<kSel, Predicate::kKeepsCrossing, Predicate::kFixedPointSums>(x, cols, level, prefix, m, inv_t, floor_z,
+                                                                              s, candidates, key_of);
     }
     __syncthreads();
     if (threadIdx.x == 0) walk(pred, level, m, inv_t, s);
@@ -746,7 +834,7 @@ LK_DEVICE inline void select_cut(const scalar_t* x, int64_t cols, const TopHPara
   __syncthreads();
   if constexpr (kSel != Selection::all) {
     if (s.cut.kind != RowKind::defined) return;
-    if constexpr (kSel == Selection::exact) rescale_first_digit_bins(s, f, p.inv_temperature);
+    if constexpr (kSel == Selection::exact) rescale_first_digit_bins<false>(s, f, p.inv_temperature);
     __syncthreads();  // every thread has read cut.kind before thread 0 rewrites cut
     refine_cut<kSel>(x, cols, p, f, s);
   }
