@@ -187,8 +187,8 @@ struct TopHStorage {
   // The histogram of the current digit: counts, and for "exact" the sums
   // (e, d e) relative to the row max (first digit: see pass 1); for the
   // rank selection each bin's largest key instead of the sum e.
-  // Top-p and typical accumulate the sums in fixed point (fixed_e, fixed_d)
-  // and turn them into bin_e, bin_d in place (fixed_bins_to_float).
+  // Top-p and typical keep the sums in fixed point (fixed_e, fixed_d), the
+  // others as floats (bin_e, bin_d); read through bin_sum_e / bin_sum_d.
   unsigned bin_count[kBins];
   union {
     unsigned long long fixed_e[kBins];
@@ -438,25 +438,29 @@ LK_DEVICE inline void add_to_bin(TopHStorage& s, int bin, unsigned count, float 
   }
 }
 
-// After a fixed-point histogram's last add_to_bin (a block collective): the
-// sums become the floats bin_e, bin_d, in place. In chunks of blockDim bins,
-// each read into registers before any write: the float of bin b overlays the
-// fixed-point word of bin b / 2, which lies in this chunk or an earlier one.
-LK_DEVICE inline void fixed_bins_to_float(TopHStorage& s) {
-  __syncthreads();  // every add_to_bin is done
-  for (int base = 0; base < kBins; base += static_cast<int>(blockDim.x)) {
-    const int b = base + static_cast<int>(threadIdx.x);
-    unsigned long long e = 0ull, d = 0ull;
-    if (b < kBins) {
-      e = s.fixed_e[b];
-      d = s.fixed_d[b];
-    }
-    __syncthreads();
-    if (b < kBins) {
-      s.bin_e[b] = FixedPointBins::value(e, s.fixed_one);
-      s.bin_d[b] = FixedPointBins::value(d, s.fixed_one);
-    }
-    __syncthreads();
+// A bin's sums as floats: read from the fixed-point words (kFixed; the walk
+// converts each bin it visits, so no pass over the histogram and no barrier)
+// or from the float sums.
+template <bool kFixed>
+LK_DEVICE __forceinline__ float bin_sum_e(const TopHStorage& s, int64_t b) {
+  if constexpr (kFixed) return FixedPointBins::value(s.fixed_e[b], s.fixed_one);
+  return s.bin_e[b];
+}
+template <bool kFixed>
+LK_DEVICE __forceinline__ float bin_sum_d(const TopHStorage& s, int64_t b) {
+  if constexpr (kFixed) return FixedPointBins::value(s.fixed_d[b], s.fixed_one);
+  return s.bin_d[b];
+}
+
+// Overwrites a bin's sums (rescale_first_digit_bins).
+template <bool kFixed>
+LK_DEVICE __forceinline__ void set_bin_sums(TopHStorage& s, int64_t b, const core::SoftmaxState& sums) {
+  if constexpr (kFixed) {
+    s.fixed_e[b] = FixedPointBins::term(sums.sum_exp, s.fixed_one);
+    s.fixed_d[b] = FixedPointBins::term(sums.sum_shifted, s.fixed_one);
+  } else {
+    s.bin_e[b] = sums.sum_exp;
+    s.bin_d[b] = sums.sum_shifted;
   }
 }
 
@@ -541,26 +545,22 @@ LK_DEVICE inline void rescale_first_digit_bins(TopHStorage& s, const FirstDigit&
   // tokens are all in `best` (a token of B* is never below its thread's
   // top bin, and B* is never flushed): B*'s shared entry is still empty.
   if (f.mine.bin >= 0 && f.mine.bin != f.best.bin) flush_top_bin<kFixed>(f.mine, inv_t, s);
-  if constexpr (kFixed) {
-    fixed_bins_to_float(s);
-  } else {
-    __syncthreads();
-  }
+  __syncthreads();
   // Rescale the bins b < B* from r_b <= m to m, as merging softmax states:
   // e *= exp(r - m), d = exp(r - m) (d + (r - m) e). B* is written
   // directly relative to m (its max is m: the factor is 1).
+  // (kFixed: back in fixed point, now relative to m, whose absolute
+  // resolution suffices for the mass rules that use it; FixedPointBins.)
   for (int64_t b = threadIdx.x; b < kBins; b += blockDim.x) {
     if (b == f.best.bin || s.bin_count[b] == 0) continue;
     const float r = first_digit_reference(static_cast<int>(b), inv_t);
-    const core::SoftmaxState to_m = core::rescaled(core::SoftmaxState{r, s.bin_e[b], s.bin_d[b]}, m);
-    s.bin_e[b] = to_m.sum_exp;
-    s.bin_d[b] = to_m.sum_shifted;
+    const core::SoftmaxState to_m =
+        core::rescaled(core::SoftmaxState{r, bin_sum_e<kFixed>(s, b), bin_sum_d<kFixed>(s, b)}, m);
+    set_bin_sums<kFixed>(s, b, to_m);
   }
   if (threadIdx.x == 0 && f.best.bin >= 0) {  // (always: a defined row has a finite token)
-    const core::SoftmaxState to_m = core::rescaled(f.best.st, m);
     s.bin_count[f.best.bin] = f.best.count;
-    s.bin_e[f.best.bin] = to_m.sum_exp;
-    s.bin_d[f.best.bin] = to_m.sum_shifted;
+    set_bin_sums<kFixed>(s, f.best.bin, core::rescaled(f.best.st, m));
   }
 }
 
@@ -604,7 +604,6 @@ LK_DEVICE inline void digit_pass(const scalar_t* x, int64_t cols, int level, uin
       if (e != 0.0f && !(kFloor && z < floor_z)) add_to_bin<kFixed>(s, bin, 1u, e, d * e);
     }
   }
-  if constexpr (kSel == Selection::exact && kFixed) fixed_bins_to_float(s);
 }
 
 // The walk's end inside the failing bin b of digit `level` (with prefix
@@ -670,8 +669,8 @@ LK_DEVICE inline void walk(const Predicate& pred, int level, float m, float inv_
     BinTotals with = s.above;
     with.count += s.bin_count[b];
     if constexpr (Predicate::kSums) {
-      with.e += s.bin_e[b];
-      with.d += s.bin_d[b];
+      with.e += bin_sum_e<Predicate::kFixedPointSums>(s, b);
+      with.d += bin_sum_d<Predicate::kFixedPointSums>(s, b);
     }
     if (!pred.exceeds(with)) {
       s.above = with;
@@ -691,8 +690,8 @@ LK_DEVICE inline void walk(const Predicate& pred, int level, float m, float inv_
       }
     }
     // (the bin's sums only for fully kept bins: no loads for Top-H's rules)
-    const float bin_e = Predicate::kKeepsCrossing ? s.bin_e[b] : 0.0f;
-    const float bin_d = Predicate::kKeptShifted ? s.bin_d[b] : 0.0f;
+    const float bin_e = Predicate::kKeepsCrossing ? bin_sum_e<Predicate::kFixedPointSums>(s, b) : 0.0f;
+    const float bin_d = Predicate::kKeptShifted ? bin_sum_d<Predicate::kFixedPointSums>(s, b) : 0.0f;
     if (resolve_in_bin(pred, level, bin_prefix, s.bin_count[b], s.above, bin_e, bin_d, m, inv_t, s.cut,
                        s.kept_shifted)) {
       s.cut.done = level + 1;
