@@ -9,10 +9,13 @@ import pytest
 import torch
 
 import logitkit
+from conftest import EMULATED_DEFAULTS
 from logitkit.testing import references
 
 OPS = [*references.ROW_OPS, "softmax_stats"]
 NEG_INF = float("-inf")
+# The emulator's thread schedules the schedule-independence tests compare.
+SCHEDULES = (("in_order", 0), ("reversed", 0), ("random", 1), ("random", 7))
 
 
 def logits(rows: int, vocab: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -90,13 +93,13 @@ def test_emulated_schedule_independent():
     x = logits(2, 9001, torch.bfloat16, seed=3)
     results = []
     try:
-        for schedule, seed in (("in_order", 0), ("reversed", 0), ("random", 1), ("random", 7)):
+        for schedule, seed in SCHEDULES:
             _loader._C_emulated.configure(
                 threads_per_block=80, max_elements_per_block=4096, schedule=schedule, seed=seed
             )
             results.append([getattr(ops, op)(x, 1.0) for op in OPS])
     finally:
-        _loader._C_emulated.configure(threads_per_block=80, max_elements_per_block=4096, schedule="random", seed=1)
+        _loader._C_emulated.configure(**EMULATED_DEFAULTS)
     for other in results[1:]:
         for op, a, b in zip(OPS, results[0], other):
             assert bitwise_equal(a, b), op
@@ -117,7 +120,7 @@ def test_emulated_sampler_gather_schedule_independent():
     results = []
     try:
         with backends.use_backend("emulated-cuda"):
-            for schedule, seed in (("in_order", 0), ("reversed", 0), ("random", 1), ("random", 7)):
+            for schedule, seed in SCHEDULES:
                 _loader._C_emulated.configure(
                     threads_per_block=80, max_elements_per_block=4096, schedule=schedule, seed=seed
                 )
@@ -126,13 +129,10 @@ def test_emulated_sampler_gather_schedule_independent():
                 )
                 results.append(tuple(t.contiguous() for t in (out.tokens, out.logprobs, out.entropy)))
     finally:
-        _loader._C_emulated.configure(threads_per_block=80, max_elements_per_block=4096, schedule="random", seed=1)
+        _loader._C_emulated.configure(**EMULATED_DEFAULTS)
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert bitwise_equal(a, b)
-
-
-SCHEDULES = (("in_order", 0), ("reversed", 0), ("random", 1), ("random", 7))
 
 
 @pytest.mark.parametrize("rule", ["top_p", "typical_p"])
@@ -172,7 +172,7 @@ def test_emulated_radix_bins_at_the_cut_schedule_independent(rule):
                     high = middle
             counts = {value: [kept(value, s) for s in SCHEDULES * 2] for value in (low, high)}
     finally:
-        _loader._C_emulated.configure(threads_per_block=80, max_elements_per_block=4096, schedule="random", seed=1)
+        _loader._C_emulated.configure(**EMULATED_DEFAULTS)
     assert counts[low][0] != counts[high][0]  # the limit lies between the two adjacent values
     for value, seen in counts.items():
         assert len(set(seen)) == 1, (value, seen)
