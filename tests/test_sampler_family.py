@@ -118,9 +118,10 @@ def test_top_k_selection_at_every_digit(backend, dtype):
     the latest): the kept set equals the float64 reference for k around the ties, the lone
     tokens and the -inf tail; with top-k / min-p alone (the cut needs only the row max, which the
     CUDA selection's first pass finds: no statistics pass) and with top-p and other rules after
-    it (CUDA: a top-k of at most 256 tokens, ties included, is gathered and the rules run over
-    that copy; a larger tie group takes the row passes) the sampler's draws stay in that set and
-    its kept count and log-probs match the reference."""
+    it (CUDA: a top-k of at most 256 tokens, ties included, is gathered, or spelled out by the
+    selection's last digit, and the rules, typical included, run over that copy; a larger tie
+    group takes the row passes) the sampler's draws stay in that set and its kept count and
+    log-probs match the reference."""
     x = rank_selection_rows(dtype)
     for k in (1, 2, 12, 40, 41, 256, 257, 999):  # 256: the gathered path's cap
         for rules in (
@@ -129,9 +130,11 @@ def test_top_k_selection_at_every_digit(backend, dtype):
             dict(min_p=0.5, min_tokens_to_keep=k),
             dict(top_k=k, top_p=0.8, eta=1e-3, temperature=0.7),
             dict(top_k=k, top_p=0.9, typical_p=0.7, top_n_sigma=2.0),
+            dict(top_k=k, typical_p=0.5, temperature=0.7),
+            dict(top_k=k, typical_p=0.9, min_p=0.02, min_tokens_to_keep=3),
         ):
             # row 7 (|z| ~ 1e-30: equal weights, top-p and typical decided by rounding) only without sums
-            y = x[[0, 1, 2, 3, 4, 5, 6, 8]] if "top_p" in rules else x
+            y = x[[0, 1, 2, 3, 4, 5, 6, 8]] if "top_p" in rules or "typical_p" in rules else x
             got = logitkit.truncation_mask(backend.tensor(y), **rules).cpu()
             assert torch.equal(got, references.truncation_mask(y, **rules)), (k, rules)
     # NaN of either sign (a negative NaN's key lies below -inf's) leaves the row undefined
@@ -141,8 +144,53 @@ def test_top_k_selection_at_every_digit(backend, dtype):
     nan_rows[1, 500] = math.nan
     for rules in (dict(top_k=3), dict(min_p=0.5, min_tokens_to_keep=3)):
         assert not logitkit.truncation_mask(backend.tensor(nan_rows.to(dtype)), **rules).cpu().any()
-    for rules in (dict(top_k=12, min_p=0.01, temperature=0.7), dict(top_k=40, top_p=0.9, temperature=0.7)):
-        check_sampled_statistics(backend, x, rules)
+    for rules in (
+        dict(top_k=12, min_p=0.01, temperature=0.7),
+        dict(top_k=40, top_p=0.9, temperature=0.7),
+        dict(top_k=40, typical_p=0.5, temperature=0.7),
+    ):
+        check_sampled_statistics(backend, x[[0, 1, 2, 3, 4, 5, 6, 8]] if "typical_p" in rules else x, rules)
+
+
+def test_top_k_ties_of_scaled_logits(backend):
+    """top-k (and top-p after it) compare z = x * (1/T) in float32, as transformers' warpers do
+    after its float32 temperature division: logits one ulp apart that round to one z are ties
+    there, so top-k keeps all of them (the float64 reference of x / T keeps exactly k). Equal to
+    the reference over the float32 z at T = 1 on every backend (CUDA: the survivors spelled out
+    by the selection's last digit are complete only when the key below the k-th largest scales
+    to a smaller z, and a range gathered after the selection stopped early only when the key
+    below the range does; other rows take the gather pass)."""
+    x = rows(4, 1000, scale=1.0, seed=11)
+    ulps = torch.full((41,), 3.6)
+    for i in range(1, 41):
+        ulps[i] = torch.nextafter(ulps[i - 1], torch.tensor(math.inf))
+    x[:, 100:141] = ulps.flip(0)  # above every other logit of the rows
+    inv_t = torch.tensor(1 / 0.7, dtype=torch.float32)
+    z = x * inv_t
+    assert z[0, 100:141].unique().numel() < 41  # the scaling merges neighbours
+    ties = []
+    for k in (3, 4, 5, 30):
+        for rules in (dict(top_k=k), dict(top_k=k, top_p=0.55), dict(top_k=k, top_p=0.55, min_p=0.2)):
+            got = logitkit.truncation_mask(backend.tensor(x), temperature=0.7, **rules).cpu()
+            assert torch.equal(got, references.truncation_mask(z, **rules)), (k, rules)
+            if len(rules) == 1:  # top-k alone: k, or more where z ties across the k-th
+                ties.append(got.sum(-1) - k)
+    assert torch.stack(ties).min() == 0 and torch.stack(ties).max() > 0
+    # x_k at the lowest key of a first-digit bin (3.5 = 1.75 * 2) whose lower neighbour scales
+    # to the same z (5.0): CUDA's selection stops early at that bin when it holds few tokens,
+    # and the survivor below the bin needs the gather pass
+    below = torch.nextafter(torch.tensor(3.5), torch.tensor(-math.inf))
+    assert below * inv_t == torch.tensor(3.5) * inv_t
+    for k in (3, 5):
+        y = rows(2, 1000, scale=1.0, seed=12)
+        block = [torch.tensor(3.5)]
+        for _ in range(k - 1):
+            block.append(torch.nextafter(block[-1], torch.tensor(math.inf)))
+        y[:, 200 : 200 + k] = torch.stack(block)
+        y[:, 200 + k] = below
+        for rules in (dict(top_k=k, top_p=0.55), dict(top_k=k, top_p=0.4, typical_p=0.9)):
+            got = logitkit.truncation_mask(backend.tensor(y), temperature=0.7, **rules).cpu()
+            assert torch.equal(got, references.truncation_mask(y * inv_t, **rules)), (k, rules)
 
 
 def check_sampled_statistics(backend, x: torch.Tensor, rules: dict) -> None:

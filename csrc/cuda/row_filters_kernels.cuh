@@ -6,14 +6,19 @@
 // only in core::filter_cut's threshold). Passes over the row:
 //   ranks    only for top-k / min_tokens_to_keep > 1: the k-th largest
 //            logit (kth_largest_logit: 1 to 3 digit passes, bf16 / fp16 1
-//            or 2), whose first pass also finds the row max. When the cut
+//            or 2), whose first pass also finds the row max. For a top-k
+//            that may gather (below), top_k_with_survivors: the selection
+//            stops at a bin of at most kGatheredSurvivors tokens from the
+//            top and the gather pass finds the k-th in it. When the cut
 //            needs nothing more (temperature, top-k, min-p, the floor:
 //            core::needs_row_sums), pass 1 is skipped.
 //   gather   instead of pass 1 and top-p's passes, for a top-k of at most
 //            kGatheredSurvivors tokens whose cut needs sums: one pass
-//            copies the survivors' z to shared memory, a rank sort orders
-//            them, and the statistics and top-p run over that copy
-//            (gathered_state, gathered_top_p).
+//            copies the survivors' keys to shared memory (none when the
+//            selection's last digit spelled them out:
+//            keep_last_digit_survivors), a rank sort orders them, and the
+//            statistics and top-p run over that copy (gathered_state,
+//            gathered_top_p).
 //   pass 1   every thread folds its tokens (strided, coalesced) into a
 //            core::FilterState; one block reduction; every thread then
 //            computes the same cut (threshold, max). With top_p < 1 the
@@ -34,6 +39,7 @@
 //            radix selection again, keyed on -|z - c| (1 to 3 digit passes,
 //            the first included), after one pass for the candidates' sums
 //            when no earlier pass summed them: the cut's center and radius.
+//            Over the gathered survivors: no pass (gathered_typical).
 //   mask     pass 2 writes the kept test (core::kept_weight). -> 2 passes
 //            (+ 0 to 2 with top-p, + 1 to 4 with typical)
 //   sample   pass 2 sums the kept weights (mass, shifted sum, count; block
@@ -75,12 +81,12 @@ struct RowFilterStorage {
   float mass_scratch[kReduceScratchSize];
   float share_mass[kMaxWarpsPerBlock];  // each warp's kept mass (kept_sums_and_draw)
   int64_t index_scratch[kReduceScratchSize];
-  float top_k_x, floor_x;                // the selected ranks' logits (with_selected_ranks), re-read after top-p
-  TopHStorage radix;                     // the radix selections' histograms and walk (top-k, top-p, typical)
-  float gathered_z[kGatheredSurvivors];  // the top-k survivors' z, in the gather's (timing's) order
-  float ranked_z[kGatheredSurvivors];    // the same, largest first
-  float ranked_e[kGatheredSurvivors];    // and their weights exp(z - m)
-  int gathered_count;                    // survivors in the row (only the first kGatheredSurvivors stored)
+  float top_k_x, floor_x;                     // the selected ranks' logits (with_selected_ranks), re-read after top-p
+  TopHStorage radix;                          // the radix selections' histograms and walk (top-k, top-p, typical)
+  uint32_t gathered_key[kGatheredSurvivors];  // the top-k survivors' orderable keys, in the gather's (timing's) order
+  float ranked_z[kGatheredSurvivors];         // their z, largest first
+  float ranked_e[kGatheredSurvivors];         // and their weights exp(z - m)
+  int gathered_count;  // survivors in the row (only the first kGatheredSurvivors stored; -1: not gathered yet)
 };
 
 template <class scalar_t>
@@ -182,14 +188,103 @@ LK_DEVICE inline void typical_passes(const scalar_t* x, int64_t cols, const core
 // the top reaches k and stops there once that bin holds one key value, the
 // k-th largest token's (ties: the same value as torch.topk's k-th). 1 to 3
 // digit passes (bf16 / fp16: 1 or 2), the first included; that one also
-// leaves the row max in s.radix.row_max_x.
+// leaves the row max in s.radix.row_max_x. With `above` (k <= kGatheredSurvivors;
+// top_k_with_survivors), the selection stops early at a bin whose tokens and
+// those above it are at most kGatheredSurvivors (cut.tie_total 0: no value
+// returned), and its last digit pass gathers the keys above its candidate
+// range into `above`.
 template <class scalar_t>
-LK_DEVICE inline float kth_largest_logit(const scalar_t* x, int64_t cols, int64_t k, RowFilterStorage& s) {
+LK_DEVICE inline float kth_largest_logit(const scalar_t* x, int64_t cols, int64_t k, RowFilterStorage& s,
+                                         uint32_t* above = nullptr) {
   __syncthreads();  // every thread has read the previous selection's cut
   constexpr int kSingleValueLevel = sizeof(scalar_t) == 2 ? 1 : kDigitCount - 1;
-  radix_select<Selection::rank>(x, cols, RankPredicate{{k - 1}, kSingleValueLevel}, 0.0f, 1.0f, core::neg_infinity(),
-                                s.radix, nullptr, false);
+  const RankPredicate pred{{k - 1}, kSingleValueLevel, above != nullptr ? kGatheredSurvivors : 0};
+  radix_select<Selection::rank>(x, cols, pred, 0.0f, 1.0f, core::neg_infinity(), s.radix, above, false);
   return core::key_to_float(s.radix.cut.tie_key);
+}
+
+// Whether a row may gather its top-k survivors (block-uniform): top-k keeps
+// at most kGatheredSurvivors tokens (before ties) and the cut needs their
+// sums. Rows with a NaN, +inf or all -inf max take pass 1 (gathers_survivors).
+LK_DEVICE inline bool may_gather_survivors(const core::RankCounts& ranks, const core::FilterParams& p) {
+  return ranks.top_k > 0 && ranks.top_k <= kGatheredSurvivors && core::needs_row_sums(p);
+}
+
+// Right after top-k's selection (a block collective): when its last digit
+// resolved the k-th largest key x_k, the survivors' keys are known without a
+// gather pass: the keys above the last candidate range (gathered by that
+// pass), the range's keys above x_k and x_k's tie group (append_last_digit_keys).
+// They are top-k's survivors z >= z_k unless a key below x_k scales to the
+// same z (z = x * (1/T) rounds distinct x to one float: T < 1, adjacent
+// floats), whose tokens then survive too: such rows (and selections resolved
+// at an earlier digit, or more than kGatheredSurvivors survivors) are left to
+// the gather pass (gathered_count = -1).
+LK_DEVICE inline void keep_last_digit_survivors(float inv_t, RowFilterStorage& s) {
+  if (threadIdx.x == 0) {
+    const Cut& cut = s.radix.cut;
+    const uint32_t key = cut.tie_key;
+    const bool resolved_last =
+        cut.done == kDigitCount && cut.tie_total > 0 && cut.selected + cut.tie_total <= kGatheredSurvivors;
+    const float z_k = core::scaled_logit(core::key_to_float(key), inv_t);
+    // (key 0 is the lowest key; a NaN z below never equals z_k: no fallback needed there)
+    const bool none_below = key == 0 || !(core::scaled_logit(core::key_to_float(key - 1u), inv_t) >= z_k);
+    s.gathered_count = resolved_last && none_below
+                           ? static_cast<int>(append_last_digit_keys(s.radix, cut.tie_total, s.gathered_key))
+                           : -1;
+  }
+  __syncthreads();
+}
+
+// After top-k's selection stopped early (cut.tie_total 0; a block
+// collective): one pass gathers the keys >= the bin's lowest key (at most
+// kGatheredSurvivors: the walk counted them) into s.gathered_key, and the k-th
+// largest of them is x_k (the key of rank k - 1 in a rank sort; n^2 / threads
+// compares). The gathered keys are then top-k's
+// survivors and the range's keys below x_k (filter_pass_one keeps the prefix
+// z >= z_k of their ranking), unless the key just below the range scales to
+// z_k (see keep_last_digit_survivors): gathered_count = -1, the gather pass.
+template <class scalar_t>
+LK_DEVICE inline float kth_largest_of_gathered_range(const scalar_t* x, int64_t cols, int64_t k, float inv_t,
+                                                     RowFilterStorage& s) {
+  const uint32_t from = static_cast<uint32_t>(s.radix.cut.full_from);  // (< 2^32: a bin's lowest key)
+  if (threadIdx.x == 0) s.gathered_count = 0;
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
+    const uint32_t key = core::orderable_key(filter_logit(x, i));
+    if (key >= from) {
+      const int slot = atomicAdd(&s.gathered_count, 1);
+      if (slot < kGatheredSurvivors) s.gathered_key[slot] = key;
+    }
+  }
+  __syncthreads();
+  const int n = s.gathered_count;
+  for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x)) {
+    const uint32_t key = s.gathered_key[a];
+    int64_t rank = 0;  // (equal keys in slot order: one writer)
+    for (int b = 0; b < n; ++b) rank += s.gathered_key[b] > key || (s.gathered_key[b] == key && b < a);
+    if (rank == k - 1) s.top_k_x = core::key_to_float(key);
+  }
+  __syncthreads();
+  const float top_k_x = s.top_k_x;
+  const float z_k = core::scaled_logit(top_k_x, inv_t);
+  if (threadIdx.x == 0 && from > 0 && core::scaled_logit(core::key_to_float(from - 1u), inv_t) >= z_k) {
+    s.gathered_count = -1;
+  }
+  __syncthreads();
+  return top_k_x;
+}
+
+// top-k's k-th largest logit for a row that may gather its survivors
+// (may_gather_survivors; a block collective): the selection with early stop,
+// leaving the survivors' keys in s.gathered_key (gathered_count of them; -1:
+// the gather pass collects them).
+template <class scalar_t>
+LK_DEVICE inline float top_k_with_survivors(const scalar_t* x, int64_t cols, int64_t k, float inv_t,
+                                            RowFilterStorage& s) {
+  const float top_k_x = kth_largest_logit(x, cols, k, s, s.gathered_key);
+  if (s.radix.cut.tie_total == 0) return kth_largest_of_gathered_range(x, cols, k, inv_t, s);  // block-uniform
+  keep_last_digit_survivors(inv_t, s);
+  return top_k_x;
 }
 
 // top-k's and the keep floor's logits (core::rank_counts; block-uniform),
@@ -200,7 +295,11 @@ LK_DEVICE inline core::FilterParams with_selected_ranks(const scalar_t* x, int64
                                                         RowFilterStorage& s) {
   const core::RankCounts ranks = core::rank_counts(p, cols);
   float top_k_x = core::neg_infinity(), floor_x = core::pos_infinity();
-  if (ranks.top_k > 0) top_k_x = kth_largest_logit(x, cols, ranks.top_k, s);
+  if (may_gather_survivors(ranks, p)) {
+    top_k_x = top_k_with_survivors(x, cols, ranks.top_k, p.inv_temperature, s);
+  } else if (ranks.top_k > 0) {
+    top_k_x = kth_largest_logit(x, cols, ranks.top_k, s);
+  }
   if (ranks.floor > 0) floor_x = ranks.floor == ranks.top_k ? top_k_x : kth_largest_logit(x, cols, ranks.floor, s);
   if (threadIdx.x == 0) {  // (read after pass 1's barriers)
     s.top_k_x = top_k_x;
@@ -209,43 +308,44 @@ LK_DEVICE inline core::FilterParams with_selected_ranks(const scalar_t* x, int64
   return core::with_rank_cuts(p, top_k_x, floor_x);
 }
 
-// Whether a row gathers its top-k survivors (block-uniform): top-k keeps at
-// most kGatheredSurvivors tokens (before ties), the cut needs their sums, and
-// the row max is finite (NaN, +inf and all -inf rows take pass 1).
+// Whether a row gathers its top-k survivors (block-uniform):
+// may_gather_survivors and the row max is finite (NaN, +inf and all -inf rows
+// take pass 1).
 LK_DEVICE inline bool gathers_survivors(const core::RankCounts& ranks, const core::FilterParams& p, float row_max_x) {
-  return ranks.top_k > 0 && ranks.top_k <= kGatheredSurvivors && core::needs_row_sums(p) &&
-         row_max_x > core::neg_infinity() && row_max_x < core::pos_infinity();
+  return may_gather_survivors(ranks, p) && row_max_x > core::neg_infinity() && row_max_x < core::pos_infinity();
 }
 
-// One pass: the top-k survivors' z (z >= z_k) into s.gathered_z. Returns how
-// many the row holds (every thread); above kGatheredSurvivors (a tie group at
-// the k-th largest logit), only that many were stored.
+// One pass: the top-k survivors' keys (z >= z_k) into s.gathered_key. Returns
+// how many the row holds (every thread); above kGatheredSurvivors (a tie group
+// at the k-th largest logit), only that many were stored.
 template <class scalar_t>
 LK_DEVICE inline int gather_top_k_survivors(const scalar_t* x, int64_t cols, const core::FilterParams& p,
                                             RowFilterStorage& s) {
+  __syncthreads();  // every thread has read gathered_count (filter_pass_one)
   if (threadIdx.x == 0) s.gathered_count = 0;
   __syncthreads();
   for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
-    const float z = core::scaled_logit(filter_logit(x, i), p.inv_temperature);
-    if (z >= p.top_k_z) {
+    const float xv = filter_logit(x, i);
+    if (core::scaled_logit(xv, p.inv_temperature) >= p.top_k_z) {
       const int slot = atomicAdd(&s.gathered_count, 1);
-      if (slot < kGatheredSurvivors) s.gathered_z[slot] = z;
+      if (slot < kGatheredSurvivors) s.gathered_key[slot] = core::orderable_key(xv);
     }
   }
   __syncthreads();
   return s.gathered_count;
 }
 
-// Sorts the n gathered z into s.ranked_z, largest first (rank sort: n^2 /
-// threads compares). The gather's slots follow the atomics' timing; what is
-// summed below runs over this order, which depends on the values alone, so
-// the results are the same run to run (docs/determinism.md).
-LK_DEVICE inline void rank_gathered(int n, RowFilterStorage& s) {
+// Sorts the n gathered keys, largest first (rank sort: n^2 / threads
+// compares), into s.ranked_z as z = x * (1/T) (monotone in x: the z are
+// sorted too). The gather's slots follow the atomics' timing; what is summed
+// below runs over this order, which depends on the values alone, so the
+// results are the same run to run (docs/determinism.md).
+LK_DEVICE inline void rank_gathered(int n, float inv_t, RowFilterStorage& s) {
   for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x)) {
-    const float z = s.gathered_z[a];
+    const uint32_t key = s.gathered_key[a];
     int rank = 0;
-    for (int b = 0; b < n; ++b) rank += s.gathered_z[b] > z || (s.gathered_z[b] == z && b < a);
-    s.ranked_z[rank] = z;
+    for (int b = 0; b < n; ++b) rank += s.gathered_key[b] > key || (s.gathered_key[b] == key && b < a);
+    s.ranked_z[rank] = core::scaled_logit(core::key_to_float(key), inv_t);
   }
   __syncthreads();
 }
@@ -297,6 +397,56 @@ LK_DEVICE inline core::TopPCut gathered_top_p(int n, float m, float limit, RowFi
                        kept.shifted};
 }
 
+// typical over the n ranked survivors (instead of typical_passes: no pass
+// over the row): the candidates z >= cut.threshold are a prefix of the
+// ranking; their K, D (from top-p's or pass 1's sums when the threshold is
+// theirs, else summed here), the center c = m + D / K, then each candidate's
+// distance |z - c| as an orderable key of -distance in s.gathered_key (free
+// after rank_gathered). A candidate is kept iff the candidates strictly
+// closer to c (larger key) have not reached the limit (core::typical_reached:
+// mass typical_p * K and min_tokens_to_keep), the walk's rule over
+// TypicalPredicate: the crossing token and its ties are kept. The radius is
+// the largest kept distance. At most n^2 / threads compares and additions.
+LK_DEVICE inline void gathered_typical(int n, const core::FilterParams& p, const core::TopPCut& top_p,
+                                       RowFilterStorage& s, core::FilterCut& cut) {
+  int candidates = 0;  // (the same in every thread)
+  while (candidates < n && s.ranked_z[candidates] >= cut.threshold) ++candidates;
+  for (int a = static_cast<int>(threadIdx.x); a < candidates; a += static_cast<int>(blockDim.x))
+    s.ranked_e[a] = core::exp_of(s.ranked_z[a] - cut.max);
+  __syncthreads();
+  core::KeptSums sums{top_p.mass, top_p.shifted, 0.0f};
+  if (!core::typical_candidates_known(p, top_p, cut)) {
+    core::KeptSums mine{0.0f, 0.0f, 0.0f};
+    for (int a = static_cast<int>(threadIdx.x); a < candidates; a += static_cast<int>(blockDim.x)) {
+      mine.mass += s.ranked_e[a];
+      mine.shifted += (s.ranked_z[a] - cut.max) * s.ranked_e[a];
+    }
+    sums = block_reduce(mine, AddKeptSums{}, core::KeptSums{0.0f, 0.0f, 0.0f}, s.sums_scratch);
+  }
+  const float center = core::typical_center(cut.max, sums.mass, sums.shifted);
+  const core::TypicalLimit limit = core::typical_limit(p, sums.mass);
+  for (int a = static_cast<int>(threadIdx.x); a < candidates; a += static_cast<int>(blockDim.x))
+    s.gathered_key[a] = core::orderable_key(-core::typical_distance(s.ranked_z[a], center));
+  __syncthreads();
+  float radius = core::neg_infinity();
+  for (int a = static_cast<int>(threadIdx.x); a < candidates; a += static_cast<int>(blockDim.x)) {
+    const uint32_t key = s.gathered_key[a];
+    float mass_closer = 0.0f, count_closer = 0.0f;
+    for (int b = 0; b < candidates; ++b) {
+      if (s.gathered_key[b] > key) {
+        mass_closer += s.ranked_e[b];
+        count_closer += 1.0f;
+      }
+    }
+    if (!core::typical_reached(mass_closer, count_closer, limit)) {
+      radius = core::max_of(radius, core::typical_distance(s.ranked_z[a], center));
+    }
+  }
+  cut.center = center;
+  cut.radius =
+      block_reduce(radius, [](float a, float b) { return core::max_of(a, b); }, core::neg_infinity(), s.mass_scratch);
+}
+
 // Pass 1 (and top-p's and typical's passes): the row's cut (the same in every thread).
 template <class scalar_t>
 LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols, const float* param_row,
@@ -311,13 +461,21 @@ LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols
     st.sm.max = core::scaled_logit(s.radix.row_max_x, p.inv_temperature);
     return core::filter_cut(st, p, core::no_top_p_cut(st));
   }
-  // A short top-k: its survivors gathered in one pass, the statistics and
-  // top-p over them (no pass over the row for either).
-  const int gathered = gathers_survivors(ranks, p, s.radix.row_max_x) ? gather_top_k_survivors(x, cols, p, s) : -1;
+  // A short top-k: its survivors (from the selection's last digit, or
+  // gathered in one pass), the statistics and top-p over them (no pass over
+  // the row for either).
+  int gathered = -1;
+  if (gathers_survivors(ranks, p, s.radix.row_max_x)) {
+    gathered = s.gathered_count;  // (keep_last_digit_survivors)
+    if (gathered < 0) gathered = gather_top_k_survivors(x, cols, p, s);
+  }
   core::FilterState st;
   core::TopPCut top_p;
-  if (gathered >= 0 && gathered <= kGatheredSurvivors) {
-    rank_gathered(gathered, s);
+  const bool over_gathered = gathered >= 0 && gathered <= kGatheredSurvivors;  // block-uniform
+  if (over_gathered) {
+    rank_gathered(gathered, p.inv_temperature, s);
+    // top-k's survivors are the prefix z >= z_k (all of them but after an early-stopped selection)
+    while (gathered > 0 && !(s.ranked_z[gathered - 1] >= p.top_k_z)) --gathered;
     st = gathered_state(gathered, s);
     top_p = core::uses_top_p(p, st.sm.max)
                 ? gathered_top_p(gathered, st.sm.max, core::top_p_mass_limit(p.top_p, st.sm.sum_exp), s)
@@ -345,7 +503,13 @@ LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols
   // spilled to local memory (sm_90).
   const core::FilterParams params = core::with_rank_cuts(core::decode_filter_params(param_row), s.top_k_x, s.floor_x);
   core::FilterCut cut = core::filter_cut(st, params, top_p);
-  if (core::uses_typical(params, cut)) typical_passes(x, cols, params, top_p, s, cut);  // block-uniform
+  if (core::uses_typical(params, cut)) {  // block-uniform
+    if (over_gathered) {
+      gathered_typical(gathered, params, top_p, s, cut);
+    } else {
+      typical_passes(x, cols, params, top_p, s, cut);
+    }
+  }
   return cut;
 }
 

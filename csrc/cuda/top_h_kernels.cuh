@@ -243,9 +243,13 @@ struct CountPredicate {
 // or any bin below the first digit for 16-bit inputs (bf16 / fp16 values
 // widened to float leave the key's low 13 bits constant, and such a bin spans
 // only the low 10). So top-k takes 1 to 3 digit passes (16-bit inputs: 1 or
-// 2) instead of always 3.
+// 2) instead of always 3. With a gather capacity, a failing bin that is not
+// single-valued stops the walk too when it and the tokens above it are at most
+// that many: the cut is then the range of keys >= the bin's lowest key
+// (tie_total 0), whose tokens the caller gathers and ranks itself.
 struct RankPredicate : CountPredicate {
-  int single_value_level;  // first digit level whose bins each hold one key value
+  int single_value_level;   // first digit level whose bins each hold one key value
+  int64_t gather_capacity;  // 0: always refine to a single value
   LK_DEVICE bool single_valued(int level, int64_t bin_count) const {
     return bin_count == 1 || level >= single_value_level;
   }
@@ -568,9 +572,10 @@ LK_DEVICE inline void rescale_first_digit_bins(TopHStorage& s, const FirstDigit&
 // typical's distance): the histogram of the tokens whose key (key_of: the
 // logit's, or typical's distance) has the digits fixed so far (`prefix`);
 // "exact" relative to the row max m, without tokens of zero probability
-// (never candidates). Capped rules, last digit: the keys above the candidate
-// range are selected for sure and are collected into `candidates` now (no
-// separate gather pass). Tokens with z < floor_z (top-k's dropped tokens, for
+// (never candidates). Capped rules (and the rank selection when given
+// `candidates`), last digit: the keys above the candidate range are selected
+// for sure and are collected into `candidates` now (no separate gather
+// pass). Tokens with z < floor_z (top-k's dropped tokens, for
 // the sampler family's top-p; the candidates' threshold for typical) are no
 // candidates (kFloor; floor_z = -inf for Top-H).
 template <Selection kSel, bool kFloor, bool kFixed, class scalar_t, class KeyOf = LogitKey>
@@ -589,8 +594,10 @@ LK_DEVICE inline void digit_pass(const scalar_t* x, int64_t cols, int level, uin
     const float z = core::scaled_logit(xv, inv_t);
     const uint32_t key = key_of(xv, z);
     if (level > 0 && (key >> prefix_shift) != prefix) {  // (the first digit has no prefix)
-      if constexpr (kSel == Selection::capped) {
-        if (level == kDigitCount - 1 && (key >> prefix_shift) > prefix) candidates[atomicAdd(&s.gathered, 1)] = key;
+      if constexpr (kSel == Selection::capped || kSel == Selection::rank) {
+        if (level == kDigitCount - 1 && candidates != nullptr && (key >> prefix_shift) > prefix) {
+          candidates[atomicAdd(&s.gathered, 1)] = key;
+        }
       }
       continue;
     }
@@ -688,6 +695,13 @@ LK_DEVICE inline void walk(const Predicate& pred, int level, float m, float inv_
         s.cut.done = level + 1;
         return;
       }
+      if (s.above.count + s.bin_count[b] <= pred.gather_capacity) {  // few enough to gather: stop here
+        s.cut.full_from = static_cast<uint64_t>(bin_prefix) << digit_shift(level);
+        s.cut.tie_total = 0;
+        s.cut.selected = s.above.count + s.bin_count[b];
+        s.cut.done = level + 1;
+        return;
+      }
     }
     // (the bin's sums only for fully kept bins: no loads for Top-H's rules)
     const float bin_e = Predicate::kKeepsCrossing ? bin_sum_e<Predicate::kFixedPointSums>(s, b) : 0.0f;
@@ -708,6 +722,23 @@ LK_DEVICE inline void walk(const Predicate& pred, int level, float m, float inv_
   s.cut.done = level + 1;
 }
 
+// After a selection resolved at the last digit (thread 0): appends to
+// keys[s.gathered, ...) the keys of the candidate range above the tie key,
+// each as often as its last-digit bin counts it (bin b <-> key
+// prefix * 1024 + b exactly), then tie_count copies of the tie key. With the
+// keys above the range, which that digit pass gathered into keys[0,
+// s.gathered), these are the selected keys. Returns how many keys[] holds.
+LK_DEVICE inline int64_t append_last_digit_keys(const TopHStorage& s, int64_t tie_count, uint32_t* keys) {
+  const Cut& cut = s.cut;
+  int64_t n = s.gathered;
+  const uint32_t range_base = cut.tie_key & ~kLastDigitMask;
+  for (uint32_t b = kLastDigitMask; b > (cut.tie_key & kLastDigitMask); --b) {
+    for (unsigned c = 0; c < s.bin_count[b]; ++c) keys[n++] = range_base | b;
+  }
+  for (int64_t j = 0; j < tie_count; ++j) keys[n++] = cut.tie_key;
+  return n;
+}
+
 // Capped rules: the K selected keys into candidates[0, K), then sorted
 // (descending) into sorted[0, K).
 template <class scalar_t>
@@ -718,14 +749,7 @@ LK_DEVICE inline void gather_and_sort_candidates(const scalar_t* x, int64_t cols
     // Resolved at the last digit: the keys above the candidate range were
     // gathered during that pass, and the last histogram holds each key of
     // the range exactly (bin b <-> key prefix * 1024 + b), with counts.
-    if (threadIdx.x == 0) {
-      int64_t n = s.gathered;
-      const uint32_t range_base = cut.tie_key & ~kLastDigitMask;
-      for (uint32_t b = kLastDigitMask; b > (cut.tie_key & kLastDigitMask); --b) {
-        for (unsigned c = 0; c < s.bin_count[b]; ++c) candidates[n++] = range_base | b;
-      }
-      for (int64_t j = 0; j < cut.tie_keep; ++j) candidates[n++] = cut.tie_key;
-    }
+    if (threadIdx.x == 0) append_last_digit_keys(s, cut.tie_keep, candidates);
   } else {
     // Resolved at the first digit (V <= K: every token is selected): one
     // gather pass.
