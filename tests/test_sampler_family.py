@@ -6,6 +6,7 @@ definitions), references.mirostat_keep and transformers' warpers."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -13,8 +14,9 @@ import torch
 
 import logitkit
 import logitkit.testing
+from conftest import EMULATED_DEFAULTS
 from logitkit import _loader
-from logitkit.testing import references
+from logitkit.testing import backends, references
 
 RULES = {
     "min_p": dict(min_p=0.1),
@@ -191,6 +193,59 @@ def test_top_k_ties_of_scaled_logits(backend):
         for rules in (dict(top_k=k, top_p=0.55), dict(top_k=k, top_p=0.4, typical_p=0.9)):
             got = logitkit.truncation_mask(backend.tensor(y), temperature=0.7, **rules).cpu()
             assert torch.equal(got, references.truncation_mask(y * inv_t, **rules)), (k, rules)
+
+
+# The CUDA kernels' worst-case passes over a row (docs/sampling.md, "Passes over the row") per
+# rule set of the mask op: for rows whose top-k survivors (ties included) are at most 256, and
+# for rows with more (a tie group at the k-th logit: the gather overflows, and the row takes the
+# rank selection's digit passes (fp32 3, bf16 / fp16 2) + the gather + the path without top-k).
+PASS_BUDGETS = [
+    (dict(top_k=50, top_p=0.9), 4, 3 + 1 + 4),
+    (dict(top_k=256, top_p=0.7, min_p=0.01), 4, 3 + 1 + 4),
+    (dict(top_k=50, top_p=0.9, eta=1e-3, temperature=0.7), 4, 3 + 1 + 4),
+    (dict(top_k=50, typical_p=0.5), 4, 3 + 1 + 5),
+    (dict(top_k=120, top_p=0.95, typical_p=0.9, top_n_sigma=2.0), 4, 3 + 1 + 8),
+    (dict(top_k=50), 4, 4),  # top-k alone: its digit passes + the write, no gather
+    (dict(top_p=0.9), 4, None),
+    (dict(min_p=0.1, temperature=0.7), 2, None),
+    (dict(typical_p=0.5), 5, None),  # the documented miss: typical's first digit needs the center c
+]
+
+
+def emulated_passes(op, row: torch.Tensor, **rules) -> float:
+    """Passes over the row that op(row, **rules) made on the emulated-CUDA backend (one row):
+    the kernels' reads of input elements, counted by the emulator, over the row length."""
+    _loader._C_emulated.count_row_reads(True)
+    try:
+        op(row, **rules)
+    finally:
+        reads = _loader._C_emulated.row_reads()
+        _loader._C_emulated.count_row_reads(False)
+    return reads / row.shape[-1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_passes_within_budget(dtype):
+    """The CUDA kernels keep the pass budgets that docs/sampling.md states, counted by the
+    emulator one row per call (rows of every digit of the rank selection, random rows), and the
+    sampler adds at most one warp's share of a pass (the draw) and the drawn token's read."""
+    if _loader._C_emulated is None:
+        pytest.skip("emulated-CUDA module not built")
+    x = torch.cat([rank_selection_rows(torch.float32), rows(4, 1000, scale=3.0, seed=2)]).to(dtype)
+    _loader._C_emulated.configure(**EMULATED_DEFAULTS)
+    draw_share = -(-x.shape[-1] // -(-EMULATED_DEFAULTS["threads_per_block"] // 32)) + 1
+    short_rank = 1 if dtype != torch.float32 else 0  # 16-bit keys: at most 2 digit passes
+    with backends.use_backend("emulated-cuda"):
+        for rules, budget, overflow_budget in PASS_BUDGETS:
+            for r in range(x.shape[0]):
+                row = x[r : r + 1]
+                k = rules.get("top_k", 0)
+                survivors = int((row.float() >= row.float().topk(k).values[0, -1]).sum()) if k else 0
+                limit = overflow_budget - short_rank if survivors > 256 else budget
+                mask = emulated_passes(logitkit.truncation_mask, row, **rules)
+                assert mask <= limit, (rules, r, mask)
+                drawn = emulated_passes(functools.partial(logitkit.sample, seed=1), row, **rules)
+                assert drawn <= limit + draw_share / x.shape[-1], (rules, r, drawn)
 
 
 def check_sampled_statistics(backend, x: torch.Tensor, rules: dict) -> None:

@@ -89,11 +89,6 @@ struct RowFilterStorage {
   int gathered_count;  // survivors in the row (only the first kGatheredSurvivors stored; -1: not gathered yet)
 };
 
-template <class scalar_t>
-LK_DEVICE inline float filter_logit(const scalar_t* row, int64_t i) {
-  return static_cast<float>(row[i]);
-}
-
 // At most 512 threads per block: 128 registers per thread, so that the
 // FilterState reductions do not spill (1024 threads cap them at 64). The
 // kernels also declare at least 1 block per SM (__launch_bounds__'s second
@@ -171,7 +166,7 @@ LK_DEVICE inline void typical_passes(const scalar_t* x, int64_t cols, const core
   core::KeptSums candidates{top_p.mass, top_p.shifted, 0.0f};
   if (!core::typical_candidates_known(p, top_p, cut)) {
     core::KeptSums mine{0.0f, 0.0f, 0.0f};
-    for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) add_kept(mine, cut, filter_logit(x, i), p.inv_temperature);
+    for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) add_kept(mine, cut, load_logit(x, i), p.inv_temperature);
     candidates = block_reduce(mine, AddKeptSums{}, core::KeptSums{0.0f, 0.0f, 0.0f}, s.sums_scratch);
   }
   const float center = core::typical_center(cut.max, candidates.mass, candidates.shifted);
@@ -250,7 +245,7 @@ LK_DEVICE inline float kth_largest_of_gathered_range(const scalar_t* x, int64_t 
   if (threadIdx.x == 0) s.gathered_count = 0;
   __syncthreads();
   for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
-    const uint32_t key = core::orderable_key(filter_logit(x, i));
+    const uint32_t key = core::orderable_key(load_logit(x, i));
     if (key >= from) {
       const int slot = atomicAdd(&s.gathered_count, 1);
       if (slot < kGatheredSurvivors) s.gathered_key[slot] = key;
@@ -325,7 +320,7 @@ LK_DEVICE inline int gather_top_k_survivors(const scalar_t* x, int64_t cols, con
   if (threadIdx.x == 0) s.gathered_count = 0;
   __syncthreads();
   for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
-    const float xv = filter_logit(x, i);
+    const float xv = load_logit(x, i);
     if (core::scaled_logit(xv, p.inv_temperature) >= p.top_k_z) {
       const int slot = atomicAdd(&s.gathered_count, 1);
       if (slot < kGatheredSurvivors) s.gathered_key[slot] = core::orderable_key(xv);
@@ -487,7 +482,7 @@ LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols
     st = core::empty_filter_state();
     TopBinState mine = empty_top_bin();
     for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
-      const float xv = filter_logit(x, i);
+      const float xv = load_logit(x, i);
       const float z = core::top_k_survivor(core::scaled_logit(xv, p.inv_temperature), p);
       core::accumulate(st, z);
       if (first_digit && z > core::neg_infinity()) {  // a survivor (NaN / +inf: the row is undefined anyway)
@@ -520,7 +515,7 @@ template <class scalar_t>
 LK_DEVICE inline core::SoftmaxState raw_state(const scalar_t* x, int64_t cols, RowFilterStorage& s) {
   core::SoftmaxState raw = core::empty_state();
   for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
-    const float xv = filter_logit(x, i);
+    const float xv = load_logit(x, i);
     core::accumulate(raw, &xv, 1);
   }
   return block_reduce(
@@ -544,7 +539,7 @@ __global__ void __launch_bounds__(kMaxFilterThreads, 1)
     if (!cut.defined || cut.max == core::neg_infinity()) {
       keep = cut.defined && i == 0;  // NaN / +inf: nothing; all -inf: token 0 only
     } else {
-      keep = core::kept_weight(cut, filter_logit(x, i), p.inv_temperature) > 0.0f;
+      keep = core::kept_weight(cut, load_logit(x, i), p.inv_temperature) > 0.0f;
     }
     if constexpr (std::is_same_v<out_t, bool>) {
       out[i] = keep;
@@ -567,7 +562,7 @@ LK_DEVICE inline int64_t kept_sums_and_draw(const scalar_t* x, int64_t cols, con
   const WarpShare share = warp_share(cols);
   core::KeptSums mine{0.0f, 0.0f, 0.0f};
   for (int64_t i = share.begin + lane_rank(); i < share.end; i += lanes_in_warp())
-    add_kept(mine, cut, filter_logit(x, i), inv_t);
+    add_kept(mine, cut, load_logit(x, i), inv_t);
   const float share_mass = warp_reduce(mine.mass, [](float a, float b) { return a + b; });
   if (lane_rank() == 0) s.share_mass[warp_rank()] = share_mass;
   sums = block_reduce(mine, AddKeptSums{}, core::KeptSums{0.0f, 0.0f, 0.0f},
@@ -586,7 +581,7 @@ LK_DEVICE inline int64_t kept_sums_and_draw(const scalar_t* x, int64_t cols, con
   }
   // Every warp runs the search (a warp collective), on an empty share but the crossing one's.
   const WarpShare search = warp_rank() == crossing ? share : WarpShare{0, 0};
-  auto weight = [&](int64_t i) { return core::kept_weight(cut, filter_logit(x, i), inv_t); };
+  auto weight = [&](int64_t i) { return core::kept_weight(cut, load_logit(x, i), inv_t); };
   const int64_t found = warp_share_inverse_cdf_draw(search, before_crossing, target, weight);
   if (warp_rank() == crossing && lane_rank() == 0) s.index_scratch[0] = found;
   __syncthreads();
@@ -621,7 +616,7 @@ __global__ void __launch_bounds__(kMaxFilterThreads, 1)
   core::KeptSums sums{0.0f, 0.0f, 0.0f};
   const int64_t token = kept_sums_and_draw(x, cols, cut, p.inv_temperature, uniform[row], s, sums);
   if (threadIdx.x == 0) {
-    const float xv = filter_logit(x, token);
+    const float xv = load_logit(x, token);
     const float log_mass = core::log_of(sums.mass);
     tokens[row] = token;
     st[kLogProb] = (core::scaled_logit(xv, p.inv_temperature) - cut.max) - log_mass;
@@ -632,7 +627,7 @@ __global__ void __launch_bounds__(kMaxFilterThreads, 1)
   // The raw log-prob last, so that only the token is live across its pass.
   if constexpr (kRaw) {
     const core::SoftmaxState raw = raw_state(x, cols, s);
-    if (threadIdx.x == 0) st[kRawLogProb] = (filter_logit(x, token) - raw.max) - core::log_of(raw.sum_exp);
+    if (threadIdx.x == 0) st[kRawLogProb] = (load_logit(x, token) - raw.max) - core::log_of(raw.sum_exp);
   }
 }
 

@@ -371,8 +371,10 @@ LK_DEVICE inline int64_t ordered_rank(bool flag, int64_t& running, int* warp_cou
   return before + below_in_warp;
 }
 
+// Every read of an input row element (the emulator counts them: passes).
 template <class scalar_t>
 LK_DEVICE inline float load_logit(const scalar_t* row, int64_t i) {
+  LK_COUNT_ROW_READ();
   return static_cast<float>(row[i]);
 }
 

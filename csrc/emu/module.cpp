@@ -70,6 +70,17 @@ PYBIND11_MODULE(_C_emulated, module) {
   module.def(
       "set_deadlock_timeout", [](double seconds) { logitkit::simt::settings().timeout_seconds = seconds; },
       pybind11::arg("seconds"), "Seconds a barrier may wait before the launch fails as a deadlock.");
+  module.def(
+      "count_row_reads",
+      [](bool on) {
+        auto& counter = logitkit::simt::row_read_counter();
+        counter.reads = 0;
+        counter.on = on;
+      },
+      pybind11::arg("on"),
+      "Starts (on=True, from 0) or stops counting the kernels' reads of input row elements (row_reads()): "
+      "reads / (rows * cols) is the number of passes over the rows (tests of the pass budgets).");
+  module.def("row_reads", [] { return logitkit::simt::row_read_counter().reads.load(); });
   module.def("selftest", &logitkit::simt::run_selftest, pybind11::arg("name"), pybind11::arg("threads"),
              pybind11::arg("blocks") = 1, "Runs one of the emulator's self-test kernels (tests/test_emulator.py).");
 }

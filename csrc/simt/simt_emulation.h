@@ -105,6 +105,23 @@ inline Settings& settings() {
   return s;
 }
 
+// Reads of a kernel's input row elements (LK_COUNT_ROW_READ in the kernels'
+// load functions), counted while counting is on: reads / (rows * cols) is the
+// number of passes a launch made over its rows, which the tests hold to the
+// pass budgets of docs/sampling.md. Off by default (one relaxed load per read).
+struct RowReadCounter {
+  std::atomic<bool> on{false};
+  std::atomic<int64_t> reads{0};
+};
+inline RowReadCounter& row_read_counter() {
+  static RowReadCounter counter;
+  return counter;
+}
+inline void count_row_read() {
+  auto& c = row_read_counter();
+  if (c.on.load(std::memory_order_relaxed)) c.reads.fetch_add(1, std::memory_order_relaxed);
+}
+
 // Thrown inside emulated threads to unwind them once a launch has failed.
 struct LaunchAborted {};
 
