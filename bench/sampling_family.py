@@ -21,12 +21,30 @@ import time
 import torch
 
 import logitkit
+from logitkit import filters
 from logitkit.bench.environment import cpu_model
 from logitkit.bench.sampling_cases import sort_based_sample
 from logitkit.bench.sampling_cases import warpers_then_multinomial as transformers_chain
 
 VOCAB = 128256
 TEMPERATURE, MIN_P, EPSILON, ETA, TOP_K, TOP_P, TYPICAL_P = 0.8, 0.05, 3e-4, 3e-4, 50, 0.9, 0.9
+TOP_H = 0.4
+
+
+def top_h_as_a_stage(call):
+    """`call` with Top-H as a stage of its own before the chain's kernels (the top_h_mask op and
+    a masked copy: the route of the rules "official" and "exact", and of every rule before
+    December 5th), for comparison with the chain's kernels running it."""
+
+    def run():
+        saved = filters.FUSED_TOP_H_MAX_COUNT
+        filters.FUSED_TOP_H_MAX_COUNT = 0
+        try:
+            return call()
+        finally:
+            filters.FUSED_TOP_H_MAX_COUNT = saved
+
+    return run
 
 
 def timed(fn, repeats: int) -> float:
@@ -75,6 +93,20 @@ def make_cases(rows: int, tlp) -> dict:
                     [temp, tlp.TopKLogitsWarper(TOP_K), tlp.TopPLogitsWarper(TOP_P), tlp.MinPLogitsWarper(MIN_P)],
                 ),
                 "sort-based": lambda: sort_based_sample(x, t_rows, p_rows, k_rows, top_p_rows),
+            },
+        ),
+        "chain: temperature+top_h+top_k+top_p sample": (
+            lambda: logitkit.sample(x, temperature=t_rows, top_h=TOP_H, top_k=k_rows, top_p=top_p_rows, seed=seeds),
+            {
+                "transformers": lambda: transformers_chain(
+                    x,
+                    [temp, tlp.TopHLogitsWarper(TOP_H), tlp.TopKLogitsWarper(TOP_K), tlp.TopPLogitsWarper(TOP_P)],
+                ),
+                "top_h stage": top_h_as_a_stage(
+                    lambda: logitkit.sample(
+                        x, temperature=t_rows, top_h=TOP_H, top_k=k_rows, top_p=top_p_rows, seed=seeds
+                    )
+                ),
             },
         ),
         "chain: temperature+min_p+epsilon+eta sample": (

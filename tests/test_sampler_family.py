@@ -90,6 +90,14 @@ def test_large_vocab_and_non_contiguous(backend):
     assert torch.equal(got, references.truncation_mask(x, min_p=0.05, top_n_sigma=3.0))
 
 
+def ulp_ladder(start: float, n: int) -> torch.Tensor:
+    """n float32 values from `start` up, each one ulp above the one before."""
+    ladder = torch.full((n,), start)
+    for i in range(1, n):
+        ladder[i] = torch.nextafter(ladder[i - 1], torch.tensor(math.inf))
+    return ladder
+
+
 def rank_selection_rows(dtype: torch.dtype) -> torch.Tensor:
     """Rows whose k-th largest logit the CUDA kernels' radix selection resolves at each of its
     digits: lone tokens far above the rest (a first-digit bin of one token), a tie group across
@@ -98,10 +106,7 @@ def rank_selection_rows(dtype: torch.dtype) -> torch.Tensor:
     x = rows(9, 1000, scale=2.0, seed=7)
     x[0, :3] = torch.tensor([30.0, 20.0, 14.0])
     x[1, :40] = 7.0
-    ulps = torch.full((30,), 5.0)
-    for i in range(1, 30):
-        ulps[i] = torch.nextafter(ulps[i - 1], torch.tensor(math.inf))
-    x[2, 100:130] = ulps
+    x[2, 100:130] = ulp_ladder(5.0, 30)
     x[3] = -x[3].abs()
     x[3, 10:15] = 0.0
     x[3, 20:25] = -0.0
@@ -120,10 +125,10 @@ def test_top_k_selection_at_every_digit(backend, dtype):
     the latest): the kept set equals the float64 reference for k around the ties, the lone
     tokens and the -inf tail; with top-k / min-p alone (the cut needs only the row max, which the
     CUDA selection's first pass finds: no statistics pass) and with top-p and other rules after
-    it (CUDA: a top-k of at most 256 tokens, ties included, is gathered, or spelled out by the
-    selection's last digit, and the rules, typical included, run over that copy; a larger tie
-    group takes the row passes) the sampler's draws stay in that set and its kept count and
-    log-probs match the reference."""
+    it (CUDA: a top-k of at most 256 tokens with at most 512 survivors, ties included, is
+    gathered, or spelled out by the selection's last digit, and the rules, typical included, run
+    over that copy; a larger tie group takes the row passes) the sampler's draws stay in that set
+    and its kept count and log-probs match the reference."""
     x = rank_selection_rows(dtype)
     for k in (1, 2, 12, 40, 41, 256, 257, 999):  # 256: the gathered path's cap
         for rules in (
@@ -163,10 +168,7 @@ def test_top_k_ties_of_scaled_logits(backend):
     to a smaller z, and a range gathered after the selection stopped early only when the key
     below the range does; other rows take the gather pass)."""
     x = rows(4, 1000, scale=1.0, seed=11)
-    ulps = torch.full((41,), 3.6)
-    for i in range(1, 41):
-        ulps[i] = torch.nextafter(ulps[i - 1], torch.tensor(math.inf))
-    x[:, 100:141] = ulps.flip(0)  # above every other logit of the rows
+    x[:, 100:141] = ulp_ladder(3.6, 41).flip(0)  # above every other logit of the rows
     inv_t = torch.tensor(1 / 0.7, dtype=torch.float32)
     z = x * inv_t
     assert z[0, 100:141].unique().numel() < 41  # the scaling merges neighbours
@@ -185,10 +187,7 @@ def test_top_k_ties_of_scaled_logits(backend):
     assert below * inv_t == torch.tensor(3.5) * inv_t
     for k in (3, 5):
         y = rows(2, 1000, scale=1.0, seed=12)
-        block = [torch.tensor(3.5)]
-        for _ in range(k - 1):
-            block.append(torch.nextafter(block[-1], torch.tensor(math.inf)))
-        y[:, 200 : 200 + k] = torch.stack(block)
+        y[:, 200 : 200 + k] = ulp_ladder(3.5, k)
         y[:, 200 + k] = below
         for rules in (dict(top_k=k, top_p=0.55), dict(top_k=k, top_p=0.4, typical_p=0.9)):
             got = logitkit.truncation_mask(backend.tensor(y), temperature=0.7, **rules).cpu()
@@ -196,7 +195,7 @@ def test_top_k_ties_of_scaled_logits(backend):
 
 
 # The CUDA kernels' worst-case passes over a row (docs/sampling.md, "Passes over the row") per
-# rule set of the mask op: for rows whose top-k survivors (ties included) are at most 256, and
+# rule set of the mask op: for rows whose top-k survivors (ties included) are at most 512, and
 # for rows with more (a tie group at the k-th logit: the gather overflows, and the row takes the
 # rank selection's digit passes (fp32 3, bf16 / fp16 2) + the gather + the path without top-k).
 PASS_BUDGETS = [
@@ -209,6 +208,11 @@ PASS_BUDGETS = [
     (dict(top_p=0.9), 4, None),
     (dict(min_p=0.1, temperature=0.7), 2, None),
     (dict(typical_p=0.5), 5, None),  # the documented miss: typical's first digit needs the center c
+    # Top-H first ("hf", K = 100 / 256): 4, + a partial pass where its cut splits a tie group
+    # (its K candidates never overflow: x_K's tie group is stored up to the capacity and counted)
+    (dict(top_h=0.5, top_k=50, top_p=0.9), 5, None),
+    (dict(top_h=0.3, typical_p=0.7, min_p=0.02, temperature=0.7), 5, None),
+    (dict(top_h=0.8, cap=256, top_p=0.9, eta=1e-3, min_tokens_to_keep=3), 5, None),
 ]
 
 
@@ -241,7 +245,8 @@ def test_emulated_passes_within_budget(dtype):
                 row = x[r : r + 1]
                 k = rules.get("top_k", 0)
                 survivors = int((row.float() >= row.float().topk(k).values[0, -1]).sum()) if k else 0
-                limit = overflow_budget - short_rank if survivors > 256 else budget
+                overflows = overflow_budget is not None and survivors > 512
+                limit = overflow_budget - short_rank if overflows else budget
                 mask = emulated_passes(logitkit.truncation_mask, row, **rules)
                 assert mask <= limit, (rules, r, mask)
                 drawn = emulated_passes(functools.partial(logitkit.sample, seed=1), row, **rules)
@@ -500,6 +505,95 @@ def test_statistics(backend, rule):
     torch.testing.assert_close(out.raw_logprobs.cpu().double(), raw, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out.entropy.cpu().double(), references.entropy_terms(q).sum(-1), atol=1e-4, rtol=1e-4)
     assert torch.equal(out.kept.cpu(), keep.sum(-1))
+
+
+def top_h_tie_rows() -> torch.Tensor:
+    """Rows of 1000 logits whose Top-H ("hf", K = 100) cut falls inside a tie group (of signed
+    zeros, too), the group within the K largest, reaching past them, or larger than the CUDA
+    kernels' gather capacity (512): the kept tokens of the group are its lowest indices
+    (docs/top_h.md)."""
+    x = rows(6, 1000, scale=1.0, seed=11) - 6.0
+    x[0, 200:260:2] = 0.0  # 60 zeros on top, split by the cut: +0.0 and -0.0 are one value,
+    x[0, 201:261:2] = -0.0  # ranked by index (CUDA ranked +0.0 first until December 5th)
+    x[1] = 0.25  # one value everywhere
+    x[2, 100:700] = 1.0  # 600 equal on top: past the capacity
+    x[3, 5:8] = torch.tensor([4.0, 3.0, 2.5])
+    x[3, 300:420] = 1.0  # a group across the K-th largest
+    x[4] = torch.randint(-3, 3, (1000,), generator=torch.Generator().manual_seed(5)).float()
+    x[5] = ulp_ladder(2.0, 1000)[torch.randperm(1000, generator=torch.Generator().manual_seed(6))]
+    return x
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        dict(),
+        dict(top_k=20),
+        dict(top_p=0.8, min_p=0.05),
+        dict(top_k=60, typical_p=0.6, min_tokens_to_keep=3),
+        dict(top_k=7, top_p=0.9, eta=1e-3, temperature=0.7),
+        dict(epsilon=1e-3, top_n_sigma=1.0, p_less=True),
+    ],
+)
+def test_fused_top_h_equals_its_own_stage(backend, rules, monkeypatch):
+    """Top-H "hf" with K = min(cap, V) <= 256 runs inside the chain's kernels (its first rule:
+    docs/sampling.md); the mask, the filtered logits and the sampler's token and outputs equal
+    those of Top-H as a stage of its own (top_h_mask and a masked copy), on rows whose Top-H cut
+    splits tie groups of every size, per-row alpha (0: off) and greedy rows included; the kept
+    set equals the float64 reference."""
+    x = top_h_tie_rows()
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        # (alpha * K is never close to an integer: rows of equal logits are not on the budget's edge)
+        args = {"temperature": torch.tensor([1.0, 0.8, 1.3, 0.0, 1.0, 0.6]), **rules}
+        args["top_h"] = torch.tensor([0.373, 0.517, 0.213, 0.373, 0.0, 0.811])
+        args = {k: backend.tensor(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        results = []
+        for fused in (True, False):
+            with monkeypatch.context() as m:
+                if not fused:
+                    m.setattr(logitkit.filters, "FUSED_TOP_H_MAX_COUNT", 0)
+                mask = logitkit.truncation_mask(backend.tensor(xd), **args).cpu()
+                filtered = logitkit.filter_logits(backend.tensor(xd), filter_value=-7.0, **args).cpu()
+                out = logitkit.sample(
+                    backend.tensor(xd),
+                    seed=backend.tensor(torch.arange(6)),
+                    return_logprobs=True,
+                    return_entropy=True,
+                    return_kept=True,
+                    **args,
+                )
+            results.append(dict(mask=mask, filtered=filtered, out=out))
+        fused, unfused = results
+        fused_mask = fused["mask"]
+        assert torch.equal(fused["filtered"], torch.where(fused_mask, xd, -7.0))
+        assert torch.equal(fused_mask, unfused["mask"]) and torch.equal(fused["filtered"], unfused["filtered"])
+        assert torch.equal(fused["out"].tokens, unfused["out"].tokens)
+        assert torch.equal(fused["out"].kept, unfused["out"].kept)
+        for name in ("logprobs", "entropy"):
+            torch.testing.assert_close(getattr(fused["out"], name), getattr(unfused["out"], name), equal_nan=True)
+        # (the stage's raw log-prob came from a log_softmax in the input dtype; the kernels' is float32)
+        tokens = fused["out"].tokens.cpu().clamp(min=0)[:, None]
+        raw = torch.log_softmax(xd.double(), -1).gather(-1, tokens).squeeze(-1)
+        torch.testing.assert_close(fused["out"].raw_logprobs.cpu().double(), raw, atol=1e-4, rtol=1e-4)
+        ref_args = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        for r in range(x.shape[0] - 1):  # (not the ulp ladder: its float64 z differ from the kernels' float32)
+            one = {k: v[r].item() if isinstance(v, torch.Tensor) else v for k, v in ref_args.items()}
+            top_h = one.pop("top_h") or None  # (0: off)
+            expected = references.truncation_mask(xd[r].float(), top_h=top_h, **one)
+            assert torch.equal(fused_mask[r], expected), (dtype, r)
+
+
+def test_typical_after_rules_that_keep_every_finite_token(backend):
+    """typical over top-k survivors that include -inf logits (top-k's and the floor's k-th
+    largest logit is -inf: fewer finite tokens than k), after top-p: the kept set equals the
+    reference (the CUDA kernels summed (z - m) e = NaN for the -inf survivors, and kept nothing)."""
+    x = rows(4, 150, seed=9)
+    x[:, 2:] = -math.inf
+    rules = dict(temperature=0.7, top_k=80, top_p=0.9, typical_p=0.7, min_tokens_to_keep=3)
+    got = logitkit.truncation_mask(backend.tensor(x), **rules).cpu()
+    assert torch.equal(got, references.truncation_mask(x, **rules))
+    assert got[:, :2].all() and not got[:, 2:].any()
 
 
 @pytest.mark.parametrize("top_h_rule", ["hf", "official", "exact"])

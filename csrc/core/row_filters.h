@@ -59,11 +59,13 @@ enum FilterParam : int {
   kPLess = 3,
   kEpsilon = 4,
   kEta = 5,
-  kTopK = 6,       // k = max(top_k, min_tokens_to_keep) < V; 0: off (the kernels find the k-th largest x)
-  kTopP = 7,       // in (0, 1]; 1: off
-  kTypicalP = 8,   // in (0, 1]; 1: off
-  kKeepCount = 9,  // min_tokens_to_keep (>= 1): the floor of every rule, and typical's count
-  kFilterParamCount = 10,
+  kTopK = 6,        // k = max(top_k, min_tokens_to_keep) < V; 0: off (the kernels find the k-th largest x)
+  kTopP = 7,        // in (0, 1]; 1: off
+  kTypicalP = 8,    // in (0, 1]; 1: off
+  kKeepCount = 9,   // min_tokens_to_keep (>= 1): the floor of every rule, and typical's count
+  kTopHAlpha = 10,  // Top-H "hf" as the chain's first rule (fused; docs/sampling.md): alpha in (0, 1]; 0: off
+  kTopHCount = 11,  // its K = min(cap, V) (1 <= K < V)
+  kFilterParamCount = 12,
 };
 
 // The extended row state: the softmax state of z plus what the thresholds
@@ -116,10 +118,12 @@ struct FilterParams {
   bool greedy;  // the T -> 0 limit: every token equal to the max, uniformly
   float inv_temperature;
   float min_p, top_n_sigma, p_less, epsilon, eta;
-  float top_k;       // top-k's k (0: off)
-  float top_p;       // 1: off
-  float typical_p;   // 1: off
-  float keep_count;  // min_tokens_to_keep
+  float top_k;        // top-k's k (0: off)
+  float top_p;        // 1: off
+  float typical_p;    // 1: off
+  float keep_count;   // min_tokens_to_keep
+  float top_h_alpha;  // Top-H "hf" first (uses_top_h); 0: off
+  float top_h_count;  // its K
   // Filled by the kernels from the counts (with_rank_cuts): z of the top_k-th
   // largest logit (the statistics' survivors are z >= top_k_z; -inf: top-k
   // off) and the min_tokens_to_keep-th largest logit x (+inf: no floor).
@@ -142,6 +146,8 @@ LK_HOST_DEVICE FilterParams decode_filter_params(const float* row) {
   p.top_p = row[kTopP];
   p.typical_p = row[kTypicalP];
   p.keep_count = row[kKeepCount];
+  p.top_h_alpha = row[kTopHAlpha];
+  p.top_h_count = row[kTopHCount];
   p.top_k_z = neg_infinity();
   p.keep_floor = pos_infinity();
   return p;
@@ -161,6 +167,28 @@ LK_HOST_DEVICE RankCounts rank_counts(const FilterParams& p, int64_t cols) {
   const int64_t top_k = p.top_k >= 1.0f ? static_cast<int64_t>(p.top_k) : 0;
   const int64_t keep = p.keep_count > 1.0f ? static_cast<int64_t>(p.keep_count) : 0;
   return RankCounts{top_k < cols ? top_k : 0, keep < cols ? keep : (keep > 0 ? cols : 0)};
+}
+
+// Whether a row runs Top-H's "hf" rule (docs/top_h.md) as the chain's first
+// rule, before top-k: a non-greedy row (a greedy row skips Top-H, as it skips
+// every rule) with alpha in (0, 1] and 1 <= K < V (the frontend writes
+// K = min(cap, V) and keeps V <= cap on the unfused route; a CUDA table is not
+// checked on the host, and a row with other values, or K above
+// kFusedTopHMaxCount, skips Top-H). The rules
+// after it then see only its kept tokens (the others count as -inf), as on
+// the unfused route (top_h_mask and a masked copy).
+constexpr int64_t kFusedTopHMaxCount = 256;  // the largest K (CUDA: the gathered survivors)
+
+LK_HOST_DEVICE bool uses_top_h(const FilterParams& p, int64_t cols) {
+  return !p.greedy && p.top_h_alpha > 0.0f && p.top_h_alpha <= 1.0f && p.top_h_count >= 1.0f &&
+         p.top_h_count <= static_cast<float>(kFusedTopHMaxCount) && p.top_h_count < static_cast<float>(cols);
+}
+
+// Whether Top-H's kept set holds a token of orderable key `key` at `index`,
+// given its last kept token (rank order of docs/top_h.md: larger logit, then
+// lower index): a larger key, or the same key at an index not after it.
+LK_HOST_DEVICE bool top_h_keeps(uint32_t key, int64_t index, uint32_t last_key, int64_t last_index) {
+  return key > last_key || (key == last_key && index <= last_index);
 }
 
 // The params with the selected logits filled in (x of the k-th largest; the

@@ -30,11 +30,17 @@ enum class TopHRule : int { hf = 0, official = 1, exact = 2 };
 // Default number of top tokens the capped rules ("hf", "official") look at.
 constexpr int64_t kTopHDefaultCap = 100;
 
-// Monotone map float -> uint32: a < b (floats, no NaN) iff key(a) < key(b).
-// Positive floats get the sign bit set, negative floats are bit-inverted.
+// Monotone map float -> uint32: a < b (floats, no NaN) iff key(a) < key(b),
+// and a == b iff key(a) == key(b): -0.0 takes +0.0's key, so that the two
+// zeros are one logit value, ranked by index among themselves as the CPU's
+// float comparisons rank them (until December 5th the CUDA kernels ranked
+// every +0.0 above every -0.0, and Top-H could keep other tokens of a zero
+// tie group than on the CPU). Positive floats get the sign bit set, negative
+// floats are bit-inverted.
 LK_HOST_DEVICE uint32_t orderable_key(float x) {
+  const float value = x == 0.0f ? 0.0f : x;
   uint32_t bits;
-  memcpy(&bits, &x, sizeof bits);
+  memcpy(&bits, &value, sizeof bits);
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 

@@ -257,13 +257,10 @@ void apply_typical(RowScratch& s, int64_t cols, const core::FilterParams& p, con
 }
 
 // The k-th largest logits of the loaded row that top-k and the keep floor
-// need (core::rank_counts; count 0: none, -inf / +inf returned): one
-// vectorised threshold-filter pass, as capped_cut's (top_h_cpu.cpp): a vector
-// whose lanes all lie below the running threshold is skipped, the others'
-// tokens join a buffer of the best ones seen, which nth_element shrinks back
-// to the k best when it reaches about 4k, raising the threshold to the k-th
-// best. Then nth_element puts the k-th (rank order: larger x, then lower
-// index) in place for each count. Expected O(V), no sort, no torch.topk.
+// need (core::rank_counts; count 0: none, -inf / +inf returned): the larger
+// count's best tokens (select_best_tokens, top_h_cpu.cpp: one vectorised
+// threshold-filter pass), then nth_element puts the smaller count's k-th
+// (rank order: larger x, then lower index) in place among them.
 struct RankCutLogits {
   float top_k_x;
   float floor_x;
@@ -271,41 +268,52 @@ struct RankCutLogits {
 
 RankCutLogits rank_cut_logits(RowScratch& s, int64_t cols, const core::RankCounts& ranks) {
   const int64_t k = std::max(ranks.top_k, ranks.floor);
-  s.tokens.clear();
-  float threshold = kNegInf;
-  constexpr int kAllBelow = (1 << kLanes) - 1;  // zero_mask() when no lane passes
-  for (int64_t i0 = 0; i0 < cols; i0 += kLanes) {
-    if ((FVec::loadu(s.x.data() + i0) >= FVec(threshold)).zero_mask() == kAllBelow) continue;
-    for (int64_t i = i0; i < std::min(cols, i0 + kLanes); ++i) {
-      if (!(s.x[i] >= threshold)) continue;
-      s.tokens.push_back(Token{s.x[i], i});
-      if (static_cast<int64_t>(s.tokens.size()) >= kSelectionBufferFactor * k + kSelectionBufferSlack) {
-        std::nth_element(s.tokens.begin(), s.tokens.begin() + (k - 1), s.tokens.end(), ranks_before);
-        threshold = s.tokens[k - 1].x;
-        s.tokens.resize(k);
-      }
-    }
-  }
+  select_best_tokens(s, cols, k);
   // Fewer than k tokens only when the row holds NaN (never >= a threshold):
   // such a row keeps nothing whatever these logits are.
-  const int64_t size = static_cast<int64_t>(s.tokens.size());
-  if (size < k) return RankCutLogits{kNegInf, kPosInf};
-  // The rank-th best of tokens[0, end): nth_element leaves the better ones in front of it.
-  auto select = [&](int64_t rank, int64_t end) {
-    std::nth_element(s.tokens.begin(), s.tokens.begin() + (rank - 1), s.tokens.begin() + end, ranks_before);
-    return s.tokens[rank - 1].x;
-  };
-  const float kth_x = select(k, size);  // the larger count's
+  if (static_cast<int64_t>(s.tokens.size()) < k) return RankCutLogits{kNegInf, kPosInf};
+  const float kth_x = s.tokens[k - 1].x;  // the larger count's
   const int64_t other = std::min(ranks.top_k, ranks.floor);
-  const float other_x = other > 0 && other < k ? select(other, k) : kth_x;
+  float other_x = kth_x;
+  if (other > 0 && other < k) {
+    std::nth_element(s.tokens.begin(), s.tokens.begin() + (other - 1), s.tokens.begin() + k, ranks_before);
+    other_x = s.tokens[other - 1].x;
+  }
   const bool top_k_larger = ranks.top_k == k;
   return RankCutLogits{ranks.top_k == 0 ? kNegInf : (top_k_larger ? kth_x : other_x),
                        ranks.floor == 0 ? kPosInf : (top_k_larger ? other_x : kth_x)};
 }
 
-// Runs finish(row, scratch, params, cut, max_x) for every row, in parallel.
+// Top-H "hf" as the chain's first rule (core::uses_top_h): its kept set
+// (capped_keep, top_h_mask's own selection and scan), and the loaded row's
+// other tokens set to -inf, so that the rules after it see its survivors
+// renormalised, as on the unfused route. top-k's and the floor's logits are
+// then ranks among its kept tokens, which capped_keep sorted (-inf past
+// them, as on the masked row): no selection pass.
+RankCutLogits keep_top_h_survivors(RowScratch& s, int64_t cols, const core::FilterParams& p) {
+  TopHParams top_h;
+  top_h.rule = core::TopHRule::hf;
+  top_h.alpha = p.top_h_alpha;
+  top_h.inv_temperature = p.inv_temperature;
+  top_h.k = static_cast<int64_t>(p.top_h_count);
+  const int64_t kept = capped_keep(s, cols, top_h, 0.0f);
+  const Token last = s.tokens[kept - 1];
+  for (int64_t i = 0; i < cols; ++i) {
+    const float x = s.x[i];
+    s.x[i] = x > last.x || (x == last.x && i <= last.index) ? x : kNegInf;
+  }
+  const core::RankCounts ranks = core::rank_counts(p, cols);
+  auto logit_of_rank = [&](int64_t rank, float off) {
+    return rank == 0 ? off : (rank <= kept ? s.tokens[rank - 1].x : kNegInf);
+  };
+  return RankCutLogits{logit_of_rank(ranks.top_k, kNegInf), logit_of_rank(ranks.floor, kPosInf)};
+}
+
+// Runs finish(row, scratch, params, cut, max_x, raw_log_sum) for every row, in
+// parallel. raw_log_sum: with `raw`, raw_log_sum_shifted of the row as loaded
+// (before Top-H drops tokens from the scratch copy); NaN without.
 template <class scalar_t, class Finish>
-void for_each_filter_row(const Rows& r, const float* params, Finish finish) {
+void for_each_filter_row(const Rows& r, const float* params, Finish finish, bool raw = false) {
   const scalar_t* data = r.tensor.data_ptr<scalar_t>();
   at::parallel_for(0, r.rows, 1, [&](int64_t first, int64_t last) {
     auto s = std::make_unique<RowScratch>();
@@ -313,8 +321,15 @@ void for_each_filter_row(const Rows& r, const float* params, Finish finish) {
     for (int64_t row = first; row < last; ++row) {
       core::FilterParams p = core::decode_filter_params(params + row * core::kFilterParamCount);
       const float max_x = load_row(data + row * r.row_stride, r.cols, *s);
+      const bool defined = max_x > kNegInf && max_x < kPosInf;
+      const float raw_log_sum =
+          raw && defined ? raw_log_sum_shifted(*s, max_x) : std::numeric_limits<float>::quiet_NaN();
+      // (Top-H keeps the row max; a row without a distribution skips it.)
       const core::RankCounts ranks = core::rank_counts(p, r.cols);
-      if (ranks.top_k > 0 || ranks.floor > 0) {
+      if (core::uses_top_h(p, r.cols) && defined) {
+        const RankCutLogits cuts = keep_top_h_survivors(*s, r.cols, p);
+        p = core::with_rank_cuts(p, cuts.top_k_x, cuts.floor_x);
+      } else if (ranks.top_k > 0 || ranks.floor > 0) {
         const RankCutLogits cuts = rank_cut_logits(*s, r.cols, ranks);
         p = core::with_rank_cuts(p, cuts.top_k_x, cuts.floor_x);
       }
@@ -329,7 +344,7 @@ void for_each_filter_row(const Rows& r, const float* params, Finish finish) {
           core::uses_top_p(p, st.sm.max) ? top_p_cut(*s, r.cols, p, st.sm.max) : core::no_top_p_cut(st);
       core::FilterCut cut = core::filter_cut(st, p, top_p);
       if (core::uses_typical(p, cut)) apply_typical(*s, r.cols, p, top_p, cut);
-      finish(row, *s, p, cut, max_x);
+      finish(row, *s, p, cut, max_x, raw_log_sum);
     }
   });
 }
@@ -365,7 +380,8 @@ template <class scalar_t, class out_t>
 void filter_write_rows(const Rows& r, const float* params, FilterOutput<out_t> o) {
   const int64_t cols = r.cols;
   for_each_filter_row<scalar_t>(
-      r, params, [&](int64_t row, const RowScratch& s, const core::FilterParams& p, const core::FilterCut& cut, float) {
+      r, params,
+      [&](int64_t row, const RowScratch& s, const core::FilterParams& p, const core::FilterCut& cut, float, float) {
         out_t* dst = o.out + row * cols;
         if (!cut.defined) return std::fill(dst, dst + cols, o.dropped());
         if (cut.max == kNegInf) {  // all -inf: token 0 only
@@ -419,7 +435,9 @@ void filter_sample_rows(const Rows& r, const float* params, const float* uniform
                         float* stats) {
   constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
   for_each_filter_row<scalar_t>(
-      r, params, [&](int64_t row, RowScratch& s, const core::FilterParams& p, const core::FilterCut& cut, float max_x) {
+      r, params,
+      [&](int64_t row, RowScratch& s, const core::FilterParams& p, const core::FilterCut& cut, float max_x,
+          float raw_log_sum) {
         if (!cut.defined) return write_draw(-1, kNaN, kNaN, kNaN, 0.0f, tokens, stats, row);
         if (cut.max == kNegInf) return write_draw(0, 0.0f, kNaN, 0.0f, 1.0f, tokens, stats, row);
         core::KeptSums sums{0.0f, 0.0f, 0.0f};
@@ -427,7 +445,8 @@ void filter_sample_rows(const Rows& r, const float* params, const float* uniform
         const float x = s.x[token];
         const float log_mass = std::log(sums.mass);
         const float log_q = (core::scaled_logit(x, p.inv_temperature) - cut.max) - log_mass;
-        const float raw = raw_log_prob ? (x - max_x) - raw_log_sum_shifted(s, max_x) : kNaN;
+        const float raw = raw_log_prob ? (x - max_x) - raw_log_sum : kNaN;
         write_draw(token, log_q, raw, log_mass - sums.shifted / sums.mass, sums.count, tokens, stats, row);
-      });
+      },
+      raw_log_prob);
 }

@@ -125,34 +125,59 @@ float load_row(const scalar_t* src, int64_t cols, RowScratch& s) {
   return row_max;
 }
 
-// Capped rules: the K best tokens, sorted, then the prefix scan. One pass
-// with a running threshold t: a token below t is beaten by K buffered tokens
-// and can never be selected; when the buffer reaches about 4K
-// (kSelectionBufferFactor K + kSelectionBufferSlack), nth_element keeps
-// its K best and raises t to the K-th best logit. Expected O(V) with about
-// one comparison per token.
-Token capped_cut(RowScratch& s, int64_t cols, const TopHParams& p, float full_lse) {
-  const int64_t k = p.k;
+// The k best tokens of the loaded row (rank order: larger x, then lower
+// index) into s.tokens[0, k), the k-th best at k - 1 and the better ones
+// before it in no order (std::nth_element's partition); fewer only when the
+// row holds NaN, which never reaches a threshold. One vectorised pass with a
+// running threshold t: a vector whose lanes all lie below t is skipped (its
+// tokens are beaten by k buffered ones and can never be selected), the
+// others' tokens join the buffer, which nth_element shrinks back to its k
+// best when it reaches about 4k (kSelectionBufferFactor k +
+// kSelectionBufferSlack), raising t to the k-th best logit. Expected O(V)
+// with about one vector comparison per kLanes tokens; no sort, no torch.topk.
+// -inf tokens (rows masked by an earlier rule: mostly -inf) are left out of
+// that pass and only fill the selection when fewer than k tokens are finite,
+// the lowest indices first (their rank order). Shared by the capped Top-H
+// rules and the sampler family's top-k / floor.
+void select_best_tokens(RowScratch& s, int64_t cols, int64_t k) {
   s.tokens.clear();
-  float threshold = kNegInf;
+  float threshold = kNegInf;  // (finite tokens only: x > -inf too)
   auto shrink = [&] {
     std::nth_element(s.tokens.begin(), s.tokens.begin() + (k - 1), s.tokens.end(), ranks_before);
-    threshold = s.tokens[k - 1].x;
     s.tokens.resize(k);
   };
-  for (int64_t i = 0; i < cols; ++i) {
-    if (s.x[i] >= threshold) {
+  constexpr int kAllBelow = (1 << kLanes) - 1;  // zero_mask() when no lane passes
+  for (int64_t i0 = 0; i0 < cols; i0 += kLanes) {
+    const FVec v = FVec::loadu(s.x.data() + i0);
+    if ((threshold > kNegInf ? v >= FVec(threshold) : v > FVec(kNegInf)).zero_mask() == kAllBelow) continue;
+    for (int64_t i = i0; i < std::min(cols, i0 + kLanes); ++i) {
+      if (!(s.x[i] >= threshold && s.x[i] > kNegInf)) continue;
       s.tokens.push_back(Token{s.x[i], i});
-      if (static_cast<int64_t>(s.tokens.size()) >= kSelectionBufferFactor * k + kSelectionBufferSlack) shrink();
+      if (static_cast<int64_t>(s.tokens.size()) >= kSelectionBufferFactor * k + kSelectionBufferSlack) {
+        shrink();
+        threshold = s.tokens[k - 1].x;
+      }
     }
   }
-  auto first = s.tokens.begin();
-  if (static_cast<int64_t>(s.tokens.size()) > k) std::nth_element(first, first + k, s.tokens.end(), ranks_before);
-  std::sort(first, first + k, ranks_before);
+  for (int64_t i = 0; i < cols && static_cast<int64_t>(s.tokens.size()) < k; ++i) {
+    if (s.x[i] == kNegInf) s.tokens.push_back(Token{kNegInf, i});
+  }
+  if (static_cast<int64_t>(s.tokens.size()) >= k) shrink();
+}
+
+// Capped rules: the K best tokens (select_best_tokens), sorted, then the
+// prefix scan; returns how many of them are kept (s.tokens[0, kept)).
+int64_t capped_keep(RowScratch& s, int64_t cols, const TopHParams& p, float full_lse) {
+  const int64_t k = p.k;
+  select_best_tokens(s, cols, k);
+  std::sort(s.tokens.begin(), s.tokens.begin() + k, ranks_before);
   const float inv_t = p.inv_temperature;
-  const int64_t kept =
-      core::capped_keep_count([&](int64_t i) { return s.tokens[i].x * inv_t; }, k, p.rule, full_lse, p.alpha);
-  return s.tokens[kept - 1];
+  return core::capped_keep_count([&](int64_t i) { return s.tokens[i].x * inv_t; }, k, p.rule, full_lse, p.alpha);
+}
+
+// The capped rules' last kept token.
+Token capped_cut(RowScratch& s, int64_t cols, const TopHParams& p, float full_lse) {
+  return s.tokens[capped_keep(s, cols, p, full_lse) - 1];
 }
 
 // Visits the padded row tile by tile with z = x * inv_t and e = exp(z - m)

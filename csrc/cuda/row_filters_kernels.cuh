@@ -8,10 +8,19 @@
 //            logit (kth_largest_logit: 1 to 3 digit passes, bf16 / fp16 1
 //            or 2), whose first pass also finds the row max. For a top-k
 //            that may gather (below), top_k_with_survivors: the selection
-//            stops at a bin of at most kGatheredSurvivors tokens from the
+//            stops at a bin of at most kGatherCapacity tokens from the
 //            top and the gather pass finds the k-th in it. When the cut
 //            needs nothing more (temperature, top-k, min-p, the floor:
 //            core::needs_row_sums), pass 1 is skipped.
+//   Top-H    ("hf", K <= 256, core::uses_top_h; first in the chain): its K
+//            candidates (x >= x_K) gathered as a top-k of K (the selection's
+//            shortcuts or one pass; never overflowing: x_K's tie group is
+//            counted, gather_top_h_candidates), ranked, and top_h_mask's scan
+//            keeps a prefix of them (top_h_prefix); top-k and the floor are
+//            ranks in that prefix, and everything below runs over it as over
+//            gathered survivors. The write and the draw also test Top-H's
+//            last kept token (top_h_keeps); a tie group split by Top-H's cut
+//            costs one partial pass (index_in_tie_group).
 //   gather   instead of pass 1 and top-p's passes, for a top-k of at most
 //            kGatheredSurvivors tokens whose cut needs sums: one pass
 //            copies the survivors' keys to shared memory (none when the
@@ -69,10 +78,14 @@
 
 namespace logitkit::cuda {
 
-// Rows whose top-k keeps at most this many tokens (ties included) gather
-// their survivors into shared memory, and pass 1's statistics and top-p's
-// selection run over that copy instead of over the row (filter_pass_one).
+// Rows with a top-k of at most this many tokens gather their survivors into
+// shared memory (at most kGatherCapacity of them, ties included: twice this,
+// so that a tie group at the k-th logit rarely overflows), and pass 1's
+// statistics and top-p's selection run over that copy instead of over the row
+// (filter_pass_one).
 constexpr int kGatheredSurvivors = 256;
+static_assert(2 * kGatheredSurvivors <= kGatherCapacity, "room for ties at the k-th logit");
+static_assert(core::kFusedTopHMaxCount <= kGatheredSurvivors, "Top-H's K candidates are gathered");
 
 struct RowFilterStorage {
   core::FilterState state_scratch[kReduceScratchSize];
@@ -81,12 +94,18 @@ struct RowFilterStorage {
   float mass_scratch[kReduceScratchSize];
   float share_mass[kMaxWarpsPerBlock];  // each warp's kept mass (kept_sums_and_draw)
   int64_t index_scratch[kReduceScratchSize];
-  float top_k_x, floor_x;                     // the selected ranks' logits (with_selected_ranks), re-read after top-p
-  TopHStorage radix;                          // the radix selections' histograms and walk (top-k, top-p, typical)
-  uint32_t gathered_key[kGatheredSurvivors];  // the top-k survivors' orderable keys, in the gather's (timing's) order
-  float ranked_z[kGatheredSurvivors];         // their z, largest first
-  float ranked_e[kGatheredSurvivors];         // and their weights exp(z - m)
-  int gathered_count;  // survivors in the row (only the first kGatheredSurvivors stored; -1: not gathered yet)
+  float top_k_x, floor_x;  // the selected ranks' logits (with_selected_ranks), re-read after top-p
+  TopHStorage radix;       // the radix selections' histograms and walk (top-k, top-p, typical)
+  // (the gathered survivors themselves: s.radix.survivors, keys in the gather's
+  // (timing's) order, then their z and weights exp(z - m), largest first)
+  int gathered_count;     // survivors in the row (only the first kGatherCapacity stored; -1: not gathered yet)
+  bool survivors_ranked;  // s.radix.survivors.ranked_z already holds their ranking (kth_largest_of_gathered_range)
+  // Top-H first (core::uses_top_h; top_h_prefix): its last kept token (key,
+  // index; core::top_h_keeps), and the tokens of x_K's key in the row (counted
+  // by gather_top_h_candidates, else 0).
+  uint32_t top_h_last_key;
+  int64_t top_h_last_index;
+  int top_h_ties_at_kth;
 };
 
 // At most 512 threads per block: 128 registers per thread, so that the
@@ -134,9 +153,11 @@ LK_DEVICE inline core::TopPCut top_p_passes(const scalar_t* x, int64_t cols, con
   return core::TopPCut{core::scaled_logit(x_cut, p.inv_temperature), s.radix.cut.mass, s.radix.kept_shifted};
 }
 
-// Adds a token's kept weight w = exp(z - m) (0: dropped) to a thread's kept sums.
-LK_DEVICE inline void add_kept(core::KeptSums& sums, const core::FilterCut& cut, float xv, float inv_t) {
-  const float w = core::kept_weight(cut, xv, inv_t);
+// Adds a token's kept weight w = exp(z - m) (0: dropped, or not a Top-H
+// survivor: `candidate` false) to a thread's kept sums.
+LK_DEVICE inline void add_kept(core::KeptSums& sums, const core::FilterCut& cut, float xv, float inv_t,
+                               bool candidate = true) {
+  const float w = candidate ? core::kept_weight(cut, xv, inv_t) : 0.0f;
   if (w > 0.0f) {
     sums.mass += w;
     sums.shifted += (core::scaled_logit(xv, inv_t) - cut.max) * w;
@@ -185,7 +206,7 @@ LK_DEVICE inline void typical_passes(const scalar_t* x, int64_t cols, const core
 // digit passes (bf16 / fp16: 1 or 2), the first included; that one also
 // leaves the row max in s.radix.row_max_x. With `above` (k <= kGatheredSurvivors;
 // top_k_with_survivors), the selection stops early at a bin whose tokens and
-// those above it are at most kGatheredSurvivors (cut.tie_total 0: no value
+// those above it are at most kGatherCapacity (cut.tie_total 0: no value
 // returned), and its last digit pass gathers the keys above its candidate
 // range into `above`.
 template <class scalar_t>
@@ -193,7 +214,7 @@ LK_DEVICE inline float kth_largest_logit(const scalar_t* x, int64_t cols, int64_
                                          uint32_t* above = nullptr) {
   __syncthreads();  // every thread has read the previous selection's cut
   constexpr int kSingleValueLevel = sizeof(scalar_t) == 2 ? 1 : kDigitCount - 1;
-  const RankPredicate pred{{k - 1}, kSingleValueLevel, above != nullptr ? kGatheredSurvivors : 0};
+  const RankPredicate pred{{k - 1}, kSingleValueLevel, above != nullptr ? kGatherCapacity : 0};
   radix_select<Selection::rank>(x, cols, pred, 0.0f, 1.0f, core::neg_infinity(), s.radix, above, false);
   return core::key_to_float(s.radix.cut.tie_key);
 }
@@ -205,6 +226,37 @@ LK_DEVICE inline bool may_gather_survivors(const core::RankCounts& ranks, const 
   return ranks.top_k > 0 && ranks.top_k <= kGatheredSurvivors && core::needs_row_sums(p);
 }
 
+// One pass (a block collective): the orderable keys of the tokens x with
+// keep(x) into s.radix.survivors.key, in the atomics' (timing's) order.
+// Returns how many the row holds (every thread); only the first
+// kGatherCapacity are stored. Resets survivors_ranked.
+template <class scalar_t, class Keep>
+LK_DEVICE inline int gather_keys(const scalar_t* x, int64_t cols, RowFilterStorage& s, Keep keep) {
+  __syncthreads();  // every thread has read gathered_count (filter_pass_one)
+  if (threadIdx.x == 0) {
+    s.gathered_count = 0;
+    s.survivors_ranked = false;
+  }
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
+    const float xv = load_logit(x, i);
+    if (keep(xv)) {
+      const int slot = atomicAdd(&s.gathered_count, 1);
+      if (slot < kGatherCapacity) s.radix.survivors.key[slot] = core::orderable_key(xv);
+    }
+  }
+  __syncthreads();
+  return s.gathered_count;
+}
+
+// Whether the tokens just below key (x one key lower) also reach z_k: z = x *
+// (1/T) rounds distinct x to one float (T < 1, adjacent floats). A survivor
+// list of the keys >= key then misses them (keep_last_digit_survivors,
+// kth_largest_of_gathered_range). A NaN z below never reaches z_k.
+LK_DEVICE inline bool key_below_reaches(uint32_t key, float z_k, float inv_t) {
+  return key > 0u && core::scaled_logit(core::key_to_float(key - 1u), inv_t) >= z_k;
+}
+
 // Right after top-k's selection (a block collective): when its last digit
 // resolved the k-th largest key x_k, the survivors' keys are known without a
 // gather pass: the keys above the last candidate range (gathered by that
@@ -212,58 +264,70 @@ LK_DEVICE inline bool may_gather_survivors(const core::RankCounts& ranks, const 
 // They are top-k's survivors z >= z_k unless a key below x_k scales to the
 // same z (z = x * (1/T) rounds distinct x to one float: T < 1, adjacent
 // floats), whose tokens then survive too: such rows (and selections resolved
-// at an earlier digit, or more than kGatheredSurvivors survivors) are left to
-// the gather pass (gathered_count = -1).
-LK_DEVICE inline void keep_last_digit_survivors(float inv_t, RowFilterStorage& s) {
+// at an earlier digit, or more than kGatherCapacity survivors) are left to
+// the gather pass (gathered_count = -1). Top-H's candidates (top_h: x >= x_K,
+// ranked by x) need neither check: x_K's tie group is stored up to the
+// capacity, its size counted in s.top_h_ties_at_kth (as gather_top_h_candidates).
+LK_DEVICE inline void keep_last_digit_survivors(float inv_t, bool top_h, RowFilterStorage& s) {
   if (threadIdx.x == 0) {
     const Cut& cut = s.radix.cut;
     const uint32_t key = cut.tie_key;
-    const bool resolved_last =
-        cut.done == kDigitCount && cut.tie_total > 0 && cut.selected + cut.tie_total <= kGatheredSurvivors;
+    const bool resolved_last = cut.done == kDigitCount && cut.tie_total > 0;
+    const bool fits = cut.selected + cut.tie_total <= kGatherCapacity;
     const float z_k = core::scaled_logit(core::key_to_float(key), inv_t);
-    // (key 0 is the lowest key; a NaN z below never equals z_k: no fallback needed there)
-    const bool none_below = key == 0 || !(core::scaled_logit(core::key_to_float(key - 1u), inv_t) >= z_k);
-    s.gathered_count = resolved_last && none_below
-                           ? static_cast<int>(append_last_digit_keys(s.radix, cut.tie_total, s.gathered_key))
-                           : -1;
+    const bool none_below = !key_below_reaches(key, z_k, inv_t);
+    s.survivors_ranked = false;
+    s.gathered_count = -1;
+    if (resolved_last && (top_h || (fits && none_below))) {
+      const int64_t room = kGatherCapacity - cut.selected;  // (> 0: fewer than K keys lie above x_K)
+      const int64_t ties = cut.tie_total < room ? cut.tie_total : room;
+      s.gathered_count = static_cast<int>(append_last_digit_keys(s.radix, ties, s.radix.survivors.key));
+      if (top_h) s.top_h_ties_at_kth = static_cast<int>(cut.tie_total);
+    }
+  }
+  __syncthreads();
+}
+
+// Sorts the n gathered keys, largest first (rank sort: n^2 / threads
+// compares), into s.radix.survivors.ranked_key, and as z = x * (1/T) into
+// ranked_z (monotone in x: the z are sorted too), and stores the x of rank `select_rank` (if any) in
+// s.top_k_x (equal keys are ranked in slot order: one writer). The gather's
+// slots follow the atomics' timing; what is summed below runs over this
+// order, which depends on the values alone, so the results are the same run
+// to run (docs/determinism.md).
+LK_DEVICE inline void rank_gathered(int n, float inv_t, RowFilterStorage& s, int64_t select_rank = -1) {
+  for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x)) {
+    const uint32_t key = s.radix.survivors.key[a];
+    int rank = 0;
+    for (int b = 0; b < n; ++b) rank += s.radix.survivors.key[b] > key || (s.radix.survivors.key[b] == key && b < a);
+    s.radix.survivors.ranked_z[rank] = core::scaled_logit(core::key_to_float(key), inv_t);
+    s.radix.survivors.ranked_key[rank] = key;
+    if (rank == select_rank) s.top_k_x = core::key_to_float(key);
   }
   __syncthreads();
 }
 
 // After top-k's selection stopped early (cut.tie_total 0; a block
 // collective): one pass gathers the keys >= the bin's lowest key (at most
-// kGatheredSurvivors: the walk counted them) into s.gathered_key, and the k-th
-// largest of them is x_k (the key of rank k - 1 in a rank sort; n^2 / threads
-// compares). The gathered keys are then top-k's
+// kGatherCapacity: the walk counted them) into s.radix.survivors.key, and the k-th
+// largest of them is x_k (the key of rank k - 1 in rank_gathered's sort, which
+// filter_pass_one then uses as it is). The gathered keys are then top-k's
 // survivors and the range's keys below x_k (filter_pass_one keeps the prefix
 // z >= z_k of their ranking), unless the key just below the range scales to
-// z_k (see keep_last_digit_survivors): gathered_count = -1, the gather pass.
+// z_k (see keep_last_digit_survivors; not for Top-H's candidates, top_h):
+// gathered_count = -1, the gather pass.
 template <class scalar_t>
 LK_DEVICE inline float kth_largest_of_gathered_range(const scalar_t* x, int64_t cols, int64_t k, float inv_t,
-                                                     RowFilterStorage& s) {
+                                                     bool top_h, RowFilterStorage& s) {
   const uint32_t from = static_cast<uint32_t>(s.radix.cut.full_from);  // (< 2^32: a bin's lowest key)
-  if (threadIdx.x == 0) s.gathered_count = 0;
-  __syncthreads();
-  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
-    const uint32_t key = core::orderable_key(load_logit(x, i));
-    if (key >= from) {
-      const int slot = atomicAdd(&s.gathered_count, 1);
-      if (slot < kGatheredSurvivors) s.gathered_key[slot] = key;
-    }
-  }
-  __syncthreads();
-  const int n = s.gathered_count;
-  for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x)) {
-    const uint32_t key = s.gathered_key[a];
-    int64_t rank = 0;  // (equal keys in slot order: one writer)
-    for (int b = 0; b < n; ++b) rank += s.gathered_key[b] > key || (s.gathered_key[b] == key && b < a);
-    if (rank == k - 1) s.top_k_x = core::key_to_float(key);
-  }
-  __syncthreads();
+  const int n = gather_keys(x, cols, s, [&](float xv) { return core::orderable_key(xv) >= from; });
+  rank_gathered(n, inv_t, s, k - 1);  // (ranked once: filter_pass_one keeps this ranking)
   const float top_k_x = s.top_k_x;
   const float z_k = core::scaled_logit(top_k_x, inv_t);
-  if (threadIdx.x == 0 && from > 0 && core::scaled_logit(core::key_to_float(from - 1u), inv_t) >= z_k) {
-    s.gathered_count = -1;
+  if (threadIdx.x == 0) {
+    const bool below_survives = !top_h && key_below_reaches(from, z_k, inv_t);
+    s.survivors_ranked = !below_survives;
+    if (below_survives) s.gathered_count = -1;
   }
   __syncthreads();
   return top_k_x;
@@ -271,14 +335,14 @@ LK_DEVICE inline float kth_largest_of_gathered_range(const scalar_t* x, int64_t 
 
 // top-k's k-th largest logit for a row that may gather its survivors
 // (may_gather_survivors; a block collective): the selection with early stop,
-// leaving the survivors' keys in s.gathered_key (gathered_count of them; -1:
+// leaving the survivors' keys in s.radix.survivors.key (gathered_count of them; -1:
 // the gather pass collects them).
 template <class scalar_t>
-LK_DEVICE inline float top_k_with_survivors(const scalar_t* x, int64_t cols, int64_t k, float inv_t,
+LK_DEVICE inline float top_k_with_survivors(const scalar_t* x, int64_t cols, int64_t k, float inv_t, bool top_h,
                                             RowFilterStorage& s) {
-  const float top_k_x = kth_largest_logit(x, cols, k, s, s.gathered_key);
-  if (s.radix.cut.tie_total == 0) return kth_largest_of_gathered_range(x, cols, k, inv_t, s);  // block-uniform
-  keep_last_digit_survivors(inv_t, s);
+  const float top_k_x = kth_largest_logit(x, cols, k, s, s.radix.survivors.key);
+  if (s.radix.cut.tie_total == 0) return kth_largest_of_gathered_range(x, cols, k, inv_t, top_h, s);  // block-uniform
+  keep_last_digit_survivors(inv_t, top_h, s);
   return top_k_x;
 }
 
@@ -290,16 +354,23 @@ LK_DEVICE inline core::FilterParams with_selected_ranks(const scalar_t* x, int64
                                                         RowFilterStorage& s) {
   const core::RankCounts ranks = core::rank_counts(p, cols);
   float top_k_x = core::neg_infinity(), floor_x = core::pos_infinity();
-  if (may_gather_survivors(ranks, p)) {
-    top_k_x = top_k_with_survivors(x, cols, ranks.top_k, p.inv_temperature, s);
+  if (core::uses_top_h(p, cols)) {
+    // Top-H first: its K candidates (x >= x_K, the K-th largest); top-k and
+    // the floor then come from their ranking (top_h_prefix).
+    if (threadIdx.x == 0) s.top_h_ties_at_kth = 0;
+    top_k_x = top_k_with_survivors(x, cols, static_cast<int64_t>(p.top_h_count), p.inv_temperature, true, s);
+  } else if (may_gather_survivors(ranks, p)) {
+    top_k_x = top_k_with_survivors(x, cols, ranks.top_k, p.inv_temperature, false, s);
   } else if (ranks.top_k > 0) {
     top_k_x = kth_largest_logit(x, cols, ranks.top_k, s);
   }
-  if (ranks.floor > 0) floor_x = ranks.floor == ranks.top_k ? top_k_x : kth_largest_logit(x, cols, ranks.floor, s);
-  if (threadIdx.x == 0) {  // (read after pass 1's barriers)
+  if (ranks.floor > 0 && !core::uses_top_h(p, cols))
+    floor_x = ranks.floor == ranks.top_k ? top_k_x : kth_largest_logit(x, cols, ranks.floor, s);
+  if (threadIdx.x == 0) {  // (read after pass 1's barriers; a Top-H row reads x_K at once)
     s.top_k_x = top_k_x;
     s.floor_x = floor_x;
   }
+  if (core::uses_top_h(p, cols)) __syncthreads();  // (block-uniform)
   return core::with_rank_cuts(p, top_k_x, floor_x);
 }
 
@@ -310,39 +381,109 @@ LK_DEVICE inline bool gathers_survivors(const core::RankCounts& ranks, const cor
   return may_gather_survivors(ranks, p) && row_max_x > core::neg_infinity() && row_max_x < core::pos_infinity();
 }
 
-// One pass: the top-k survivors' keys (z >= z_k) into s.gathered_key. Returns
-// how many the row holds (every thread); above kGatheredSurvivors (a tie group
-// at the k-th largest logit), only that many were stored.
+// One pass: the top-k survivors' keys (z >= z_k) into s.radix.survivors.key.
+// Returns how many the row holds (every thread); above kGatherCapacity (a tie
+// group at the k-th largest logit), only that many were stored.
 template <class scalar_t>
 LK_DEVICE inline int gather_top_k_survivors(const scalar_t* x, int64_t cols, const core::FilterParams& p,
                                             RowFilterStorage& s) {
-  __syncthreads();  // every thread has read gathered_count (filter_pass_one)
-  if (threadIdx.x == 0) s.gathered_count = 0;
-  __syncthreads();
-  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
-    const float xv = load_logit(x, i);
-    if (core::scaled_logit(xv, p.inv_temperature) >= p.top_k_z) {
-      const int slot = atomicAdd(&s.gathered_count, 1);
-      if (slot < kGatheredSurvivors) s.gathered_key[slot] = core::orderable_key(xv);
-    }
-  }
-  __syncthreads();
-  return s.gathered_count;
+  return gather_keys(x, cols, s, [&](float xv) { return core::scaled_logit(xv, p.inv_temperature) >= p.top_k_z; });
 }
 
-// Sorts the n gathered keys, largest first (rank sort: n^2 / threads
-// compares), into s.ranked_z as z = x * (1/T) (monotone in x: the z are
-// sorted too). The gather's slots follow the atomics' timing; what is summed
-// below runs over this order, which depends on the values alone, so the
-// results are the same run to run (docs/determinism.md).
-LK_DEVICE inline void rank_gathered(int n, float inv_t, RowFilterStorage& s) {
-  for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x)) {
-    const uint32_t key = s.gathered_key[a];
-    int rank = 0;
-    for (int b = 0; b < n; ++b) rank += s.gathered_key[b] > key || (s.gathered_key[b] == key && b < a);
-    s.ranked_z[rank] = core::scaled_logit(core::key_to_float(key), inv_t);
+// One pass for a Top-H row (core::uses_top_h) whose candidates no selection
+// shortcut gathered: the keys above x_K (fewer than K) into
+// s.radix.survivors.key, then x_K's key once per token of its tie group, up to
+// kGatherCapacity keys in all, the group's size in the row in
+// s.top_h_ties_at_kth (so that a group larger than the capacity, such as a
+// row of equal logits, still gives Top-H its K candidates). Returns the keys
+// stored.
+template <class scalar_t>
+LK_DEVICE inline int gather_top_h_candidates(const scalar_t* x, int64_t cols, float kth_x, RowFilterStorage& s) {
+  const uint32_t kth = core::orderable_key(kth_x);
+  const int above = gather_keys(x, cols, s, [&](float xv) {
+    const uint32_t key = core::orderable_key(xv);
+    if (key == kth) atomicAdd(&s.top_h_ties_at_kth, 1);
+    return key > kth;
+  });
+  const int room = kGatherCapacity - above, ties = s.top_h_ties_at_kth < room ? s.top_h_ties_at_kth : room;
+  for (int a = static_cast<int>(threadIdx.x); a < ties; a += static_cast<int>(blockDim.x))
+    s.radix.survivors.key[above + a] = kth;
+  __syncthreads();
+  return above + ties;
+}
+
+// The index of the token of rank `rank` (0: the first) in index order among
+// the row's tokens of orderable key `key` (a block collective; tile by tile
+// with an ordered block-wide count, stopping at that token's tile).
+template <class scalar_t>
+LK_DEVICE inline int64_t index_in_tie_group(const scalar_t* x, int64_t cols, uint32_t key, int64_t rank,
+                                            RowFilterStorage& s) {
+  int64_t running = 0;
+  for (int64_t base = 0; base < cols && running <= rank; base += blockDim.x) {  // (running: block-uniform)
+    const int64_t i = base + threadIdx.x;
+    const bool tie = i < cols && core::orderable_key(load_logit(x, i)) == key;
+    if (ordered_rank(tie, running, s.radix.warp_counts) == rank && tie) s.index_scratch[0] = i;
   }
   __syncthreads();
+  const int64_t index = s.index_scratch[0];
+  __syncthreads();  // index_scratch may be reused right away
+  return index;
+}
+
+// Top-H "hf" as the chain's first rule (core::uses_top_h; a block collective)
+// over the n ranked candidates (keys >= x_K; their first K are Top-H's K
+// largest logits in rank order): core::capped_keep_count (top_h_mask's scan)
+// keeps the first `kept` of them. Its last kept token's key and index go to
+// s.top_h_last_key / top_h_last_index (core::top_h_keeps): when its key's tie
+// group reaches past the kept prefix, the index comes from one more pass
+// (index_in_tie_group; a partial pass, rare: ties at Top-H's cut). The chain
+// then runs on that prefix, as on the unfused route's masked row: top-k's k-th
+// largest and the keep floor are ranks in it (their logits into s.top_k_x and
+// s.floor_x, read back by filter_pass_one). Returns the prefix the chain's
+// statistics run over: Top-H's kept tokens with z >= top-k's z_k.
+template <class scalar_t>
+LK_DEVICE inline int top_h_prefix(const scalar_t* x, int64_t cols, const core::FilterParams& p, int n,
+                                  RowFilterStorage& s) {
+  const core::RankCounts ranks = core::rank_counts(p, cols);  // the chain's top-k and floor
+  const float* z = s.radix.survivors.ranked_z;
+  const uint32_t* key = s.radix.survivors.ranked_key;
+  __syncthreads();  // every thread has read gathered_count and survivors_ranked (filter_pass_one)
+  if (threadIdx.x == 0) {
+    const int count = static_cast<int>(p.top_h_count);  // K <= n
+    const int kept = static_cast<int>(
+        core::capped_keep_count([&](int64_t i) { return z[i]; }, count, core::TopHRule::hf, 0.0f, p.top_h_alpha));
+    const uint32_t last_key = key[kept - 1];
+    int first = kept - 1, end = kept;  // the last kept key's tokens in the ranking: [first, end)
+    while (first > 0 && key[first - 1] == last_key) --first;
+    while (end < n && key[end] == last_key) ++end;
+    const int counted = last_key == core::orderable_key(s.top_k_x) ? s.top_h_ties_at_kth : 0;
+    const int ties = end - first > counted ? end - first : counted;
+    s.top_h_last_key = last_key;
+    s.top_h_last_index = kept - first < ties ? kept - first - 1 : -1;  // (the rank in the group; -1: all kept)
+    int prefix = kept;
+    if (ranks.top_k > 0 && ranks.top_k < kept) {  // top-k on Top-H's survivors: z >= z_k (ties kept)
+      prefix = static_cast<int>(ranks.top_k);
+      while (prefix < kept && z[prefix] >= z[ranks.top_k - 1]) ++prefix;
+    }
+    s.top_k_x = core::key_to_float(key[prefix - 1]);
+    s.floor_x = ranks.floor == 0        ? core::pos_infinity()
+                : ranks.floor <= prefix ? core::key_to_float(key[ranks.floor - 1])
+                                        : core::neg_infinity();  // fewer survivors than the floor: all kept
+    s.gathered_count = prefix;
+  }
+  __syncthreads();
+  const int64_t split_rank = s.top_h_last_index;  // block-uniform
+  const int prefix = s.gathered_count;
+  __syncthreads();
+  const int64_t last_index = split_rank < 0 ? INT64_MAX : index_in_tie_group(x, cols, s.top_h_last_key, split_rank, s);
+  if (threadIdx.x == 0) s.top_h_last_index = last_index;
+  __syncthreads();
+  return prefix;
+}
+
+// Whether Top-H (first in the chain; top_h_prefix) keeps token i of logit xv.
+LK_DEVICE inline bool top_h_keeps(const RowFilterStorage& s, float xv, int64_t i) {
+  return core::top_h_keeps(core::orderable_key(xv), i, s.top_h_last_key, s.top_h_last_index);
 }
 
 // The block's FilterState from every thread's (pass 1, or the gathered copy):
@@ -358,7 +499,7 @@ LK_DEVICE inline core::FilterState block_filter_state(const core::FilterState& m
 LK_DEVICE inline core::FilterState gathered_state(int n, RowFilterStorage& s) {
   core::FilterState st = core::empty_filter_state();
   for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x))
-    core::accumulate(st, s.ranked_z[a]);
+    core::accumulate(st, s.radix.survivors.ranked_z[a]);
   return block_filter_state(st, s);
 }
 
@@ -371,15 +512,15 @@ LK_DEVICE inline core::FilterState gathered_state(int n, RowFilterStorage& s) {
 // Threshold -inf when every survivor is kept.
 LK_DEVICE inline core::TopPCut gathered_top_p(int n, float m, float limit, RowFilterStorage& s) {
   for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x))
-    s.ranked_e[a] = core::exp_of(s.ranked_z[a] - m);
+    s.radix.survivors.ranked_e[a] = core::exp_of(s.radix.survivors.ranked_z[a] - m);
   __syncthreads();
   core::KeptSums mine{0.0f, 0.0f, 0.0f};
   for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x)) {
-    const float z = s.ranked_z[a];
+    const float z = s.radix.survivors.ranked_z[a];
     float mass_before = 0.0f;
-    for (int b = 0; b < a && s.ranked_z[b] > z; ++b) mass_before += s.ranked_e[b];
+    for (int b = 0; b < a && s.radix.survivors.ranked_z[b] > z; ++b) mass_before += s.radix.survivors.ranked_e[b];
     if (!core::top_p_reached(mass_before, limit)) {
-      const float e = s.ranked_e[a];
+      const float e = s.radix.survivors.ranked_e[a];
       mine.mass += e;
       mine.shifted += (z - m) * e;
       mine.count += 1.0f;
@@ -388,15 +529,15 @@ LK_DEVICE inline core::TopPCut gathered_top_p(int n, float m, float limit, RowFi
   const core::KeptSums kept = block_reduce(mine, AddKeptSums{}, core::KeptSums{0.0f, 0.0f, 0.0f}, s.sums_scratch);
   // The kept tokens are a prefix of the ranking: its last one is the threshold.
   const int count = static_cast<int>(kept.count);
-  return core::TopPCut{count >= n ? core::neg_infinity() : s.ranked_z[count > 0 ? count - 1 : 0], kept.mass,
-                       kept.shifted};
+  return core::TopPCut{count >= n ? core::neg_infinity() : s.radix.survivors.ranked_z[count > 0 ? count - 1 : 0],
+                       kept.mass, kept.shifted};
 }
 
 // typical over the n ranked survivors (instead of typical_passes: no pass
 // over the row): the candidates z >= cut.threshold are a prefix of the
 // ranking; their K, D (from top-p's or pass 1's sums when the threshold is
 // theirs, else summed here), the center c = m + D / K, then each candidate's
-// distance |z - c| as an orderable key of -distance in s.gathered_key (free
+// distance |z - c| as an orderable key of -distance in s.radix.survivors.key (free
 // after rank_gathered). A candidate is kept iff the candidates strictly
 // closer to c (larger key) have not reached the limit (core::typical_reached:
 // mass typical_p * K and min_tokens_to_keep), the walk's rule over
@@ -404,37 +545,41 @@ LK_DEVICE inline core::TopPCut gathered_top_p(int n, float m, float limit, RowFi
 // the largest kept distance. At most n^2 / threads compares and additions.
 LK_DEVICE inline void gathered_typical(int n, const core::FilterParams& p, const core::TopPCut& top_p,
                                        RowFilterStorage& s, core::FilterCut& cut) {
+  // (-inf survivors, gathered when top-k's or the floor's k-th logit is -inf,
+  // are never candidates: their weight is 0, and (z - m) e would be NaN.)
   int candidates = 0;  // (the same in every thread)
-  while (candidates < n && s.ranked_z[candidates] >= cut.threshold) ++candidates;
+  while (candidates < n && s.radix.survivors.ranked_z[candidates] >= cut.threshold &&
+         s.radix.survivors.ranked_z[candidates] > core::neg_infinity())
+    ++candidates;
   for (int a = static_cast<int>(threadIdx.x); a < candidates; a += static_cast<int>(blockDim.x))
-    s.ranked_e[a] = core::exp_of(s.ranked_z[a] - cut.max);
+    s.radix.survivors.ranked_e[a] = core::exp_of(s.radix.survivors.ranked_z[a] - cut.max);
   __syncthreads();
   core::KeptSums sums{top_p.mass, top_p.shifted, 0.0f};
   if (!core::typical_candidates_known(p, top_p, cut)) {
     core::KeptSums mine{0.0f, 0.0f, 0.0f};
     for (int a = static_cast<int>(threadIdx.x); a < candidates; a += static_cast<int>(blockDim.x)) {
-      mine.mass += s.ranked_e[a];
-      mine.shifted += (s.ranked_z[a] - cut.max) * s.ranked_e[a];
+      mine.mass += s.radix.survivors.ranked_e[a];
+      mine.shifted += (s.radix.survivors.ranked_z[a] - cut.max) * s.radix.survivors.ranked_e[a];
     }
     sums = block_reduce(mine, AddKeptSums{}, core::KeptSums{0.0f, 0.0f, 0.0f}, s.sums_scratch);
   }
   const float center = core::typical_center(cut.max, sums.mass, sums.shifted);
   const core::TypicalLimit limit = core::typical_limit(p, sums.mass);
   for (int a = static_cast<int>(threadIdx.x); a < candidates; a += static_cast<int>(blockDim.x))
-    s.gathered_key[a] = core::orderable_key(-core::typical_distance(s.ranked_z[a], center));
+    s.radix.survivors.key[a] = core::orderable_key(-core::typical_distance(s.radix.survivors.ranked_z[a], center));
   __syncthreads();
   float radius = core::neg_infinity();
   for (int a = static_cast<int>(threadIdx.x); a < candidates; a += static_cast<int>(blockDim.x)) {
-    const uint32_t key = s.gathered_key[a];
+    const uint32_t key = s.radix.survivors.key[a];
     float mass_closer = 0.0f, count_closer = 0.0f;
     for (int b = 0; b < candidates; ++b) {
-      if (s.gathered_key[b] > key) {
-        mass_closer += s.ranked_e[b];
+      if (s.radix.survivors.key[b] > key) {
+        mass_closer += s.radix.survivors.ranked_e[b];
         count_closer += 1.0f;
       }
     }
     if (!core::typical_reached(mass_closer, count_closer, limit)) {
-      radius = core::max_of(radius, core::typical_distance(s.ranked_z[a], center));
+      radius = core::max_of(radius, core::typical_distance(s.radix.survivors.ranked_z[a], center));
     }
   }
   cut.center = center;
@@ -447,7 +592,8 @@ template <class scalar_t>
 LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols, const float* param_row,
                                                  const core::FilterParams& decoded, RowFilterStorage& s) {
   const core::RankCounts ranks = core::rank_counts(decoded, cols);
-  const bool max_only = !core::needs_row_sums(decoded) && (ranks.top_k > 0 || ranks.floor > 0);  // block-uniform
+  const bool top_h = core::uses_top_h(decoded, cols);  // block-uniform
+  const bool max_only = !top_h && !core::needs_row_sums(decoded) && (ranks.top_k > 0 || ranks.floor > 0);
   const core::FilterParams p = with_selected_ranks(x, cols, decoded, s);
   if (max_only) {
     // No pass 1: the cut needs only the max z (temperature, top-k, min-p, the
@@ -460,17 +606,25 @@ LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols
   // gathered in one pass), the statistics and top-p over them (no pass over
   // the row for either).
   int gathered = -1;
-  if (gathers_survivors(ranks, p, s.radix.row_max_x)) {
+  const float row_max_x = s.radix.row_max_x;
+  const bool finite_max = row_max_x > core::neg_infinity() && row_max_x < core::pos_infinity();
+  if (top_h ? finite_max : gathers_survivors(ranks, p, row_max_x)) {
     gathered = s.gathered_count;  // (keep_last_digit_survivors)
-    if (gathered < 0) gathered = gather_top_k_survivors(x, cols, p, s);
+    if (gathered < 0) {
+      gathered = top_h ? gather_top_h_candidates(x, cols, s.top_k_x, s) : gather_top_k_survivors(x, cols, p, s);
+    }
   }
   core::FilterState st;
   core::TopPCut top_p;
-  const bool over_gathered = gathered >= 0 && gathered <= kGatheredSurvivors;  // block-uniform
+  const bool over_gathered = gathered >= 0 && gathered <= kGatherCapacity;  // block-uniform
   if (over_gathered) {
-    rank_gathered(gathered, p.inv_temperature, s);
-    // top-k's survivors are the prefix z >= z_k (all of them but after an early-stopped selection)
-    while (gathered > 0 && !(s.ranked_z[gathered - 1] >= p.top_k_z)) --gathered;
+    if (!s.survivors_ranked) rank_gathered(gathered, p.inv_temperature, s);  // block-uniform
+    if (top_h) {
+      gathered = top_h_prefix(x, cols, p, gathered, s);
+    } else {
+      // top-k's survivors are the prefix z >= z_k (all of them but after an early-stopped selection)
+      while (gathered > 0 && !(s.radix.survivors.ranked_z[gathered - 1] >= p.top_k_z)) --gathered;
+    }
     st = gathered_state(gathered, s);
     top_p = core::uses_top_p(p, st.sm.max)
                 ? gathered_top_p(gathered, st.sm.max, core::top_p_mass_limit(p.top_p, st.sm.sum_exp), s)
@@ -534,12 +688,14 @@ __global__ void __launch_bounds__(kMaxFilterThreads, 1)
   const float* param_row = params + static_cast<int64_t>(blockIdx.x) * core::kFilterParamCount;
   const core::FilterParams p = core::decode_filter_params(param_row);
   const core::FilterCut cut = filter_pass_one(x, cols, param_row, p, s);
+  const bool top_h = core::uses_top_h(p, cols);  // (block-uniform)
   for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
     bool keep;
     if (!cut.defined || cut.max == core::neg_infinity()) {
       keep = cut.defined && i == 0;  // NaN / +inf: nothing; all -inf: token 0 only
     } else {
-      keep = core::kept_weight(cut, load_logit(x, i), p.inv_temperature) > 0.0f;
+      const float xv = load_logit(x, i);
+      keep = core::kept_weight(cut, xv, p.inv_temperature) > 0.0f && (!top_h || top_h_keeps(s, xv, i));
     }
     if constexpr (std::is_same_v<out_t, bool>) {
       out[i] = keep;
@@ -555,14 +711,17 @@ __global__ void __launch_bounds__(kMaxFilterThreads, 1)
 // locate the share where the running mass first exceeds u * K, and only
 // that warp re-reads its share to find the token. When rounding leaves u * K
 // at or above the shares' total, the last share of positive mass is searched
-// (its last kept token of positive weight).
+// (its last kept token of positive weight). top_h: Top-H ran first (its
+// survivors only: top_h_keeps).
 template <class scalar_t>
 LK_DEVICE inline int64_t kept_sums_and_draw(const scalar_t* x, int64_t cols, const core::FilterCut& cut, float inv_t,
-                                            float u, RowFilterStorage& s, core::KeptSums& sums) {
+                                            float u, bool top_h, RowFilterStorage& s, core::KeptSums& sums) {
   const WarpShare share = warp_share(cols);
   core::KeptSums mine{0.0f, 0.0f, 0.0f};
-  for (int64_t i = share.begin + lane_rank(); i < share.end; i += lanes_in_warp())
-    add_kept(mine, cut, load_logit(x, i), inv_t);
+  for (int64_t i = share.begin + lane_rank(); i < share.end; i += lanes_in_warp()) {
+    const float xv = load_logit(x, i);
+    add_kept(mine, cut, xv, inv_t, !top_h || top_h_keeps(s, xv, i));
+  }
   const float share_mass = warp_reduce(mine.mass, [](float a, float b) { return a + b; });
   if (lane_rank() == 0) s.share_mass[warp_rank()] = share_mass;
   sums = block_reduce(mine, AddKeptSums{}, core::KeptSums{0.0f, 0.0f, 0.0f},
@@ -581,7 +740,10 @@ LK_DEVICE inline int64_t kept_sums_and_draw(const scalar_t* x, int64_t cols, con
   }
   // Every warp runs the search (a warp collective), on an empty share but the crossing one's.
   const WarpShare search = warp_rank() == crossing ? share : WarpShare{0, 0};
-  auto weight = [&](int64_t i) { return core::kept_weight(cut, load_logit(x, i), inv_t); };
+  auto weight = [&](int64_t i) {
+    const float xv = load_logit(x, i);
+    return !top_h || top_h_keeps(s, xv, i) ? core::kept_weight(cut, xv, inv_t) : 0.0f;
+  };
   const int64_t found = warp_share_inverse_cdf_draw(search, before_crossing, target, weight);
   if (warp_rank() == crossing && lane_rank() == 0) s.index_scratch[0] = found;
   __syncthreads();
@@ -614,7 +776,8 @@ __global__ void __launch_bounds__(kMaxFilterThreads, 1)
     return;
   }
   core::KeptSums sums{0.0f, 0.0f, 0.0f};
-  const int64_t token = kept_sums_and_draw(x, cols, cut, p.inv_temperature, uniform[row], s, sums);
+  const int64_t token =
+      kept_sums_and_draw(x, cols, cut, p.inv_temperature, uniform[row], core::uses_top_h(p, cols), s, sums);
   if (threadIdx.x == 0) {
     const float xv = load_logit(x, token);
     const float log_mass = core::log_of(sums.mass);

@@ -113,6 +113,11 @@ constexpr int kBins = 2048;
 constexpr int kLastDigitBits = 10;
 constexpr uint32_t kLastDigitMask = (1u << kLastDigitBits) - 1u;
 
+// Survivors the sampler family's gathered path holds (ties included): twice
+// its largest top-k (row_filters_kernels.cuh), so that a tie group at the k-th
+// logit rarely overflows it. 6 KiB inside TopHStorage's second sum array.
+constexpr int kGatherCapacity = 512;
+
 LK_DEVICE inline int digit_shift(int level) { return level == 0 ? 21 : (level == 1 ? kLastDigitBits : 0); }
 LK_DEVICE inline int digit_bits(int level) { return level == kDigitCount - 1 ? kLastDigitBits : 11; }
 
@@ -198,7 +203,18 @@ struct TopHStorage {
   union {
     unsigned long long fixed_d[kBins];
     float bin_d[kBins];
+    // The sampler family's gathered top-k survivors (row_filters_kernels.cuh):
+    // their keys, then their z, weights and keys in rank order. The rank selections
+    // never touch this array (counts and bin_max_key only), so the survivors
+    // stay here across the top-k and keep-floor selections.
+    struct {
+      uint32_t key[kGatherCapacity];
+      float ranked_z[kGatherCapacity];
+      float ranked_e[kGatherCapacity];
+      uint32_t ranked_key[kGatherCapacity];
+    } survivors;
   };
+  static_assert(4 * kGatherCapacity * sizeof(float) <= kBins * sizeof(unsigned long long));
   float fixed_one;  // FixedPointBins::one(cols), set by clear_bins
   Cut cut;
   BinTotals above;  // totals of the tokens above the current candidate range

@@ -43,6 +43,8 @@ PARAM_COLUMNS = (
     "top_p",
     "typical_p",
     "keep_count",
+    "top_h_alpha",
+    "top_h_count",
 )
 #: The columns filled from a rule's value (the others are the counts top_k and keep_count).
 _VALUE_COLUMNS = ("temperature", "min_p", "top_n_sigma", "p_less", "epsilon", "eta", "top_p", "typical_p")
@@ -289,6 +291,20 @@ def top_h_mask_rows(
     return _backend.ops().top_h_mask_per_row(logits, alpha_rows, temperature_rows, str(rule), cap_arg)
 
 
+#: The largest K = min(cap, V) of Top-H "hf" that the chain's kernels run themselves, as its
+#: first rule (the CUDA kernels' gathered survivors: docs/sampling.md); above it, and for the
+#: rules "official" and "exact", Top-H is a stage of its own (:func:`top_h_stage`).
+FUSED_TOP_H_MAX_COUNT = 256
+
+
+def fused_top_h_count(logits: torch.Tensor, rule: str, cap: int | None) -> int:
+    """K = min(cap, V) when the chain's kernels run Top-H themselves (rule "hf", 1 <= K < V,
+    K <= FUSED_TOP_H_MAX_COUNT), else 0."""
+    vocab = logits.shape[-1]
+    count = min(100 if cap is None or cap == -1 else int(cap), vocab)
+    return count if rule == "hf" and 1 <= count < vocab and count <= FUSED_TOP_H_MAX_COUNT else 0
+
+
 def top_h_stage(
     logits: torch.Tensor,
     top_h: float | torch.Tensor,
@@ -312,7 +328,9 @@ def top_h_stage(
     * A row without a distribution (NaN or +inf, where Top-H keeps nothing) is left as it is,
       so that the chain reports it as such.
 
-    Not fused: the Top-H mask op and one masked copy of the rows (docs/sampling.md)."""
+    The route of the rules "official" and "exact", and of K = min(cap, V) above
+    ``FUSED_TOP_H_MAX_COUNT`` or V <= K: the Top-H mask op and one masked copy of the rows
+    (docs/sampling.md); "hf" with a smaller K runs in the chain's kernels instead."""
     if edt_theta is not None:
         temperature = _edt_temperature(logits, temperature, edt_theta, edt_base, op)
         edt_theta = edt_base = None
@@ -426,6 +444,7 @@ def chain_stages(
     edt_base: RowParam,
     min_tokens_to_keep: int | torch.Tensor,
     op: str,
+    first_call: dict[str, RowParam] | None = None,
 ) -> tuple[torch.Tensor, RowParam, dict[str, RowParam], RowParam, RowParam, torch.Tensor | None]:
     """Runs every call of :func:`chain_calls` but the last; returns the logits the last call
     runs on, its temperature, its rules, EDT's arguments and ``ChainInput.undefined``. With one
@@ -435,10 +454,13 @@ def chain_stages(
     every call takes it. Each earlier call writes the copy with the ``filter_logits`` op (one
     pass; -inf where dropped), and one max over the input rows finds the rows without a
     distribution; when the logits require a gradient, the ``filter_mask`` op and a masked_fill
-    (:func:`_survivors`) instead, differentiable and keeping such rows as they are."""
+    (:func:`_survivors`) instead, differentiable and keeping such rows as they are.
+    ``first_call``: arguments of :func:`filter_params` for the first call only (fused Top-H)."""
+    first_call = first_call or {}
     calls = chain_calls(rules)
     if len(calls) == 1:
-        return logits, temperature, calls[0], edt_theta, edt_base, None
+        return logits, temperature, {**first_call, **calls[0]}, edt_theta, edt_base, None
+    calls[0] = {**first_call, **calls[0]}
     if edt_theta is not None:
         temperature = _edt_temperature(logits, temperature, edt_theta, edt_base, op)
         edt_theta = edt_base = None
@@ -481,16 +503,27 @@ def chain_params(
     cap: int | None,
     op: str,
 ) -> ChainInput:
-    """The whole chain in transformers' order up to its last kernel call: Top-H's stage when
-    ``top_h`` is given (:func:`top_h_stage`), the calls of :func:`chain_stages` but the last,
+    """The whole chain in transformers' order up to its last kernel call: Top-H when ``top_h``
+    is given (rule "hf" with K = min(cap, V) <= FUSED_TOP_H_MAX_COUNT: in the first kernel
+    call's table; else :func:`top_h_stage`), the calls of :func:`chain_stages` but the last,
     then the last call's parameter table."""
+    first_call: dict[str, RowParam] = {}
     if top_h is not None:
         check_top_h_keep(min_tokens_to_keep, rules.values(), op)
-        logits, temperature, edt_theta, edt_base = top_h_stage(
-            logits, top_h, temperature, rule, cap, edt_theta, edt_base, op
-        )
+        count = fused_top_h_count(logits, rule, cap)
+        if count > 0:
+            cap_arg = -1 if cap is None else int(cap)
+            alpha = top_h if isinstance(top_h, torch.Tensor) else float(top_h)
+            check_top_h_args(logits, None if isinstance(alpha, torch.Tensor) else alpha, 1.0, rule, cap_arg, op)
+            if isinstance(alpha, torch.Tensor):  # (device, shape and, on the CPU, values)
+                alpha, _ = top_h_rows(logits, alpha, 1.0, op)
+            first_call = dict(top_h_alpha=alpha, top_h_count=count)
+        else:
+            logits, temperature, edt_theta, edt_base = top_h_stage(
+                logits, top_h, temperature, rule, cap, edt_theta, edt_base, op
+            )
     source, temperature, last, edt_theta, edt_base, undefined = chain_stages(
-        logits, temperature, rules, edt_theta, edt_base, min_tokens_to_keep, op
+        logits, temperature, rules, edt_theta, edt_base, min_tokens_to_keep, op, first_call
     )
     params = filter_params(
         source,
@@ -519,10 +552,13 @@ def filter_params(
     edt_theta: RowParam = None,
     edt_base: RowParam = None,
     min_tokens_to_keep: int | torch.Tensor = 1,
+    top_h_alpha: RowParam = 0.0,
+    top_h_count: RowParam = 0,
     op: str = "truncation_mask",
 ) -> torch.Tensor:
-    """The per-row parameter table (..., 10) float32 of the ops (columns: PARAM_COLUMNS), from the
-    Python arguments (checked, with messages naming the argument)."""
+    """The per-row parameter table (..., 12) float32 of the ops (columns: PARAM_COLUMNS), from the
+    Python arguments (checked, with messages naming the argument). ``top_h_alpha`` (checked by
+    the caller) and ``top_h_count`` (K) put Top-H "hf" first in the call (0: off)."""
     check_logits(logits, op, "logits")
     keep_count = _keep_count_column(min_tokens_to_keep, logits, op)
     if edt_theta is not None:
@@ -537,6 +573,8 @@ def filter_params(
         columns[name] = _column(OFF_VALUES[name] if value is None else value, name, logits, op)
     columns["top_k"] = _top_k_count_column(logits, _top_k_column(top_k, logits, op), keep_count)
     columns["keep_count"] = keep_count.to(torch.float32) if isinstance(keep_count, torch.Tensor) else float(keep_count)
+    columns["top_h_alpha"] = top_h_alpha if isinstance(top_h_alpha, torch.Tensor) else float(top_h_alpha or 0.0)
+    columns["top_h_count"] = float(top_h_count or 0)
     table = torch.empty((*logits.shape[:-1], len(PARAM_COLUMNS)), dtype=torch.float32, device=logits.device)
     for j, name in enumerate(PARAM_COLUMNS):
         table[..., j] = columns[name]
@@ -596,7 +634,8 @@ def truncation_mask(
 
     ``top_h`` (alpha, with ``rule`` and ``cap``: :func:`logitkit.top_h_mask`) adds Top-H as the
     chain's first rule, as transformers orders it: the other rules then see Top-H's survivors
-    renormalised (not fused, docs/sampling.md). ``top_h`` may be a per-row tensor (0: Top-H off
+    renormalised (rule "hf" with K = min(cap, V) <= 256 runs in the chain's kernels, the others
+    as a stage of their own: docs/sampling.md). ``top_h`` may be a per-row tensor (0: Top-H off
     for that row), with a per-row or entropy-adaptive temperature too.
     """
     rules = dict(top_k=top_k, top_p=top_p, min_p=min_p, top_n_sigma=top_n_sigma, p_less=p_less)

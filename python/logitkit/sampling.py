@@ -176,12 +176,14 @@ def sample(
 
     ``top_h`` together with the chain's rules: Top-H first, as in transformers' order
     (temperature, Top-H, top-k, top-p, min-p, typical, epsilon, eta), the chain on Top-H's
-    survivors renormalised; not fused (the Top-H mask op, one masked copy of the rows, then the
-    chain's sampler: docs/sampling.md). ``top_h`` may be a per-row tensor (0: Top-H off for that
-    row; Top-H alone then stays on the fused sampler, op ``sample_per_row``), and so may the
-    temperature (or EDT's): Top-H alone stays on the fused sampler there too, its greedy rows
-    (T = 0) skipping Top-H and taking a greedy draw; with temperature 0, or a per-row one and
-    the optional outputs, Top-H alone takes the mask op and the chain's sampler. A greedy row
+    survivors renormalised. Rule "hf" with K = min(cap, V) <= 256 (the default cap is 100) runs
+    inside the chain's sampler, as its first rule; the other rules, or a larger K, take the Top-H
+    mask op and one masked copy of the rows first (docs/sampling.md). ``top_h`` may be a per-row
+    tensor (0: Top-H off for that row; Top-H alone then stays on the fused Top-H sampler, op
+    ``sample_per_row``), and so may the temperature (or EDT's): Top-H alone stays on the fused
+    Top-H sampler there too, its greedy rows (T = 0) skipping Top-H and taking a greedy draw;
+    with temperature 0, or a per-row one and the optional outputs, Top-H alone takes the chain's
+    sampler. A greedy row
     skips Top-H (all its largest logits are kept). Top-H has no ``min_tokens_to_keep`` of its
     own (that applies to the rules after it).
     """
@@ -226,10 +228,14 @@ def sample(
 
 def _raw_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)(token) at temperature 1 (float32; NaN for token -1, and for an all -inf
-    row, as the fused sampler gives): the gathered logit minus our logsumexp op (one pass)."""
+    row, as the fused sampler gives): (x_token - m) - log s from the row's float32 softmax state
+    (our softmax_stats op, one pass), as the fused sampler computes it. (Until December 5th this
+    was x_token - logsumexp(x), whose result, in the logits' dtype, was off by up to ~0.03 for
+    bf16 logits.)"""
     x = logits.detach()
     x_token = x.gather(-1, tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1).float()
-    raw = x_token - _backend.ops().logsumexp(x, 1.0)
+    stats = _backend.ops().softmax_stats(x, 1.0)
+    raw = (x_token - stats[..., 0]) - stats[..., 1].log()
     return torch.where(tokens < 0, math.nan, raw)
 
 
