@@ -101,10 +101,14 @@ struct RowFilterStorage {
   int gathered_count;     // survivors in the row (only the first kGatherCapacity stored; -1: not gathered yet)
   bool survivors_ranked;  // s.radix.survivors.ranked_z already holds their ranking (kth_largest_of_gathered_range)
   // Top-H first (core::uses_top_h; top_h_prefix): its last kept token (key,
-  // index; core::top_h_keeps), and the tokens of x_K's key in the row (counted
-  // by gather_top_h_candidates, else 0).
+  // index; core::top_h_keeps), that token's rank in index order among the
+  // row's tokens of its key (-1: the whole tie group is kept), the ranked
+  // candidates the chain's statistics run over, and the tokens of x_K's key in
+  // the row (counted by gather_top_h_candidates, else 0).
   uint32_t top_h_last_key;
   int64_t top_h_last_index;
+  int top_h_split_rank;
+  int top_h_prefix_count;
   int top_h_ties_at_kth;
 };
 
@@ -353,8 +357,9 @@ template <class scalar_t>
 LK_DEVICE inline core::FilterParams with_selected_ranks(const scalar_t* x, int64_t cols, const core::FilterParams& p,
                                                         RowFilterStorage& s) {
   const core::RankCounts ranks = core::rank_counts(p, cols);
+  const bool top_h = core::uses_top_h(p, cols);  // (block-uniform)
   float top_k_x = core::neg_infinity(), floor_x = core::pos_infinity();
-  if (core::uses_top_h(p, cols)) {
+  if (top_h) {
     // Top-H first: its K candidates (x >= x_K, the K-th largest); top-k and
     // the floor then come from their ranking (top_h_prefix).
     if (threadIdx.x == 0) s.top_h_ties_at_kth = 0;
@@ -364,13 +369,13 @@ LK_DEVICE inline core::FilterParams with_selected_ranks(const scalar_t* x, int64
   } else if (ranks.top_k > 0) {
     top_k_x = kth_largest_logit(x, cols, ranks.top_k, s);
   }
-  if (ranks.floor > 0 && !core::uses_top_h(p, cols))
+  if (ranks.floor > 0 && !top_h)
     floor_x = ranks.floor == ranks.top_k ? top_k_x : kth_largest_logit(x, cols, ranks.floor, s);
   if (threadIdx.x == 0) {  // (read after pass 1's barriers; a Top-H row reads x_K at once)
     s.top_k_x = top_k_x;
     s.floor_x = floor_x;
   }
-  if (core::uses_top_h(p, cols)) __syncthreads();  // (block-uniform)
+  if (top_h) __syncthreads();
   return core::with_rank_cuts(p, top_k_x, floor_x);
 }
 
@@ -447,7 +452,7 @@ LK_DEVICE inline int top_h_prefix(const scalar_t* x, int64_t cols, const core::F
   const core::RankCounts ranks = core::rank_counts(p, cols);  // the chain's top-k and floor
   const float* z = s.radix.survivors.ranked_z;
   const uint32_t* key = s.radix.survivors.ranked_key;
-  __syncthreads();  // every thread has read gathered_count and survivors_ranked (filter_pass_one)
+  __syncthreads();  // every thread is past filter_pass_one's reads of s.top_k_x, which thread 0 rewrites
   if (threadIdx.x == 0) {
     const int count = static_cast<int>(p.top_h_count);  // K <= n
     const int kept = static_cast<int>(
@@ -459,7 +464,7 @@ LK_DEVICE inline int top_h_prefix(const scalar_t* x, int64_t cols, const core::F
     const int counted = last_key == core::orderable_key(s.top_k_x) ? s.top_h_ties_at_kth : 0;
     const int ties = end - first > counted ? end - first : counted;
     s.top_h_last_key = last_key;
-    s.top_h_last_index = kept - first < ties ? kept - first - 1 : -1;  // (the rank in the group; -1: all kept)
+    s.top_h_split_rank = kept - first < ties ? kept - first - 1 : -1;
     int prefix = kept;
     if (ranks.top_k > 0 && ranks.top_k < kept) {  // top-k on Top-H's survivors: z >= z_k (ties kept)
       prefix = static_cast<int>(ranks.top_k);
@@ -469,12 +474,11 @@ LK_DEVICE inline int top_h_prefix(const scalar_t* x, int64_t cols, const core::F
     s.floor_x = ranks.floor == 0        ? core::pos_infinity()
                 : ranks.floor <= prefix ? core::key_to_float(key[ranks.floor - 1])
                                         : core::neg_infinity();  // fewer survivors than the floor: all kept
-    s.gathered_count = prefix;
+    s.top_h_prefix_count = prefix;
   }
   __syncthreads();
-  const int64_t split_rank = s.top_h_last_index;  // block-uniform
-  const int prefix = s.gathered_count;
-  __syncthreads();
+  const int split_rank = s.top_h_split_rank;  // block-uniform
+  const int prefix = s.top_h_prefix_count;
   const int64_t last_index = split_rank < 0 ? INT64_MAX : index_in_tie_group(x, cols, s.top_h_last_key, split_rank, s);
   if (threadIdx.x == 0) s.top_h_last_index = last_index;
   __syncthreads();
