@@ -297,11 +297,13 @@ RankCutLogits keep_top_h_survivors(RowScratch& s, int64_t cols, const core::Filt
   top_h.inv_temperature = p.inv_temperature;
   top_h.k = static_cast<int64_t>(p.top_h_count);
   const int64_t kept = capped_keep(s, cols, top_h, 0.0f);
+  // Kept: x > last.x, and the last kept token's ties up to its index (two
+  // index ranges, so that each loop is a plain compare-and-select).
   const Token last = s.tokens[kept - 1];
-  for (int64_t i = 0; i < cols; ++i) {
-    const float x = s.x[i];
-    s.x[i] = x > last.x || (x == last.x && i <= last.index) ? x : kNegInf;
-  }
+  const int64_t ties_kept_until = std::min(cols, last.index + 1);
+  float* x = s.x.data();
+  for (int64_t i = 0; i < ties_kept_until; ++i) x[i] = x[i] >= last.x ? x[i] : kNegInf;
+  for (int64_t i = ties_kept_until; i < cols; ++i) x[i] = x[i] > last.x ? x[i] : kNegInf;
   const core::RankCounts ranks = core::rank_counts(p, cols);
   auto logit_of_rank = [&](int64_t rank, float off) {
     return rank == 0 ? off : (rank <= kept ? s.tokens[rank - 1].x : kNegInf);
