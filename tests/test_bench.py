@@ -329,7 +329,7 @@ def test_linear_ce_case_runs_and_reports_transient_memory(tmp_path, capsys):
     assert rc == 0, [(r["impl"], r["status"], r["error"]) for r in doc["results"]]
     assert doc["config"]["hidden"] == 64
     impls = {r["impl"] for r in doc["results"]}
-    assert {"logitkit", "materialised", "torch.mm x3"} <= impls
+    assert {"logitkit", "materialised", "materialised-fp32-logits", "torch.mm x3"} <= impls
     roofline = next(r for r in doc["results"] if r["impl"] == "torch.mm x3")
     assert roofline["max_abs_err"] is None and roofline["status"] == "OK"  # timed, not checked
     assert set(doc["environment"]["gemm_paths"]) == {"fp32", "bf16", "fp16"}

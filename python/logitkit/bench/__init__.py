@@ -33,7 +33,9 @@ transformers' warper chain, a sort-based sampler in the style of vLLM's
 native path and straightforward torch code. ``linear_ce`` (rows = tokens N, vocab = V, hidden size
 ``--hidden`` D, default 1024) times one forward + backward of a summed loss
 returning (loss, grad_hidden, grad_weight), against the materialised
-``F.cross_entropy(hidden @ weight.T, target)`` and PyTorch's chunked
+``F.cross_entropy(hidden @ weight.T, target)`` (logits in the input dtype), the
+same on float32 logits (``materialised-fp32-logits``: ``(hidden @ weight.T).float()``,
+as transformers' loss path computes it) and PyTorch's chunked
 ``F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())``; its
 "mem" column is the peak above the inputs *and* the gradients (the transient
 memory), its GFLOP/s column counts the materialised loss's three GEMMs

@@ -69,11 +69,19 @@ def gemm_roofline(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tens
 def register_cases() -> None:
     """``linear_ce``: loss (reduction "sum", so gradients are O(1) for the guard) and its gradients
     for hidden and weight. Baselines: the materialised ``F.cross_entropy(hidden @ weight.T,
-    target)`` in the input dtype, and PyTorch's chunked ``F.linear_cross_entropy`` with its
+    target)`` in the input dtype, the same on float32 logits (``(hidden @ weight.T).float()``, as
+    transformers' loss path upcasts them), and PyTorch's chunked ``F.linear_cross_entropy`` with its
     default ``LinearCrossEntropyOptions()`` when this torch has it. Reference: the materialised
     loss in float64 (:func:`logitkit.testing.references.linear_cross_entropy`). Roofline (timed,
     not checked): the three GEMMs with ``torch.mm`` in the input dtype (:func:`gemm_roofline`)."""
-    baselines = {"materialised": forward_backward(lambda h, w, t: F.cross_entropy(h @ w.T, t, reduction="sum"))}
+    baselines = {
+        "materialised": forward_backward(lambda h, w, t: F.cross_entropy(h @ w.T, t, reduction="sum")),
+        # the GEMM's logits upcast before the loss, as transformers' loss path does: log-softmax
+        # and its gradient in float32 (for float32 inputs the same computation as "materialised")
+        "materialised-fp32-logits": forward_backward(
+            lambda h, w, t: F.cross_entropy((h @ w.T).float(), t, reduction="sum")
+        ),
+    }
     options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
     if options is not None and hasattr(F, "linear_cross_entropy"):
         baselines["torch-chunked"] = forward_backward(
