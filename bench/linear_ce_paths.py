@@ -83,7 +83,7 @@ def routes(args: argparse.Namespace) -> None:
 
 
 def budgets(args: argparse.Namespace) -> None:
-    """fwd+bwd time of logitkit per chunk_budget (the CPU default is 4 MiB), each dtype's auto route,
+    """fwd+bwd time of logitkit per chunk_budget (the CPU default is 8 MiB), each dtype's auto route,
     interleaved: best of two rounds over the budgets."""
     n, d, v = args.rows, args.hidden, args.vocab
     g = torch.Generator().manual_seed(0)
@@ -105,9 +105,9 @@ def budgets(args: argparse.Namespace) -> None:
 def kernels(args: argparse.Namespace) -> None:
     """GFLOP/s of the native route's bf16 GEMM, per micro-kernel this CPU runs (AMX-BF16,
     AVX512-BF16), against torch.mm in bf16 and fp32, on the three GEMMs of one loss tile of
-    N tokens x C vocabulary columns (C = 409 is the CPU's 4 MiB default at N = D = 1024),
-    operands as the loss passes them (weight rows and gradient tiles as transposed views).
-    Interleaved, best of --repeats rounds."""
+    N tokens x C vocabulary columns (at N = D = 1024, C = 409 is the tile of a 4 MiB budget,
+    819 that of the CPU's 8 MiB default), operands as the loss passes them (weight rows and
+    gradient tiles as transposed views). Interleaved, best of --repeats rounds."""
     from logitkit._loader import _C
 
     n, d, c = args.rows, args.hidden, args.cols

@@ -727,7 +727,7 @@ def test_compile_reports_bad_input_at_trace_time(backend, name):
 
 
 def test_default_chunk_budget(backend):
-    """chunk_budget=None is the device's default: the measured 4 MiB on CPU (the same result as
+    """chunk_budget=None is the device's default: the measured 8 MiB on CPU (the same result as
     passing it), on CUDA 1/256 of the device memory within CUDA_CHUNK_BUDGET_RANGE."""
     from logitkit.linear_ce import CUDA_CHUNK_BUDGET_RANGE
 

@@ -584,6 +584,19 @@ def test_fused_top_h_equals_its_own_stage(backend, rules, monkeypatch):
             assert torch.equal(fused_mask[r], expected), (dtype, r)
 
 
+def test_top_h_constants_agree_with_the_kernels():
+    """The Python layer's Top-H constants are the kernels' own (read from the extension), the
+    float64 reference's default cap is the same, and the documented values hold."""
+    assert logitkit.filters.TOP_H_DEFAULT_CAP == _loader._C.top_h_default_cap == references.TOP_H_DEFAULT_CAP == 100
+    assert logitkit.filters.FUSED_TOP_H_MAX_COUNT == _loader._C.fused_top_h_max_count == 256
+    x = torch.randn(2, 300)
+    assert logitkit.filters.fused_top_h_count(x, "hf", None) == 100
+    assert logitkit.filters.fused_top_h_count(x, "hf", 256) == 256
+    assert logitkit.filters.fused_top_h_count(x, "hf", 257) == 0
+    assert logitkit.filters.fused_top_h_count(x, "official", None) == 0
+    assert logitkit.filters.fused_top_h_count(x[:, :100], "hf", None) == 0  # K = V: nothing to cut
+
+
 def test_typical_after_rules_that_keep_every_finite_token(backend):
     """typical over top-k survivors that include -inf logits (top-k's and the floor's k-th
     largest logit is -inf: fewer finite tokens than k), after top-p: the kept set equals the

@@ -174,9 +174,9 @@ LK_HOST_DEVICE RankCounts rank_counts(const FilterParams& p, int64_t cols) {
 // every rule) with alpha in (0, 1] and 1 <= K < V (the frontend writes
 // K = min(cap, V) and keeps V <= cap on the unfused route; a CUDA table is not
 // checked on the host, and a row with other values, or K above
-// kFusedTopHMaxCount, skips Top-H). The rules
-// after it then see only its kept tokens (the others count as -inf), as on
-// the unfused route (top_h_mask and a masked copy).
+// kFusedTopHMaxCount, skips Top-H). The rules after it then see only its kept
+// tokens (the others count as -inf), as on the unfused route (top_h_mask and
+// a masked copy).
 constexpr int64_t kFusedTopHMaxCount = 256;  // the largest K (CUDA: the gathered survivors)
 
 LK_HOST_DEVICE bool uses_top_h(const FilterParams& p, int64_t cols) {

@@ -327,11 +327,10 @@ void for_each_filter_row(const Rows& r, const float* params, Finish finish, bool
       const float raw_log_sum =
           raw && defined ? raw_log_sum_shifted(*s, max_x) : std::numeric_limits<float>::quiet_NaN();
       // (Top-H keeps the row max; a row without a distribution skips it.)
-      const core::RankCounts ranks = core::rank_counts(p, r.cols);
       if (core::uses_top_h(p, r.cols) && defined) {
         const RankCutLogits cuts = keep_top_h_survivors(*s, r.cols, p);
         p = core::with_rank_cuts(p, cuts.top_k_x, cuts.floor_x);
-      } else if (ranks.top_k > 0 || ranks.floor > 0) {
+      } else if (const core::RankCounts ranks = core::rank_counts(p, r.cols); ranks.top_k > 0 || ranks.floor > 0) {
         const RankCutLogits cuts = rank_cut_logits(*s, r.cols, ranks);
         p = core::with_rank_cuts(p, cuts.top_k_x, cuts.floor_x);
       }

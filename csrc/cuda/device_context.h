@@ -10,6 +10,10 @@
 #include "../simt/simt.h"
 
 #if !LK_EMULATED_CUDA
+#include <map>
+#include <mutex>
+#include <utility>
+
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -51,11 +55,21 @@ class DeviceContext {
   }
   // Lets `kernel` take `bytes` of dynamic shared memory beyond the 48 KiB a
   // block gets without opting in (static + dynamic; sm_80: up to 163 KiB,
-  // sm_90: 227 KiB). A per-kernel attribute: no synchronisation.
+  // sm_90: 227 KiB). A per-kernel, per-device attribute (no synchronisation),
+  // set only when a launch asks for more than it was last set to on this
+  // device, not on every launch.
   template <class Kernel>
   void allow_dynamic_shared(Kernel* kernel, size_t bytes) const {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    const auto function = reinterpret_cast<const void*>(kernel);
+    const std::pair<const void*, int> key{function, static_cast<int>(guard_.current_device().index())};
+    static std::mutex mutex;
+    static std::map<std::pair<const void*, int>, size_t> allowed;  // (kernel, device) -> bytes set
+    const std::lock_guard<std::mutex> lock(mutex);
+    size_t& current = allowed[key];
+    if (bytes <= current) return;
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(function, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    current = bytes;
   }
   void check_launch() const { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
 

@@ -635,7 +635,7 @@ LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols
                 : core::no_top_p_cut(st);
   } else {
     const bool first_digit = p.top_p < 1.0f && !p.greedy;  // block-uniform
-    if (first_digit) clear_bins<Selection::exact>(s.radix, cols);
+    if (first_digit) reset_histogram<Selection::exact>(s.radix, cols);
     __syncthreads();
     st = core::empty_filter_state();
     TopBinState mine = empty_top_bin();

@@ -215,7 +215,7 @@ struct TopHStorage {
     } survivors;
   };
   static_assert(4 * kGatherCapacity * sizeof(float) <= kBins * sizeof(unsigned long long));
-  float fixed_one;  // FixedPointBins::one(cols), set by clear_bins
+  float fixed_one;  // FixedPointBins::one(cols), set by reset_histogram
   Cut cut;
   BinTotals above;  // totals of the tokens above the current candidate range
   uint32_t prefix;  // digits fixed so far
@@ -428,10 +428,12 @@ struct FixedPointBins {
   }
 };
 
-// Zeroes the histogram (the sums only where the selection uses them: the
-// fixed-point words hold the float sums' storage too). A barrier must follow.
+// Resets the histogram for a new selection: zeroes its bins (the sums only
+// where the selection uses them: the fixed-point words hold the float sums'
+// storage too) and the NaN count ("rank"), and sets the fixed-point scale
+// for this row length ("exact"). A barrier must follow.
 template <Selection kSel>
-LK_DEVICE inline void clear_bins(TopHStorage& s, int64_t cols) {
+LK_DEVICE inline void reset_histogram(TopHStorage& s, int64_t cols) {
   for (int64_t b = threadIdx.x; b < kBins; b += blockDim.x) {
     s.bin_count[b] = 0;
     if constexpr (kSel == Selection::exact) {
@@ -530,7 +532,7 @@ struct FirstDigit {
 template <Selection kSel, class scalar_t>
 LK_DEVICE inline FirstDigit softmax_state_and_first_digit(const scalar_t* x, int64_t cols, float inv_t,
                                                           TopHStorage& s) {
-  if constexpr (kSel != Selection::all) clear_bins<kSel>(s, cols);
+  if constexpr (kSel != Selection::all) reset_histogram<kSel>(s, cols);
   __syncthreads();
   FirstDigit f{core::empty_state(), empty_top_bin(), empty_top_bin()};
   for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
@@ -600,7 +602,7 @@ template <Selection kSel, bool kFloor, bool kFixed, class scalar_t, class KeyOf 
 LK_DEVICE inline void digit_pass(const scalar_t* x, int64_t cols, int level, uint32_t prefix, float m, float inv_t,
                                  float floor_z, TopHStorage& s, uint32_t* candidates, KeyOf key_of = LogitKey{}) {
   __syncthreads();  // previous readers of the bins are done
-  clear_bins<kSel>(s, cols);
+  reset_histogram<kSel>(s, cols);
   __syncthreads();
   const int shift = digit_shift(level);
   const int prefix_shift = shift + digit_bits(level);

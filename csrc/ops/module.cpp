@@ -10,6 +10,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "../core/row_filters.h"
+#include "../core/top_h.h"
 #include "../cpu/bf16_gemm.h"
 
 namespace logitkit::cpu {
@@ -29,6 +31,11 @@ PYBIND11_MODULE(_C, module) {
     info["cpu_capability"] = logitkit::cpu::selected_cpu_capability();
     return info;
   });
+  // Constants the Python layer needs to agree with the kernels on (read by
+  // logitkit.filters): Top-H's cap when none is given, and the largest
+  // K = min(cap, V) the sampler chain's kernels run Top-H "hf" for themselves.
+  module.attr("top_h_default_cap") = logitkit::core::kTopHDefaultCap;
+  module.attr("fused_top_h_max_count") = logitkit::core::kFusedTopHMaxCount;
   // linear_cross_entropy's CPU GEMM route for "bfloat16" / "float16": (route, reason).
   module.def("cpu_gemm_path", [](const std::string& dtype) {
     TORCH_CHECK_VALUE(dtype == "bfloat16" || dtype == "float16", "cpu_gemm_path: bfloat16 or float16, got ", dtype);

@@ -29,7 +29,7 @@ def _check_torch_version() -> None:
 
 
 _check_torch_version()
-_C = importlib.import_module("logitkit._C")
+_C: ModuleType = importlib.import_module("logitkit._C")
 
 _C_emulated: ModuleType | None
 try:

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _backend
+from . import _backend, _loader
 from ._registration import check_logits, check_temperature, cpp_float, register_fake
 
 __all__ = ["filter_logits", "philox_uniform", "truncation_mask"]
@@ -276,32 +276,35 @@ def top_h_mask_rows(
     rule: str,
     cap: int | None,
     op: str = "top_h_mask",
-    values_checked: bool = False,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """Top-H's keep mask (the op ``top_h_mask``, or ``top_h_mask_per_row`` when alpha or the
-    temperature is a per-row tensor), after the Python-side checks (``values_checked``: the
-    per-row values were checked by :func:`top_h_off_when_greedy`; their device and shape are
-    checked again, which costs no reduction)."""
+    temperature is a per-row tensor), after the Python-side checks (``check_values=False``:
+    the caller checked the per-row values already, as :func:`top_h_off_when_greedy` does; their
+    device and shape are checked again, which costs no reduction)."""
     cap_arg = -1 if cap is None else int(cap)
     if not isinstance(top_h, torch.Tensor) and not isinstance(temperature, torch.Tensor):
         check_top_h_args(logits, float(top_h), float(temperature), str(rule), cap_arg, op)
         return _backend.ops().top_h_mask(logits, float(top_h), float(temperature), str(rule), cap_arg)
     check_top_h_args(logits, None, 1.0, str(rule), cap_arg, op)
-    alpha_rows, temperature_rows = top_h_rows(logits, top_h, temperature, op, check_values=not values_checked)
+    alpha_rows, temperature_rows = top_h_rows(logits, top_h, temperature, op, check_values=check_values)
     return _backend.ops().top_h_mask_per_row(logits, alpha_rows, temperature_rows, str(rule), cap_arg)
 
+
+#: Top-H's cap (the K of rules "hf" and "official") when none is given (the kernels' constant).
+TOP_H_DEFAULT_CAP: int = _loader._C.top_h_default_cap
 
 #: The largest K = min(cap, V) of Top-H "hf" that the chain's kernels run themselves, as its
 #: first rule (the CUDA kernels' gathered survivors: docs/sampling.md); above it, and for the
 #: rules "official" and "exact", Top-H is a stage of its own (:func:`top_h_stage`).
-FUSED_TOP_H_MAX_COUNT = 256
+FUSED_TOP_H_MAX_COUNT: int = _loader._C.fused_top_h_max_count
 
 
 def fused_top_h_count(logits: torch.Tensor, rule: str, cap: int | None) -> int:
     """K = min(cap, V) when the chain's kernels run Top-H themselves (rule "hf", 1 <= K < V,
     K <= FUSED_TOP_H_MAX_COUNT), else 0."""
     vocab = logits.shape[-1]
-    count = min(100 if cap is None or cap == -1 else int(cap), vocab)
+    count = min(TOP_H_DEFAULT_CAP if cap is None or cap == -1 else int(cap), vocab)
     return count if rule == "hf" and 1 <= count < vocab and count <= FUSED_TOP_H_MAX_COUNT else 0
 
 
@@ -337,7 +340,7 @@ def top_h_stage(
     alpha, top_h_t, _ = top_h_off_when_greedy(logits, top_h, temperature, rule, cap, op)
     if alpha is None:  # one temperature, greedy: no row runs Top-H
         return logits, temperature, edt_theta, edt_base
-    mask = top_h_mask_rows(logits.detach(), alpha, top_h_t, rule, cap, op, values_checked=True)
+    mask = top_h_mask_rows(logits.detach(), alpha, top_h_t, rule, cap, op, check_values=False)
     return _survivors(logits, mask), temperature, edt_theta, edt_base
 
 

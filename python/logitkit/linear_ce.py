@@ -56,11 +56,16 @@ from ._loss_math import (
 from ._registration import check_logits, check_temperature, cpp_float, register_fake
 from .cross_entropy import cross_entropy as _cross_entropy
 
-# Bytes of transient memory per tile. Measured at N = 1024, D = 1024,
-# V = 128256 on CPU (fp32, fwd+bwd, see bench/README.md): time is flat from
-# 4 MiB up (tiles of 1024 tokens x 1024-2048 vocabulary entries keep the GEMMs
-# compute-bound), so the default stays small.
-DEFAULT_CHUNK_BUDGET = 4 * 1024 * 1024
+# Bytes of transient memory per tile on CPU. Measured at N = D = 1024,
+# V = 128256, fwd+bwd (bench/README.md, "December 6th"): fp32 time is flat
+# from 4 MiB up; bf16 on logitkit's AMX-BF16 GEMM took 0.78x the time at 8 MiB
+# than at 4 MiB (tiles of 1024 tokens x 819 rather than 409 vocabulary
+# entries; the GEMMs ran at the same rate at both widths, so the gain is the
+# per-tile work done half as often: hidden packed for two GEMMs and
+# grad_hidden's 4 MiB fp32 accumulator read and written), and 16 MiB was no
+# faster. The transient memory at 8 MiB (the tile, plus grad_hidden's fp32
+# accumulator for bf16/fp16) stays near 1% of the materialised loss's.
+DEFAULT_CHUNK_BUDGET = 8 * 1024 * 1024
 
 # CUDA: few large GEMMs keep the GPU busy. The budget is 1/256 of the device's
 # memory, clamped to [32 MiB, 256 MiB]: 256 MiB on an 80 GB H100. At
@@ -76,7 +81,7 @@ CUDA_CHUNK_BUDGET_RANGE = (32 * 1024 * 1024, 256 * 1024 * 1024)
 
 
 def default_chunk_budget(device: torch.device | str) -> int:
-    """The ``chunk_budget`` that ``chunk_budget=None`` means on ``device``: 4 MiB on CPU
+    """The ``chunk_budget`` that ``chunk_budget=None`` means on ``device``: 8 MiB on CPU
     (:data:`DEFAULT_CHUNK_BUDGET`, measured), on CUDA 1/256 of the device memory within
     :data:`CUDA_CHUNK_BUDGET_RANGE`."""
     device = torch.device(device)
@@ -569,7 +574,7 @@ def linear_cross_entropy(
             ``torch.argmax`` would pick the lowest index (a difference only on exact ties
             at the maximum).
         chunk_budget: bytes of transient memory per tile; ``None`` (default):
-            the device's default (:func:`default_chunk_budget`: 4 MiB on CPU,
+            the device's default (:func:`default_chunk_budget`: 8 MiB on CPU,
             1/256 of the GPU's memory within [32, 256] MiB on CUDA). It holds
             the fp32 logits tile, plus for bf16/fp16 inputs the fp32
             grad_weight accumulator of the tile's weight rows and either

@@ -176,16 +176,16 @@ def sample(
 
     ``top_h`` together with the chain's rules: Top-H first, as in transformers' order
     (temperature, Top-H, top-k, top-p, min-p, typical, epsilon, eta), the chain on Top-H's
-    survivors renormalised. Rule "hf" with K = min(cap, V) <= 256 (the default cap is 100) runs
-    inside the chain's sampler, as its first rule; the other rules, or a larger K, take the Top-H
-    mask op and one masked copy of the rows first (docs/sampling.md). ``top_h`` may be a per-row
-    tensor (0: Top-H off for that row; Top-H alone then stays on the fused Top-H sampler, op
-    ``sample_per_row``), and so may the temperature (or EDT's): Top-H alone stays on the fused
-    Top-H sampler there too, its greedy rows (T = 0) skipping Top-H and taking a greedy draw;
-    with temperature 0, or a per-row one and the optional outputs, Top-H alone takes the chain's
-    sampler. A greedy row
-    skips Top-H (all its largest logits are kept). Top-H has no ``min_tokens_to_keep`` of its
-    own (that applies to the rules after it).
+    survivors renormalised. Rule "hf" with K = min(cap, V) <= 256 (the default cap is 100;
+    ``logitkit.filters.FUSED_TOP_H_MAX_COUNT`` and ``TOP_H_DEFAULT_CAP``) runs inside the chain's
+    sampler, as its first rule; the other rules, or a larger K, take the Top-H mask op and one
+    masked copy of the rows first (docs/sampling.md). ``top_h`` may be a per-row tensor (0: Top-H
+    off for that row; Top-H alone then stays on the fused Top-H sampler, op ``sample_per_row``),
+    and so may the temperature (or EDT's): Top-H alone stays on the fused Top-H sampler there too,
+    its greedy rows (T = 0) skipping Top-H and taking a greedy draw; with temperature 0, or a
+    per-row one and the optional outputs, Top-H alone takes the chain's sampler. A greedy row
+    skips Top-H (all its largest logits are kept). Top-H has no ``min_tokens_to_keep`` of its own
+    (that applies to the rules after it).
     """
     chain = dict(top_k=top_k, top_p=top_p, min_p=min_p, top_n_sigma=top_n_sigma, p_less=p_less)
     chain.update(typical_p=typical_p, epsilon=epsilon, eta=eta)

@@ -41,7 +41,7 @@ __all__ = [
     "resolve_causal_lm",
 ]
 
-#: Default ``chunk_budget`` of the integrations: 128 MiB rather than the core's 4 MiB. The causal-LM
+#: Default ``chunk_budget`` of the integrations: 128 MiB rather than the core's 8 MiB (CPU). The causal-LM
 #: loss forms its gradient in the forward (``grad_in_forward``) over blocks of ``budget / (4 V)``
 #: whole rows: at D = 256, N = 4096, V = 128256 (fp32, 2-core AVX2 Zen 1) the loss's fwd+bwd CPU
 #: time was 45.2 s at 32 MiB (65-token blocks re-stream the 131 MB grad_weight per block), 35.7 s

@@ -339,7 +339,7 @@ def apply_linear_cross_entropy(
             or a ``.module`` wrapper such as DDP: the inner model is patched).
         label_smoothing: as ``F.cross_entropy`` (transformers' own loss has none).
         z_loss: coefficient of ``logsumexp(z)**2`` per token (0: off), divided like the loss.
-        chunk_budget: bytes of transient memory per tile (default 128 MiB, the core default is 4 MiB;
+        chunk_budget: bytes of transient memory per tile (default 128 MiB, the core default is 8 MiB on CPU;
             see ``_hf_head.CHUNK_BUDGET``), see ``linear_cross_entropy``.
 
     Returns a :class:`LinearCrossEntropyPatch`; ``revert()`` it (or call
