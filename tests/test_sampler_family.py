@@ -198,6 +198,8 @@ def test_top_k_ties_of_scaled_logits(backend):
 # rule set of the mask op: for rows whose top-k survivors (ties included) are at most 512, and
 # for rows with more (a tie group at the k-th logit: the gather overflows, and the row takes the
 # rank selection's digit passes (fp32 3, bf16 / fp16 2) + the gather + the path without top-k).
+# typical outside top-k's gathered survivors takes one pass more on a row whose crossing bin of
+# distance keys holds more than 512 candidates (TYPICAL_TIE_PASS).
 PASS_BUDGETS = [
     (dict(top_k=50, top_p=0.9), 4, 3 + 1 + 4),
     (dict(top_k=256, top_p=0.7, min_p=0.01), 4, 3 + 1 + 4),
@@ -207,13 +209,17 @@ PASS_BUDGETS = [
     (dict(top_k=50), 4, 4),  # top-k alone: its digit passes + the write, no gather
     (dict(top_p=0.9), 4, None),
     (dict(min_p=0.1, temperature=0.7), 2, None),
-    (dict(typical_p=0.5), 5, None),  # the documented miss: typical's first digit needs the center c
+    (dict(typical_p=0.5), 4, None),
+    (dict(top_p=0.9, typical_p=0.9), 6, None),  # the documented miss: typical's first digit needs the center c
     # Top-H first ("hf", K = 100 / 256): 4, + a partial pass where its cut splits a tie group
     # (its K candidates never overflow: x_K's tie group is stored up to the capacity and counted)
     (dict(top_h=0.5, top_k=50, top_p=0.9), 5, None),
     (dict(top_h=0.3, typical_p=0.7, min_p=0.02, temperature=0.7), 5, None),
     (dict(top_h=0.8, cap=256, top_p=0.9, eta=1e-3, min_tokens_to_keep=3), 5, None),
 ]
+
+
+TYPICAL_TIE_PASS = 1
 
 
 def emulated_passes(op, row: torch.Tensor, **rules) -> float:
@@ -247,10 +253,49 @@ def test_emulated_passes_within_budget(dtype):
                 survivors = int((row.float() >= row.float().topk(k).values[0, -1]).sum()) if k else 0
                 overflows = overflow_budget is not None and survivors > 512
                 limit = overflow_budget - short_rank if overflows else budget
+                if "typical_p" in rules and not 0 < k <= 256 and row.float().unique(return_counts=True)[1].max() > 512:
+                    limit += TYPICAL_TIE_PASS  # (this row's one value everywhere)
                 mask = emulated_passes(logitkit.truncation_mask, row, **rules)
                 assert mask <= limit, (rules, r, mask)
                 drawn = emulated_passes(functools.partial(logitkit.sample, seed=1), row, **rules)
                 assert drawn <= limit + draw_share / x.shape[-1], (rules, r, drawn)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_typical_resolves_its_crossing_bin(backend, dtype):
+    """typical's selection on CUDA stops at the first digit whose crossing bin holds at most 512
+    candidates, and the write / draw pass gathers that bin's candidates and finds d* among them
+    (resolve_typical_crossing). Rows of 8000 logits, some of whose first-digit crossing bins hold
+    more than 512 candidates (so the second digit's is gathered), with ties of distance (bf16
+    values, a grid of quarters, a repeated value, a dense cluster that bf16 turns into one tie
+    group), a crossing set by min_tokens_to_keep, typical after min-p: the mask, filter_logits and
+    the sampler's token, log-prob and kept count equal the float64 reference. On the emulator the
+    mask takes at most 4 passes (3 when the first digit's bin is gathered), 5 on a row whose
+    crossing bin is a tie group of more than 512."""
+    g = torch.Generator().manual_seed(5)
+    x = rows(5, 8000, scale=0.5, seed=11)
+    x[1, :2000] = 1.0 + 1e-3 * torch.randn(2000, generator=g)
+    x[2] = torch.round(x[2] * 8.0) / 4.0
+    x[3, 100:400] = x[3, 7]  # 301 tokens of one distance
+    x[4] = x[4] * 4.0 - 3.0
+    x = x.to(dtype)
+    rule_sets = [
+        dict(typical_p=0.5, temperature=1.0),
+        dict(typical_p=0.9, temperature=0.8),
+        dict(typical_p=0.05, min_tokens_to_keep=700, temperature=1.0),
+        dict(typical_p=0.7, min_p=0.05, temperature=1.0),
+    ]
+    for rules in rule_sets:
+        keep = references.truncation_mask(x, **rules)
+        assert torch.equal(logitkit.truncation_mask(backend.tensor(x), **rules).cpu(), keep), rules
+        got = logitkit.filter_logits(backend.tensor(x), filter_value=-7.0, **rules).cpu()
+        assert torch.equal(got, torch.where(keep, x, torch.tensor(-7.0, dtype=dtype))), rules
+        check_sampled_statistics(backend, x, rules)
+    if backend.name == "emulated-cuda":
+        passes = [emulated_passes(logitkit.truncation_mask, x[r : r + 1], **rule_sets[0]) for r in range(5)]
+        heavy_ties = [int(x[r].float().unique(return_counts=True)[1].max() > 512) for r in range(5)]
+        assert all(p <= 4 + t * TYPICAL_TIE_PASS for p, t in zip(passes, heavy_ties)), passes
+        assert 4 in passes, passes  # some row gathered its second digit's bin
 
 
 def check_sampled_statistics(backend, x: torch.Tensor, rules: dict) -> None:

@@ -45,10 +45,15 @@
 //            top-p's threshold and the kept K, D that epsilon / eta
 //            (core::filter_cut) use.
 //   typical  only for a row with typical_p < 1 (typical_passes): the
-//            radix selection again, keyed on -|z - c| (1 to 3 digit passes,
-//            the first included), after one pass for the candidates' sums
-//            when no earlier pass summed them: the cut's center and radius.
-//            Over the gathered survivors: no pass (gathered_typical).
+//            radix selection again, keyed on -|z - c| (1 or 2 digit passes,
+//            the first included; 3 when the second digit's crossing bin
+//            holds more than kGatherCapacity candidates), after one pass for
+//            the candidates' sums when no earlier pass summed them: the
+//            cut's center and radius. The selection stops at a crossing bin
+//            of at most kGatherCapacity candidates, which pass 2 (mask or
+//            sample) gathers (weight_or_gather) and resolve_typical_crossing
+//            resolves after it. Over the gathered survivors: no pass
+//            (gathered_typical).
 //   mask     pass 2 writes the kept test (core::kept_weight). -> 2 passes
 //            (+ 0 to 2 with top-p, + 1 to 4 with typical)
 //   sample   pass 2 sums the kept weights (mass, shifted sum, count; block
@@ -110,6 +115,18 @@ struct RowFilterStorage {
   int top_h_split_rank;
   int top_h_prefix_count;
   int top_h_ties_at_kth;
+  // typical's crossing bin left to the write / draw pass (typical_pending;
+  // typical_passes): the limit of its walk, the bin's candidates gathered so
+  // far (weight_or_gather: index, z and weight in s.radix.survivors' key,
+  // ranked_z and ranked_e), then (resolve_typical_crossing) how many of them
+  // are kept (the first ones in rank order, s.radix.survivors.ranked_key) and
+  // the radius d*; the sampler adds their kept sums (crossing_sums).
+  bool typical_pending;
+  core::TypicalLimit typical_limit;
+  int crossing_gathered;
+  int crossing_kept;
+  float crossing_radius;
+  core::KeptSums crossing_sums;
 };
 
 // At most 512 threads per block: 128 registers per thread, so that the
@@ -157,16 +174,22 @@ LK_DEVICE inline core::TopPCut top_p_passes(const scalar_t* x, int64_t cols, con
   return core::TopPCut{core::scaled_logit(x_cut, p.inv_temperature), s.radix.cut.mass, s.radix.kept_shifted};
 }
 
-// Adds a token's kept weight w = exp(z - m) (0: dropped, or not a Top-H
+// Adds a token's kept weight w = exp(d), d = z - m (0: dropped) to a
+// thread's kept sums.
+LK_DEVICE inline void add_kept_weight(core::KeptSums& sums, float w, float d) {
+  if (w > 0.0f) {
+    sums.mass += w;
+    sums.shifted += d * w;
+    sums.count += 1.0f;
+  }
+}
+
+// Adds a token's kept weight under the cut (0: dropped, or not a Top-H
 // survivor: `candidate` false) to a thread's kept sums.
 LK_DEVICE inline void add_kept(core::KeptSums& sums, const core::FilterCut& cut, float xv, float inv_t,
                                bool candidate = true) {
   const float w = candidate ? core::kept_weight(cut, xv, inv_t) : 0.0f;
-  if (w > 0.0f) {
-    sums.mass += w;
-    sums.shifted += (core::scaled_logit(xv, inv_t) - cut.max) * w;
-    sums.count += 1.0f;
-  }
+  add_kept_weight(sums, w, core::scaled_logit(xv, inv_t) - cut.max);
 }
 
 // The block reductions' combine of kept sums.
@@ -182,8 +205,12 @@ struct AddKeptSums {
 // c = m + D / K, then Top-H "exact"'s radix selection keyed on the negated
 // distance -|z - c| (DistanceKey, TypicalPredicate): 1 to 3 digit passes, the
 // first one included (pass 1 could not build it: c was not known), stopping
-// at the first digit whose crossing bin holds one token. The lowest kept key
-// is -d*: cut.center and cut.radius.
+// at the first digit whose crossing bin holds one token, or (below the last
+// digit) at most kGatherCapacity candidates. In the first case the lowest kept
+// key is -d*: cut.center and cut.radius. In the second, s.typical_pending: the
+// radius stays +inf, and the write / draw pass decides every candidate by its
+// distance key, gathering the crossing bin's (weight_or_gather), after which
+// resolve_typical_crossing finds d* among them.
 template <class scalar_t>
 LK_DEVICE inline void typical_passes(const scalar_t* x, int64_t cols, const core::FilterParams& p,
                                      const core::TopPCut& top_p, RowFilterStorage& s, core::FilterCut& cut) {
@@ -196,10 +223,93 @@ LK_DEVICE inline void typical_passes(const scalar_t* x, int64_t cols, const core
   }
   const float center = core::typical_center(cut.max, candidates.mass, candidates.shifted);
   const TypicalPredicate pred{core::typical_limit(p, candidates.mass)};
+  if (threadIdx.x == 0) {  // (published by the selection's barriers)
+    s.typical_limit = pred.limit;
+    s.crossing_gathered = 0;
+  }
   radix_select<Selection::exact>(x, cols, pred, cut.max, p.inv_temperature, cut.threshold, s.radix, nullptr, false,
                                  DistanceKey{center});
   cut.center = center;
-  cut.radius = -lowest_kept_value(s.radix.cut);  // the lowest kept key is -d* (-inf: no bound)
+  const bool pending = s.radix.crossing_pending;  // (block-uniform)
+  // the lowest kept key is -d* (-inf: no bound); pending: no bound yet
+  cut.radius = pending ? core::pos_infinity() : -lowest_kept_value(s.radix.cut);
+  if (threadIdx.x == 0) s.typical_pending = pending;
+  __syncthreads();
+}
+
+// A token's kept weight in the write / draw pass (i: its index, xv: its
+// logit). Without typical_pending, kept_weight under the cut. With it (the
+// cut's radius is then +inf), a candidate (weight w > 0 under the other
+// rules) is decided by its distance key k = key(-|z - c|), as the selection
+// left it: kept when k >= the crossing bin's keys (closer to c), dropped below
+// them; a candidate of the bin weighs 0 for now and is gathered (index, z, w)
+// for resolve_typical_crossing. The selection counted exactly these
+// candidates (digit_pass: z >= cut.threshold, exp(z - m) > 0), at most
+// kGatherCapacity.
+LK_DEVICE inline float weight_or_gather(const core::FilterCut& cut, float xv, int64_t i, float inv_t, bool pending,
+                                        RowFilterStorage& s) {
+  const float w = core::kept_weight(cut, xv, inv_t);
+  if (!pending || w == 0.0f) return w;
+  const float z = core::scaled_logit(xv, inv_t);
+  const uint32_t key = DistanceKey{cut.center}(xv, z);
+  if (key >= s.radix.cut.full_from) return w;
+  if (key >= s.radix.cut.tie_key) {  // the crossing bin's lowest key
+    const int slot = atomicAdd(&s.crossing_gathered, 1);
+    if (slot < kGatherCapacity) {
+      s.radix.survivors.key[slot] = static_cast<uint32_t>(i);  // (rows are shorter than 2^31)
+      s.radix.survivors.ranked_z[slot] = z;
+      s.radix.survivors.ranked_e[slot] = w;
+    }
+  }
+  return 0.0f;
+}
+
+// After the pass that gathered typical's crossing bin (a block collective;
+// typical_pending): its n candidates ranked by distance key, closest first,
+// ties by index (a rank sort: n^2 / threads compares; the order, not the
+// gather's timing, sets the sums below), then thread 0 walks them as the radix
+// walk would have gone on: a candidate is kept iff the candidates strictly
+// closer to c (the bin's closer ones and those above the bin,
+// s.radix.above) have not reached the limit, so the crossing one and its
+// ties are kept. Sets crossing_kept (the kept ones come first in rank order)
+// and returns the radius d*, the largest kept distance. The first candidate is
+// always kept: the walk found the totals above the bin short of the limit.
+LK_DEVICE inline float resolve_typical_crossing(float center, RowFilterStorage& s) {
+  __syncthreads();  // the gather is complete
+  const int gathered = s.crossing_gathered;
+  const int n = gathered < kGatherCapacity ? gathered : kGatherCapacity;
+  auto& bin = s.radix.survivors;
+  auto key_of = [&](int a) { return core::orderable_key(-core::typical_distance(bin.ranked_z[a], center)); };
+  for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x)) {
+    const uint32_t key = key_of(a);
+    int rank = 0;
+    for (int b = 0; b < n; ++b) {
+      const uint32_t other = key_of(b);
+      rank += other > key || (other == key && bin.key[b] < bin.key[a]);
+    }
+    bin.ranked_key[rank] = static_cast<uint32_t>(a);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float mass = s.radix.above.e, count = static_cast<float>(s.radix.above.count);
+    float closer_mass = mass, closer_count = count;  // of the candidates strictly closer
+    int kept = 0;
+    for (; kept < n; ++kept) {
+      const int a = static_cast<int>(bin.ranked_key[kept]);
+      if (kept == 0 || key_of(a) != key_of(static_cast<int>(bin.ranked_key[kept - 1]))) {
+        closer_mass = mass;
+        closer_count = count;
+      }
+      if (core::typical_reached(closer_mass, closer_count, s.typical_limit)) break;
+      mass += bin.ranked_e[a];
+      count += 1.0f;
+    }
+    s.crossing_kept = kept;
+    s.crossing_radius =
+        kept > 0 ? core::typical_distance(bin.ranked_z[bin.ranked_key[kept - 1]], center) : core::neg_infinity();
+  }
+  __syncthreads();
+  return s.crossing_radius;
 }
 
 // The k-th largest logit x of the row (k < cols; a block collective): Top-H's
@@ -595,6 +705,7 @@ LK_DEVICE inline void gathered_typical(int n, const core::FilterParams& p, const
 template <class scalar_t>
 LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols, const float* param_row,
                                                  const core::FilterParams& decoded, RowFilterStorage& s) {
+  if (threadIdx.x == 0) s.typical_pending = false;  // (published by the barriers of every path below)
   const core::RankCounts ranks = core::rank_counts(decoded, cols);
   const bool top_h = core::uses_top_h(decoded, cols);  // block-uniform
   const bool max_only = !top_h && !core::needs_row_sums(decoded) && (ranks.top_k > 0 || ranks.floor > 0);
@@ -693,18 +804,29 @@ __global__ void __launch_bounds__(kMaxFilterThreads, 1)
   const core::FilterParams p = core::decode_filter_params(param_row);
   const core::FilterCut cut = filter_pass_one(x, cols, param_row, p, s);
   const bool top_h = core::uses_top_h(p, cols);  // (block-uniform)
+  const bool pending = s.typical_pending;        // (block-uniform)
+  auto write = [&](int64_t i, bool keep) {
+    if constexpr (std::is_same_v<out_t, bool>) {
+      out[i] = keep;
+    } else {
+      out[i] = keep ? x[i] : static_cast<out_t>(filter_value);
+    }
+  };
   for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
     bool keep;
     if (!cut.defined || cut.max == core::neg_infinity()) {
       keep = cut.defined && i == 0;  // NaN / +inf: nothing; all -inf: token 0 only
     } else {
       const float xv = load_logit(x, i);
-      keep = core::kept_weight(cut, xv, p.inv_temperature) > 0.0f && (!top_h || top_h_keeps(s, xv, i));
+      keep = weight_or_gather(cut, xv, i, p.inv_temperature, pending, s) > 0.0f && (!top_h || top_h_keeps(s, xv, i));
     }
-    if constexpr (std::is_same_v<out_t, bool>) {
-      out[i] = keep;
-    } else {
-      out[i] = keep ? x[i] : static_cast<out_t>(filter_value);
+    write(i, keep);  // (typical's gathered candidates: rewritten below)
+  }
+  if (pending) {
+    resolve_typical_crossing(cut.center, s);
+    const int n = s.crossing_gathered < kGatherCapacity ? s.crossing_gathered : kGatherCapacity;
+    for (int r = static_cast<int>(threadIdx.x); r < n; r += static_cast<int>(blockDim.x)) {
+      write(s.radix.survivors.key[s.radix.survivors.ranked_key[r]], r < s.crossing_kept);
     }
   }
 }
@@ -718,18 +840,37 @@ __global__ void __launch_bounds__(kMaxFilterThreads, 1)
 // (its last kept token of positive weight). top_h: Top-H ran first (its
 // survivors only: top_h_keeps).
 template <class scalar_t>
-LK_DEVICE inline int64_t kept_sums_and_draw(const scalar_t* x, int64_t cols, const core::FilterCut& cut, float inv_t,
-                                            float u, bool top_h, RowFilterStorage& s, core::KeptSums& sums) {
+LK_DEVICE inline int64_t kept_sums_and_draw(const scalar_t* x, int64_t cols, core::FilterCut cut, float inv_t, float u,
+                                            bool top_h, RowFilterStorage& s, core::KeptSums& sums) {
   const WarpShare share = warp_share(cols);
+  const bool pending = s.typical_pending;  // (block-uniform)
   core::KeptSums mine{0.0f, 0.0f, 0.0f};
   for (int64_t i = share.begin + lane_rank(); i < share.end; i += lanes_in_warp()) {
     const float xv = load_logit(x, i);
-    add_kept(mine, cut, xv, inv_t, !top_h || top_h_keeps(s, xv, i));
+    const float w = !top_h || top_h_keeps(s, xv, i) ? weight_or_gather(cut, xv, i, inv_t, pending, s) : 0.0f;
+    add_kept_weight(mine, w, core::scaled_logit(xv, inv_t) - cut.max);
   }
   const float share_mass = warp_reduce(mine.mass, [](float a, float b) { return a + b; });
   if (lane_rank() == 0) s.share_mass[warp_rank()] = share_mass;
   sums = block_reduce(mine, AddKeptSums{}, core::KeptSums{0.0f, 0.0f, 0.0f},
                       s.sums_scratch);  // its barriers publish share_mass too
+  if (pending) {
+    // typical's kept candidates of the crossing bin join the sums and their
+    // warps' shares (thread 0, in rank order), and the radius d* the draw's test.
+    cut.radius = resolve_typical_crossing(cut.center, s);
+    if (threadIdx.x == 0) {
+      const auto& bin = s.radix.survivors;
+      core::KeptSums kept{0.0f, 0.0f, 0.0f};
+      for (int r = 0; r < s.crossing_kept; ++r) {
+        const int a = static_cast<int>(bin.ranked_key[r]);
+        add_kept_weight(kept, bin.ranked_e[a], bin.ranked_z[a] - cut.max);
+        s.share_mass[warp_share_of(bin.key[a], cols)] += bin.ranked_e[a];
+      }
+      s.crossing_sums = kept;
+    }
+    __syncthreads();
+    sums = AddKeptSums{}(sums, s.crossing_sums);
+  }
   const float target = u * sums.mass;
   int crossing = -1;
   float before = 0.0f, before_crossing = 0.0f;

@@ -234,6 +234,11 @@ struct TopHStorage {
   // with sums; read by the sampler family's top-p). Not a member of Cut: a
   // larger Cut made ptxas spill in top_h_mask_kernel.
   float kept_shifted;
+  // The walk stopped at a crossing bin left to the caller (kGathersCrossing:
+  // typical): keys >= cut.full_from are kept, the cut lies among the bin's
+  // cut.tie_total candidates of keys in [cut.tie_key, cut.full_from), and
+  // s.above holds the totals of the candidates above the bin.
+  bool crossing_pending;
 };
 
 // The rule's predicate over the statistics of a candidate prefix set.
@@ -242,6 +247,7 @@ struct CountPredicate {
   static constexpr bool kFixedPointSums = false;
   static constexpr bool kKeptShifted = false;
   static constexpr bool kKeepsCrossing = false;
+  static constexpr bool kGathersCrossing = false;
   int64_t k;
   LK_DEVICE bool exceeds(const BinTotals& t) const { return t.count > k; }
   // No early stop: the capped rules always resolve all three digits, because
@@ -276,6 +282,7 @@ struct EntropyPredicate {
   static constexpr bool kFixedPointSums = false;  // float atomics: see FixedPointBins
   static constexpr bool kKeptShifted = false;
   static constexpr bool kKeepsCrossing = false;
+  static constexpr bool kGathersCrossing = false;
   float budget;  // alpha H(p), see core::exact_budget
   LK_DEVICE bool exceeds(const BinTotals& t) const {
     return t.e > 0.0f && core::renormalised_entropy(t.e, t.d) > budget;
@@ -317,7 +324,8 @@ struct TopPPredicate {
   static constexpr bool kFixedPointSums = true;  // see FixedPointBins
   static constexpr bool kKeptShifted = true;     // also sum (z - m) e of the kept set (TopHStorage::kept_shifted)
   static constexpr bool kKeepsCrossing = true;   // the token that reaches the limit is kept
-  float limit;                                   // top_p * s
+  static constexpr bool kGathersCrossing = false;
+  float limit;  // top_p * s
   LK_DEVICE bool exceeds(const BinTotals& t) const { return core::top_p_reached(t.e, limit); }
   LK_DEVICE bool bin_fully_dropped(const BinTotals&, int64_t) const { return false; }
   LK_DEVICE bool bin_fully_kept(int64_t bin_count) const { return bin_count == 1; }
@@ -330,11 +338,16 @@ struct TopPPredicate {
 // distances): like top-p, the crossing token and its ties are kept. Bins
 // hold (count, sum e, sum d e) of the candidates; only the cut's keys are
 // used (the Cut's mass, computed from a key as if it were a logit, is not).
+// Below the last digit, a crossing bin of 2 to kGatherCapacity candidates
+// ends the selection too (kGathersCrossing; TopHStorage::crossing_pending):
+// the caller's next pass gathers that bin's candidates and resolves the cut
+// among them (row_filters_kernels.cuh), which saves the remaining digit passes.
 struct TypicalPredicate {
   static constexpr bool kSums = true;
   static constexpr bool kFixedPointSums = true;
   static constexpr bool kKeptShifted = false;
   static constexpr bool kKeepsCrossing = true;
+  static constexpr bool kGathersCrossing = true;
   core::TypicalLimit limit;
   LK_DEVICE bool exceeds(const BinTotals& t) const {
     return core::typical_reached(t.e, static_cast<float>(t.count), limit);
@@ -729,6 +742,16 @@ LK_DEVICE inline void walk(const Predicate& pred, int level, float m, float inv_
     if (resolve_in_bin(pred, level, bin_prefix, s.bin_count[b], s.above, bin_e, bin_d, m, inv_t, s.cut,
                        s.kept_shifted)) {
       s.cut.done = level + 1;
+    } else if (Predicate::kGathersCrossing && s.bin_count[b] <= kGatherCapacity) {
+      // (not the last digit: resolve_in_bin resolves that one) few enough
+      // candidates for the caller to gather and rank: stop here
+      const int shift = digit_shift(level);
+      s.cut.full_from = (static_cast<uint64_t>(bin_prefix) + 1) << shift;
+      s.cut.tie_key = bin_prefix << shift;  // the bin's lowest key
+      s.cut.tie_total = s.bin_count[b];
+      s.cut.selected = s.above.count;
+      s.crossing_pending = true;
+      s.cut.done = level + 1;
     } else {
       s.prefix = bin_prefix;  // refine inside this bin with the next digit
     }
@@ -829,6 +852,7 @@ LK_DEVICE __forceinline__ void radix_select(const scalar_t* x, int64_t cols, con
     s.above = BinTotals{0, 0.0f, 0.0f};
     s.cut = Cut{0, 0, 0, 0, 0, 0, RowKind::defined, m, 0.0f};
     if constexpr (Predicate::kKeptShifted) s.kept_shifted = 0.0f;
+    s.crossing_pending = false;
     s.prefix = 0;
     s.gathered = 0;
   }
