@@ -18,6 +18,13 @@ from conftest import EMULATED_DEFAULTS
 from logitkit import _loader
 from logitkit.testing import backends, references
 
+# The CUDA kernels' gathered path (csrc/cuda/row_filters_kernels.cuh): a top-k of at most
+# GATHERED_TOP_K tokens gathers its survivors, ties included, into GATHER_CAPACITY slots of shared
+# memory, and typical's selection stops at a crossing bin of at most GATHER_CAPACITY candidates
+# (test_gather_sizes_match_the_kernels).
+GATHERED_TOP_K = 512
+GATHER_CAPACITY = 1024
+
 RULES = {
     "min_p": dict(min_p=0.1),
     "top_n_sigma": dict(top_n_sigma=1.0),
@@ -102,8 +109,9 @@ def rank_selection_rows(dtype: torch.dtype) -> torch.Tensor:
     """Rows whose k-th largest logit the CUDA kernels' radix selection resolves at each of its
     digits: lone tokens far above the rest (a first-digit bin of one token), a tie group across
     the k-th, fp32 neighbours one ulp apart (only the last digit separates them), signed zeros,
-    -inf past the k-th, one value everywhere, few distinct values, tiny magnitudes."""
-    x = rows(9, 1000, scale=2.0, seed=7)
+    -inf past the k-th, one value everywhere (more tokens than the CUDA gather capacity), few
+    distinct values, tiny magnitudes."""
+    x = rows(9, 1100, scale=2.0, seed=7)
     x[0, :3] = torch.tensor([30.0, 20.0, 14.0])
     x[1, :40] = 7.0
     x[2, 100:130] = ulp_ladder(5.0, 30)
@@ -112,7 +120,7 @@ def rank_selection_rows(dtype: torch.dtype) -> torch.Tensor:
     x[3, 20:25] = -0.0
     x[4, 500:] = -math.inf
     x[5] = 1.5
-    x[6] = torch.randint(-4, 5, (1000,), generator=torch.Generator().manual_seed(3)).float()
+    x[6] = torch.randint(-4, 5, (1100,), generator=torch.Generator().manual_seed(3)).float()
     x[7] *= 1e-30
     x[8, ::7] = -x[8, ::7] * 4.0
     return x.to(dtype)
@@ -125,12 +133,12 @@ def test_top_k_selection_at_every_digit(backend, dtype):
     the latest): the kept set equals the float64 reference for k around the ties, the lone
     tokens and the -inf tail; with top-k / min-p alone (the cut needs only the row max, which the
     CUDA selection's first pass finds: no statistics pass) and with top-p and other rules after
-    it (CUDA: a top-k of at most 256 tokens with at most 512 survivors, ties included, is
+    it (CUDA: a top-k of at most 512 tokens with at most 1024 survivors, ties included, is
     gathered, or spelled out by the selection's last digit, and the rules, typical included, run
     over that copy; a larger tie group takes the row passes) the sampler's draws stay in that set
     and its kept count and log-probs match the reference."""
     x = rank_selection_rows(dtype)
-    for k in (1, 2, 12, 40, 41, 256, 257, 999):  # 256: the gathered path's cap
+    for k in (1, 2, 12, 40, 41, 300, GATHERED_TOP_K, GATHERED_TOP_K + 1, 999):
         for rules in (
             dict(top_k=k),
             dict(top_k=k, min_p=0.05, temperature=0.7),
@@ -195,14 +203,15 @@ def test_top_k_ties_of_scaled_logits(backend):
 
 
 # The CUDA kernels' worst-case passes over a row (docs/sampling.md, "Passes over the row") per
-# rule set of the mask op: for rows whose top-k survivors (ties included) are at most 512, and
+# rule set of the mask op: for rows whose top-k survivors (ties included) are at most
+# GATHER_CAPACITY, and
 # for rows with more (a tie group at the k-th logit: the gather overflows, and the row takes the
 # rank selection's digit passes (fp32 3, bf16 / fp16 2) + the gather + the path without top-k).
 # typical outside top-k's gathered survivors takes one pass more on a row whose crossing bin of
-# distance keys holds more than 512 candidates (TYPICAL_TIE_PASS).
+# distance keys holds more than GATHER_CAPACITY candidates (TYPICAL_TIE_PASS).
 PASS_BUDGETS = [
     (dict(top_k=50, top_p=0.9), 4, 3 + 1 + 4),
-    (dict(top_k=256, top_p=0.7, min_p=0.01), 4, 3 + 1 + 4),
+    (dict(top_k=500, top_p=0.7, min_p=0.01), 4, 3 + 1 + 4),
     (dict(top_k=50, top_p=0.9, eta=1e-3, temperature=0.7), 4, 3 + 1 + 4),
     (dict(top_k=50, typical_p=0.5), 4, 3 + 1 + 5),
     (dict(top_k=120, top_p=0.95, typical_p=0.9, top_n_sigma=2.0), 4, 3 + 1 + 8),
@@ -220,6 +229,11 @@ PASS_BUDGETS = [
 
 
 TYPICAL_TIE_PASS = 1
+
+
+def largest_tie_group(row: torch.Tensor) -> int:
+    """The number of tokens of the row's most frequent value."""
+    return int(row.float().unique(return_counts=True)[1].max())
 
 
 def emulated_passes(op, row: torch.Tensor, **rules) -> float:
@@ -241,7 +255,7 @@ def test_emulated_passes_within_budget(dtype):
     sampler adds at most one warp's share of a pass (the draw) and the drawn token's read."""
     if _loader._C_emulated is None:
         pytest.skip("emulated-CUDA module not built")
-    x = torch.cat([rank_selection_rows(torch.float32), rows(4, 1000, scale=3.0, seed=2)]).to(dtype)
+    x = torch.cat([rank_selection_rows(torch.float32), rows(4, 1100, scale=3.0, seed=2)]).to(dtype)
     _loader._C_emulated.configure(**EMULATED_DEFAULTS)
     draw_share = -(-x.shape[-1] // -(-EMULATED_DEFAULTS["threads_per_block"] // 32)) + 1
     short_rank = 1 if dtype != torch.float32 else 0  # 16-bit keys: at most 2 digit passes
@@ -251,9 +265,9 @@ def test_emulated_passes_within_budget(dtype):
                 row = x[r : r + 1]
                 k = rules.get("top_k", 0)
                 survivors = int((row.float() >= row.float().topk(k).values[0, -1]).sum()) if k else 0
-                overflows = overflow_budget is not None and survivors > 512
+                overflows = overflow_budget is not None and survivors > GATHER_CAPACITY
                 limit = overflow_budget - short_rank if overflows else budget
-                if "typical_p" in rules and not 0 < k <= 256 and row.float().unique(return_counts=True)[1].max() > 512:
+                if "typical_p" in rules and not 0 < k <= GATHERED_TOP_K and largest_tie_group(row) > GATHER_CAPACITY:
                     limit += TYPICAL_TIE_PASS  # (this row's one value everywhere)
                 mask = emulated_passes(logitkit.truncation_mask, row, **rules)
                 assert mask <= limit, (rules, r, mask)
@@ -263,17 +277,17 @@ def test_emulated_passes_within_budget(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_typical_resolves_its_crossing_bin(backend, dtype):
-    """typical's selection on CUDA stops at the first digit whose crossing bin holds at most 512
+    """typical's selection on CUDA stops at the first digit whose crossing bin holds at most 1024
     candidates, and the write / draw pass gathers that bin's candidates and finds d* among them
-    (resolve_typical_crossing). Rows of 8000 logits, some of whose first-digit crossing bins hold
-    more than 512 candidates (so the second digit's is gathered), with ties of distance (bf16
+    (resolve_typical_crossing). Rows of 16000 logits, some of whose first-digit crossing bins hold
+    more than 1024 candidates (so the second digit's is gathered), with ties of distance (bf16
     values, a grid of quarters, a repeated value, a dense cluster that bf16 turns into one tie
     group), a crossing set by min_tokens_to_keep, typical after min-p: the mask, filter_logits and
     the sampler's token, log-prob and kept count equal the float64 reference. On the emulator the
     mask takes at most 4 passes (3 when the first digit's bin is gathered), 5 on a row whose
-    crossing bin is a tie group of more than 512."""
+    crossing bin is a tie group of more than 1024."""
     g = torch.Generator().manual_seed(5)
-    x = rows(5, 8000, scale=0.5, seed=11)
+    x = rows(5, 16000, scale=0.5, seed=11)
     x[1, :2000] = 1.0 + 1e-3 * torch.randn(2000, generator=g)
     x[2] = torch.round(x[2] * 8.0) / 4.0
     x[3, 100:400] = x[3, 7]  # 301 tokens of one distance
@@ -293,7 +307,7 @@ def test_typical_resolves_its_crossing_bin(backend, dtype):
         check_sampled_statistics(backend, x, rules)
     if backend.name == "emulated-cuda":
         passes = [emulated_passes(logitkit.truncation_mask, x[r : r + 1], **rule_sets[0]) for r in range(5)]
-        heavy_ties = [int(x[r].float().unique(return_counts=True)[1].max() > 512) for r in range(5)]
+        heavy_ties = [int(largest_tie_group(x[r]) > GATHER_CAPACITY) for r in range(5)]
         assert all(p <= 4 + t * TYPICAL_TIE_PASS for p, t in zip(passes, heavy_ties)), passes
         assert 4 in passes, passes  # some row gathered its second digit's bin
 
@@ -553,19 +567,19 @@ def test_statistics(backend, rule):
 
 
 def top_h_tie_rows() -> torch.Tensor:
-    """Rows of 1000 logits whose Top-H ("hf", K = 100) cut falls inside a tie group (of signed
+    """Rows of 1100 logits whose Top-H ("hf", K = 100) cut falls inside a tie group (of signed
     zeros, too), the group within the K largest, reaching past them, or larger than the CUDA
-    kernels' gather capacity (512): the kept tokens of the group are its lowest indices
-    (docs/top_h.md)."""
-    x = rows(6, 1000, scale=1.0, seed=11) - 6.0
+    kernels' gather capacity (GATHER_CAPACITY): the kept tokens of the group are its lowest
+    indices (docs/top_h.md)."""
+    x = rows(6, 1100, scale=1.0, seed=11) - 6.0
     x[0, 200:260:2] = 0.0  # 60 zeros on top, split by the cut: +0.0 and -0.0 are one value,
     x[0, 201:261:2] = -0.0  # ranked by index (CUDA ranked +0.0 first until December 5th)
     x[1] = 0.25  # one value everywhere
-    x[2, 100:700] = 1.0  # 600 equal on top: past the capacity
+    x[2, 50:1080] = 1.0  # 1030 equal on top: past the capacity
     x[3, 5:8] = torch.tensor([4.0, 3.0, 2.5])
     x[3, 300:420] = 1.0  # a group across the K-th largest
-    x[4] = torch.randint(-3, 3, (1000,), generator=torch.Generator().manual_seed(5)).float()
-    x[5] = ulp_ladder(2.0, 1000)[torch.randperm(1000, generator=torch.Generator().manual_seed(6))]
+    x[4] = torch.randint(-3, 3, (1100,), generator=torch.Generator().manual_seed(5)).float()
+    x[5] = ulp_ladder(2.0, 1100)[torch.randperm(1100, generator=torch.Generator().manual_seed(6))]
     return x
 
 
@@ -640,6 +654,16 @@ def test_top_h_constants_agree_with_the_kernels():
     assert logitkit.filters.fused_top_h_count(x, "hf", 257) == 0
     assert logitkit.filters.fused_top_h_count(x, "official", None) == 0
     assert logitkit.filters.fused_top_h_count(x[:, :100], "hf", None) == 0  # K = V: nothing to cut
+
+
+def test_gather_sizes_match_the_kernels():
+    """The gather sizes that the tests' rows and pass budgets are built around are the CUDA
+    kernels' own (read from the emulated-CUDA module, which compiles them)."""
+    if _loader._C_emulated is None:
+        pytest.skip("emulated-CUDA module not built")
+    kernels = _loader._C_emulated
+    assert (kernels.gathered_top_k, kernels.gather_capacity) == (GATHERED_TOP_K, GATHER_CAPACITY)
+    assert GATHERED_TOP_K >= logitkit.filters.FUSED_TOP_H_MAX_COUNT  # Top-H's K candidates are gathered
 
 
 def test_typical_after_rules_that_keep_every_finite_token(backend):

@@ -149,6 +149,23 @@ LK_DEVICE inline int64_t block_inverse_cdf_draw(int64_t cols, float target, Weig
   return found;
 }
 
+// Rank sort of n items held in shared memory (every thread calls it; no
+// barrier inside: the caller publishes the items before and the result after).
+// Item a's rank is the number of items b with before(b, a), which must be a
+// strict total order (break ties by slot or index), so the ranks are 0..n-1
+// and store(a, rank) places every item once. n^2 / threads compares; for the
+// few hundred items the kernels gather, cheaper than a sorting network's
+// barriers. The result depends on the items alone, not on the order of the
+// atomics that gathered them.
+template <class Index, class Before, class Store>
+LK_DEVICE __forceinline__ void block_rank_sort(Index n, Before before, Store store) {
+  for (Index a = static_cast<Index>(threadIdx.x); a < n; a += static_cast<Index>(blockDim.x)) {
+    Index rank = 0;
+    for (Index b = 0; b < n; ++b) rank += before(b, a);
+    store(a, rank);
+  }
+}
+
 // Contiguous per-warp shares of a row of `cols` tokens: warp w owns
 // [w * length, min((w + 1) * length, cols)) with length = ceil(cols / warps),
 // read by its lanes a warp-width at a time (coalesced). A pass can then give

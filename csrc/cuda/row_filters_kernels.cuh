@@ -88,7 +88,7 @@ namespace logitkit::cuda {
 // so that a tie group at the k-th logit rarely overflows), and pass 1's
 // statistics and top-p's selection run over that copy instead of over the row
 // (filter_pass_one).
-constexpr int kGatheredSurvivors = 256;
+constexpr int kGatheredSurvivors = 512;
 static_assert(2 * kGatheredSurvivors <= kGatherCapacity, "room for ties at the k-th logit");
 static_assert(core::kFusedTopHMaxCount <= kGatheredSurvivors, "Top-H's K candidates are gathered");
 
@@ -115,13 +115,12 @@ struct RowFilterStorage {
   int top_h_split_rank;
   int top_h_prefix_count;
   int top_h_ties_at_kth;
-  // typical's crossing bin left to the write / draw pass (typical_pending;
-  // typical_passes): the limit of its walk, the bin's candidates gathered so
+  // typical's crossing bin left to the write / draw pass
+  // (s.radix.crossing_pending; typical_passes): the limit of its walk, the bin's candidates gathered so
   // far (weight_or_gather: index, z and weight in s.radix.survivors' key,
   // ranked_z and ranked_e), then (resolve_typical_crossing) how many of them
   // are kept (the first ones in rank order, s.radix.survivors.ranked_key) and
   // the radius d*; the sampler adds their kept sums (crossing_sums).
-  bool typical_pending;
   core::TypicalLimit typical_limit;
   int crossing_gathered;
   int crossing_kept;
@@ -207,7 +206,7 @@ struct AddKeptSums {
 // first one included (pass 1 could not build it: c was not known), stopping
 // at the first digit whose crossing bin holds one token, or (below the last
 // digit) at most kGatherCapacity candidates. In the first case the lowest kept
-// key is -d*: cut.center and cut.radius. In the second, s.typical_pending: the
+// key is -d*: cut.center and cut.radius. In the second, s.radix.crossing_pending: the
 // radius stays +inf, and the write / draw pass decides every candidate by its
 // distance key, gathering the crossing bin's (weight_or_gather), after which
 // resolve_typical_crossing finds d* among them.
@@ -230,15 +229,12 @@ LK_DEVICE inline void typical_passes(const scalar_t* x, int64_t cols, const core
   radix_select<Selection::exact>(x, cols, pred, cut.max, p.inv_temperature, cut.threshold, s.radix, nullptr, false,
                                  DistanceKey{center});
   cut.center = center;
-  const bool pending = s.radix.crossing_pending;  // (block-uniform)
   // the lowest kept key is -d* (-inf: no bound); pending: no bound yet
-  cut.radius = pending ? core::pos_infinity() : -lowest_kept_value(s.radix.cut);
-  if (threadIdx.x == 0) s.typical_pending = pending;
-  __syncthreads();
+  cut.radius = s.radix.crossing_pending ? core::pos_infinity() : -lowest_kept_value(s.radix.cut);
 }
 
 // A token's kept weight in the write / draw pass (i: its index, xv: its
-// logit). Without typical_pending, kept_weight under the cut. With it (the
+// logit). Without s.radix.crossing_pending, kept_weight under the cut. With it (the
 // cut's radius is then +inf), a candidate (weight w > 0 under the other
 // rules) is decided by its distance key k = key(-|z - c|), as the selection
 // left it: kept when k >= the crossing bin's keys (closer to c), dropped below
@@ -265,7 +261,7 @@ LK_DEVICE inline float weight_or_gather(const core::FilterCut& cut, float xv, in
 }
 
 // After the pass that gathered typical's crossing bin (a block collective;
-// typical_pending): its n candidates ranked by distance key, closest first,
+// s.radix.crossing_pending): its n candidates ranked by distance key, closest first,
 // ties by index (a rank sort: n^2 / threads compares; the order, not the
 // gather's timing, sets the sums below), then thread 0 walks them as the radix
 // walk would have gone on: a candidate is kept iff the candidates strictly
@@ -280,15 +276,13 @@ LK_DEVICE inline float resolve_typical_crossing(float center, RowFilterStorage& 
   const int n = gathered < kGatherCapacity ? gathered : kGatherCapacity;
   auto& bin = s.radix.survivors;
   auto key_of = [&](int a) { return core::orderable_key(-core::typical_distance(bin.ranked_z[a], center)); };
-  for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x)) {
-    const uint32_t key = key_of(a);
-    int rank = 0;
-    for (int b = 0; b < n; ++b) {
-      const uint32_t other = key_of(b);
-      rank += other > key || (other == key && bin.key[b] < bin.key[a]);
-    }
-    bin.ranked_key[rank] = static_cast<uint32_t>(a);
-  }
+  block_rank_sort(
+      n,
+      [&](int b, int a) {  // closer to c first (the larger key), ties by token index
+        const uint32_t key_b = key_of(b), key_a = key_of(a);
+        return key_b > key_a || (key_b == key_a && bin.key[b] < bin.key[a]);
+      },
+      [&](int a, int rank) { bin.ranked_key[rank] = static_cast<uint32_t>(a); });
   __syncthreads();
   if (threadIdx.x == 0) {
     float mass = s.radix.above.e, count = static_cast<float>(s.radix.above.count);
@@ -410,14 +404,15 @@ LK_DEVICE inline void keep_last_digit_survivors(float inv_t, bool top_h, RowFilt
 // order, which depends on the values alone, so the results are the same run
 // to run (docs/determinism.md).
 LK_DEVICE inline void rank_gathered(int n, float inv_t, RowFilterStorage& s, int64_t select_rank = -1) {
-  for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x)) {
-    const uint32_t key = s.radix.survivors.key[a];
-    int rank = 0;
-    for (int b = 0; b < n; ++b) rank += s.radix.survivors.key[b] > key || (s.radix.survivors.key[b] == key && b < a);
-    s.radix.survivors.ranked_z[rank] = core::scaled_logit(core::key_to_float(key), inv_t);
-    s.radix.survivors.ranked_key[rank] = key;
-    if (rank == select_rank) s.top_k_x = core::key_to_float(key);
-  }
+  auto& bin = s.radix.survivors;
+  block_rank_sort(
+      n, [&](int b, int a) { return bin.key[b] > bin.key[a] || (bin.key[b] == bin.key[a] && b < a); },
+      [&](int a, int rank) {
+        const uint32_t key = bin.key[a];
+        bin.ranked_z[rank] = core::scaled_logit(core::key_to_float(key), inv_t);
+        bin.ranked_key[rank] = key;
+        if (rank == select_rank) s.top_k_x = core::key_to_float(key);
+      });
   __syncthreads();
 }
 
@@ -705,7 +700,9 @@ LK_DEVICE inline void gathered_typical(int n, const core::FilterParams& p, const
 template <class scalar_t>
 LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols, const float* param_row,
                                                  const core::FilterParams& decoded, RowFilterStorage& s) {
-  if (threadIdx.x == 0) s.typical_pending = false;  // (published by the barriers of every path below)
+  // typical's crossing left to pass 2 (typical_passes' selection sets it; every
+  // other selection resets it). Published by the barriers of every path below.
+  if (threadIdx.x == 0) s.radix.crossing_pending = false;
   const core::RankCounts ranks = core::rank_counts(decoded, cols);
   const bool top_h = core::uses_top_h(decoded, cols);  // block-uniform
   const bool max_only = !top_h && !core::needs_row_sums(decoded) && (ranks.top_k > 0 || ranks.floor > 0);
@@ -803,8 +800,8 @@ __global__ void __launch_bounds__(kMaxFilterThreads, 1)
   const float* param_row = params + static_cast<int64_t>(blockIdx.x) * core::kFilterParamCount;
   const core::FilterParams p = core::decode_filter_params(param_row);
   const core::FilterCut cut = filter_pass_one(x, cols, param_row, p, s);
-  const bool top_h = core::uses_top_h(p, cols);  // (block-uniform)
-  const bool pending = s.typical_pending;        // (block-uniform)
+  const bool top_h = core::uses_top_h(p, cols);   // (block-uniform)
+  const bool pending = s.radix.crossing_pending;  // (block-uniform)
   auto write = [&](int64_t i, bool keep) {
     if constexpr (std::is_same_v<out_t, bool>) {
       out[i] = keep;
@@ -843,7 +840,7 @@ template <class scalar_t>
 LK_DEVICE inline int64_t kept_sums_and_draw(const scalar_t* x, int64_t cols, core::FilterCut cut, float inv_t, float u,
                                             bool top_h, RowFilterStorage& s, core::KeptSums& sums) {
   const WarpShare share = warp_share(cols);
-  const bool pending = s.typical_pending;  // (block-uniform)
+  const bool pending = s.radix.crossing_pending;  // (block-uniform)
   core::KeptSums mine{0.0f, 0.0f, 0.0f};
   for (int64_t i = share.begin + lane_rank(); i < share.end; i += lanes_in_warp()) {
     const float xv = load_logit(x, i);

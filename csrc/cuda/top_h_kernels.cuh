@@ -115,8 +115,9 @@ constexpr uint32_t kLastDigitMask = (1u << kLastDigitBits) - 1u;
 
 // Survivors the sampler family's gathered path holds (ties included): twice
 // its largest top-k (row_filters_kernels.cuh), so that a tie group at the k-th
-// logit rarely overflows it. 6 KiB inside TopHStorage's second sum array.
-constexpr int kGatherCapacity = 512;
+// logit rarely overflows it. Its four arrays fill TopHStorage's second sum
+// array (16 KiB).
+constexpr int kGatherCapacity = 1024;
 
 LK_DEVICE inline int digit_shift(int level) { return level == 0 ? 21 : (level == 1 ? kLastDigitBits : 0); }
 LK_DEVICE inline int digit_bits(int level) { return level == kDigitCount - 1 ? kLastDigitBits : 11; }
@@ -802,14 +803,11 @@ LK_DEVICE inline void gather_and_sort_candidates(const scalar_t* x, int64_t cols
     }
   }
   __syncthreads();
-  // Rank sort, descending (equal keys in slot order): K^2 / threads compares.
-  for (int64_t a = threadIdx.x; a < k; a += blockDim.x) {
-    int64_t rank = 0;
-    for (int64_t b = 0; b < k; ++b) {
-      rank += candidates[b] > candidates[a] || (candidates[b] == candidates[a] && b < a);
-    }
-    sorted[rank] = candidates[a];
-  }
+  // Descending, equal keys in slot order.
+  block_rank_sort(
+      k,
+      [&](int64_t b, int64_t a) { return candidates[b] > candidates[a] || (candidates[b] == candidates[a] && b < a); },
+      [&](int64_t a, int64_t rank) { sorted[rank] = candidates[a]; });
   __syncthreads();
 }
 

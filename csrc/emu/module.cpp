@@ -20,6 +20,10 @@ TORCH_LIBRARY(logitkit_emulated, m) { logitkit::define_schemas(m); }
 namespace logitkit::simt {
 std::vector<int64_t> run_selftest(const std::string& name, int threads, int blocks);
 }
+namespace logitkit::cuda {
+int gathered_top_k();
+int gather_capacity();
+}  // namespace logitkit::cuda
 
 namespace {
 
@@ -67,6 +71,10 @@ PYBIND11_MODULE(_C_emulated, module) {
              "Launch shape and thread schedule of emulated launches. threads_per_block that is not a multiple of "
              "32 gives a partial last warp; max_elements_per_block > 0 splits each row over several blocks.");
   module.def("configuration", &current_configuration);
+  // The sampler family's gathered path: a top-k of at most gathered_top_k tokens gathers its
+  // survivors, ties included, into gather_capacity slots (csrc/cuda/row_filters_kernels.cuh).
+  module.attr("gathered_top_k") = logitkit::cuda::gathered_top_k();
+  module.attr("gather_capacity") = logitkit::cuda::gather_capacity();
   module.def(
       "set_deadlock_timeout", [](double seconds) { logitkit::simt::settings().timeout_seconds = seconds; },
       pybind11::arg("seconds"), "Seconds a barrier may wait before the launch fails as a deadlock.");
