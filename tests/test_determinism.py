@@ -106,7 +106,7 @@ def test_emulated_schedule_independent():
 
 
 def test_emulated_sampler_gather_schedule_independent():
-    """The sampler family's gathered path (CUDA: top-k of at most 512 survivors gathered with
+    """The sampler family's gathered path (CUDA: top-k of at most 896 survivors gathered with
     atomics, in the order the threads reach them, then ranked by value before anything is
     summed): token, log-prob and entropy keep their bits under every thread schedule. (The
     outputs' sums come from the kept-sums pass over the row; the ranking matters for rows whose

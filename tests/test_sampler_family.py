@@ -20,10 +20,11 @@ from logitkit.testing import backends, references
 
 # The CUDA kernels' gathered path (csrc/cuda/row_filters_kernels.cuh): a top-k of at most
 # GATHERED_TOP_K tokens gathers its survivors, ties included, into GATHER_CAPACITY slots of shared
-# memory, and typical's selection stops at a crossing bin of at most GATHER_CAPACITY candidates
-# (test_gather_sizes_match_the_kernels).
-GATHERED_TOP_K = 512
+# memory, and typical's selection stops at a crossing bin of at most TYPICAL_CROSSING_CAPACITY
+# candidates (test_gather_sizes_match_the_kernels).
+GATHERED_TOP_K = 896
 GATHER_CAPACITY = 1024
+TYPICAL_CROSSING_CAPACITY = 512
 
 RULES = {
     "min_p": dict(min_p=0.1),
@@ -133,7 +134,7 @@ def test_top_k_selection_at_every_digit(backend, dtype):
     the latest): the kept set equals the float64 reference for k around the ties, the lone
     tokens and the -inf tail; with top-k / min-p alone (the cut needs only the row max, which the
     CUDA selection's first pass finds: no statistics pass) and with top-p and other rules after
-    it (CUDA: a top-k of at most 512 tokens with at most 1024 survivors, ties included, is
+    it (CUDA: a top-k of at most 896 tokens with at most 1024 survivors, ties included, is
     gathered, or spelled out by the selection's last digit, and the rules, typical included, run
     over that copy; a larger tie group takes the row passes) the sampler's draws stay in that set
     and its kept count and log-probs match the reference."""
@@ -208,10 +209,10 @@ def test_top_k_ties_of_scaled_logits(backend):
 # for rows with more (a tie group at the k-th logit: the gather overflows, and the row takes the
 # rank selection's digit passes (fp32 3, bf16 / fp16 2) + the gather + the path without top-k).
 # typical outside top-k's gathered survivors takes one pass more on a row whose crossing bin of
-# distance keys holds more than GATHER_CAPACITY candidates (TYPICAL_TIE_PASS).
+# distance keys holds more than TYPICAL_CROSSING_CAPACITY candidates (TYPICAL_TIE_PASS).
 PASS_BUDGETS = [
     (dict(top_k=50, top_p=0.9), 4, 3 + 1 + 4),
-    (dict(top_k=500, top_p=0.7, min_p=0.01), 4, 3 + 1 + 4),
+    (dict(top_k=800, top_p=0.7, min_p=0.01), 4, 3 + 1 + 4),
     (dict(top_k=50, top_p=0.9, eta=1e-3, temperature=0.7), 4, 3 + 1 + 4),
     (dict(top_k=50, typical_p=0.5), 4, 3 + 1 + 5),
     (dict(top_k=120, top_p=0.95, typical_p=0.9, top_n_sigma=2.0), 4, 3 + 1 + 8),
@@ -267,7 +268,8 @@ def test_emulated_passes_within_budget(dtype):
                 survivors = int((row.float() >= row.float().topk(k).values[0, -1]).sum()) if k else 0
                 overflows = overflow_budget is not None and survivors > GATHER_CAPACITY
                 limit = overflow_budget - short_rank if overflows else budget
-                if "typical_p" in rules and not 0 < k <= GATHERED_TOP_K and largest_tie_group(row) > GATHER_CAPACITY:
+                ties = largest_tie_group(row)
+                if "typical_p" in rules and not 0 < k <= GATHERED_TOP_K and ties > TYPICAL_CROSSING_CAPACITY:
                     limit += TYPICAL_TIE_PASS  # (this row's one value everywhere)
                 mask = emulated_passes(logitkit.truncation_mask, row, **rules)
                 assert mask <= limit, (rules, r, mask)
@@ -277,17 +279,17 @@ def test_emulated_passes_within_budget(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_typical_resolves_its_crossing_bin(backend, dtype):
-    """typical's selection on CUDA stops at the first digit whose crossing bin holds at most 1024
+    """typical's selection on CUDA stops at the first digit whose crossing bin holds at most 512
     candidates, and the write / draw pass gathers that bin's candidates and finds d* among them
-    (resolve_typical_crossing). Rows of 16000 logits, some of whose first-digit crossing bins hold
-    more than 1024 candidates (so the second digit's is gathered), with ties of distance (bf16
+    (resolve_typical_crossing). Rows of 8000 logits, some of whose first-digit crossing bins hold
+    more than 512 candidates (so the second digit's is gathered), with ties of distance (bf16
     values, a grid of quarters, a repeated value, a dense cluster that bf16 turns into one tie
     group), a crossing set by min_tokens_to_keep, typical after min-p: the mask, filter_logits and
     the sampler's token, log-prob and kept count equal the float64 reference. On the emulator the
     mask takes at most 4 passes (3 when the first digit's bin is gathered), 5 on a row whose
-    crossing bin is a tie group of more than 1024."""
+    crossing bin is a tie group of more than 512."""
     g = torch.Generator().manual_seed(5)
-    x = rows(5, 16000, scale=0.5, seed=11)
+    x = rows(5, 8000, scale=0.5, seed=11)
     x[1, :2000] = 1.0 + 1e-3 * torch.randn(2000, generator=g)
     x[2] = torch.round(x[2] * 8.0) / 4.0
     x[3, 100:400] = x[3, 7]  # 301 tokens of one distance
@@ -307,7 +309,7 @@ def test_typical_resolves_its_crossing_bin(backend, dtype):
         check_sampled_statistics(backend, x, rules)
     if backend.name == "emulated-cuda":
         passes = [emulated_passes(logitkit.truncation_mask, x[r : r + 1], **rule_sets[0]) for r in range(5)]
-        heavy_ties = [int(largest_tie_group(x[r]) > GATHER_CAPACITY) for r in range(5)]
+        heavy_ties = [int(largest_tie_group(x[r]) > TYPICAL_CROSSING_CAPACITY) for r in range(5)]
         assert all(p <= 4 + t * TYPICAL_TIE_PASS for p, t in zip(passes, heavy_ties)), passes
         assert 4 in passes, passes  # some row gathered its second digit's bin
 
@@ -662,7 +664,8 @@ def test_gather_sizes_match_the_kernels():
     if _loader._C_emulated is None:
         pytest.skip("emulated-CUDA module not built")
     kernels = _loader._C_emulated
-    assert (kernels.gathered_top_k, kernels.gather_capacity) == (GATHERED_TOP_K, GATHER_CAPACITY)
+    sizes = (kernels.gathered_top_k, kernels.gather_capacity, kernels.typical_crossing_capacity)
+    assert sizes == (GATHERED_TOP_K, GATHER_CAPACITY, TYPICAL_CROSSING_CAPACITY)
     assert GATHERED_TOP_K >= logitkit.filters.FUSED_TOP_H_MAX_COUNT  # Top-H's K candidates are gathered
 
 

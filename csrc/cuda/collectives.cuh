@@ -153,10 +153,12 @@ LK_DEVICE inline int64_t block_inverse_cdf_draw(int64_t cols, float target, Weig
 // barrier inside: the caller publishes the items before and the result after).
 // Item a's rank is the number of items b with before(b, a), which must be a
 // strict total order (break ties by slot or index), so the ranks are 0..n-1
-// and store(a, rank) places every item once. n^2 / threads compares; for the
-// few hundred items the kernels gather, cheaper than a sorting network's
-// barriers. The result depends on the items alone, not on the order of the
-// atomics that gathered them.
+// and store(a, rank) places every item once. The result depends on the items
+// alone, not on the order of the atomics that gathered them. n^2 / threads
+// compares and no barriers: cheap for a few hundred items; at 1024 items and
+// 512 threads an estimated one to two passes' worth of issue time over a
+// 128256-logit row (docs/sampling.md), where a sorting network would do
+// n log^2 n / 2 compares with one barrier per step.
 template <class Index, class Before, class Store>
 LK_DEVICE __forceinline__ void block_rank_sort(Index n, Before before, Store store) {
   for (Index a = static_cast<Index>(threadIdx.x); a < n; a += static_cast<Index>(blockDim.x)) {

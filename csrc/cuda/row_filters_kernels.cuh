@@ -47,10 +47,10 @@
 //   typical  only for a row with typical_p < 1 (typical_passes): the
 //            radix selection again, keyed on -|z - c| (1 or 2 digit passes,
 //            the first included; 3 when the second digit's crossing bin
-//            holds more than kGatherCapacity candidates), after one pass for
+//            holds more than kTypicalCrossingCapacity candidates), after one pass for
 //            the candidates' sums when no earlier pass summed them: the
 //            cut's center and radius. The selection stops at a crossing bin
-//            of at most kGatherCapacity candidates, which pass 2 (mask or
+//            of at most kTypicalCrossingCapacity candidates, which pass 2 (mask or
 //            sample) gathers (weight_or_gather) and resolve_typical_crossing
 //            resolves after it. Over the gathered survivors: no pass
 //            (gathered_typical).
@@ -84,12 +84,14 @@
 namespace logitkit::cuda {
 
 // Rows with a top-k of at most this many tokens gather their survivors into
-// shared memory (at most kGatherCapacity of them, ties included: twice this,
-// so that a tie group at the k-th logit rarely overflows), and pass 1's
+// shared memory (at most kGatherCapacity of them, ties included), and pass 1's
 // statistics and top-p's selection run over that copy instead of over the row
-// (filter_pass_one).
-constexpr int kGatheredSurvivors = 512;
-static_assert(2 * kGatheredSurvivors <= kGatherCapacity, "room for ties at the k-th logit");
+// (filter_pass_one). The 128 slots left over hold the ties across the k-th
+// logit: on N(0, sigma^2) bf16 rows of 128256 logits (sigma 1 to 5) the
+// survivors of top_k = 896 were at most 953; a larger tie group overflows the
+// gather, and the row takes pass 1 over the row after it (one pass more).
+constexpr int kGatheredSurvivors = 896;
+static_assert(kGatheredSurvivors + 128 <= kGatherCapacity, "room for ties at the k-th logit");
 static_assert(core::kFusedTopHMaxCount <= kGatheredSurvivors, "Top-H's K candidates are gathered");
 
 struct RowFilterStorage {
@@ -205,7 +207,7 @@ struct AddKeptSums {
 // distance -|z - c| (DistanceKey, TypicalPredicate): 1 to 3 digit passes, the
 // first one included (pass 1 could not build it: c was not known), stopping
 // at the first digit whose crossing bin holds one token, or (below the last
-// digit) at most kGatherCapacity candidates. In the first case the lowest kept
+// digit) at most kTypicalCrossingCapacity candidates. In the first case the lowest kept
 // key is -d*: cut.center and cut.radius. In the second, s.radix.crossing_pending: the
 // radius stays +inf, and the write / draw pass decides every candidate by its
 // distance key, gathering the crossing bin's (weight_or_gather), after which
@@ -241,7 +243,7 @@ LK_DEVICE inline void typical_passes(const scalar_t* x, int64_t cols, const core
 // them; a candidate of the bin weighs 0 for now and is gathered (index, z, w)
 // for resolve_typical_crossing. The selection counted exactly these
 // candidates (digit_pass: z >= cut.threshold, exp(z - m) > 0), at most
-// kGatherCapacity.
+// kTypicalCrossingCapacity.
 LK_DEVICE inline float weight_or_gather(const core::FilterCut& cut, float xv, int64_t i, float inv_t, bool pending,
                                         RowFilterStorage& s) {
   const float w = core::kept_weight(cut, xv, inv_t);

@@ -113,11 +113,20 @@ constexpr int kBins = 2048;
 constexpr int kLastDigitBits = 10;
 constexpr uint32_t kLastDigitMask = (1u << kLastDigitBits) - 1u;
 
-// Survivors the sampler family's gathered path holds (ties included): twice
-// its largest top-k (row_filters_kernels.cuh), so that a tie group at the k-th
-// logit rarely overflows it. Its four arrays fill TopHStorage's second sum
+// Survivors the sampler family's gathered path holds (ties included): its
+// largest top-k and 128 slots for ties across the k-th logit
+// (row_filters_kernels.cuh). Its four arrays fill TopHStorage's second sum
 // array (16 KiB).
 constexpr int kGatherCapacity = 1024;
+
+// typical's selection stops at a crossing bin of at most this many candidates,
+// which the write / draw pass gathers (TypicalPredicate::kGathersCrossing).
+// Smaller than the capacity: ranking n candidates costs n^2 / threads
+// compares, each computing a distance key (about 15 instructions), which at
+// n = 1024 and 512 threads is about as much issue time as the digit pass it
+// would save (docs/sampling.md).
+constexpr int kTypicalCrossingCapacity = 512;
+static_assert(kTypicalCrossingCapacity <= kGatherCapacity);
 
 LK_DEVICE inline int digit_shift(int level) { return level == 0 ? 21 : (level == 1 ? kLastDigitBits : 0); }
 LK_DEVICE inline int digit_bits(int level) { return level == kDigitCount - 1 ? kLastDigitBits : 11; }
@@ -339,7 +348,7 @@ struct TopPPredicate {
 // distances): like top-p, the crossing token and its ties are kept. Bins
 // hold (count, sum e, sum d e) of the candidates; only the cut's keys are
 // used (the Cut's mass, computed from a key as if it were a logit, is not).
-// Below the last digit, a crossing bin of 2 to kGatherCapacity candidates
+// Below the last digit, a crossing bin of 2 to kTypicalCrossingCapacity candidates
 // ends the selection too (kGathersCrossing; TopHStorage::crossing_pending):
 // the caller's next pass gathers that bin's candidates and resolves the cut
 // among them (row_filters_kernels.cuh), which saves the remaining digit passes.
@@ -743,7 +752,7 @@ LK_DEVICE inline void walk(const Predicate& pred, int level, float m, float inv_
     if (resolve_in_bin(pred, level, bin_prefix, s.bin_count[b], s.above, bin_e, bin_d, m, inv_t, s.cut,
                        s.kept_shifted)) {
       s.cut.done = level + 1;
-    } else if (Predicate::kGathersCrossing && s.bin_count[b] <= kGatherCapacity) {
+    } else if (Predicate::kGathersCrossing && s.bin_count[b] <= kTypicalCrossingCapacity) {
       // (not the last digit: resolve_in_bin resolves that one) few enough
       // candidates for the caller to gather and rank: stop here
       const int shift = digit_shift(level);
