@@ -151,22 +151,34 @@ LK_DEVICE inline int64_t block_inverse_cdf_draw(int64_t cols, float target, Weig
 
 // Rank sort of n items held in shared memory (every thread calls it; no
 // barrier inside: the caller publishes the items before and the result after).
-// Item a's rank is the number of items b with before(b, a), which must be a
-// strict total order (break ties by slot or index), so the ranks are 0..n-1
+// item(a) gives the value item a is ranked by (a key read or computed from
+// shared memory; evaluated once for a, once per compare for b). Item a's rank
+// is the number of items b with before(item(b), b, item(a), a), which must be
+// a strict total order (break ties by slot or index), so the ranks are 0..n-1
 // and store(a, rank) places every item once. The result depends on the items
 // alone, not on the order of the atomics that gathered them. n^2 / threads
 // compares and no barriers: cheap for a few hundred items; at 1024 items and
 // 512 threads an estimated one to two passes' worth of issue time over a
 // 128256-logit row (docs/sampling.md), where a sorting network would do
 // n log^2 n / 2 compares with one barrier per step.
-template <class Index, class Before, class Store>
-LK_DEVICE __forceinline__ void block_rank_sort(Index n, Before before, Store store) {
+template <class Index, class Item, class Before, class Store>
+LK_DEVICE __forceinline__ void block_rank_sort(Index n, Item item, Before before, Store store) {
   for (Index a = static_cast<Index>(threadIdx.x); a < n; a += static_cast<Index>(blockDim.x)) {
+    const auto mine = item(a);
     Index rank = 0;
-    for (Index b = 0; b < n; ++b) rank += before(b, a);
+    for (Index b = 0; b < n; ++b) rank += before(item(b), b, mine, a);
     store(a, rank);
   }
 }
+
+// block_rank_sort's order for keys ranked largest first, equal keys in slot
+// order.
+struct LargerKeyFirst {
+  template <class Index>
+  LK_DEVICE bool operator()(uint32_t key_b, Index b, uint32_t key_a, Index a) const {
+    return key_b > key_a || (key_b == key_a && b < a);
+  }
+};
 
 // Contiguous per-warp shares of a row of `cols` tokens: warp w owns
 // [w * length, min((w + 1) * length, cols)) with length = ceil(cols / warps),

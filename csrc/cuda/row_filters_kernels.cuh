@@ -279,9 +279,8 @@ LK_DEVICE inline float resolve_typical_crossing(float center, RowFilterStorage& 
   auto& bin = s.radix.survivors;
   auto key_of = [&](int a) { return core::orderable_key(-core::typical_distance(bin.ranked_z[a], center)); };
   block_rank_sort(
-      n,
-      [&](int b, int a) {  // closer to c first (the larger key), ties by token index
-        const uint32_t key_b = key_of(b), key_a = key_of(a);
+      n, key_of,
+      [&](uint32_t key_b, int b, uint32_t key_a, int a) {  // closer to c first (the larger key), ties by token index
         return key_b > key_a || (key_b == key_a && bin.key[b] < bin.key[a]);
       },
       [&](int a, int rank) { bin.ranked_key[rank] = static_cast<uint32_t>(a); });
@@ -408,7 +407,7 @@ LK_DEVICE inline void keep_last_digit_survivors(float inv_t, bool top_h, RowFilt
 LK_DEVICE inline void rank_gathered(int n, float inv_t, RowFilterStorage& s, int64_t select_rank = -1) {
   auto& bin = s.radix.survivors;
   block_rank_sort(
-      n, [&](int b, int a) { return bin.key[b] > bin.key[a] || (bin.key[b] == bin.key[a] && b < a); },
+      n, [&](int a) { return bin.key[a]; }, LargerKeyFirst{},
       [&](int a, int rank) {
         const uint32_t key = bin.key[a];
         bin.ranked_z[rank] = core::scaled_logit(core::key_to_float(key), inv_t);

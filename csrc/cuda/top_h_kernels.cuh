@@ -812,10 +812,8 @@ LK_DEVICE inline void gather_and_sort_candidates(const scalar_t* x, int64_t cols
     }
   }
   __syncthreads();
-  // Descending, equal keys in slot order.
   block_rank_sort(
-      k,
-      [&](int64_t b, int64_t a) { return candidates[b] > candidates[a] || (candidates[b] == candidates[a] && b < a); },
+      k, [&](int64_t a) { return candidates[a]; }, LargerKeyFirst{},
       [&](int64_t a, int64_t rank) { sorted[rank] = candidates[a]; });
   __syncthreads();
 }
