@@ -74,6 +74,37 @@ def test_block_reduce_atomics_and_dynamic_shared(threads, schedule):
             assert neighbours[b * threads + t] == 1000 * b + (t + 1) % threads
 
 
+SORT_SIZES = [0, 1, 2, 31, 33, 64, 100, 513, 1000, 1024]  # selftest.cpp's kSortSizes
+SORT_STRIDE = 1025
+
+
+def sort_selftest_value(slot: int, block: int) -> int:
+    return (((slot * 2654435761 + block * 40503) & 0xFFFFFFFF) >> 20) % 37
+
+
+@pytest.mark.parametrize("threads", [1, 32, 45, 96, 512])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_block_bitonic_sort_and_first_group_reaching(threads, schedule):
+    """The sampler family's block sort (slots ordered by value, largest first, ties by slot) and
+    its scan for the first group of equal values whose mass before it reaches a third of the
+    total, for sizes around powers of two and the warp width, whole and partial warps."""
+    emu.configure(schedule=schedule, seed=threads)
+    out = emu.selftest("bitonic_sort", threads, len(SORT_SIZES))
+    for block, n in enumerate(SORT_SIZES):
+        values = [sort_selftest_value(a, block) for a in range(n)]
+        expected = sorted(range(n), key=lambda a: (-values[a], a))
+        got = out[block * SORT_STRIDE : block * SORT_STRIDE + n]
+        assert got == expected, f"n={n}: slots not sorted"
+        total = sum(v + 1 for v in values)
+        first, before = n, 0
+        for r, a in enumerate(expected):
+            if (r == 0 or values[expected[r - 1]] != values[a]) and 3 * before >= total:
+                first = r
+                break
+            before += values[a] + 1
+        assert out[block * SORT_STRIDE + SORT_STRIDE - 1] == first, f"n={n}"
+
+
 def test_missing_barrier_kernel_runs():
     """The deliberately racy self-test kernel (a read of a neighbour's shared
     slot with no barrier) runs here without a check failing: only the

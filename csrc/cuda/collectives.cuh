@@ -149,36 +149,84 @@ LK_DEVICE inline int64_t block_inverse_cdf_draw(int64_t cols, float target, Weig
   return found;
 }
 
-// Rank sort of n items held in shared memory (every thread calls it; no
-// barrier inside: the caller publishes the items before and the result after).
-// item(a) gives the value item a is ranked by (a key read or computed from
-// shared memory; evaluated once for a, once per compare for b). Item a's rank
-// is the number of items b with before(item(b), b, item(a), a), which must be
-// a strict total order (break ties by slot or index), so the ranks are 0..n-1
-// and store(a, rank) places every item once. The result depends on the items
-// alone, not on the order of the atomics that gathered them. n^2 / threads
-// compares and no barriers: cheap for a few hundred items; at 1024 items and
-// 512 threads an estimated one to two passes' worth of issue time over a
-// 128256-logit row (docs/sampling.md), where a sorting network would do
-// n log^2 n / 2 compares with one barrier per step.
-template <class Index, class Item, class Before, class Store>
-LK_DEVICE __forceinline__ void block_rank_sort(Index n, Item item, Before before, Store store) {
-  for (Index a = static_cast<Index>(threadIdx.x); a < n; a += static_cast<Index>(blockDim.x)) {
-    const auto mine = item(a);
-    Index rank = 0;
-    for (Index b = 0; b < n; ++b) rank += before(item(b), b, mine, a);
-    store(a, rank);
+// Sorts handles[0, n) in shared memory (n <= INT_MAX / 2) so that no handle
+// comes after one it is `before` (a strict weak order over handles: keys
+// compared directly, or slots whose items are compared, ties broken by slot
+// for a total order). A block collective: starts and ends with a barrier.
+// Bitonic sorting network, the variant whose comparators all put the earlier
+// handle at the lower position: with n rounded up to a power of two P, for
+// each merge size m = 2, 4, ..., P, a first step compares positions i and
+// i ^ (m - 1) (mirrored within blocks of m), then steps of span j = m / 2,
+// ..., 2 compare i and i ^ (j / 2) (Batcher's network, its merges written
+// without alternating directions). That is log2 P (log2 P + 1) / 2 steps of
+// P / 2 comparators, one per thread at P = 2 * threads. Positions >= n
+// count as after every handle: a comparator reaching past n would never swap,
+// so it is skipped and nothing is padded. When the block is whole warps, the
+// 32 comparators of a warp cover 64 consecutive positions in every step of
+// span <= 64, so two such steps in a row need only __syncwarp between them
+// (at P = 1024: 14 block barriers, 40 warp barriers). The order depends on the handles and `before`
+// alone, not on how the handles were gathered.
+template <class Handle, class Before>
+LK_DEVICE inline void block_bitonic_sort(int n, Handle* handles, Before before) {
+  __syncthreads();  // the handles are published
+  int padded = 1;
+  while (padded < n) padded *= 2;
+  const bool warp_local_steps = blockDim.x % kWarpSize == 0;  // block-uniform
+  for (int merge = 2; merge <= padded; merge *= 2) {
+    for (int span = merge; span >= 2; span /= 2) {
+      const int half = span / 2;
+      const int partner = span == merge ? span - 1 : half;  // position ^ partner
+      for (int pair = static_cast<int>(threadIdx.x); pair < padded / 2; pair += static_cast<int>(blockDim.x)) {
+        // the pair's lower position: its block of `span` and its offset in the lower half
+        const int lo = ((pair & ~(half - 1)) << 1) | (pair & (half - 1));
+        const int hi = lo ^ partner;
+        if (hi < n) {
+          const Handle at_lo = handles[lo], at_hi = handles[hi];
+          if (before(at_hi, at_lo)) {
+            handles[lo] = at_hi;
+            handles[hi] = at_lo;
+          }
+        }
+      }
+      // The next step may read what this one wrote: a warp's own positions
+      // when both steps stay within its 64.
+      const int next_span = span > 2 ? span / 2 : 2 * merge;
+      if (warp_local_steps && span <= 2 * kWarpSize && next_span <= 2 * kWarpSize) {
+        __syncwarp();
+      } else if (next_span <= padded) {
+        __syncthreads();
+      }  // (else: the last step, followed by the final barrier)
+    }
   }
+  __syncthreads();
 }
 
-// block_rank_sort's order for keys ranked largest first, equal keys in slot
-// order.
-struct LargerKeyFirst {
-  template <class Index>
-  LK_DEVICE bool operator()(uint32_t key_b, Index b, uint32_t key_a, Index a) const {
-    return key_b > key_a || (key_b == key_a && b < a);
+// The first position r < n, in the order of items 0 .. n-1, where a group of
+// equal items starts (starts_group(r)) and reached(mass, r) holds for the
+// mass before it, carry + weight(0) + ... + weight(r - 1); n if none. reached
+// must be monotone in r along the order (it is given sums of non-negative
+// weights): then every position before the result is in a group that has not
+// reached it, and the rules that keep "the tokens whose strictly larger ones
+// have not reached the limit" (top-p, typical) keep exactly positions
+// [0, result). A block collective: a block-wide scan of the weights shifted
+// by one position, tile by tile, then a block minimum; the sums depend on the
+// order alone. mass_scratch / index_scratch: shared memory of
+// kReduceScratchSize elements.
+template <class Weight, class StartsGroup, class Reached>
+LK_DEVICE inline int first_group_reaching(int n, float carry, Weight weight, StartsGroup starts_group, Reached reached,
+                                          float* mass_scratch, int64_t* index_scratch) {
+  int64_t first = n;
+  for (int base = 0; base < n; base += static_cast<int>(blockDim.x)) {  // block-uniform
+    const int r = base + static_cast<int>(threadIdx.x);
+    const float weight_before = r > 0 && r < n ? weight(r - 1) : 0.0f;
+    float tile_total;
+    const float mass_before = carry + block_inclusive_scan(weight_before, mass_scratch, tile_total);
+    if (r < n && first == n && starts_group(r) && reached(mass_before, r)) first = r;
+    carry += tile_total;
   }
-};
+  return static_cast<int>(
+      block_reduce(first, [](int64_t a, int64_t b) { return a < b ? a : b; }, static_cast<int64_t>(n), index_scratch));
+}
 
 // Contiguous per-warp shares of a row of `cols` tokens: warp w owns
 // [w * length, min((w + 1) * length, cols)) with length = ceil(cols / warps),

@@ -263,42 +263,36 @@ LK_DEVICE inline float weight_or_gather(const core::FilterCut& cut, float xv, in
 }
 
 // After the pass that gathered typical's crossing bin (a block collective;
-// s.radix.crossing_pending): its n candidates ranked by distance key, closest first,
-// ties by index (a rank sort: n^2 / threads compares; the order, not the
-// gather's timing, sets the sums below), then thread 0 walks them as the radix
-// walk would have gone on: a candidate is kept iff the candidates strictly
+// s.radix.crossing_pending): its n candidates' slots sorted by distance key,
+// closest first, ties by token index, into s.radix.survivors.ranked_key (the
+// order, not the gather's timing, sets the sums below); then, as the radix
+// walk would have gone on, a candidate is kept iff the candidates strictly
 // closer to c (the bin's closer ones and those above the bin,
 // s.radix.above) have not reached the limit, so the crossing one and its
-// ties are kept. Sets crossing_kept (the kept ones come first in rank order)
-// and returns the radius d*, the largest kept distance. The first candidate is
-// always kept: the walk found the totals above the bin short of the limit.
+// ties are kept (first_group_reaching over the sorted slots). Sets
+// crossing_kept (the kept ones come first in that order) and returns the
+// radius d*, the largest kept distance. The first candidate is always kept:
+// the walk found the totals above the bin short of the limit.
 LK_DEVICE inline float resolve_typical_crossing(float center, RowFilterStorage& s) {
   __syncthreads();  // the gather is complete
   const int gathered = s.crossing_gathered;
   const int n = gathered < kGatherCapacity ? gathered : kGatherCapacity;
   auto& bin = s.radix.survivors;
-  auto key_of = [&](int a) { return core::orderable_key(-core::typical_distance(bin.ranked_z[a], center)); };
-  block_rank_sort(
-      n, key_of,
-      [&](uint32_t key_b, int b, uint32_t key_a, int a) {  // closer to c first (the larger key), ties by token index
-        return key_b > key_a || (key_b == key_a && bin.key[b] < bin.key[a]);
+  auto key_of = [&](uint32_t a) { return core::orderable_key(-core::typical_distance(bin.ranked_z[a], center)); };
+  for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x)) bin.ranked_key[a] = a;
+  block_bitonic_sort(n, bin.ranked_key, [&](uint32_t a, uint32_t b) {  // closer to c first (the larger key)
+    const uint32_t key_a = key_of(a), key_b = key_of(b);
+    return key_a > key_b || (key_a == key_b && bin.key[a] < bin.key[b]);
+  });
+  const float above_count = static_cast<float>(s.radix.above.count);
+  const int kept = first_group_reaching(
+      n, s.radix.above.e, [&](int r) { return bin.ranked_e[bin.ranked_key[r]]; },
+      [&](int r) { return r == 0 || key_of(bin.ranked_key[r - 1]) != key_of(bin.ranked_key[r]); },
+      [&](float closer_mass, int r) {
+        return core::typical_reached(closer_mass, above_count + static_cast<float>(r), s.typical_limit);
       },
-      [&](int a, int rank) { bin.ranked_key[rank] = static_cast<uint32_t>(a); });
-  __syncthreads();
+      s.mass_scratch, s.index_scratch);
   if (threadIdx.x == 0) {
-    float mass = s.radix.above.e, count = static_cast<float>(s.radix.above.count);
-    float closer_mass = mass, closer_count = count;  // of the candidates strictly closer
-    int kept = 0;
-    for (; kept < n; ++kept) {
-      const int a = static_cast<int>(bin.ranked_key[kept]);
-      if (kept == 0 || key_of(a) != key_of(static_cast<int>(bin.ranked_key[kept - 1]))) {
-        closer_mass = mass;
-        closer_count = count;
-      }
-      if (core::typical_reached(closer_mass, closer_count, s.typical_limit)) break;
-      mass += bin.ranked_e[a];
-      count += 1.0f;
-    }
     s.crossing_kept = kept;
     s.crossing_radius =
         kept > 0 ? core::typical_distance(bin.ranked_z[bin.ranked_key[kept - 1]], center) : core::neg_infinity();
@@ -397,23 +391,22 @@ LK_DEVICE inline void keep_last_digit_survivors(float inv_t, bool top_h, RowFilt
   __syncthreads();
 }
 
-// Sorts the n gathered keys, largest first (rank sort: n^2 / threads
-// compares), into s.radix.survivors.ranked_key, and as z = x * (1/T) into
+// Sorts the n gathered keys, largest first (block_bitonic_sort), into
+// s.radix.survivors.ranked_key, and as z = x * (1/T) into
 // ranked_z (monotone in x: the z are sorted too), and stores the x of rank `select_rank` (if any) in
-// s.top_k_x (equal keys are ranked in slot order: one writer). The gather's
-// slots follow the atomics' timing; what is summed below runs over this
-// order, which depends on the values alone, so the results are the same run
-// to run (docs/determinism.md).
+// s.top_k_x. The gather's slots follow the atomics' timing; what is summed
+// below runs over this order, which depends on the values alone (equal keys
+// are equal values), so the results are the same run to run
+// (docs/determinism.md).
 LK_DEVICE inline void rank_gathered(int n, float inv_t, RowFilterStorage& s, int64_t select_rank = -1) {
   auto& bin = s.radix.survivors;
-  block_rank_sort(
-      n, [&](int a) { return bin.key[a]; }, LargerKeyFirst{},
-      [&](int a, int rank) {
-        const uint32_t key = bin.key[a];
-        bin.ranked_z[rank] = core::scaled_logit(core::key_to_float(key), inv_t);
-        bin.ranked_key[rank] = key;
-        if (rank == select_rank) s.top_k_x = core::key_to_float(key);
-      });
+  for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x)) bin.ranked_key[a] = bin.key[a];
+  block_bitonic_sort(n, bin.ranked_key, [](uint32_t a, uint32_t b) { return a > b; });
+  for (int rank = static_cast<int>(threadIdx.x); rank < n; rank += static_cast<int>(blockDim.x)) {
+    const float x = core::key_to_float(bin.ranked_key[rank]);
+    bin.ranked_z[rank] = core::scaled_logit(x, inv_t);
+    if (rank == select_rank) s.top_k_x = x;
+  }
   __syncthreads();
 }
 
@@ -618,83 +611,77 @@ LK_DEVICE inline core::FilterState gathered_state(int n, RowFilterStorage& s) {
 // the limit (core::top_p_reached), and a token's ties are ranked neither
 // before nor after it, so that mass is the sum of e over the strictly larger
 // z, a prefix of the ranking: the crossing token and its ties are kept, as
-// TopPPredicate's walk keeps them. At most n^2 / 2 / threads additions.
+// TopPPredicate's walk keeps them (first_group_reaching: a block scan).
 // Threshold -inf when every survivor is kept.
 LK_DEVICE inline core::TopPCut gathered_top_p(int n, float m, float limit, RowFilterStorage& s) {
-  for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x))
-    s.radix.survivors.ranked_e[a] = core::exp_of(s.radix.survivors.ranked_z[a] - m);
+  const float* z = s.radix.survivors.ranked_z;
+  float* e = s.radix.survivors.ranked_e;
+  for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x)) e[a] = core::exp_of(z[a] - m);
   __syncthreads();
+  const int kept_count = first_group_reaching(
+      n, 0.0f, [&](int r) { return e[r]; }, [&](int r) { return r == 0 || z[r - 1] > z[r]; },
+      [&](float mass_before, int) { return core::top_p_reached(mass_before, limit); }, s.mass_scratch, s.index_scratch);
   core::KeptSums mine{0.0f, 0.0f, 0.0f};
-  for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x)) {
-    const float z = s.radix.survivors.ranked_z[a];
-    float mass_before = 0.0f;
-    for (int b = 0; b < a && s.radix.survivors.ranked_z[b] > z; ++b) mass_before += s.radix.survivors.ranked_e[b];
-    if (!core::top_p_reached(mass_before, limit)) {
-      const float e = s.radix.survivors.ranked_e[a];
-      mine.mass += e;
-      mine.shifted += (z - m) * e;
-      mine.count += 1.0f;
-    }
+  for (int a = static_cast<int>(threadIdx.x); a < kept_count; a += static_cast<int>(blockDim.x)) {
+    mine.mass += e[a];
+    mine.shifted += (z[a] - m) * e[a];
+    mine.count += 1.0f;
   }
   const core::KeptSums kept = block_reduce(mine, AddKeptSums{}, core::KeptSums{0.0f, 0.0f, 0.0f}, s.sums_scratch);
   // The kept tokens are a prefix of the ranking: its last one is the threshold.
-  const int count = static_cast<int>(kept.count);
-  return core::TopPCut{count >= n ? core::neg_infinity() : s.radix.survivors.ranked_z[count > 0 ? count - 1 : 0],
-                       kept.mass, kept.shifted};
+  return core::TopPCut{kept_count >= n ? core::neg_infinity() : z[kept_count > 0 ? kept_count - 1 : 0], kept.mass,
+                       kept.shifted};
 }
 
 // typical over the n ranked survivors (instead of typical_passes: no pass
 // over the row): the candidates z >= cut.threshold are a prefix of the
 // ranking; their K, D (from top-p's or pass 1's sums when the threshold is
 // theirs, else summed here), the center c = m + D / K, then each candidate's
-// distance |z - c| as an orderable key of -distance in s.radix.survivors.key (free
-// after rank_gathered). A candidate is kept iff the candidates strictly
-// closer to c (larger key) have not reached the limit (core::typical_reached:
-// mass typical_p * K and min_tokens_to_keep), the walk's rule over
-// TypicalPredicate: the crossing token and its ties are kept. The radius is
-// the largest kept distance. At most n^2 / threads compares and additions.
+// distance |z - c| as an orderable key of -distance in s.radix.survivors.key
+// (free after rank_gathered), and the candidates' ranks sorted by that key,
+// closest first, into s.radix.survivors.ranked_key (free after
+// top_h_prefix). A candidate is kept iff the candidates strictly closer to c
+// have not reached the limit (core::typical_reached: mass typical_p * K and
+// min_tokens_to_keep), the walk's rule over TypicalPredicate: the crossing
+// token and its ties are kept (first_group_reaching). The radius is the
+// largest kept distance, the last kept one's.
 LK_DEVICE inline void gathered_typical(int n, const core::FilterParams& p, const core::TopPCut& top_p,
                                        RowFilterStorage& s, core::FilterCut& cut) {
+  auto& bin = s.radix.survivors;
   // (-inf survivors, gathered when top-k's or the floor's k-th logit is -inf,
   // are never candidates: their weight is 0, and (z - m) e would be NaN.)
   int candidates = 0;  // (the same in every thread)
-  while (candidates < n && s.radix.survivors.ranked_z[candidates] >= cut.threshold &&
-         s.radix.survivors.ranked_z[candidates] > core::neg_infinity())
+  while (candidates < n && bin.ranked_z[candidates] >= cut.threshold && bin.ranked_z[candidates] > core::neg_infinity())
     ++candidates;
   for (int a = static_cast<int>(threadIdx.x); a < candidates; a += static_cast<int>(blockDim.x))
-    s.radix.survivors.ranked_e[a] = core::exp_of(s.radix.survivors.ranked_z[a] - cut.max);
+    bin.ranked_e[a] = core::exp_of(bin.ranked_z[a] - cut.max);
   __syncthreads();
   core::KeptSums sums{top_p.mass, top_p.shifted, 0.0f};
   if (!core::typical_candidates_known(p, top_p, cut)) {
     core::KeptSums mine{0.0f, 0.0f, 0.0f};
     for (int a = static_cast<int>(threadIdx.x); a < candidates; a += static_cast<int>(blockDim.x)) {
-      mine.mass += s.radix.survivors.ranked_e[a];
-      mine.shifted += (s.radix.survivors.ranked_z[a] - cut.max) * s.radix.survivors.ranked_e[a];
+      mine.mass += bin.ranked_e[a];
+      mine.shifted += (bin.ranked_z[a] - cut.max) * bin.ranked_e[a];
     }
     sums = block_reduce(mine, AddKeptSums{}, core::KeptSums{0.0f, 0.0f, 0.0f}, s.sums_scratch);
   }
   const float center = core::typical_center(cut.max, sums.mass, sums.shifted);
   const core::TypicalLimit limit = core::typical_limit(p, sums.mass);
-  for (int a = static_cast<int>(threadIdx.x); a < candidates; a += static_cast<int>(blockDim.x))
-    s.radix.survivors.key[a] = core::orderable_key(-core::typical_distance(s.radix.survivors.ranked_z[a], center));
-  __syncthreads();
-  float radius = core::neg_infinity();
   for (int a = static_cast<int>(threadIdx.x); a < candidates; a += static_cast<int>(blockDim.x)) {
-    const uint32_t key = s.radix.survivors.key[a];
-    float mass_closer = 0.0f, count_closer = 0.0f;
-    for (int b = 0; b < candidates; ++b) {
-      if (s.radix.survivors.key[b] > key) {
-        mass_closer += s.radix.survivors.ranked_e[b];
-        count_closer += 1.0f;
-      }
-    }
-    if (!core::typical_reached(mass_closer, count_closer, limit)) {
-      radius = core::max_of(radius, core::typical_distance(s.radix.survivors.ranked_z[a], center));
-    }
+    bin.key[a] = core::orderable_key(-core::typical_distance(bin.ranked_z[a], center));
+    bin.ranked_key[a] = a;
   }
+  block_bitonic_sort(candidates, bin.ranked_key, [&](uint32_t a, uint32_t b) {  // closer first, ties by rank
+    return bin.key[a] > bin.key[b] || (bin.key[a] == bin.key[b] && a < b);
+  });
+  const uint32_t* closest_first = bin.ranked_key;
+  const int kept = first_group_reaching(
+      candidates, 0.0f, [&](int r) { return bin.ranked_e[closest_first[r]]; },
+      [&](int r) { return r == 0 || bin.key[closest_first[r - 1]] != bin.key[closest_first[r]]; },
+      [&](float closer_mass, int r) { return core::typical_reached(closer_mass, static_cast<float>(r), limit); },
+      s.mass_scratch, s.index_scratch);
   cut.center = center;
-  cut.radius =
-      block_reduce(radius, [](float a, float b) { return core::max_of(a, b); }, core::neg_infinity(), s.mass_scratch);
+  cut.radius = kept > 0 ? core::typical_distance(bin.ranked_z[closest_first[kept - 1]], center) : core::neg_infinity();
 }
 
 // Pass 1 (and top-p's and typical's passes): the row's cut (the same in every thread).

@@ -121,10 +121,6 @@ constexpr int kGatherCapacity = 1024;
 
 // typical's selection stops at a crossing bin of at most this many candidates,
 // which the write / draw pass gathers (TypicalPredicate::kGathersCrossing).
-// Smaller than the capacity: ranking n candidates costs n^2 / threads
-// compares, each computing a distance key (about 15 instructions), which at
-// n = 1024 and 512 threads is about as much issue time as the digit pass it
-// would save (docs/sampling.md).
 constexpr int kTypicalCrossingCapacity = 512;
 static_assert(kTypicalCrossingCapacity <= kGatherCapacity);
 
@@ -812,10 +808,9 @@ LK_DEVICE inline void gather_and_sort_candidates(const scalar_t* x, int64_t cols
     }
   }
   __syncthreads();
-  block_rank_sort(
-      k, [&](int64_t a) { return candidates[a]; }, LargerKeyFirst{},
-      [&](int64_t a, int64_t rank) { sorted[rank] = candidates[a]; });
-  __syncthreads();
+  for (int64_t a = threadIdx.x; a < k; a += blockDim.x) sorted[a] = candidates[a];
+  // (equal keys are equal values: the sorted keys do not depend on their order)
+  block_bitonic_sort(static_cast<int>(k), sorted, [](uint32_t a, uint32_t b) { return a > b; });
 }
 
 // Capped rules (thread 0): the rule's scan over the K sorted keys

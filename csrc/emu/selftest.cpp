@@ -1,6 +1,6 @@
 // Small kernels that check the SIMT emulator itself (tests/test_emulator.py):
 // the semantics of the warp intrinsics, block reductions over partial warps,
-// atomics and dynamic shared memory, and that misuse (divergent barriers,
+// atomics and dynamic shared memory, the block sort and scan, and that misuse (divergent barriers,
 // wrong shuffle masks, deadlocks) is reported instead of mis-executed.
 #include <cstdint>
 #include <stdexcept>
@@ -90,6 +90,43 @@ __global__ void deadlock_kernel() {
   }
 }
 
+// cuda::block_bitonic_sort and cuda::first_group_reaching: block b sorts the
+// slots of n = kSortSizes[b % 10] values (few distinct: ties) by value, largest
+// first, ties by slot, then finds the first group of equal values whose mass
+// before it, with weights value + 1 (exact in float), reaches a third of the total.
+// Writes the sorted slots, then that position, at out + b * kSortResultStride.
+constexpr int kSortCapacity = 1024;
+constexpr int kSortResultStride = kSortCapacity + 1;
+constexpr int kSortSizes[10] = {0, 1, 2, 31, 33, 64, 100, 513, 1000, 1024};
+
+LK_DEVICE inline uint32_t sort_selftest_value(int slot, int block) {
+  return ((static_cast<uint32_t>(slot) * 2654435761u + static_cast<uint32_t>(block) * 40503u) >> 20) % 37u;
+}
+
+__global__ void bitonic_sort_kernel(int64_t* out) {
+  __shared__ uint32_t slots[kSortCapacity];
+  __shared__ uint32_t values[kSortCapacity];
+  __shared__ float mass_scratch[cuda::kReduceScratchSize];
+  __shared__ int64_t index_scratch[cuda::kReduceScratchSize];
+  const int block = static_cast<int>(blockIdx.x);
+  const int n = kSortSizes[block % 10];
+  float total = 0.0f;  // (each thread sums them all: the same in every thread)
+  for (int a = 0; a < n; ++a) total += static_cast<float>(sort_selftest_value(a, block) + 1);
+  for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x)) {
+    slots[a] = static_cast<uint32_t>(a);
+    values[a] = sort_selftest_value(a, block);
+  }
+  cuda::block_bitonic_sort(
+      n, slots, [&](uint32_t a, uint32_t b) { return values[a] > values[b] || (values[a] == values[b] && a < b); });
+  const int first = cuda::first_group_reaching(
+      n, 0.0f, [&](int r) { return static_cast<float>(values[slots[r]] + 1); },
+      [&](int r) { return r == 0 || values[slots[r - 1]] != values[slots[r]]; },
+      [&](float mass_before, int) { return 3.0f * mass_before >= total; }, mass_scratch, index_scratch);
+  int64_t* o = out + static_cast<int64_t>(block) * kSortResultStride;
+  for (int r = static_cast<int>(threadIdx.x); r < n; r += static_cast<int>(blockDim.x)) o[r] = slots[r];
+  if (threadIdx.x == 0) o[kSortCapacity] = first;
+}
+
 }  // namespace
 
 // Runs one self-test kernel; returns its int64 results (flattened).
@@ -110,6 +147,12 @@ std::vector<int64_t> run_selftest(const std::string& name, int threads, int bloc
     sums.push_back(static_cast<int64_t>(counter));
     sums.insert(sums.end(), neighbours.begin(), neighbours.end());
     return sums;
+  }
+  if (name == "bitonic_sort") {
+    std::vector<int64_t> out(static_cast<size_t>(blocks) * kSortResultStride, -1);
+    auto* kernel = &bitonic_sort_kernel;
+    LK_LAUNCH_KERNEL(kernel, dim3(blocks), dim3(threads), 0, nullptr, out.data());
+    return out;
   }
   if (name == "missing_barrier") {
     std::vector<int64_t> neighbours(static_cast<size_t>(threads) * blocks, -1);
