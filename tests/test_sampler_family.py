@@ -24,7 +24,7 @@ from logitkit.testing import backends, references
 # candidates (test_gather_sizes_match_the_kernels).
 GATHERED_TOP_K = 896
 GATHER_CAPACITY = 1024
-TYPICAL_CROSSING_CAPACITY = 512
+TYPICAL_CROSSING_CAPACITY = 1024
 
 RULES = {
     "min_p": dict(min_p=0.1),
@@ -279,21 +279,23 @@ def test_emulated_passes_within_budget(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_typical_resolves_its_crossing_bin(backend, dtype):
-    """typical's selection on CUDA stops at the first digit whose crossing bin holds at most 512
-    candidates, and the write / draw pass gathers that bin's candidates and finds d* among them
-    (resolve_typical_crossing). Rows of 8000 logits, some of whose first-digit crossing bins hold
-    more than 512 candidates (so the second digit's is gathered), with ties of distance (bf16
-    values, a grid of quarters, a repeated value, a dense cluster that bf16 turns into one tie
-    group), a crossing set by min_tokens_to_keep, typical after min-p: the mask, filter_logits and
+    """typical's selection on CUDA stops at the first digit whose crossing bin holds at most
+    TYPICAL_CROSSING_CAPACITY candidates, and the write / draw pass gathers that bin's candidates
+    and finds d* among them (resolve_typical_crossing). Rows of 8000 logits, some of whose
+    first-digit crossing bins hold more (so the second digit's is gathered), with ties of distance
+    (bf16 values, a grid of quarters, a repeated value, a dense cluster that bf16 turns into one
+    tie group, a wider one of bf16 ties of up to about 500), a crossing set by min_tokens_to_keep,
+    typical after min-p: the mask, filter_logits and
     the sampler's token, log-prob and kept count equal the float64 reference. On the emulator the
     mask takes at most 4 passes (3 when the first digit's bin is gathered), 5 on a row whose
-    crossing bin is a tie group of more than 512."""
+    crossing bin is a tie group of more than TYPICAL_CROSSING_CAPACITY."""
     g = torch.Generator().manual_seed(5)
-    x = rows(5, 8000, scale=0.5, seed=11)
+    x = rows(6, 8000, scale=0.5, seed=11)
     x[1, :2000] = 1.0 + 1e-3 * torch.randn(2000, generator=g)
     x[2] = torch.round(x[2] * 8.0) / 4.0
     x[3, 100:400] = x[3, 7]  # 301 tokens of one distance
     x[4] = x[4] * 4.0 - 3.0
+    x[5, :2000] = 1.0 + 1e-2 * torch.randn(2000, generator=g)  # bf16: ties of up to about 500
     x = x.to(dtype)
     rule_sets = [
         dict(typical_p=0.5, temperature=1.0),
@@ -308,8 +310,8 @@ def test_typical_resolves_its_crossing_bin(backend, dtype):
         assert torch.equal(got, torch.where(keep, x, torch.tensor(-7.0, dtype=dtype))), rules
         check_sampled_statistics(backend, x, rules)
     if backend.name == "emulated-cuda":
-        passes = [emulated_passes(logitkit.truncation_mask, x[r : r + 1], **rule_sets[0]) for r in range(5)]
-        heavy_ties = [int(largest_tie_group(x[r]) > TYPICAL_CROSSING_CAPACITY) for r in range(5)]
+        passes = [emulated_passes(logitkit.truncation_mask, x[r : r + 1], **rule_sets[0]) for r in range(6)]
+        heavy_ties = [int(largest_tie_group(x[r]) > TYPICAL_CROSSING_CAPACITY) for r in range(6)]
         assert all(p <= 4 + t * TYPICAL_TIE_PASS for p, t in zip(passes, heavy_ties)), passes
         assert 4 in passes, passes  # some row gathered its second digit's bin
 

@@ -243,12 +243,6 @@ LK_DEVICE inline WarpShare warp_share(int64_t cols) {
   return WarpShare{begin < cols ? begin : cols, begin + length < cols ? begin + length : cols};
 }
 
-// The warp whose warp_share holds element i.
-LK_DEVICE inline int warp_share_of(int64_t i, int64_t cols) {
-  const int64_t warps = warps_per_block();
-  return static_cast<int>(i / ((cols + warps - 1) / warps));
-}
-
 // Index of the lowest / highest set bit of a nonzero mask (__ffs(mask) - 1,
 // 31 - __clz(mask); written with __popc and shifts so that they also compile
 // for the host through the emulator).

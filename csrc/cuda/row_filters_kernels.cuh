@@ -25,7 +25,7 @@
 //            kGatheredSurvivors tokens whose cut needs sums: one pass
 //            copies the survivors' keys to shared memory (none when the
 //            selection's last digit spelled them out:
-//            keep_last_digit_survivors), a rank sort orders them, and the
+//            keep_last_digit_survivors), a bitonic sort orders them, and the
 //            statistics and top-p run over that copy (gathered_state,
 //            gathered_top_p).
 //   pass 1   every thread folds its tokens (strided, coalesced) into a
@@ -121,23 +121,24 @@ struct RowFilterStorage {
   // (s.radix.crossing_pending; typical_passes): the limit of its walk, the bin's candidates gathered so
   // far (weight_or_gather: index, z and weight in s.radix.survivors' key,
   // ranked_z and ranked_e), then (resolve_typical_crossing) how many of them
-  // are kept (the first ones in rank order, s.radix.survivors.ranked_key) and
-  // the radius d*; the sampler adds their kept sums (crossing_sums).
+  // are kept (the first ones in distance order, their slots in
+  // s.radix.survivors.ranked_key) and the radius d*.
   core::TypicalLimit typical_limit;
   int crossing_gathered;
   int crossing_kept;
   float crossing_radius;
-  core::KeptSums crossing_sums;
 };
 
-// At most 512 threads per block: 128 registers per thread, so that the
-// FilterState reductions do not spill (1024 threads cap them at 64). The
-// kernels also declare at least 1 block per SM (__launch_bounds__'s second
-// argument): without it ptxas (CUDA 13) kept them to 40 registers, 3 blocks
-// of 512 threads per SM, and spilled 12 to 36 bytes once top-p's bins moved
-// to 64-bit fixed point; they take 48 (2 blocks of 512 per SM). One block
+// At most 512 threads per block, and the kernels declare at least 2 blocks
+// per SM (__launch_bounds__'s second argument): at most 64 registers per
+// thread, 2 blocks of 512 threads per SM. Without the second argument ptxas
+// (CUDA 13) kept them to 40 registers, 3 blocks per SM, and spilled 12 to 36
+// bytes once top-p's bins moved to 64-bit fixed point; with 1 block per SM,
+// the block scans of the sorted survivors (first_group_reaching) took them to
+// 68 (write) and 80 (sample) registers, 1 block per SM; with 2 they fit 64
+// without spilling (checked by the build, which rejects spills). One block
 // runs one row, so batches of fewer rows than twice the SM count (264 on an
-// H100) see no difference.
+// H100) would see no difference either way.
 constexpr int kMaxFilterThreads = 512;
 
 // The value (logit for top-p, negated distance for typical) of the lowest key
@@ -780,7 +781,7 @@ LK_DEVICE inline core::SoftmaxState raw_state(const scalar_t* x, int64_t cols, R
 // filter_mask (out_t = bool: the keep mask) and filter_logits (out_t =
 // scalar_t: the logit where kept, filter_value elsewhere).
 template <class scalar_t, class out_t>
-__global__ void __launch_bounds__(kMaxFilterThreads, 1)
+__global__ void __launch_bounds__(kMaxFilterThreads, 2)
     filter_write_kernel(RowsView<scalar_t> rows, int64_t cols, const float* params, float filter_value, out_t* output) {
   const scalar_t* x = rows.row(blockIdx.x);
   out_t* out = output + static_cast<int64_t>(blockIdx.x) * cols;
@@ -841,20 +842,29 @@ LK_DEVICE inline int64_t kept_sums_and_draw(const scalar_t* x, int64_t cols, cor
                       s.sums_scratch);  // its barriers publish share_mass too
   if (pending) {
     // typical's kept candidates of the crossing bin join the sums and their
-    // warps' shares (thread 0, in rank order), and the radius d* the draw's test.
+    // warps' shares, and the radius d* the draw's test. Each warp adds the
+    // kept candidates of its own share (its lanes over them in sorted order,
+    // then a warp reduction), the block all of them (a block reduction):
+    // fixed orders, so the sums do not depend on the gather's timing.
     cut.radius = resolve_typical_crossing(cut.center, s);
-    if (threadIdx.x == 0) {
-      const auto& bin = s.radix.survivors;
-      core::KeptSums kept{0.0f, 0.0f, 0.0f};
-      for (int r = 0; r < s.crossing_kept; ++r) {
-        const int a = static_cast<int>(bin.ranked_key[r]);
-        add_kept_weight(kept, bin.ranked_e[a], bin.ranked_z[a] - cut.max);
-        s.share_mass[warp_share_of(bin.key[a], cols)] += bin.ranked_e[a];
-      }
-      s.crossing_sums = kept;
+    const auto& bin = s.radix.survivors;
+    const int kept = s.crossing_kept;
+    float own_share = 0.0f;
+    for (int r = lane_rank(); r < kept; r += lanes_in_warp()) {
+      const int a = static_cast<int>(bin.ranked_key[r]);
+      const int64_t index = bin.key[a];
+      if (share.begin <= index && index < share.end) own_share += bin.ranked_e[a];
     }
-    __syncthreads();
-    sums = AddKeptSums{}(sums, s.crossing_sums);
+    own_share = warp_reduce(own_share, [](float a, float b) { return a + b; });
+    if (lane_rank() == 0) s.share_mass[warp_rank()] += own_share;  // (only this thread writes it)
+    core::KeptSums crossing_mine{0.0f, 0.0f, 0.0f};
+    for (int r = static_cast<int>(threadIdx.x); r < kept; r += static_cast<int>(blockDim.x)) {
+      const int a = static_cast<int>(bin.ranked_key[r]);
+      add_kept_weight(crossing_mine, bin.ranked_e[a], bin.ranked_z[a] - cut.max);
+    }
+    // (its barriers publish share_mass)
+    sums = AddKeptSums{}(sums,
+                         block_reduce(crossing_mine, AddKeptSums{}, core::KeptSums{0.0f, 0.0f, 0.0f}, s.sums_scratch));
   }
   const float target = u * sums.mass;
   int crossing = -1;
@@ -884,7 +894,7 @@ LK_DEVICE inline int64_t kept_sums_and_draw(const scalar_t* x, int64_t cols, cor
 
 // kRaw: also the raw log-prob (raw_log_prob = true).
 template <bool kRaw, class scalar_t>
-__global__ void __launch_bounds__(kMaxFilterThreads, 1)
+__global__ void __launch_bounds__(kMaxFilterThreads, 2)
     filter_sample_kernel(RowsView<scalar_t> rows, int64_t cols, const float* params, const float* uniform,
                          int64_t* tokens, float* stats) {
   const int64_t row = blockIdx.x;

@@ -12,7 +12,7 @@
 // statistics, and fixes the bin where the rule's predicate first fails.
 //   * capped rules: the predicate is "more than K tokens" (select the top K);
 //     bins hold counts. The K selected keys are then gathered into shared
-//     memory, sorted there (rank sort, K <= kMaxCudaCap) and scanned
+//     memory, sorted there (block_bitonic_sort, K <= kMaxCudaCap) and scanned
 //     (core::capped_keep_count), which fixes the final cut.
 //   * "exact": the predicate is H(q_S) > alpha H(p), with
 //     H(q_S) = log E_S - D_S / E_S (core::renormalised_entropy); bins hold
@@ -120,9 +120,11 @@ constexpr uint32_t kLastDigitMask = (1u << kLastDigitBits) - 1u;
 constexpr int kGatherCapacity = 1024;
 
 // typical's selection stops at a crossing bin of at most this many candidates,
-// which the write / draw pass gathers (TypicalPredicate::kGathersCrossing).
-constexpr int kTypicalCrossingCapacity = 512;
-static_assert(kTypicalCrossingCapacity <= kGatherCapacity);
+// which the write / draw pass gathers (TypicalPredicate::kGathersCrossing) and
+// sorts (block_bitonic_sort: at 1024 candidates and 512 threads, 55 steps of
+// one compare per thread, each computing two distance keys; about a tenth of
+// a digit pass's time, docs/sampling.md). The whole capacity.
+constexpr int kTypicalCrossingCapacity = kGatherCapacity;
 
 LK_DEVICE inline int digit_shift(int level) { return level == 0 ? 21 : (level == 1 ? kLastDigitBits : 0); }
 LK_DEVICE inline int digit_bits(int level) { return level == kDigitCount - 1 ? kLastDigitBits : 11; }
