@@ -20,11 +20,11 @@ from logitkit.testing import backends, references
 
 # The CUDA kernels' gathered path (csrc/cuda/row_filters_kernels.cuh): a top-k of at most
 # GATHERED_TOP_K tokens gathers its survivors, ties included, into GATHER_CAPACITY slots of shared
-# memory, and typical's selection stops at a crossing bin of at most TYPICAL_CROSSING_CAPACITY
+# memory, and typical's and top-p's selections stop at a crossing bin of at most CROSSING_CAPACITY
 # candidates (test_gather_sizes_match_the_kernels).
 GATHERED_TOP_K = 896
 GATHER_CAPACITY = 1024
-TYPICAL_CROSSING_CAPACITY = 1024
+CROSSING_CAPACITY = 1024
 
 RULES = {
     "min_p": dict(min_p=0.1),
@@ -208,8 +208,9 @@ def test_top_k_ties_of_scaled_logits(backend):
 # GATHER_CAPACITY, and
 # for rows with more (a tie group at the k-th logit: the gather overflows, and the row takes the
 # rank selection's digit passes (fp32 3, bf16 / fp16 2) + the gather + the path without top-k).
-# typical outside top-k's gathered survivors takes one pass more on a row whose crossing bin of
-# distance keys holds more than TYPICAL_CROSSING_CAPACITY candidates (TYPICAL_TIE_PASS).
+# typical outside top-k's gathered survivors, and top-p there when no later rule reads its kept
+# sums, take one pass more on a row whose crossing bin holds more than CROSSING_CAPACITY
+# candidates (CROSSING_TIE_PASS).
 PASS_BUDGETS = [
     (dict(top_k=50, top_p=0.9), 4, 3 + 1 + 4),
     (dict(top_k=800, top_p=0.7, min_p=0.01), 4, 3 + 1 + 4),
@@ -217,7 +218,7 @@ PASS_BUDGETS = [
     (dict(top_k=50, typical_p=0.5), 4, 3 + 1 + 5),
     (dict(top_k=120, top_p=0.95, typical_p=0.9, top_n_sigma=2.0), 4, 3 + 1 + 8),
     (dict(top_k=50), 4, 4),  # top-k alone: its digit passes + the write, no gather
-    (dict(top_p=0.9), 4, None),
+    (dict(top_p=0.9), 3, None),
     (dict(min_p=0.1, temperature=0.7), 2, None),
     (dict(typical_p=0.5), 4, None),
     (dict(top_p=0.9, typical_p=0.9), 6, None),  # the documented miss: typical's first digit needs the center c
@@ -229,7 +230,7 @@ PASS_BUDGETS = [
 ]
 
 
-TYPICAL_TIE_PASS = 1
+CROSSING_TIE_PASS = 1
 
 
 def largest_tie_group(row: torch.Tensor) -> int:
@@ -268,9 +269,11 @@ def test_emulated_passes_within_budget(dtype):
                 survivors = int((row.float() >= row.float().topk(k).values[0, -1]).sum()) if k else 0
                 overflows = overflow_budget is not None and survivors > GATHER_CAPACITY
                 limit = overflow_budget - short_rank if overflows else budget
-                typical_outside_gather = "typical_p" in rules and not 0 < k <= GATHERED_TOP_K
-                if typical_outside_gather and largest_tie_group(row) > TYPICAL_CROSSING_CAPACITY:
-                    limit += TYPICAL_TIE_PASS  # (this row's one value everywhere)
+                outside_gather = not 0 < k <= GATHERED_TOP_K and "top_h" not in rules
+                top_p_waits = "top_p" in rules and not {"typical_p", "epsilon", "eta"} & rules.keys()
+                gathers_crossing = outside_gather and ("typical_p" in rules or top_p_waits)
+                if gathers_crossing and largest_tie_group(row) > CROSSING_CAPACITY:
+                    limit += CROSSING_TIE_PASS  # (this row's one value everywhere)
                 mask = emulated_passes(logitkit.truncation_mask, row, **rules)
                 assert mask <= limit, (rules, r, mask)
                 drawn = emulated_passes(functools.partial(logitkit.sample, seed=1), row, **rules)
@@ -280,7 +283,7 @@ def test_emulated_passes_within_budget(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_typical_resolves_its_crossing_bin(backend, dtype):
     """typical's selection on CUDA stops at the first digit whose crossing bin holds at most
-    TYPICAL_CROSSING_CAPACITY candidates, and the write / draw pass gathers that bin's candidates
+    CROSSING_CAPACITY candidates, and the write / draw pass gathers that bin's candidates
     and finds d* among them (resolve_typical_crossing). Rows of 8000 logits, some of whose
     first-digit crossing bins hold more (so the second digit's is gathered), with ties of distance
     (bf16 values, a grid of quarters, a repeated value, a dense cluster that bf16 turns into one
@@ -288,7 +291,7 @@ def test_typical_resolves_its_crossing_bin(backend, dtype):
     typical after min-p: the mask, filter_logits and
     the sampler's token, log-prob and kept count equal the float64 reference. On the emulator the
     mask takes at most 4 passes (3 when the first digit's bin is gathered), 5 on a row whose
-    crossing bin is a tie group of more than TYPICAL_CROSSING_CAPACITY."""
+    crossing bin is a tie group of more than CROSSING_CAPACITY."""
     g = torch.Generator().manual_seed(5)
     x = rows(6, 8000, scale=0.5, seed=11)
     x[1, :2000] = 1.0 + 1e-3 * torch.randn(2000, generator=g)
@@ -304,16 +307,73 @@ def test_typical_resolves_its_crossing_bin(backend, dtype):
         dict(typical_p=0.7, min_p=0.05, temperature=1.0),
     ]
     for rules in rule_sets:
-        keep = references.truncation_mask(x, **rules)
-        assert torch.equal(logitkit.truncation_mask(backend.tensor(x), **rules).cpu(), keep), rules
-        got = logitkit.filter_logits(backend.tensor(x), filter_value=-7.0, **rules).cpu()
-        assert torch.equal(got, torch.where(keep, x, torch.tensor(-7.0, dtype=dtype))), rules
-        check_sampled_statistics(backend, x, rules)
+        check_mask_logits_and_draws(backend, x, rules)
     if backend.name == "emulated-cuda":
         passes = [emulated_passes(logitkit.truncation_mask, x[r : r + 1], **rule_sets[0]) for r in range(6)]
-        heavy_ties = [int(largest_tie_group(x[r]) > TYPICAL_CROSSING_CAPACITY) for r in range(6)]
-        assert all(p <= 4 + t * TYPICAL_TIE_PASS for p, t in zip(passes, heavy_ties)), passes
+        heavy_ties = [int(largest_tie_group(x[r]) > CROSSING_CAPACITY) for r in range(6)]
+        assert all(p <= 4 + t * CROSSING_TIE_PASS for p, t in zip(passes, heavy_ties)), passes
         assert 4 in passes, passes  # some row gathered its second digit's bin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_top_p_resolves_its_crossing_bin(backend, dtype):
+    """When no later rule reads top-p's kept sums (no typical, epsilon, eta), top-p's selection on
+    CUDA stops at the first digit whose crossing bin holds at most CROSSING_CAPACITY candidates,
+    and the write / draw pass gathers that bin and finds top-p's threshold among them, then the
+    final one with the other rules and the keep floor (resolve_crossing). Rows of 8000 logits,
+    some of whose first-digit crossing bins hold more (so the second digit's is gathered), with
+    ties (bf16 values, a grid of quarters, a tie group of 2000 at the top, a cluster), rule
+    sets where min-p, top-n-sigma, p-less or top-k move the threshold above top-p's and where
+    min_tokens_to_keep moves it below: the mask, filter_logits and the sampler's token, log-prob
+    and kept count equal the float64 reference; also where the key below the crossing bin scales
+    to the z of the bin's lowest key (T < 1). On the emulator the mask takes 2 passes when the
+    first digit's bin is gathered, 3 when the second's is, 4 when the crossing bin is a tie group
+    of more than CROSSING_CAPACITY."""
+    g = torch.Generator().manual_seed(6)
+    x = rows(6, 8000, scale=1.5, seed=12)
+    x[1, :3000] = 2.0 + 0.2 * torch.rand(3000, generator=g)  # one first-digit bin, bf16: 13 values
+    x[2] = torch.round(x[2] * 4.0) / 4.0
+    x[3, :2000] = 5.0  # one value above the rest, 2000 tokens
+    x[4] = x[4] * 4.0 - 3.0
+    x[5, :2000] = 1.0 + 1e-2 * torch.randn(2000, generator=g)  # bf16: ties of up to about 500
+    x = x.to(dtype)
+    rule_sets = [
+        dict(top_p=0.5, temperature=1.0),
+        dict(top_p=0.9, min_p=0.05, temperature=0.8),
+        dict(top_p=0.3, min_tokens_to_keep=700, temperature=1.0),
+        dict(top_k=3000, top_p=0.8, temperature=0.7),
+        dict(top_k=1000, top_p=0.99, min_tokens_to_keep=1500, temperature=1.0),  # top-k: k = 1500
+        dict(top_p=0.95, top_n_sigma=1.5, p_less=True, temperature=1.0),
+    ]
+    for rules in rule_sets:
+        check_mask_logits_and_draws(backend, x, rules)
+    # the crossing bin's lowest key (3.5 = 1.75 * 2) and the key below it scale to one z at
+    # T = 0.7: the token below would be decided without top-p's threshold, so CUDA's selection
+    # refines that bin instead of gathering it
+    inv_t = torch.tensor(1 / 0.7, dtype=torch.float32)
+    below = torch.nextafter(torch.tensor(3.5), torch.tensor(-math.inf))
+    assert below * inv_t == torch.tensor(3.5) * inv_t
+    y = rows(2, 1000, scale=1.0, seed=13)
+    y[:, 200:205] = ulp_ladder(3.5, 5)
+    y[:, 205] = below
+    for top_p in (0.02, 0.1, 0.2):
+        got = logitkit.truncation_mask(backend.tensor(y), temperature=0.7, top_p=top_p).cpu()
+        assert torch.equal(got, references.truncation_mask(y * inv_t, top_p=top_p)), top_p
+    if backend.name == "emulated-cuda":
+        passes = [emulated_passes(logitkit.truncation_mask, x[r : r + 1], **rule_sets[0]) for r in range(6)]
+        heavy_ties = [int(largest_tie_group(x[r]) > CROSSING_CAPACITY) for r in range(6)]
+        assert all(p <= 3 + t * CROSSING_TIE_PASS for p, t in zip(passes, heavy_ties)), passes
+        assert 2 in passes and 3 in passes, passes  # rows gathered the first and the second digit's bin
+
+
+def check_mask_logits_and_draws(backend, x: torch.Tensor, rules: dict) -> None:
+    """The mask and filter_logits equal the float64 reference's kept set, and the sampler's
+    draws agree with it (check_sampled_statistics)."""
+    keep = references.truncation_mask(x, **rules)
+    assert torch.equal(logitkit.truncation_mask(backend.tensor(x), **rules).cpu(), keep), rules
+    got = logitkit.filter_logits(backend.tensor(x), filter_value=-7.0, **rules).cpu()
+    assert torch.equal(got, torch.where(keep, x, torch.tensor(-7.0, dtype=x.dtype))), rules
+    check_sampled_statistics(backend, x, rules)
 
 
 def check_sampled_statistics(backend, x: torch.Tensor, rules: dict) -> None:
@@ -666,8 +726,8 @@ def test_gather_sizes_match_the_kernels():
     if _loader._C_emulated is None:
         pytest.skip("emulated-CUDA module not built")
     kernels = _loader._C_emulated
-    sizes = (kernels.gathered_top_k, kernels.gather_capacity, kernels.typical_crossing_capacity)
-    assert sizes == (GATHERED_TOP_K, GATHER_CAPACITY, TYPICAL_CROSSING_CAPACITY)
+    sizes = (kernels.gathered_top_k, kernels.gather_capacity, kernels.crossing_capacity)
+    assert sizes == (GATHERED_TOP_K, GATHER_CAPACITY, CROSSING_CAPACITY)
     assert GATHERED_TOP_K >= logitkit.filters.FUSED_TOP_H_MAX_COUNT  # Top-H's K candidates are gathered
 
 

@@ -205,6 +205,16 @@ LK_HOST_DEVICE bool uses_top_p(const FilterParams& p, float max_z) {
   return p.top_p < 1.0f && !p.greedy && max_z > neg_infinity() && max_z < pos_infinity();
 }
 
+// Whether top-p's cut may be left to the pass after its selection (the CUDA
+// kernels' crossing gather): no later rule reads top-p's kept sums (typical's
+// candidates, epsilon's and eta's renormalised K and H; filter_cut), so
+// filter_cut without top-p's threshold, t0, and the keep floor f give the
+// final threshold once top-p's, t_p, is known: min(f, max(A, t_p)) clamped to
+// m equals max(t0, min(f, t_p)) for t_p <= m (A: the other rules' largest).
+LK_HOST_DEVICE bool top_p_cut_may_wait(const FilterParams& p) {
+  return p.typical_p >= 1.0f && !(p.epsilon > 0.0f) && !(p.eta > 0.0f);
+}
+
 // top-p (transformers' TopPLogitsWarper) on the tokens ranked by z, with
 // weights e = exp(z - m) over the top-k survivors of total s: a token is kept
 // iff the mass of the tokens ranked strictly before it is < top_p * s. The

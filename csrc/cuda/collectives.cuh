@@ -115,6 +115,17 @@ LK_DEVICE inline T block_inclusive_scan(T value, T* scratch, T& total) {
   return warps_before + value;
 }
 
+// One tile (blockDim.x items, one per thread) of a running sum over a
+// sequence of tiles: returns carry + the block's inclusive scan of w up to
+// this thread (block_inclusive_scan), and adds the tile's total to carry (the
+// same in every thread). A block collective; sums in the same order every run.
+LK_DEVICE inline float running_sum_over_tile(float w, float& carry, float* scratch) {
+  float tile_total;
+  const float running = carry + block_inclusive_scan(w, scratch, tile_total);
+  carry += tile_total;
+  return running;
+}
+
 // The draw of the sampling kernels: inverse CDF over per-token weights w_i,
 // tile by tile (blockDim.x tokens): a block-wide inclusive scan of w on top of
 // the mass of the tiles before; the token is the first one of positive weight
@@ -137,17 +148,21 @@ LK_DEVICE inline int64_t block_inverse_cdf_draw(int64_t cols, float target, Weig
     const int64_t i = base + threadIdx.x;
     const float w = weight(i, i < cols);
     if (w > 0.0f) last_positive = i;
-    float tile_mass;
-    const float running = before + block_inclusive_scan(w, mass_scratch, tile_mass);
+    const float running = running_sum_over_tile(w, before, mass_scratch);
     const bool crosses = w > 0.0f && running > target;
     const int64_t first = block_reduce(crosses ? i : kNoIndex, min_index, kNoIndex, index_scratch);
     found = first == kNoIndex ? kNone : first;
-    before += tile_mass;
   }
   // block-uniform: every thread left the loop at the same tile
   if (found == kNone) found = block_reduce(last_positive, max_index, kNone, index_scratch);
   return found;
 }
+
+// block_bitonic_sort's order for orderable keys (core::orderable_key), largest
+// first: a descending value order.
+struct LargerKeyFirst {
+  LK_DEVICE bool operator()(uint32_t a, uint32_t b) const { return a > b; }
+};
 
 // Sorts handles[0, n) in shared memory (n <= INT_MAX / 2) so that no handle
 // comes after one it is `before` (a strict weak order over handles: keys
@@ -219,10 +234,8 @@ LK_DEVICE inline int first_group_reaching(int n, float carry, Weight weight, Sta
   for (int base = 0; base < n; base += static_cast<int>(blockDim.x)) {  // block-uniform
     const int r = base + static_cast<int>(threadIdx.x);
     const float weight_before = r > 0 && r < n ? weight(r - 1) : 0.0f;
-    float tile_total;
-    const float mass_before = carry + block_inclusive_scan(weight_before, mass_scratch, tile_total);
+    const float mass_before = running_sum_over_tile(weight_before, carry, mass_scratch);
     if (r < n && first == n && starts_group(r) && reached(mass_before, r)) first = r;
-    carry += tile_total;
   }
   return static_cast<int>(
       block_reduce(first, [](int64_t a, int64_t b) { return a < b ? a : b; }, static_cast<int64_t>(n), index_scratch));

@@ -43,15 +43,21 @@
 //            walk over the first digit, then 0 to 2 digit passes, stopping
 //            at the first digit whose failing bin holds one token. It gives
 //            top-p's threshold and the kept K, D that epsilon / eta
-//            (core::filter_cut) use.
+//            (core::filter_cut) use. When no later rule reads those
+//            (core::top_p_cut_may_wait: no typical, epsilon, eta), the
+//            selection also stops at a crossing bin of at most
+//            kCrossingCapacity candidates, which pass 2 gathers and
+//            resolve_crossing resolves after it (as for typical below):
+//            0 to 1 digit passes (2 when the second digit's crossing bin
+//            holds more, e.g. a tie group).
 //   typical  only for a row with typical_p < 1 (typical_passes): the
 //            radix selection again, keyed on -|z - c| (1 or 2 digit passes,
 //            the first included; 3 when the second digit's crossing bin
-//            holds more than kTypicalCrossingCapacity candidates), after one pass for
+//            holds more than kCrossingCapacity candidates), after one pass for
 //            the candidates' sums when no earlier pass summed them: the
 //            cut's center and radius. The selection stops at a crossing bin
-//            of at most kTypicalCrossingCapacity candidates, which pass 2 (mask or
-//            sample) gathers (weight_or_gather) and resolve_typical_crossing
+//            of at most kCrossingCapacity candidates, which pass 2 (mask or
+//            sample) gathers (weight_or_gather) and resolve_crossing
 //            resolves after it. Over the gathered survivors: no pass
 //            (gathered_typical).
 //   mask     pass 2 writes the kept test (core::kept_weight). -> 2 passes
@@ -117,16 +123,23 @@ struct RowFilterStorage {
   int top_h_split_rank;
   int top_h_prefix_count;
   int top_h_ties_at_kth;
-  // typical's crossing bin left to the write / draw pass
-  // (s.radix.crossing_pending; typical_passes): the limit of its walk, the bin's candidates gathered so
-  // far (weight_or_gather: index, z and weight in s.radix.survivors' key,
-  // ranked_z and ranked_e), then (resolve_typical_crossing) how many of them
-  // are kept (the first ones in distance order, their slots in
-  // s.radix.survivors.ranked_key) and the radius d*.
+  // typical's or top-p's crossing bin left to the write / draw pass
+  // (s.radix.crossing_pending; typical_passes, top_p_passes): which rule's, its
+  // walk's limit, the bin's candidates (z >= crossing_candidate_z, weight > 0)
+  // gathered so far (weight_or_gather: index, z and weight in
+  // s.radix.survivors' key, ranked_z and ranked_e), the threshold of the
+  // tokens below the bin (top-p: the keep floor; typical: none kept), then
+  // (resolve_crossing) how many of them are kept (the first ones in the
+  // rule's order, their slots in s.radix.survivors.ranked_key) and the
+  // radius d* (typical) or threshold (top-p) it found.
+  bool crossing_by_distance;  // typical (DistanceKey), else top-p (the logit's key)
   core::TypicalLimit typical_limit;
+  float top_p_limit;
+  float crossing_candidate_z;
+  float crossing_below_z;
   int crossing_gathered;
   int crossing_kept;
-  float crossing_radius;
+  float crossing_cut;
 };
 
 // At most 512 threads per block, and the kernels declare at least 2 blocks
@@ -154,10 +167,16 @@ LK_DEVICE inline float lowest_kept_value(const Cut& cut) {
 
 // top-p's threshold and kept sums for a row whose pass-1 state is st and
 // whose first digit pass 1 built (`mine`: this thread's top bin; see the top;
-// block-uniform: every thread has the same st).
+// block-uniform: every thread has the same st). With may_gather_crossing
+// (core::top_p_cut_may_wait; not after Top-H), the selection may stop at a
+// crossing bin of at most kCrossingCapacity candidates
+// (s.radix.crossing_pending): the threshold is then -inf, the kept sums
+// unknown, and the write / draw pass gathers the bin (weight_or_gather) for
+// resolve_crossing.
 template <class scalar_t>
 LK_DEVICE inline core::TopPCut top_p_passes(const scalar_t* x, int64_t cols, const core::FilterParams& p,
-                                            const core::FilterState& st, const TopBinState& mine, RowFilterStorage& s) {
+                                            const core::FilterState& st, const TopBinState& mine,
+                                            bool may_gather_crossing, RowFilterStorage& s) {
   const float m = st.sm.max;
   const bool built = p.top_p < 1.0f && !p.greedy;  // pass 1 built the first digit
   // B*, the bin of the row max with all its tokens (a block collective: before any return).
@@ -168,9 +187,18 @@ LK_DEVICE inline core::TopPCut top_p_passes(const scalar_t* x, int64_t cols, con
             : empty_top_bin();
   if (!core::uses_top_p(p, m)) return core::no_top_p_cut(st);
   rescale_first_digit_bins<TopPPredicate::kFixedPointSums>(s.radix, FirstDigit{st.sm, mine, best}, p.inv_temperature);
+  const TopPPredicate pred{core::top_p_mass_limit(p.top_p, st.sm.sum_exp), may_gather_crossing};
+  if (threadIdx.x == 0) {  // (published by the selection's barriers)
+    s.crossing_by_distance = false;
+    s.top_p_limit = pred.limit;
+    s.crossing_candidate_z = p.top_k_z;
+    s.crossing_below_z = core::scaled_logit(p.keep_floor, p.inv_temperature);
+    s.crossing_gathered = 0;
+  }
   __syncthreads();
-  const TopPPredicate pred{core::top_p_mass_limit(p.top_p, st.sm.sum_exp)};
   radix_select<Selection::exact>(x, cols, pred, m, p.inv_temperature, p.top_k_z, s.radix, nullptr);
+  // pending: no threshold yet (resolve_crossing finds it after the next pass)
+  if (s.radix.crossing_pending) return core::TopPCut{core::neg_infinity(), 0.0f, 0.0f};
   // The lowest kept key as a logit is the threshold (-inf: no cut).
   const float x_cut = lowest_kept_value(s.radix.cut);
   return core::TopPCut{core::scaled_logit(x_cut, p.inv_temperature), s.radix.cut.mass, s.radix.kept_shifted};
@@ -208,11 +236,11 @@ struct AddKeptSums {
 // distance -|z - c| (DistanceKey, TypicalPredicate): 1 to 3 digit passes, the
 // first one included (pass 1 could not build it: c was not known), stopping
 // at the first digit whose crossing bin holds one token, or (below the last
-// digit) at most kTypicalCrossingCapacity candidates. In the first case the lowest kept
+// digit) at most kCrossingCapacity candidates. In the first case the lowest kept
 // key is -d*: cut.center and cut.radius. In the second, s.radix.crossing_pending: the
 // radius stays +inf, and the write / draw pass decides every candidate by its
 // distance key, gathering the crossing bin's (weight_or_gather), after which
-// resolve_typical_crossing finds d* among them.
+// resolve_crossing finds d* among them.
 template <class scalar_t>
 LK_DEVICE inline void typical_passes(const scalar_t* x, int64_t cols, const core::FilterParams& p,
                                      const core::TopPCut& top_p, RowFilterStorage& s, core::FilterCut& cut) {
@@ -226,7 +254,10 @@ LK_DEVICE inline void typical_passes(const scalar_t* x, int64_t cols, const core
   const float center = core::typical_center(cut.max, candidates.mass, candidates.shifted);
   const TypicalPredicate pred{core::typical_limit(p, candidates.mass)};
   if (threadIdx.x == 0) {  // (published by the selection's barriers)
+    s.crossing_by_distance = true;
     s.typical_limit = pred.limit;
+    s.crossing_candidate_z = cut.threshold;
+    s.crossing_below_z = core::pos_infinity();
     s.crossing_gathered = 0;
   }
   radix_select<Selection::exact>(x, cols, pred, cut.max, p.inv_temperature, cut.threshold, s.radix, nullptr, false,
@@ -237,24 +268,32 @@ LK_DEVICE inline void typical_passes(const scalar_t* x, int64_t cols, const core
 }
 
 // A token's kept weight in the write / draw pass (i: its index, xv: its
-// logit). Without s.radix.crossing_pending, kept_weight under the cut. With it (the
-// cut's radius is then +inf), a candidate (weight w > 0 under the other
-// rules) is decided by its distance key k = key(-|z - c|), as the selection
-// left it: kept when k >= the crossing bin's keys (closer to c), dropped below
-// them; a candidate of the bin weighs 0 for now and is gathered (index, z, w)
-// for resolve_typical_crossing. The selection counted exactly these
-// candidates (digit_pass: z >= cut.threshold, exp(z - m) > 0), at most
-// kTypicalCrossingCapacity.
+// logit). Without s.radix.crossing_pending, kept_weight under the cut. With
+// it, a token is placed by its key as the selection left it (typical: the
+// distance key k = key(-|z - c|), the cut's radius then +inf; top-p: the
+// logit's key, the cut's threshold then the other rules' alone): above the
+// crossing bin, kept_weight under the cut; in it, a candidate
+// (z >= s.crossing_candidate_z: typical's candidates, top-k's survivors) of
+// weight > 0 weighs 0 for now and is gathered (index, z, w) for
+// resolve_crossing; below it, or not a candidate, kept iff
+// z >= s.crossing_below_z (typical: never; top-p: where the keep floor
+// reaches it, since its z lies below top-p's threshold t_p, see
+// core::top_p_cut_may_wait). The selection counted at least the bin's
+// candidates (digit_pass: z >= its floor, exp(z - m) > 0; pass 1: the top-k
+// survivors), at most kCrossingCapacity.
 LK_DEVICE inline float weight_or_gather(const core::FilterCut& cut, float xv, int64_t i, float inv_t, bool pending,
                                         RowFilterStorage& s) {
-  const float w = core::kept_weight(cut, xv, inv_t);
-  if (!pending || w == 0.0f) return w;
+  if (!pending) return core::kept_weight(cut, xv, inv_t);
   const float z = core::scaled_logit(xv, inv_t);
-  const uint32_t key = DistanceKey{cut.center}(xv, z);
-  if (key >= s.radix.cut.full_from) return w;
-  if (key >= s.radix.cut.tie_key) {  // the crossing bin's lowest key
+  const uint32_t key = s.crossing_by_distance ? DistanceKey{cut.center}(xv, z) : core::orderable_key(xv);
+  if (key >= s.radix.cut.full_from) return core::kept_weight(cut, xv, inv_t);
+  const float w = core::exp_of(z - cut.max);
+  if (key < s.radix.cut.tie_key || !(z >= s.crossing_candidate_z)) {  // (tie_key: the bin's lowest key)
+    return z >= s.crossing_below_z ? w : 0.0f;
+  }
+  if (w > 0.0f) {
     const int slot = atomicAdd(&s.crossing_gathered, 1);
-    if (slot < kGatherCapacity) {
+    if (slot < kCrossingCapacity) {
       s.radix.survivors.key[slot] = static_cast<uint32_t>(i);  // (rows are shorter than 2^31)
       s.radix.survivors.ranked_z[slot] = z;
       s.radix.survivors.ranked_e[slot] = w;
@@ -263,43 +302,104 @@ LK_DEVICE inline float weight_or_gather(const core::FilterCut& cut, float xv, in
   return 0.0f;
 }
 
-// After the pass that gathered typical's crossing bin (a block collective;
-// s.radix.crossing_pending): its n candidates' slots sorted by distance key,
-// closest first, ties by token index, into s.radix.survivors.ranked_key (the
-// order, not the gather's timing, sets the sums below); then, as the radix
-// walk would have gone on, a candidate is kept iff the candidates strictly
-// closer to c (the bin's closer ones and those above the bin,
-// s.radix.above) have not reached the limit, so the crossing one and its
-// ties are kept (first_group_reaching over the sorted slots). Sets
-// crossing_kept (the kept ones come first in that order) and returns the
-// radius d*, the largest kept distance. The first candidate is always kept:
-// the walk found the totals above the bin short of the limit.
-LK_DEVICE inline float resolve_typical_crossing(float center, RowFilterStorage& s) {
-  __syncthreads();  // the gather is complete
-  const int gathered = s.crossing_gathered;
-  const int n = gathered < kGatherCapacity ? gathered : kGatherCapacity;
-  auto& bin = s.radix.survivors;
-  auto key_of = [&](uint32_t a) { return core::orderable_key(-core::typical_distance(bin.ranked_z[a], center)); };
-  for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x)) bin.ranked_key[a] = a;
-  block_bitonic_sort(n, bin.ranked_key, [&](uint32_t a, uint32_t b) {  // closer to c first (the larger key)
+// typical's cut over n candidates in slots 0 .. n-1 (a block collective):
+// sorts the slots closest to c first (the larger distance key
+// key_of(slot) = key(-|z - c|) first, equal keys by tie_before) into
+// `order`; then, as TypicalPredicate's walk keeps them, a candidate is kept
+// iff the candidates strictly closer to c (the closer slots and `closer`, the
+// mass and count of candidates closer than every slot) have not reached the
+// limit (core::typical_reached), so the crossing candidate and its ties are
+// kept (first_group_reaching). The kept slots are order[0, count); the radius
+// d* is the largest kept distance, the last kept one's (-inf if none).
+struct TypicalKept {
+  int count;
+  float radius;
+};
+
+template <class KeyOf, class TieBefore>
+LK_DEVICE inline TypicalKept typical_cut_over_slots(int n, float center, const float* z, const float* weight,
+                                                    KeyOf key_of, TieBefore tie_before, const core::KeptSums& closer,
+                                                    const core::TypicalLimit& limit, uint32_t* order,
+                                                    RowFilterStorage& s) {
+  for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x)) order[a] = a;
+  block_bitonic_sort(n, order, [&](uint32_t a, uint32_t b) {
     const uint32_t key_a = key_of(a), key_b = key_of(b);
-    return key_a > key_b || (key_a == key_b && bin.key[a] < bin.key[b]);
+    return key_a > key_b || (key_a == key_b && tie_before(a, b));
   });
-  const float above_count = static_cast<float>(s.radix.above.count);
   const int kept = first_group_reaching(
-      n, s.radix.above.e, [&](int r) { return bin.ranked_e[bin.ranked_key[r]]; },
-      [&](int r) { return r == 0 || key_of(bin.ranked_key[r - 1]) != key_of(bin.ranked_key[r]); },
+      n, closer.mass, [&](int r) { return weight[order[r]]; },
+      [&](int r) { return r == 0 || key_of(order[r - 1]) != key_of(order[r]); },
       [&](float closer_mass, int r) {
-        return core::typical_reached(closer_mass, above_count + static_cast<float>(r), s.typical_limit);
+        return core::typical_reached(closer_mass, closer.count + static_cast<float>(r), limit);
       },
       s.mass_scratch, s.index_scratch);
-  if (threadIdx.x == 0) {
-    s.crossing_kept = kept;
-    s.crossing_radius =
-        kept > 0 ? core::typical_distance(bin.ranked_z[bin.ranked_key[kept - 1]], center) : core::neg_infinity();
+  return TypicalKept{kept, kept > 0 ? core::typical_distance(z[order[kept - 1]], center) : core::neg_infinity()};
+}
+
+// After the pass that gathered the crossing bin (a block collective;
+// s.radix.crossing_pending): the rule's cut among its n candidates, which
+// sets crossing_kept (the kept ones' slots come first in
+// s.radix.survivors.ranked_key) and the cut the draw tests (returned).
+// - typical: typical_cut_over_slots, the distance keys computed from z in
+//   every compare (all four survivor arrays are in use), ties by token index
+//   (the order, not the gather's timing, sets the sums), the candidates above
+//   the bin (s.radix.above) closer than all of them; the radius d*. The first
+//   candidate is always kept: the walk found the totals above the bin short
+//   of the limit.
+// - top-p: the slots sorted by z, largest first, ties by token index; top-p's
+//   walk goes on over them from the mass above the bin (first_group_reaching:
+//   the crossing token and its ties are kept, as TopPPredicate keeps them),
+//   giving top-p's threshold t_p, the last kept z; the final threshold is
+//   max(t0, min(f, t_p)) (core::top_p_cut_may_wait; t0: the cut's threshold
+//   without top-p, f: the keep floor), which keeps a prefix of that order.
+LK_DEVICE inline core::FilterCut resolve_crossing(core::FilterCut cut, RowFilterStorage& s) {
+  __syncthreads();  // the gather is complete
+  const int gathered = s.crossing_gathered;
+  const int n = gathered < kCrossingCapacity ? gathered : kCrossingCapacity;
+  auto& bin = s.radix.survivors;  // key: the token index, ranked_z: z, ranked_e: the weight
+  if (s.crossing_by_distance) {   // block-uniform
+    const float center = cut.center;
+    const core::KeptSums closer{s.radix.above.e, 0.0f, static_cast<float>(s.radix.above.count)};
+    const TypicalKept kept = typical_cut_over_slots(
+        n, center, bin.ranked_z, bin.ranked_e,
+        [&](uint32_t a) { return core::orderable_key(-core::typical_distance(bin.ranked_z[a], center)); },
+        [&](uint32_t a, uint32_t b) { return bin.key[a] < bin.key[b]; }, closer, s.typical_limit, bin.ranked_key, s);
+    if (threadIdx.x == 0) {
+      s.crossing_kept = kept.count;
+      s.crossing_cut = kept.radius;
+    }
+  } else {
+    uint32_t* order = bin.ranked_key;
+    for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x)) order[a] = a;
+    block_bitonic_sort(n, order, [&](uint32_t a, uint32_t b) {  // larger z first, ties by token index
+      return bin.ranked_z[a] > bin.ranked_z[b] || (bin.ranked_z[a] == bin.ranked_z[b] && bin.key[a] < bin.key[b]);
+    });
+    const float limit = s.top_p_limit;
+    const int top_p_kept = first_group_reaching(
+        n, s.radix.above.e, [&](int r) { return bin.ranked_e[order[r]]; },
+        [&](int r) { return r == 0 || bin.ranked_z[order[r - 1]] > bin.ranked_z[order[r]]; },
+        [&](float mass_before, int) { return core::top_p_reached(mass_before, limit); }, s.mass_scratch,
+        s.index_scratch);
+    // (top_p_kept is never 0: the walk found the mass above the bin short of the limit)
+    const float top_p_z = top_p_kept > 0 ? bin.ranked_z[order[top_p_kept - 1]] : cut.max;
+    const float floor_z = s.crossing_below_z;
+    const float threshold = core::max_of(cut.threshold, floor_z < top_p_z ? floor_z : top_p_z);
+    int64_t mine = 0;  // the kept candidates: z >= threshold, a prefix of the order
+    for (int r = static_cast<int>(threadIdx.x); r < n; r += static_cast<int>(blockDim.x))
+      mine += bin.ranked_z[order[r]] >= threshold ? 1 : 0;
+    const int64_t kept = block_reduce(mine, [](int64_t a, int64_t b) { return a + b; }, int64_t{0}, s.index_scratch);
+    if (threadIdx.x == 0) {
+      s.crossing_kept = static_cast<int>(kept);
+      s.crossing_cut = threshold;
+    }
   }
   __syncthreads();
-  return s.crossing_radius;
+  if (s.crossing_by_distance) {
+    cut.radius = s.crossing_cut;
+  } else {
+    cut.threshold = s.crossing_cut;
+  }
+  return cut;
 }
 
 // The k-th largest logit x of the row (k < cols; a block collective): Top-H's
@@ -353,14 +453,6 @@ LK_DEVICE inline int gather_keys(const scalar_t* x, int64_t cols, RowFilterStora
   return s.gathered_count;
 }
 
-// Whether the tokens just below key (x one key lower) also reach z_k: z = x *
-// (1/T) rounds distinct x to one float (T < 1, adjacent floats). A survivor
-// list of the keys >= key then misses them (keep_last_digit_survivors,
-// kth_largest_of_gathered_range). A NaN z below never reaches z_k.
-LK_DEVICE inline bool key_below_reaches(uint32_t key, float z_k, float inv_t) {
-  return key > 0u && core::scaled_logit(core::key_to_float(key - 1u), inv_t) >= z_k;
-}
-
 // Right after top-k's selection (a block collective): when its last digit
 // resolved the k-th largest key x_k, the survivors' keys are known without a
 // gather pass: the keys above the last candidate range (gathered by that
@@ -402,7 +494,7 @@ LK_DEVICE inline void keep_last_digit_survivors(float inv_t, bool top_h, RowFilt
 LK_DEVICE inline void rank_gathered(int n, float inv_t, RowFilterStorage& s, int64_t select_rank = -1) {
   auto& bin = s.radix.survivors;
   for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x)) bin.ranked_key[a] = bin.key[a];
-  block_bitonic_sort(n, bin.ranked_key, [](uint32_t a, uint32_t b) { return a > b; });
+  block_bitonic_sort(n, bin.ranked_key, LargerKeyFirst{});
   for (int rank = static_cast<int>(threadIdx.x); rank < n; rank += static_cast<int>(blockDim.x)) {
     const float x = core::key_to_float(bin.ranked_key[rank]);
     bin.ranked_z[rank] = core::scaled_logit(x, inv_t);
@@ -637,15 +729,10 @@ LK_DEVICE inline core::TopPCut gathered_top_p(int n, float m, float limit, RowFi
 // typical over the n ranked survivors (instead of typical_passes: no pass
 // over the row): the candidates z >= cut.threshold are a prefix of the
 // ranking; their K, D (from top-p's or pass 1's sums when the threshold is
-// theirs, else summed here), the center c = m + D / K, then each candidate's
-// distance |z - c| as an orderable key of -distance in s.radix.survivors.key
-// (free after rank_gathered), and the candidates' ranks sorted by that key,
-// closest first, into s.radix.survivors.ranked_key (free after
-// top_h_prefix). A candidate is kept iff the candidates strictly closer to c
-// have not reached the limit (core::typical_reached: mass typical_p * K and
-// min_tokens_to_keep), the walk's rule over TypicalPredicate: the crossing
-// token and its ties are kept (first_group_reaching). The radius is the
-// largest kept distance, the last kept one's.
+// theirs, else summed here), the center c = m + D / K, then typical's cut over
+// them (typical_cut_over_slots): their distance keys stored in
+// s.radix.survivors.key (free after rank_gathered), ties by rank, their ranks
+// sorted into s.radix.survivors.ranked_key (free after top_h_prefix).
 LK_DEVICE inline void gathered_typical(int n, const core::FilterParams& p, const core::TopPCut& top_p,
                                        RowFilterStorage& s, core::FilterCut& cut) {
   auto& bin = s.radix.survivors;
@@ -667,30 +754,23 @@ LK_DEVICE inline void gathered_typical(int n, const core::FilterParams& p, const
     sums = block_reduce(mine, AddKeptSums{}, core::KeptSums{0.0f, 0.0f, 0.0f}, s.sums_scratch);
   }
   const float center = core::typical_center(cut.max, sums.mass, sums.shifted);
-  const core::TypicalLimit limit = core::typical_limit(p, sums.mass);
-  for (int a = static_cast<int>(threadIdx.x); a < candidates; a += static_cast<int>(blockDim.x)) {
+  for (int a = static_cast<int>(threadIdx.x); a < candidates; a += static_cast<int>(blockDim.x))
     bin.key[a] = core::orderable_key(-core::typical_distance(bin.ranked_z[a], center));
-    bin.ranked_key[a] = a;
-  }
-  block_bitonic_sort(candidates, bin.ranked_key, [&](uint32_t a, uint32_t b) {  // closer first, ties by rank
-    return bin.key[a] > bin.key[b] || (bin.key[a] == bin.key[b] && a < b);
-  });
-  const uint32_t* closest_first = bin.ranked_key;
-  const int kept = first_group_reaching(
-      candidates, 0.0f, [&](int r) { return bin.ranked_e[closest_first[r]]; },
-      [&](int r) { return r == 0 || bin.key[closest_first[r - 1]] != bin.key[closest_first[r]]; },
-      [&](float closer_mass, int r) { return core::typical_reached(closer_mass, static_cast<float>(r), limit); },
-      s.mass_scratch, s.index_scratch);
+  const TypicalKept kept = typical_cut_over_slots(
+      candidates, center, bin.ranked_z, bin.ranked_e, [&](uint32_t a) { return bin.key[a]; },
+      [](uint32_t a, uint32_t b) { return a < b; }, core::KeptSums{0.0f, 0.0f, 0.0f}, core::typical_limit(p, sums.mass),
+      bin.ranked_key, s);
   cut.center = center;
-  cut.radius = kept > 0 ? core::typical_distance(bin.ranked_z[closest_first[kept - 1]], center) : core::neg_infinity();
+  cut.radius = kept.radius;
 }
 
 // Pass 1 (and top-p's and typical's passes): the row's cut (the same in every thread).
 template <class scalar_t>
 LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols, const float* param_row,
                                                  const core::FilterParams& decoded, RowFilterStorage& s) {
-  // typical's crossing left to pass 2 (typical_passes' selection sets it; every
-  // other selection resets it). Published by the barriers of every path below.
+  // typical's or top-p's crossing left to pass 2 (typical_passes' or
+  // top_p_passes' selection sets it; every other selection resets it).
+  // Published by the barriers of every path below.
   if (threadIdx.x == 0) s.radix.crossing_pending = false;
   const core::RankCounts ranks = core::rank_counts(decoded, cols);
   const bool top_h = core::uses_top_h(decoded, cols);  // block-uniform
@@ -746,7 +826,7 @@ LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols
       }
     }
     st = block_filter_state(st, s);
-    top_p = top_p_passes(x, cols, p, st, mine, s);
+    top_p = top_p_passes(x, cols, p, st, mine, !top_h && core::top_p_cut_may_wait(p), s);
   }
   // The rules' parameters decoded again from the table (and the selected
   // ranks' logits read back): kept live across top-p's passes, two of them
@@ -806,11 +886,11 @@ __global__ void __launch_bounds__(kMaxFilterThreads, 2)
       const float xv = load_logit(x, i);
       keep = weight_or_gather(cut, xv, i, p.inv_temperature, pending, s) > 0.0f && (!top_h || top_h_keeps(s, xv, i));
     }
-    write(i, keep);  // (typical's gathered candidates: rewritten below)
+    write(i, keep);  // (the crossing bin's gathered candidates: rewritten below)
   }
   if (pending) {
-    resolve_typical_crossing(cut.center, s);
-    const int n = s.crossing_gathered < kGatherCapacity ? s.crossing_gathered : kGatherCapacity;
+    resolve_crossing(cut, s);
+    const int n = s.crossing_gathered < kCrossingCapacity ? s.crossing_gathered : kCrossingCapacity;
     for (int r = static_cast<int>(threadIdx.x); r < n; r += static_cast<int>(blockDim.x)) {
       write(s.radix.survivors.key[s.radix.survivors.ranked_key[r]], r < s.crossing_kept);
     }
@@ -841,12 +921,13 @@ LK_DEVICE inline int64_t kept_sums_and_draw(const scalar_t* x, int64_t cols, cor
   sums = block_reduce(mine, AddKeptSums{}, core::KeptSums{0.0f, 0.0f, 0.0f},
                       s.sums_scratch);  // its barriers publish share_mass too
   if (pending) {
-    // typical's kept candidates of the crossing bin join the sums and their
-    // warps' shares, and the radius d* the draw's test. Each warp adds the
+    // The crossing bin's kept candidates join the sums and their warps'
+    // shares, and the resolved cut (typical's radius d*, top-p's threshold)
+    // the draw's test. Each warp adds the
     // kept candidates of its own share (its lanes over them in sorted order,
     // then a warp reduction), the block all of them (a block reduction):
     // fixed orders, so the sums do not depend on the gather's timing.
-    cut.radius = resolve_typical_crossing(cut.center, s);
+    cut = resolve_crossing(cut, s);
     const auto& bin = s.radix.survivors;
     const int kept = s.crossing_kept;
     float own_share = 0.0f;

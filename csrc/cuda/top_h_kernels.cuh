@@ -119,12 +119,12 @@ constexpr uint32_t kLastDigitMask = (1u << kLastDigitBits) - 1u;
 // array (16 KiB).
 constexpr int kGatherCapacity = 1024;
 
-// typical's selection stops at a crossing bin of at most this many candidates,
-// which the write / draw pass gathers (TypicalPredicate::kGathersCrossing) and
-// sorts (block_bitonic_sort: at 1024 candidates and 512 threads, 55 steps of
-// one compare per thread, each computing two distance keys; about a tenth of
-// a digit pass's time, docs/sampling.md). The whole capacity.
-constexpr int kTypicalCrossingCapacity = kGatherCapacity;
+// typical's and top-p's selections stop at a crossing bin of at most this many
+// candidates, which the write / draw pass gathers (kGathersCrossing) and sorts
+// (block_bitonic_sort: at 1024 candidates and 512 threads, 55 steps of one
+// compare per thread, each computing two distance keys for typical; about a
+// tenth of a digit pass's time, docs/sampling.md). The whole capacity.
+constexpr int kCrossingCapacity = kGatherCapacity;
 
 LK_DEVICE inline int digit_shift(int level) { return level == 0 ? 21 : (level == 1 ? kLastDigitBits : 0); }
 LK_DEVICE inline int digit_bits(int level) { return level == kDigitCount - 1 ? kLastDigitBits : 11; }
@@ -243,7 +243,7 @@ struct TopHStorage {
   // larger Cut made ptxas spill in top_h_mask_kernel.
   float kept_shifted;
   // The walk stopped at a crossing bin left to the caller (kGathersCrossing:
-  // typical): keys >= cut.full_from are kept, the cut lies among the bin's
+  // typical, top-p): keys >= cut.full_from are kept, the cut lies among the bin's
   // cut.tie_total candidates of keys in [cut.tie_key, cut.full_from), and
   // s.above holds the totals of the candidates above the bin.
   bool crossing_pending;
@@ -322,18 +322,39 @@ struct EntropyPredicate {
   }
 };
 
+// Whether the tokens just below key (x one key lower) also reach z_k: z = x *
+// (1/T) rounds distinct x to one float (T < 1, adjacent floats). A survivor
+// list of the keys >= key then misses them (keep_last_digit_survivors,
+// kth_largest_of_gathered_range), and top-p's crossing bin of lowest key
+// `key` may not be gathered (TopPPredicate::gathers_crossing). A NaN z below
+// never reaches z_k.
+LK_DEVICE inline bool key_below_reaches(uint32_t key, float z_k, float inv_t) {
+  return key > 0u && core::scaled_logit(core::key_to_float(key - 1u), inv_t) >= z_k;
+}
+
 // The sampler family's top-p (core::top_p_reached; row_filters_kernels.cuh):
 // the first bin whose inclusion brings the mass to the limit holds the
 // crossing token, which is kept (the mass above it is below the limit), so a
 // failing bin of one token is kept whole, and at the last digit the whole tie
 // group is kept. Bins hold (count, sum e, sum d e) over the top-k survivors.
+// When no later rule needs top-p's kept sums (core::top_p_cut_may_wait), a
+// crossing bin of 2 to kCrossingCapacity candidates below the last digit ends
+// the selection (gathers_crossing, as TypicalPredicate's), unless a token
+// below the bin may scale to the z of one in it (key_below_reaches: the
+// pass that gathers the bin decides the tokens below it without top-p's
+// threshold, so their z must lie below it).
 struct TopPPredicate {
   static constexpr bool kSums = true;
   static constexpr bool kFixedPointSums = true;  // see FixedPointBins
   static constexpr bool kKeptShifted = true;     // also sum (z - m) e of the kept set (TopHStorage::kept_shifted)
   static constexpr bool kKeepsCrossing = true;   // the token that reaches the limit is kept
-  static constexpr bool kGathersCrossing = false;
+  static constexpr bool kGathersCrossing = true;
   float limit;  // top_p * s
+  bool may_gather_crossing;
+  LK_DEVICE bool gathers_crossing(uint32_t lowest_key, float inv_t) const {
+    return may_gather_crossing &&
+           !key_below_reaches(lowest_key, core::scaled_logit(core::key_to_float(lowest_key), inv_t), inv_t);
+  }
   LK_DEVICE bool exceeds(const BinTotals& t) const { return core::top_p_reached(t.e, limit); }
   LK_DEVICE bool bin_fully_dropped(const BinTotals&, int64_t) const { return false; }
   LK_DEVICE bool bin_fully_kept(int64_t bin_count) const { return bin_count == 1; }
@@ -346,7 +367,7 @@ struct TopPPredicate {
 // distances): like top-p, the crossing token and its ties are kept. Bins
 // hold (count, sum e, sum d e) of the candidates; only the cut's keys are
 // used (the Cut's mass, computed from a key as if it were a logit, is not).
-// Below the last digit, a crossing bin of 2 to kTypicalCrossingCapacity candidates
+// Below the last digit, a crossing bin of 2 to kCrossingCapacity candidates
 // ends the selection too (kGathersCrossing; TopHStorage::crossing_pending):
 // the caller's next pass gathers that bin's candidates and resolves the cut
 // among them (row_filters_kernels.cuh), which saves the remaining digit passes.
@@ -357,6 +378,7 @@ struct TypicalPredicate {
   static constexpr bool kKeepsCrossing = true;
   static constexpr bool kGathersCrossing = true;
   core::TypicalLimit limit;
+  LK_DEVICE bool gathers_crossing(uint32_t, float) const { return true; }
   LK_DEVICE bool exceeds(const BinTotals& t) const {
     return core::typical_reached(t.e, static_cast<float>(t.count), limit);
   }
@@ -697,6 +719,17 @@ LK_DEVICE __forceinline__ bool resolve_in_bin(const Predicate& pred, int level, 
   return false;
 }
 
+// Whether a predicate's walk may stop at a crossing bin left to the caller.
+// (lowest_key: the crossing bin's lowest key.)
+template <class Predicate>
+LK_DEVICE inline bool gathers_crossing(const Predicate& pred, uint32_t lowest_key, float inv_t) {
+  if constexpr (Predicate::kGathersCrossing) {
+    return pred.gathers_crossing(lowest_key, inv_t);
+  } else {
+    return false;
+  }
+}
+
 // The radix-selection step after one digit's histogram (thread 0): walks the
 // bins from the top. s.above holds the totals of the tokens above the current
 // candidate range and is updated to the tokens above the failing bin, whose
@@ -750,7 +783,7 @@ LK_DEVICE inline void walk(const Predicate& pred, int level, float m, float inv_
     if (resolve_in_bin(pred, level, bin_prefix, s.bin_count[b], s.above, bin_e, bin_d, m, inv_t, s.cut,
                        s.kept_shifted)) {
       s.cut.done = level + 1;
-    } else if (Predicate::kGathersCrossing && s.bin_count[b] <= kTypicalCrossingCapacity) {
+    } else if (s.bin_count[b] <= kCrossingCapacity && gathers_crossing(pred, bin_prefix << digit_shift(level), inv_t)) {
       // (not the last digit: resolve_in_bin resolves that one) few enough
       // candidates for the caller to gather and rank: stop here
       const int shift = digit_shift(level);
@@ -812,7 +845,7 @@ LK_DEVICE inline void gather_and_sort_candidates(const scalar_t* x, int64_t cols
   __syncthreads();
   for (int64_t a = threadIdx.x; a < k; a += blockDim.x) sorted[a] = candidates[a];
   // (equal keys are equal values: the sorted keys do not depend on their order)
-  block_bitonic_sort(static_cast<int>(k), sorted, [](uint32_t a, uint32_t b) { return a > b; });
+  block_bitonic_sort(static_cast<int>(k), sorted, LargerKeyFirst{});
 }
 
 // Capped rules (thread 0): the rule's scan over the K sorted keys

@@ -6,5 +6,5 @@ namespace logitkit::cuda {
 // The sampler family's gather sizes, read by the tests of the pass budgets (module.cpp).
 int gathered_top_k() { return kGatheredSurvivors; }
 int gather_capacity() { return kGatherCapacity; }
-int typical_crossing_capacity() { return kTypicalCrossingCapacity; }
+int crossing_capacity() { return kCrossingCapacity; }
 }  // namespace logitkit::cuda
