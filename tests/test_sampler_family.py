@@ -21,10 +21,12 @@ from logitkit.testing import backends, references
 # The CUDA kernels' gathered path (csrc/cuda/row_filters_kernels.cuh): a top-k of at most
 # GATHERED_TOP_K tokens gathers its survivors, ties included, into GATHER_CAPACITY slots of shared
 # memory, and typical's and top-p's selections stop at a crossing bin of at most CROSSING_CAPACITY
-# candidates (test_gather_sizes_match_the_kernels).
+# candidates; a top-k that does not gather its survivors stops its selection at a crossing bin of
+# at most TOP_K_CROSSING_CAPACITY tokens, which pass 1 gathers (test_gather_sizes_match_the_kernels).
 GATHERED_TOP_K = 896
 GATHER_CAPACITY = 1024
 CROSSING_CAPACITY = 1024
+TOP_K_CROSSING_CAPACITY = 512
 
 RULES = {
     "min_p": dict(min_p=0.1),
@@ -364,6 +366,74 @@ def test_top_p_resolves_its_crossing_bin(backend, dtype):
         heavy_ties = [int(largest_tie_group(x[r]) > CROSSING_CAPACITY) for r in range(6)]
         assert all(p <= 3 + t * CROSSING_TIE_PASS for p, t in zip(passes, heavy_ties)), passes
         assert 2 in passes and 3 in passes, passes  # rows gathered the first and the second digit's bin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_top_k_resolves_its_crossing_bin(backend, dtype):
+    """A top-k of more than GATHERED_TOP_K tokens whose cut needs pass 1 (top-p, typical, epsilon,
+    top-n-sigma, ...): its selection on CUDA stops at the first digit whose crossing bin holds at
+    most TOP_K_CROSSING_CAPACITY tokens, pass 1 gathers that bin's keys and counts only the tokens
+    above it, and after the pass the k-th largest is found among the sorted bin, whose survivors
+    join the statistics and top-p's first digit (resolve_top_k_crossing). Rows of 8000 logits
+    whose k-th largest lies in a first-digit bin of at most that many tokens or in a larger one (a
+    cluster of 3000), on a grid of quarters (ties across the k-th), in a tie group of 2000 (more
+    than the capacity: the selection goes on to the last digit), among -inf entries: the mask,
+    filter_logits and the sampler's token, log-prob and kept count equal the float64 reference;
+    also at T < 1 where the key below the bin scales to the z of the bin's lowest key
+    (check_top_k_bin_with_a_scaled_neighbour). On the emulator, fp32 rows whose crossing bin is gathered take
+    one digit pass fewer than the selection's three (top-k + epsilon: 3 or 4 passes, 5 on the tie
+    group)."""
+    g = torch.Generator().manual_seed(7)
+    x = rows(6, 8000, scale=1.5, seed=14)
+    x[1, :3000] = 2.0 + 0.2 * torch.rand(3000, generator=g)  # the k-th in a first-digit bin of 3000
+    x[2] = torch.round(x[2] * 4.0) / 4.0
+    x[3, :2000] = 5.0  # the k-th in a tie group of 2000
+    x[4] = x[4] * 4.0 - 3.0
+    x[5, ::3] = -math.inf
+    x = x.to(dtype)
+    rule_sets = [
+        dict(top_k=1500, top_p=0.9, temperature=1.0),
+        dict(top_k=1000, top_p=0.5, min_p=0.05, temperature=0.7),
+        dict(top_k=2500, typical_p=0.8, temperature=1.0),
+        dict(top_k=1200, epsilon=3e-4, top_n_sigma=2.0, temperature=1.3),
+        dict(top_k=3000, top_p=0.95, p_less=True, temperature=1.0),
+    ]
+    for rules in rule_sets:
+        check_mask_logits_and_draws(backend, x, rules)
+    if dtype == torch.float32:
+        check_top_k_bin_with_a_scaled_neighbour(backend)
+    if backend.name == "emulated-cuda" and dtype == torch.float32:
+        rules = dict(top_k=1500, epsilon=3e-4)
+        passes = [emulated_passes(logitkit.truncation_mask, x[r : r + 1], **rules) for r in range(6)]
+        assert all(p <= 4 for r, p in enumerate(passes) if r != 3), passes
+        assert passes[3] <= 5 and 3 in passes, passes  # some row gathered its first digit's bin
+
+
+def check_top_k_bin_with_a_scaled_neighbour(backend) -> None:
+    """A row whose k-th largest logit, 3.5, is the lowest key of its first- and second-digit bins,
+    and the key just below it scales to 3.5's z at T = 0.7, so that token survives top-k too: a
+    selection that stopped at 3.5's bin would leave it out of pass 1's sums (CUDA's selection
+    refines such a bin instead). An epsilon between a token's renormalised probability with and
+    without that token's weight shows whether it was summed."""
+    g = torch.Generator().manual_seed(8)
+    inv_t = torch.tensor(1 / 0.7, dtype=torch.float32)
+    below = torch.nextafter(torch.tensor(3.5), torch.tensor(-math.inf))
+    assert below * inv_t == torch.tensor(3.5) * inv_t
+    y = rows(1, 3000, scale=1.0, seed=15) - 3.0
+    y[0, :995] = 3.6 + 0.3 * torch.rand(995, generator=g)  # 995 tokens above 3.5's bins, in its first digit's
+    y[0, 995:1000] = ulp_ladder(3.5, 5)
+    y[0, 1000] = below
+    z = y * inv_t
+    survivors = references.truncation_mask(z, top_k=1000)[0]
+    assert survivors[1000] and int(survivors.sum()) == 1001
+    p = torch.softmax(z[0].double().masked_fill(~survivors, -math.inf), -1)
+    weight_below = float(p[1000])
+    for i in (100, 500, 900):
+        epsilon = float(p[survivors].sort().values[i]) * (1 + weight_below / 2)
+        rules = dict(top_k=1000, epsilon=epsilon)
+        got = logitkit.truncation_mask(backend.tensor(y), temperature=0.7, **rules).cpu()
+        expected = references.truncation_mask(z, **rules)
+        assert torch.equal(got, expected) and not torch.equal(expected, survivors[None]), i
 
 
 def check_mask_logits_and_draws(backend, x: torch.Tensor, rules: dict) -> None:
@@ -728,6 +798,7 @@ def test_gather_sizes_match_the_kernels():
     kernels = _loader._C_emulated
     sizes = (kernels.gathered_top_k, kernels.gather_capacity, kernels.crossing_capacity)
     assert sizes == (GATHERED_TOP_K, GATHER_CAPACITY, CROSSING_CAPACITY)
+    assert kernels.top_k_crossing_capacity == TOP_K_CROSSING_CAPACITY
     assert GATHERED_TOP_K >= logitkit.filters.FUSED_TOP_H_MAX_COUNT  # Top-H's K candidates are gathered
 
 

@@ -9,7 +9,12 @@
 //            or 2), whose first pass also finds the row max. For a top-k
 //            that may gather (below), top_k_with_survivors: the selection
 //            stops at a bin of at most kGatherCapacity tokens from the
-//            top and the gather pass finds the k-th in it. When the cut
+//            top and the gather pass finds the k-th in it. A larger top-k
+//            whose cut needs pass 1 (and no keep floor) stops at a crossing
+//            bin of at most kTopKCrossingCapacity tokens instead
+//            (top_k_may_stop_at_crossing): pass 1 gathers its keys and counts
+//            the tokens above it, and resolve_top_k_crossing finds the k-th
+//            among them after the pass (one digit pass fewer). When the cut
 //            needs nothing more (temperature, top-k, min-p, the floor:
 //            core::needs_row_sums), pass 1 is skipped.
 //   Top-H    ("hf", K <= 256, core::uses_top_h; first in the chain): its K
@@ -100,6 +105,28 @@ constexpr int kGatheredSurvivors = 896;
 static_assert(kGatheredSurvivors + 128 <= kGatherCapacity, "room for ties at the k-th logit");
 static_assert(core::kFusedTopHMaxCount <= kGatheredSurvivors, "Top-H's K candidates are gathered");
 
+// A top-k that does not gather its survivors (more than kGatheredSurvivors,
+// or Top-H not first) and whose cut needs pass 1 lets its selection stop at a
+// crossing bin of at most this many tokens (RankPredicate::stops_at_crossing):
+// pass 1 then gathers the bin's keys (top_k_crossing_survivor) and finds the
+// k-th largest among them after the pass (resolve_top_k_crossing), instead of
+// one more digit pass. On N(0, sigma^2) rows of 128256 fp32 logits the
+// second digit's bins around the 2000-th largest hold tens of tokens; 512 keys
+// keep the block's static shared memory well under 48 KiB.
+constexpr int kTopKCrossingCapacity = 512;
+
+// top-k's crossing bin left to pass 1 (with_selected_ranks): its keys
+// gathered there (in the atomics' order, sorted after the pass), the keys
+// above it (>= above_from, all top-k survivors) and their count.
+struct TopKCrossing {
+  uint32_t key[kTopKCrossingCapacity];
+  uint64_t above_from;
+  int64_t above_count;
+  uint32_t lowest_key;
+  int gathered;
+  bool pending;
+};
+
 struct RowFilterStorage {
   core::FilterState state_scratch[kReduceScratchSize];
   core::SoftmaxState raw_scratch[kReduceScratchSize];
@@ -108,7 +135,8 @@ struct RowFilterStorage {
   float share_mass[kMaxWarpsPerBlock];  // each warp's kept mass (kept_sums_and_draw)
   int64_t index_scratch[kReduceScratchSize];
   float top_k_x, floor_x;  // the selected ranks' logits (with_selected_ranks), re-read after top-p
-  TopHStorage radix;       // the radix selections' histograms and walk (top-k, top-p, typical)
+  TopKCrossing top_k_crossing;
+  TopHStorage radix;  // the radix selections' histograms and walk (top-k, top-p, typical)
   // (the gathered survivors themselves: s.radix.survivors, keys in the gather's
   // (timing's) order, then their z and weights exp(z - m), largest first)
   int gathered_count;     // survivors in the row (only the first kGatherCapacity stored; -1: not gathered yet)
@@ -302,6 +330,23 @@ LK_DEVICE inline float weight_or_gather(const core::FilterCut& cut, float xv, in
   return 0.0f;
 }
 
+// The cut of a rule that keeps a prefix of n slots in its order (a block
+// collective): sorts the slots 0 .. n-1 into `order` (before(a, b): slot a
+// comes first; block_bitonic_sort), then keeps the groups of equal slots
+// (same_group) whose predecessors' weights, after `carry` (the mass of what
+// comes before every slot), have not reached the rule's limit
+// (reached(mass_before, position); first_group_reaching). Returns the number
+// kept: order[0, kept).
+template <class Before, class SameGroup, class Weight, class Reached>
+LK_DEVICE inline int sorted_prefix_cut(int n, uint32_t* order, Before before, SameGroup same_group, Weight weight,
+                                       float carry, Reached reached, RowFilterStorage& s) {
+  for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x)) order[a] = a;
+  block_bitonic_sort(n, order, before);
+  return first_group_reaching(
+      n, carry, [&](int r) { return weight(order[r]); },
+      [&](int r) { return r == 0 || !same_group(order[r - 1], order[r]); }, reached, s.mass_scratch, s.index_scratch);
+}
+
 // typical's cut over n candidates in slots 0 .. n-1 (a block collective):
 // sorts the slots closest to c first (the larger distance key
 // key_of(slot) = key(-|z - c|) first, equal keys by tie_before) into
@@ -321,18 +366,18 @@ LK_DEVICE inline TypicalKept typical_cut_over_slots(int n, float center, const f
                                                     KeyOf key_of, TieBefore tie_before, const core::KeptSums& closer,
                                                     const core::TypicalLimit& limit, uint32_t* order,
                                                     RowFilterStorage& s) {
-  for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x)) order[a] = a;
-  block_bitonic_sort(n, order, [&](uint32_t a, uint32_t b) {
-    const uint32_t key_a = key_of(a), key_b = key_of(b);
-    return key_a > key_b || (key_a == key_b && tie_before(a, b));
-  });
-  const int kept = first_group_reaching(
-      n, closer.mass, [&](int r) { return weight[order[r]]; },
-      [&](int r) { return r == 0 || key_of(order[r - 1]) != key_of(order[r]); },
+  const int kept = sorted_prefix_cut(
+      n, order,
+      [&](uint32_t a, uint32_t b) {
+        const uint32_t key_a = key_of(a), key_b = key_of(b);
+        return key_a > key_b || (key_a == key_b && tie_before(a, b));
+      },
+      [&](uint32_t a, uint32_t b) { return key_of(a) == key_of(b); }, [&](uint32_t a) { return weight[a]; },
+      closer.mass,
       [&](float closer_mass, int r) {
         return core::typical_reached(closer_mass, closer.count + static_cast<float>(r), limit);
       },
-      s.mass_scratch, s.index_scratch);
+      s);
   return TypicalKept{kept, kept > 0 ? core::typical_distance(z[order[kept - 1]], center) : core::neg_infinity()};
 }
 
@@ -370,16 +415,15 @@ LK_DEVICE inline core::FilterCut resolve_crossing(core::FilterCut cut, RowFilter
     }
   } else {
     uint32_t* order = bin.ranked_key;
-    for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x)) order[a] = a;
-    block_bitonic_sort(n, order, [&](uint32_t a, uint32_t b) {  // larger z first, ties by token index
-      return bin.ranked_z[a] > bin.ranked_z[b] || (bin.ranked_z[a] == bin.ranked_z[b] && bin.key[a] < bin.key[b]);
-    });
     const float limit = s.top_p_limit;
-    const int top_p_kept = first_group_reaching(
-        n, s.radix.above.e, [&](int r) { return bin.ranked_e[order[r]]; },
-        [&](int r) { return r == 0 || bin.ranked_z[order[r - 1]] > bin.ranked_z[order[r]]; },
-        [&](float mass_before, int) { return core::top_p_reached(mass_before, limit); }, s.mass_scratch,
-        s.index_scratch);
+    const int top_p_kept = sorted_prefix_cut(
+        n, order,
+        [&](uint32_t a, uint32_t b) {  // larger z first, ties by token index
+          return bin.ranked_z[a] > bin.ranked_z[b] || (bin.ranked_z[a] == bin.ranked_z[b] && bin.key[a] < bin.key[b]);
+        },
+        [&](uint32_t a, uint32_t b) { return bin.ranked_z[a] == bin.ranked_z[b]; },
+        [&](uint32_t a) { return bin.ranked_e[a]; }, s.radix.above.e,
+        [&](float mass_before, int) { return core::top_p_reached(mass_before, limit); }, s);
     // (top_p_kept is never 0: the walk found the mass above the bin short of the limit)
     const float top_p_z = top_p_kept > 0 ? bin.ranked_z[order[top_p_kept - 1]] : cut.max;
     const float floor_z = s.crossing_below_z;
@@ -412,13 +456,18 @@ LK_DEVICE inline core::FilterCut resolve_crossing(core::FilterCut cut, RowFilter
 // top_k_with_survivors), the selection stops early at a bin whose tokens and
 // those above it are at most kGatherCapacity (cut.tie_total 0: no value
 // returned), and its last digit pass gathers the keys above its candidate
-// range into `above`.
+// range into `above`. With crossing_inv_t > 0 (the row's 1/T), it may stop at
+// a crossing bin of at most kTopKCrossingCapacity tokens
+// (RankPredicate::stops_at_crossing; s.radix.crossing_pending, no value
+// returned), which pass 1 resolves (with_selected_ranks).
 template <class scalar_t>
 LK_DEVICE inline float kth_largest_logit(const scalar_t* x, int64_t cols, int64_t k, RowFilterStorage& s,
-                                         uint32_t* above = nullptr) {
+                                         uint32_t* above = nullptr, float crossing_inv_t = 0.0f) {
   __syncthreads();  // every thread has read the previous selection's cut
   constexpr int kSingleValueLevel = sizeof(scalar_t) == 2 ? 1 : kDigitCount - 1;
-  const RankPredicate pred{{k - 1}, kSingleValueLevel, above != nullptr ? kGatherCapacity : 0};
+  const int64_t crossing_capacity = crossing_inv_t > 0.0f ? kTopKCrossingCapacity : 0;
+  const RankPredicate pred{
+      {k - 1}, kSingleValueLevel, above != nullptr ? kGatherCapacity : 0, crossing_capacity, crossing_inv_t};
   radix_select<Selection::rank>(x, cols, pred, 0.0f, 1.0f, core::neg_infinity(), s.radix, above, false);
   return core::key_to_float(s.radix.cut.tie_key);
 }
@@ -428,6 +477,47 @@ LK_DEVICE inline float kth_largest_logit(const scalar_t* x, int64_t cols, int64_
 // sums. Rows with a NaN, +inf or all -inf max take pass 1 (gathers_survivors).
 LK_DEVICE inline bool may_gather_survivors(const core::RankCounts& ranks, const core::FilterParams& p) {
   return ranks.top_k > 0 && ranks.top_k <= kGatheredSurvivors && core::needs_row_sums(p);
+}
+
+// Whether top-k's selection may stop at a crossing bin that pass 1 resolves
+// (block-uniform; kTopKCrossingCapacity): a top-k that does not gather its
+// survivors, Top-H not first, a cut that needs pass 1 (core::needs_row_sums),
+// and no keep floor (its logit would wait for the k-th as well).
+LK_DEVICE inline bool top_k_may_stop_at_crossing(const core::RankCounts& ranks, const core::FilterParams& p,
+                                                 bool top_h) {
+  return !top_h && ranks.top_k > 0 && ranks.floor == 0 && !may_gather_survivors(ranks, p) && core::needs_row_sums(p);
+}
+
+// Right after top-k's selection (a block collective; with
+// top_k_may_stop_at_crossing): whether it stopped at a crossing bin, which is
+// then kept for pass 1 in s.top_k_crossing (the radix storage's flag is reset
+// for the selections that follow).
+LK_DEVICE inline void keep_top_k_crossing(RowFilterStorage& s) {
+  if (threadIdx.x == 0) {
+    TopKCrossing& c = s.top_k_crossing;
+    const Cut& cut = s.radix.cut;
+    c.pending = s.radix.crossing_pending;
+    c.above_from = cut.full_from;
+    c.above_count = cut.selected;
+    c.lowest_key = cut.tie_key;
+    c.gathered = 0;
+    s.radix.crossing_pending = false;
+  }
+  __syncthreads();
+}
+
+// Pass 1 over a row whose top-k selection stopped at a crossing bin: a
+// token's z when it lies above the bin (a top-k survivor whatever the k-th
+// largest is), else -inf; the bin's keys are gathered for
+// resolve_top_k_crossing, which joins its survivors after the pass.
+LK_DEVICE inline float top_k_crossing_survivor(float xv, float inv_t, TopKCrossing& c) {
+  const uint32_t key = core::orderable_key(xv);
+  if (key >= c.above_from) return core::scaled_logit(xv, inv_t);
+  if (key >= c.lowest_key) {
+    const int slot = atomicAdd(&c.gathered, 1);
+    if (slot < kTopKCrossingCapacity) c.key[slot] = key;
+  }
+  return core::neg_infinity();
 }
 
 // One pass (a block collective): the orderable keys of the tokens x with
@@ -558,6 +648,9 @@ LK_DEVICE inline core::FilterParams with_selected_ranks(const scalar_t* x, int64
     top_k_x = top_k_with_survivors(x, cols, static_cast<int64_t>(p.top_h_count), p.inv_temperature, true, s);
   } else if (may_gather_survivors(ranks, p)) {
     top_k_x = top_k_with_survivors(x, cols, ranks.top_k, p.inv_temperature, false, s);
+  } else if (top_k_may_stop_at_crossing(ranks, p, top_h)) {
+    top_k_x = kth_largest_logit(x, cols, ranks.top_k, s, nullptr, p.inv_temperature);  // (pending: a placeholder)
+    keep_top_k_crossing(s);
   } else if (ranks.top_k > 0) {
     top_k_x = kth_largest_logit(x, cols, ranks.top_k, s);
   }
@@ -764,6 +857,42 @@ LK_DEVICE inline void gathered_typical(int n, const core::FilterParams& p, const
   cut.radius = kept.radius;
 }
 
+// After pass 1 over a row whose top-k selection stopped at a crossing bin (a
+// block collective): sorts the bin's n gathered keys, largest first; the one
+// of rank k - 1 - (the tokens above the bin) is the k-th largest logit x_k.
+// The bin's survivors, z >= z_k (a prefix of that order: x_k's ties, and keys
+// below x_k that scale to z_k), join pass 1's state st (summed in that order:
+// the same bits run to run) and, when pass 1 built top-p's first digit, thread
+// 0's top bin (the bin lies in one first-digit bin). Returns p with top-k's
+// cut; x_k also goes to s.top_k_x.
+LK_DEVICE inline core::FilterParams resolve_top_k_crossing(core::FilterParams p, int64_t k, bool first_digit,
+                                                           core::FilterState& st, TopBinState& mine,
+                                                           RowFilterStorage& s) {
+  TopKCrossing& c = s.top_k_crossing;
+  const int n = c.gathered < kTopKCrossingCapacity ? c.gathered : kTopKCrossingCapacity;  // (= the walk's count)
+  block_bitonic_sort(n, c.key, LargerKeyFirst{});
+  const int64_t rank = k - 1 - c.above_count;  // (in [0, n): the walk's bin holds the k-th largest)
+  const float top_k_x = core::key_to_float(c.key[rank < n ? rank : n - 1]);
+  p = core::with_rank_cuts(p, top_k_x, p.keep_floor);
+  core::FilterState own = core::empty_filter_state();
+  for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x)) {
+    const float z = core::scaled_logit(core::key_to_float(c.key[a]), p.inv_temperature);
+    if (z >= p.top_k_z) core::accumulate(own, z);
+  }
+  const core::FilterState bin = block_filter_state(own, s);
+  st = core::merge(st, bin);
+  if (threadIdx.x == 0) {
+    if (first_digit && bin.count > 0.0f) {
+      const TopBinState survivors{static_cast<int>(c.lowest_key >> digit_shift(0)), static_cast<unsigned>(bin.count),
+                                  bin.sm};
+      add_first_digit_bin<TopPPredicate::kFixedPointSums>(s.radix, mine, survivors, p.inv_temperature);
+    }
+    s.top_k_x = top_k_x;
+  }
+  __syncthreads();
+  return p;
+}
+
 // Pass 1 (and top-p's and typical's passes): the row's cut (the same in every thread).
 template <class scalar_t>
 LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols, const float* param_row,
@@ -775,7 +904,7 @@ LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols
   const core::RankCounts ranks = core::rank_counts(decoded, cols);
   const bool top_h = core::uses_top_h(decoded, cols);  // block-uniform
   const bool max_only = !top_h && !core::needs_row_sums(decoded) && (ranks.top_k > 0 || ranks.floor > 0);
-  const core::FilterParams p = with_selected_ranks(x, cols, decoded, s);
+  core::FilterParams p = with_selected_ranks(x, cols, decoded, s);
   if (max_only) {
     // No pass 1: the cut needs only the max z (temperature, top-k, min-p, the
     // floor), the scaled row max, which the rank selection's first pass found.
@@ -812,13 +941,16 @@ LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols
                 : core::no_top_p_cut(st);
   } else {
     const bool first_digit = p.top_p < 1.0f && !p.greedy;  // block-uniform
+    // (block-uniform; keep_top_k_crossing's barrier published the flag)
+    const bool top_k_pending = top_k_may_stop_at_crossing(ranks, p, top_h) && s.top_k_crossing.pending;
     if (first_digit) reset_histogram<Selection::exact>(s.radix, cols);
     __syncthreads();
     st = core::empty_filter_state();
     TopBinState mine = empty_top_bin();
     for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
       const float xv = load_logit(x, i);
-      const float z = core::top_k_survivor(core::scaled_logit(xv, p.inv_temperature), p);
+      const float z = top_k_pending ? top_k_crossing_survivor(xv, p.inv_temperature, s.top_k_crossing)
+                                    : core::top_k_survivor(core::scaled_logit(xv, p.inv_temperature), p);
       core::accumulate(st, z);
       if (first_digit && z > core::neg_infinity()) {  // a survivor (NaN / +inf: the row is undefined anyway)
         const int bin = static_cast<int>(core::orderable_key(xv) >> digit_shift(0));
@@ -826,6 +958,7 @@ LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols
       }
     }
     st = block_filter_state(st, s);
+    if (top_k_pending) p = resolve_top_k_crossing(p, ranks.top_k, first_digit, st, mine, s);
     top_p = top_p_passes(x, cols, p, st, mine, !top_h && core::top_p_cut_may_wait(p), s);
   }
   // The rules' parameters decoded again from the table (and the selected

@@ -267,6 +267,17 @@ struct CountPredicate {
   LK_DEVICE int64_t tie_keep(const BinTotals& above, int64_t, float, float) const { return k - above.count; }
 };
 
+// Whether the tokens just below key (x one key lower) also reach z_k: z = x *
+// (1/T) rounds distinct x to one float (T < 1, adjacent floats). A survivor
+// list of the keys >= key then misses them (keep_last_digit_survivors,
+// kth_largest_of_gathered_range), and top-p's crossing bin of lowest key
+// `key` may not be gathered (TopPPredicate::gathers_crossing, nor
+// top-k's: RankPredicate::stops_at_crossing). A NaN z below
+// never reaches z_k.
+LK_DEVICE inline bool key_below_reaches(uint32_t key, float z_k, float inv_t) {
+  return key > 0u && core::scaled_logit(core::key_to_float(key - 1u), inv_t) >= z_k;
+}
+
 // The sampler family's k-th largest logit (Selection::rank): CountPredicate's
 // walk, resolved at the first failing bin that holds a single key value, which
 // is then the bin's largest key (TopHStorage::bin_max_key): a bin of one token,
@@ -276,12 +287,27 @@ struct CountPredicate {
 // 2) instead of always 3. With a gather capacity, a failing bin that is not
 // single-valued stops the walk too when it and the tokens above it are at most
 // that many: the cut is then the range of keys >= the bin's lowest key
-// (tie_total 0), whose tokens the caller gathers and ranks itself.
+// (tie_total 0), whose tokens the caller gathers and ranks itself. With a
+// crossing capacity, a failing bin of at most that many tokens stops the walk
+// as a crossing bin (TopHStorage::crossing_pending, as TopPPredicate's: keys
+// >= cut.full_from lie above it, cut.selected of them; cut.tie_key is the
+// bin's lowest key, cut.tie_total its tokens), which the caller gathers in its
+// next pass and ranks there; only on a row without NaN whose bin lies above
+// -inf and whose key below the bin scales below the bin's lowest z at the
+// temperature inv_t (key_below_reaches: the tokens below are then top-k's
+// dropped ones whatever the k-th largest turns out to be).
 struct RankPredicate : CountPredicate {
-  int single_value_level;   // first digit level whose bins each hold one key value
-  int64_t gather_capacity;  // 0: always refine to a single value
+  int single_value_level;     // first digit level whose bins each hold one key value
+  int64_t gather_capacity;    // 0: always refine to a single value
+  int64_t crossing_capacity;  // 0: never stop at a crossing bin
+  float inv_t;                // the temperature the caller's survivors are scaled with (crossing_capacity > 0)
   LK_DEVICE bool single_valued(int level, int64_t bin_count) const {
     return bin_count == 1 || level >= single_value_level;
+  }
+  LK_DEVICE bool stops_at_crossing(uint32_t lowest_key, int64_t bin_count, unsigned nan_tokens) const {
+    const float lowest = core::key_to_float(lowest_key);
+    return bin_count <= crossing_capacity && nan_tokens == 0u && lowest > core::neg_infinity() &&
+           !key_below_reaches(lowest_key, core::scaled_logit(lowest, inv_t), inv_t);
   }
 };
 
@@ -321,16 +347,6 @@ struct EntropyPredicate {
     return lo;
   }
 };
-
-// Whether the tokens just below key (x one key lower) also reach z_k: z = x *
-// (1/T) rounds distinct x to one float (T < 1, adjacent floats). A survivor
-// list of the keys >= key then misses them (keep_last_digit_survivors,
-// kth_largest_of_gathered_range), and top-p's crossing bin of lowest key
-// `key` may not be gathered (TopPPredicate::gathers_crossing). A NaN z below
-// never reaches z_k.
-LK_DEVICE inline bool key_below_reaches(uint32_t key, float z_k, float inv_t) {
-  return key > 0u && core::scaled_logit(core::key_to_float(key - 1u), inv_t) >= z_k;
-}
 
 // The sampler family's top-p (core::top_p_reached; row_filters_kernels.cuh):
 // the first bin whose inclusion brings the mass to the limit holds the
@@ -561,6 +577,21 @@ LK_DEVICE inline void add_first_digit_token(TopHStorage& s, TopBinState& mine, i
   ++mine.count;
 }
 
+// "exact", pass 1: a state t of tokens of one first-digit bin (count > 0) into
+// the histogram or into this thread's top bin, as add_first_digit_token adds
+// one token.
+template <bool kFixed>
+LK_DEVICE inline void add_first_digit_bin(TopHStorage& s, TopBinState& mine, const TopBinState& t, float inv_t) {
+  if (t.bin < mine.bin) {
+    flush_top_bin<kFixed>(t, inv_t, s);
+  } else if (t.bin > mine.bin) {
+    if (mine.bin >= 0) flush_top_bin<kFixed>(mine, inv_t, s);
+    mine = t;
+  } else {
+    mine = merge_top_bins(mine, t);
+  }
+}
+
 // What pass 1 leaves in every thread.
 struct FirstDigit {
   core::SoftmaxState row;  // the row's softmax state (block-reduced)
@@ -730,6 +761,19 @@ LK_DEVICE inline bool gathers_crossing(const Predicate& pred, uint32_t lowest_ke
   }
 }
 
+// The walk stops at crossing bin `bin_prefix` of digit `level`, holding
+// bin_count tokens, and leaves it to the caller (thread 0): keys >= full_from
+// lie above it (s.above.count of them), tie_key is its lowest key.
+LK_DEVICE inline void stop_at_crossing_bin(int level, uint32_t bin_prefix, int64_t bin_count, TopHStorage& s) {
+  const int shift = digit_shift(level);
+  s.cut.full_from = (static_cast<uint64_t>(bin_prefix) + 1) << shift;
+  s.cut.tie_key = bin_prefix << shift;
+  s.cut.tie_total = bin_count;
+  s.cut.selected = s.above.count;
+  s.crossing_pending = true;
+  s.cut.done = level + 1;
+}
+
 // The radix-selection step after one digit's histogram (thread 0): walks the
 // bins from the top. s.above holds the totals of the tokens above the current
 // candidate range and is updated to the tokens above the failing bin, whose
@@ -776,6 +820,10 @@ LK_DEVICE inline void walk(const Predicate& pred, int level, float m, float inv_
         s.cut.done = level + 1;
         return;
       }
+      if (pred.stops_at_crossing(bin_prefix << digit_shift(level), s.bin_count[b], s.nan_tokens)) {
+        stop_at_crossing_bin(level, bin_prefix, s.bin_count[b], s);
+        return;
+      }
     }
     // (the bin's sums only for fully kept bins: no loads for Top-H's rules)
     const float bin_e = Predicate::kKeepsCrossing ? bin_sum_e<Predicate::kFixedPointSums>(s, b) : 0.0f;
@@ -786,13 +834,7 @@ LK_DEVICE inline void walk(const Predicate& pred, int level, float m, float inv_
     } else if (s.bin_count[b] <= kCrossingCapacity && gathers_crossing(pred, bin_prefix << digit_shift(level), inv_t)) {
       // (not the last digit: resolve_in_bin resolves that one) few enough
       // candidates for the caller to gather and rank: stop here
-      const int shift = digit_shift(level);
-      s.cut.full_from = (static_cast<uint64_t>(bin_prefix) + 1) << shift;
-      s.cut.tie_key = bin_prefix << shift;  // the bin's lowest key
-      s.cut.tie_total = s.bin_count[b];
-      s.cut.selected = s.above.count;
-      s.crossing_pending = true;
-      s.cut.done = level + 1;
+      stop_at_crossing_bin(level, bin_prefix, s.bin_count[b], s);
     } else {
       s.prefix = bin_prefix;  // refine inside this bin with the next digit
     }

@@ -24,6 +24,7 @@ namespace logitkit::cuda {
 int gathered_top_k();
 int gather_capacity();
 int crossing_capacity();
+int top_k_crossing_capacity();
 }  // namespace logitkit::cuda
 
 namespace {
@@ -74,10 +75,12 @@ PYBIND11_MODULE(_C_emulated, module) {
   module.def("configuration", &current_configuration);
   // The sampler family's gathered path: a top-k of at most gathered_top_k tokens gathers its
   // survivors, ties included, into gather_capacity slots (csrc/cuda/row_filters_kernels.cuh);
-  // typical and top-p gather a crossing bin of at most crossing_capacity candidates.
+  // typical and top-p gather a crossing bin of at most crossing_capacity candidates, top-k
+  // (not gathering its survivors) one of at most top_k_crossing_capacity tokens.
   module.attr("gathered_top_k") = logitkit::cuda::gathered_top_k();
   module.attr("gather_capacity") = logitkit::cuda::gather_capacity();
   module.attr("crossing_capacity") = logitkit::cuda::crossing_capacity();
+  module.attr("top_k_crossing_capacity") = logitkit::cuda::top_k_crossing_capacity();
   module.def(
       "set_deadlock_timeout", [](double seconds) { logitkit::simt::settings().timeout_seconds = seconds; },
       pybind11::arg("seconds"), "Seconds a barrier may wait before the launch fails as a deadlock.");

@@ -7,4 +7,5 @@ namespace logitkit::cuda {
 int gathered_top_k() { return kGatheredSurvivors; }
 int gather_capacity() { return kGatherCapacity; }
 int crossing_capacity() { return kCrossingCapacity; }
+int top_k_crossing_capacity() { return kTopKCrossingCapacity; }
 }  // namespace logitkit::cuda
