@@ -15,7 +15,14 @@ from logitkit.testing import references
 OPS = [*references.ROW_OPS, "softmax_stats"]
 NEG_INF = float("-inf")
 # The emulator's thread schedules the schedule-independence tests compare.
-SCHEDULES = (("in_order", 0), ("reversed", 0), ("random", 1), ("random", 7))
+# Emulator schedules (logitkit._C_emulated.configure): the last one runs the block's threads in
+# parallel over the process's CPUs, the others take turns on one CPU (the emulator's default).
+SCHEDULES = (
+    dict(schedule="in_order", seed=0),
+    dict(schedule="reversed", seed=0),
+    dict(schedule="random", seed=1),
+    dict(schedule="random", seed=7, one_cpu=False),
+)
 
 
 def logits(rows: int, vocab: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -93,10 +100,8 @@ def test_emulated_schedule_independent():
     x = logits(2, 9001, torch.bfloat16, seed=3)
     results = []
     try:
-        for schedule, seed in SCHEDULES:
-            _loader._C_emulated.configure(
-                threads_per_block=80, max_elements_per_block=4096, schedule=schedule, seed=seed
-            )
+        for schedule in SCHEDULES:
+            _loader._C_emulated.configure(threads_per_block=80, max_elements_per_block=4096, **schedule)
             results.append([getattr(ops, op)(x, 1.0) for op in OPS])
     finally:
         _loader._C_emulated.configure(**EMULATED_DEFAULTS)
@@ -120,10 +125,8 @@ def test_emulated_sampler_gather_schedule_independent():
     results = []
     try:
         with backends.use_backend("emulated-cuda"):
-            for schedule, seed in SCHEDULES:
-                _loader._C_emulated.configure(
-                    threads_per_block=80, max_elements_per_block=4096, schedule=schedule, seed=seed
-                )
+            for schedule in SCHEDULES:
+                _loader._C_emulated.configure(threads_per_block=80, max_elements_per_block=4096, **schedule)
                 out = logitkit.sample(
                     x, top_k=200, top_p=0.9, eta=1e-3, seed=3, return_logprobs=True, return_entropy=True
                 )
@@ -141,7 +144,7 @@ def test_emulated_radix_bins_at_the_cut_schedule_independent(rule):
     whole row) keep the same set under every thread schedule even where the cut lies within
     rounding of its limit: their bins add in 64-bit fixed point (integer atomics). With float
     atomics the kept count at such a limit changed with the schedule (1421 vs 1422 tokens for
-    top-p here; the emulator's threads run concurrently). The limit is found by bisecting the
+    top-p here; the emulator's threads run concurrently, here also in parallel). The limit is found by bisecting the
     parameter down to two adjacent float32 values, between which the kept count changes."""
     import numpy as np
 
@@ -152,10 +155,8 @@ def test_emulated_radix_bins_at_the_cut_schedule_independent(rule):
         pytest.skip("emulated-CUDA module not built")
     x = torch.randn(1, 20000, generator=torch.Generator().manual_seed(5)) * 1.5
 
-    def kept(value: np.float32, schedule: tuple[str, int]) -> int:
-        _loader._C_emulated.configure(
-            threads_per_block=256, max_elements_per_block=1 << 20, schedule=schedule[0], seed=schedule[1]
-        )
+    def kept(value: np.float32, schedule: dict) -> int:
+        _loader._C_emulated.configure(threads_per_block=256, max_elements_per_block=1 << 20, **schedule)
         return int(logitkit.truncation_mask(x, **{rule: float(value)}).sum())
 
     try:

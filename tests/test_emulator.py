@@ -105,6 +105,24 @@ def test_block_bitonic_sort_and_first_group_reaching(threads, schedule):
         assert out[block * SORT_STRIDE + SORT_STRIDE - 1] == first, f"n={n}"
 
 
+@pytest.mark.parametrize("one_cpu", [True, False])
+def test_threads_on_one_cpu_or_in_parallel(one_cpu):
+    """A launch's threads take turns on the CPU the launch starts on (the default: faster where
+    waking threads on other cores is costly) or run in parallel over the process's CPUs; the
+    results are the same, and the caller's own CPU affinity is left as it was."""
+    import os
+
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    emu.configure(schedule="random", seed=3, one_cpu=one_cpu)
+    assert emu.configuration()["one_cpu"] is one_cpu
+    threads, blocks = 256, 3
+    out = emu.selftest("block_reduce", threads, blocks)
+    assert out[:blocks] == [threads * (threads + 1) // 2] * blocks
+    assert out[blocks] == threads * blocks
+    if affinity is not None:
+        assert os.sched_getaffinity(0) == affinity
+
+
 def test_missing_barrier_kernel_runs():
     """The deliberately racy self-test kernel (a read of a neighbour's shared
     slot with no barrier) runs here without a check failing: only the

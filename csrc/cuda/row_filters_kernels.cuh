@@ -456,18 +456,19 @@ LK_DEVICE inline core::FilterCut resolve_crossing(core::FilterCut cut, RowFilter
 // top_k_with_survivors), the selection stops early at a bin whose tokens and
 // those above it are at most kGatherCapacity (cut.tie_total 0: no value
 // returned), and its last digit pass gathers the keys above its candidate
-// range into `above`. With crossing_inv_t > 0 (the row's 1/T), it may stop at
-// a crossing bin of at most kTopKCrossingCapacity tokens
+// range into `above`. With may_stop_at_crossing (inv_t: the row's 1/T), it may
+// stop at a crossing bin of at most kTopKCrossingCapacity tokens
 // (RankPredicate::stops_at_crossing; s.radix.crossing_pending, no value
 // returned), which pass 1 resolves (with_selected_ranks).
 template <class scalar_t>
 LK_DEVICE inline float kth_largest_logit(const scalar_t* x, int64_t cols, int64_t k, RowFilterStorage& s,
-                                         uint32_t* above = nullptr, float crossing_inv_t = 0.0f) {
+                                         uint32_t* above = nullptr, bool may_stop_at_crossing = false,
+                                         float inv_t = 1.0f) {
   __syncthreads();  // every thread has read the previous selection's cut
   constexpr int kSingleValueLevel = sizeof(scalar_t) == 2 ? 1 : kDigitCount - 1;
-  const int64_t crossing_capacity = crossing_inv_t > 0.0f ? kTopKCrossingCapacity : 0;
+  const int64_t crossing_capacity = may_stop_at_crossing ? kTopKCrossingCapacity : 0;
   const RankPredicate pred{
-      {k - 1}, kSingleValueLevel, above != nullptr ? kGatherCapacity : 0, crossing_capacity, crossing_inv_t};
+      {k - 1}, kSingleValueLevel, above != nullptr ? kGatherCapacity : 0, crossing_capacity, inv_t};
   radix_select<Selection::rank>(x, cols, pred, 0.0f, 1.0f, core::neg_infinity(), s.radix, above, false);
   return core::key_to_float(s.radix.cut.tie_key);
 }
@@ -649,7 +650,8 @@ LK_DEVICE inline core::FilterParams with_selected_ranks(const scalar_t* x, int64
   } else if (may_gather_survivors(ranks, p)) {
     top_k_x = top_k_with_survivors(x, cols, ranks.top_k, p.inv_temperature, false, s);
   } else if (top_k_may_stop_at_crossing(ranks, p, top_h)) {
-    top_k_x = kth_largest_logit(x, cols, ranks.top_k, s, nullptr, p.inv_temperature);  // (pending: a placeholder)
+    // (a placeholder when the selection stopped at a crossing bin: pass 1 resolves it)
+    top_k_x = kth_largest_logit(x, cols, ranks.top_k, s, nullptr, /*may_stop_at_crossing=*/true, p.inv_temperature);
     keep_top_k_crossing(s);
   } else if (ranks.top_k > 0) {
     top_k_x = kth_largest_logit(x, cols, ranks.top_k, s);

@@ -29,7 +29,8 @@ int top_k_crossing_capacity();
 
 namespace {
 
-void configure(int threads_per_block, int64_t max_elements_per_block, const std::string& schedule, uint64_t seed) {
+void configure(int threads_per_block, int64_t max_elements_per_block, const std::string& schedule, uint64_t seed,
+               bool one_cpu) {
   if (threads_per_block < 1 || threads_per_block > 1024) {
     throw pybind11::value_error("threads_per_block must be in [1, 1024]");
   }
@@ -45,6 +46,7 @@ void configure(int threads_per_block, int64_t max_elements_per_block, const std:
     throw pybind11::value_error("schedule must be 'in_order', 'reversed' or 'random', got '" + schedule + "'");
   }
   s.seed = seed;
+  s.one_cpu = one_cpu;
   auto& shape = logitkit::cuda::emulated_launch_shape();
   shape.threads_per_block = threads_per_block;
   shape.max_elements_per_block = max_elements_per_block;
@@ -60,6 +62,7 @@ pybind11::dict current_configuration() {
   d["schedule"] = names[static_cast<int>(s.schedule)];
   d["seed"] = s.seed;
   d["deadlock_timeout_s"] = s.timeout_seconds;
+  d["one_cpu"] = s.one_cpu;
   return d;
 }
 
@@ -69,9 +72,11 @@ PYBIND11_MODULE(_C_emulated, module) {
   module.doc() = "logitkit CUDA kernels run on the CPU through the SIMT emulator (torch.ops.logitkit_emulated)";
   module.def("configure", &configure, pybind11::arg("threads_per_block") = 80,
              pybind11::arg("max_elements_per_block") = 0, pybind11::arg("schedule") = "in_order",
-             pybind11::arg("seed") = 0,
+             pybind11::arg("seed") = 0, pybind11::arg("one_cpu") = true,
              "Launch shape and thread schedule of emulated launches. threads_per_block that is not a multiple of "
-             "32 gives a partial last warp; max_elements_per_block > 0 splits each row over several blocks.");
+             "32 gives a partial last warp; max_elements_per_block > 0 splits each row over several blocks. "
+             "one_cpu: a launch's threads take turns on the CPU it starts on (Linux; faster where waking threads "
+             "on other cores is costly) instead of running in parallel.");
   module.def("configuration", &current_configuration);
   // The sampler family's gathered path: a top-k of at most gathered_top_k tokens gathers its
   // survivors, ties included, into gather_capacity slots (csrc/cuda/row_filters_kernels.cuh);

@@ -29,6 +29,14 @@
 // Only one emulated launch runs at a time (a global mutex), because
 // `__shared__` storage is process-wide.
 //
+// CPUs: by default (Settings::one_cpu) a launch's threads all run on the CPU
+// the launch starts on (Linux; elsewhere the OS places them). A barrier wakes
+// every thread of the block, and on a multi-core virtual machine waking
+// threads on other cores costs more than taking turns on one (docs/emulator.md:
+// about 1.35x on a 2-core KVM guest). The threads still interleave
+// preemptively; one_cpu = false spreads them over the process's CPUs so they
+// also run in parallel.
+//
 // The emulator provides the intrinsics logitkit's kernels and the emulator's
 // self-test kernels (csrc/emu/selftest.cpp) use, and no others.
 #pragma once
@@ -58,6 +66,11 @@
 #include <thread>
 #include <type_traits>
 #include <vector>
+
+#if defined(__linux__)
+#include <pthread.h>
+#include <sched.h>
+#endif
 
 // ---------------------------------------------------------------------------
 // CUDA keywords and built-in types.
@@ -95,6 +108,7 @@ struct Settings {
   Schedule schedule = Schedule::in_order;
   uint64_t seed = 0;
   double timeout_seconds = 30.0;
+  bool one_cpu = true;  // run a launch's threads on one CPU (see the header comment)
 };
 inline Settings& settings() {
   static Settings s = [] {
@@ -477,6 +491,38 @@ inline void run_thread_in_block(Launch& launch, int t, const std::function<void(
   launch.block.barrier.drop();
 }
 
+// While alive (with Settings::one_cpu, on Linux), the calling thread and the
+// threads it creates (which inherit its affinity) run on the CPU it runs on
+// now; the caller's own affinity is restored on destruction.
+class OneCpuWhileCreatingThreads {
+ public:
+  explicit OneCpuWhileCreatingThreads(bool on) {
+#if defined(__linux__)
+    const int cpu = sched_getcpu();
+    if (!on || cpu < 0 || pthread_getaffinity_np(pthread_self(), sizeof(saved_), &saved_) != 0) return;
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(cpu, &one);
+    pinned_ = pthread_setaffinity_np(pthread_self(), sizeof(one), &one) == 0;
+#else
+    (void)on;
+#endif
+  }
+  ~OneCpuWhileCreatingThreads() {
+#if defined(__linux__)
+    if (pinned_) pthread_setaffinity_np(pthread_self(), sizeof(saved_), &saved_);
+#endif
+  }
+  OneCpuWhileCreatingThreads(const OneCpuWhileCreatingThreads&) = delete;
+  OneCpuWhileCreatingThreads& operator=(const OneCpuWhileCreatingThreads&) = delete;
+
+ private:
+#if defined(__linux__)
+  cpu_set_t saved_;
+  bool pinned_ = false;
+#endif
+};
+
 // Runs `body` as a CUDA kernel launch <<<grid, block, dynamic_shared_bytes>>>.
 inline void launch(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::function<void()>& body) {
   check_launch_shape(grid, block);
@@ -493,6 +539,7 @@ inline void launch(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std
 
   std::vector<std::thread> workers;
   workers.reserve(threads);
+  const OneCpuWhileCreatingThreads one_cpu(cfg.one_cpu);
   for (int t = 0; t < threads; ++t) {
     workers.emplace_back([&, t] {
       tl_linear_thread = t;
