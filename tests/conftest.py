@@ -14,6 +14,7 @@ etc. on `backend.tensor(...)` inputs, or the raw ops through `backend.ops`.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -75,3 +76,28 @@ def _seeded_global_rng():
 def emulated_configure(**kwargs):
     """Changes the emulated launch shape (tests of the emulated backend)."""
     _loader._C_emulated.configure(**kwargs)
+
+
+# Parallel runs (pytest-xdist; the README's test command runs `-n auto`). Most of the suite's
+# time is the emulated CUDA kernels, whose launches each take one CPU (the emulator's one_cpu
+# default): each worker process runs on a CPU of its own, torch's intra-op pool shrunk to one
+# thread to match (the tests that are about thread counts set them themselves). Workers: one per
+# CPU, at most MAX_WORKERS (each holds its own torch and test tensors: about 1-2 GiB).
+MAX_WORKERS = 8
+
+
+def _usable_cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config) -> int:
+    return max(1, min(len(_usable_cpus()), MAX_WORKERS))
+
+
+def pytest_configure(config):
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...
+    if worker and hasattr(os, "sched_setaffinity"):
+        cpus = _usable_cpus()
+        os.sched_setaffinity(0, {cpus[int(worker.removeprefix("gw")) % len(cpus)]})
+        torch.set_num_threads(1)
