@@ -14,9 +14,9 @@ from logitkit.testing import references
 
 OPS = [*references.ROW_OPS, "softmax_stats"]
 NEG_INF = float("-inf")
-# The emulator's thread schedules the schedule-independence tests compare.
-# Emulator schedules (logitkit._C_emulated.configure): the last one runs the block's threads in
-# parallel over the process's CPUs, the others take turns on one CPU (the emulator's default).
+# The emulator's thread schedules the schedule-independence tests compare
+# (logitkit._C_emulated.configure): the last one runs the block's threads in parallel over the
+# process's CPUs, the others take turns on one CPU (the emulator's default).
 SCHEDULES = (
     dict(schedule="in_order", seed=0),
     dict(schedule="reversed", seed=0),
@@ -144,8 +144,9 @@ def test_emulated_radix_bins_at_the_cut_schedule_independent(rule):
     whole row) keep the same set under every thread schedule even where the cut lies within
     rounding of its limit: their bins add in 64-bit fixed point (integer atomics). With float
     atomics the kept count at such a limit changed with the schedule (1421 vs 1422 tokens for
-    top-p here; the emulator's threads run concurrently, here also in parallel). The limit is found by bisecting the
-    parameter down to two adjacent float32 values, between which the kept count changes."""
+    top-p here; the emulator's threads run concurrently, here also in parallel). The limit is
+    found by bisecting the parameter down to two adjacent float32 values, between which the kept
+    count changes."""
     import numpy as np
 
     from logitkit import _loader

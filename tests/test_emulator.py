@@ -3,6 +3,8 @@ semantics, partial warps, schedules, and detection of misuse."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from logitkit import _loader
@@ -110,8 +112,6 @@ def test_threads_on_one_cpu_or_in_parallel(one_cpu):
     """A launch's threads take turns on the CPU the launch starts on (the default: faster where
     waking threads on other cores is costly) or run in parallel over the process's CPUs; the
     results are the same, and the caller's own CPU affinity is left as it was."""
-    import os
-
     affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     emu.configure(schedule="random", seed=3, one_cpu=one_cpu)
     assert emu.configuration()["one_cpu"] is one_cpu

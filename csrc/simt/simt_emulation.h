@@ -59,6 +59,7 @@
 #include <memory>
 #include <mutex>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <source_location>
 #include <stdexcept>
@@ -493,13 +494,15 @@ inline void run_thread_in_block(Launch& launch, int t, const std::function<void(
 
 // While alive (with Settings::one_cpu, on Linux), the calling thread and the
 // threads it creates (which inherit its affinity) run on the CPU it runs on
-// now; the caller's own affinity is restored on destruction.
+// now; the caller's own affinity is restored on destruction, the created
+// threads keep theirs.
 class OneCpuWhileCreatingThreads {
  public:
   explicit OneCpuWhileCreatingThreads(bool on) {
 #if defined(__linux__)
+    if (!on) return;
     const int cpu = sched_getcpu();
-    if (!on || cpu < 0 || pthread_getaffinity_np(pthread_self(), sizeof(saved_), &saved_) != 0) return;
+    if (cpu < 0 || pthread_getaffinity_np(pthread_self(), sizeof(saved_), &saved_) != 0) return;
     cpu_set_t one;
     CPU_ZERO(&one);
     CPU_SET(cpu, &one);
@@ -539,7 +542,7 @@ inline void launch(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std
 
   std::vector<std::thread> workers;
   workers.reserve(threads);
-  const OneCpuWhileCreatingThreads one_cpu(cfg.one_cpu);
+  std::optional<OneCpuWhileCreatingThreads> one_cpu(std::in_place, cfg.one_cpu);
   for (int t = 0; t < threads; ++t) {
     workers.emplace_back([&, t] {
       tl_linear_thread = t;
@@ -554,6 +557,7 @@ inline void launch(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std
       }
     });
   }
+  one_cpu.reset();  // the threads exist: the caller's own affinity back while it waits for them
   for (auto& w : workers) w.join();
   current_launch() = nullptr;
   if (foreign.error) std::rethrow_exception(foreign.error);
