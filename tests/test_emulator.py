@@ -76,8 +76,8 @@ def test_block_reduce_atomics_and_dynamic_shared(threads, schedule):
             assert neighbours[b * threads + t] == 1000 * b + (t + 1) % threads
 
 
-SORT_SIZES = [0, 1, 2, 31, 33, 64, 100, 513, 1000, 1024]  # selftest.cpp's kSortSizes
-SORT_STRIDE = 1025
+SORT_SIZES = [0, 1, 2, 31, 33, 64, 100, 513, 1000, 1024, 2049, 4096]  # selftest.cpp's kSortSizes
+SORT_STRIDE = 4097
 
 
 def sort_selftest_value(slot: int, block: int) -> int:

@@ -14,7 +14,8 @@
 //            bin of at most kTopKCrossingCapacity tokens instead
 //            (top_k_may_stop_at_crossing): pass 1 gathers its keys and counts
 //            the tokens above it, and resolve_top_k_crossing finds the k-th
-//            among them after the pass (one digit pass fewer). When the cut
+//            among them after the pass (one or two digit passes fewer: on
+//            dense rows the first digit's bin usually suffices). When the cut
 //            needs nothing more (temperature, top-k, min-p, the floor:
 //            core::needs_row_sums), pass 1 is skipped.
 //   Top-H    ("hf", K <= 256, core::uses_top_h; first in the chain): its K
@@ -82,6 +83,7 @@
 // end at or below u * mass, the last kept token of positive weight is returned.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
 
@@ -110,16 +112,29 @@ static_assert(core::kFusedTopHMaxCount <= kGatheredSurvivors, "Top-H's K candida
 // crossing bin of at most this many tokens (RankPredicate::stops_at_crossing):
 // pass 1 then gathers the bin's keys (top_k_crossing_survivor) and finds the
 // k-th largest among them after the pass (resolve_top_k_crossing), instead of
-// one more digit pass. On N(0, sigma^2) rows of 128256 fp32 logits the
-// second digit's bins around the 2000-th largest hold tens of tokens; 512 keys
-// keep the block's static shared memory well under 48 KiB.
-constexpr int kTopKCrossingCapacity = 512;
+// one or two more digit passes. On N(0, sigma^2) rows of 128256 fp32 logits
+// the first digit's bin holding the 1000-th to 4000-th largest holds about
+// 2000 to 2300 tokens at sigma = 1 and 700 to 3300 at sigma = 3 (the 8000-th:
+// 3300 to 3600, and 5500 to 5700 at sigma = 3), so 4096 keys let the first
+// digit pass suffice for those rows. The keys (16 KiB) are the kernels'
+// dynamic shared memory (top_k_crossing_keys): with the static
+// RowFilterStorage (about 45 KiB) they pass the 48 KiB a block gets without
+// opting in (the launch opts in: DeviceContext::allow_dynamic_shared).
+constexpr int kTopKCrossingCapacity = 4096;
+constexpr std::size_t kTopKCrossingBytes = kTopKCrossingCapacity * sizeof(uint32_t);
 
-// top-k's crossing bin left to pass 1 (with_selected_ranks): its keys
-// gathered there (in the atomics' order, sorted after the pass), the keys
-// above it (>= above_from, all top-k survivors) and their count.
+// The crossing bin's keys: the filter kernels' dynamic shared memory
+// (kTopKCrossingBytes, set by the launch), in the atomics' order, sorted
+// after pass 1 (resolve_top_k_crossing).
+LK_DEVICE inline uint32_t* top_k_crossing_keys() {
+  LK_DYNAMIC_SHARED(uint32_t, keys);
+  return keys;
+}
+
+// top-k's crossing bin left to pass 1 (with_selected_ranks): the keys above
+// it (>= above_from, all top-k survivors), their count, the bin's lowest key
+// and how many of its keys were gathered (top_k_crossing_keys).
 struct TopKCrossing {
-  uint32_t key[kTopKCrossingCapacity];
   uint64_t above_from;
   int64_t above_count;
   uint32_t lowest_key;
@@ -516,7 +531,7 @@ LK_DEVICE inline float top_k_crossing_survivor(float xv, float inv_t, TopKCrossi
   if (key >= c.above_from) return core::scaled_logit(xv, inv_t);
   if (key >= c.lowest_key) {
     const int slot = atomicAdd(&c.gathered, 1);
-    if (slot < kTopKCrossingCapacity) c.key[slot] = key;
+    if (slot < kTopKCrossingCapacity) top_k_crossing_keys()[slot] = key;
   }
   return core::neg_infinity();
 }
@@ -872,13 +887,14 @@ LK_DEVICE inline core::FilterParams resolve_top_k_crossing(core::FilterParams p,
                                                            RowFilterStorage& s) {
   TopKCrossing& c = s.top_k_crossing;
   const int n = c.gathered < kTopKCrossingCapacity ? c.gathered : kTopKCrossingCapacity;  // (= the walk's count)
-  block_bitonic_sort(n, c.key, LargerKeyFirst{});
+  uint32_t* const keys = top_k_crossing_keys();
+  block_bitonic_sort(n, keys, LargerKeyFirst{});
   const int64_t rank = k - 1 - c.above_count;  // (in [0, n): the walk's bin holds the k-th largest)
-  const float top_k_x = core::key_to_float(c.key[rank < n ? rank : n - 1]);
+  const float top_k_x = core::key_to_float(keys[rank < n ? rank : n - 1]);
   p = core::with_rank_cuts(p, top_k_x, p.keep_floor);
   core::FilterState own = core::empty_filter_state();
   for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x)) {
-    const float z = core::scaled_logit(core::key_to_float(c.key[a]), p.inv_temperature);
+    const float z = core::scaled_logit(core::key_to_float(keys[a]), p.inv_temperature);
     if (z >= p.top_k_z) core::accumulate(own, z);
   }
   const core::FilterState bin = block_filter_state(own, s);

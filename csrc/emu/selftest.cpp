@@ -91,13 +91,16 @@ __global__ void deadlock_kernel() {
 }
 
 // cuda::block_bitonic_sort and cuda::first_group_reaching: block b sorts the
-// slots of n = kSortSizes[b % 10] values (few distinct: ties) by value, largest
-// first, ties by slot, then finds the first group of equal values whose mass
-// before it, with weights value + 1 (exact in float), reaches a third of the total.
-// Writes the sorted slots, then that position, at out + b * kSortResultStride.
-constexpr int kSortCapacity = 1024;
+// slots of n = kSortSizes[b % kSortSizeCount] values (few distinct: ties) by
+// value, largest first, ties by slot, then finds the first group of equal
+// values whose mass before it, with weights value + 1 (exact in float),
+// reaches a third of the total. Writes the sorted slots, then that position, at
+// out + b * kSortResultStride. Sizes up to top-k's crossing capacity (4096:
+// several comparators per thread at every block size).
+constexpr int kSortCapacity = 4096;
 constexpr int kSortResultStride = kSortCapacity + 1;
-constexpr int kSortSizes[10] = {0, 1, 2, 31, 33, 64, 100, 513, 1000, 1024};
+constexpr int kSortSizeCount = 12;
+constexpr int kSortSizes[kSortSizeCount] = {0, 1, 2, 31, 33, 64, 100, 513, 1000, 1024, 2049, 4096};
 
 LK_DEVICE inline uint32_t sort_selftest_value(int slot, int block) {
   return ((static_cast<uint32_t>(slot) * 2654435761u + static_cast<uint32_t>(block) * 40503u) >> 20) % 37u;
@@ -109,7 +112,7 @@ __global__ void bitonic_sort_kernel(int64_t* out) {
   __shared__ float mass_scratch[cuda::kReduceScratchSize];
   __shared__ int64_t index_scratch[cuda::kReduceScratchSize];
   const int block = static_cast<int>(blockIdx.x);
-  const int n = kSortSizes[block % 10];
+  const int n = kSortSizes[block % kSortSizeCount];
   float total = 0.0f;  // (each thread sums them all: the same in every thread)
   for (int a = 0; a < n; ++a) total += static_cast<float>(sort_selftest_value(a, block) + 1);
   for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x)) {
