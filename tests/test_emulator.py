@@ -84,6 +84,36 @@ def sort_selftest_value(slot: int, block: int) -> int:
     return (((slot * 2654435761 + block * 40503) & 0xFFFFFFFF) >> 20) % 37
 
 
+SELECT_SIZES = [1, 2, 31, 33, 513, 1000, 4097, 8192]  # selftest.cpp's kSelectSizes
+SELECT_RANKS = 5
+
+
+def select_selftest_key(slot: int, block: int) -> int:
+    hash_ = (slot * 2654435761 + block * 40503) & 0xFFFFFFFF
+    if block % 3 == 0:
+        return hash_
+    if block % 3 == 1:
+        return 0x40200000 | ((hash_ >> 7) % 23) << 9 | (hash_ >> 27)
+    return 0x3F800000 + slot if slot % 5 == 0 else 0x3F800000
+
+
+@pytest.mark.parametrize("threads", [1, 32, 45, 96, 512])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_block_kth_largest_key(threads, schedule):
+    """The radix selection of top-k's crossing bin: the key of a given rank (and the largest) among
+    keys in shared memory, for distinct keys over all 32 bits, keys of one first-digit bin with many
+    ties, and a tie group with a few larger keys, whole and partial warps."""
+    emu.configure(schedule=schedule, seed=threads)
+    blocks = 3 * len(SELECT_SIZES)  # every size with every kind of key
+    out = emu.selftest("kth_largest_key", threads, blocks)
+    for block in range(blocks):
+        n = SELECT_SIZES[block % len(SELECT_SIZES)]
+        ordered = sorted((select_selftest_key(a, block) for a in range(n)), reverse=True)
+        expected = [ordered[(n - 1) * j // (SELECT_RANKS - 1)] for j in range(SELECT_RANKS)] + [ordered[0]]
+        got = out[block * (SELECT_RANKS + 1) : (block + 1) * (SELECT_RANKS + 1)]
+        assert got == expected, f"n={n}, block {block}"
+
+
 @pytest.mark.parametrize("threads", [1, 32, 45, 96, 512])
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_block_bitonic_sort_and_first_group_reaching(threads, schedule):

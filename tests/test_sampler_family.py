@@ -26,7 +26,7 @@ from logitkit.testing import backends, references
 GATHERED_TOP_K = 896
 GATHER_CAPACITY = 1024
 CROSSING_CAPACITY = 1024
-TOP_K_CROSSING_CAPACITY = 4096
+TOP_K_CROSSING_CAPACITY = 8192
 
 RULES = {
     "min_p": dict(min_p=0.1),
@@ -373,28 +373,29 @@ def test_top_k_resolves_its_crossing_bin(backend, dtype):
     """A top-k of more than GATHERED_TOP_K tokens whose cut needs pass 1 (top-p, typical, epsilon,
     top-n-sigma, ...): its selection on CUDA stops at the first digit whose crossing bin holds at
     most TOP_K_CROSSING_CAPACITY tokens, pass 1 gathers that bin's keys and counts only the tokens
-    above it, and after the pass the k-th largest is found among the sorted bin, whose survivors
+    above it, and after the pass the k-th largest is selected among the bin's keys, whose survivors
     join the statistics and top-p's first digit (resolve_top_k_crossing). Rows of 10000 logits
-    whose k-th largest lies in a first-digit bin of at most that many tokens or in a larger one (a
-    cluster of the capacity + 1000; one of the capacity - 500, more than half of it), on a grid of
+    whose k-th largest lies in a first-digit bin of at most that many tokens (one of the capacity
+    - 500; one whose k-th largest is in a tie group of half the capacity, a single digit for the
+    selection's atomics) or in a larger one (a cluster of the capacity + 1000), on a grid of
     quarters (ties across the k-th), in a tie group of the capacity + 500 (the selection goes on
-    to the last digit), among -inf entries: the mask,
-    filter_logits and the sampler's token, log-prob and kept count equal the float64 reference;
-    also at T < 1 where the key below the bin scales to the z of the bin's lowest key
-    (check_top_k_bin_with_a_scaled_neighbour). On the emulator, fp32 rows whose crossing bin is
-    gathered take one or two digit passes fewer than the selection's three (top-k + epsilon: 3
-    passes where the first digit's bin is gathered, 4 where the second's is, 5 on the tie
-    group)."""
+    to the last digit), among -inf entries: the mask, filter_logits and the sampler's token,
+    log-prob and kept count equal the float64 reference; also at T < 1 where the key below the
+    bin scales to the z of the bin's lowest key (check_top_k_bin_with_a_scaled_neighbour). On the
+    emulator, fp32 rows whose crossing bin is gathered take one or two digit passes fewer than the
+    selection's three (top-k + epsilon: 3 passes where the first digit's bin is gathered, 4 where
+    the second's is, 5 on the tie group)."""
     g = torch.Generator().manual_seed(7)
     cluster, tie_group = TOP_K_CROSSING_CAPACITY + 1000, TOP_K_CROSSING_CAPACITY + 500
-    gathered = TOP_K_CROSSING_CAPACITY - 500  # more than half the capacity: the sort's widest network
-    x = rows(7, 10000, scale=1.5, seed=14)
+    gathered = TOP_K_CROSSING_CAPACITY - 500
+    x = rows(8, 10000, scale=1.5, seed=14)
     x[1, :cluster] = 2.0 + 0.2 * torch.rand(cluster, generator=g)  # the k-th in a first-digit bin of `cluster`
     x[2] = torch.round(x[2] * 4.0) / 4.0
     x[3, :tie_group] = 5.0  # the k-th in a tie group of `tie_group`
     x[4] = x[4] * 4.0 - 3.0
     x[5, ::3] = -math.inf
     x[6, :gathered] = 2.0 + 0.2 * torch.rand(gathered, generator=g)  # a first-digit bin of `gathered`
+    x[7, : TOP_K_CROSSING_CAPACITY // 2] = 3.0  # the k-th in a gathered tie group
     x = x.to(dtype)
     rule_sets = [
         dict(top_k=1500, top_p=0.9, temperature=1.0),

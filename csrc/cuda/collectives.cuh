@@ -216,6 +216,94 @@ LK_DEVICE inline void block_bitonic_sort(int n, Handle* handles, Before before) 
   __syncthreads();
 }
 
+// Shared memory of block_kth_largest_key.
+struct KeySelectScratch {
+  unsigned digit_count[256];
+  int64_t reduce_scratch[kReduceScratchSize];
+  uint32_t prefix;  // the selected key's bits found so far
+  int rank;         // its rank among the keys that share them
+};
+
+// The key of rank `rank` (0: the largest; 0 <= rank < n) among keys[0, n) in
+// shared memory, for every thread; the keys are not moved. A block collective
+// that starts and ends with a barrier. A radix selection over the bits in
+// which the keys differ (those below the highest bit of min ^ max), 8 at a
+// time from the top: each round counts the keys that share the bits found so
+// far by their next digit (shared-memory atomics; a thread adds a run of
+// equal digits at once, so a tie group costs one atomic per thread, not one
+// per key), a block scan over the digits, largest first, finds the digit
+// whose counts span `rank`, and the rank becomes the one within that digit.
+// Keys within one first-digit bin of the radix selections (21 low bits
+// differ) take 3 rounds of n / threads shared reads each, against a bitonic
+// sort's log2(n) (log2(n) + 1) / 2 steps of n / (2 threads) compare-exchanges
+// (78 at n = 4096). The counts are integers: the result depends on the keys
+// alone, not on the order in which they were stored or counted. With
+// largest_key, every thread also gets the largest of the keys there.
+LK_DEVICE inline uint32_t block_kth_largest_key(int n, const uint32_t* keys, int rank, KeySelectScratch& s,
+                                                uint32_t* largest_key = nullptr) {
+  __syncthreads();  // the keys are published
+  int64_t lowest = 0xFFFFFFFFll, highest = 0;
+  for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x)) {
+    const int64_t key = keys[a];
+    lowest = key < lowest ? key : lowest;
+    highest = key > highest ? key : highest;
+  }
+  lowest =
+      block_reduce(lowest, [](int64_t a, int64_t b) { return a < b ? a : b; }, int64_t{0xFFFFFFFF}, s.reduce_scratch);
+  highest = block_reduce(highest, [](int64_t a, int64_t b) { return a > b ? a : b; }, int64_t{0}, s.reduce_scratch);
+  if (largest_key != nullptr) *largest_key = static_cast<uint32_t>(highest);
+  int bits = 0;  // the keys share every bit from `bits` up (block-uniform)
+  for (uint64_t differ = static_cast<uint64_t>(lowest ^ highest); differ != 0; differ >>= 1) ++bits;
+  uint32_t prefix = static_cast<uint32_t>(highest);
+  while (bits > 0) {
+    const int shift = bits > 8 ? bits - 8 : 0;
+    const int digits = 1 << (bits - shift);
+    for (int d = static_cast<int>(threadIdx.x); d < digits; d += static_cast<int>(blockDim.x)) s.digit_count[d] = 0u;
+    __syncthreads();
+    unsigned run_digit = 0u, run = 0u;
+    for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x)) {
+      const uint32_t key = keys[a];
+      if ((static_cast<uint64_t>(key ^ prefix) >> bits) != 0) continue;  // outside the digits selected so far
+      const unsigned digit = (key >> shift) & static_cast<unsigned>(digits - 1);
+      if (run > 0u && digit != run_digit) {
+        atomicAdd(&s.digit_count[run_digit], run);
+        run = 0u;
+      }
+      run_digit = digit;
+      ++run;
+    }
+    if (run > 0u) atomicAdd(&s.digit_count[run_digit], run);
+    __syncthreads();
+    // Each thread takes a slice of the digits, largest first; the scan of the
+    // slices' counts gives the keys above each slice.
+    const int per_thread = (digits + static_cast<int>(blockDim.x) - 1) / static_cast<int>(blockDim.x);
+    const int top = digits - 1 - static_cast<int>(threadIdx.x) * per_thread;  // this thread's largest digit
+    int64_t in_slice = 0;
+    for (int j = 0; j < per_thread && top - j >= 0; ++j) in_slice += s.digit_count[top - j];
+    int64_t total;
+    const int64_t through = block_inclusive_scan(in_slice, s.reduce_scratch, total);
+    int64_t above = through - in_slice;
+    if (above <= rank && rank < through) {  // one thread
+      for (int j = 0; j < per_thread; ++j) {
+        const int64_t count = s.digit_count[top - j];
+        if (rank < above + count) {
+          const uint64_t shared_bits = static_cast<uint64_t>(prefix) >> bits << bits;
+          s.prefix = static_cast<uint32_t>(shared_bits | (static_cast<uint64_t>(top - j) << shift));
+          s.rank = static_cast<int>(rank - above);
+          break;
+        }
+        above += count;
+      }
+    }
+    __syncthreads();
+    prefix = s.prefix;
+    rank = s.rank;
+    bits = shift;
+  }
+  __syncthreads();  // s may be reused
+  return prefix;
+}
+
 // The first position r < n, in the order of items 0 .. n-1, where a group of
 // equal items starts (starts_group(r)) and reached(mass, r) holds for the
 // mass before it, carry + weight(0) + ... + weight(r - 1); n if none. reached

@@ -114,26 +114,32 @@ static_assert(core::kFusedTopHMaxCount <= kGatheredSurvivors, "Top-H's K candida
 // k-th largest among them after the pass (resolve_top_k_crossing), instead of
 // one or two more digit passes. On N(0, sigma^2) rows of 128256 fp32 logits
 // the first digit's bin holding the 1000-th to 4000-th largest holds about
-// 2000 to 2300 tokens at sigma = 1 and 700 to 3300 at sigma = 3 (the 8000-th:
-// 3300 to 3600, and 5500 to 5700 at sigma = 3), so 4096 keys let the first
-// digit pass suffice for those rows. The keys (16 KiB) are the kernels'
-// dynamic shared memory (top_k_crossing_keys): with the static
+// 2000 to 2300 tokens at sigma = 1 and 700 to 3300 at sigma = 3, the 8000-th's
+// 3300 to 3600 and 5500 to 5700, so 8192 keys let the first digit pass suffice
+// for those rows. The keys (32 KiB) and the selection's scratch are the
+// kernels' dynamic shared memory (TopKCrossingShared): with the static
 // RowFilterStorage (about 45 KiB) they pass the 48 KiB a block gets without
-// opting in (the launch opts in: DeviceContext::allow_dynamic_shared).
-constexpr int kTopKCrossingCapacity = 4096;
-constexpr std::size_t kTopKCrossingBytes = kTopKCrossingCapacity * sizeof(uint32_t);
+// opting in (the launch opts in: DeviceContext::allow_dynamic_shared); two
+// blocks take about 156 KiB of an SM's 164 KiB on sm_80.
+constexpr int kTopKCrossingCapacity = 8192;
 
-// The crossing bin's keys: the filter kernels' dynamic shared memory
-// (kTopKCrossingBytes, set by the launch), in the atomics' order, sorted
-// after pass 1 (resolve_top_k_crossing).
-LK_DEVICE inline uint32_t* top_k_crossing_keys() {
-  LK_DYNAMIC_SHARED(uint32_t, keys);
-  return keys;
+// The filter kernels' dynamic shared memory: the crossing bin's keys, in the
+// atomics' order (pass 1), and the scratch of the selection among them and
+// of their survivors' sums (resolve_top_k_crossing).
+struct TopKCrossingShared {
+  uint32_t keys[kTopKCrossingCapacity];
+  KeySelectScratch select;
+};
+constexpr std::size_t kTopKCrossingBytes = sizeof(TopKCrossingShared);
+
+LK_DEVICE inline TopKCrossingShared& top_k_crossing_shared() {
+  LK_DYNAMIC_SHARED(TopKCrossingShared, shared);
+  return *shared;
 }
 
 // top-k's crossing bin left to pass 1 (with_selected_ranks): the keys above
 // it (>= above_from, all top-k survivors), their count, the bin's lowest key
-// and how many of its keys were gathered (top_k_crossing_keys).
+// and how many of its keys were gathered (TopKCrossingShared::keys).
 struct TopKCrossing {
   uint64_t above_from;
   int64_t above_count;
@@ -531,7 +537,7 @@ LK_DEVICE inline float top_k_crossing_survivor(float xv, float inv_t, TopKCrossi
   if (key >= c.above_from) return core::scaled_logit(xv, inv_t);
   if (key >= c.lowest_key) {
     const int slot = atomicAdd(&c.gathered, 1);
-    if (slot < kTopKCrossingCapacity) top_k_crossing_keys()[slot] = key;
+    if (slot < kTopKCrossingCapacity) top_k_crossing_shared().keys[slot] = key;
   }
   return core::neg_infinity();
 }
@@ -874,30 +880,79 @@ LK_DEVICE inline void gathered_typical(int n, const core::FilterParams& p, const
   cut.radius = kept.radius;
 }
 
+// A sum over the top-k survivors among the crossing bin's n gathered keys
+// (z >= z_k) of term(z), each term in [-1, 1], in 64-bit fixed point
+// (FixedPointBins at `fixed_one`): the same bits whatever slots the gather's
+// atomics gave the keys. A block collective.
+template <class Term>
+LK_DEVICE inline float crossing_survivors_sum(int n, const uint32_t* keys, float inv_t, float z_k, float fixed_one,
+                                              int64_t* scratch, Term term) {
+  int64_t mine = 0;
+  for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x)) {
+    const float z = core::scaled_logit(core::key_to_float(keys[a]), inv_t);
+    if (z >= z_k) mine += static_cast<int64_t>(FixedPointBins::term(term(z), fixed_one));
+  }
+  const int64_t sum = block_reduce(mine, [](int64_t a, int64_t b) { return a + b; }, int64_t{0}, scratch);
+  return FixedPointBins::value(static_cast<unsigned long long>(sum), fixed_one);
+}
+
+// The statistics (core::FilterState) of the top-k survivors among the
+// crossing bin's n gathered keys, z >= z_k, whose largest z is r: with the
+// weights e = exp(z - r) <= 1, the count, sum e, sum (z - r) e and sum e^2
+// are fixed-point sums of terms in [-1, 1] (|d e| <= 1/e), and so are the
+// mean's sum (z - r) / w and the squared deviations ((z - mean) / w)^2, with
+// w = r - z_k the survivors' spread (every z lies in [z_k, r], and so does
+// their mean). A block collective.
+LK_DEVICE inline core::FilterState crossing_survivors_state(int n, const uint32_t* keys, float inv_t, float z_k,
+                                                            float r, int64_t* scratch) {
+  const float one = FixedPointBins::one(n);
+  const auto sum = [&](auto term) { return crossing_survivors_sum(n, keys, inv_t, z_k, one, scratch, term); };
+  core::FilterState st;
+  st.count = sum([](float) { return 1.0f; });
+  st.sm.max = r;
+  st.sm.sum_exp = sum([r](float z) { return core::exp_of(z - r); });
+  st.sm.sum_shifted = sum([r](float z) { return (z - r) * core::exp_of(z - r); });
+  st.sum_exp2 = sum([r](float z) {
+    const float e = core::exp_of(z - r);
+    return e * e;
+  });
+  const float spread = r - z_k;
+  st.mean = r;
+  st.m2 = 0.0f;
+  if (spread > 0.0f) {  // block-uniform
+    st.mean = r + spread * (sum([r, spread](float z) { return (z - r) / spread; }) / st.count);
+    const float mean = st.mean;
+    st.m2 = spread * spread * sum([mean, spread](float z) {
+              const float deviation = (z - mean) / spread;
+              return deviation * deviation;
+            });
+  }
+  return st;
+}
+
 // After pass 1 over a row whose top-k selection stopped at a crossing bin (a
-// block collective): sorts the bin's n gathered keys, largest first; the one
-// of rank k - 1 - (the tokens above the bin) is the k-th largest logit x_k.
-// The bin's survivors, z >= z_k (a prefix of that order: x_k's ties, and keys
-// below x_k that scale to z_k), join pass 1's state st (summed in that order:
-// the same bits run to run) and, when pass 1 built top-p's first digit, thread
-// 0's top bin (the bin lies in one first-digit bin). Returns p with top-k's
-// cut; x_k also goes to s.top_k_x.
+// block collective): the key of rank k - 1 - (the tokens above the bin) among
+// the bin's n gathered keys (block_kth_largest_key) is the k-th largest logit
+// x_k. The bin's survivors, z >= z_k (x_k, its ties, the keys above it, and
+// keys below it that scale to z_k), join pass 1's state st (their sums in
+// fixed point: the same bits run to run, crossing_survivors_state) and, when
+// pass 1 built top-p's first digit, thread 0's top bin (the bin lies in one
+// first-digit bin). Returns p with top-k's cut; x_k also goes to s.top_k_x.
 LK_DEVICE inline core::FilterParams resolve_top_k_crossing(core::FilterParams p, int64_t k, bool first_digit,
                                                            core::FilterState& st, TopBinState& mine,
                                                            RowFilterStorage& s) {
   TopKCrossing& c = s.top_k_crossing;
   const int n = c.gathered < kTopKCrossingCapacity ? c.gathered : kTopKCrossingCapacity;  // (= the walk's count)
-  uint32_t* const keys = top_k_crossing_keys();
-  block_bitonic_sort(n, keys, LargerKeyFirst{});
+  TopKCrossingShared& shared = top_k_crossing_shared();
   const int64_t rank = k - 1 - c.above_count;  // (in [0, n): the walk's bin holds the k-th largest)
-  const float top_k_x = core::key_to_float(keys[rank < n ? rank : n - 1]);
+  uint32_t largest_key;
+  const uint32_t top_k_key =
+      block_kth_largest_key(n, shared.keys, static_cast<int>(rank < n ? rank : n - 1), shared.select, &largest_key);
+  const float top_k_x = core::key_to_float(top_k_key);
   p = core::with_rank_cuts(p, top_k_x, p.keep_floor);
-  core::FilterState own = core::empty_filter_state();
-  for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x)) {
-    const float z = core::scaled_logit(core::key_to_float(keys[a]), p.inv_temperature);
-    if (z >= p.top_k_z) core::accumulate(own, z);
-  }
-  const core::FilterState bin = block_filter_state(own, s);
+  const float r = core::scaled_logit(core::key_to_float(largest_key), p.inv_temperature);
+  const core::FilterState bin =
+      crossing_survivors_state(n, shared.keys, p.inv_temperature, p.top_k_z, r, shared.select.reduce_scratch);
   st = core::merge(st, bin);
   if (threadIdx.x == 0) {
     if (first_digit && bin.count > 0.0f) {

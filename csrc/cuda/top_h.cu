@@ -105,10 +105,11 @@ struct RowFiltersBackend {
     TORCH_CHECK_VALUE(r.rows <= kMaxGridX, "logitkit.", op, ": at most 2^31 - 1 rows are supported on CUDA");
     const DeviceContext ctx(r.tensor);
     const int threads = std::min(threads_per_block(KernelFamily::top_h, r.cols), kMaxFilterThreads);
-    // Dynamic shared memory: top-k's crossing keys (top_k_crossing_keys), past
-    // the 48 KiB without opt-in together with the static RowFilterStorage. Two
-    // blocks per SM (the kernels' launch bounds) take about 122 KiB of an SM's
-    // shared memory: 164 KiB on sm_80, 228 KiB on sm_90.
+    // Dynamic shared memory: top-k's crossing keys and their selection's
+    // scratch (TopKCrossingShared), past the 48 KiB without opt-in together
+    // with the static RowFilterStorage. Two blocks per SM (the kernels' launch
+    // bounds) take about 156 KiB of an SM's shared memory: 164 KiB on sm_80,
+    // 228 KiB on sm_90.
     ctx.allow_dynamic_shared(kernel, kTopKCrossingBytes);
     const RowsView<scalar_t> view{r.tensor.data_ptr<scalar_t>(), r.row_stride};
     LK_LAUNCH_KERNEL(kernel, dim3(static_cast<unsigned>(r.rows)), dim3(threads), kTopKCrossingBytes, ctx.stream(), view,

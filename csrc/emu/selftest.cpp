@@ -1,8 +1,10 @@
 // Small kernels that check the SIMT emulator itself (tests/test_emulator.py):
 // the semantics of the warp intrinsics, block reductions over partial warps,
-// atomics and dynamic shared memory, the block sort and scan, and that misuse (divergent barriers,
-// wrong shuffle masks, deadlocks) is reported instead of mis-executed.
+// atomics and dynamic shared memory, the block sort, scan and key selection,
+// and that misuse (divergent barriers, wrong shuffle masks, deadlocks) is
+// reported instead of mis-executed.
 #include <cstdint>
+#include <iterator>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -95,12 +97,13 @@ __global__ void deadlock_kernel() {
 // value, largest first, ties by slot, then finds the first group of equal
 // values whose mass before it, with weights value + 1 (exact in float),
 // reaches a third of the total. Writes the sorted slots, then that position, at
-// out + b * kSortResultStride. Sizes up to top-k's crossing capacity (4096:
-// several comparators per thread at every block size).
+// out + b * kSortResultStride. Sizes up to 4096 (the kernels sort at most
+// 1024; the larger sizes give several comparators per thread at every block
+// size).
 constexpr int kSortCapacity = 4096;
 constexpr int kSortResultStride = kSortCapacity + 1;
-constexpr int kSortSizeCount = 12;
-constexpr int kSortSizes[kSortSizeCount] = {0, 1, 2, 31, 33, 64, 100, 513, 1000, 1024, 2049, 4096};
+constexpr int kSortSizes[] = {0, 1, 2, 31, 33, 64, 100, 513, 1000, 1024, 2049, 4096};
+constexpr int kSortSizeCount = static_cast<int>(std::size(kSortSizes));
 
 LK_DEVICE inline uint32_t sort_selftest_value(int slot, int block) {
   return ((static_cast<uint32_t>(slot) * 2654435761u + static_cast<uint32_t>(block) * 40503u) >> 20) % 37u;
@@ -130,6 +133,48 @@ __global__ void bitonic_sort_kernel(int64_t* out) {
   if (threadIdx.x == 0) o[kSortCapacity] = first;
 }
 
+// cuda::block_kth_largest_key: block b selects, among n = kSelectSizes[b %
+// kSelectSizeCount] keys (select_selftest_key: spread over all 32 bits, few
+// distinct low digits, or one value repeated), the keys of kSelectRanks ranks
+// spread over [0, n) and the largest, and writes them at
+// out + b * kSelectResultStride.
+constexpr int kSelectCapacity = 8192;
+constexpr int kSelectSizes[] = {1, 2, 31, 33, 513, 1000, 4097, 8192};
+constexpr int kSelectSizeCount = static_cast<int>(std::size(kSelectSizes));
+constexpr int kSelectRanks = 5;
+constexpr int kSelectResultStride = kSelectRanks + 1;
+
+LK_DEVICE inline uint32_t select_selftest_key(int slot, int block) {
+  const uint32_t hash = static_cast<uint32_t>(slot) * 2654435761u + static_cast<uint32_t>(block) * 40503u;
+  switch (block % 3) {
+    case 0: return hash;                                                   // (almost) distinct, over every bit
+    case 1: return 0x40200000u | ((hash >> 7) % 23u) << 9 | (hash >> 27);  // one first-digit bin, many ties
+    default: return slot % 5 == 0 ? 0x3F800000u + static_cast<uint32_t>(slot) : 0x3F800000u;  // a tie group
+  }
+}
+
+LK_DEVICE inline int select_selftest_rank(int j, int n) {
+  return static_cast<int>((static_cast<int64_t>(n) - 1) * j / (kSelectRanks - 1));
+}
+
+__global__ void kth_largest_key_kernel(int64_t* out) {
+  __shared__ uint32_t keys[kSelectCapacity];
+  __shared__ cuda::KeySelectScratch scratch;
+  const int block = static_cast<int>(blockIdx.x);
+  const int n = kSelectSizes[block % kSelectSizeCount];
+  for (int a = static_cast<int>(threadIdx.x); a < n; a += static_cast<int>(blockDim.x))
+    keys[a] = select_selftest_key(a, block);
+  int64_t* o = out + static_cast<int64_t>(block) * kSelectResultStride;
+  for (int j = 0; j < kSelectRanks; ++j) {
+    uint32_t largest = 0u;
+    const uint32_t key = cuda::block_kth_largest_key(n, keys, select_selftest_rank(j, n), scratch, &largest);
+    if (threadIdx.x == 0) {
+      o[j] = key;
+      o[kSelectRanks] = largest;
+    }
+  }
+}
+
 }  // namespace
 
 // Runs one self-test kernel; returns its int64 results (flattened).
@@ -154,6 +199,12 @@ std::vector<int64_t> run_selftest(const std::string& name, int threads, int bloc
   if (name == "bitonic_sort") {
     std::vector<int64_t> out(static_cast<size_t>(blocks) * kSortResultStride, -1);
     auto* kernel = &bitonic_sort_kernel;
+    LK_LAUNCH_KERNEL(kernel, dim3(blocks), dim3(threads), 0, nullptr, out.data());
+    return out;
+  }
+  if (name == "kth_largest_key") {
+    std::vector<int64_t> out(static_cast<size_t>(blocks) * kSelectResultStride, -1);
+    auto* kernel = &kth_largest_key_kernel;
     LK_LAUNCH_KERNEL(kernel, dim3(blocks), dim3(threads), 0, nullptr, out.data());
     return out;
   }
