@@ -224,6 +224,7 @@ PASS_BUDGETS = [
     (dict(min_p=0.1, temperature=0.7), 2, None),
     (dict(typical_p=0.5), 4, None),
     (dict(top_p=0.9, typical_p=0.9), 6, None),  # the documented miss: typical's first digit needs the center c
+    (dict(top_p=0.9, epsilon=1e-5), 4, None),  # top-p cannot leave its crossing bin to the write pass
     # Top-H first ("hf", K = 100 / 256): 4, + a partial pass where its cut splits a tie group
     # (its K candidates never overflow: x_K's tie group is stored up to the capacity and counted)
     (dict(top_h=0.5, top_k=50, top_p=0.9), 5, None),
@@ -233,6 +234,14 @@ PASS_BUDGETS = [
 
 
 CROSSING_TIE_PASS = 1
+
+# bf16 / fp16 logits: each bin of the second digit of their keys holds one value (the low 13 bits
+# of a widened 16-bit float are constant), so a top-p that cannot leave its crossing bin to the
+# write pass (a later rule reads its kept sums) resolves at the second digit, one pass early.
+SIXTEEN_BIT_PASS_BUDGETS = [
+    (dict(top_p=0.9, typical_p=0.9), 5, None),
+    (dict(top_p=0.9, epsilon=1e-5), 3, None),
+]
 
 
 def largest_tie_group(row: torch.Tensor) -> int:
@@ -264,7 +273,8 @@ def test_emulated_passes_within_budget(dtype):
     draw_share = -(-x.shape[-1] // -(-EMULATED_DEFAULTS["threads_per_block"] // 32)) + 1
     short_rank = 1 if dtype != torch.float32 else 0  # 16-bit keys: at most 2 digit passes
     with backends.use_backend("emulated-cuda"):
-        for rules, budget, overflow_budget in PASS_BUDGETS:
+        sixteen_bit = SIXTEEN_BIT_PASS_BUDGETS if dtype != torch.float32 else []
+        for rules, budget, overflow_budget in PASS_BUDGETS + sixteen_bit:
             for r in range(x.shape[0]):
                 row = x[r : r + 1]
                 k = rules.get("top_k", 0)
@@ -315,6 +325,32 @@ def test_typical_resolves_its_crossing_bin(backend, dtype):
         heavy_ties = [int(largest_tie_group(x[r]) > CROSSING_CAPACITY) for r in range(6)]
         assert all(p <= 4 + t * CROSSING_TIE_PASS for p, t in zip(passes, heavy_ties)), passes
         assert 4 in passes, passes  # some row gathered its second digit's bin
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sixteen_bit_top_p_resolves_at_second_digit(backend, dtype):
+    """bf16 / fp16 logits: each second-digit bin of their keys holds one value, so top-p's selection
+    on CUDA, when it cannot leave its crossing bin to the write pass (typical, epsilon or eta
+    follow), resolves a failing bin there as a tie group kept whole (SIXTEEN_BIT_PASS_BUDGETS).
+    Rows of ties at negative and positive values (negative integers, all logits below -10,
+    quarters below zero, small integers; a negative value's key has its constant low bits set):
+    the mask, filter_logits and the sampler's token, kept count and log-prob equal the float64
+    reference."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.stack(
+        [
+            torch.randint(-9, -1, (3000,), generator=g).float(),
+            torch.randn(3000, generator=g) * 2.0 - 20.0,
+            torch.round(torch.randn(3000, generator=g) * 8.0) / 4.0 - 5.0,
+            torch.randint(-3, 4, (3000,), generator=g).float(),
+        ]
+    ).to(dtype)
+    for rules in (
+        dict(top_p=0.9, epsilon=1e-5, temperature=1.0),
+        dict(top_p=0.5, typical_p=0.9, temperature=0.8),
+        dict(top_p=0.7, eta=1e-3, temperature=1.0),
+    ):
+        check_mask_logits_and_draws(backend, x, rules)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

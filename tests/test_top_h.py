@@ -469,6 +469,52 @@ def test_sample_ties(backend, rule, alpha):
     assert (tokens.diff() >= 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sixteen_bit_ties_resolved_at_second_digit(backend, dtype):
+    """bf16 / fp16 logits widened to float leave their keys' low 13 bits constant, so each bin of
+    the CUDA selection's second digit holds one value: "exact" resolves its cut there, keeping the
+    lowest indices of a tie group it splits, as the last digit would one pass later (a negative
+    value's key has those constant bits set: rows below zero too). Rows of many exact ties
+    (integers, quarters, a repeated value near the top, negative integers) and a plain row below
+    -10: the mask and stratified draws against the float64 reference; on the emulator the mask
+    takes at most 3 passes (pass 1, the second digit, the write)."""
+    g = torch.Generator().manual_seed(23)
+    V = 700
+    x = torch.stack(
+        [
+            torch.randint(-3, 4, (V,), generator=g).float(),
+            torch.round(torch.randn(V, generator=g) * 8.0) / 4.0,
+            torch.randn(V, generator=g) * 2.0,
+            torch.randint(-9, -1, (V,), generator=g).float(),
+            torch.randn(V, generator=g) * 2.0 - 20.0,
+        ]
+    )
+    x[2, 100:300] = 2.5  # a tie group of 200 near the top of the plain row
+    x = x.to(dtype)
+    for alpha in (0.2, 0.5, 0.9):
+        mask = run_mask(backend, x, alpha, 1.0, "exact")
+        for r in range(x.shape[0]):
+            assert_matches_reference(mask[r], x[r].float(), alpha, 1.0, "exact")
+    n = 24 if backend.name == "emulated-cuda" else 300
+    u = (torch.arange(n, dtype=torch.float64) + 0.5).div(n).float()
+    for r in range(x.shape[0]):
+        tokens = run_sample(backend, x[r].expand(n, V), u, 0.5, 1.0, "exact")
+        p, keep = kept_probabilities(x[r : r + 1].float(), 0.5, 1.0, "exact", backend)
+        counts = torch.bincount(tokens, minlength=V).double()
+        assert counts[~keep[0]].sum() == 0
+        assert (counts - n * p[0]).abs().max() <= 1.01
+    if backend.name == "emulated-cuda":
+        emulator = _loader._C_emulated
+        for r in range(x.shape[0]):
+            emulator.count_row_reads(True)
+            try:
+                logitkit.top_h_mask(backend.tensor(x[r : r + 1]), 0.5, rule="exact")
+            finally:
+                reads = emulator.row_reads()
+                emulator.count_row_reads(False)
+            assert reads <= 3 * V, (r, reads / V)
+
+
 def test_sample_special_rows(backend):
     x = torch.randn(5, 50)
     x[0, 7] = math.nan

@@ -46,8 +46,9 @@
 //            top-p and typical digit passes).
 //   top-p    only for a row with top_p < 1: Top-H "exact"'s radix selection
 //            (radix_select) with TopPPredicate over the top-k survivors: the
-//            walk over the first digit, then 0 to 2 digit passes, stopping
-//            at the first digit whose failing bin holds one token. It gives
+//            walk over the first digit, then 0 to 2 digit passes (bf16 /
+//            fp16: 0 or 1, their second digit's bins holding one value each),
+//            stopping at the first digit whose failing bin holds one token. It gives
 //            top-p's threshold and the kept K, D that epsilon / eta
 //            (core::filter_cut) use. When no later rule reads those
 //            (core::top_p_cut_may_wait: no typical, epsilon, eta), the

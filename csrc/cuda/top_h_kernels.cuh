@@ -59,13 +59,17 @@
 //              would not underflow relative to m anyway. Only B* could have
 //              r_b far above m (a first-digit bin spans a quarter of a binary
 //              octave, e.g. x in [1024, 1280)), and B* never uses r_b.
-//   digits     "exact": up to 2 more histogram passes, relative to m (early
-//              exit); capped: 2 more (digits 2 and 3, the last one also
+//   digits     "exact": up to 2 more histogram passes (bf16 / fp16: 1),
+//              relative to m (early exit); capped: 2 more (digits 2 and 3, the last one also
 //              gathering), or, when V <= K, none and one gather pass instead
 //   write      the mask (reads the row once more)
 // Mask: at most 4 passes (1 + 2 digits + write) for every rule and every
 // row; "exact" typically 2-3, because the cut bin usually holds one token
-// after the first or second digit; capped rules with V <= K: 3.
+// after the first or second digit, and at most 3 for bf16 / fp16 rows, whose
+// second digit's bins each hold one value (radix_select's kSingleValueLevel;
+// before December 7th a tie group there took the third digit's pass: 4 on
+// most N(0, sigma^2) bf16 rows of 128256 logits at alpha 0.4 and 0.8);
+// capped rules with V <= K: 3.
 //
 // sample (sample_kernel) runs the same selection (only pass 1 without
 // truncation), then a draw pass that stops at the tile holding the drawn
@@ -708,22 +712,29 @@ LK_DEVICE inline void digit_pass(const scalar_t* x, int64_t cols, int level, uin
 }
 
 // The walk's end inside the failing bin b of digit `level` (with prefix
-// bin_prefix): at the last digit a single key value, whose tie group keeps
-// its first j tokens (weight: the draw pass's expf(x / T - m) of the same
-// float x); else a bin whose single token is dropped (see
+// bin_prefix): from level single_value_level on (single_value_level: the
+// last digit, or the second for 16-bit logits' own keys) a single key value,
+// the bin's lowest, whose tie group keeps its first j tokens (weight: the
+// draw pass's expf(x / T - m) of the same float x); else a bin whose single
+// token is dropped (see
 // bin_fully_dropped) or kept (bin_fully_kept; bin_e, bin_d: the bin's sums,
 // passed as values: a reference to the walk's local totals made ptxas spill),
 // or a bin to refine with the next digit. Returns whether the cut is resolved.
 template <class Predicate>
-LK_DEVICE __forceinline__ bool resolve_in_bin(const Predicate& pred, int level, uint32_t bin_prefix, int64_t bin_count,
-                                              const BinTotals& above, float bin_e, float bin_d, float m, float inv_t,
-                                              Cut& cut, float& kept_shifted) {
-  if (level == kDigitCount - 1) {
-    const float z = core::scaled_logit(core::key_to_float(bin_prefix), inv_t);
+LK_DEVICE __forceinline__ bool resolve_in_bin(const Predicate& pred, int level, int single_value_level,
+                                              uint32_t bin_prefix, int64_t bin_count, const BinTotals& above,
+                                              float bin_e, float bin_d, float m, float inv_t, Cut& cut,
+                                              float& kept_shifted) {
+  if (level >= single_value_level) {
+    // The bin's one key: its prefix, then the constant low bits, which are
+    // set for a negative value (whose key is ~bits(x), core::orderable_key).
+    const uint32_t high = bin_prefix << digit_shift(level);
+    const uint32_t key = (high & 0x80000000u) ? high : (high | ((1u << digit_shift(level)) - 1u));
+    const float z = core::scaled_logit(core::key_to_float(key), inv_t);
     const float d = z - m;
     const float e = expf(d);
-    cut.full_from = static_cast<uint64_t>(bin_prefix) + 1;
-    cut.tie_key = bin_prefix;
+    cut.full_from = static_cast<uint64_t>(key) + 1;
+    cut.tie_key = key;
     cut.tie_total = bin_count;
     cut.tie_keep = pred.tie_keep(above, bin_count, e, d);
     cut.selected = above.count;
@@ -781,7 +792,8 @@ LK_DEVICE inline void stop_at_crossing_bin(int level, uint32_t bin_prefix, int64
 // resolved, cut.mass = the kept tokens' sum of exp(z - m) ("exact"; the
 // capped rules' bins hold no sums, their mass is set by capped_scan).
 template <class Predicate>
-LK_DEVICE inline void walk(const Predicate& pred, int level, float m, float inv_t, TopHStorage& s) {
+LK_DEVICE inline void walk(const Predicate& pred, int level, int single_value_level, float m, float inv_t,
+                           TopHStorage& s) {
   for (int b = (1 << digit_bits(level)) - 1; b >= 0; --b) {
     if constexpr (std::is_same_v<Predicate, RankPredicate>) {
       // The first digit's highest non-empty bin holds the row's largest key. A
@@ -828,8 +840,8 @@ LK_DEVICE inline void walk(const Predicate& pred, int level, float m, float inv_
     // (the bin's sums only for fully kept bins: no loads for Top-H's rules)
     const float bin_e = Predicate::kKeepsCrossing ? bin_sum_e<Predicate::kFixedPointSums>(s, b) : 0.0f;
     const float bin_d = Predicate::kKeptShifted ? bin_sum_d<Predicate::kFixedPointSums>(s, b) : 0.0f;
-    if (resolve_in_bin(pred, level, bin_prefix, s.bin_count[b], s.above, bin_e, bin_d, m, inv_t, s.cut,
-                       s.kept_shifted)) {
+    if (resolve_in_bin(pred, level, single_value_level, bin_prefix, s.bin_count[b], s.above, bin_e, bin_d, m, inv_t,
+                       s.cut, s.kept_shifted)) {
       s.cut.done = level + 1;
     } else if (s.bin_count[b] <= kCrossingCapacity && gathers_crossing(pred, bin_prefix << digit_shift(level), inv_t)) {
       // (not the last digit: resolve_in_bin resolves that one) few enough
@@ -933,6 +945,16 @@ LK_DEVICE __forceinline__ void radix_select(const scalar_t* x, int64_t cols, con
     s.prefix = 0;
     s.gathered = 0;
   }
+  // The first level whose bins each hold one key value: the last, except for
+  // the logits' own keys of 16-bit inputs (bf16 / fp16 values widened to
+  // float leave the key's low 13 bits constant, and the second digit's bins
+  // span only the low 10), which the walk of the rules with sums then
+  // resolves at the second digit instead of after one more pass that would
+  // find the failing bin's tokens in one last-digit bin. (The capped rules
+  // gather the selected keys in the last digit's pass, and the rank
+  // selection has its own test, RankPredicate::single_value_level.)
+  constexpr int kSingleValueLevel =
+      sizeof(scalar_t) == 2 && std::is_same_v<KeyOf, LogitKey> && Predicate::kSums ? 1 : kDigitCount - 1;
   uint32_t prefix = 0;  // digits fixed so far (same in every thread: read back from shared memory)
   for (int level = 0; level < kDigitCount; ++level) {
     if (level > 0 || !first_digit_built) {
@@ -940,7 +962,7 @@ LK_DEVICE __forceinline__ void radix_select(const scalar_t* x, int64_t cols, con
                                                                               s, candidates, key_of);
     }
     __syncthreads();
-    if (threadIdx.x == 0) walk(pred, level, m, inv_t, s);
+    if (threadIdx.x == 0) walk(pred, level, kSingleValueLevel, m, inv_t, s);
     __syncthreads();
     if (s.cut.done) break;
     prefix = s.prefix;
