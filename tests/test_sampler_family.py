@@ -223,7 +223,9 @@ PASS_BUDGETS = [
     (dict(top_p=0.9), 3, None),
     (dict(min_p=0.1, temperature=0.7), 2, None),
     (dict(typical_p=0.5), 4, None),
-    (dict(top_p=0.9, typical_p=0.9), 6, None),  # the documented miss: typical's first digit needs the center c
+    # typical's first digit needs the center c: 6 where its guess from top-p's passes misses (4 where it
+    # holds: test_typical_after_top_p_guesses_its_first_digit)
+    (dict(top_p=0.9, typical_p=0.9), 6, None),
     (dict(top_p=0.9, epsilon=1e-5), 4, None),  # top-p cannot leave its crossing bin to the write pass
     # Top-H first ("hf", K = 100 / 256): 4, + a partial pass where its cut splits a tie group
     # (its K candidates never overflow: x_K's tie group is stored up to the capacity and counted)
@@ -351,6 +353,34 @@ def test_sixteen_bit_top_p_resolves_at_second_digit(backend, dtype):
         dict(top_p=0.7, eta=1e-3, temperature=1.0),
     ):
         check_mask_logits_and_draws(backend, x, rules)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_typical_after_top_p_guesses_its_first_digit(backend, dtype):
+    """typical after top-p on CUDA: top-p's digit passes build typical's first digit around the
+    center of the kept sums above top-p's crossing bin (TypicalFirstDigitGuess), typical's first
+    digit pass builds the second digit of the bin that guess names (GuessedBinSecondDigit), and the
+    walk over the exact first digit takes it when it refines into that bin (no second digit pass),
+    else goes on as without the guess. Rows of 20000 logits where the guess holds (N(0, 1),
+    N(0, 9)) and where the mass above top-p's crossing is far from the rest (a few tokens at 6 or
+    4 above a dense cluster at top-p's crossing, a tie group in bf16): the mask, filter_logits and
+    the sampler equal the float64 reference; on the emulator the N(0, sigma^2) rows take 4 passes
+    (5 or 6 without the guess; a forced wrong guess gave those counts and the same outputs)."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 20000, generator=g)
+    x[1] *= 3.0
+    x[2, :40] = 6.0 + 0.01 * torch.randn(40, generator=g)
+    x[2, 100:6100] = 2.0 + 0.002 * torch.randn(6000, generator=g)
+    x[3, :200] = 4.0 + 0.1 * torch.randn(200, generator=g)
+    x[3, 1000:9000] = 1.0 + 0.01 * torch.randn(8000, generator=g)
+    x = x.to(dtype)
+    rule_sets = [dict(top_p=0.9, typical_p=0.9, temperature=1.0), dict(top_p=0.7, typical_p=0.5, temperature=1.0)]
+    for rules in rule_sets:
+        check_mask_logits_and_draws(backend, x, rules)
+    if backend.name == "emulated-cuda":
+        _loader._C_emulated.configure(**EMULATED_DEFAULTS)
+        passes = [emulated_passes(logitkit.truncation_mask, x[r : r + 1], **rule_sets[0]) for r in range(2)]
+        assert passes == [4.0, 4.0], passes
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -62,7 +62,11 @@
 //            the first included; 3 when the second digit's crossing bin
 //            holds more than kCrossingCapacity candidates), after one pass for
 //            the candidates' sums when no earlier pass summed them: the
-//            cut's center and radius. The selection stops at a crossing bin
+//            cut's center and radius. After top-p's digit passes, which
+//            guess typical's first digit around an estimated center
+//            (TypicalFirstDigitGuess), the first digit pass also builds the
+//            guessed crossing bin's second digit (GuessedBinSecondDigit):
+//            no second digit pass where the guess holds. The selection stops at a crossing bin
 //            of at most kCrossingCapacity candidates, which pass 2 (mask or
 //            sample) gathers (weight_or_gather) and resolve_crossing
 //            resolves after it. Over the gathered survivors: no pass
@@ -131,12 +135,113 @@ struct TopKCrossingShared {
   uint32_t keys[kTopKCrossingCapacity];
   KeySelectScratch select;
 };
-constexpr std::size_t kTopKCrossingBytes = sizeof(TopKCrossingShared);
 
-LK_DEVICE inline TopKCrossingShared& top_k_crossing_shared() {
-  LK_DYNAMIC_SHARED(TopKCrossingShared, shared);
+// typical's guessed histograms (after top-k's crossing is resolved, in the
+// same dynamic shared memory): its first digit around an estimated center,
+// built in top-p's digit passes (TypicalFirstDigitGuess), then the second
+// digit of the guessed crossing bin, built in typical's first digit pass
+// (GuessedBinSecondDigit). Counts and fixed-point weights, as
+// TopHStorage's; `built`: the first one holds a guess.
+struct DistanceGuessBins {
+  unsigned count[kBins];
+  unsigned long long fixed_e[kBins];
+  int built;
+};
+
+union FilterDynamicShared {
+  TopKCrossingShared top_k_crossing;
+  DistanceGuessBins guess;
+};
+constexpr std::size_t kTopKCrossingBytes = sizeof(FilterDynamicShared);
+
+LK_DEVICE inline FilterDynamicShared& filter_dynamic_shared() {
+  LK_DYNAMIC_SHARED(FilterDynamicShared, shared);
   return *shared;
 }
+LK_DEVICE inline TopKCrossingShared& top_k_crossing_shared() { return filter_dynamic_shared().top_k_crossing; }
+LK_DEVICE inline DistanceGuessBins& distance_guess_bins() { return filter_dynamic_shared().guess; }
+
+// Adds a candidate of weight e to a guessed histogram's bin.
+LK_DEVICE inline void add_to_guess(DistanceGuessBins& g, int bin, float e, float fixed_one) {
+  atomicAdd(&g.count[bin], 1u);
+  atomicAdd(&g.fixed_e[bin], FixedPointBins::term(e, fixed_one));
+}
+
+LK_DEVICE inline void clear_guess(DistanceGuessBins& g) {
+  for (int b = threadIdx.x; b < kBins; b += blockDim.x) {
+    g.count[b] = 0u;
+    g.fixed_e[b] = 0ull;
+  }
+}
+
+// Side work of top-p's digit passes on a row whose typical follows
+// (`active`, block-uniform): typical's first digit (distance keys
+// -|z - c'|) of the tokens top-p keeps or may keep (keys in or above the
+// pass's candidate range, top-k's survivors, weight > 0), around the center
+// c' = m + D / K of the kept sums above the range (s.above: the exact center
+// once top-p's cut is known would need one more pass). typical_passes walks
+// it to guess typical's crossing bin.
+struct TypicalFirstDigitGuess {
+  static constexpr bool kActive = true;
+  bool active;
+  float m, floor_z, fixed_one;
+  float center = 0.0f;
+  uint32_t lowest_prefix = 0;
+  int prefix_shift = 32;
+  LK_DEVICE void begin(const TopHStorage& s, int level, uint32_t prefix) {
+    if (!active) return;
+    DistanceGuessBins& g = distance_guess_bins();
+    clear_guess(g);
+    if (threadIdx.x == 0) g.built = 1;
+    center = s.above.e > 0.0f ? core::typical_center(m, s.above.e, s.above.d) : m;
+    lowest_prefix = prefix;
+    prefix_shift = digit_shift(level) + digit_bits(level);
+  }
+  LK_DEVICE void add(float xv, float z, uint32_t key) const {
+    if (!active || (key >> prefix_shift) < lowest_prefix || !(z >= floor_z)) return;
+    const float e = expf(z - m);
+    if (e == 0.0f) return;
+    add_to_guess(distance_guess_bins(), static_cast<int>(DistanceKey{center}(xv, z) >> digit_shift(0)), e, fixed_one);
+  }
+  LK_DEVICE bool next_digit_ready(TopHStorage&, int) const { return false; }
+};
+
+// Side work of typical's first digit pass (exact center c) given a guessed
+// crossing bin (guess_bin >= 0): the second digit of the candidates whose
+// distance key has first digit guess_bin, exactly as digit_pass would build
+// it at level 1 with that prefix (same tokens, the same fixed-point sums,
+// d e left 0: typical's walk reads no d). When the walk over the exact first
+// digit refines into guess_bin, next_digit_ready copies it into the
+// selection's bins instead of a second digit pass.
+struct GuessedBinSecondDigit {
+  static constexpr bool kActive = true;
+  int guess_bin;
+  float m, floor_z, fixed_one;
+  bool building = false;
+  LK_DEVICE void begin(const TopHStorage&, int level, uint32_t) {
+    building = guess_bin >= 0 && level == 0;
+    if (building) clear_guess(distance_guess_bins());
+  }
+  LK_DEVICE void add(float, float z, uint32_t key) const {
+    if (!building || static_cast<int>(key >> digit_shift(0)) != guess_bin) return;
+    const float e = expf(z - m);
+    if (e != 0.0f && !(z < floor_z)) {
+      add_to_guess(distance_guess_bins(), static_cast<int>((key >> digit_shift(1)) & ((1u << digit_bits(1)) - 1u)), e,
+                   fixed_one);
+    }
+  }
+  // (block-uniform: s.prefix was published by the walk's barrier)
+  LK_DEVICE bool next_digit_ready(TopHStorage& s, int level) const {
+    if (guess_bin < 0 || level != 1 || s.prefix != static_cast<uint32_t>(guess_bin)) return false;
+    const DistanceGuessBins& g = distance_guess_bins();
+    for (int b = threadIdx.x; b < kBins; b += blockDim.x) {
+      s.bin_count[b] = g.count[b];
+      s.fixed_e[b] = g.fixed_e[b];
+      s.fixed_d[b] = 0ull;
+    }
+    return true;  // (radix_select's barrier before the walk publishes the bins)
+  }
+};
 
 // top-k's crossing bin left to pass 1 (with_selected_ranks): the keys above
 // it (>= above_from, all top-k survivors), their count, the bin's lowest key
@@ -183,6 +288,7 @@ struct RowFilterStorage {
   // rule's order, their slots in s.radix.survivors.ranked_key) and the
   // radius d* (typical) or threshold (top-p) it found.
   bool crossing_by_distance;  // typical (DistanceKey), else top-p (the logit's key)
+  int typical_guess_bin;      // typical's guessed first-digit crossing bin (typical_passes; -1: none)
   core::TypicalLimit typical_limit;
   float top_p_limit;
   float crossing_candidate_z;
@@ -235,6 +341,7 @@ LK_DEVICE inline core::TopPCut top_p_passes(const scalar_t* x, int64_t cols, con
                   mine, [](const TopBinState& a, const TopBinState& b) { return merge_top_bins(a, b); },
                   empty_top_bin(), s.radix.top_bin_scratch)
             : empty_top_bin();
+  if (threadIdx.x == 0) distance_guess_bins().built = 0;  // (published by the barriers below)
   if (!core::uses_top_p(p, m)) return core::no_top_p_cut(st);
   rescale_first_digit_bins<TopPPredicate::kFixedPointSums>(s.radix, FirstDigit{st.sm, mine, best}, p.inv_temperature);
   const TopPPredicate pred{core::top_p_mass_limit(p.top_p, st.sm.sum_exp), may_gather_crossing};
@@ -246,7 +353,9 @@ LK_DEVICE inline core::TopPCut top_p_passes(const scalar_t* x, int64_t cols, con
     s.crossing_gathered = 0;
   }
   __syncthreads();
-  radix_select<Selection::exact>(x, cols, pred, m, p.inv_temperature, p.top_k_z, s.radix, nullptr);
+  const TypicalFirstDigitGuess guess{p.typical_p < 1.0f, m, p.top_k_z, FixedPointBins::one(cols)};
+  radix_select<Selection::exact>(x, cols, pred, m, p.inv_temperature, p.top_k_z, s.radix, nullptr, true, LogitKey{},
+                                 guess);
   // pending: no threshold yet (resolve_crossing finds it after the next pass)
   if (s.radix.crossing_pending) return core::TopPCut{core::neg_infinity(), 0.0f, 0.0f};
   // The lowest kept key as a logit is the threshold (-inf: no cut).
@@ -303,6 +412,25 @@ LK_DEVICE inline void typical_passes(const scalar_t* x, int64_t cols, const core
   }
   const float center = core::typical_center(cut.max, candidates.mass, candidates.shifted);
   const TypicalPredicate pred{core::typical_limit(p, candidates.mass)};
+  // The crossing bin of typical's first digit as top-p's passes guessed it
+  // (TypicalFirstDigitGuess): the first bin of that histogram, nearest
+  // first, at which the exact limit is reached (-1: no guess).
+  if (threadIdx.x == 0) {
+    const DistanceGuessBins& g = distance_guess_bins();
+    int guess_bin = -1;
+    if (g.built) {
+      const float fixed_one = FixedPointBins::one(cols);
+      BinTotals with{0, 0.0f, 0.0f};
+      for (int b = kBins - 1; b >= 0 && guess_bin < 0; --b) {
+        with.count += g.count[b];
+        with.e += FixedPointBins::value(g.fixed_e[b], fixed_one);
+        if (g.count[b] > 0 && pred.exceeds(with)) guess_bin = b;
+      }
+    }
+    s.typical_guess_bin = guess_bin;
+  }
+  __syncthreads();
+  const GuessedBinSecondDigit second_digit{s.typical_guess_bin, cut.max, cut.threshold, FixedPointBins::one(cols)};
   if (threadIdx.x == 0) {  // (published by the selection's barriers)
     s.crossing_by_distance = true;
     s.typical_limit = pred.limit;
@@ -311,7 +439,7 @@ LK_DEVICE inline void typical_passes(const scalar_t* x, int64_t cols, const core
     s.crossing_gathered = 0;
   }
   radix_select<Selection::exact>(x, cols, pred, cut.max, p.inv_temperature, cut.threshold, s.radix, nullptr, false,
-                                 DistanceKey{center});
+                                 DistanceKey{center}, second_digit);
   cut.center = center;
   // the lowest kept key is -d* (-inf: no bound); pending: no bound yet
   cut.radius = s.radix.crossing_pending ? core::pos_infinity() : -lowest_kept_value(s.radix.cut);

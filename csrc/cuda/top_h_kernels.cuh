@@ -666,6 +666,18 @@ LK_DEVICE inline void rescale_first_digit_bins(TopHStorage& s, const FirstDigit&
   }
 }
 
+// A selection's side work (NoSideWork: none): a histogram of its own that
+// digit_pass builds beside the selection's (begin: before the pass, after a
+// barrier; add: every token), and next_digit_ready, which may fill the
+// selection's histogram of the next digit without a pass (the sampler
+// family's typical, row_filters_kernels.cuh).
+struct NoSideWork {
+  static constexpr bool kActive = false;
+  LK_DEVICE void begin(const TopHStorage&, int, uint32_t) {}
+  LK_DEVICE void add(float, float, uint32_t) const {}
+  LK_DEVICE bool next_digit_ready(TopHStorage&, int) const { return false; }
+};
+
 // Digit passes (2 and 3; also the first for a key pass 1 could not build:
 // typical's distance): the histogram of the tokens whose key (key_of: the
 // logit's, or typical's distance) has the digits fixed so far (`prefix`);
@@ -676,11 +688,13 @@ LK_DEVICE inline void rescale_first_digit_bins(TopHStorage& s, const FirstDigit&
 // pass). Tokens with z < floor_z (top-k's dropped tokens, for
 // the sampler family's top-p; the candidates' threshold for typical) are no
 // candidates (kFloor; floor_z = -inf for Top-H).
-template <Selection kSel, bool kFloor, bool kFixed, class scalar_t, class KeyOf = LogitKey>
+template <Selection kSel, bool kFloor, bool kFixed, class scalar_t, class KeyOf = LogitKey, class Side = NoSideWork>
 LK_DEVICE inline void digit_pass(const scalar_t* x, int64_t cols, int level, uint32_t prefix, float m, float inv_t,
-                                 float floor_z, TopHStorage& s, uint32_t* candidates, KeyOf key_of = LogitKey{}) {
+                                 float floor_z, TopHStorage& s, uint32_t* candidates, KeyOf key_of = LogitKey{},
+                                 Side side = Side{}) {
   __syncthreads();  // previous readers of the bins are done
   reset_histogram<kSel>(s, cols);
+  if constexpr (Side::kActive) side.begin(s, level, prefix);
   __syncthreads();
   const int shift = digit_shift(level);
   const int prefix_shift = shift + digit_bits(level);
@@ -691,6 +705,7 @@ LK_DEVICE inline void digit_pass(const scalar_t* x, int64_t cols, int level, uin
     }
     const float z = core::scaled_logit(xv, inv_t);
     const uint32_t key = key_of(xv, z);
+    if constexpr (Side::kActive) side.add(xv, z, key);
     if (level > 0 && (key >> prefix_shift) != prefix) {  // (the first digit has no prefix)
       if constexpr (kSel == Selection::capped || kSel == Selection::rank) {
         if (level == kDigitCount - 1 && candidates != nullptr && (key >> prefix_shift) > prefix) {
@@ -933,10 +948,11 @@ LK_DEVICE inline void capped_scan(const TopHParams& p, const core::SoftmaxState&
 // digit's histogram (built by pass 1, or here by a digit pass when
 // first_digit_built is false), then per further digit a histogram
 // (digit_pass) and the walk, until pred resolves the cut into s.cut.
-template <Selection kSel, class Predicate, class scalar_t, class KeyOf = LogitKey>
+template <Selection kSel, class Predicate, class scalar_t, class KeyOf = LogitKey, class Side = NoSideWork>
 LK_DEVICE __forceinline__ void radix_select(const scalar_t* x, int64_t cols, const Predicate pred, float m, float inv_t,
                                             float floor_z, TopHStorage& s, uint32_t* candidates,
-                                            bool first_digit_built = true, KeyOf key_of = LogitKey{}) {
+                                            bool first_digit_built = true, KeyOf key_of = LogitKey{},
+                                            Side side = Side{}) {
   if (threadIdx.x == 0) {
     s.above = BinTotals{0, 0.0f, 0.0f};
     s.cut = Cut{0, 0, 0, 0, 0, 0, RowKind::defined, m, 0.0f};
@@ -957,9 +973,11 @@ LK_DEVICE __forceinline__ void radix_select(const scalar_t* x, int64_t cols, con
       sizeof(scalar_t) == 2 && std::is_same_v<KeyOf, LogitKey> && Predicate::kSums ? 1 : kDigitCount - 1;
   uint32_t prefix = 0;  // digits fixed so far (same in every thread: read back from shared memory)
   for (int level = 0; level < kDigitCount; ++level) {
-    if (level > 0 || !first_digit_built) {
+    bool built = level == 0 && first_digit_built;
+    if constexpr (Side::kActive) built = built || (level > 0 && side.next_digit_ready(s, level));
+    if (!built) {
       digit_pass<kSel, Predicate::kKeepsCrossing, Predicate::kFixedPointSums>(x, cols, level, prefix, m, inv_t, floor_z,
-                                                                              s, candidates, key_of);
+                                                                              s, candidates, key_of, side);
     }
     __syncthreads();
     if (threadIdx.x == 0) walk(pred, level, kSingleValueLevel, m, inv_t, s);
