@@ -85,7 +85,7 @@ def sort_selftest_value(slot: int, block: int) -> int:
 
 
 SELECT_SIZES = [1, 2, 31, 33, 513, 1000, 4097, 8192]  # selftest.cpp's kSelectSizes
-SELECT_RANKS = 5
+SELECT_RANKS = 3
 
 
 def select_selftest_key(slot: int, block: int) -> int:

@@ -384,6 +384,38 @@ def test_typical_after_top_p_guesses_its_first_digit(backend, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_typical_after_a_threshold_rule_guesses_its_first_digit(backend, dtype):
+    """typical after min-p, p-less or top-n-sigma (no top-p) on CUDA: those rules move the
+    candidates' threshold, so their sums take a pass of their own; pass 1 builds the logits' first
+    digit, and that pass also builds typical's first digit around the center of the bins wholly
+    above the threshold (TypicalFirstDigitGuess), whose guessed crossing bin typical's first digit
+    pass refines at once (GuessedBinSecondDigit). Rows where the guess holds (N(0, 1), N(0, 9))
+    and where the candidates' mass is far from the bins above the threshold (a dense cluster in
+    the threshold's own bin, a tie group in bf16): the mask, filter_logits and the sampler equal
+    the float64 reference; on the emulator min-p's N(0, sigma^2) rows take 4 passes (the
+    N(0, 1) row took 5 without the guess)."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(4, 20000, generator=g)
+    x[1] *= 3.0
+    x[2, :10] = 4.0
+    x[2, 100:8100] = -0.6 + 0.01 * torch.randn(8000, generator=g)
+    x[3, :300] = 3.0 + 0.1 * torch.randn(300, generator=g)
+    x[3, 1000:9000] = 0.5 + 0.001 * torch.randn(8000, generator=g)
+    x = x.to(dtype)
+    rule_sets = [
+        dict(min_p=0.01, typical_p=0.5, temperature=1.0),
+        dict(p_less=True, typical_p=0.9, temperature=1.0),
+        dict(top_n_sigma=2.0, typical_p=0.7, temperature=0.8),
+    ]
+    for rules in rule_sets:
+        check_mask_logits_and_draws(backend, x, rules)
+    if backend.name == "emulated-cuda":
+        _loader._C_emulated.configure(**EMULATED_DEFAULTS)
+        passes = [emulated_passes(logitkit.truncation_mask, x[r : r + 1], **rule_sets[0]) for r in range(2)]
+        assert passes == [4.0, 4.0], passes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_top_p_resolves_its_crossing_bin(backend, dtype):
     """When no later rule reads top-p's kept sums (no typical, epsilon, eta), top-p's selection on
     CUDA stops at the first digit whose crossing bin holds at most CROSSING_CAPACITY candidates,

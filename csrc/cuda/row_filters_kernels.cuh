@@ -62,8 +62,10 @@
 //            the first included; 3 when the second digit's crossing bin
 //            holds more than kCrossingCapacity candidates), after one pass for
 //            the candidates' sums when no earlier pass summed them: the
-//            cut's center and radius. After top-p's digit passes, which
-//            guess typical's first digit around an estimated center
+//            cut's center and radius. After top-p's digit passes, or that
+//            pass of the candidates' sums (pass 1 then builds the logits'
+//            first digit, whose bins give the estimate), which guess
+//            typical's first digit around an estimated center
 //            (TypicalFirstDigitGuess), the first digit pass also builds the
 //            guessed crossing bin's second digit (GuessedBinSecondDigit):
 //            no second digit pass where the guess holds. The selection stops at a crossing bin
@@ -197,10 +199,8 @@ struct TypicalFirstDigitGuess {
     lowest_prefix = prefix;
     prefix_shift = digit_shift(level) + digit_bits(level);
   }
-  LK_DEVICE void add(float xv, float z, uint32_t key) const {
-    if (!active || (key >> prefix_shift) < lowest_prefix || !(z >= floor_z)) return;
-    const float e = expf(z - m);
-    if (e == 0.0f) return;
+  LK_DEVICE void add(float xv, float z, uint32_t key, float e) const {
+    if (!active || (key >> prefix_shift) < lowest_prefix || !(z >= floor_z) || e == 0.0f) return;
     add_to_guess(distance_guess_bins(), static_cast<int>(DistanceKey{center}(xv, z) >> digit_shift(0)), e, fixed_one);
   }
   LK_DEVICE bool next_digit_ready(TopHStorage&, int) const { return false; }
@@ -216,15 +216,14 @@ struct TypicalFirstDigitGuess {
 struct GuessedBinSecondDigit {
   static constexpr bool kActive = true;
   int guess_bin;
-  float m, floor_z, fixed_one;
+  float floor_z, fixed_one;
   bool building = false;
   LK_DEVICE void begin(const TopHStorage&, int level, uint32_t) {
     building = guess_bin >= 0 && level == 0;
     if (building) clear_guess(distance_guess_bins());
   }
-  LK_DEVICE void add(float, float z, uint32_t key) const {
+  LK_DEVICE void add(float, float z, uint32_t key, float e) const {
     if (!building || static_cast<int>(key >> digit_shift(0)) != guess_bin) return;
-    const float e = expf(z - m);
     if (e != 0.0f && !(z < floor_z)) {
       add_to_guess(distance_guess_bins(), static_cast<int>((key >> digit_shift(1)) & ((1u << digit_bits(1)) - 1u)), e,
                    fixed_one);
@@ -289,6 +288,7 @@ struct RowFilterStorage {
   // radius d* (typical) or threshold (top-p) it found.
   bool crossing_by_distance;  // typical (DistanceKey), else top-p (the logit's key)
   int typical_guess_bin;      // typical's guessed first-digit crossing bin (typical_passes; -1: none)
+  float guess_center;         // c' of that guess when the candidates' sums take a pass (typical_passes)
   core::TypicalLimit typical_limit;
   float top_p_limit;
   float crossing_candidate_z;
@@ -331,10 +331,9 @@ LK_DEVICE inline float lowest_kept_value(const Cut& cut) {
 // resolve_crossing.
 template <class scalar_t>
 LK_DEVICE inline core::TopPCut top_p_passes(const scalar_t* x, int64_t cols, const core::FilterParams& p,
-                                            const core::FilterState& st, const TopBinState& mine,
+                                            const core::FilterState& st, const TopBinState& mine, bool built,
                                             bool may_gather_crossing, RowFilterStorage& s) {
   const float m = st.sm.max;
-  const bool built = p.top_p < 1.0f && !p.greedy;  // pass 1 built the first digit
   // B*, the bin of the row max with all its tokens (a block collective: before any return).
   const TopBinState best =
       built ? block_reduce(
@@ -342,8 +341,11 @@ LK_DEVICE inline core::TopPCut top_p_passes(const scalar_t* x, int64_t cols, con
                   empty_top_bin(), s.radix.top_bin_scratch)
             : empty_top_bin();
   if (threadIdx.x == 0) distance_guess_bins().built = 0;  // (published by the barriers below)
-  if (!core::uses_top_p(p, m)) return core::no_top_p_cut(st);
+  // (without top-p, the first digit that pass 1 built for typical's guess: typical_passes)
+  const bool top_p = core::uses_top_p(p, m);  // (block-uniform)
+  if (!top_p && !(built && m > core::neg_infinity() && m < core::pos_infinity())) return core::no_top_p_cut(st);
   rescale_first_digit_bins<TopPPredicate::kFixedPointSums>(s.radix, FirstDigit{st.sm, mine, best}, p.inv_temperature);
+  if (!top_p) return core::no_top_p_cut(st);
   const TopPPredicate pred{core::top_p_mass_limit(p.top_p, st.sm.sum_exp), may_gather_crossing};
   if (threadIdx.x == 0) {  // (published by the selection's barriers)
     s.crossing_by_distance = false;
@@ -388,26 +390,80 @@ struct AddKeptSums {
   }
 };
 
+// Whether pass 1 builds the first digit of the logits' keys for typical
+// (block-uniform): without top-p (whose selection builds typical's guess
+// itself, top_p_passes) and after a rule that may raise typical's candidates'
+// threshold above top-k's, so that their sums take a pass of their own
+// (core::typical_candidates_known), which then also builds the guess of
+// typical's first digit (typical_passes).
+LK_DEVICE inline bool guesses_typical_in_candidates_pass(const core::FilterParams& p) {
+  return p.typical_p < 1.0f && !(p.top_p < 1.0f) && !p.greedy &&
+         (p.min_p > 0.0f || p.p_less != 0.0f || p.epsilon > 0.0f || p.eta > 0.0f ||
+          p.top_n_sigma < core::pos_infinity());
+}
+
+// The sums (relative to the row max) of pass 1's first-digit bins whose
+// every logit scales to at least threshold_z (thread 0; rescaled by
+// top_p_passes).
+LK_DEVICE inline BinTotals first_digit_sums_from(float threshold_z, float inv_t, const TopHStorage& s) {
+  BinTotals sums{0, 0.0f, 0.0f};
+  for (int b = kBins - 1; b >= 0; --b) {
+    const float lowest = core::key_to_float(static_cast<uint32_t>(b) << digit_shift(0));
+    if (lowest != lowest) continue;  // a NaN bin (empty: the row is defined)
+    if (!(core::scaled_logit(lowest, inv_t) >= threshold_z)) break;
+    sums.count += s.bin_count[b];
+    sums.e += bin_sum_e<TopPPredicate::kFixedPointSums>(s, b);
+    sums.d += bin_sum_d<TopPPredicate::kFixedPointSums>(s, b);
+  }
+  return sums;
+}
+
 // typical (core::uses_typical; block-uniform) over the candidates
 // z >= cut.threshold: their K and D (top-p's walk or pass 1 summed them,
-// unless another rule moved the threshold: then one pass), the center
-// c = m + D / K, then Top-H "exact"'s radix selection keyed on the negated
-// distance -|z - c| (DistanceKey, TypicalPredicate): 1 to 3 digit passes, the
-// first one included (pass 1 could not build it: c was not known), stopping
-// at the first digit whose crossing bin holds one token, or (below the last
-// digit) at most kCrossingCapacity candidates. In the first case the lowest kept
-// key is -d*: cut.center and cut.radius. In the second, s.radix.crossing_pending: the
-// radius stays +inf, and the write / draw pass decides every candidate by its
-// distance key, gathering the crossing bin's (weight_or_gather), after which
-// resolve_crossing finds d* among them.
+// unless another rule moved the threshold: then one pass, which without
+// top-p also guesses typical's first digit), the center c = m + D / K, then
+// Top-H "exact"'s radix selection keyed on the negated distance -|z - c|
+// (DistanceKey, TypicalPredicate): 1 to 3 digit passes, the first one
+// included (pass 1 could not build it: c was not known), stopping at the
+// first digit whose crossing bin holds one token, or (below the last digit)
+// at most kCrossingCapacity candidates. In the first case the lowest kept key
+// is -d*: cut.center and cut.radius. In the second,
+// s.radix.crossing_pending: the radius stays +inf, and the write / draw pass
+// decides every candidate by its distance key, gathering the crossing bin's
+// (weight_or_gather), after which resolve_crossing finds d* among them.
 template <class scalar_t>
 LK_DEVICE inline void typical_passes(const scalar_t* x, int64_t cols, const core::FilterParams& p,
                                      const core::TopPCut& top_p, RowFilterStorage& s, core::FilterCut& cut) {
   __syncthreads();  // every thread has read top-p's cut before the selection resets it
   core::KeptSums candidates{top_p.mass, top_p.shifted, 0.0f};
   if (!core::typical_candidates_known(p, top_p, cut)) {
+    // The pass summing the candidates also builds the guess of typical's first
+    // digit when pass 1 built the logits' first digit (no top-p), around c'
+    // from its bins wholly above the candidates' threshold.
+    // (c' and the fixed-point unit are read from shared memory: few registers
+    // held across the loop, kernels at the 64-register limit)
+    const bool guess = guesses_typical_in_candidates_pass(p);  // block-uniform
+    if (guess) {
+      DistanceGuessBins& g = distance_guess_bins();
+      clear_guess(g);
+      if (threadIdx.x == 0) {
+        const BinTotals above = first_digit_sums_from(cut.threshold, p.inv_temperature, s.radix);
+        s.guess_center = above.e > 0.0f ? core::typical_center(cut.max, above.e, above.d) : cut.max;
+        g.built = 1;
+      }
+      __syncthreads();
+    }
     core::KeptSums mine{0.0f, 0.0f, 0.0f};
-    for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) add_kept(mine, cut, load_logit(x, i), p.inv_temperature);
+    for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
+      const float xv = load_logit(x, i);
+      const float z = core::scaled_logit(xv, p.inv_temperature);
+      const float w = core::kept_weight(cut, xv, p.inv_temperature);
+      add_kept_weight(mine, w, z - cut.max);
+      if (guess && w > 0.0f) {  // a candidate: its distance key from c'
+        const int bin = static_cast<int>(DistanceKey{s.guess_center}(xv, z) >> digit_shift(0));
+        add_to_guess(distance_guess_bins(), bin, w, s.radix.fixed_one);
+      }
+    }
     candidates = block_reduce(mine, AddKeptSums{}, core::KeptSums{0.0f, 0.0f, 0.0f}, s.sums_scratch);
   }
   const float center = core::typical_center(cut.max, candidates.mass, candidates.shifted);
@@ -430,7 +486,7 @@ LK_DEVICE inline void typical_passes(const scalar_t* x, int64_t cols, const core
     s.typical_guess_bin = guess_bin;
   }
   __syncthreads();
-  const GuessedBinSecondDigit second_digit{s.typical_guess_bin, cut.max, cut.threshold, FixedPointBins::one(cols)};
+  const GuessedBinSecondDigit second_digit{s.typical_guess_bin, cut.threshold, FixedPointBins::one(cols)};
   if (threadIdx.x == 0) {  // (published by the selection's barriers)
     s.crossing_by_distance = true;
     s.typical_limit = pred.limit;
@@ -615,10 +671,8 @@ LK_DEVICE inline float kth_largest_logit(const scalar_t* x, int64_t cols, int64_
                                          uint32_t* above = nullptr, bool may_stop_at_crossing = false,
                                          float inv_t = 1.0f) {
   __syncthreads();  // every thread has read the previous selection's cut
-  constexpr int kSingleValueLevel = sizeof(scalar_t) == 2 ? 1 : kDigitCount - 1;
   const int64_t crossing_capacity = may_stop_at_crossing ? kTopKCrossingCapacity : 0;
-  const RankPredicate pred{
-      {k - 1}, kSingleValueLevel, above != nullptr ? kGatherCapacity : 0, crossing_capacity, inv_t};
+  const RankPredicate pred{{k - 1}, above != nullptr ? kGatherCapacity : 0, crossing_capacity, inv_t};
   radix_select<Selection::rank>(x, cols, pred, 0.0f, 1.0f, core::neg_infinity(), s.radix, above, false);
   return core::key_to_float(s.radix.cut.tie_key);
 }
@@ -1142,7 +1196,8 @@ LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols
                 ? gathered_top_p(gathered, st.sm.max, core::top_p_mass_limit(p.top_p, st.sm.sum_exp), s)
                 : core::no_top_p_cut(st);
   } else {
-    const bool first_digit = p.top_p < 1.0f && !p.greedy;  // block-uniform
+    // pass 1 builds the first digit for top-p's selection, or for typical's guess (block-uniform)
+    const bool first_digit = (p.top_p < 1.0f && !p.greedy) || guesses_typical_in_candidates_pass(p);
     // (block-uniform; keep_top_k_crossing's barrier published the flag)
     const bool top_k_pending = top_k_may_stop_at_crossing(ranks, p, top_h) && s.top_k_crossing.pending;
     if (first_digit) reset_histogram<Selection::exact>(s.radix, cols);
@@ -1161,7 +1216,7 @@ LK_DEVICE inline core::FilterCut filter_pass_one(const scalar_t* x, int64_t cols
     }
     st = block_filter_state(st, s);
     if (top_k_pending) p = resolve_top_k_crossing(p, ranks.top_k, first_digit, st, mine, s);
-    top_p = top_p_passes(x, cols, p, st, mine, !top_h && core::top_p_cut_may_wait(p), s);
+    top_p = top_p_passes(x, cols, p, st, mine, first_digit, !top_h && core::top_p_cut_may_wait(p), s);
   }
   // The rules' parameters decoded again from the table (and the selected
   // ranks' logits read back): kept live across top-p's passes, two of them

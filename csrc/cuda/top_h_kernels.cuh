@@ -285,9 +285,8 @@ LK_DEVICE inline bool key_below_reaches(uint32_t key, float z_k, float inv_t) {
 // The sampler family's k-th largest logit (Selection::rank): CountPredicate's
 // walk, resolved at the first failing bin that holds a single key value, which
 // is then the bin's largest key (TopHStorage::bin_max_key): a bin of one token,
-// or any bin below the first digit for 16-bit inputs (bf16 / fp16 values
-// widened to float leave the key's low 13 bits constant, and such a bin spans
-// only the low 10). So top-k takes 1 to 3 digit passes (16-bit inputs: 1 or
+// or any bin from radix_select's single-value level on (for 16-bit inputs the
+// second digit: see kSingleValueLevel there). So top-k takes 1 to 3 digit passes (16-bit inputs: 1 or
 // 2) instead of always 3. With a gather capacity, a failing bin that is not
 // single-valued stops the walk too when it and the tokens above it are at most
 // that many: the cut is then the range of keys >= the bin's lowest key
@@ -301,13 +300,9 @@ LK_DEVICE inline bool key_below_reaches(uint32_t key, float z_k, float inv_t) {
 // temperature inv_t (key_below_reaches: the tokens below are then top-k's
 // dropped ones whatever the k-th largest turns out to be).
 struct RankPredicate : CountPredicate {
-  int single_value_level;     // first digit level whose bins each hold one key value
   int64_t gather_capacity;    // 0: always refine to a single value
   int64_t crossing_capacity;  // 0: never stop at a crossing bin
   float inv_t;                // the temperature the caller's survivors are scaled with (crossing_capacity > 0)
-  LK_DEVICE bool single_valued(int level, int64_t bin_count) const {
-    return bin_count == 1 || level >= single_value_level;
-  }
   LK_DEVICE bool stops_at_crossing(uint32_t lowest_key, int64_t bin_count, unsigned nan_tokens) const {
     const float lowest = core::key_to_float(lowest_key);
     return bin_count <= crossing_capacity && nan_tokens == 0u && lowest > core::neg_infinity() &&
@@ -668,13 +663,13 @@ LK_DEVICE inline void rescale_first_digit_bins(TopHStorage& s, const FirstDigit&
 
 // A selection's side work (NoSideWork: none): a histogram of its own that
 // digit_pass builds beside the selection's (begin: before the pass, after a
-// barrier; add: every token), and next_digit_ready, which may fill the
-// selection's histogram of the next digit without a pass (the sampler
-// family's typical, row_filters_kernels.cuh).
+// barrier; add: every token, with its logit, z, key and weight exp(z - m)),
+// and next_digit_ready, which may fill the selection's histogram of the next
+// digit without a pass (the sampler family's typical, row_filters_kernels.cuh).
 struct NoSideWork {
   static constexpr bool kActive = false;
   LK_DEVICE void begin(const TopHStorage&, int, uint32_t) {}
-  LK_DEVICE void add(float, float, uint32_t) const {}
+  LK_DEVICE void add(float, float, uint32_t, float) const {}
   LK_DEVICE bool next_digit_ready(TopHStorage&, int) const { return false; }
 };
 
@@ -705,7 +700,12 @@ LK_DEVICE inline void digit_pass(const scalar_t* x, int64_t cols, int level, uin
     }
     const float z = core::scaled_logit(xv, inv_t);
     const uint32_t key = key_of(xv, z);
-    if constexpr (Side::kActive) side.add(xv, z, key);
+    const float d = z - m;
+    float e = 0.0f;  // the token's weight exp(z - m), once (side work reads it for every token)
+    if constexpr (Side::kActive) {
+      e = expf(d);
+      side.add(xv, z, key, e);
+    }
     if (level > 0 && (key >> prefix_shift) != prefix) {  // (the first digit has no prefix)
       if constexpr (kSel == Selection::capped || kSel == Selection::rank) {
         if (level == kDigitCount - 1 && candidates != nullptr && (key >> prefix_shift) > prefix) {
@@ -719,22 +719,20 @@ LK_DEVICE inline void digit_pass(const scalar_t* x, int64_t cols, int level, uin
       atomicAdd(&s.bin_count[bin], 1u);
       if constexpr (kSel == Selection::rank) atomicMax(&s.bin_max_key[bin], key);
     } else {
-      const float d = z - m;
-      const float e = expf(d);
+      if constexpr (!Side::kActive) e = expf(d);
       if (e != 0.0f && !(kFloor && z < floor_z)) add_to_bin<kFixed>(s, bin, 1u, e, d * e);
     }
   }
 }
 
 // The walk's end inside the failing bin b of digit `level` (with prefix
-// bin_prefix): from level single_value_level on (single_value_level: the
-// last digit, or the second for 16-bit logits' own keys) a single key value,
-// the bin's lowest, whose tie group keeps its first j tokens (weight: the
-// draw pass's expf(x / T - m) of the same float x); else a bin whose single
-// token is dropped (see
-// bin_fully_dropped) or kept (bin_fully_kept; bin_e, bin_d: the bin's sums,
-// passed as values: a reference to the walk's local totals made ptxas spill),
-// or a bin to refine with the next digit. Returns whether the cut is resolved.
+// bin_prefix): from level single_value_level on (radix_select's
+// kSingleValueLevel) a single key value, whose tie group keeps its first j
+// tokens (weight: the draw pass's expf(x / T - m) of the same float x); else a
+// bin whose single token is dropped (see bin_fully_dropped) or kept
+// (bin_fully_kept; bin_e, bin_d: the bin's sums, passed as values: a reference
+// to the walk's local totals made ptxas spill), or a bin to refine with the
+// next digit. Returns whether the cut is resolved.
 template <class Predicate>
 LK_DEVICE __forceinline__ bool resolve_in_bin(const Predicate& pred, int level, int single_value_level,
                                               uint32_t bin_prefix, int64_t bin_count, const BinTotals& above,
@@ -830,7 +828,7 @@ LK_DEVICE inline void walk(const Predicate& pred, int level, int single_value_le
     }
     const uint32_t bin_prefix = (s.prefix << digit_bits(level)) | static_cast<uint32_t>(b);
     if constexpr (std::is_same_v<Predicate, RankPredicate>) {
-      if (pred.single_valued(level, s.bin_count[b])) {  // the failing bin's one key is the k-th largest
+      if (s.bin_count[b] == 1 || level >= single_value_level) {  // the failing bin's one key is the k-th largest
         const uint32_t key = s.bin_max_key[b];
         s.cut.full_from = static_cast<uint64_t>(key) + 1;
         s.cut.tie_key = key;
@@ -859,8 +857,8 @@ LK_DEVICE inline void walk(const Predicate& pred, int level, int single_value_le
                        s.cut, s.kept_shifted)) {
       s.cut.done = level + 1;
     } else if (s.bin_count[b] <= kCrossingCapacity && gathers_crossing(pred, bin_prefix << digit_shift(level), inv_t)) {
-      // (not the last digit: resolve_in_bin resolves that one) few enough
-      // candidates for the caller to gather and rank: stop here
+      // (below the single-value level: resolve_in_bin resolves from there on)
+      // few enough candidates for the caller to gather and rank: stop here
       stop_at_crossing_bin(level, bin_prefix, s.bin_count[b], s);
     } else {
       s.prefix = bin_prefix;  // refine inside this bin with the next digit
@@ -964,13 +962,13 @@ LK_DEVICE __forceinline__ void radix_select(const scalar_t* x, int64_t cols, con
   // The first level whose bins each hold one key value: the last, except for
   // the logits' own keys of 16-bit inputs (bf16 / fp16 values widened to
   // float leave the key's low 13 bits constant, and the second digit's bins
-  // span only the low 10), which the walk of the rules with sums then
-  // resolves at the second digit instead of after one more pass that would
-  // find the failing bin's tokens in one last-digit bin. (The capped rules
-  // gather the selected keys in the last digit's pass, and the rank
-  // selection has its own test, RankPredicate::single_value_level.)
+  // span only the low 10), which the walk of the rank selection and of the
+  // rules with sums then resolves at the second digit instead of after one
+  // more pass that would find the failing bin's tokens in one last-digit bin.
+  // (The capped rules gather the selected keys in the last digit's pass.)
+  constexpr bool kSixteenBitLogitKeys = sizeof(scalar_t) == 2 && std::is_same_v<KeyOf, LogitKey>;
   constexpr int kSingleValueLevel =
-      sizeof(scalar_t) == 2 && std::is_same_v<KeyOf, LogitKey> && Predicate::kSums ? 1 : kDigitCount - 1;
+      kSixteenBitLogitKeys && (Predicate::kSums || kSel == Selection::rank) ? 1 : kDigitCount - 1;
   uint32_t prefix = 0;  // digits fixed so far (same in every thread: read back from shared memory)
   for (int level = 0; level < kDigitCount; ++level) {
     bool built = level == 0 && first_digit_built;

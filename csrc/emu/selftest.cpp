@@ -141,7 +141,7 @@ __global__ void bitonic_sort_kernel(int64_t* out) {
 constexpr int kSelectCapacity = 8192;
 constexpr int kSelectSizes[] = {1, 2, 31, 33, 513, 1000, 4097, 8192};
 constexpr int kSelectSizeCount = static_cast<int>(std::size(kSelectSizes));
-constexpr int kSelectRanks = 5;
+constexpr int kSelectRanks = 3;
 constexpr int kSelectResultStride = kSelectRanks + 1;
 
 LK_DEVICE inline uint32_t select_selftest_key(int slot, int block) {
