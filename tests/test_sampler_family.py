@@ -388,12 +388,12 @@ def test_typical_after_a_threshold_rule_guesses_its_first_digit(backend, dtype):
     """typical after min-p, p-less or top-n-sigma (no top-p) on CUDA: those rules move the
     candidates' threshold, so their sums take a pass of their own; pass 1 builds the logits' first
     digit, and that pass also builds typical's first digit around the center of the bins wholly
-    above the threshold (TypicalFirstDigitGuess), whose guessed crossing bin typical's first digit
-    pass refines at once (GuessedBinSecondDigit). Rows where the guess holds (N(0, 1), N(0, 9))
-    and where the candidates' mass is far from the bins above the threshold (a dense cluster in
-    the threshold's own bin, a tie group in bf16): the mask, filter_logits and the sampler equal
-    the float64 reference; on the emulator min-p's N(0, sigma^2) rows take 4 passes (the
-    N(0, 1) row took 5 without the guess)."""
+    above the threshold (typical_passes, as TypicalFirstDigitGuess does in top-p's passes), whose
+    guessed crossing bin typical's first digit pass refines at once (GuessedBinSecondDigit). Rows
+    where the guess holds (N(0, 1), N(0, 9)) and where the candidates' mass is far from the bins
+    above the threshold (a dense cluster in the threshold's own bin, a tie group in bf16): the
+    mask, filter_logits and the sampler equal the float64 reference; on the emulator min-p's
+    N(0, sigma^2) rows take 4 passes (the N(0, 1) row took 5 without the guess)."""
     g = torch.Generator().manual_seed(8)
     x = torch.randn(4, 20000, generator=g)
     x[1] *= 3.0

@@ -66,7 +66,7 @@
 //            pass of the candidates' sums (pass 1 then builds the logits'
 //            first digit, whose bins give the estimate), which guess
 //            typical's first digit around an estimated center
-//            (TypicalFirstDigitGuess), the first digit pass also builds the
+//            (TypicalFirstDigitGuess; typical_passes), the first digit pass also builds the
 //            guessed crossing bin's second digit (GuessedBinSecondDigit):
 //            no second digit pass where the guess holds. The selection stops at a crossing bin
 //            of at most kCrossingCapacity candidates, which pass 2 (mask or
@@ -140,8 +140,9 @@ struct TopKCrossingShared {
 
 // typical's guessed histograms (after top-k's crossing is resolved, in the
 // same dynamic shared memory): its first digit around an estimated center,
-// built in top-p's digit passes (TypicalFirstDigitGuess), then the second
-// digit of the guessed crossing bin, built in typical's first digit pass
+// built in top-p's digit passes (TypicalFirstDigitGuess) or in the pass
+// that sums typical's candidates (typical_passes), then the second digit of
+// the guessed crossing bin, built in typical's first digit pass
 // (GuessedBinSecondDigit). Counts and fixed-point weights, as
 // TopHStorage's; `built`: the first one holds a guess.
 struct DistanceGuessBins {
@@ -468,9 +469,10 @@ LK_DEVICE inline void typical_passes(const scalar_t* x, int64_t cols, const core
   }
   const float center = core::typical_center(cut.max, candidates.mass, candidates.shifted);
   const TypicalPredicate pred{core::typical_limit(p, candidates.mass)};
-  // The crossing bin of typical's first digit as top-p's passes guessed it
-  // (TypicalFirstDigitGuess): the first bin of that histogram, nearest
-  // first, at which the exact limit is reached (-1: no guess).
+  // The crossing bin of typical's first digit as top-p's passes
+  // (TypicalFirstDigitGuess) or the candidates' pass above guessed it: the
+  // first bin of that histogram, nearest first, at which the exact limit is
+  // reached (-1: no guess).
   if (threadIdx.x == 0) {
     const DistanceGuessBins& g = distance_guess_bins();
     int guess_bin = -1;
