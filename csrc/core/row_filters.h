@@ -261,6 +261,13 @@ struct FilterCut {
 
 LK_HOST_DEVICE float max_of(float a, float b) { return a > b ? a : b; }
 
+// Whether a rule other than top-k and top-p takes part in filter_cut's
+// threshold (min-p, p-less, epsilon, eta, top-n-sigma), so that the threshold
+// may lie above top-k's and top-p's (typical_candidates_known then fails).
+LK_HOST_DEVICE bool has_threshold_rule(const FilterParams& p) {
+  return p.min_p > 0.0f || p.p_less != 0.0f || p.epsilon > 0.0f || p.eta > 0.0f || p.top_n_sigma < pos_infinity();
+}
+
 // The combined threshold of the enabled rules (the largest), clamped to the
 // row max and to the keep floor. Greedy rows keep the max only (ties: all).
 // epsilon and eta see the renormalised top-p survivors: log K for log s, and
@@ -279,6 +286,7 @@ LK_HOST_DEVICE FilterCut filter_cut(const FilterState& st, const FilterParams& p
   float t = max_of(p.top_k_z, top_p.threshold);  // -inf when top-k / top-p are off
   const bool renormalised = top_p.threshold > neg_infinity();
   const float log_kept = renormalised ? log_of(top_p.mass) : log_s;
+  // (the rules of has_threshold_rule)
   if (p.min_p > 0.0f) t = max_of(t, m + log_of(p.min_p));
   if (p.p_less != 0.0f) t = max_of(t, m + log_of(st.sum_exp2) - log_s);
   if (p.epsilon > 0.0f) t = max_of(t, m + log_kept + log_of(p.epsilon));

@@ -170,6 +170,12 @@ LK_DEVICE inline void add_to_guess(DistanceGuessBins& g, int bin, float e, float
   atomicAdd(&g.fixed_e[bin], FixedPointBins::term(e, fixed_one));
 }
 
+// Adds a candidate (logit xv, z, weight e) to the guess of typical's first
+// digit, keyed by its distance -|z - center| from the guessed center.
+LK_DEVICE inline void add_to_distance_guess(float center, float xv, float z, float e, float fixed_one) {
+  add_to_guess(distance_guess_bins(), static_cast<int>(DistanceKey{center}(xv, z) >> digit_shift(0)), e, fixed_one);
+}
+
 LK_DEVICE inline void clear_guess(DistanceGuessBins& g) {
   for (int b = threadIdx.x; b < kBins; b += blockDim.x) {
     g.count[b] = 0u;
@@ -200,9 +206,11 @@ struct TypicalFirstDigitGuess {
     lowest_prefix = prefix;
     prefix_shift = digit_shift(level) + digit_bits(level);
   }
-  LK_DEVICE void add(float xv, float z, uint32_t key, float e) const {
-    if (!active || (key >> prefix_shift) < lowest_prefix || !(z >= floor_z) || e == 0.0f) return;
-    add_to_guess(distance_guess_bins(), static_cast<int>(DistanceKey{center}(xv, z) >> digit_shift(0)), e, fixed_one);
+  LK_DEVICE bool takes(float z, uint32_t key) const {
+    return active && (key >> prefix_shift) >= lowest_prefix && z >= floor_z;
+  }
+  LK_DEVICE void add(float xv, float z, uint32_t, float e) const {
+    if (e != 0.0f) add_to_distance_guess(center, xv, z, e, fixed_one);
   }
   LK_DEVICE bool next_digit_ready(TopHStorage&, int) const { return false; }
 };
@@ -223,9 +231,11 @@ struct GuessedBinSecondDigit {
     building = guess_bin >= 0 && level == 0;
     if (building) clear_guess(distance_guess_bins());
   }
-  LK_DEVICE void add(float, float z, uint32_t key, float e) const {
-    if (!building || static_cast<int>(key >> digit_shift(0)) != guess_bin) return;
-    if (e != 0.0f && !(z < floor_z)) {
+  LK_DEVICE bool takes(float z, uint32_t key) const {
+    return building && static_cast<int>(key >> digit_shift(0)) == guess_bin && !(z < floor_z);
+  }
+  LK_DEVICE void add(float, float, uint32_t key, float e) const {
+    if (e != 0.0f) {
       add_to_guess(distance_guess_bins(), static_cast<int>((key >> digit_shift(1)) & ((1u << digit_bits(1)) - 1u)), e,
                    fixed_one);
     }
@@ -398,9 +408,7 @@ struct AddKeptSums {
 // (core::typical_candidates_known), which then also builds the guess of
 // typical's first digit (typical_passes).
 LK_DEVICE inline bool guesses_typical_in_candidates_pass(const core::FilterParams& p) {
-  return p.typical_p < 1.0f && !(p.top_p < 1.0f) && !p.greedy &&
-         (p.min_p > 0.0f || p.p_less != 0.0f || p.epsilon > 0.0f || p.eta > 0.0f ||
-          p.top_n_sigma < core::pos_infinity());
+  return p.typical_p < 1.0f && !(p.top_p < 1.0f) && !p.greedy && core::has_threshold_rule(p);
 }
 
 // The sums (relative to the row max) of pass 1's first-digit bins whose
@@ -460,10 +468,7 @@ LK_DEVICE inline void typical_passes(const scalar_t* x, int64_t cols, const core
       const float z = core::scaled_logit(xv, p.inv_temperature);
       const float w = core::kept_weight(cut, xv, p.inv_temperature);
       add_kept_weight(mine, w, z - cut.max);
-      if (guess && w > 0.0f) {  // a candidate: its distance key from c'
-        const int bin = static_cast<int>(DistanceKey{s.guess_center}(xv, z) >> digit_shift(0));
-        add_to_guess(distance_guess_bins(), bin, w, s.radix.fixed_one);
-      }
+      if (guess && w > 0.0f) add_to_distance_guess(s.guess_center, xv, z, w, s.radix.fixed_one);  // a candidate
     }
     candidates = block_reduce(mine, AddKeptSums{}, core::KeptSums{0.0f, 0.0f, 0.0f}, s.sums_scratch);
   }

@@ -663,12 +663,14 @@ LK_DEVICE inline void rescale_first_digit_bins(TopHStorage& s, const FirstDigit&
 
 // A selection's side work (NoSideWork: none): a histogram of its own that
 // digit_pass builds beside the selection's (begin: before the pass, after a
-// barrier; add: every token, with its logit, z, key and weight exp(z - m)),
-// and next_digit_ready, which may fill the selection's histogram of the next
+// barrier; takes: whether a token, given its z and key, goes into it; add:
+// each token it takes, with its logit, z, key and weight exp(z - m)), and
+// next_digit_ready, which may fill the selection's histogram of the next
 // digit without a pass (the sampler family's typical, row_filters_kernels.cuh).
 struct NoSideWork {
   static constexpr bool kActive = false;
   LK_DEVICE void begin(const TopHStorage&, int, uint32_t) {}
+  LK_DEVICE bool takes(float, uint32_t) const { return false; }
   LK_DEVICE void add(float, float, uint32_t, float) const {}
   LK_DEVICE bool next_digit_ready(TopHStorage&, int) const { return false; }
 };
@@ -693,6 +695,7 @@ LK_DEVICE inline void digit_pass(const scalar_t* x, int64_t cols, int level, uin
   __syncthreads();
   const int shift = digit_shift(level);
   const int prefix_shift = shift + digit_bits(level);
+  constexpr bool kCountsOnly = kSel == Selection::capped || kSel == Selection::rank;  // bins without weights
   for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
     const float xv = load_logit(x, i);
     if constexpr (kSel == Selection::rank) {
@@ -701,12 +704,14 @@ LK_DEVICE inline void digit_pass(const scalar_t* x, int64_t cols, int level, uin
     const float z = core::scaled_logit(xv, inv_t);
     const uint32_t key = key_of(xv, z);
     const float d = z - m;
-    float e = 0.0f;  // the token's weight exp(z - m), once (side work reads it for every token)
+    const bool in_range = level == 0 || (key >> prefix_shift) == prefix;  // (the first digit has no prefix)
+    float e = 0.0f;  // the token's weight exp(z - m), computed once for the selection and the side work
     if constexpr (Side::kActive) {
-      e = expf(d);
-      side.add(xv, z, key, e);
+      const bool side_takes = side.takes(z, key);
+      if (side_takes || (in_range && !kCountsOnly)) e = expf(d);
+      if (side_takes) side.add(xv, z, key, e);
     }
-    if (level > 0 && (key >> prefix_shift) != prefix) {  // (the first digit has no prefix)
+    if (!in_range) {
       if constexpr (kSel == Selection::capped || kSel == Selection::rank) {
         if (level == kDigitCount - 1 && candidates != nullptr && (key >> prefix_shift) > prefix) {
           candidates[atomicAdd(&s.gathered, 1)] = key;
@@ -715,7 +720,7 @@ LK_DEVICE inline void digit_pass(const scalar_t* x, int64_t cols, int level, uin
       continue;
     }
     const int bin = static_cast<int>((key >> shift) & ((1u << digit_bits(level)) - 1u));
-    if constexpr (kSel == Selection::capped || kSel == Selection::rank) {
+    if constexpr (kCountsOnly) {
       atomicAdd(&s.bin_count[bin], 1u);
       if constexpr (kSel == Selection::rank) atomicMax(&s.bin_max_key[bin], key);
     } else {
