@@ -365,7 +365,9 @@ def test_typical_after_top_p_guesses_its_first_digit(backend, dtype):
     N(0, 9)) and where the mass above top-p's crossing is far from the rest (a few tokens at 6 or
     4 above a dense cluster at top-p's crossing, a tie group in bf16): the mask, filter_logits and
     the sampler equal the float64 reference; on the emulator the N(0, sigma^2) rows take 4 passes
-    (5 or 6 without the guess; a forced wrong guess gave those counts and the same outputs)."""
+    (5 or 6 without the guess; a forced wrong guess gave those counts and the same outputs), as does
+    a bf16 N(0, 9) row of 128256 logits whose first-digit crossing bin of top-p holds much of the
+    kept mass (5 when the guessed center counted only the mass above that bin)."""
     g = torch.Generator().manual_seed(6)
     x = torch.randn(4, 20000, generator=g)
     x[1] *= 3.0
@@ -381,6 +383,9 @@ def test_typical_after_top_p_guesses_its_first_digit(backend, dtype):
         _loader._C_emulated.configure(**EMULATED_DEFAULTS)
         passes = [emulated_passes(logitkit.truncation_mask, x[r : r + 1], **rule_sets[0]) for r in range(2)]
         assert passes == [4.0, 4.0], passes
+        if dtype == torch.bfloat16:
+            wide = (torch.randn(10, 128256, generator=torch.Generator().manual_seed(0))[5:6] * 3.0).to(dtype)
+            assert emulated_passes(logitkit.truncation_mask, wide, **rule_sets[0]) == 4.0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -193,7 +193,7 @@ LK_DEVICE inline void clear_guess(DistanceGuessBins& g) {
 struct TypicalFirstDigitGuess {
   static constexpr bool kActive = true;
   bool active;
-  float m, floor_z, fixed_one;
+  float m, floor_z, fixed_one, limit;  // limit: top-p's mass limit
   float center = 0.0f;
   uint32_t lowest_prefix = 0;
   int prefix_shift = 32;
@@ -202,7 +202,13 @@ struct TypicalFirstDigitGuess {
     DistanceGuessBins& g = distance_guess_bins();
     clear_guess(g);
     if (threadIdx.x == 0) g.built = 1;
-    center = s.above.e > 0.0f ? core::typical_center(m, s.above.e, s.above.d) : m;
+    // c' from the kept sums: the tokens above the range, plus the part of the
+    // range top-p still keeps (mass limit - above.e, at most the range's),
+    // counted at the range's mean z - m (refined.d / refined.e).
+    const float part = fminf(fmaxf(limit - s.above.e, 0.0f), s.refined.e);
+    const float kept_e = s.above.e + part;
+    const float kept_d = s.above.d + (part > 0.0f ? part * (s.refined.d / s.refined.e) : 0.0f);
+    center = kept_e > 0.0f ? core::typical_center(m, kept_e, kept_d) : m;
     lowest_prefix = prefix;
     prefix_shift = digit_shift(level) + digit_bits(level);
   }
@@ -366,7 +372,7 @@ LK_DEVICE inline core::TopPCut top_p_passes(const scalar_t* x, int64_t cols, con
     s.crossing_gathered = 0;
   }
   __syncthreads();
-  const TypicalFirstDigitGuess guess{p.typical_p < 1.0f, m, p.top_k_z, FixedPointBins::one(cols)};
+  const TypicalFirstDigitGuess guess{p.typical_p < 1.0f, m, p.top_k_z, FixedPointBins::one(cols), pred.limit};
   radix_select<Selection::exact>(x, cols, pred, m, p.inv_temperature, p.top_k_z, s.radix, nullptr, true, LogitKey{},
                                  guess);
   // pending: no threshold yet (resolve_crossing finds it after the next pass)

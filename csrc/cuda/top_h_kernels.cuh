@@ -230,6 +230,10 @@ struct TopHStorage {
   float fixed_one;  // FixedPointBins::one(cols), set by reset_histogram
   Cut cut;
   BinTotals above;  // totals of the tokens above the current candidate range
+  // The sums (e, d) of the bin the walk refines into, the current candidate
+  // range (count 0 and no sums at the first digit; predicates with
+  // kKeptShifted only: the sampler family's guess of typical's center).
+  BinTotals refined;
   uint32_t prefix;  // digits fixed so far
   int gathered;     // capped rules: selected keys gathered so far
   // Scratch of the block collectives.
@@ -867,6 +871,7 @@ LK_DEVICE inline void walk(const Predicate& pred, int level, int single_value_le
       stop_at_crossing_bin(level, bin_prefix, s.bin_count[b], s);
     } else {
       s.prefix = bin_prefix;  // refine inside this bin with the next digit
+      if constexpr (Predicate::kKeptShifted) s.refined = BinTotals{s.bin_count[b], bin_e, bin_d};
     }
     return;
   }
@@ -959,7 +964,10 @@ LK_DEVICE __forceinline__ void radix_select(const scalar_t* x, int64_t cols, con
   if (threadIdx.x == 0) {
     s.above = BinTotals{0, 0.0f, 0.0f};
     s.cut = Cut{0, 0, 0, 0, 0, 0, RowKind::defined, m, 0.0f};
-    if constexpr (Predicate::kKeptShifted) s.kept_shifted = 0.0f;
+    if constexpr (Predicate::kKeptShifted) {
+      s.kept_shifted = 0.0f;
+      s.refined = BinTotals{0, 0.0f, 0.0f};
+    }
     s.crossing_pending = false;
     s.prefix = 0;
     s.gathered = 0;
