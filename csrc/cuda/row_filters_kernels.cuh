@@ -187,9 +187,10 @@ LK_DEVICE inline void clear_guess(DistanceGuessBins& g) {
 // (`active`, block-uniform): typical's first digit (distance keys
 // -|z - c'|) of the tokens top-p keeps or may keep (keys in or above the
 // pass's candidate range, top-k's survivors, weight > 0), around the center
-// c' = m + D / K of the kept sums above the range (s.above: the exact center
-// once top-p's cut is known would need one more pass). typical_passes walks
-// it to guess typical's crossing bin.
+// c' = m + D / K of the kept sums estimated from the sums above the range
+// (s.above) and of the range (s.refined; begin: the exact center once
+// top-p's cut is known would need one more pass). typical_passes walks it to
+// guess typical's crossing bin.
 struct TypicalFirstDigitGuess {
   static constexpr bool kActive = true;
   bool active;
